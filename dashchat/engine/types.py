@@ -1,0 +1,128 @@
+"""The engine interface: what the server hands in and what it gets back.
+
+Every engine (native, DashInfer) speaks these types, so nothing above the engine
+knows which one runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol, Sequence
+
+import torch
+
+
+class LogitsProcessor(Protocol):
+    """Per-sequence hook run before sampling.
+
+    Called with the sequence's generated token ids so far and its logits row
+    (1-D, float32, vocab-sized); returns the row to sample from (may edit in place).
+    """
+
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor: ...
+
+
+LogitsProcessorFactory = Callable[[], LogitsProcessor]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    n: int = 1
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    # None: no logprobs; 0: logprob of the sampled token only; k: plus the top k.
+    logprobs: int | None = None
+    # One processor is made per sequence (n > 1 makes n), so processors may keep state.
+    logits_processor_factories: list[LogitsProcessorFactory] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5 or self.top_k == 1
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class CompletionDelta:
+    """New tokens of one sequence (choice `index`) since the last output."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    # "stop" (eos or stop id), "length" (max_tokens or context), "abort"; None while running.
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    deltas: list[CompletionDelta]
+    finished: bool
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve a request (crash, shutdown). Fails that request only."""
+
+
+class EngineOverloaded(EngineError):
+    """The admission queue is full: the server answers 429."""
+
+
+class PromptTooLong(EngineError):
+    """Prompt (+ max_tokens) exceeds the context: the server answers 400 context_length_exceeded."""
+
+
+class UnsupportedFeature(EngineError):
+    """A request asks for something this engine cannot do: the server answers 400."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # of those, found cached
+    num_preemptions: int = 0
+
+
+class Engine(Protocol):
+    """What the server needs from an engine."""
+
+    name: str
+    max_model_len: int
+
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield outputs as tokens come; the last one has finished=True.
+
+        Raises PromptTooLong / EngineOverloaded / UnsupportedFeature before the first
+        output, EngineError later. Closing the iterator early (client gone) aborts.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...
