@@ -1,0 +1,23 @@
+"""Engine construction options (mirrored by the CLI flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineArgs:
+    model_dir: str
+    device: str = "cpu"  # "cpu" | "cuda"
+    device_ids: tuple[int, ...] = (0,)
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
+    max_model_len: int | None = None  # default: min(model's context, 4096)
+    max_num_seqs: int = 32  # running sequences at once
+    max_num_batched_tokens: int = 512  # token budget per step (chunked prefill)
+    kv_cache_memory_gb: float | None = None  # default: enough for max_num_seqs * max_model_len, capped
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # CPU threads; default: physical cores
+    max_queue: int = 256  # waiting requests beyond which generate() raises EngineOverloaded
+    quantization: str = "none"  # "none" | "int8"
+    seed: int = 0
