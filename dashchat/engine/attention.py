@@ -1,0 +1,105 @@
+"""Attention over the paged KV cache for one flat step batch (decodes first, then prefill chunks).
+
+Grouped-query attention without copying K/V per query head: the query heads that
+share a KV head are folded into the query-length axis, so one SDPA call serves the group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first token in the flat batch
+    length: int  # tokens computed this step
+    context_len: int  # tokens of context after this step (cached prefix + this chunk)
+    block_table: torch.Tensor  # [num_blocks] long
+
+
+@dataclass
+class StepAttentionMetadata:
+    slot_mapping: torch.Tensor  # [N] long: cache slot of each token's K/V
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [D, max_blocks] long
+    decode_context_lens: torch.Tensor | None  # [D] long, including the new token
+    decode_max_len: int
+    prefills: list[PrefillSpan]
+
+
+class PagedAttention:
+    """Per-step callable handed to the model: writes this step's K/V, attends over the cache."""
+
+    def __init__(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, scale: float) -> None:
+        self.kv_cache = kv_cache  # per layer: (k, v), each [num_blocks * block_size, Hkv, D]
+        self.block_size = block_size
+        self.scale = scale
+        self.meta: StepAttentionMetadata | None = None
+        self._decode_mask: torch.Tensor | None = None
+
+    def begin_step(self, meta: StepAttentionMetadata) -> None:
+        self.meta = meta
+        self._decode_mask = None
+        if meta.num_decodes:
+            positions = torch.arange(meta.decode_max_len, device=meta.slot_mapping.device)
+            # [D, 1, 1, L]: True where the key is inside the sequence.
+            self._decode_mask = (positions < meta.decode_context_lens[:, None])[:, None, None, :]
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = self.meta
+        k_cache, v_cache = self.kv_cache[layer_idx]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        out = torch.empty(q.shape[0], num_heads * head_dim, dtype=q.dtype, device=q.device)
+        d = meta.num_decodes
+        if d:
+            out[:d] = self._decode(q[:d], k_cache, v_cache)
+        for span in meta.prefills:
+            rows = slice(span.start, span.start + span.length)
+            out[rows] = self._prefill(span, q[rows], k[rows], v[rows], k_cache, v_cache)
+        return out
+
+    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+        """[..., num_blocks] block ids -> [..., Hkv, length, D] keys or values."""
+        bs = self.block_size
+        n_blocks = -(-length // bs)
+        paged = cache.view(-1, bs, cache.shape[1], cache.shape[2])
+        x = paged[block_tables[..., :n_blocks]]  # [..., nb, bs, H, D]
+        x = x.flatten(-4, -3)[..., :length, :, :]  # [..., L, H, D]
+        return x.transpose(-3, -2)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        meta = self.meta
+        n, hq, dim = q.shape
+        hkv = k_cache.shape[1]
+        keys = self._gather(k_cache, meta.decode_block_tables, meta.decode_max_len)  # [D, Hkv, L, dim]
+        values = self._gather(v_cache, meta.decode_block_tables, meta.decode_max_len)
+        qg = q.view(n, hkv, hq // hkv, dim)  # the group's query heads act as query positions
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self._decode_mask, scale=self.scale)
+        return o.reshape(n, hq * dim)
+
+    def _prefill(
+        self, span: PrefillSpan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        t, hq, dim = q.shape
+        hkv = k.shape[1]
+        group = hq // hkv
+        # [Hkv, group * T, dim], rows ordered (group member, position).
+        qg = q.view(t, hkv, group, dim).permute(1, 2, 0, 3).reshape(hkv, group * t, dim)
+        past = span.context_len - span.length
+        if past == 0:
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)
+        else:
+            keys = self._gather(k_cache, span.block_table, span.context_len)
+            values = self._gather(v_cache, span.block_table, span.context_len)
+        q_pos = torch.arange(past, span.context_len, device=q.device)
+        k_pos = torch.arange(span.context_len, device=q.device)
+        mask = (k_pos[None, :] <= q_pos[:, None]).repeat(group, 1)  # [group * T, L]
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
+        # back to [T, Hq * dim] with heads ordered (kv head, group member)
+        return o.view(hkv, group, t, dim).permute(2, 0, 1, 3).reshape(t, hq * dim)

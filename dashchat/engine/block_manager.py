@@ -1,0 +1,111 @@
+"""Paged KV-cache bookkeeping with prefix caching.
+
+The cache is `num_blocks` blocks of `block_size` token slots. A block filled with
+tokens gets a hash chained from its predecessors' tokens; a later sequence with the
+same prefix reuses it instead of recomputing. Freed blocks keep their content and hash
+while they sit in the free list (least recently freed evicted first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.seq_hashes: dict[int, list[int]] = {}  # id(seq) -> hashes of its full blocks
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Extra blocks the sequence needs to hold `num_tokens` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def _take_free_block(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old = self.block_hashes[block]
+        if old is not None and self.cached.get(old) == block:
+            del self.cached[old]
+        self.block_hashes[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow the block table to hold `num_tokens` tokens; False (nothing taken) if blocks run out."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > len(self.free):
+            return False
+        seq.block_table.extend(self._take_free_block() for _ in range(need))
+        return True
+
+    def _chain_hashes(self, token_ids: list[int], num_blocks: int, known: list[int]) -> list[int]:
+        hashes = list(known[:num_blocks])
+        bs = self.block_size
+        for i in range(len(hashes), num_blocks):
+            parent = hashes[i - 1] if i else 0
+            hashes.append(hash((parent, tuple(token_ids[i * bs : (i + 1) * bs]))))
+        return hashes
+
+    def reuse_cached_prefix(self, seq: Sequence) -> int:
+        """At admission: take the cached blocks matching the prompt's prefix. Returns tokens covered.
+
+        At least one token is left to compute: its logits start the generation.
+        """
+        assert not seq.block_table
+        self.prefix_queries += seq.num_tokens
+        if not self.enable_prefix_caching:
+            return 0
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hashes = self._chain_hashes(seq.token_ids, max_blocks, self.seq_hashes.get(id(seq), []))
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+        self.seq_hashes[id(seq)] = hashes[: len(seq.block_table)]
+        covered = len(seq.block_table) * self.block_size
+        self.prefix_hits += covered
+        return covered
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """After a step: publish the blocks the sequence has completely filled."""
+        if not self.enable_prefix_caching:
+            return
+        known = self.seq_hashes.setdefault(id(seq), [])
+        full = seq.num_computed_tokens // self.block_size
+        if full <= len(known):
+            return
+        hashes = self._chain_hashes(seq.token_ids, full, known)
+        for i in range(len(known), full):
+            block, h = seq.block_table[i], hashes[i]
+            self.block_hashes[block] = h
+            self.cached.setdefault(h, block)
+        self.seq_hashes[id(seq)] = hashes
+
+    def free_seq(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):  # tail blocks are evicted first
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        self.seq_hashes.pop(id(seq), None)

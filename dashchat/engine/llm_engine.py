@@ -1,0 +1,328 @@
+"""The native engine: a step loop in its own thread behind an asyncio front.
+
+`generate()` registers a request and yields `RequestOutput`s that the step thread
+pushes into the request's asyncio queue. Requests join and leave the running batch
+between steps. An exception inside a step fails the requests of that step with
+`EngineError`, the engine itself keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from ..models.config import ModelConfig
+from ..tokenizer import Tokenizer
+from .args import EngineArgs
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, physical_cores, resolve_dtype
+from .sampler import Sampler
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence, SeqStatus
+from .types import (
+    CompletionDelta,
+    EngineError,
+    EngineOverloaded,
+    EngineStats,
+    PromptTooLong,
+    RequestOutput,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_KV_GB = {"cpu": 2.0, "cuda": 8.0}
+_MAX_DEFAULT_LEN = 8192
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    params: SamplingParams
+    num_prompt_tokens: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class AsyncLLMEngine:
+    name = "native"
+
+    def __init__(self, args: EngineArgs) -> None:
+        if len(args.device_ids) > 1:
+            raise ValueError("several devices need tensor parallelism, which dashchat does not have yet; pass one id")
+        if args.device == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda, but no CUDA device is visible to PyTorch")
+            device = torch.device("cuda", args.device_ids[0])
+            torch.cuda.set_device(device)
+        elif args.device == "cpu":
+            device = torch.device("cpu")
+            torch.set_num_threads(args.num_threads or physical_cores())
+        else:
+            raise ValueError(f"unsupported device {args.device!r}; choose cpu or cuda")
+        torch.manual_seed(args.seed)
+        self.args = args
+        self.tokenizer = Tokenizer.from_dir(args.model_dir)
+        self.model_config = cfg = ModelConfig.from_dir(args.model_dir)
+        self.vocab_size = cfg.vocab_size
+        dtype = resolve_dtype(args.dtype, args.device)
+        self.max_model_len = args.max_model_len or min(cfg.max_position_embeddings, _MAX_DEFAULT_LEN)
+
+        per_token = ModelRunner.kv_bytes_per_token(cfg, dtype)
+        budget = args.kv_cache_memory_gb
+        if budget is None:
+            wanted = args.max_num_seqs * self.max_model_len * per_token
+            budget = min(wanted / 2**30, _DEFAULT_KV_GB[args.device])
+        num_blocks = int(budget * 2**30) // (per_token * args.block_size)
+        if num_blocks * args.block_size < self.max_model_len:
+            raise ValueError(
+                f"KV cache of {budget:.2f} GiB holds {num_blocks * args.block_size} tokens, less than "
+                f"max_model_len {self.max_model_len}: raise the KV memory or lower --max-model-len"
+            )
+        self.runner = ModelRunner(args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization)
+        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, args.block_size, budget)
+
+        self._requests: dict[str, Request] = {}
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="dashchat-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
+        return cls(args)
+
+    # ---- async front -------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self._stopped:
+            raise EngineError("the engine is shut down")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise PromptTooLong("the prompt is empty")
+        if n_prompt + params.max_tokens > self.max_model_len:
+            raise PromptTooLong(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the messages, {params.max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion."
+            )
+        if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
+            raise EngineOverloaded("the server is busy: too many requests are waiting")
+        request = self._make_request(prompt_token_ids, params, request_id)
+        with self._lock:
+            self._requests[request_id] = request
+            self._inbox.append(request)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await request.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer left early (client gone) or failed: free the KV now
+                self._abort_soon(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_soon(request_id)
+
+    def _abort_soon(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self._inbox),
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_used,
+            prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _make_request(self, prompt: list[int], params: SamplingParams, request_id: str) -> Request:
+        loop = asyncio.get_running_loop()
+        request = Request(request_id, params, len(prompt), loop, asyncio.Queue())
+        now = time.monotonic()
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator().manual_seed(params.seed + i)
+            seq = Sequence(
+                request=request, index=i, token_ids=list(prompt), num_prompt_tokens=len(prompt),
+                params=params, arrival=now, generator=gen,
+                logits_processors=[make() for make in params.logits_processor_factories],
+            )
+            if i > 0:
+                seq.blocked_on = request.seqs[0]
+            request.seqs.append(seq)
+        return request
+
+    # ---- step thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            batch = self.scheduler.schedule()
+            if batch.empty:
+                # Nothing fits (should not happen: the KV holds max_model_len); back off briefly.
+                time.sleep(0.001)
+                continue
+            try:
+                self._step(batch)
+            except Exception as exc:  # noqa: BLE001 - a step must never take the engine down
+                log.exception("engine step failed")
+                failed = {s.request for s in batch.decodes} | {s.request for s, _ in batch.prefills}
+                for request in failed:
+                    self._fail(request, EngineError(f"engine step failed: {exc}"))
+        for request in list(self._requests.values()):
+            self._fail(request, EngineError("the engine is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for request in new:
+            for seq in request.seqs:
+                self.scheduler.add(seq)
+        for request_id in aborts:
+            request = self._requests.pop(request_id, None)
+            if request is not None:
+                for seq in request.seqs:
+                    self.scheduler.finish(seq, "abort")
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "abort")
+        if self._requests.pop(request.request_id, None) is not None:
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, error)
+
+    @torch.inference_mode()
+    def _step(self, batch: ScheduledBatch) -> None:
+        sampling = list(batch.decodes)
+        sampling += [s for s, chunk in batch.prefills if s.num_computed_tokens + chunk == s.num_tokens]
+        logits = self.runner.run(batch, sampling)
+        for seq in batch.decodes:
+            seq.num_computed_tokens = seq.num_tokens
+        for seq, chunk in batch.prefills:
+            seq.num_computed_tokens += chunk
+        for seq in batch.decodes + [s for s, _ in batch.prefills]:
+            self.blocks.register_full_blocks(seq)
+
+        results = self._sample_safely(sampling, logits)
+        touched: dict[str, Request] = {}
+        for seq, result in zip(sampling, results):
+            if seq.is_finished:
+                continue
+            touched[seq.request.request_id] = seq.request
+            if result is None:
+                continue
+            self._append_token(seq, result.token_id, result.logprob)
+            if seq.index == 0 and seq.num_output_tokens == 1:
+                for child in seq.request.seqs[1:]:  # parent's prompt KV is now cached
+                    child.blocked_on = None
+        self._publish(touched.values())
+
+    def _sample_safely(self, seqs: list[Sequence], logits: torch.Tensor) -> list:
+        """Sample; a failure caused by one request's own processors fails only that request."""
+        try:
+            return self.sampler.sample(seqs, logits)
+        except Exception:  # noqa: BLE001
+            if len(seqs) == 1:
+                raise
+        results = []
+        for i, seq in enumerate(seqs):
+            try:
+                results.append(self.sampler.sample([seq], logits[i : i + 1])[0])
+            except Exception as exc:  # noqa: BLE001
+                log.exception("sampling failed for request %s", seq.request.request_id)
+                self._fail(seq.request, EngineError(f"sampling failed: {exc}"))
+                results.append(None)
+        return results
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        seq.pending_token_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        reason = None
+        if not p.ignore_eos and token in self.sampler.eos_token_ids:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self.scheduler.finish(seq, reason)
+
+    def _publish(self, requests) -> None:
+        batch: list[tuple[Request, RequestOutput]] = []
+        for request in requests:
+            if request.request_id not in self._requests:
+                continue  # aborted or failed meanwhile
+            deltas = []
+            for seq in request.seqs:
+                if seq.pending_token_ids or (seq.is_finished and not seq.finish_reported):
+                    deltas.append(
+                        CompletionDelta(
+                            seq.index, seq.pending_token_ids,
+                            seq.pending_logprobs if seq.params.logprobs is not None else None,
+                            seq.finish_reason if seq.is_finished else None,
+                        )
+                    )
+                    seq.pending_token_ids, seq.pending_logprobs = [], []
+                    seq.finish_reported = seq.is_finished
+            if not deltas:
+                continue
+            finished = request.finished
+            if finished:
+                del self._requests[request.request_id]
+            output = RequestOutput(
+                request.request_id, request.num_prompt_tokens, request.seqs[0].num_cached_tokens, deltas, finished
+            )
+            batch.append((request, output))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, RequestOutput]]] = {}
+        for item in batch:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, items in by_loop.items():  # one wake-up per event loop per step
+            loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(batch: list[tuple[Request, RequestOutput]]) -> None:
+    for request, output in batch:
+        request.queue.put_nowait(output)

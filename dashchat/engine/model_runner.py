@@ -1,0 +1,144 @@
+"""Owns the model and its KV cache; runs one scheduled batch as a single forward pass."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from ..models.config import ModelConfig
+from ..models.registry import build_model
+from ..models.weights import iter_weights
+from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads slow matmuls down)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo", encoding="ascii") as f:
+            info = f.read()
+        siblings = [int(l.split(":")[1]) for l in info.splitlines() if l.startswith("siblings")]
+        cores = [int(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu cores")]
+        if siblings and cores and siblings[0] > cores[0]:
+            return max(1, logical * cores[0] // siblings[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(1, logical)
+
+
+class ModelRunner:
+    def __init__(
+        self, model_dir: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+        num_kv_blocks: int, block_size: int, quantization: str = "none",
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        start = time.perf_counter()
+        with torch.device("meta"):
+            model = build_model(cfg)
+        model = model.to_empty(device=device).to(dtype)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.load_weights(iter_weights(model_dir))
+        # RoPE tables are buffers computed at build time: rebuild them on the real device.
+        rotary = model.layers[0].self_attn.rotary
+        fresh = type(rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
+        self.model = model.eval()
+        if quantization == "int8":
+            from .quantize import quantize_linears_int8
+
+            quantize_linears_int8(self.model)
+        elif quantization != "none":
+            raise ValueError(f"unsupported quantization {quantization!r}; choose none or int8")
+        log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
+
+        shape = (num_kv_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ]
+        self.attention = PagedAttention(self.kv_cache, block_size, cfg.head_dim**-0.5)
+
+    @staticmethod
+    def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, sampling: list[Sequence]) -> torch.Tensor:
+        """Forward the batch; return logits [len(sampling), vocab] for the sequences that sample.
+
+        `sampling` lists, in batch order, the decodes and the prefills that reach their last token.
+        """
+        dev = self.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        for seq in batch.decodes:
+            pos = seq.num_tokens - 1
+            input_ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.extend(self._slots(seq, pos, pos + 1))
+            logits_rows.append(len(input_ids) - 1)
+        spans: list[PrefillSpan] = []
+        for seq, chunk in batch.prefills:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk
+            spans.append(
+                PrefillSpan(len(input_ids), chunk, end, torch.tensor(seq.block_table, dtype=torch.long, device=dev))
+            )
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slots(seq, start, end))
+            if end == seq.num_tokens:
+                logits_rows.append(len(input_ids) - 1)
+
+        decode_tables = decode_lens = None
+        decode_max = 0
+        if batch.decodes:
+            decode_max = max(s.num_tokens for s in batch.decodes)
+            width = -(-decode_max // self.block_size)
+            tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch.decodes]
+            decode_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+            decode_lens = torch.tensor([s.num_tokens for s in batch.decodes], dtype=torch.long, device=dev)
+        meta = StepAttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=len(batch.decodes),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            decode_max_len=decode_max,
+            prefills=spans,
+        )
+        self.attention.begin_step(meta)
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.attention,
+        )
+        if not logits_rows:
+            return torch.empty(0, self.cfg.vocab_size)
+        hidden = hidden[torch.tensor(logits_rows, dtype=torch.long, device=dev)]
+        return self.model.compute_logits(hidden)

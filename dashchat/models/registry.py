@@ -1,0 +1,20 @@
+"""Architecture name -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+from .qwen2 import Qwen2ForCausalLM
+from .qwen3 import Qwen3ForCausalLM
+
+_FAMILIES: dict[str, type[LlamaForCausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return _FAMILIES[cfg.family](cfg)
