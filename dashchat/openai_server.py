@@ -1,0 +1,233 @@
+"""`python -m dashchat.openai_server`: resolve the model, start the engine, serve the OpenAI API.
+
+Usage mirrors the seed quick-start (`--model-path`, `--use-modelscope`, `--device`,
+`--device-list`, `--host`, `--port`); `--help` lists the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, Sequence
+
+log = logging.getLogger("dashchat")
+
+
+def _device_ids(values: Sequence[str]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for v in values:
+        for part in str(v).replace(",", " ").split():
+            if not part.isdigit():
+                raise argparse.ArgumentTypeError(f"device ids are integers; got {part!r}")
+            ids.append(int(part))
+    return tuple(ids) or (0,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dashchat.openai_server",
+        description="OpenAI-compatible chat server (POST /v1/chat/completions, /v1/completions; "
+                    "GET /v1/models, /health, /version, /metrics) on dashchat's own inference engine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model-path", default=None,
+                   help="Local Hugging Face-style folder, a .gguf file, a hub id (e.g. Qwen/Qwen2.5-7B-Instruct), "
+                        "or an embedded name (qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct). "
+                        "Omitted: the embedded default, qwen2.5-coder-0.5b-instruct.")
+    m.add_argument("--use-modelscope", action="store_true",
+                   help="Download hub ids through ModelScope (honours its cache and offline mode) "
+                        "instead of Hugging Face.")
+    m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="Name(s) clients pass as 'model'. Default: the last part of the model path, "
+                        "e.g. Qwen2.5-7B-Instruct.")
+    m.add_argument("--chat-template", default=None,
+                   help="Jinja chat template: a file path, or the template text itself. "
+                        "Default: the model's own (tokenizer_config.json or GGUF metadata).")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", choices=["native", "dashinfer"], default="native",
+                   help="Inference engine: dashchat's own PyTorch engine, or DashInfer (needs the "
+                        "'dashinfer' extra).")
+    e.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="Where to run the model. Default: cuda when a GPU is visible, else cpu.")
+    e.add_argument("--device-list", nargs="+", default=["0"], metavar="ID",
+                   help="Device ids to use (one for now; several need tensor parallelism).")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="Weight and activation dtype; auto = float32 on CPU, bfloat16 on CUDA.")
+    e.add_argument("--quantization", choices=["none", "int8"], default="none",
+                   help="Weight quantization.")
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="Context length (prompt + completion). Default: the model's, capped.")
+    e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
+    e.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="Token budget per engine step (long prompts are prefilled in chunks).")
+    e.add_argument("--kv-cache-memory", type=float, default=None, metavar="GB",
+                   help="Memory for the KV cache in GiB. Default: enough for max-num-seqs full contexts, "
+                        "capped.")
+    e.add_argument("--max-queue", type=int, default=256,
+                   help="Requests allowed to wait beyond the running ones; more get 429 with Retry-After.")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads. Default: physical cores.")
+    e.add_argument("--seed", type=int, default=0, help="Engine seed for requests without one.")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: all interfaces).")
+    s.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    s.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                   help="Require 'Authorization: Bearer KEY' on /v1/* (several keys allowed). "
+                        "Also read from DASHCHAT_API_KEY (comma-separated). /health stays open.")
+    s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="Enable CORS for these origins ('*' for any). Default: CORS off.")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="Log level (access logs are at info).")
+    s.add_argument("--log-prompts", action="store_true",
+                   help="Log rendered prompts (off by default: prompts may be private).")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
+                     help="Largest request body; bigger ones get 413.")
+    lim.add_argument("--max-messages", type=int, default=1024, help="Most messages in one chat request.")
+    lim.add_argument("--max-tools", type=int, default=128, help="Most tools/functions in one request.")
+    lim.add_argument("--max-n", type=int, default=16, help="Largest 'n' (choices per request).")
+    lim.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="A generation running longer is aborted (408, or an error event mid-stream). "
+                          "0: no limit.")
+    lim.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                     help="On SIGTERM/SIGINT, how long running requests may finish before they are aborted.")
+    return p
+
+
+class _ArgError(Exception):
+    pass
+
+
+def _read_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if len(value) < 4096 and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise _ArgError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+
+
+def _api_keys(values: list[str] | None) -> list[str]:
+    keys = list(values or [])
+    keys += [k.strip() for k in os.environ.get("DASHCHAT_API_KEY", "").split(",") if k.strip()]
+    return keys
+
+
+def _build_engine(args: argparse.Namespace, model_dir: str) -> Any:
+    from dashchat.engine.args import EngineArgs
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    eargs = EngineArgs(
+        model_dir=model_dir, device=device, device_ids=args.device_ids, dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory,
+        num_threads=args.threads, max_queue=args.max_queue, quantization=args.quantization, seed=args.seed,
+    )
+    if args.engine == "dashinfer":
+        try:
+            from dashchat.engine.dashinfer_engine import DashInferEngine
+        except ImportError as exc:
+            raise _ArgError(f"--engine dashinfer needs the 'dashinfer' extra (pip install -e '.[dashinfer]'): {exc}")
+        return DashInferEngine.from_args(eargs)
+    from dashchat.engine.llm_engine import AsyncLLMEngine
+
+    return AsyncLLMEngine.from_args(eargs)
+
+
+def _serve(app: Any, state: Any, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn with a drain phase: stop accepting, let running requests finish within the
+        grace period, abort the rest with a clean error, then exit 0."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Unlike uvicorn, do not re-raise the signal after shutdown: a drained exit is exit 0.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            for server in self.servers:
+                server.close()
+            state.draining = True
+            if state.inflight:
+                log.info("draining %d request(s) for up to %gs", state.inflight, args.shutdown_grace)
+                if not await state.wait_idle(args.shutdown_grace):
+                    log.warning("grace period over: aborting %d request(s)", state.inflight)
+                    state.abort_all.set()
+                    await state.wait_idle(5.0)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=5, log_level=args.log_level)
+    Server(config).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.device_ids = _device_ids(args.device_list)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--device-list: {exc}")
+    if len(args.device_ids) > 1:
+        parser.error(f"--device-list {' '.join(map(str, args.device_ids))}: dashchat runs a model on one "
+                     "device for now (no tensor parallelism); pass a single id, e.g. --device-list 0")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = args.log_level == "debug"
+    try:
+        from dashchat.models.resolve import resolve_model
+        from dashchat.server.app import build_app, server_state
+        from dashchat.server.config import ServerConfig
+
+        template = _read_template(args.chat_template)
+        resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
+        log.info("model: %s (%s)", resolved.name, resolved.path)
+        engine = _build_engine(args, str(resolved.path))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line, not a traceback wall (unless --log-level debug)
+        if debug:
+            log.exception("start-up failed")
+        msg = str(exc) or type(exc).__name__
+        print(f"dashchat: error: {msg}", file=sys.stderr)
+        if args.model_path and not Path(args.model_path).exists() and not debug:
+            print("dashchat: hint: if the hub cannot be reached, download the model elsewhere and pass its "
+                  "local folder or .gguf file to --model-path", file=sys.stderr)
+        return 1
+    cfg = ServerConfig(
+        served_model_names=args.served_model_name or [resolved.name],
+        chat_template=template,
+        api_keys=_api_keys(args.api_key),
+        allowed_origins=args.allowed_origins or [],
+        max_request_bytes=args.max_request_bytes,
+        max_messages=args.max_messages,
+        max_tools=args.max_tools,
+        max_n=args.max_n,
+        request_timeout_s=args.request_timeout,
+        shutdown_grace_s=args.shutdown_grace,
+        log_prompts=args.log_prompts,
+    )
+    app = build_app(engine, cfg)
+    try:
+        _serve(app, server_state(app), args)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The FastAPI application: routes, error handlers, middleware."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
+from dashchat import __version__
+from dashchat.engine.types import Engine
+from dashchat.server.config import ServerConfig
+from dashchat.server.errors import APIError, internal_error, model_not_found
+from dashchat.server.metrics import CONTENT_TYPE
+from dashchat.server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from dashchat.server.protocol import ChatCompletionRequest, CompletionRequest
+from dashchat.server.serving_chat import create_chat_completion
+from dashchat.server.serving_completion import create_completion
+from dashchat.server.sse import dumps
+from dashchat.server.state import ServerState
+from dashchat.server.validation import from_validation_errors
+
+log = logging.getLogger("dashchat.server")
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def _error(err: APIError) -> JSON:
+    return JSON(err.body(), status_code=err.status, headers=err.headers)
+
+
+def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
+    state = ServerState(engine, cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()
+
+    docs = cfg.enable_docs
+    app = FastAPI(title="dashchat", version=__version__, lifespan=lifespan, default_response_class=JSON,
+                  docs_url="/docs" if docs else None, openapi_url="/openapi.json" if docs else None,
+                  redoc_url=None)
+    app.state.server = state
+
+    # -- errors: always {"error": {...}} ----------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return _error(from_validation_errors(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error(APIError(exc.status_code, msg, kind, None, None, dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return _error(internal_error())
+
+    # -- routes ---------------------------------------------------------------------
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        return await create_chat_completion(state, body)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> Response:
+        return await create_completion(state, body)
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "dashchat",
+                "max_model_len": state.max_model_len}
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return JSON({"object": "list", "data": [model_card(n) for n in cfg.served_model_names]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        if model_id not in cfg.served_model_names:
+            raise model_not_found(model_id)
+        return JSON(model_card(model_id))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return JSON({"status": "shutting_down"}, status_code=503)
+        return JSON({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSON({"version": __version__, "engine": getattr(engine, "name", "unknown"),
+                     "models": cfg.served_model_names})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- middleware (last added = outermost) -------------------------------------------
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)
+    if cfg.api_keys:
+        app.add_middleware(AuthMiddleware, keys=cfg.api_keys)
+    if cfg.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+    return app
+
+
+def server_state(app: FastAPI) -> ServerState:
+    return app.state.server  # type: ignore[no-any-return]
+

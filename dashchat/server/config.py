@@ -1,0 +1,29 @@
+"""Everything the HTTP layer needs to know that is not the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerConfig:
+    served_model_names: list[str]
+    chat_template: str | None = None  # template text (file already read), None: the model's own
+    api_keys: list[str] = field(default_factory=list)  # empty: no auth
+    allowed_origins: list[str] = field(default_factory=list)  # empty: CORS off
+    # Limits (issue 6). Each is a CLI flag; see openai_server.py for the help text.
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_messages: int = 1024
+    max_tools: int = 128
+    max_n: int = 16
+    max_stop: int = 4
+    max_logit_bias: int = 300
+    request_timeout_s: float = 600.0
+    shutdown_grace_s: float = 30.0
+    retry_after_s: int = 1
+    log_prompts: bool = False
+    enable_docs: bool = True  # /docs and /openapi.json
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]

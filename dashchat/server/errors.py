@@ -1,0 +1,118 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
+
+Every failure a client can see goes through `APIError`, so the shape never varies
+(FastAPI's own 422 / `{"detail": ...}` bodies are replaced in `app.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dashchat.engine.types import (
+    EngineError,
+    EngineOverloaded,
+    PromptTooLong,
+    UnsupportedFeature,
+)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        "not_found_error",
+        "model",
+        "model_not_found",
+    )
+
+
+def context_length_exceeded(max_len: int, prompt: int, completion: int | None, param: str) -> APIError:
+    if completion is None:
+        msg = (
+            f"This model's maximum context length is {max_len} tokens. However, your "
+            f"prompt is {prompt} tokens, which leaves no room for a completion. "
+            "Please reduce the length of the prompt."
+        )
+    else:
+        msg = (
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{prompt + completion} tokens ({prompt} in the prompt, {completion} in the "
+            "completion). Please reduce the length of the prompt or completion."
+        )
+    return APIError(400, msg, "invalid_request_error", param, "context_length_exceeded")
+
+
+def overloaded(retry_after: int = 1) -> APIError:
+    return APIError(
+        429,
+        "The server is at capacity; please retry shortly.",
+        "rate_limit_error",
+        None,
+        "rate_limit_exceeded",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", "server_error", None, "server_shutting_down")
+
+
+def request_timeout(seconds: float) -> APIError:
+    return APIError(
+        408, f"The request did not finish within {seconds:g} s.", "timeout_error", None, "request_timeout"
+    )
+
+
+def internal_error() -> APIError:
+    # Never echo exception text: it may carry paths or prompt fragments.
+    return APIError(500, "The server had an error while processing your request.", "server_error")
+
+
+def from_engine_error(exc: BaseException) -> APIError:
+    """Map the engine's errors (types.py) to HTTP; anything else is a plain 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineOverloaded):
+        return overloaded()
+    if isinstance(exc, PromptTooLong):
+        return APIError(400, str(exc) or "The prompt is too long.", "invalid_request_error",
+                        "messages", "context_length_exceeded")
+    if isinstance(exc, UnsupportedFeature):
+        return bad_request(str(exc) or "This request is not supported by the engine.")
+    if isinstance(exc, EngineError):
+        return APIError(503, f"The engine could not serve the request: {exc}", "server_error",
+                        None, "engine_error")
+    return internal_error()

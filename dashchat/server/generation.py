@@ -1,0 +1,236 @@
+"""Running one engine request for one HTTP request.
+
+`EngineResponse` is a raw ASGI response that runs a producer coroutine while watching
+three things: the client hanging up (abort at once, say nothing), the per-request
+deadline and server shutdown (abort, then tell the client with a clean error). Errors
+before the first byte become HTTP errors; after it, `data: {"error": ...}` ends the stream.
+
+`run_choices` turns engine outputs into per-choice text (detokenized, cut at stop strings)
+and makes sure the engine request is aborted whenever iteration stops early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+from starlette.responses import Response
+
+from dashchat.engine.types import EngineError, RequestOutput, SamplingParams, TokenLogprob
+from dashchat.server.detokenizer import TextStream
+from dashchat.server.errors import APIError, from_engine_error, request_timeout, shutting_down
+from dashchat.server.sse import JSON_HEADERS, SSE_HEADERS, dumps, event
+from dashchat.server.state import ServerState
+
+log = logging.getLogger("dashchat.server")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Sender:
+    """Tracks what was already sent, so an error is reported the only way still possible."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False  # headers sent
+        self.streaming = False
+        self.ended = False
+
+    async def json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        hdrs = list(JSON_HEADERS)
+        hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": hdrs})
+        self.ended = True
+        await self._send({"type": "http.response.body", "body": dumps(body)})
+
+    async def start_stream(self) -> None:
+        self.started = self.streaming = True
+        await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+
+    async def chunk(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        self.ended = True
+        await self._send({"type": "http.response.body", "body": b""})
+
+    async def error(self, err: APIError) -> None:
+        if self.ended:
+            return
+        if not self.started:
+            await self.json(err.status, err.body(), err.headers)
+        elif self.streaming:
+            await self.chunk(event(err.body()))
+            await self.end()
+
+
+Producer = Callable[[Sender], Awaitable[None]]
+
+
+class EngineResponse(Response):
+    # A Response subclass only so FastAPI passes it through untouched; it sends its own headers.
+    def __init__(self, state: ServerState, produce: Producer, request_id: str) -> None:
+        super().__init__()
+        self.state = state
+        self.produce = produce
+        self.request_id = request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        sender = Sender(send)
+        if state.draining:
+            await sender.error(shutting_down())
+            return
+        state.begin()
+        producer = asyncio.create_task(self.produce(sender))
+        watchers = [asyncio.create_task(_wait_disconnect(receive)), asyncio.create_task(state.abort_all.wait())]
+        try:
+            timeout = state.cfg.request_timeout_s or None
+            done, _ = await asyncio.wait([producer, *watchers], timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if producer in done:
+                exc = producer.exception()
+            else:
+                reason = "disconnect" if watchers[0] in done else "shutdown" if watchers[1] in done else "timeout"
+                state.metrics.aborted.labels(reason).inc()
+                log.info("request %s aborted: %s", self.request_id, reason)
+                await _cancel(producer)
+                exc = None if reason == "disconnect" else (
+                    shutting_down() if reason == "shutdown" else request_timeout(timeout or 0))
+            if exc is not None:
+                err = from_engine_error(exc)
+                if err.status >= 500 and not isinstance(exc, (APIError, EngineError)):
+                    log.error("request %s failed", self.request_id, exc_info=exc)
+                await sender.error(err)
+        except asyncio.CancelledError:  # the server itself cancelled us (forced shutdown)
+            await _cancel(producer)
+            raise
+        finally:
+            for w in watchers:
+                w.cancel()
+            state.end()
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # CancelledError, or what the cancelled producer raised on its way out
+        pass
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    # The body has been read by now, so the next message can only be the disconnect.
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+@dataclass
+class Choice:
+    index: int
+    text: TextStream
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    # Used by non-streaming responses.
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+Event = tuple[Choice, str, "list[TokenLogprob] | None"]
+
+
+async def run_choices(
+    state: ServerState,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    request_id: str,
+    choices: Sequence[Choice],
+    usage: Usage,
+) -> AsyncIterator[list[Event]]:
+    """Yields, per engine output, the new text of each choice that changed.
+
+    A choice ends at its engine finish or at a stop string; when all have ended the
+    engine request is aborted (n > 1 with stop strings) or has finished by itself.
+    """
+    engine = state.engine
+    metrics = state.metrics
+    start = last = time.perf_counter()
+    first = True
+    finished = False
+    gen = engine.generate(prompt_ids, params, request_id)
+    try:
+        async for out in gen:
+            now = time.perf_counter()
+            if first:
+                first = False
+                usage.prompt_tokens = out.num_prompt_tokens
+                usage.cached_tokens = out.num_cached_tokens
+                metrics.prompt_tokens.inc(out.num_prompt_tokens)
+                metrics.ttft.observe(now - start)
+            else:
+                metrics.itl.observe(now - last)
+            last = now
+            events = _apply(out, choices)
+            finished = out.finished
+            yield events
+            if finished or all(c.finish_reason for c in choices):
+                break
+    finally:
+        n = sum(c.num_tokens for c in choices)
+        usage.completion_tokens = n
+        metrics.generation_tokens.inc(n)
+        metrics.e2e.observe(time.perf_counter() - start)
+        if not finished:
+            await _close(gen)
+            await engine.abort(request_id)
+
+
+async def _close(gen: Any) -> None:
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.debug("closing engine stream failed", exc_info=True)
+
+
+def _apply(out: RequestOutput, choices: Sequence[Choice]) -> list[Event]:
+    events: list[Event] = []
+    for d in out.deltas:
+        c = choices[d.index]
+        if c.finish_reason is not None:
+            continue  # already cut at a stop string; the engine had not noticed yet
+        c.num_tokens += len(d.token_ids)
+        text = c.text.add(d.token_ids)
+        if c.text.stopped:
+            c.finish_reason = "stop"
+        elif d.finish_reason is not None:
+            if d.finish_reason == "abort":  # never shown to clients: the request failed
+                raise EngineError("the engine aborted the request")
+            text += c.text.finish()
+            c.finish_reason = "stop" if c.text.stopped else d.finish_reason
+        events.append((c, text, d.logprobs))
+    return events

@@ -1,0 +1,156 @@
+"""Pure-ASGI middleware: request ids + access log + per-route metrics, body size limit, auth.
+
+Pure ASGI (not BaseHTTPMiddleware) so streams pass through untouched and a client's
+disconnect still reaches the route.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+from dashchat.server.errors import APIError
+from dashchat.server.metrics import Metrics
+from dashchat.server.sse import dumps
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+access_log = logging.getLogger("dashchat.access")
+
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics",
+           "/openapi.json", "/docs"}
+_CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces: safe to log and echo
+
+
+def route_label(path: str) -> str:
+    """Bounded label set: unknown paths must not grow the metrics without limit."""
+    if path in _ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return "other"
+
+
+async def send_error(send: Send, err: APIError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": dumps(err.body())})
+
+
+class RequestContextMiddleware:
+    """X-Request-Id (the client's, if sane, else a new one) on every response; one access-log
+    line per request; request counts by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = ""
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")
+                break
+        if not _CLIENT_ID.match(rid):
+            rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500  # if the app dies before answering
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope["path"]
+            self.metrics.requests.labels(route_label(path), str(status)).inc()
+            client = scope.get("client")
+            access_log.info('%s "%s %s" %d %.1fms id=%s', f"{client[0]}:{client[1]}" if client else "-",
+                            scope["method"], path, status, (time.perf_counter() - start) * 1000, rid)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, checked before anything parses them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        for k, v in scope["headers"]:
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+                return await send_error(send, self._too_large())
+        # Buffer the body (it is parsed whole anyway) so a chunked upload is bounded too.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client left before finishing the body
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                return await send_error(send, self._too_large())
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: the disconnect, for the routes that watch it
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"Request body is larger than {self.max_bytes} bytes.",
+                        "invalid_request_error", None, "request_too_large")
+
+
+class AuthMiddleware:
+    """Bearer keys on /v1/*; constant-time compare against every key (no early exit)."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        token = b""
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                scheme, _, rest = v.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    token = rest.strip()
+                break
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(token, key)
+        if ok:
+            return await self.app(scope, receive, send)
+        msg = ("You didn't provide an API key. Pass it as 'Authorization: Bearer YOUR_KEY'."
+               if not token else "Incorrect API key provided.")
+        await send_error(send, APIError(401, msg, "authentication_error", None, "invalid_api_key"),
+                         [(b"www-authenticate", b"Bearer")])
