@@ -91,14 +91,16 @@ class StopChecker:
         if not self.stops:
             return text, False
         buf = self._held + text
-        first = -1
+        # The stop that *completes* first wins, as if text arrived one character at a time,
+        # so the result does not depend on how the text was split into tokens.
+        best: tuple[int, int] | None = None  # (end, start)
         for s in self.stops:
             i = buf.find(s)
-            if i != -1 and (first == -1 or i < first):
-                first = i
-        if first != -1:
+            if i != -1 and (best is None or (i + len(s), i) < best):
+                best = (i + len(s), i)
+        if best is not None:
             self._held = ""
-            return buf[:first], True
+            return buf[: best[1]], True
         hold = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(buf)), hold, -1):

@@ -1,0 +1,460 @@
+"""Find the tool calls in what a model wrote, streamed or whole.
+
+Formats models really emit:
+  <tool_call>{"name": ..., "arguments": {...}}</tool_call>   Hermes / Qwen (possibly several, close tag optional at the end)
+  ```json\n{"name": ..., "arguments": {...}}\n```            fenced (what Qwen2.5-Coder-0.5B likes to do)
+  {"name": ..., "arguments"|"parameters": {...}}             bare JSON (object or array) at the start of the message (Llama 3.x)
+  <|python_tag|>{...}                                        Llama 3.x, when the tag survives detokenizing
+  [TOOL_CALLS][{...}, ...]                                   Mistral
+
+There is one implementation: a streaming state machine. `parse_tool_calls` feeds it the whole text at
+once, so streamed and non-streamed answers agree by construction; every decision the machine makes
+is one that later text cannot change, so any split of the text gives the same calls and content.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any, Union
+
+_ALNUM = string.ascii_letters + string.digits
+
+TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
+FENCE = "```"
+MISTRAL = "[TOOL_CALLS]"
+PYTHON_TAG = "<|python_tag|>"
+_MARKERS = (TAG_OPEN, FENCE, MISTRAL, PYTHON_TAG)
+# Fence info strings whose body may be a call; anything else (```python ...) is code and stays content.
+_JSON_LANGS = ("", "json", "json5", "jsonc", "tool_call", "tool_calls")
+# The first key of a call object is one of these; any other first key releases the text at once.
+_CALL_KEYS = frozenset({"name", "arguments", "parameters", "function", "type", "id"})
+_SEPARATORS = " \t\r\n,;"
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text of an object: json.dumps(..., ensure_ascii=False)
+
+
+@dataclass
+class ContentEvent:
+    text: str
+
+
+@dataclass
+class ToolCallStartEvent:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass
+class ToolArgumentsEvent:
+    index: int
+    fragment: str
+
+
+ParserEvent = Union[ContentEvent, ToolCallStartEvent, ToolArgumentsEvent]
+
+
+# ---------------------------------------------------------------- what counts as a call
+
+
+def tool_names(tools: list[dict[str, Any]]) -> set[str]:
+    names = set()
+    for tool in tools or []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.add(fn["name"])
+    return names
+
+
+def _one_call(obj: Any, names: set[str]) -> tuple[str, str] | None:
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("function"), dict):  # OpenAI-shaped {"type": "function", "function": {...}}
+        obj = obj["function"]
+    name = obj.get("name")
+    if not isinstance(name, str) or name not in names:
+        return None
+    args = obj["arguments"] if "arguments" in obj else obj.get("parameters", None)
+    if isinstance(args, str):  # some models double-encode the arguments
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return name, json.dumps(args, ensure_ascii=False)
+
+
+def _calls_in(value: Any, names: set[str]) -> list[tuple[str, str]] | None:
+    """A call object, or a non-empty array of them; None when it is anything else."""
+    items = value if isinstance(value, list) else [value]
+    calls = [_one_call(item, names) for item in items]
+    if not calls or any(c is None for c in calls):
+        return None
+    return calls  # type: ignore[return-value]
+
+
+class _JsonScan:
+    """Finds where a JSON value (object or array) ends, and rejects early what cannot be a call.
+
+    Early rejection (before the value is complete) lets plain JSON answers stream: an object whose
+    first key is not a call key, or an array whose first element is not an object, is never a call.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._depth = 0
+        self._in_str = False
+        self._esc = False
+        self._head = 0  # 0 want {/[, 1 after [ want {, 2 after { want ", 3 in first key, 4 verified
+        self._key_start = 0
+
+    def feed(self, chunk: str) -> tuple[str, int]:
+        """Returns ("more"|"done"|"reject", number of chunk chars consumed)."""
+        base = len(self.text)
+        self.text += chunk
+        for i in range(base, len(self.text)):
+            ch = self.text[i]
+            if self._head < 4:
+                verdict = self._check_head(ch, i)
+                if verdict == "reject":
+                    self.text = self.text[: i + 1]
+                    return "reject", i + 1 - base
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif ch == "\\":
+                    self._esc = True
+                elif ch == '"':
+                    self._in_str = False
+            elif ch == '"':
+                self._in_str = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self.text = self.text[: i + 1]
+                    return "done", i + 1 - base
+        return "more", len(chunk)
+
+    def _check_head(self, ch: str, i: int) -> str:
+        h = self._head
+        if h == 3:
+            if self._esc or ch == "\\":
+                return "ok"
+            if ch == '"':
+                try:
+                    key = json.loads(self.text[self._key_start : i + 1])
+                except ValueError:
+                    return "reject"
+                self._head = 4
+                return "ok" if key in _CALL_KEYS else "reject"
+            return "ok"
+        if ch in " \t\r\n" and h in (1, 2):
+            return "ok"
+        if h == 0 and ch in "{[":
+            self._head = 2 if ch == "{" else 1
+            return "ok"
+        if h == 1 and ch == "{":
+            self._head = 2
+            return "ok"
+        if h == 2 and ch == '"':
+            self._head, self._key_start = 3, i
+            return "ok"
+        return "reject"
+
+
+def _partial_marker_len(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a marker (held back)."""
+    best = 0
+    for m in markers:
+        for n in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:n]):
+                best = n
+                break
+    return best
+
+
+_INNER_MARKUP = (TAG_OPEN, TAG_CLOSE, MISTRAL, PYTHON_TAG)
+
+
+def _markup_len(buf: str) -> int:
+    """Length of separators or markup at the start of `buf` inside a call region; -1: cannot tell yet."""
+    n = len(buf) - len(buf.lstrip(_SEPARATORS))
+    if n:
+        return n
+    for m in _INNER_MARKUP:
+        if buf.startswith(m):
+            return len(m)
+        if m.startswith(buf):
+            return -1
+    if buf.startswith(FENCE):  # ```json inside a tag: markup too
+        j = len(FENCE)
+        while j < len(buf) and (buf[j].isalnum() or buf[j] == "_"):
+            j += 1
+        if j == len(buf):
+            return -1
+        return j if buf[len(FENCE) : j].lower() in _JSON_LANGS else 0
+    return -1 if FENCE.startswith(buf) else 0
+
+
+# ---------------------------------------------------------------- the state machine
+
+
+class ToolCallStreamParser:
+    """Feed detokenized text as it comes; get content deltas and tool-call events.
+
+    Content streams as it comes, minus: whitespace next to a call and at the very end (held until
+    more text shows it is inner whitespace), and the few characters that may start markup.
+    A call is announced (start + its full arguments) once its JSON is complete and names an offered
+    tool; a suspected call that is not one is released as content. Markup never reaches content.
+    """
+
+    def __init__(self, tools: list[dict[str, Any]]) -> None:
+        self._names = tool_names(tools)
+        self._buf = ""
+        self._out: list[ParserEvent] = []
+        self._mode = "start"  # start, text, seq, fence_info, fence_raw, tag_text
+        self._ncalls = 0
+        # content whitespace policy
+        self._pending_ws = ""
+        self._drop_ws = False  # right after a call: leading whitespace is markup-adjacent
+        # call-sequence region (inside <tool_call>, a json fence, after [TOOL_CALLS] / python tag, bare)
+        self._kind = ""
+        self._closer: str | None = None
+        self._raw = ""  # opening fence kept until we know whether it was a call
+        self._region_calls = 0
+        self._scan: _JsonScan | None = None
+
+    # -- public ---------------------------------------------------------------
+    def feed(self, text: str) -> list[ParserEvent]:
+        self._buf += text
+        self._run(final=False)
+        return self._take()
+
+    def finish(self) -> list[ParserEvent]:
+        self._run(final=True)
+        if self._ncalls == 0 and self._pending_ws:
+            self._out.append(ContentEvent(self._pending_ws))
+        self._pending_ws = ""
+        return self._take()
+
+    # -- output -----------------------------------------------------------------
+    def _take(self) -> list[ParserEvent]:
+        merged: list[ParserEvent] = []
+        for ev in self._out:
+            if isinstance(ev, ContentEvent) and merged and isinstance(merged[-1], ContentEvent):
+                merged[-1] = ContentEvent(merged[-1].text + ev.text)
+            else:
+                merged.append(ev)
+        self._out = []
+        return merged
+
+    def _content(self, text: str) -> None:
+        if self._drop_ws:
+            text = text.lstrip()
+            if not text:
+                return
+            self._drop_ws = False
+        full = self._pending_ws + text
+        body = full.rstrip()
+        self._pending_ws = full[len(body) :]
+        if body:
+            self._out.append(ContentEvent(body))
+
+    def _calls(self, calls: list[tuple[str, str]]) -> None:
+        self._pending_ws, self._drop_ws = "", True
+        for name, args in calls:
+            index = self._ncalls
+            self._ncalls += 1
+            call_id = new_call_id()
+            self._out.append(ToolCallStartEvent(index, call_id, name))
+            self._out.append(ToolArgumentsEvent(index, args))
+        self._region_calls += len(calls)
+
+    # -- driver -----------------------------------------------------------------
+    def _run(self, final: bool) -> None:
+        if not self._names:  # nothing can be a call: pure pass-through
+            self._content(self._buf)
+            self._buf = ""
+            return
+        while True:
+            before = (self._mode, len(self._buf), self._scan is not None)
+            step = getattr(self, "_step_" + self._mode)
+            step(final)
+            if (self._mode, len(self._buf), self._scan is not None) == before:
+                return
+
+    def _enter_seq(self, kind: str, closer: str | None, raw: str = "") -> None:
+        self._mode, self._kind, self._closer, self._raw, self._region_calls = "seq", kind, closer, raw, 0
+
+    def _step_start(self, final: bool) -> None:
+        """Only whitespace so far: a bare JSON call may still open the message."""
+        s = self._buf.lstrip()
+        if not s:
+            if final:
+                self._content(self._buf)
+                self._buf = ""
+            return
+        if not final and any(m.startswith(s) and m != s for m in _MARKERS):
+            return  # may be the start of a marker
+        if s[0] in "{[" and not s.startswith(MISTRAL):
+            self._content(self._buf[: len(self._buf) - len(s)])
+            self._buf = s
+            self._enter_seq("bare", None)
+            return
+        self._mode = "text"
+
+    def _step_text(self, final: bool) -> None:
+        buf = self._buf
+        hits = [(buf.find(m), m) for m in _MARKERS]
+        hits = [(i, m) for i, m in hits if i >= 0]
+        if hits:
+            i, marker = min(hits)
+            self._content(buf[:i])
+            self._buf = buf[i + len(marker) :]
+            if marker == TAG_OPEN:
+                self._enter_seq("tag", TAG_CLOSE)
+            elif marker == FENCE:
+                self._mode = "fence_info"
+            else:
+                self._enter_seq("line", None)
+            return
+        keep = 0 if final else _partial_marker_len(buf, _MARKERS)
+        self._content(buf[: len(buf) - keep])
+        self._buf = buf[len(buf) - keep :]
+
+    def _step_fence_info(self, final: bool) -> None:
+        buf = self._buf
+        nl = buf.find("\n")
+        info = buf if nl < 0 else buf[:nl]
+        lang = info.strip().lower()
+        json_fence = nl >= 0 and lang in _JSON_LANGS
+        could_be = any(x.startswith(lang) for x in _JSON_LANGS) and FENCE not in info
+        if json_fence:
+            self._buf = buf[nl + 1 :]
+            self._enter_seq("fence", FENCE, raw=FENCE + info + "\n")
+        elif not could_be or final:
+            self._content(FENCE)  # code, not a call: the whole block is content
+            self._mode = "fence_raw"
+        # else: wait for the rest of the info line
+
+    def _step_fence_raw(self, final: bool) -> None:
+        buf = self._buf
+        i = buf.find(FENCE)
+        if i >= 0:
+            self._content(buf[: i + len(FENCE)])
+            self._buf = buf[i + len(FENCE) :]
+            self._mode = "text"
+            return
+        keep = 0 if final else _partial_marker_len(buf, (FENCE,))
+        self._content(buf[: len(buf) - keep])
+        self._buf = buf[len(buf) - keep :]
+
+    def _step_tag_text(self, final: bool) -> None:
+        """Inside a markup block that held no (more) calls: text is content, the closer is dropped."""
+        assert self._closer is not None
+        buf = self._buf
+        i = buf.find(self._closer)
+        if i >= 0:
+            self._content(buf[:i])
+            self._buf = buf[i + len(self._closer) :]
+            self._mode = "text"
+            return
+        keep = 0 if final else _partial_marker_len(buf, (self._closer,))
+        self._content(buf[: len(buf) - keep])
+        self._buf = buf[len(buf) - keep :]
+
+    def _step_seq(self, final: bool) -> None:
+        """Between/inside JSON values of a call region."""
+        if self._scan is not None:
+            status, used = self._scan.feed(self._buf)
+            self._buf = self._buf[used:]
+            if status == "done":
+                text = self._scan.text
+                self._scan = None
+                try:
+                    calls = _calls_in(json.loads(text), self._names)
+                except ValueError:
+                    calls = None
+                if calls:
+                    self._raw = ""
+                    self._calls(calls)
+                else:
+                    self._not_a_call(text)
+            elif status == "reject" or final:
+                text = self._scan.text
+                self._scan = None
+                self._not_a_call(text)
+            return
+        buf = self._buf
+        if not buf:
+            if final:
+                self._end_region(closed=False)
+            return
+        closer = self._closer
+        if closer and buf.startswith(closer):
+            self._buf = buf[len(closer) :]
+            self._end_region(closed=True)
+            return
+        n = _markup_len(buf)
+        if n > 0:  # separators and stray markup between calls are dropped (kept while a fence is undecided)
+            if self._raw:
+                self._raw += buf[:n]
+            self._buf = buf[n:]
+            return
+        if (n < 0 or (closer and closer.startswith(buf))) and not final:
+            return  # may be markup: wait
+        if buf[0] in "{[":
+            self._scan = _JsonScan()
+            return
+        self._not_a_call("")
+
+    def _not_a_call(self, text: str) -> None:
+        """A value (or other text) in a call region that is not a call: it becomes content."""
+        if self._kind == "fence" and self._region_calls == 0:
+            self._content(self._raw + text)  # an ordinary JSON code block
+            self._raw = ""
+            self._mode = "fence_raw"
+        elif self._kind in ("tag", "fence"):
+            self._content(text)
+            self._mode = "tag_text"
+        else:
+            self._content(text)
+            self._mode = "text"
+
+    def _end_region(self, closed: bool) -> None:
+        if self._kind == "fence" and self._region_calls == 0:
+            self._content(self._raw + (FENCE if closed else ""))
+        self._raw = ""
+        self._mode = "text"
+
+
+def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> tuple[str | None, list[ToolCall]]:
+    """(content or None, calls) for a whole completion; same decisions as the streaming parser."""
+    parser = ToolCallStreamParser(tools)
+    events = parser.feed(text) + parser.finish()
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    for ev in events:
+        if isinstance(ev, ContentEvent):
+            content.append(ev.text)
+        elif isinstance(ev, ToolCallStartEvent):
+            calls.append(ToolCall(ev.id, ev.name, ""))
+        else:
+            calls[ev.index].arguments += ev.fragment
+    joined = "".join(content)
+    return (joined if joined else None), calls
