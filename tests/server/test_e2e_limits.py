@@ -1,0 +1,86 @@
+"""A tightly limited real server: auth, admission (429), body size (413), timeouts, CORS."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+from server_proc import SMOLLM, ServerProcess, wait_engine_idle
+
+KEYS = ["key-one", "key-two"]
+AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
+MSG = [{"role": "user", "content": "Write a poem."}]
+
+
+@pytest.fixture(scope="module")
+def tight() -> Iterator[ServerProcess]:
+    srv = ServerProcess("--model-path", SMOLLM, "--device", "cpu", "--max-model-len", "512",
+                        "--served-model-name", "tiny", "--api-key", KEYS[0], "--max-num-seqs", "1",
+                        "--max-queue", "1", "--max-request-bytes", "20000", "--request-timeout", "3",
+                        "--max-n", "2", "--allowed-origins", "http://app.test",
+                        env={"DASHCHAT_API_KEY": KEYS[1]})
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def test_auth(tight: ServerProcess) -> None:
+    url = f"{tight.base_url}/v1/models"
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEYS[0]}):
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    for key in KEYS:  # the flag's key and the environment's
+        assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.get(f"{tight.base_url}/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{tight.base_url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_cors(tight: ServerProcess) -> None:
+    r = httpx.options(f"{tight.base_url}/v1/chat/completions",
+                      headers={"Origin": "http://app.test", "Access-Control-Request-Method": "POST"})
+    assert r.headers.get("access-control-allow-origin") == "http://app.test"
+    r = httpx.options(f"{tight.base_url}/v1/chat/completions",
+                      headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_body_and_n_limits(tight: ServerProcess) -> None:
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 30000}]}
+    r = httpx.post(f"{tight.base_url}/v1/chat/completions", json=big, headers=AUTH)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(f"{tight.base_url}/v1/chat/completions", json={"model": "tiny", "messages": MSG, "n": 3},
+                   headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_admission_queue_429(tight: ServerProcess) -> None:
+    """One running + one waiting fit; the others get 429 with Retry-After, then all recovers."""
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 40, "ignore_eos": True}
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=tight.base_url, headers=AUTH, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(6)))
+
+    statuses = [r.status_code for r in asyncio.run(main())]
+    assert 200 in statuses and 429 in statuses, statuses
+    assert set(statuses) <= {200, 429}
+    rejected = [r for r in asyncio.run(main()) if r.status_code == 429]
+    assert all(r.headers.get("retry-after") and r.json()["error"]["type"] == "rate_limit_error" for r in rejected)
+    assert wait_engine_idle(tight.base_url, timeout=10) == (0, 0)
+
+
+def test_request_timeout(tight: ServerProcess) -> None:
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 480, "ignore_eos": True}
+    r = httpx.post(f"{tight.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    with httpx.stream("POST", f"{tight.base_url}/v1/chat/completions", json={**body, "stream": True},
+                      headers=AUTH, timeout=30) as s:
+        lines = [ln for ln in s.iter_lines() if ln]
+    assert '"request_timeout"' in lines[-1] and "[DONE]" not in lines[-1]
+    assert wait_engine_idle(tight.base_url, timeout=5) == (0, 0)
