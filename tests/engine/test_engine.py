@@ -1,0 +1,210 @@
+"""The native engine against transformers' reference, alone and batched, and its bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+
+import pytest
+import torch
+
+from dashchat.engine.args import EngineArgs
+from dashchat.engine.llm_engine import AsyncLLMEngine
+from dashchat.engine.types import CompletionDelta, EngineError, PromptTooLong, SamplingParams
+
+_ids = itertools.count()
+
+async def collect(
+    engine: AsyncLLMEngine, prompt: list[int], params: SamplingParams, delay: float = 0.0
+) -> dict[int, CompletionDelta]:
+    """Run one request to the end; returns per choice index the joined delta (tokens, logprobs, finish)."""
+    await asyncio.sleep(delay)
+    out: dict[int, CompletionDelta] = {}
+    async for o in engine.generate(prompt, params, f"test-{next(_ids)}"):
+        for d in o.deltas:
+            acc = out.setdefault(d.index, CompletionDelta(d.index, [], [] if d.logprobs is not None else None))
+            acc.token_ids += d.token_ids
+            if d.logprobs is not None:
+                acc.logprobs += d.logprobs
+            acc.finish_reason = d.finish_reason or acc.finish_reason
+    return out
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "1, 2, 3, 4,",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "Python is a programming language that",
+    "The quick brown fox jumps over the lazy dog. " * 6 + "Then",  # spans several KV blocks
+    "日本の首都は",
+]
+NEW_TOKENS = 20
+
+
+def greedy(max_tokens: int = NEW_TOKENS, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_dir: str):
+    eng = AsyncLLMEngine.from_args(EngineArgs(model_dir=smollm2_dir, max_model_len=1024, max_num_batched_tokens=64))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir: str, engine: AsyncLLMEngine) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    refs = []
+    for p in PROMPTS:
+        ids = engine.tokenizer.encode(p)
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+        )
+        refs.append(out[0, len(ids):].tolist())
+    return refs
+
+
+def test_greedy_matches_transformers_alone(engine, reference):
+    for prompt, ref in zip(PROMPTS, reference):
+        got = asyncio.run(collect(engine, engine.tokenizer.encode(prompt), greedy()))
+        assert got[0].token_ids == ref, prompt
+        assert got[0].finish_reason == "length"
+
+
+def test_greedy_matches_transformers_staggered_batch(engine, reference):
+    async def run():
+        return await asyncio.gather(
+            *(collect(engine, engine.tokenizer.encode(p), greedy(), delay=0.03 * i) for i, p in enumerate(PROMPTS))
+        )
+
+    for prompt, ref, got in zip(PROMPTS, reference, asyncio.run(run())):
+        assert got[0].token_ids == ref, prompt
+
+
+def test_prefix_cache_reuses_shared_prompt(engine):
+    prompt = engine.tokenizer.encode("You are a helpful assistant. " * 10 + "Hello")
+    first = asyncio.run(collect(engine, prompt, greedy(8)))
+    hits_before = engine.stats().prefix_cache_hits
+    second = asyncio.run(collect(engine, prompt, greedy(8)))
+    assert engine.stats().prefix_cache_hits - hits_before >= 16 * ((len(prompt) - 1) // 16)
+    assert first[0].token_ids == second[0].token_ids
+
+
+def test_seed_reproduces_whatever_the_batch(engine):
+    prompt = engine.tokenizer.encode("Write a short poem about the sea.")
+    params = dict(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    alone = asyncio.run(collect(engine, prompt, SamplingParams(**params)))
+
+    async def crowded():
+        others = [
+            collect(engine, engine.tokenizer.encode(p), SamplingParams(max_tokens=24, temperature=1.2))
+            for p in PROMPTS[:4]
+        ]
+        results = await asyncio.gather(collect(engine, prompt, SamplingParams(**params), delay=0.05), *others)
+        return results[0]
+
+    assert asyncio.run(crowded())[0].token_ids == alone[0].token_ids
+    other_seed = asyncio.run(collect(engine, prompt, SamplingParams(**{**params, "seed": 99})))
+    assert other_seed[0].token_ids != alone[0].token_ids
+
+
+def test_stop_token_ids_end_the_request(engine, reference):
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    stop_at = reference[0][3]
+    got = asyncio.run(collect(engine, prompt, greedy(stop_token_ids=[stop_at])))
+    assert got[0].token_ids == reference[0][: reference[0].index(stop_at) + 1]
+    assert got[0].finish_reason == "stop"
+
+
+def test_n_choices_share_the_prompt(engine, reference):
+    prompt = engine.tokenizer.encode(PROMPTS[6])
+    got = asyncio.run(collect(engine, prompt, greedy(n=3)))
+    assert sorted(got) == [0, 1, 2]
+    for choice in got.values():
+        assert choice.token_ids == reference[6]
+        assert choice.finish_reason == "length"
+
+
+def test_logprobs_are_consistent(engine):
+    prompt = engine.tokenizer.encode(PROMPTS[1])
+    got = asyncio.run(collect(engine, prompt, greedy(6, logprobs=5)))[0]
+    assert len(got.logprobs) == 6
+    for tok, lp in zip(got.token_ids, got.logprobs):
+        assert lp.token_id == tok
+        assert len(lp.top) == 5 and lp.top[0][0] == tok  # greedy picks the best
+        assert math.isclose(lp.logprob, lp.top[0][1], rel_tol=1e-5)
+        assert sum(math.exp(v) for _, v in lp.top) <= 1.0 + 1e-4
+
+
+def test_abort_frees_blocks(engine):
+    async def run():
+        stream = engine.generate(engine.tokenizer.encode(PROMPTS[2]), greedy(500), "abort-me")
+        async for out in stream:
+            if sum(len(d.token_ids) for d in out.deltas):
+                break
+        await stream.aclose()  # the client went away
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if engine.stats().num_running == 0:
+                break
+
+    asyncio.run(run())
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.kv_blocks_used == 0  # freed blocks stay cached but are free
+
+
+def test_prompt_too_long_is_refused(engine):
+    async def run():
+        async for _ in engine.generate([1] * 1000, SamplingParams(max_tokens=100), "too-long"):
+            pass
+
+    with pytest.raises(PromptTooLong):
+        asyncio.run(run())
+
+
+def test_failing_logits_processor_fails_only_its_request(engine, reference):
+    class Broken:
+        def __call__(self, output, logits):
+            raise RuntimeError("boom")
+
+    async def run():
+        bad = collect(engine, engine.tokenizer.encode(PROMPTS[3]), greedy(logits_processor_factories=[Broken]))
+        good = collect(engine, engine.tokenizer.encode(PROMPTS[0]), greedy())
+        return await asyncio.gather(bad, good, return_exceptions=True)
+
+    bad, good = asyncio.run(run())
+    assert isinstance(bad, EngineError)
+    assert good[0].token_ids == reference[0]
+
+
+def test_tiny_kv_cache_preempts_and_still_finishes_right(smollm2_dir, reference):
+    # 8 blocks of 16 tokens: not enough for all prompts at once, enough for any one.
+    eng = AsyncLLMEngine.from_args(
+        EngineArgs(
+            model_dir=smollm2_dir, max_model_len=128, kv_cache_memory_gb=8 * 16 * 46080 / 2**30,
+            max_num_batched_tokens=64,
+        )
+    )
+    try:
+        assert eng.blocks.num_blocks == 8
+
+        async def run():
+            return await asyncio.gather(*(collect(eng, eng.tokenizer.encode(p), greedy()) for p in PROMPTS))
+
+        start = time.monotonic()
+        results = asyncio.run(asyncio.wait_for(run(), timeout=300))
+        assert time.monotonic() - start < 300
+        for prompt, ref, got in zip(PROMPTS, reference, results):
+            assert got[0].token_ids == ref, prompt
+        assert eng.stats().num_preemptions > 0
+        assert eng.stats().kv_blocks_used == 0
+    finally:
+        eng.shutdown()
