@@ -1,0 +1,36 @@
+"""Iterate over a model folder's safetensors weights (sharded or not), memory-mapped."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+
+def weight_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The folder's *.safetensors files: the shards its index names, else every file."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [d / s for s in shards]
+    files = sorted(d.glob("*.safetensors"))
+    # Mistral-style repos ship consolidated.safetensors (other tensor names) beside the HF shards.
+    hf = [f for f in files if not f.name.startswith("consolidated")]
+    files = hf or files
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {d}")
+    return files
+
+
+def iter_weights(model_dir: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight; tensors come from an mmap, so this stays cheap."""
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
