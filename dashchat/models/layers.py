@@ -64,10 +64,16 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
         self.register_buffer("cos", freqs.cos().float(), persistent=False)
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        self._step_key: torch.Tensor | None = None
+        self._step_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [N, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        # Every layer of a step rotates by the same positions: look the table up once per step.
+        if positions is not self._step_key:
+            cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [N, 1, D/2]
+            sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+            self._step_key, self._step_cos_sin = positions, (cos, sin)
+        cos, sin = self._step_cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
