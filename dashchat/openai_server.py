@@ -202,11 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one clear line, not a traceback wall (unless --log-level debug)
         if debug:
             log.exception("start-up failed")
-        msg = str(exc) or type(exc).__name__
-        print(f"dashchat: error: {msg}", file=sys.stderr)
-        if args.model_path and not Path(args.model_path).exists() and not debug:
-            print("dashchat: hint: if the hub cannot be reached, download the model elsewhere and pass its "
-                  "local folder or .gguf file to --model-path", file=sys.stderr)
+        print(f"dashchat: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 1
     cfg = ServerConfig(
         served_model_names=args.served_model_name or [resolved.name],

@@ -65,7 +65,7 @@ class RequestContextMiddleware:
         if not _CLIENT_ID.match(rid):
             rid = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        status = 500  # if the app dies before answering
+        status = 0
         start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
@@ -77,6 +77,10 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+            status = status or 499  # nothing sent: the client left first (nginx's "client closed request")
+        except BaseException:
+            status = status or 500
+            raise
         finally:
             path = scope["path"]
             self.metrics.requests.labels(route_label(path), str(status)).inc()

@@ -7,13 +7,13 @@ from typing import Iterator
 import httpx
 import pytest
 
-from server_proc import SMOLLM, ServerProcess
+from server_proc import SMOLLM_ARGS, ServerProcess
 
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     """The plain server: defaults except a small context and batch, as a user would start it."""
-    srv = ServerProcess("--model-path", SMOLLM, "--device", "cpu", "--max-model-len", "1024",
+    srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "1024",
                         "--max-num-seqs", "16", "--max-queue", "256")
     try:
         yield srv.wait_ready()

@@ -15,6 +15,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM = "smollm2-135m-instruct"
+# SmolLM2 on the CPU with a small KV cache: starts in seconds.
+SMOLLM_ARGS = ("--model-path", SMOLLM, "--device", "cpu", "--kv-cache-memory", "0.25")
 START_TIMEOUT = float(os.environ.get("DASHCHAT_TEST_START_TIMEOUT", "600"))  # first run converts the GGUF
 
 
@@ -29,7 +31,10 @@ class ServerProcess:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="dashchat-server-", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "dashchat.openai_server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        # DASHCHAT_TEST_ENTRY: run another entry script instead (e.g. a wrapper under a profiler).
+        entry = os.environ.get("DASHCHAT_TEST_ENTRY")
+        prog = [entry] if entry else ["-m", "dashchat.openai_server"]
+        cmd = [sys.executable, *prog, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
@@ -91,4 +96,4 @@ def wait_engine_idle(base_url: str, timeout: float = 10.0) -> tuple[float, float
     return running, kv
 
 
-__all__ = ["ServerProcess", "SMOLLM", "free_port", "metric", "wait_engine_idle", "signal"]
+__all__ = ["ServerProcess", "SMOLLM", "SMOLLM_ARGS", "free_port", "metric", "wait_engine_idle", "signal"]

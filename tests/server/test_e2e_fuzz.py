@@ -9,13 +9,13 @@ from typing import Iterator
 import httpx
 import pytest
 
-from server_proc import SMOLLM, ServerProcess
+from server_proc import SMOLLM_ARGS, ServerProcess
 
 
 @pytest.fixture(scope="module")
 def small() -> Iterator[ServerProcess]:
     # A short context bounds how long any generated request can run.
-    srv = ServerProcess("--model-path", SMOLLM, "--device", "cpu", "--max-model-len", "160", "--max-n", "2",
+    srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "160", "--max-n", "2",
                         "--request-timeout", "30")
     try:
         yield srv.wait_ready()

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from server_proc import SMOLLM, ServerProcess, wait_engine_idle
+from server_proc import SMOLLM_ARGS, ServerProcess, wait_engine_idle
 
 KEYS = ["key-one", "key-two"]
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
@@ -18,9 +18,9 @@ MSG = [{"role": "user", "content": "Write a poem."}]
 
 @pytest.fixture(scope="module")
 def tight() -> Iterator[ServerProcess]:
-    srv = ServerProcess("--model-path", SMOLLM, "--device", "cpu", "--max-model-len", "512",
+    srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "512",
                         "--served-model-name", "tiny", "--api-key", KEYS[0], "--max-num-seqs", "1",
-                        "--max-queue", "1", "--max-request-bytes", "20000", "--request-timeout", "3",
+                        "--max-queue", "1", "--max-request-bytes", "20000", "--request-timeout", "5",
                         "--max-n", "2", "--allowed-origins", "http://app.test",
                         env={"DASHCHAT_API_KEY": KEYS[1]})
     try:
@@ -61,7 +61,7 @@ def test_body_and_n_limits(tight: ServerProcess) -> None:
 
 def test_admission_queue_429(tight: ServerProcess) -> None:
     """One running + one waiting fit; the others get 429 with Retry-After, then all recovers."""
-    body = {"model": "tiny", "messages": MSG, "max_tokens": 40, "ignore_eos": True}
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 8, "ignore_eos": True}
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=tight.base_url, headers=AUTH, timeout=60) as c:
@@ -76,7 +76,7 @@ def test_admission_queue_429(tight: ServerProcess) -> None:
 
 
 def test_request_timeout(tight: ServerProcess) -> None:
-    body = {"model": "tiny", "messages": MSG, "max_tokens": 480, "ignore_eos": True}
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 400, "ignore_eos": True}
     r = httpx.post(f"{tight.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
     assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
     with httpx.stream("POST", f"{tight.base_url}/v1/chat/completions", json={**body, "stream": True},

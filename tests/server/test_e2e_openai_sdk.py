@@ -45,9 +45,15 @@ def test_stream_equals_non_stream_greedy(client: OpenAI, model_name: str) -> Non
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-    assert all("\ufffd" not in p for p in pieces)  # no broken UTF-8 mid-stream
-    assert "".join(pieces) == full
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    assert finish in ("stop", "length")
+    text = "".join(pieces)
+    assert text == full
+    # Multi-byte characters split across tokens arrive whole; only a length cut inside the
+    # very last character may leave one U+FFFD at the end (as a one-shot decode would).
+    if finish == "length" and text.endswith("\ufffd"):
+        text = text[:-1]
+    assert "\ufffd" not in text and any(ord(ch) > 0xFFFF or ord(ch) > 0x2E80 for ch in text)
     assert chunks[-1].choices == [] and chunks[-1].usage and chunks[-1].usage.completion_tokens > 0
 
 
@@ -65,7 +71,7 @@ def test_n_seed_and_logprobs(client: OpenAI, model_name: str) -> None:
 
 def test_stop_string(client: OpenAI, model_name: str) -> None:
     kw = dict(model=model_name, messages=[{"role": "user", "content": "Count from 1 to 20, separated by commas."}],
-              max_tokens=60, temperature=0)
+              max_tokens=30, temperature=0)
     full = client.chat.completions.create(**kw).choices[0].message.content or ""
     assert "5" in full, full
     stop = "5"
@@ -110,9 +116,9 @@ def test_tool_call_forced_by_grammar(client: OpenAI, model_name: str) -> None:
     pytest.importorskip("xgrammar")
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-    msgs = [{"role": "user", "content": "请查询北京天气。"}]
-    r = client.chat.completions.create(model=model_name, messages=msgs, tools=tools, tool_choice="required",
-                                       max_tokens=60, temperature=0)
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=model_name, messages=msgs, tools=tools, tool_choice="required", parallel_tool_calls=False,
+                                       max_tokens=80, temperature=0)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.tool_calls
     call = c.message.tool_calls[0]
@@ -120,7 +126,7 @@ def test_tool_call_forced_by_grammar(client: OpenAI, model_name: str) -> None:
     assert "city" in json.loads(call.function.arguments)
 
     chunks = list(client.chat.completions.create(
-        model=model_name, messages=msgs, tools=tools, max_tokens=60, temperature=0, stream=True,
+        model=model_name, messages=msgs, tools=tools, max_tokens=80, temperature=0, stream=True,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}))
     deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
     assert deltas and deltas[0].id and deltas[0].function and deltas[0].function.name == "get_weather"

@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 
-from server_proc import SMOLLM, ServerProcess
+from server_proc import SMOLLM_ARGS, ServerProcess
 
 
 def _start(grace: str) -> ServerProcess:
-    return ServerProcess("--model-path", SMOLLM, "--device", "cpu", "--max-model-len", "1024",
+    return ServerProcess(*SMOLLM_ARGS, "--max-model-len", "1024",
                          "--served-model-name", "m", "--shutdown-grace", grace).wait_ready()
 
 
