@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -32,8 +33,11 @@ def _byte_decoder() -> dict[str, int]:
 
 def _is_byte_piece(piece: str) -> bool:
     """Sentencepiece byte-fallback pieces look like <0x0A>."""
-    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and all(
-        c in "0123456789abcdefABCDEF" for c in piece[3:5]
+    return (
+        len(piece) == 6
+        and piece.startswith("<0x")
+        and piece.endswith(">")
+        and all(c in "0123456789abcdefABCDEF" for c in piece[3:5])
     )
 
 
@@ -99,7 +103,7 @@ class Tokenizer:
         self._all_bytes: list[bytes] | None = None
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike[str]) -> "Tokenizer":
+    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
         d = Path(path)
         if not (d / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {d} (a fast tokenizer file is required)")
@@ -159,20 +163,20 @@ class Tokenizer:
         return self._all_bytes
 
     def _compute_all_bytes(self) -> list[bytes]:
-        spec = json.loads(self._tok.to_str())
-        model = spec.get("model") or {}
-        vocab: dict[str, int] = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
-        if not vocab:  # Unigram stores a list of [piece, score]; WordPiece a dict like BPE
-            vocab = {p[0]: i for i, p in enumerate(model.get("vocab") or []) if isinstance(p, list)}
+        backend = self._tok
         pieces: list[str | None] = [None] * self.vocab_size
-        for piece, i in vocab.items():
+        for piece, i in backend.get_vocab(with_added_tokens=False).items():
             if 0 <= i < self.vocab_size:
                 pieces[i] = piece
-        spec_text = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")], ensure_ascii=False)
-        byte_level = '"ByteLevel"' in spec_text
-        metaspace = '"Metaspace"' in spec_text or "\u2581" in spec_text
-        byte_fallback = bool(model.get("byte_fallback"))
-        table = _byte_decoder()
+        # The decoder / pre-tokenizer say how pieces spell bytes: byte-level BPE or sentencepiece.
+        spec = " ".join(
+            c.__getstate__().decode("utf-8", "replace") for c in (backend.decoder, backend.pre_tokenizer) if c
+        )
+        byte_level = '"ByteLevel"' in spec
+        metaspace = '"Metaspace"' in spec or "\u2581" in spec or "\\u2581" in spec
+        byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
+        to_latin1 = {ord(ch): b for ch, b in _byte_decoder().items()}  # str.translate runs in C
+        alphabet = frozenset(_byte_decoder())
         out: list[bytes] = []
         for i, piece in enumerate(pieces):
             if i in self._added:  # added/special tokens are literal text
@@ -180,9 +184,9 @@ class Tokenizer:
             elif piece is None:
                 out.append(b"")
             elif byte_level:
-                try:
-                    out.append(bytes(table[c] for c in piece))
-                except KeyError:  # a raw-text piece in a byte-level vocab
+                if alphabet.issuperset(piece):
+                    out.append(piece.translate(to_latin1).encode("latin-1"))
+                else:  # a raw-text piece in a byte-level vocab
                     out.append(piece.encode("utf-8"))
             elif byte_fallback and _is_byte_piece(piece):
                 out.append(bytes([int(piece[3:5], 16)]))

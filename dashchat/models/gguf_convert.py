@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import struct
 import tempfile
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Bump when the folder's layout or contents change: folders of older versions are then ignored.
 FORMAT_VERSION = 1
@@ -53,8 +58,11 @@ def convert_gguf(gguf_path: str | os.PathLike[str], cache_root: Path | None = No
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+    log.info("converting %s to %s (once; later starts reuse it)", src.name, out)
+    t0 = time.perf_counter()
     try:
         _convert_into(src, tmp)
         try:
@@ -64,7 +72,19 @@ def convert_gguf(gguf_path: str | os.PathLike[str], cache_root: Path | None = No
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1fs", src.name, time.perf_counter() - t0)
     return out
+
+
+def sweep_stale_temps(parent: Path, max_age_s: float = 6 * 3600) -> None:
+    """Remove temp files/folders a killed process left behind (old enough not to be in use)."""
+    now = time.time()
+    for p in parent.glob(".tmp-*"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except OSError:
+            pass
 
 
 def converted_dir(src: Path, cache_root: Path | None = None) -> Path:
@@ -117,8 +137,8 @@ def _convert_into(src: Path, out: Path) -> None:
             f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}"
         )
     config = build_config(meta, tensors)
+    # Tokenizer before weights: an unsupported vocabulary fails fast, not after the dequantizing.
     files: dict[str, Any] = {"config.json": config, **build_tokenizer_files(meta, config)}
-    # Tokenizer first: it fails fast on an unsupported vocabulary, before minutes of dequantizing.
     _write_safetensors(out / "model.safetensors", _hf_tensors(tensors, config))
     for name, obj in files.items():
         text = obj if isinstance(obj, str) else json.dumps(obj, indent=2, ensure_ascii=False)
@@ -485,9 +505,7 @@ def _byte_level_tokenizer(meta: dict[str, Any], tokens: list[str], types: list[i
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
-        raise GGUFConvertError(
-            f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(_PRE_TOKENIZERS)}"
-        )
+        raise GGUFConvertError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(_PRE_TOKENIZERS)}")
     norm, recipe, ignore_merges = _PRE_TOKENIZERS[pre]
     alphabet = set(_bytes_to_unicode().values())
     spell = _bytes_to_unicode()
@@ -545,7 +563,9 @@ def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str,
     best-scored result first (the same order as transformers' generate_merges)."""
     found: list[tuple[str, str, float]] = []
     for piece, score in dict(zip(tokens, scores)).items():
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local = [
+            (piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab
+        ]
         local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
         found.extend(local)
     found.sort(key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)
@@ -557,7 +577,9 @@ def _add_special_tokens(backend: Any, tokens: list[str], types: list[int]) -> No
     both then match whole in text instead of being cut into pieces."""
     from tokenizers import AddedToken
 
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN)]
+    special = [
+        AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN)
+    ]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
     backend.add_special_tokens(special)
     backend.add_tokens(user)

@@ -1,15 +1,16 @@
 """Hub model ids (`org/name`) -> a local folder, via Hugging Face or ModelScope.
 
 The local cache is tried first, so a cached model starts offline and instantly. Going online is
-preceded by a quick reachability probe: a closed network fails in seconds with a clear message,
+preceded by a quick HTTP reachability probe: a closed network fails in seconds with a clear message,
 not after minutes of library retries.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,7 +21,6 @@ IGNORE_PATTERNS = ["original/*", "consolidated*", "*.bin", "*.pth", "*.pt", "*.g
 PROBE_TIMEOUT_S = 3.0
 
 _TRUE = {"1", "true", "yes", "on"}
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
 
 
 class HubError(RuntimeError):
@@ -34,7 +34,7 @@ def download_model(repo_id: str, use_modelscope: bool = False, revision: str | N
     return _fetch(repo_id, revision, _HuggingFace())
 
 
-def _fetch(repo_id: str, revision: str | None, hub: "_Hub") -> Path:
+def _fetch(repo_id: str, revision: str | None, hub: _Hub) -> Path:
     local = hub.local(repo_id, revision)
     if local is not None and _complete(local):
         return local
@@ -43,10 +43,10 @@ def _fetch(repo_id: str, revision: str | None, hub: "_Hub") -> Path:
             f"model {repo_id!r} is not in the local {hub.name} cache ({hub.cache_hint()}) and {hub.offline_var} "
             f"is set (offline); pass a local model folder or .gguf file, or unset {hub.offline_var}"
         )
-    host, port = hub.host()
-    if not _proxied() and not _reachable(host, port):
+    url = hub.endpoint()
+    if not _reachable(url):
         raise HubError(
-            f"the {hub.name} hub ({host}) is unreachable, so model {repo_id!r} cannot be downloaded "
+            f"the {hub.name} hub ({urlparse(url).hostname or url}) is unreachable, so model {repo_id!r} cannot be downloaded "
             f"(and it is not in the local cache {hub.cache_hint()}); pass a local model folder or .gguf file instead"
         )
     path = hub.download(repo_id, revision)
@@ -64,20 +64,21 @@ def _complete(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _proxied() -> bool:
-    """Behind a proxy a direct probe says nothing; let the hub library try."""
-    return any(os.environ.get(v) for v in _PROXY_VARS)
+def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Does `url` answer an HTTP request (any status) within `timeout`, DNS and TLS included?
 
-
-def _reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Can we open a TCP connection to host:port within `timeout` (DNS included)?"""
+    HTTP rather than a bare TCP connect: sandboxes and firewalls often accept every connection and
+    then never answer. urllib honours the usual *_PROXY variables, like the hub libraries do.
+    """
     ok = threading.Event()
 
     def probe() -> None:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             ok.set()
-        except OSError:
+        except urllib.error.HTTPError:  # the server answered: reachable
+            ok.set()
+        except Exception:
             pass
 
     t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
@@ -86,9 +87,8 @@ def _reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
     return ok.is_set()
 
 
-def _host_of(url: str) -> tuple[str, int]:
-    u = urlparse(url if "://" in url else f"https://{url}")
-    return u.hostname or url, u.port or (80 if u.scheme == "http" else 443)
+def _url(endpoint: str) -> str:
+    return endpoint if "://" in endpoint else f"https://{endpoint}"
 
 
 def _first_line(e: BaseException) -> str:
@@ -106,7 +106,7 @@ class _Hub:
     def cache_hint(self) -> str:
         raise NotImplementedError
 
-    def host(self) -> tuple[str, int]:
+    def endpoint(self) -> str:
         raise NotImplementedError
 
     def local(self, repo_id: str, revision: str | None) -> Path | None:
@@ -131,8 +131,8 @@ class _HuggingFace(_Hub):
     def cache_hint(self) -> str:
         return self.cache() or "~/.cache/huggingface/hub"
 
-    def host(self) -> tuple[str, int]:
-        return _host_of(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    def endpoint(self) -> str:
+        return _url(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
 
     def _snapshot(self, repo_id: str, revision: str | None, local_only: bool) -> Path:
         from huggingface_hub import snapshot_download
@@ -179,9 +179,9 @@ class _ModelScope(_Hub):
     def cache_hint(self) -> str:
         return os.environ.get("MODELSCOPE_CACHE") or "~/.cache/modelscope"
 
-    def host(self) -> tuple[str, int]:
+    def endpoint(self) -> str:
         env = os.environ
-        return _host_of(env.get("MODELSCOPE_ENDPOINT") or env.get("MODELSCOPE_DOMAIN") or "https://modelscope.cn")
+        return _url(env.get("MODELSCOPE_ENDPOINT") or env.get("MODELSCOPE_DOMAIN") or "https://modelscope.cn")
 
     def _snapshot(self, repo_id: str, revision: str | None, local_only: bool) -> Path:
         try:
