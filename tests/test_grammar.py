@@ -22,8 +22,8 @@ import torch
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
-from dashchat.server.grammar import GrammarBackend, validate_tools  # noqa: E402
-from dashchat.server.tool_parser import parse_tool_calls  # noqa: E402
+from dashchat.server.grammar import GrammarBackend, validate_tools
+from dashchat.server.tool_parser import parse_tool_calls
 
 _SITE = Path(sysconfig.get_paths()["purelib"])
 MODELS = {
@@ -139,7 +139,7 @@ TOOLS = [
     _tool("now", None),  # no parameters at all: arguments must be {}
 ]
 
-_CALL_RE = re.compile(r'<tool_call>\n\{"name": "[^"]+", "arguments": .*\}\n</tool_call>', re.S)
+_CALL_RE = re.compile(r'<tool_call>\n\{"name": "[^"]+", "arguments": .*\}\n</tool_call>', re.DOTALL)
 
 
 _BIAS: dict[int, torch.Tensor] = {}

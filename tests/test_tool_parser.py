@@ -50,8 +50,8 @@ CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
         [("get_weather", '{"city": "北京", "unit": "celsius"}')],
     ),
     (
-        '```json\n{\n  "name": "search_web",\n  "arguments": {\n    "query": "PyTorch release notes",\n'
-        '    "max_results": 10\n  }\n}\n```',
+        ('```json\n{\n  "name": "search_web",\n  "arguments": {\n    "query": "PyTorch release notes",\n'
+        '    "max_results": 10\n  }\n}\n```'),
         None,
         [("search_web", '{"query": "PyTorch release notes", "max_results": 10}')],
     ),
@@ -73,9 +73,9 @@ CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
     ),
     # Hermes / Qwen2.5-Instruct: several calls, text before.
     (
-        "Let me check both cities.\n<tool_call>\n"
+        ("Let me check both cities.\n<tool_call>\n"
         '{"name": "get_weather", "arguments": {"city": "東京", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n'
-        '{"name": "get_weather", "arguments": {"city": "Berlin", "unit": "celsius"}}\n</tool_call>',
+        '{"name": "get_weather", "arguments": {"city": "Berlin", "unit": "celsius"}}\n</tool_call>'),
         "Let me check both cities.",
         [("get_weather", '{"city": "東京", "unit": "celsius"}'), ("get_weather", '{"city": "Berlin", "unit": "celsius"}')],
     ),
@@ -98,8 +98,8 @@ CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
     ),
     # Mistral.
     (
-        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}, '
-        '{"name": "search_web", "arguments": {"query": "colosseum", "max_results": 3}}]',
+        ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}, '
+        '{"name": "search_web", "arguments": {"query": "colosseum", "max_results": 3}}]'),
         None,
         [("get_weather", '{"city": "Rome"}'), ("search_web", '{"query": "colosseum", "max_results": 3}')],
     ),
@@ -127,12 +127,12 @@ CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
         [],
     ),
     (
-        "To search for the latest PyTorch release notes, you can use the following code:\n\n```python\n"
+        ("To search for the latest PyTorch release notes, you can use the following code:\n\n```python\n"
         'import requests\n\ndef search_pytorch_notes():\n    url = "https://pytorch.org/docs/stable/latest.html"\n'
-        "    response = requests.get(url)\n    return response.json()\n",
-        "To search for the latest PyTorch release notes, you can use the following code:\n\n```python\n"
+        "    response = requests.get(url)\n    return response.json()\n"),
+        ("To search for the latest PyTorch release notes, you can use the following code:\n\n```python\n"
         'import requests\n\ndef search_pytorch_notes():\n    url = "https://pytorch.org/docs/stable/latest.html"\n'
-        "    response = requests.get(url)\n    return response.json()\n",
+        "    response = requests.get(url)\n    return response.json()\n"),
         [],
     ),
     # Plain answers: nothing is a call, text is untouched.
@@ -156,7 +156,7 @@ def _stream(text: str, cuts: list[int]) -> list:
     parser = ToolCallStreamParser(TOOLS)
     events = []
     prev = 0
-    for cut in sorted(set(c for c in cuts if 0 < c < len(text))) + [len(text)]:
+    for cut in sorted({c for c in cuts if 0 < c < len(text)}) + [len(text)]:
         events += parser.feed(text[prev:cut])
         prev = cut
     return events + parser.finish()

@@ -24,7 +24,8 @@ import re
 import sys
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ def validate_tools(tools: list[dict[str, Any]], param: str = "tools") -> None:
 class _Processor:
     """One sequence's grammar state: advances on the tokens the engine sampled, masks the next row."""
 
-    def __init__(self, backend: "GrammarBackend", compiled: Any) -> None:
+    def __init__(self, backend: GrammarBackend, compiled: Any) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
@@ -145,8 +146,8 @@ def _special_ids(tokenizer: Any, vocab: list[bytes]) -> set[int]:
             try:
                 if tokenizer.decode([i], skip_special_tokens=True) == "":
                     out.add(i)
-            except Exception:  # a tokenizer without decode: keep the token
-                pass
+            except (AttributeError, TypeError, ValueError) as e:  # no usable decode: keep the token
+                log.debug("grammar: cannot tell whether token %d is special: %s", i, e)
     return out
 
 

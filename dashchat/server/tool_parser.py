@@ -18,7 +18,7 @@ import json
 import secrets
 import string
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 _ALNUM = string.ascii_letters + string.digits
 
@@ -63,7 +63,7 @@ class ToolArgumentsEvent:
     fragment: str
 
 
-ParserEvent = Union[ContentEvent, ToolCallStartEvent, ToolArgumentsEvent]
+ParserEvent = ContentEvent | ToolCallStartEvent | ToolArgumentsEvent
 
 
 # ---------------------------------------------------------------- what counts as a call
