@@ -97,7 +97,7 @@ class _SamplingFields(_Model):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     user: str | None = None

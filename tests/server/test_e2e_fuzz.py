@@ -15,8 +15,8 @@ from server_proc import SMOLLM_ARGS, ServerProcess
 @pytest.fixture(scope="module")
 def small() -> Iterator[ServerProcess]:
     # A short context bounds how long any generated request can run.
-    srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "160", "--max-n", "2",
-                        "--request-timeout", "30")
+    srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "128", "--max-n", "2",
+                        "--request-timeout", "5")
     try:
         yield srv.wait_ready()
     finally:
