@@ -92,7 +92,9 @@ class AsyncLLMEngine:
             )
         self.runner = ModelRunner(args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization)
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
+        # Decodes take one token each: leave room for prefill chunks beside a full batch.
+        step_budget = max(args.max_num_batched_tokens, args.max_num_seqs + args.block_size)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, args.block_size, budget)
 

@@ -17,6 +17,9 @@ from .sequence import Sequence
 from .types import TokenLogprob
 
 
+_MIN_LOGPROB = -9999.0
+
+
 @dataclass
 class SampleResult:
     token_id: int
@@ -43,17 +46,18 @@ class Sampler:
     def _process_row(self, seq: Sequence, row: torch.Tensor) -> torch.Tensor:
         p = seq.params
         output = seq.output_token_ids
+        dev = row.device
         for processor in seq.logits_processors:
             row = processor(output, row)
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
-            row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
+            ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=dev)
+            row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=dev)
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=dev)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and output:
-            ids, counts = torch.tensor(output, dtype=torch.long).unique(return_counts=True)
+            ids, counts = torch.tensor(output, dtype=torch.long, device=dev).unique(return_counts=True)
             row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
         banned: list[int] = []
         if p.ignore_eos or len(output) < p.min_tokens:
@@ -61,7 +65,7 @@ class Sampler:
         if len(output) < p.min_tokens:
             banned += p.stop_token_ids
         if banned:
-            row[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+            row[torch.tensor(banned, dtype=torch.long, device=dev)] = float("-inf")
         return row
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SampleResult]:
@@ -91,8 +95,9 @@ class Sampler:
                 top: list[tuple[int, float]] = []
                 if k > 0:
                     vals, ids = row.topk(k)
-                    top = list(zip(ids.tolist(), vals.tolist()))
-                lp = TokenLogprob(tok, float(row[tok]), top)
+                    # masked tokens (grammar, bans) have -inf, which JSON cannot carry
+                    top = list(zip(ids.tolist(), vals.clamp(min=_MIN_LOGPROB).tolist()))
+                lp = TokenLogprob(tok, max(float(row[tok]), _MIN_LOGPROB), top)
             results.append(SampleResult(tok, lp))
         return results
 
