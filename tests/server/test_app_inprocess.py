@@ -282,3 +282,58 @@ def test_metrics_and_draining() -> None:
     server_state(c.app).draining = True  # type: ignore[arg-type]
     assert c.get("/health").status_code == 503
     error_of(c.post("/v1/chat/completions", json={"messages": MSG}), 503, code="server_shutting_down")
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALL_TEXT = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_tool_calls_non_stream_and_stream() -> None:
+    c = client(ScriptedEngine(CALL_TEXT, max_model_len=4096))
+    body = {"messages": MSG, "tools": WEATHER}
+    ch = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert ch["finish_reason"] == "tool_calls"
+    (call,) = ch["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"] and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert ch["message"]["content"] in (None, "Let me check.")
+
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = sse(r.read().decode())[:-1]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert "<tool_call>" not in content and "get_weather" not in content
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert calls[0]["index"] == 0 and calls[0]["id"] and calls[0]["type"] == "function"
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert all(set(tc) == {"index", "function"} for tc in calls[1:])
+    assert json.loads("".join(tc["function"]["arguments"] for tc in calls)) == {"city": "Paris"}
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_legacy_functions() -> None:
+    c = client(ScriptedEngine(CALL_TEXT, max_model_len=4096))
+    body = {"messages": MSG, "functions": [WEATHER[0]["function"]], "function_call": "auto"}
+    ch = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert ch["finish_reason"] == "function_call" and "tool_calls" not in ch["message"]
+    assert ch["message"]["function_call"]["name"] == "get_weather"
+    assert json.loads(ch["message"]["function_call"]["arguments"]) == {"city": "Paris"}
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = sse(r.read().decode())[:-1]
+    fc = [e["choices"][0]["delta"]["function_call"] for e in events if "function_call" in e["choices"][0]["delta"]]
+    assert fc[0]["name"] == "get_weather"
+    assert json.loads("".join(f["arguments"] for f in fc)) == {"city": "Paris"}
+    assert events[-1]["choices"][0]["finish_reason"] == "function_call"
+
+
+def test_tool_choice_none_returns_text() -> None:
+    c = client(ScriptedEngine(CALL_TEXT, max_model_len=4096))
+    ch = c.post("/v1/chat/completions", json={"messages": MSG, "tools": WEATHER, "tool_choice": "none"}).json()
+    assert ch["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in ch["choices"][0]["message"]
+
+
+def test_bad_tool_schema_is_400() -> None:
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 5}}}]
+    err = error_of(client().post("/v1/chat/completions", json={"messages": MSG, "tools": bad}), 400)
+    assert err["param"] == "tools"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -23,7 +24,7 @@ def small() -> Iterator[ServerProcess]:
         srv.stop()
 
 
-def test_schemathesis_no_server_errors(small: ServerProcess) -> None:
+def test_schemathesis_no_server_errors(small: ServerProcess, tmp_path: Path) -> None:
     if shutil.which("schemathesis") is None and shutil.which("st") is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
     exe = shutil.which("schemathesis") or shutil.which("st")
@@ -31,7 +32,7 @@ def test_schemathesis_no_server_errors(small: ServerProcess) -> None:
         [str(exe), "run", f"{small.base_url}/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "60",
          "--phases", "examples,coverage,fuzzing", "--no-shrink", "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # it writes a .schemathesis/ folder
     )
     print(r.stdout[-6000:])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
