@@ -83,6 +83,7 @@ class ScriptedEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.last_params: SamplingParams | None = None
+        self.last_prompt: list[int] = []
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -91,6 +92,7 @@ class ScriptedEngine:
         if self.max_running is not None and len(self.running) >= self.max_running:
             raise EngineOverloaded("full")
         self.last_params = params
+        self.last_prompt = list(prompt_token_ids)
         self.running.add(request_id)
         ids = self.tokenizer.encode(self.reply) + [EOS]
         try:

@@ -337,3 +337,10 @@ def test_bad_tool_schema_is_400() -> None:
     bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 5}}}]
     err = error_of(client().post("/v1/chat/completions", json={"messages": MSG, "tools": bad}), 400)
     assert err["param"] == "tools"
+
+
+def test_chat_template_override() -> None:
+    eng = ScriptedEngine()
+    c = client(eng, chat_template="{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}[bot]")
+    assert c.post("/v1/chat/completions", json={"messages": MSG}).status_code == 200
+    assert eng.tokenizer.decode(eng.last_prompt) == "[user]hi[bot]"

@@ -140,3 +140,14 @@ def test_small_load(server: ServerProcess, model_name: str) -> None:
     assert wait_engine_idle(server.base_url, timeout=10) == (0, 0)
     text = httpx.get(f"{server.base_url}/metrics").text
     assert 'status="5' not in text
+
+
+def test_access_log_has_request_id_and_no_prompt(server: ServerProcess, model_name: str) -> None:
+    secret = "my-private-prompt-text-4711"
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", headers={"X-Request-Id": "trace-4711"}, timeout=60,
+                   json={"model": model_name, "max_tokens": 2, "messages": [{"role": "user", "content": secret}]})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-4711"
+    time.sleep(0.2)
+    log = server.log(1_000_000)
+    assert "POST /v1/chat/completions" in log and "id=trace-4711" in log
+    assert secret not in log

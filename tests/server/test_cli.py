@@ -1,0 +1,54 @@
+"""The command line: help, argument errors, and start-up failures as one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from dashchat.openai_server import build_parser
+
+CLI = [sys.executable, "-m", "dashchat.openai_server"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_explains_every_flag() -> None:
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 10, action.option_strings
+    out = run("--help").stdout
+    for flag in ("--model-path", "--use-modelscope", "--device", "--device-list", "--host", "--port",
+                 "--served-model-name", "--api-key", "--chat-template", "--dtype", "--max-model-len",
+                 "--max-num-seqs", "--log-level", "--engine", "--max-queue", "--request-timeout",
+                 "--max-request-bytes", "--allowed-origins", "--shutdown-grace"):
+        assert flag in out
+
+
+def test_defaults_match_the_seed() -> None:
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.model_path, args.engine) == ("127.0.0.1", 8000, None, "native")
+
+
+def test_several_devices_is_a_clear_error() -> None:
+    r = run("--device-list", "0", "1")
+    assert r.returncode == 2 and "one device" in r.stderr and "Traceback" not in r.stderr
+    r = run("--device-list", "0,x")
+    assert r.returncode == 2 and "device ids are integers" in r.stderr
+
+
+def test_unreachable_hub_fails_fast_without_traceback() -> None:
+    t0 = time.monotonic()
+    r = run("--model-path", "no-such-org/no-such-model-xyz", timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.startswith("dashchat: error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3
+    assert time.monotonic() - t0 < 60
+
+
+def test_bad_chat_template_argument() -> None:
+    r = run("--model-path", "smollm2-135m-instruct", "--chat-template", "/no/such/file.jinja")
+    assert r.returncode == 1 and "--chat-template" in r.stderr and "Traceback" not in r.stderr
