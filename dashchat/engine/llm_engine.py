@@ -90,7 +90,9 @@ class AsyncLLMEngine:
                 f"KV cache of {budget:.2f} GiB holds {num_blocks * args.block_size} tokens, less than "
                 f"max_model_len {self.max_model_len}: raise the KV memory or lower --max-model-len"
             )
-        self.runner = ModelRunner(args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization)
+        self.runner = ModelRunner(
+            args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization, self.tokenizer
+        )
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         # Decodes take one token each: leave room for prefill chunks beside a full batch.
         step_budget = max(args.max_num_batched_tokens, args.max_num_seqs + args.block_size)

@@ -11,6 +11,7 @@ import torch
 from ..models.config import ModelConfig
 from ..models.registry import build_model
 from ..models.weights import iter_weights
+from ..tokenizer import Tokenizer
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -46,7 +47,7 @@ def physical_cores() -> int:
 class ModelRunner:
     def __init__(
         self, model_dir: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-        num_kv_blocks: int, block_size: int, quantization: str = "none",
+        num_kv_blocks: int, block_size: int, quantization: str = "none", tokenizer: Tokenizer | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device
@@ -67,7 +68,10 @@ class ModelRunner:
         if quantization == "int8":
             from .quantize import quantize_linears_int8
 
-            quantize_linears_int8(self.model)
+            if device.type != "cpu":
+                raise ValueError("--quantization int8 is a CPU path; on CUDA use --dtype bfloat16 or float16")
+
+            quantize_linears_int8(self.model, tokenizer)
         elif quantization != "none":
             raise ValueError(f"unsupported quantization {quantization!r}; choose none or int8")
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
