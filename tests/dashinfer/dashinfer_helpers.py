@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import time
 
 from dashchat.engine.types import CompletionDelta, SamplingParams
 
@@ -45,3 +46,14 @@ async def collect(engine, prompt: list[int], params: SamplingParams, request_id:
 
 def run(engine, prompt: list[int], params: SamplingParams) -> dict[int, CompletionDelta]:
     return asyncio.run(collect(engine, prompt, params))
+
+
+def wait_idle(engine, timeout: float = 5.0) -> bool:
+    """Whether the engine has no request left (running or queued) within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0:
+            return True
+        time.sleep(0.02)
+    return False

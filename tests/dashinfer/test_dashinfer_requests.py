@@ -6,22 +6,12 @@ import asyncio
 import time
 
 import pytest
-from dashinfer_helpers import HAVE_DASHINFER, MAX_MODEL_LEN, SKIP_REASON, greedy, run
+from dashinfer_helpers import HAVE_DASHINFER, MAX_MODEL_LEN, SKIP_REASON, greedy, run, wait_idle
 
 from dashchat.engine.types import PromptTooLong, SamplingParams, UnsupportedFeature
 
 if not HAVE_DASHINFER:
     pytest.skip(SKIP_REASON, allow_module_level=True)
-
-
-def _idle(engine, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if stats.num_running == 0 and stats.num_waiting == 0:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_closing_the_stream_frees_the_request(engine):
@@ -34,7 +24,7 @@ def test_closing_the_stream_frees_the_request(engine):
 
     started = time.monotonic()
     asyncio.run(go())
-    assert _idle(engine)
+    assert wait_idle(engine)
     assert time.monotonic() - started < 5  # stopped, not run to 200 tokens
     assert run(engine, engine.tokenizer.encode("Hi"), greedy(2))[0].finish_reason == "length"  # still serving
 
@@ -49,7 +39,7 @@ def test_abort_ends_the_stream_with_abort(engine):
         return finish
 
     assert asyncio.run(asyncio.wait_for(go(), 10)) == "abort"
-    assert _idle(engine)
+    assert wait_idle(engine)
 
 
 def test_too_long_prompt_is_refused_fast(engine):
@@ -65,7 +55,7 @@ def test_too_long_prompt_is_refused_fast(engine):
     with pytest.raises(PromptTooLong):
         asyncio.run(go([], SamplingParams(max_tokens=1)))
     assert time.monotonic() - started < 1
-    assert _idle(engine)
+    assert wait_idle(engine)
 
 
 def test_prompt_at_the_limit_still_gets_its_token(engine):
@@ -108,7 +98,7 @@ def test_queued_requests_can_be_dropped(engine):
             await s.aclose()
 
     asyncio.run(go())
-    assert _idle(engine)  # a request stopped while still queued is released too
+    assert wait_idle(engine)  # a request stopped while still queued is released too
 
 
 def test_shutdown_fails_running_and_queued_requests(smollm2_dir):
