@@ -125,10 +125,8 @@ def convert(
 
 
 def _converted_dir(src: Path, model_type: str, data_type: str, multinode: bool, root: Path | None) -> Path:
-    from dashinfer import allspark
-
     files = sorted(p for p in src.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
-    ident = [str(src), model_type, data_type, str(multinode), f"v{FORMAT_VERSION}", _dashinfer_version(allspark)]
+    ident = [str(src), model_type, data_type, str(multinode), f"v{FORMAT_VERSION}", _dashinfer_version()]
     for p in files:
         st = p.stat()
         ident.append(f"{p.name}|{st.st_size}|{st.st_mtime_ns}")
@@ -136,16 +134,17 @@ def _converted_dir(src: Path, model_type: str, data_type: str, multinode: bool, 
     return (root or cache_root()) / "dashinfer" / f"{src.name}-{key}"
 
 
-def _dashinfer_version(allspark: Any) -> str:
-    try:
-        from importlib.metadata import version
+def _dashinfer_version() -> str:
+    """Part of the key: another DashInfer may serialize differently."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("dashinfer")
-    except Exception:  # noqa: BLE001 - a source build without metadata
+    except PackageNotFoundError:  # a source build without metadata
         return "unknown"
 
 
-def _state_dict(src: Path, cfg: dict[str, Any], dtype: Any) -> dict[str, Any]:
+def _state_dict(src: Path, dtype: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     weights: dict[str, Any] = {}
@@ -169,7 +168,7 @@ def _serialize(src: Path, cfg: dict[str, Any], model_type: str, data_type: str, 
     # DashInfer's graphs default size_per_head to 128 and read the rope base from `rotary_base`.
     model_config["size_per_head"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     model_config.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-    weights = _state_dict(src, cfg, getattr(torch, data_type))
+    weights = _state_dict(src, getattr(torch, data_type))
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):  # its converter prints progress on stdout
         allspark.Engine().serialize_model_from_torch(

@@ -93,7 +93,8 @@ class DashInferEngine:
         self.vocab_size = model_cfg.vocab_size
         self.max_model_len = args.max_model_len or min(model_cfg.max_position_embeddings, _MAX_DEFAULT_LEN)
 
-        model = convert(args.model_dir, data_type=data_type, multinode=len(args.device_ids) > 1 and args.device == "cuda")
+        multinode = args.device == "cuda" and len(args.device_ids) > 1  # tensor parallel over the device list
+        model = convert(args.model_dir, data_type=data_type, multinode=multinode)
         self._model_name = f"dashchat-{id(self):x}"
         as_cfg = allspark.AsModelConfig(
             model_name=self._model_name, model_path=str(model.model_path), weights_path=str(model.weights_path),
