@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
-PIP=("$PY" -m pip install --disable-pip-version-check --quiet)
+PIP=("$PY" -m pip install --disable-pip-version-check --quiet --root-user-action=ignore)
 
 # The CPU build of PyTorch, pinned: a bare `torch` would pull a multi-GB CUDA build.
 "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
