@@ -158,8 +158,10 @@ def _closing_mask(tok: Any, vocab_size: int) -> torch.Tensor:
     return _BIAS[key]
 
 
-def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps: int = 400) -> tuple[str, list[int]]:
-    """Sample greedily from random logits through the processor until EOS."""
+def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps: int = 400,
+           prefix: str = "") -> tuple[str, list[int]]:
+    """Sample greedily from random logits through the processor until EOS; `prefix`: the model's
+    own first tokens (each must be allowed)."""
     width = backend.vocab_size
     gen = torch.Generator().manual_seed(seed)
     closing = _closing_mask(tok, width)
@@ -168,6 +170,10 @@ def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops: threads only add sync cost on a busy box
     try:
+        for t in tok.encode(prefix):
+            row = proc(out, torch.zeros(width))
+            assert torch.isfinite(row[t]), f"{tok.decode([t])!r} refused after {tok.decode(out)!r}"
+            out.append(t)
         for step in range(max_steps):
             logits = torch.randn(width, generator=gen).mul_(3).add_(closing, alpha=min(step, 60) * 0.4)
             row = proc(out, logits)
@@ -203,7 +209,8 @@ def test_forced_tool_calls_always_parse(model: tuple[Any, GrammarBackend], paral
             args = json.loads(call.arguments)
             schema = schemas[call.name] or {"type": "object", "properties": {}, "additionalProperties": False}
             jsonschema.validate(args, schema)
-        assert "\n".join(m.group(0) for m in _CALL_RE.finditer(text)) == text
+        # Parallel: up to two newlines may trail the last call (where "end or go on" is decided).
+        assert "\n".join(m.group(0) for m in _CALL_RE.finditer(text)) == (text.rstrip("\n") if parallel else text)
 
 
 def test_named_tool_is_the_only_choice(model: tuple[Any, GrammarBackend]) -> None:
@@ -341,3 +348,145 @@ def test_bad_response_schema_is_a_value_error(model: tuple[Any, GrammarBackend])
         backend.json_schema({"type": "object", "properties": {"a": {"type": 12}}})
     with pytest.raises(ValueError, match="tools"):
         backend.tool_calls([], parallel=False)
+
+
+# ---------------------------------------------------------------- auto mode: constrained once a call starts
+
+
+def _schema_of(name: str) -> dict[str, Any]:
+    fn = next(t["function"] for t in TOOLS if t["function"]["name"] == name)
+    return fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@pytest.mark.parametrize(
+    "prefix,content",
+    [
+        ("Let me check that.\n<tool_call>", "Let me check that."),  # Hermes tag (one token on Qwen)
+        ('```json\n{\n  "name": "get', None),  # what Qwen2.5-Coder-0.5B writes
+        ('{"name": "sea', None),  # bare JSON, Llama 3.x
+        ('  [{"name": "now', None),  # a JSON array of calls
+        ('I will call it.\n```\n{ "name" : "get_weather"', "I will call it."),
+    ],
+)
+def test_auto_completes_the_call_the_model_started(model: tuple[Any, GrammarBackend], prefix: str,
+                                                   content: str | None) -> None:
+    tok, backend = model
+    for parallel in (False, True):
+        factory = backend.triggered_tool_calls(TOOLS, parallel=parallel)
+        for seed in range(2):
+            text, _ = _drive(tok, backend, factory, seed, prefix=prefix)
+            got_content, calls = parse_tool_calls(text, TOOLS)
+            assert got_content == content, text
+            assert len(calls) >= 1 and (parallel or len(calls) == 1), text
+            for call in calls:
+                jsonschema.validate(json.loads(call.arguments), _schema_of(call.name))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello! The weather in Paris is sunny today, 25°C. 你好，今天天气很好。",
+        '{"name": "Alice", "age": 30}',  # JSON the user asked for: its "name" is no tool's
+        '```json\n{\n  "title": "get_weather", "tags": []\n}\n```',
+        'Code:\n```python\nprint("<tool_call>")\nx = {"name": "get_weather"}\n```\nDone.',
+        "[1, 2, 3] and {\"x\": 1}",
+    ],
+)
+def test_auto_leaves_other_text_alone(model: tuple[Any, GrammarBackend], text: str) -> None:
+    tok, backend = model
+    proc = backend.triggered_tool_calls(TOOLS, parallel=True)()
+    ids = tok.encode(text)
+    logits = torch.randn(backend.vocab_size)
+    for n in range(len(ids) + 1):
+        row = proc(ids[:n], logits.clone())
+        assert torch.equal(row, logits), f"constrained after {tok.decode(ids[:n])!r}"
+
+
+def test_auto_free_phase_cost_per_token() -> None:
+    """While nothing looks like a call, auto mode costs a few microseconds per token (151k vocab)."""
+    tok, backend = load_backend("qwen2.5")
+    factory = backend.triggered_tool_calls(TOOLS, parallel=True)
+    text = ("Sure! Paris is usually mild in spring, 天气很好。 Here is some code:\n```python\nprint('hi')\n```\n"
+            "and {braces}, [brackets], <tags> and `ticks`. ") * 4
+    ids = tok.encode(text)
+    logits = torch.randn(backend.vocab_size)
+    times = []
+    for _ in range(3):
+        proc = factory()
+        for n in range(len(ids)):
+            head = ids[:n]
+            t0 = time.perf_counter()
+            proc(head, logits)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    median_us = times[len(times) // 2] * 1e6
+    print(f"auto mode, free text: median {median_us:.1f} us per token over {len(times)} tokens")
+    assert median_us < 100
+
+
+def test_auto_schema_xgrammar_refuses_leaves_the_call_free() -> None:
+    tok, backend = load_backend("smollm2")
+    odd = [_tool("odd", {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)y"}}})]
+    proc = backend.triggered_tool_calls(odd, parallel=False)()
+    ids = tok.encode('<tool_call>\n{"name": "odd", "arguments": {"a": "')
+    logits = torch.randn(backend.vocab_size)
+    for n in range(len(ids) + 1):
+        assert torch.equal(proc(ids[:n], logits.clone()), logits)
+
+
+# ---------------------------------------------------------------- forced parallel calls end
+
+
+def _row_favouring(backend: GrammarBackend, ids: list[int], boost: float = 20.0) -> torch.Tensor:
+    row = torch.zeros(backend.vocab_size)
+    row[ids] = boost
+    return row
+
+
+def test_parallel_calls_end_when_the_model_wants_prose(model: tuple[Any, GrammarBackend]) -> None:
+    """After a complete call the model writes "\\n" then would write prose: EOS, not another call."""
+    tok, backend = model
+    proc = backend.tool_calls(TOOLS, parallel=True)()
+    out = tok.encode('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    for n in range(len(out)):
+        proc(out[:n], torch.zeros(backend.vocab_size))
+    nl = tok.encode("\n")
+    row = proc(out, _row_favouring(backend, nl))
+    assert torch.isfinite(row[nl]).all()  # whitespace: the decision waits for the next token
+    out += nl
+    prose = tok.encode("The")[:1]
+    row = proc(out, _row_favouring(backend, prose))
+    assert int(torch.isfinite(row).sum()) == len(backend.eos_token_ids), "prose must end the answer"
+
+
+def test_parallel_calls_go_on_when_the_model_wants_another(model: tuple[Any, GrammarBackend]) -> None:
+    tok, backend = model
+    proc = backend.tool_calls(TOOLS, parallel=True)()
+    one = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    out = tok.encode(one + "\n")
+    for n in range(len(out)):
+        proc(out[:n], torch.zeros(backend.vocab_size))
+    nxt = tok.encode("<tool_call>")[0]
+    row = proc(out, _row_favouring(backend, [nxt]))
+    assert torch.isfinite(row[nxt]) and torch.isfinite(row[backend.eos_token_ids]).all()
+
+
+def test_parallel_calls_are_bounded(model: tuple[Any, GrammarBackend]) -> None:
+    """A model that always wants one more call gets max_calls of them, then EOS."""
+    from dashchat.server.grammar import max_calls
+
+    tok, backend = model
+    tools = [TOOLS[2]]
+    proc = backend.tool_calls(tools, parallel=True)()
+    one = tok.encode('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n')
+    out: list[int] = []
+    for _ in range(max_calls(len(tools), True) + 1):
+        for t in one:
+            row = proc(out, _row_favouring(backend, [t]))
+            if not torch.isfinite(row[t]):
+                assert int(torch.isfinite(row).sum()) == len(backend.eos_token_ids)
+                calls = parse_tool_calls(tok.decode(out), tools)[1]
+                assert len(calls) == max_calls(len(tools), True) == 4
+                return
+            out.append(t)
+    pytest.fail("more calls than max_calls were allowed")

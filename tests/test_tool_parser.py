@@ -240,3 +240,84 @@ def test_unfinished_call_is_released_as_content() -> None:
 def test_no_tools_means_no_calls() -> None:
     text = '{"name": "get_weather", "arguments": {}}'
     assert parse_tool_calls(text, []) == (text, [])
+
+
+def test_json_answer_with_a_name_is_released_at_the_name() -> None:
+    """A first key "name" whose value is no offered tool's name: plain JSON, streamed at once."""
+    parser = ToolCallStreamParser(TOOLS)
+    assert parser.feed('{"name": "get') == []  # may still be get_weather
+    assert parser.feed("ter") == [ContentEvent('{"name": "getter')]
+    assert parser.feed('", "age": 3}') == [ContentEvent('", "age": 3}')]
+    parser = ToolCallStreamParser(TOOLS)
+    assert parser.feed('```json\n{\n  "name": "Alice",') == [ContentEvent('```json\n{\n  "name": "Alice",')]
+
+
+@pytest.mark.parametrize(
+    "text,region,body",
+    [
+        ("Sure.\n<tool_call>", "tag", ""),
+        ("<tool_call>\n{", "tag", "\n{"),
+        ('```json\n{\n  "name": "get', "fence", '{\n  "name": "get'),
+        ('  {"name": "search_web"', "bare", '{"name": "search_web"'),
+        ('[{ "name" : "tr', "bare", '[{ "name" : "tr'),
+        ('[TOOL_CALLS][{"name": "g', "line", '[{"name": "g'),
+    ],
+)
+def test_open_call_marks_where_a_call_begins(text: str, region: str, body: str) -> None:
+    for cuts in ([], list(range(len(text)))):  # whole, and one character at a time
+        parser = ToolCallStreamParser(TOOLS)
+        prev = 0
+        for cut in cuts + [len(text)]:
+            parser.feed(text[prev:cut])
+            prev = cut
+        hit = parser.open_call()
+        assert hit is not None and hit[0] == region and text[hit[1]:].lstrip("\n") == body.lstrip("\n")
+        assert parser.region == region
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"name": "Alice"', '{"title": "x"', '```json\n{"name": "x', "<b>", '```python\n{"name": "get', "[1, 2"],
+)
+def test_open_call_is_none_for_other_text(text: str) -> None:
+    parser = ToolCallStreamParser(TOOLS)
+    parser.feed(text)
+    assert parser.open_call() is None
+
+
+# (text cut by max_tokens, content, calls, a call was cut off)
+CUT_CASES: list[tuple[str, str | None, list[str], bool]] = [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"ci', None, [], True),
+    ("Checking.\n<tool_call>\n", "Checking.", [], True),
+    ('```json\n{\n  "name": "get_weather",\n  "argu', None, [], True),
+    ('{"name": "get_we', None, [], True),
+    ('<tool_call>\n{"name": "translate", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "argu',
+     None, ["translate"], True),
+    ('<tool_call>\n{"name": "translate", "arguments": {}}\n</tool_', None, ["translate"], False),  # only markup was cut
+    ('<tool_call>\n{"name": "translate", "arguments": {}}\n</tool_call>\n<tool', None, ["translate"], False),
+    ('```json\n{"name": "translate", "arguments": {}}\n``', None, ["translate"], False),
+    ("The answer is <tool", "The answer is", [], False),
+    ("Here:\n```js", "Here:", [], False),
+    ("Here:\n```json\n", "Here:", [], False),
+    ('{"name": "Alice", "age": 3', '{"name": "Alice", "age": 3', [], False),  # not a call: content as cut
+    ("Plain text cut in the mid", "Plain text cut in the mid", [], False),
+]
+
+
+@pytest.mark.parametrize("text,content,names,cut", CUT_CASES)
+def test_cut_by_max_tokens_leaks_nothing(text: str, content: str | None, names: list[str], cut: bool) -> None:
+    for cuts in ([], list(range(len(text)))):
+        parser = ToolCallStreamParser(TOOLS)
+        prev, events = 0, []
+        for c in cuts + [len(text)]:
+            events += parser.feed(text[prev:c])
+            prev = c
+        got_content, calls = _summary(events + parser.finish(length=True))
+        assert (got_content, [n for n, _ in calls], parser.cut_call) == (content, names, cut)
+    assert parse_tool_calls(text, TOOLS, length=True)[0] == content
+
+
+def test_end_inside_closing_markup_is_not_content() -> None:
+    """Even without a length cut, a dangling `</tool_` after a call never becomes content."""
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "translate", "arguments": {}}\n</tool_call', TOOLS)
+    assert content is None and [c.name for c in calls] == ["translate"]

@@ -18,19 +18,23 @@ no free whitespace, so a weak model cannot wander into endless blank lines.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from dashchat.engine.types import LogitsProcessor, LogitsProcessorFactory
+from dashchat.engine.types import LogitsProcessorFactory
+from dashchat.server.tool_parser import FENCE, TAG_CLOSE, TAG_OPEN, ToolCallStreamParser
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ TOOL_CALL_END = "\n</tool_call>"
 TOOL_CALL_SEPARATOR = "\n"  # between parallel calls
 _SEPARATORS = (", ", ": ")
 _CACHE_SIZE = 256
+_MAX_WS = 16  # longest whitespace run inside an auto-mode call (free style, but no endless blank lines)
+_MIN_PARALLEL_CALLS, _MAX_CALLS = 4, 16  # parallel calls per answer: max(4, number of tools), at most 16
 _NEG_INF = np.float32(-np.inf)
 # Special tokens (chat markup, skipped when detokenizing) must never stand in for grammar text.
 _SPECIAL_SHAPE = re.compile(rb"^(<[^<>\s]{1,64}>|\[[A-Za-z_0-9]{2,32}\])$")
@@ -83,29 +89,83 @@ def validate_tools(tools: list[dict[str, Any]], param: str = "tools") -> None:
             check_json_schema(params, f"{where}.function.parameters")
 
 
-# ---------------------------------------------------------------- the processor
+# ---------------------------------------------------------------- grammar pieces (xgrammar structural tags)
+
+
+def _const(value: str) -> dict[str, Any]:
+    return {"type": "const_string", "value": value}
+
+
+def _ebnf(grammar: str) -> dict[str, Any]:
+    return {"type": "grammar", "grammar": grammar}
+
+
+def _seq(*elements: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "sequence", "elements": list(elements)}
+
+
+def _any_of(elements: list[dict[str, Any]]) -> dict[str, Any]:
+    return elements[0] if len(elements) == 1 else {"type": "or", "elements": elements}
+
+
+def _repeat(content: dict[str, Any], most: int) -> dict[str, Any]:
+    return {"type": "repeat", "min": 0, "max": most, "content": content}
+
+
+def _ws(most: int, chars: str = " \\t\\r\\n") -> dict[str, Any]:
+    return _ebnf(f"root ::= [{chars}]{{0,{most}}}")
+
+
+def max_calls(n_tools: int, parallel: bool) -> int:
+    """How many calls one answer may hold: a bound, so a weak model cannot loop until max_tokens."""
+    return min(_MAX_CALLS, max(_MIN_PARALLEL_CALLS, n_tools)) if parallel else 1
+
+
+def _calls(first: dict[str, Any], unit: dict[str, Any], sep: dict[str, Any], most: int,
+           tail: dict[str, Any]) -> dict[str, Any]:
+    """`first`, then up to most-1 more `unit`s, then `tail`: a little whitespace allowed before EOS so
+    that the choice "end or another call" is made where the model shows it (after the newline)."""
+    if most <= 1:
+        return first
+    return _seq(first, _repeat(_seq(sep, unit), most - 1), tail)
+
+
+# ---------------------------------------------------------------- the processors
 
 
 class _Processor:
-    """One sequence's grammar state: advances on the tokens the engine sampled, masks the next row."""
+    """One sequence's grammar state: advances on the tokens the engine sampled, masks the next row.
 
-    def __init__(self, backend: GrammarBackend, compiled: Any) -> None:
+    `start`: output tokens before it are not the grammar's (auto mode: the free text before a call);
+    `prefix`: text the grammar must take first (the part of the call the model already wrote freely);
+    `end_check`: where the grammar may end or go on (after a complete tool call), it goes on only when
+    the model itself puts at least half its probability on what the grammar allows there; otherwise
+    EOS. Without this a weak model that wants to write prose is steered into one more call, and another.
+    """
+
+    def __init__(self, backend: GrammarBackend, compiled: Any, start: int = 0, prefix: bytes = b"",
+                 end_check: bool = False) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
         self._backend = backend
         self._compiled = compiled
-        self._matcher = xgr.GrammarMatcher(compiled)
-        self._seen: list[int] = []
-        self._failed = False
+        self._start, self._prefix, self._end_check = start, prefix, end_check
         self._bitmask = xgr.allocate_token_bitmask(1, backend.vocab_size)
+        self.ok = self._restart()
+
+    def _restart(self) -> bool:
+        self._matcher = self._xgr.GrammarMatcher(self._compiled)
+        self._seen: list[int] = []
+        self._failed = bool(self._prefix) and not self._matcher.accept_string(self._prefix)
+        return not self._failed
 
     def _advance(self, output_token_ids: Sequence[int]) -> None:
-        n = len(self._seen)
-        if len(output_token_ids) < n or (n and output_token_ids[n - 1] != self._seen[-1]):
+        n = self._start + len(self._seen)
+        if len(output_token_ids) < n or (self._seen and output_token_ids[n - 1] != self._seen[-1]):
             # The sequence was rewound (never done today, but cheap to honour): replay from scratch.
-            self._matcher = self._xgr.GrammarMatcher(self._compiled)
-            self._seen, self._failed, n = [], False, 0
+            self._restart()
+            n = self._start
         for tok in output_token_ids[n:]:
             self._seen.append(tok)
             if self._failed or self._matcher.is_terminated():
@@ -120,16 +180,75 @@ class _Processor:
         if self._failed or self._matcher.is_terminated():
             return self._backend.force_eos(logits)
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            # numpy, single-threaded: ~0.1 ms at 151k ids when the mask forces text (~0.5 ms worst
-            # case). xgrammar's CPU kernel takes ~0.6 ms there, and torch's OpenMP ops wait ~8 ms for
-            # a descheduled worker whenever the cores are busy (measured on the 2-core box).
-            bits = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little", count=logits.numel())
-            return torch.from_numpy(np.where(bits.view(np.bool_), logits.numpy(), _NEG_INF))
-        row = logits if logits.is_contiguous() else logits.contiguous()
-        mask = self._bitmask.to(logits.device, non_blocking=True)
-        self._xgr.apply_token_bitmask_inplace(row.view(1, -1), mask, vocab_size=self._backend.vocab_size)
-        return row
+        return self._backend.apply_mask(self._bitmask, logits, self._end_check)
+
+
+@dataclass(frozen=True)
+class _ToolSpec:
+    tools: list[dict[str, Any]]
+    parallel: bool
+    key: str
+
+
+class _TriggeredProcessor:
+    """`auto`: the output is free until it starts a tool call, as ToolCallStreamParser sees one
+    (`open_call`); from there the rest is constrained to complete calls of offered tools in that
+    same format, then EOS. While free, the cost per token is decoding it and feeding the parser."""
+
+    def __init__(self, backend: GrammarBackend, spec: _ToolSpec) -> None:
+        self._backend, self._spec = backend, spec
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parser = ToolCallStreamParser(self._spec.tools)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""
+        self._n = 0  # output tokens watched
+        self._last = -1  # the last of them (to notice a rewind)
+        self._inner: _Processor | None = None
+        self._released = False  # a call start the grammar could not take over: free to the end
+        self._warm: set[str] = set()
+
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        n = len(output_token_ids)
+        if n < self._n or (self._n and output_token_ids[self._n - 1] != self._last):
+            self._reset()  # rewound: watch again from the start
+        if self._inner is not None:
+            return self._inner(output_token_ids, logits)
+        if self._released or n == self._n:
+            return logits
+        vocab = self._backend.token_bytes
+        for tok in output_token_ids[self._n :]:
+            piece = self._decoder.decode(vocab[tok]) if 0 <= tok < len(vocab) else ""
+            if piece:
+                self._text += piece
+                self._parser.feed(piece)
+        self._n, self._last = n, output_token_ids[-1]
+        region = self._parser.region
+        if region is None:
+            return logits
+        if region not in self._warm:  # a call may be coming: compile its grammar in the background
+            self._warm.add(region)
+            self._backend.triggered_grammar(self._spec, region, wait=False)
+        hit = self._parser.open_call()
+        if hit is None:
+            return logits
+        return self._trigger(hit, output_token_ids, logits)
+
+    def _trigger(self, hit: tuple[str, int], output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        kind, start = hit
+        self._released = True
+        compiled = self._backend.triggered_grammar(self._spec, kind, wait=True)
+        if compiled is None:
+            return logits
+        prefix = self._text[start:].encode("utf-8") + self._decoder.getstate()[0]
+        inner = _Processor(self._backend, compiled, start=len(output_token_ids), prefix=prefix, end_check=True)
+        if not inner.ok:  # e.g. whitespace beyond what the grammar allows: leave this one free
+            log.info("grammar: the %s call start %r does not fit the call grammar; left unconstrained",
+                     kind, prefix[:80])
+            return logits
+        self._released, self._inner = False, inner
+        return inner(output_token_ids, logits)
 
 
 # ---------------------------------------------------------------- the backend
@@ -174,6 +293,7 @@ class GrammarBackend:
         special = _special_ids(tokenizer, vocab)
         # xgrammar treats empty tokens as special: never matched by grammar text.
         encoded = [b"" if i in special else b for i, b in enumerate(vocab)]
+        self.token_bytes = encoded  # what each id adds to the text the parser sees (auto mode watches it)
         self.vocab_size = int(vocab_size)  # ids beyond the tokenizer's vocab are masked out by xgrammar
         self.eos_token_ids = sorted(i for i in getattr(tokenizer, "eos_token_ids", ()) if 0 <= i < vocab_size)
         if not self.eos_token_ids:
@@ -182,8 +302,9 @@ class GrammarBackend:
             encoded, xgr.VocabType.RAW, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
         )
         self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache: OrderedDict[str, Future[Any]] = OrderedDict()
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         self._eos_index: dict[torch.device, torch.Tensor] = {}
 
     # -- public API -------------------------------------------------------------
@@ -197,12 +318,46 @@ class GrammarBackend:
 
     def tool_calls(self, tools: list[dict[str, Any]], parallel: bool) -> LogitsProcessorFactory:
         """Output is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, once or (parallel)
-        one or more times joined by a newline; arguments follow each tool's `parameters` schema."""
+        up to `max_calls` times joined by a newline; arguments follow each tool's `parameters` schema.
+        After each complete call the model may end (see `_Processor`'s end_check)."""
         if not tools:
             raise ValueError("'tools' must name at least one function to call.")
         validate_tools(tools)
         key = {"tools": [t["function"] for t in tools], "parallel": parallel}
-        return self._factory("tools", key, lambda: self._compile_tools(tools, parallel))
+        compiled = self._compiled("tools:" + _canonical(key), lambda: self._compile_tools(tools, parallel))
+        return lambda: _Processor(self, compiled, end_check=parallel)
+
+    def triggered_tool_calls(self, tools: list[dict[str, Any]], parallel: bool) -> LogitsProcessorFactory:
+        """`tool_choice: auto`: free text until the output starts a call the way ToolCallStreamParser
+        recognises one, then the rest is a complete call (or up to `max_calls` when parallel) of offered
+        tools in that same format, then EOS:
+          `<tool_call>`            -> `{"name": ..., "arguments": {...}}` `</tool_call>` (parallel: more
+                                      such tags)
+          ```json fence + `{"name"` -> the call (parallel: or a JSON array of calls), the closing fence
+          `{"name"` / `[{"name"` as the first output (bare JSON, Llama 3.x), or after [TOOL_CALLS] /
+          <|python_tag|> -> the call (parallel: or an array)
+        A leading JSON value is a call start only when its first key is "name" and its value is (a
+        prefix of) an offered tool's name; `{"name": "Alice", ...}` or `{"title": ...}` stays free, so
+        JSON the user asked for is never forced into a call. Whitespace inside is free (bounded), as
+        models write their own style (Qwen pretty-prints). Grammars compile when a call region opens
+        (in the background) and are cached; a tool schema xgrammar cannot compile leaves auto free."""
+        if not tools:
+            raise ValueError("'tools' must name at least one function to call.")
+        validate_tools(tools)
+        spec = _ToolSpec(tools, parallel, _canonical({"tools": [t["function"] for t in tools], "parallel": parallel}))
+        return lambda: _TriggeredProcessor(self, spec)
+
+    def triggered_grammar(self, spec: _ToolSpec, kind: str, wait: bool) -> Any | None:
+        """The compiled grammar for a call region of `kind`; None when it cannot compile (or, with
+        wait=False, while it is still compiling in the background)."""
+        fut = self._future("trig:" + kind + ":" + spec.key, lambda: self._compile_triggered(spec, kind), wait)
+        if not wait and not fut.done():
+            return None
+        try:
+            return fut.result()
+        except ValueError as e:
+            log.info("grammar: auto tool calls stay unconstrained: %s", e)
+            return None
 
     def force_eos(self, logits: torch.Tensor) -> torch.Tensor:
         """Only EOS may follow (finite logit, whatever the model or a later processor thought)."""
@@ -217,32 +372,83 @@ class GrammarBackend:
         logits[idx] = 0.0
         return logits
 
+    def apply_mask(self, bitmask: torch.Tensor, logits: torch.Tensor, end_check: bool = False) -> torch.Tensor:
+        """Logits of tokens the bitmask forbids become -inf (see `_Processor` for end_check)."""
+        words = bitmask.numpy()[0]
+        bits = None
+        if end_check and any((int(words[e >> 5]) >> (e & 31)) & 1 for e in self.eos_token_ids):
+            bits = np.unpackbits(words.view(np.uint8), bitorder="little", count=logits.numel()).view(np.bool_)
+            if self._prefers_end(bits, logits):
+                return self.force_eos(logits)
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # numpy, single-threaded: ~0.1 ms at 151k ids when the mask forces text (~0.5 ms worst
+            # case). xgrammar's CPU kernel takes ~0.6 ms there, and torch's OpenMP ops wait ~8 ms for
+            # a descheduled worker whenever the cores are busy (measured on the 2-core box).
+            if bits is None:
+                bits = np.unpackbits(words.view(np.uint8), bitorder="little", count=logits.numel()).view(np.bool_)
+            return torch.from_numpy(np.where(bits, logits.numpy(), _NEG_INF))
+        row = logits if logits.is_contiguous() else logits.contiguous()
+        mask = bitmask.to(logits.device, non_blocking=True)
+        self._xgr.apply_token_bitmask_inplace(row.view(1, -1), mask, vocab_size=self.vocab_size)
+        return row
+
+    def _prefers_end(self, allowed: np.ndarray, logits: torch.Tensor) -> bool:
+        """Whether the model puts less than half its probability on grammar-allowed non-EOS tokens."""
+        x = logits.detach().float().cpu().numpy()
+        top = x.max()
+        if not np.isfinite(top):
+            return False
+        p = np.exp(x - top)
+        go_on = allowed.copy()
+        go_on[self.eos_token_ids] = False
+        return float(p[go_on].sum()) * 2 < float(p.sum())
+
     # -- compiling ----------------------------------------------------------------
-    def _factory(self, kind: str, key: Any, compile_fn: Any) -> LogitsProcessorFactory:
-        compiled = self._cached(kind + ":" + _canonical(key), compile_fn)
+    def _factory(self, kind: str, key: Any, compile_fn: Callable[[], Any]) -> LogitsProcessorFactory:
+        compiled = self._compiled(kind + ":" + _canonical(key), compile_fn)
+        return lambda: _Processor(self, compiled)
 
-        def make() -> LogitsProcessor:
-            return _Processor(self, compiled)
+    def _compiled(self, key: str, compile_fn: Callable[[], Any]) -> Any:
+        return self._future(key, compile_fn, wait=True).result()
 
-        return make
-
-    def _cached(self, key: str, compile_fn: Any) -> Any:
+    def _future(self, key: str, compile_fn: Callable[[], Any], wait: bool) -> Future[Any]:
+        """The cached compile of `key`; a miss compiles now (wait) or on the background thread."""
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
+            fut = self._cache.get(key)
+            if fut is not None:
                 self._cache.move_to_end(key)
-                return hit
-        compiled = compile_fn()
-        with self._lock:
-            self._cache[key] = compiled
+                return fut
+            fut = self._cache[key] = Future()
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return compiled
+            if not wait and self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        if wait:
+            self._run(key, fut, compile_fn)
+        else:
+            assert self._pool is not None
+            self._pool.submit(self._run, key, fut, compile_fn)
+        return fut
 
-    def _schema_grammar(self, schema: Any, param: str) -> Any:
+    def _run(self, key: str, fut: Future[Any], compile_fn: Callable[[], Any]) -> None:
         try:
+            fut.set_result(compile_fn())
+        except ValueError as e:  # a schema xgrammar refuses: remembered, like a result
+            fut.set_exception(e)
+        except Exception as e:  # noqa: BLE001 - anything else: not cached, the next request tries again
+            with self._lock:
+                if self._cache.get(key) is fut:
+                    del self._cache[key]
+            fut.set_exception(e)
+
+    def _schema_grammar(self, schema: Any, param: str, compact: bool = True) -> Any:
+        try:
+            if compact:
+                return self._xgr.Grammar.from_json_schema(
+                    json.dumps(schema), any_whitespace=False, separators=_SEPARATORS, strict_mode=True
+                )
             return self._xgr.Grammar.from_json_schema(
-                json.dumps(schema), any_whitespace=False, separators=_SEPARATORS, strict_mode=True
+                json.dumps(schema), any_whitespace=True, max_whitespace_cnt=_MAX_WS, strict_mode=True
             )
         except Exception as e:  # xgrammar refuses some valid-but-unsupported schemas
             raise ValueError(f"'{param}' is not supported for constrained decoding: {e}") from None
@@ -250,20 +456,46 @@ class GrammarBackend:
     def _compile_schema(self, schema: Any, param: str) -> Any:
         return self._compiler.compile_grammar(self._schema_grammar(schema, param))
 
-    def _compile_tools(self, tools: list[dict[str, Any]], parallel: bool) -> Any:
+    def _compile_format(self, fmt: dict[str, Any]) -> Any:
+        return self._compiler.compile_structural_tag(json.dumps({"type": "structural_tag", "format": fmt}))
+
+    def _call(self, tools: list[dict[str, Any]], compact: bool) -> dict[str, Any]:
+        """One `{"name": ..., "arguments": {...}}` object of any offered tool."""
         alternatives = []
         for i, tool in enumerate(tools):
             fn = tool["function"]
             params = fn.get("parameters") or {"type": "object", "properties": {}}
-            args = self._schema_grammar(params, f"tools[{i}].function.parameters")
-            begin = TOOL_CALL_BEGIN + '{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "arguments": '
-            alternatives.append(
-                {"type": "tag", "begin": begin, "content": {"type": "grammar", "grammar": str(args)},
-                 "end": "}" + TOOL_CALL_END}
-            )  # fmt: skip
-        call = {"type": "or", "elements": alternatives} if len(alternatives) > 1 else alternatives[0]
-        fmt: dict[str, Any] = call
-        if parallel:
-            more = {"type": "sequence", "elements": [{"type": "const_string", "value": TOOL_CALL_SEPARATOR}, call]}
-            fmt = {"type": "sequence", "elements": [call, {"type": "star", "content": more}]}
-        return self._compiler.compile_structural_tag(json.dumps({"type": "structural_tag", "format": fmt}))
+            args = _ebnf(str(self._schema_grammar(params, f"tools[{i}].function.parameters", compact)))
+            name = json.dumps(fn["name"], ensure_ascii=False)
+            if compact:
+                alternatives.append(_seq(_const('{"name": ' + name + ', "arguments": '), args, _const("}")))
+            else:
+                head = (f'root ::= "{{" ws "\\"name\\"" ws ":" ws {json.dumps(name)} ws "," ws "\\"arguments\\"" ws ":" ws'
+                        f"\nws ::= [ \\t\\r\\n]{{0,{_MAX_WS}}}")
+                alternatives.append(_seq(_ebnf(head), args, _seq(_ws(_MAX_WS), _const("}"))))
+        return _any_of(alternatives)
+
+    def _compile_tools(self, tools: list[dict[str, Any]], parallel: bool) -> Any:
+        unit = _seq(_const(TOOL_CALL_BEGIN), self._call(tools, compact=True), _const(TOOL_CALL_END))
+        most = max_calls(len(tools), parallel)
+        return self._compile_format(_calls(unit, unit, _const(TOOL_CALL_SEPARATOR), most, _ws(2, "\\n")))
+
+    def _compile_triggered(self, spec: _ToolSpec, kind: str) -> Any:
+        """From the start of a call region's body (after `<tool_call>`, after the fence's info line,
+        at the first `{`/`[` of bare JSON) to EOS; see `triggered_tool_calls`."""
+        call = self._call(spec.tools, compact=False)
+        most = max_calls(len(spec.tools), spec.parallel)
+        ws = _ws(_MAX_WS)
+        more = [_repeat(_seq(ws, _const(","), ws, call), most - 1)] if most > 1 else []
+        calls = _any_of([call, _seq(_const("["), ws, call, *more, ws, _const("]"))])
+        if kind == "tag":  # more calls: each in its own tag, an explicit marker of intent
+            first = _seq(ws, call, ws, _const(TAG_CLOSE))
+            unit = _seq(_const(TAG_OPEN), ws, call, ws, _const(TAG_CLOSE))
+            return self._compile_format(_calls(first, unit, _ws(4), most, _ws(2)))
+        # Fenced or bare JSON: more calls only as one JSON array. A second value after a call is
+        # too often the model making up the tool's result ({"name": ...}\n{"temperature": 22}).
+        if kind == "fence":
+            return self._compile_format(_seq(ws, calls, ws, _const(FENCE)))
+        if kind == "bare":
+            return self._compile_format(calls)
+        return self._compile_format(_seq(ws, calls))  # after [TOOL_CALLS] or <|python_tag|>

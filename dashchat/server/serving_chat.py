@@ -9,7 +9,7 @@ import uuid
 from contextlib import aclosing
 from typing import Any
 
-from dashchat.server.errors import bad_request
+from dashchat.server.errors import APIError, bad_request
 from dashchat.server.generation import Choice, EngineResponse, Sender, Usage, run_choices
 from dashchat.server.detokenizer import TextStream
 from dashchat.server.logprobs import chat_entries
@@ -75,8 +75,8 @@ def _grammar(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan) -> 
             raise bad_request(str(exc), "functions" if plan.legacy else "tools") from None
     rf = req.response_format
     if rf is None or rf.type == "text":
-        return []
-    schema = None
+        return _auto_tools(state, plan)
+    schema = None  # a response_format wins over auto tool calls: the answer is that JSON
     if rf.type == "json_schema":
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise bad_request("'response_format.json_schema.schema' is required for type 'json_schema'.",
@@ -88,9 +88,26 @@ def _grammar(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan) -> 
         raise bad_request(f"Invalid 'response_format': {exc}", "response_format") from None
 
 
-def _finish(c: Choice, plan: ToolPlan, called: bool) -> str:
+def _auto_tools(state: ServerState, plan: ToolPlan) -> list[Any]:
+    """auto: free text, but once the model starts a call the rest is a valid call (grammar.py).
+    Without a grammar engine, auto still works by parsing alone."""
+    if not (plan.parse and plan.mode == "auto"):
+        return []
+    try:
+        return [state.grammar("tools").triggered_tool_calls(plan.tools, plan.parallel)]
+    except (APIError, ValueError) as exc:
+        log.debug("auto tool calls unconstrained: %s", exc)
+        return []
+
+
+def _finish(c: Choice, plan: ToolPlan, called: bool, cut: bool = False) -> str:
+    """Calls returned -> "tool_calls" ("function_call" legacy). Cut by max_tokens: still "tool_calls"
+    when every call was complete (the cut fell in closing markup); "length" when a call was cut off
+    (`cut`): the answer lacks a call the model was writing, and OpenAI clients read "length" as
+    "incomplete, retry with more tokens" (vLLM says "tool_calls" for auto even then). The complete
+    calls are returned either way; nothing of the cut one reaches content."""
     reason = c.finish_reason or "stop"
-    if called and reason == "stop":
+    if called and (reason == "stop" or (reason == "length" and not cut)):
         return "function_call" if plan.legacy else "tool_calls"
     return reason
 
@@ -131,10 +148,13 @@ class _ChatRun:
         text = "".join(c.parts)
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         calls: list[Any] = []
+        cut = False
         if self.plan.parse:
-            from dashchat.server.tool_parser import parse_tool_calls
+            from dashchat.server.tool_parser import ToolCallStreamParser, collect
 
-            content, calls = parse_tool_calls(text, self.plan.tools)
+            parser = ToolCallStreamParser(self.plan.tools)
+            content, calls = collect(parser.feed(text) + parser.finish(length=c.finish_reason == "length"))
+            cut = parser.cut_call
             message["content"] = content
             if calls and self.plan.legacy:
                 message["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
@@ -145,7 +165,7 @@ class _ChatRun:
                 ]
         logprobs = {"content": chat_entries(self.state.pieces, c.logprobs, self.top_n)} if want_lp else None
         return {"index": c.index, "message": message, "logprobs": logprobs,
-                "finish_reason": _finish(c, self.plan, bool(calls))}
+                "finish_reason": _finish(c, self.plan, bool(calls), cut)}
 
     # -- streaming --------------------------------------------------------------
     async def stream(self, sender: Sender) -> None:
@@ -177,13 +197,14 @@ class _ChatRun:
                     else:
                         feed = parser.feed(text) if text else []
                         if c.finish_reason is not None:
-                            feed += parser.finish()
+                            feed += parser.finish(length=c.finish_reason == "length")
                         for delta in self._tool_deltas(feed):
                             called[c.index] = called[c.index] or "content" not in delta
                             await sender.chunk(chunk(c.index, delta, lp=lp))
                             lp = None
                     if c.finish_reason is not None:
-                        await sender.chunk(chunk(c.index, {}, _finish(c, self.plan, called[c.index])))
+                        cut = parser is not None and parser.cut_call
+                        await sender.chunk(chunk(c.index, {}, _finish(c, self.plan, called[c.index], cut)))
         if not sender.started:  # the engine produced nothing at all
             await sender.start_stream()
         if include_usage:

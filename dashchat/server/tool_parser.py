@@ -81,7 +81,7 @@ def tool_names(tools: list[dict[str, Any]]) -> set[str]:
 def _one_call(obj: Any, names: set[str]) -> tuple[str, str] | None:
     if not isinstance(obj, dict):
         return None
-    if isinstance(obj.get("function"), dict):  # OpenAI-shaped {"type": "function", "function": {...}}
+    if "name" not in obj and isinstance(obj.get("function"), dict):  # OpenAI-shaped {"type": "function", "function": {...}}
         obj = obj["function"]
     name = obj.get("name")
     if not isinstance(name, str) or name not in names:
@@ -110,16 +110,21 @@ class _JsonScan:
     """Finds where a JSON value (object or array) ends, and rejects early what cannot be a call.
 
     Early rejection (before the value is complete) lets plain JSON answers stream: an object whose
-    first key is not a call key, or an array whose first element is not an object, is never a call.
+    first key is not a call key, an array whose first element is not an object, or a first key
+    "name" whose value is not (a prefix of) an offered tool name, is never a call.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: set[str] | frozenset[str] = frozenset()) -> None:
         self.text = ""
+        self.names = names
         self._depth = 0
         self._in_str = False
         self._esc = False
-        self._head = 0  # 0 want {/[, 1 after [ want {, 2 after { want ", 3 in first key, 4 verified
+        # 0 want {/[, 1 after [ want {, 2 after { want ", 3 in first key, 4 verified,
+        # 5 after key "name" want :, 6 want the name's opening quote, 7 in the name value
+        self._head = 0
         self._key_start = 0
+        self.named = False  # the first key is "name" and its value is (a prefix of) an offered name
 
     def feed(self, chunk: str) -> tuple[str, int]:
         """Returns ("more"|"done"|"reject", number of chunk chars consumed)."""
@@ -127,7 +132,7 @@ class _JsonScan:
         self.text += chunk
         for i in range(base, len(self.text)):
             ch = self.text[i]
-            if self._head < 4:
+            if self._head != 4:
                 verdict = self._check_head(ch, i)
                 if verdict == "reject":
                     self.text = self.text[: i + 1]
@@ -160,9 +165,14 @@ class _JsonScan:
                     key = json.loads(self.text[self._key_start : i + 1])
                 except ValueError:
                     return "reject"
+                if key == "name" and self.names:
+                    self._head = 5
+                    return "ok"
                 self._head = 4
                 return "ok" if key in _CALL_KEYS else "reject"
             return "ok"
+        if h >= 5:
+            return self._check_name(ch, i)
         if ch in " \t\r\n" and h in (1, 2):
             return "ok"
         if h == 0 and ch in "{[":
@@ -175,6 +185,35 @@ class _JsonScan:
             self._head, self._key_start = 3, i
             return "ok"
         return "reject"
+
+    def _check_name(self, ch: str, i: int) -> str:
+        """The value of a first key "name": a string that is (so far) a prefix of an offered name."""
+        h = self._head
+        if h in (5, 6) and ch in " \t\r\n":
+            return "ok"
+        if h == 5:
+            if ch != ":":
+                return "reject"
+            self._head = 6
+            return "ok"
+        if h == 6:
+            if ch != '"':
+                return "reject"  # a name that is not a string is no call
+            self._head, self._key_start = 7, i + 1
+            return "ok"
+        if ch == "\\":  # escaped: let the full parse decide
+            self._head = 4
+            return "ok"
+        value = self.text[self._key_start : i]
+        if ch == '"':
+            self._head = 4
+            self.named = value in self.names
+            return "ok" if self.named else "reject"
+        value += ch
+        if not any(n.startswith(value) for n in self.names):
+            return "reject"
+        self.named = True
+        return "ok"
 
 
 def _partial_marker_len(text: str, markers: tuple[str, ...]) -> int:
@@ -221,6 +260,8 @@ class ToolCallStreamParser:
     more text shows it is inner whitespace), and the few characters that may start markup.
     A call is announced (start + its full arguments) once its JSON is complete and names an offered
     tool; a suspected call that is not one is released as content. Markup never reaches content.
+    When generation was cut by max_tokens (`finish(length=True)`), an unfinished call and partial
+    markup are dropped instead, and `cut_call` tells the caller a call was lost.
     """
 
     def __init__(self, tools: list[dict[str, Any]]) -> None:
@@ -238,19 +279,43 @@ class ToolCallStreamParser:
         self._raw = ""  # opening fence kept until we know whether it was a call
         self._region_calls = 0
         self._scan: _JsonScan | None = None
+        self._fed = 0  # characters fed so far
+        self._region_start = 0  # offset (in all text fed) where the current call region's body starts
+        self._length = False
+        self._dropped = False  # finish(length=True) dropped markup or a call (and the whitespace before it)
+        self.cut_call = False  # finish(length=True) dropped an unfinished call
 
     # -- public ---------------------------------------------------------------
     def feed(self, text: str) -> list[ParserEvent]:
         self._buf += text
+        self._fed += len(text)
         self._run(final=False)
         return self._take()
 
-    def finish(self) -> list[ParserEvent]:
+    def finish(self, length: bool = False) -> list[ParserEvent]:
+        """End of output; `length`: it was cut by max_tokens (drop what was cut, do not release it)."""
+        self._length = length
         self._run(final=True)
-        if self._ncalls == 0 and self._pending_ws:
+        if self._ncalls == 0 and self._pending_ws and not self._dropped:
             self._out.append(ContentEvent(self._pending_ws))
         self._pending_ws = ""
         return self._take()
+
+    @property
+    def region(self) -> str | None:
+        """The kind of call region being read ("tag", "fence", "bare", "line"), if any."""
+        return self._kind if self._mode == "seq" else None
+
+    def open_call(self) -> tuple[str, int] | None:
+        """(region kind, offset of the region body in the text fed) while the text being read is the
+        start of a call: right after <tool_call>, or a JSON value whose first key is "name" with (a
+        prefix of) an offered tool name as its value. None otherwise. Constrained decoding in `auto`
+        mode starts here (see grammar.GrammarBackend.triggered_tool_calls)."""
+        if self._mode != "seq":
+            return None
+        if self._kind == "tag" or (self._scan is not None and self._scan.named):
+            return self._kind, self._region_start
+        return None
 
     # -- output -----------------------------------------------------------------
     def _take(self) -> list[ParserEvent]:
@@ -300,6 +365,7 @@ class ToolCallStreamParser:
 
     def _enter_seq(self, kind: str, closer: str | None, raw: str = "") -> None:
         self._mode, self._kind, self._closer, self._raw, self._region_calls = "seq", kind, closer, raw, 0
+        self._region_start = self._fed - len(self._buf)
 
     def _step_start(self, final: bool) -> None:
         """Only whitespace so far: a bare JSON call may still open the message."""
@@ -333,9 +399,11 @@ class ToolCallStreamParser:
             else:
                 self._enter_seq("line", None)
             return
-        keep = 0 if final else _partial_marker_len(buf, _MARKERS)
+        # Held back: what may start markup; cut by max_tokens, it is dropped, never released.
+        keep = _partial_marker_len(buf, _MARKERS) if not final or self._length else 0
+        self._dropped = self._dropped or (final and keep > 0)
         self._content(buf[: len(buf) - keep])
-        self._buf = buf[len(buf) - keep :]
+        self._buf = "" if final else buf[len(buf) - keep :]
 
     def _step_fence_info(self, final: bool) -> None:
         buf = self._buf
@@ -344,7 +412,9 @@ class ToolCallStreamParser:
         lang = info.strip().lower()
         json_fence = nl >= 0 and lang in _JSON_LANGS
         could_be = any(x.startswith(lang) for x in _JSON_LANGS) and FENCE not in info
-        if json_fence:
+        if final and self._length and could_be and not json_fence:
+            self._buf, self._mode, self._dropped = "", "text", True  # cut inside what may open a call's fence
+        elif json_fence:
             self._buf = buf[nl + 1 :]
             self._enter_seq("fence", FENCE, raw=FENCE + info + "\n")
         elif not could_be or final:
@@ -397,12 +467,18 @@ class ToolCallStreamParser:
                     self._not_a_call(text)
             elif status == "reject" or final:
                 text = self._scan.text
+                named = self._scan.named
                 self._scan = None
+                if status != "reject" and self._length and (named or self._kind == "tag"):
+                    self._drop_cut_call()  # cut by max_tokens inside a call: nothing of it is content
+                    return
                 self._not_a_call(text)
             return
         buf = self._buf
         if not buf:
             if final:
+                if self._length and self._kind == "tag" and self._region_calls == 0:
+                    self.cut_call = self._dropped = True  # cut right after <tool_call>
                 self._end_region(closed=False)
             return
         closer = self._closer
@@ -416,10 +492,12 @@ class ToolCallStreamParser:
                 self._raw += buf[:n]
             self._buf = buf[n:]
             return
-        if (n < 0 or (closer and closer.startswith(buf))) and not final:
+        if n < 0 or (closer and closer.startswith(buf)):
+            if final:
+                self._buf = ""  # the output ended inside markup: never content
             return  # may be markup: wait
         if buf[0] in "{[":
-            self._scan = _JsonScan()
+            self._scan = _JsonScan(self._names)
             return
         self._not_a_call("")
 
@@ -436,17 +514,23 @@ class ToolCallStreamParser:
             self._content(text)
             self._mode = "text"
 
+    def _drop_cut_call(self) -> None:
+        self.cut_call = self._dropped = True
+        self._raw = ""
+        self._mode = "text"
+
     def _end_region(self, closed: bool) -> None:
         if self._kind == "fence" and self._region_calls == 0:
-            self._content(self._raw + (FENCE if closed else ""))
+            if self._length and not closed:
+                self._dropped = True  # cut right after an opening json fence: markup, not content
+            else:
+                self._content(self._raw + (FENCE if closed else ""))
         self._raw = ""
         self._mode = "text"
 
 
-def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> tuple[str | None, list[ToolCall]]:
-    """(content or None, calls) for a whole completion; same decisions as the streaming parser."""
-    parser = ToolCallStreamParser(tools)
-    events = parser.feed(text) + parser.finish()
+def collect(events: list[ParserEvent]) -> tuple[str | None, list[ToolCall]]:
+    """(content or None, calls) from a parser's events."""
     content: list[str] = []
     calls: list[ToolCall] = []
     for ev in events:
@@ -458,3 +542,10 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> tuple[str | None
             calls[ev.index].arguments += ev.fragment
     joined = "".join(content)
     return (joined if joined else None), calls
+
+
+def parse_tool_calls(text: str, tools: list[dict[str, Any]], length: bool = False) -> tuple[str | None, list[ToolCall]]:
+    """(content or None, calls) for a whole completion; same decisions as the streaming parser.
+    `length`: the completion was cut by max_tokens (see ToolCallStreamParser.finish)."""
+    parser = ToolCallStreamParser(tools)
+    return collect(parser.feed(text) + parser.finish(length))
