@@ -17,7 +17,7 @@ from server_proc import SMOLLM_ARGS, ServerProcess
 def small() -> Iterator[ServerProcess]:
     # A short context bounds how long any generated request can run.
     srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "128", "--max-n", "2",
-                        "--request-timeout", "5")
+                        "--request-timeout", "3")
     try:
         yield srv.wait_ready()
     finally:
