@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "server"))
-from server_proc import ServerProcess, wait_engine_idle  # noqa: E402
+from server_proc import ServerProcess, wait_engine_idle
 
 
 def rss_mb(pid: int) -> float:

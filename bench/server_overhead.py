@@ -25,11 +25,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "server"))
-from server_proc import ServerProcess  # noqa: E402
+from server_proc import ServerProcess
 
-from dashchat.engine.args import EngineArgs  # noqa: E402
-from dashchat.engine.types import SamplingParams  # noqa: E402
-from dashchat.models.resolve import resolve_model  # noqa: E402
+from dashchat.engine.args import EngineArgs
+from dashchat.engine.types import SamplingParams
+from dashchat.models.resolve import resolve_model
 
 PROMPT = "Write a long story about a lighthouse keeper."
 

@@ -7,14 +7,14 @@ Usage mirrors the seed quick-start (`--model-path`, `--use-modelscope`, `--devic
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger("dashchat")
 

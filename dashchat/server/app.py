@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +18,11 @@ from dashchat.engine.types import Engine
 from dashchat.server.config import ServerConfig
 from dashchat.server.errors import APIError, internal_error, model_not_found
 from dashchat.server.metrics import CONTENT_TYPE
-from dashchat.server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from dashchat.server.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
 from dashchat.server.protocol import ChatCompletionRequest, CompletionRequest
 from dashchat.server.serving_chat import create_chat_completion
 from dashchat.server.serving_completion import create_completion

@@ -9,7 +9,8 @@ so a stop never leaks even when it spans tokens in a stream.
 from __future__ import annotations
 
 import codecs
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 
 class _Tokenizer(Protocol):
@@ -33,7 +34,7 @@ class TokenPieces:
         if b is None:
             try:
                 b = self.tokenizer.token_bytes(token_id)
-            except Exception:  # out-of-vocab id from a padded logits row
+            except Exception:  # noqa: BLE001 - out-of-vocab id from a padded logits row
                 b = b""
             self._bytes[token_id] = b
         return b

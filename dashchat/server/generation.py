@@ -14,14 +14,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 from starlette.responses import Response
 
-from dashchat.engine.types import EngineError, RequestOutput, SamplingParams, TokenLogprob
+from dashchat.engine.types import (
+    EngineError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from dashchat.server.detokenizer import TextStream
-from dashchat.server.errors import APIError, from_engine_error, request_timeout, shutting_down
+from dashchat.server.errors import (
+    APIError,
+    from_engine_error,
+    request_timeout,
+    shutting_down,
+)
 from dashchat.server.sse import JSON_HEADERS, SSE_HEADERS, dumps, event
 from dashchat.server.state import ServerState
 
@@ -121,7 +132,7 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     try:
         await task
-    except BaseException:  # CancelledError, or what the cancelled producer raised on its way out
+    except BaseException:  # noqa: BLE001, S110 - CancelledError, or what the cancelled producer raised on its way out
         pass
 
 

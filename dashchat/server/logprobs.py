@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dashchat.engine.types import TokenLogprob
 from dashchat.server.detokenizer import TokenPieces
@@ -11,7 +12,7 @@ _FLOOR = -9999.0  # -inf is not JSON; OpenAI reports this floor instead
 
 
 def _lp(x: float) -> float:
-    return x if x > _FLOOR else _FLOOR
+    return max(_FLOOR, x)
 
 
 def chat_entries(pieces: TokenPieces, lps: Sequence[TokenLogprob], top_n: int) -> list[dict[str, Any]]:

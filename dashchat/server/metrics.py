@@ -7,7 +7,8 @@ time, so the hot path never touches them.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,7 +27,7 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Any]:
         try:
             s = self.engine.stats()
-        except Exception:  # engine gone (shutdown): report nothing rather than fail the scrape
+        except Exception:  # noqa: BLE001 - engine gone (shutdown): report nothing rather than fail the scrape
             return
         yield GaugeMetricFamily("dashchat_num_requests_running", "Sequences being generated.", s.num_running)
         yield GaugeMetricFamily("dashchat_num_requests_waiting", "Requests waiting for admission.", s.num_waiting)

@@ -11,7 +11,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from dashchat.server.errors import APIError
 from dashchat.server.metrics import Metrics

@@ -7,7 +7,7 @@ Unknown fields are ignored, as newer SDKs send fields older servers do not know.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,7 +79,7 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
-Stop = Union[str, Annotated[list[str], Field(max_length=4)], None]
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
 
 
 class _SamplingFields(_Model):

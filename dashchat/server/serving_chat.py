@@ -9,9 +9,15 @@ import uuid
 from contextlib import aclosing
 from typing import Any
 
-from dashchat.server.errors import APIError, bad_request
-from dashchat.server.generation import Choice, EngineResponse, Sender, Usage, run_choices
 from dashchat.server.detokenizer import TextStream
+from dashchat.server.errors import APIError, bad_request
+from dashchat.server.generation import (
+    Choice,
+    EngineResponse,
+    Sender,
+    Usage,
+    run_choices,
+)
 from dashchat.server.logprobs import chat_entries
 from dashchat.server.protocol import ChatCompletionRequest, ChatMessage
 from dashchat.server.sampling import build_params, resolve_max_tokens, stop_list
@@ -221,7 +227,11 @@ class _ChatRun:
 
     def _tool_deltas(self, parser_events: list[Any]) -> list[dict[str, Any]]:
         """Parser events -> OpenAI deltas (`tool_calls[]`, or legacy `function_call`)."""
-        from dashchat.server.tool_parser import ContentEvent, ToolArgumentsEvent, ToolCallStartEvent
+        from dashchat.server.tool_parser import (
+            ContentEvent,
+            ToolArgumentsEvent,
+            ToolCallStartEvent,
+        )
 
         out: list[dict[str, Any]] = []
         legacy = self.plan.legacy

@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any
 
 from dashchat.server.detokenizer import TextStream
 from dashchat.server.errors import bad_request
-from dashchat.server.generation import Choice, EngineResponse, Event, Sender, Usage, run_choices
+from dashchat.server.generation import (
+    Choice,
+    EngineResponse,
+    Event,
+    Sender,
+    Usage,
+    run_choices,
+)
 from dashchat.server.logprobs import completion_logprobs
 from dashchat.server.protocol import CompletionRequest
 from dashchat.server.sampling import build_params, resolve_max_tokens, stop_list
@@ -159,7 +167,7 @@ async def _merge(streams: list[AsyncIterator[list[Event]]]) -> AsyncIterator[lis
                 async for item in it:
                     await queue.put((0, item))
             await queue.put((1, None))
-        except BaseException as exc:  # delivered to the consumer, which re-raises
+        except BaseException as exc:  # noqa: BLE001 - delivered to the consumer, which re-raises
             await queue.put((2, exc))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]

@@ -71,7 +71,7 @@ class ServerState:
                 from dashchat.server.grammar import GrammarBackend
 
                 self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
-            except Exception as exc:  # missing optional dependency, or a tokenizer it cannot index
+            except Exception as exc:  # noqa: BLE001 - missing optional dependency, or a tokenizer it cannot index
                 log.warning("structured output unavailable: %s", exc)
                 self._grammar_error = str(exc) or type(exc).__name__
         if self._grammar is None:

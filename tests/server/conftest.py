@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from server_proc import SMOLLM_ARGS, ServerProcess
 
 

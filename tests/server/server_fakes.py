@@ -6,7 +6,7 @@ They speak the real interfaces (dashchat.engine.types); the end-to-end tests use
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from dashchat.engine.types import (
     CompletionDelta,

@@ -42,7 +42,7 @@ class ServerProcess:
     def log(self, tail: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:]
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> "ServerProcess":
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -96,4 +96,4 @@ def wait_engine_idle(base_url: str, timeout: float = 10.0) -> tuple[float, float
     return running, kv
 
 
-__all__ = ["ServerProcess", "SMOLLM", "SMOLLM_ARGS", "free_port", "metric", "wait_engine_idle", "signal"]
+__all__ = ["SMOLLM", "SMOLLM_ARGS", "ServerProcess", "free_port", "metric", "signal", "wait_engine_idle"]

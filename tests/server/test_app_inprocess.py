@@ -6,15 +6,16 @@ Fast and deterministic; the same behaviours are checked against the real engine 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from server_fakes import ScriptedEngine
 from starlette.testclient import TestClient
 
 from dashchat.server.app import build_app, server_state
 from dashchat.server.config import ServerConfig
-from server_fakes import ScriptedEngine
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from dashchat.server.detokenizer import IncrementalDetokenizer, StopChecker, TextStream, TokenPieces
 from server_fakes import ByteTokenizer
+
+from dashchat.server.detokenizer import (
+    IncrementalDetokenizer,
+    StopChecker,
+    TextStream,
+    TokenPieces,
+)
 
 TOK = ByteTokenizer()
 PIECES = TokenPieces(TOK)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-
 from server_proc import SMOLLM_ARGS, ServerProcess, wait_engine_idle
 
 KEYS = ["key-one", "key-two"]

@@ -7,7 +7,6 @@ import json
 import openai
 import pytest
 from openai import OpenAI
-
 from server_proc import ServerProcess
 
 MSG = [{"role": "user", "content": "Name three colors."}]

@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from server_proc import SMOLLM_ARGS, ServerProcess
 
 

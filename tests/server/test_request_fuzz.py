@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_fakes import ScriptedEngine
 from starlette.testclient import TestClient
 
 from dashchat.server.app import build_app
 from dashchat.server.config import ServerConfig
-from server_fakes import ScriptedEngine
 
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
