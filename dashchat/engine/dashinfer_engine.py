@@ -79,6 +79,9 @@ class _Request:
 
 class DashInferEngine:
     name = "dashinfer"
+    # DashInfer samples inside its own step: no per-token hook for grammar (logits processors).
+    # The server can leave optional ones out (tool_choice auto then works by parsing alone).
+    supports_logits_processors = False
 
     def __init__(self, args: EngineArgs) -> None:
         if args.quantization != "none":
