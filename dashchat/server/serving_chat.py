@@ -99,6 +99,8 @@ def _auto_tools(state: ServerState, plan: ToolPlan) -> list[Any]:
     Without a grammar engine, auto still works by parsing alone."""
     if not (plan.parse and plan.mode == "auto"):
         return []
+    if not getattr(state.engine, "supports_logits_processors", True):  # e.g. DashInfer: no per-token hook
+        return []
     try:
         return [state.grammar("tools").triggered_tool_calls(plan.tools, plan.parallel)]
     except (APIError, ValueError) as exc:
