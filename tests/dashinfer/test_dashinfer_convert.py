@@ -70,6 +70,7 @@ def test_conversion_is_cached_and_carries_rope_theta(smollm2_dir, engine):
 
 def test_engine_attributes(engine, smollm2_dir):
     assert engine.name == "dashinfer"
+    assert engine.supports_logits_processors is False  # the server leaves optional grammar out
     assert engine.max_model_len == MAX_MODEL_LEN
     assert engine.vocab_size == load_hf_config(smollm2_dir)["vocab_size"]
     assert engine.tokenizer.encode("Hello")
