@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dashchat.engine.args import EngineArgs  # noqa: E402
-from dashchat.engine.types import SamplingParams  # noqa: E402
-from dashchat.models.resolve import resolve_model  # noqa: E402
+from dashchat.engine.args import EngineArgs
+from dashchat.engine.types import SamplingParams
+from dashchat.models.resolve import resolve_model
 
 PROMPT = "Write a detailed story about a robot who learns to paint. Once upon a time" + " there was a robot" * 40
 
@@ -83,14 +83,14 @@ def main() -> None:
 
     runs: dict[str, dict[str, list[float]]] = {"native": {}, "dashinfer": {}}
     for _ in range(args.rounds):
-        for name in runs:
+        for name, acc in runs.items():
             out = subprocess.run(
                 [sys.executable, __file__, "--child", name, "--model", args.model, "--prompt-len",
                  str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)],
                 check=True, capture_output=True, text=True,
             ).stdout.strip().splitlines()[-1]
             for key, val in json.loads(out).items():
-                runs[name].setdefault(key, []).extend(val if isinstance(val, list) else [val])
+                acc.setdefault(key, []).extend(val if isinstance(val, list) else [val])
             print(name, out, flush=True)
 
     print(f"\n{args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy, single stream, "

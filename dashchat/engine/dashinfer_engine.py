@@ -21,8 +21,9 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ..models.config import ModelConfig
 from ..tokenizer import Tokenizer
@@ -127,7 +128,7 @@ class DashInferEngine:
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     @classmethod
-    def from_args(cls, args: EngineArgs) -> "DashInferEngine":
+    def from_args(cls, args: EngineArgs) -> DashInferEngine:
         return cls(args)
 
     # ---- async front -------------------------------------------------------------------
@@ -326,7 +327,7 @@ class DashInferEngine:
                 self._stop_sub(sub)
             while sub.queue.Get() is not None:
                 pass
-        except Exception as exc:  # noqa: BLE001 - never let a reader die silently
+        except Exception as exc:  # never let a reader die silently
             if not isinstance(exc, EngineError):
                 log.exception("dashinfer request %s failed", request.request_id)
                 exc = EngineError(f"dashinfer failed: {exc}")

@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from dashinfer_helpers import HAVE_DASHINFER, MAX_MODEL_LEN, SKIP_REASON, collect, greedy, run, wait_idle
+from dashinfer_helpers import (
+    HAVE_DASHINFER,
+    MAX_MODEL_LEN,
+    SKIP_REASON,
+    collect,
+    greedy,
+    run,
+    wait_idle,
+)
 
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.types import SamplingParams, UnsupportedFeature

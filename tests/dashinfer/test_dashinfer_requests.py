@@ -6,7 +6,14 @@ import asyncio
 import time
 
 import pytest
-from dashinfer_helpers import HAVE_DASHINFER, MAX_MODEL_LEN, SKIP_REASON, greedy, run, wait_idle
+from dashinfer_helpers import (
+    HAVE_DASHINFER,
+    MAX_MODEL_LEN,
+    SKIP_REASON,
+    greedy,
+    run,
+    wait_idle,
+)
 
 from dashchat.engine.types import PromptTooLong, SamplingParams, UnsupportedFeature
 

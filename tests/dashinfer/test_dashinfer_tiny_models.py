@@ -14,11 +14,11 @@ from dashinfer_helpers import HAVE_DASHINFER, SKIP_REASON, greedy, run
 if not HAVE_DASHINFER:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
-from dashchat.engine.args import EngineArgs  # noqa: E402
-from dashchat.engine.dashinfer_engine import DashInferEngine  # noqa: E402
+from dashchat.engine.args import EngineArgs
+from dashchat.engine.dashinfer_engine import DashInferEngine
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.5)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.5}
 
 
 def _tiny_model(kind: str, folder, smollm2_dir: str) -> str:
