@@ -66,12 +66,12 @@ class ModelRunner:
         rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
         self.model = model.eval()
         if quantization == "int8":
-            from .quantize import quantize_linears_int8
+            from ..models.gguf_convert import cache_dir
+            from .quantize import load_or_quantize_int8
 
-            if device.type != "cpu":
-                raise ValueError("--quantization int8 is a CPU path; on CUDA use --dtype bfloat16 or float16")
-
-            quantize_linears_int8(self.model, tokenizer)
+            if device.type != "cpu" or dtype != torch.float32:
+                raise ValueError("--quantization int8 is a CPU float32 path; on CUDA use --dtype bfloat16")
+            load_or_quantize_int8(self.model, tokenizer, model_dir, cache_dir())
         elif quantization != "none":
             raise ValueError(f"unsupported quantization {quantization!r}; choose none or int8")
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)

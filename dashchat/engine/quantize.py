@@ -17,11 +17,21 @@ from 84% to 91% on a held-out text.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import logging
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 SMOOTH_ALPHA = 0.6
+CACHE_FORMAT = 1  # bump when the quantized layout or the smoothing changes
 _CALIBRATION_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge. "
     "def main():\n    print('hello world')\n    return 0\n"
@@ -31,14 +41,19 @@ _CALIBRATION_TEXT = (
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, quantize: bool = True) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("qweight", (w / scale[:, None]).round().to(torch.int8), persistent=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if quantize:
+            w = linear.weight.detach().float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            qweight = (w / scale[:, None]).round().to(torch.int8)
+        else:  # a shell that cached int8 weights are copied into
+            scale = torch.empty(self.out_features)
+            qweight = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+        self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -108,16 +123,74 @@ def smooth_activations(model: nn.Module, input_ids: torch.Tensor) -> None:
         linear.weight.mul_(s[None, :].to(linear.weight.dtype))
 
 
-def _swap_linears(module: nn.Module) -> None:
+def _swap_linears(module: nn.Module, quantize: bool = True) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, Int8Linear(child, quantize))
         else:
-            _swap_linears(child)
+            _swap_linears(child, quantize)
 
 
 def quantize_linears_int8(model: nn.Module, tokenizer) -> None:
     """Smooth on the calibration text, then replace every nn.Linear (head included) in place."""
-    ids = torch.tensor(tokenizer.encode(_CALIBRATION_TEXT)[:256], dtype=torch.long)
+    ids = torch.tensor(tokenizer.encode(_CALIBRATION_TEXT)[:192], dtype=torch.long)
     smooth_activations(model, ids)
     _swap_linears(model)
+
+
+def _int8_state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """What quantization changes, by name: int8 linears and the norms smoothing rescaled."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (nn.Linear, Int8Linear)):
+            shapes[prefix + "qweight"] = (module.out_features, module.in_features)
+            shapes[prefix + "scale"] = (module.out_features,)
+            if module.bias is not None:
+                shapes[prefix + "bias"] = (module.out_features,)
+        elif name.endswith("norm"):
+            shapes[prefix + "weight"] = tuple(module.weight.shape)
+    return shapes
+
+
+def int8_cache_path(model_dir: str, cache_root: Path) -> Path:
+    """Keyed by the checkpoint's identity (path, size and mtime of its files) and the format."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"]
+    ident = [str(Path(model_dir).resolve()), str(CACHE_FORMAT), str(SMOOTH_ALPHA)]
+    ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
+    key = hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
+    return cache_root / "int8" / f"{Path(model_dir).name}-{key}.safetensors"
+
+
+def load_or_quantize_int8(model: nn.Module, tokenizer, model_dir: str, cache_root: Path) -> None:
+    """Quantize a loaded float model in place, once per checkpoint: later starts load the cached result."""
+    from safetensors.torch import load_file, save_file
+
+    path = int8_cache_path(model_dir, cache_root)
+    state = None
+    if path.is_file():
+        try:
+            state = load_file(str(path))
+        except Exception:  # noqa: BLE001 - a bad cache file is rebuilt, never fatal
+            log.warning("int8 cache %s unreadable; quantizing anew", path, exc_info=True)
+    if state is not None and {k: tuple(v.shape) for k, v in state.items()} == _int8_state_shapes(model):
+        if model.config.tie_word_embeddings:  # the cached head is smoothed: no longer the embedding
+            model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+        _swap_linears(model, quantize=False)
+        with torch.no_grad():
+            for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+                if name in state:
+                    tensor.copy_(state[name])
+        log.info("int8 weights loaded from %s", path)
+        return
+    quantize_linears_int8(model, tokenizer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        tensors = {n: t for n, t in model.named_buffers() if n.endswith((".qweight", ".scale"))}
+        tensors |= {n: p.data for n, p in model.named_parameters() if n in _int8_state_shapes(model)}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)  # atomic: a crash never leaves half a file under the real name
+    except OSError:
+        log.warning("could not cache int8 weights at %s", path, exc_info=True)

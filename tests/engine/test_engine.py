@@ -225,3 +225,18 @@ def test_int8_stays_close_to_float32(smollm2_dir, engine, reference):
         assert alone[0].token_ids == results[0][0].token_ids
     finally:
         eng.shutdown()
+
+
+def test_int8_cache_reloads_the_same_model(smollm2_dir, tmp_path, monkeypatch):
+    """The second start loads the cached int8 weights and computes exactly what the first did."""
+    monkeypatch.setenv("DASHCHAT_CACHE", str(tmp_path))
+    outputs = []
+    for _ in range(2):
+        eng = AsyncLLMEngine.from_args(EngineArgs(model_dir=smollm2_dir, max_model_len=256, quantization="int8"))
+        try:
+            got = asyncio.run(collect(eng, eng.tokenizer.encode(PROMPTS[2]), greedy(8, logprobs=2)))[0]
+            outputs.append((got.token_ids, [lp.logprob for lp in got.logprobs]))
+        finally:
+            eng.shutdown()
+        assert len(list((tmp_path / "int8").glob("*.safetensors"))) == 1
+    assert outputs[0] == outputs[1]
