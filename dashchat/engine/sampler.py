@@ -118,12 +118,20 @@ class Sampler:
             sorted_p, order = probs.sort(dim=-1, descending=True)
             # drop tokens once the mass before them already reaches top_p (the best token always stays)
             drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_ps.unsqueeze(1)
+            drop[:, 0] = False  # the best token stays, also when a tiny top_p underflows to 0
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
         min_ps = torch.tensor([s.params.min_p for s in seqs], device=dev)
         if (min_ps > 0).any():
             threshold = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
             probs = probs.masked_fill(probs < threshold, 0.0)
+        # Extreme parameters (penalties far out, everything banned) can leave no finite mass:
+        # such a row falls back to its best logit instead of failing the draw.
+        probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+        dead = probs.sum(dim=-1) <= 0
+        if dead.any():
+            fallback = torch.nan_to_num(logits[dead], nan=float("-inf")).argmax(dim=-1)
+            probs[dead] = torch.nn.functional.one_hot(fallback, probs.shape[1]).to(probs.dtype)
         return probs
 
     @staticmethod

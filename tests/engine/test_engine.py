@@ -240,3 +240,15 @@ def test_int8_cache_reloads_the_same_model(smollm2_dir, tmp_path, monkeypatch):
             eng.shutdown()
         assert len(list((tmp_path / "int8").glob("*.safetensors"))) == 1
     assert outputs[0] == outputs[1]
+
+
+def test_extreme_sampling_parameters_never_fail(engine):
+    """A top_p that underflows float32, a denormal penalty: the request still gets tokens."""
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    for params in (
+        SamplingParams(max_tokens=4, temperature=1.0, top_p=5e-324),
+        SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=5e-324),
+        SamplingParams(max_tokens=4, temperature=2.0, min_p=1.0, top_k=1000000),
+    ):
+        got = asyncio.run(collect(engine, prompt, params))
+        assert len(got[0].token_ids) == 4, params
