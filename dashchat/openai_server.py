@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Device ids to use (one for now; several need tensor parallelism).")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="Weight and activation dtype; auto = float32 on CPU, bfloat16 on CUDA.")
-    e.add_argument("--quantization", choices=["auto", "none", "int8"], default="auto",
-                   help="Linear-layer quantization. int8: int8 weights and per-token int8 activations "
-                        "(CPU only; about 3x faster decoding, small drift: see bench/README.md). "
-                        "auto = int8 for the native engine on CPU in float32, none otherwise.")
+    e.add_argument("--quantization", choices=["none", "int8", "auto"], default="none",
+                   help="Linear-layer quantization. none: the model's own precision (default: it keeps "
+                        "greedy output identical to the float model). int8: int8 weights and per-token int8 "
+                        "activations, CPU only, about 3x faster decoding with a small drift (see "
+                        "bench/README.md). auto: int8 for the native engine on CPU in float32, else none.")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, capped.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
