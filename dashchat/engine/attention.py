@@ -68,7 +68,9 @@ class PagedAttention:
         bs = self.block_size
         n_blocks = -(-length // bs)
         paged = cache.view(-1, bs, cache.shape[1], cache.shape[2])
-        x = paged[block_tables[..., :n_blocks]]  # [..., nb, bs, H, D]
+        ids = block_tables[..., :n_blocks]
+        # index_select, not paged[ids]: advanced indexing is ~20x slower here on CPU.
+        x = paged.index_select(0, ids.reshape(-1)).view(*ids.shape, bs, cache.shape[1], cache.shape[2])
         x = x.flatten(-4, -3)[..., :length, :, :]  # [..., L, H, D]
         return x.transpose(-3, -2)
 
