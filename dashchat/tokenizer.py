@@ -18,8 +18,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> printable character table (byte-level BPE spelling)."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 256))
     cs = bs[:]
     n = 0
@@ -28,7 +28,13 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of bytes_to_unicode (byte-level BPE spelling -> raw byte)."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _is_byte_piece(piece: str) -> bool:

@@ -23,6 +23,7 @@ from dashchat.models.gguf_convert import GGUFConvertError, convert_gguf, dequant
 from dashchat.models.resolve import resolve_model
 from dashchat.models.weights import iter_weights, weight_files
 from dashchat.tokenizer import Tokenizer
+from dashchat.tokenizer import bytes_to_unicode
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -41,17 +42,13 @@ def qwen_dir() -> Path:
 # ---------------------------------------------------------------- tiny synthetic GGUFs
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    return gguf_convert._bytes_to_unicode()
-
-
 BPE_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "l l", "e ll", "h ell",
               "hell o", "Ġ h", "ell o", "Ġh ello", "i n", "Ġ in", "1 2", "Ċ Ċ", "Ġ Ġ"]  # fmt: skip
 BPE_SPECIAL = [("<|endoftext|>", 3), ("<|im_start|>", 3), ("<|im_end|>", 3), ("<think>", 4), ("</think>", 4)]
 
 
 def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
-    bu = _bytes_to_unicode()
+    bu = bytes_to_unicode()
     tokens = [bu[b] for b in range(256)] + ["".join(m.split(" ")) for m in BPE_MERGES]
     types = [1] * len(tokens)
     for t, ty in BPE_SPECIAL:

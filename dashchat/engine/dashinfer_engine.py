@@ -34,11 +34,11 @@ from .types import (
     EngineError,
     EngineOverloaded,
     EngineStats,
-    PromptTooLong,
     RequestOutput,
     SamplingParams,
     TokenLogprob,
     UnsupportedFeature,
+    check_prompt,
 )
 
 # Its glog prints several INFO lines per request; keep warnings and errors unless the user chose.
@@ -201,17 +201,7 @@ class DashInferEngine:
     # ---- request admission -------------------------------------------------------------
 
     def _check(self, prompt: list[int], p: SamplingParams) -> None:
-        n_prompt = len(prompt)
-        if n_prompt == 0:
-            raise PromptTooLong("the prompt is empty")
-        if n_prompt + p.max_tokens > self.max_model_len:
-            raise PromptTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n_prompt + p.max_tokens} tokens ({n_prompt} in the messages, {p.max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion."
-            )
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size})")
+        check_prompt(prompt, p.max_tokens, self.max_model_len, self.vocab_size)
         unsupported = _unsupported(p, self._min_tokens_stop_ids(p))
         if unsupported:
             raise UnsupportedFeature(f"{unsupported} is not supported by the dashinfer engine")

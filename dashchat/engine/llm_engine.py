@@ -30,9 +30,9 @@ from .types import (
     EngineError,
     EngineOverloaded,
     EngineStats,
-    PromptTooLong,
     RequestOutput,
     SamplingParams,
+    check_prompt,
 )
 
 log = logging.getLogger(__name__)
@@ -120,15 +120,7 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         if self._stopped:
             raise EngineError("the engine is shut down")
-        n_prompt = len(prompt_token_ids)
-        if n_prompt == 0:
-            raise PromptTooLong("the prompt is empty")
-        if n_prompt + params.max_tokens > self.max_model_len:
-            raise PromptTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the messages, {params.max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion."
-            )
+        check_prompt(prompt_token_ids, params.max_tokens, self.max_model_len, self.vocab_size)
         if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
             raise EngineOverloaded("the server is busy: too many requests are waiting")
         request = self._make_request(prompt_token_ids, params, request_id)

@@ -90,6 +90,22 @@ class PromptTooLong(EngineError):
     """Prompt (+ max_tokens) exceeds the context: the server answers 400 context_length_exceeded."""
 
 
+def check_prompt(prompt_token_ids: Sequence[int], max_tokens: int, max_model_len: int, vocab_size: int) -> None:
+    """The admission checks every engine makes before it accepts a request."""
+    n_prompt = len(prompt_token_ids)
+    if n_prompt == 0:
+        raise PromptTooLong("the prompt is empty")
+    if n_prompt + max_tokens > max_model_len:
+        raise PromptTooLong(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        # Caught here, an out-of-range id fails its request only, not the whole batch's step.
+        raise EngineError(f"prompt token ids must be in [0, {vocab_size})")
+
+
 class UnsupportedFeature(EngineError):
     """A request asks for something this engine cannot do: the server answers 400."""
 

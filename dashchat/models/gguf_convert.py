@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ..tokenizer import bytes_to_unicode
+
 log = logging.getLogger(__name__)
 
 # Bump when the folder's layout or contents change: folders of older versions are then ignored.
@@ -507,8 +509,8 @@ def _byte_level_tokenizer(meta: dict[str, Any], tokens: list[str], types: list[i
     if pre not in _PRE_TOKENIZERS:
         raise GGUFConvertError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(_PRE_TOKENIZERS)}")
     norm, recipe, ignore_merges = _PRE_TOKENIZERS[pre]
-    alphabet = set(_bytes_to_unicode().values())
-    spell = _bytes_to_unicode()
+    alphabet = set(bytes_to_unicode().values())
+    spell = bytes_to_unicode()
     vocab: dict[str, int] = {}
     for i, (t, ty) in enumerate(zip(tokens, types)):
         if ty not in (_CONTROL, _USER_DEFINED) and not set(t) <= alphabet:
@@ -598,14 +600,3 @@ def _set_post_processor(backend: Any, bos: str | None | bool, eos: str | None | 
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
