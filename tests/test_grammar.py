@@ -239,11 +239,10 @@ def test_eos_only_at_the_end_and_then_forced(model: tuple[Any, GrammarBackend]) 
     assert int(torch.isfinite(row).sum()) == len(eos)
 
 
-def test_qwen_tool_call_token_is_used(model: tuple[Any, GrammarBackend]) -> None:
+def test_tool_call_opens_with_the_vocabularys_own_spelling(model: tuple[Any, GrammarBackend]) -> None:
+    """Qwen has a single <tool_call> token and the grammar takes it; SmolLM2 spells the tag in pieces."""
     tok, backend = model
     ids = tok.encode("<tool_call>")
-    if len(ids) != 1:
-        pytest.skip("this vocabulary has no <tool_call> token")
     row = backend.tool_calls(TOOLS, parallel=False)()([], torch.zeros(backend.vocab_size))
     assert torch.isfinite(row[ids[0]])
 
