@@ -245,3 +245,13 @@ def _apply(out: RequestOutput, choices: Sequence[Choice]) -> list[Event]:
             c.finish_reason = "stop" if c.text.stopped else d.finish_reason
         events.append((c, text, d.logprobs))
     return events
+
+
+async def gather_choices(outputs: AsyncIterator[list[Event]], want_logprobs: bool) -> None:
+    """Non-streaming responses: collect each choice's text and logprobs to the end."""
+    async for events in outputs:
+        for c, text, lps in events:
+            if text:
+                c.parts.append(text)
+            if want_logprobs and lps:
+                c.logprobs.extend(lps)

@@ -14,6 +14,7 @@ from dashchat.server.errors import APIError, bad_request
 from dashchat.server.generation import (
     Choice,
     EngineResponse,
+    gather_choices,
     Sender,
     Usage,
     run_choices,
@@ -140,12 +141,7 @@ class _ChatRun:
     async def full(self, sender: Sender) -> None:
         want_lp = self.params.logprobs is not None
         async with self._events() as outputs:
-            async for events in outputs:
-                for c, text, lps in events:
-                    if text:
-                        c.parts.append(text)
-                    if want_lp and lps:
-                        c.logprobs.extend(lps)
+            await gather_choices(outputs, want_lp)
         out_choices = [self._full_choice(c, want_lp) for c in self.choices]
         body = {"id": self.request_id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "system_fingerprint": self.state.fingerprint,

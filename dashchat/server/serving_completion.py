@@ -14,6 +14,7 @@ from dashchat.server.errors import bad_request
 from dashchat.server.generation import (
     Choice,
     EngineResponse,
+    gather_choices,
     Event,
     Sender,
     Usage,
@@ -102,12 +103,7 @@ class _CompletionRun:
     async def full(self, sender: Sender) -> None:
         want_lp = self.req.logprobs is not None
         async with aclosing(self._outputs()) as outputs:
-            async for events in outputs:
-                for c, text, lps in events:
-                    if text:
-                        c.parts.append(text)
-                    if want_lp and lps:
-                        c.logprobs.extend(lps)
+            await gather_choices(outputs, want_lp)
         choices = []
         for p, group in enumerate(self.groups):
             echo = self._echo(p)
