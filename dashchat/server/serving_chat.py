@@ -14,9 +14,9 @@ from dashchat.server.errors import APIError, bad_request
 from dashchat.server.generation import (
     Choice,
     EngineResponse,
-    gather_choices,
     Sender,
     Usage,
+    gather_choices,
     run_choices,
 )
 from dashchat.server.logprobs import chat_entries

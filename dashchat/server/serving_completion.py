@@ -14,10 +14,10 @@ from dashchat.server.errors import bad_request
 from dashchat.server.generation import (
     Choice,
     EngineResponse,
-    gather_choices,
     Event,
     Sender,
     Usage,
+    gather_choices,
     run_choices,
 )
 from dashchat.server.logprobs import completion_logprobs
