@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import itertools
 import time
+
+from engine_helpers import collect
 
 from dashchat.engine.types import CompletionDelta, SamplingParams
 
@@ -22,26 +23,10 @@ HAVE_DASHINFER = _have_dashinfer()
 SKIP_REASON = "dashinfer is not installed (pip install -e '.[dashinfer]')"
 
 MAX_MODEL_LEN = 256  # DashInfer warms up with a max-length prompt: keep start-up short
-_ids = itertools.count()
 
 
 def greedy(max_tokens: int = 16, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
-
-
-async def collect(engine, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-                  delay: float = 0.0) -> dict[int, CompletionDelta]:
-    """Run one request to the end; per choice index the joined delta (tokens, logprobs, finish)."""
-    await asyncio.sleep(delay)
-    out: dict[int, CompletionDelta] = {}
-    async for o in engine.generate(prompt, params, request_id or f"test-{next(_ids)}"):
-        for d in o.deltas:
-            acc = out.setdefault(d.index, CompletionDelta(d.index, [], [] if d.logprobs is not None else None))
-            acc.token_ids += d.token_ids
-            if d.logprobs is not None:
-                acc.logprobs += d.logprobs
-            acc.finish_reason = d.finish_reason or acc.finish_reason
-    return out
 
 
 def run(engine, prompt: list[int], params: SamplingParams) -> dict[int, CompletionDelta]:

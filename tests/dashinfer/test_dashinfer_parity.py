@@ -6,7 +6,6 @@ import asyncio
 import math
 
 import pytest
-import torch
 from dashinfer_helpers import (
     HAVE_DASHINFER,
     MAX_MODEL_LEN,
@@ -16,6 +15,7 @@ from dashinfer_helpers import (
     run,
     wait_idle,
 )
+from engine_helpers import transformers_greedy
 
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.types import SamplingParams, UnsupportedFeature
@@ -45,19 +45,7 @@ def native(smollm2_dir: str):
 
 @pytest.fixture(scope="module")
 def reference(smollm2_dir: str, engine) -> list[list[int]]:
-    """transformers' greedy tokens; min_new_tokens bans eos as ignore_eos does."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    refs = []
-    for p in PROMPTS:
-        ids = engine.tokenizer.encode(p)
-        out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-        )
-        refs.append(out[0, len(ids):].tolist())
-    return refs
+    return transformers_greedy(smollm2_dir, engine.tokenizer, PROMPTS, NEW_TOKENS)
 
 
 def test_greedy_matches_native_and_transformers(engine, native, reference):

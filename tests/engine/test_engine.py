@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import time
 
 import pytest
-import torch
+from engine_helpers import collect, transformers_greedy
 
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.llm_engine import AsyncLLMEngine
-from dashchat.engine.types import CompletionDelta, EngineError, PromptTooLong, SamplingParams
-
-_ids = itertools.count()
-
-async def collect(
-    engine: AsyncLLMEngine, prompt: list[int], params: SamplingParams, delay: float = 0.0
-) -> dict[int, CompletionDelta]:
-    """Run one request to the end; returns per choice index the joined delta (tokens, logprobs, finish)."""
-    await asyncio.sleep(delay)
-    out: dict[int, CompletionDelta] = {}
-    async for o in engine.generate(prompt, params, f"test-{next(_ids)}"):
-        for d in o.deltas:
-            acc = out.setdefault(d.index, CompletionDelta(d.index, [], [] if d.logprobs is not None else None))
-            acc.token_ids += d.token_ids
-            if d.logprobs is not None:
-                acc.logprobs += d.logprobs
-            acc.finish_reason = d.finish_reason or acc.finish_reason
-    return out
+from dashchat.engine.types import EngineError, PromptTooLong, SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -57,18 +39,7 @@ def engine(smollm2_dir: str):
 
 @pytest.fixture(scope="module")
 def reference(smollm2_dir: str, engine: AsyncLLMEngine) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    refs = []
-    for p in PROMPTS:
-        ids = engine.tokenizer.encode(p)
-        out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-        )
-        refs.append(out[0, len(ids):].tolist())
-    return refs
+    return transformers_greedy(smollm2_dir, engine.tokenizer, PROMPTS, NEW_TOKENS)
 
 
 def test_greedy_matches_transformers_alone(engine, reference):

@@ -1,0 +1,1 @@
+"""Root of the test tree: pytest puts this folder on sys.path, so tests share `engine_helpers`."""
