@@ -20,4 +20,5 @@ class EngineArgs:
     num_threads: int | None = None  # CPU threads; default: physical cores
     max_queue: int = 256  # waiting requests beyond which generate() raises EngineOverloaded
     quantization: str = "none"  # "none" | "int8"
+    compile: bool = False  # torch.compile the decode step (slower start, faster tokens)
     seed: int = 0

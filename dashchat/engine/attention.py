@@ -26,7 +26,6 @@ class StepAttentionMetadata:
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # [D, max_blocks] long
     decode_context_lens: torch.Tensor | None  # [D] long, including the new token
-    decode_max_len: int
     prefills: list[PrefillSpan]
 
 
@@ -44,7 +43,7 @@ class PagedAttention:
         self.meta = meta
         self._decode_mask = None
         if meta.num_decodes:
-            positions = torch.arange(meta.decode_max_len, device=meta.slot_mapping.device)
+            positions = torch.arange(self._decode_span(), device=meta.slot_mapping.device)
             # [D, 1, 1, L]: True where the key is inside the sequence.
             self._decode_mask = (positions < meta.decode_context_lens[:, None])[:, None, None, :]
 
@@ -63,6 +62,10 @@ class PagedAttention:
             out[rows] = self._prefill(span, q[rows], k[rows], v[rows], k_cache, v_cache)
         return out
 
+    def _decode_span(self) -> int:
+        """Keys the decodes attend over: the padded block tables' width (masked past each length)."""
+        return self.meta.decode_block_tables.shape[1] * self.block_size
+
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
         """[..., num_blocks] block ids -> [..., Hkv, length, D] keys or values."""
         bs = self.block_size
@@ -78,8 +81,8 @@ class PagedAttention:
         meta = self.meta
         n, hq, dim = q.shape
         hkv = k_cache.shape[1]
-        keys = self._gather(k_cache, meta.decode_block_tables, meta.decode_max_len)  # [D, Hkv, L, dim]
-        values = self._gather(v_cache, meta.decode_block_tables, meta.decode_max_len)
+        keys = self._gather(k_cache, meta.decode_block_tables, self._decode_span())  # [D, Hkv, L, dim]
+        values = self._gather(v_cache, meta.decode_block_tables, self._decode_span())
         qg = q.view(n, hkv, hq // hkv, dim)  # the group's query heads act as query positions
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self._decode_mask, scale=self.scale)
         return o.reshape(n, hq * dim)

@@ -88,6 +88,8 @@ class DashInferEngine:
         if args.quantization != "none":
             raise ValueError(f"the dashinfer engine runs unquantized weights; --quantization {args.quantization} "
                              "is for the native engine")
+        if args.compile:
+            raise ValueError("--compile compiles the native engine's decode step; DashInfer runs its own kernels")
         cfg = load_hf_config(args.model_dir)
         dashinfer_model_type(cfg)  # unsupported architectures fail before anything is loaded
         compute_unit, data_type = _device(args)

@@ -65,20 +65,42 @@ class AsyncLLMEngine:
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda, but no CUDA device is visible to PyTorch")
             device = torch.device("cuda", args.device_ids[0])
-            torch.cuda.set_device(device)
         elif args.device == "cpu":
             device = torch.device("cpu")
-            torch.set_num_threads(args.num_threads or physical_cores())
         else:
             raise ValueError(f"unsupported device {args.device!r}; choose cpu or cuda")
-        torch.manual_seed(args.seed)
         self.args = args
         self.tokenizer = Tokenizer.from_dir(args.model_dir)
         self.model_config = cfg = ModelConfig.from_dir(args.model_dir)
         self.vocab_size = cfg.vocab_size
-        dtype = resolve_dtype(args.dtype, args.device)
         self.max_model_len = args.max_model_len or min(cfg.max_position_embeddings, _MAX_DEFAULT_LEN)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids)
 
+        self._requests: dict[str, Request] = {}
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        # The model is built, compiled and run by the step thread alone: when a second thread also
+        # runs OpenMP regions, each thread gets its own OpenMP team and the steps ran ~2x slower.
+        self._ready = threading.Event()
+        self._init_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(device,), name="dashchat-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._init_error is not None:
+            self._thread.join()
+            raise self._init_error
+
+    def _build(self, device: torch.device) -> None:
+        args, cfg = self.args, self.model_config
+        if device.type == "cpu":
+            torch.set_num_threads(args.num_threads or physical_cores())
+        else:
+            torch.cuda.set_device(device)
+        torch.manual_seed(args.seed)
+        dtype = resolve_dtype(args.dtype, args.device)
         per_token = ModelRunner.kv_bytes_per_token(cfg, dtype)
         budget = args.kv_cache_memory_gb
         if budget is None:
@@ -91,23 +113,24 @@ class AsyncLLMEngine:
                 f"max_model_len {self.max_model_len}: raise the KV memory or lower --max-model-len"
             )
         self.runner = ModelRunner(
-            args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization, self.tokenizer
+            args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization, self.tokenizer,
+            compile_decode=args.compile,
         )
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         # Decodes take one token each: leave room for prefill chunks beside a full batch.
         step_budget = max(args.max_num_batched_tokens, args.max_num_seqs + args.block_size)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget)
-        self.sampler = Sampler(self.tokenizer.eos_token_ids)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, args.block_size, budget)
 
-        self._requests: dict[str, Request] = {}
-        self._inbox: list[Request] = []
-        self._aborts: list[str] = []
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="dashchat-engine", daemon=True)
-        self._thread.start()
+    def _run(self, device: torch.device) -> None:
+        try:
+            self._build(device)
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor, which raises it
+            self._init_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop()
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "AsyncLLMEngine":

@@ -48,6 +48,7 @@ class ModelRunner:
     def __init__(
         self, model_dir: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
         num_kv_blocks: int, block_size: int, quantization: str = "none", tokenizer: Tokenizer | None = None,
+        compile_decode: bool = False,
     ) -> None:
         self.cfg = cfg
         self.device = device
@@ -61,7 +62,7 @@ class ModelRunner:
             model.lm_head.weight = model.embed_tokens.weight
         model.load_weights(iter_weights(model_dir))
         # RoPE tables are buffers computed at build time: rebuild them on the real device.
-        rotary = model.layers[0].self_attn.rotary
+        rotary = model.rotary
         fresh = type(rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
         self.model = model.eval()
@@ -82,6 +83,17 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.attention = PagedAttention(self.kv_cache, block_size, cfg.head_dim**-0.5)
+        # Decode-only steps (the steady state of serving) run as one compiled graph: eager PyTorch
+        # spends more time dispatching the small decode ops than computing them. Prefill stays eager.
+        self._decode = self._decode_eager
+        self.compile_decode = compile_decode
+        self.compiled_decode_steps = 0
+        if compile_decode:
+            # Float constants (norm eps, attention scale) are constants: tracing them as dynamic
+            # makes dynamo trace the whole model twice.
+            torch._dynamo.config.specialize_float = True
+            self._decode = torch.compile(self._decode_eager, dynamic=True)
+            self._warm_up_decode()
 
     @staticmethod
     def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -121,28 +133,47 @@ class ModelRunner:
                 logits_rows.append(len(input_ids) - 1)
 
         decode_tables = decode_lens = None
-        decode_max = 0
         if batch.decodes:
-            decode_max = max(s.num_tokens for s in batch.decodes)
-            width = -(-decode_max // self.block_size)
-            tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch.decodes]
-            decode_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-            decode_lens = torch.tensor([s.num_tokens for s in batch.decodes], dtype=torch.long, device=dev)
-        meta = StepAttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decodes=len(batch.decodes),
-            decode_block_tables=decode_tables,
-            decode_context_lens=decode_lens,
-            decode_max_len=decode_max,
-            prefills=spans,
-        )
-        self.attention.begin_step(meta)
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            self.attention,
-        )
+            decode_tables, decode_lens = self._decode_tables(batch.decodes)
+        input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        if not spans:
+            self.compiled_decode_steps += self.compile_decode
+            return self._decode(input_ids_t, positions_t, slots_t, decode_tables, decode_lens)
+        self.attention.begin_step(StepAttentionMetadata(slots_t, len(batch.decodes), decode_tables, decode_lens, spans))
+        hidden = self.model(input_ids_t, positions_t, self.attention)
         if not logits_rows:
             return torch.empty(0, self.cfg.vocab_size)
         hidden = hidden[torch.tensor(logits_rows, dtype=torch.long, device=dev)]
         return self.model.compute_logits(hidden)
+
+    def _decode_tables(self, decodes: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables padded to a common width (at least 2 blocks, so a compiled graph never
+        specializes on a width of 1) and context lengths, the new token included."""
+        width = max(2, -(-max(s.num_tokens for s in decodes) // self.block_size))
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
+        lens = [s.num_tokens for s in decodes]
+        return (torch.tensor(tables, dtype=torch.long, device=self.device),
+                torch.tensor(lens, dtype=torch.long, device=self.device))
+
+    def _decode_eager(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+        block_tables: torch.Tensor, context_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per sequence: logits [N, vocab]. Everything here is a tensor shape, so one
+        compiled graph serves every batch size (beyond 1) and context length."""
+        self.attention.begin_step(StepAttentionMetadata(slots, len(input_ids), block_tables, context_lens, []))
+        return self.model.compute_logits(self.model(input_ids, positions, self.attention))
+
+    @torch.inference_mode()
+    def _warm_up_decode(self) -> None:
+        """Compile before serving: batch size 1 is its own graph, 2 and up share a dynamic one."""
+        start = time.perf_counter()
+        for n in (1, 2, 3):
+            zeros = [torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(3)]  # distinct: no aliasing guard
+            tables = torch.zeros(n, 2, dtype=torch.long, device=self.device)
+            lens = torch.ones(n, dtype=torch.long, device=self.device)
+            # Block 0 is scratch here: nothing is allocated before the engine starts serving.
+            self._decode(*zeros, tables, lens)
+        log.info("decode step compiled in %.1fs", time.perf_counter() - start)

@@ -19,6 +19,7 @@ from dashchat.engine.types import SamplingParams
 from dashchat.models.config import ModelConfig
 from dashchat.models.registry import build_model
 from dashchat.models.weights import iter_weights
+from engine_helpers import collect
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,13 +64,17 @@ def test_logits_match_transformers(family, tmp_path):
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
-def test_engine_greedy_matches_transformers_on_qwen3(tmp_path):
-    ref = _save_tiny("qwen3", tmp_path)
-    # A minimal tokenizer folder: the engine needs one, the test feeds token ids.
+def _save_word_tokenizer(path, eos: str = "t1") -> None:
+    """A minimal tokenizer folder: the engine needs one, the tests feed token ids."""
     from tokenizers import Tokenizer, models
 
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(320)}, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t1"}))
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(320)}, unk_token="t0")).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+
+
+def test_engine_greedy_matches_transformers_on_qwen3(tmp_path):
+    ref = _save_tiny("qwen3", tmp_path)
+    _save_word_tokenizer(tmp_path)
     prompt = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 200, 31, 8, 9, 10, 12, 13, 300]  # crosses a KV block
     expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128, block_size=16))
@@ -82,5 +87,36 @@ def test_engine_greedy_matches_transformers_on_qwen3(tmp_path):
             return out
 
         assert asyncio.run(run()) == expected[0, len(prompt):].tolist()
+    finally:
+        engine.shutdown()
+
+
+def test_compiled_decode_matches_transformers(tmp_path):
+    """--compile: the decode step as one torch.compile graph, batch size 1 and a dynamic batch,
+    with requests joining and leaving while the context crosses KV blocks."""
+    ref = _save_tiny("llama3-rope-scaling", tmp_path)
+    _save_word_tokenizer(tmp_path, eos="t2")  # LlamaConfig's eos: the reference bans it as ignore_eos does
+    prompts = [[(7 * i + 3 * j) % 310 + 5 for j in range(n)] for i, n in enumerate([3, 18, 9, 30, 14])]
+    new_tokens = [12, 20, 6, 15, 24]
+    expected = [
+        ref.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(p):].tolist()
+        for p, n in zip(prompts, new_tokens)
+    ]
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128, compile=True))
+    try:
+        def params(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+        async def run() -> tuple[list[int], list[list[int]]]:
+            alone = await collect(engine, prompts[0], params(new_tokens[0]))
+            together = await asyncio.gather(
+                *(collect(engine, p, params(n), delay=0.02 * i) for i, (p, n) in enumerate(zip(prompts, new_tokens)))
+            )
+            return alone[0].token_ids, [o[0].token_ids for o in together]
+
+        alone, together = asyncio.run(run())
+        assert alone == expected[0]
+        assert together == expected
+        assert engine.runner.compiled_decode_steps > 0  # the compiled graph ran, not only the eager one
     finally:
         engine.shutdown()
