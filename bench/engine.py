@@ -3,10 +3,12 @@
 One run, same machine, same model, greedy, fixed prompt and output lengths:
   single-stream TTFT and decode tok/s, aggregate tok/s at concurrency 1/8/32.
 
-    python bench/engine.py [--model smollm2-135m-instruct] [--quantization none|int8] [--peers transformers,dashinfer]
+    python bench/engine.py [--model smollm2-135m-instruct] [--quantization none|int8] [--compile]
+                           [--peers transformers,dashinfer]
 
 Medians over --repeats runs. transformers has no continuous batching: its "concurrency c"
-is one static batch of c left-padded prompts, which is how one would serve it.
+is one static batch of c left-padded prompts (the best one could serve with it), and a second
+row shows a server that runs generate() one request at a time.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--quantization", default="none")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the native engine's decode step")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -117,14 +120,15 @@ def main() -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     model_dir = str(resolve_model(args.model).path)
     engine_args = EngineArgs(model_dir=model_dir, max_model_len=1024, max_num_seqs=max(concurrencies),
-                             quantization=args.quantization)
+                             quantization=args.quantization, compile=args.compile)
     results: dict[str, dict] = {}
 
     from dashchat.engine.llm_engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine.from_args(engine_args)
     tokenizer = engine.tokenizer
-    label = "dashchat" + ("" if args.quantization == "none" else f" ({args.quantization})")
+    flags = ([] if args.quantization == "none" else [args.quantization]) + (["compile"] if args.compile else [])
+    label = "dashchat" + (f" ({', '.join(flags)})" if flags else "")
     results[label] = asyncio.run(bench_engine(engine, tokenizer, concurrencies, args.prompt_len,
                                               args.new_tokens, args.repeats))
     engine.shutdown()
@@ -148,6 +152,12 @@ def main() -> None:
         results["transformers generate (fp32)"] = bench_transformers(
             model_dir, tokenizer, concurrencies, args.prompt_len, args.new_tokens, args.repeats)
         print("transformers", json.dumps(results["transformers generate (fp32)"]), flush=True)
+        # A server built on generate() alone answers one request at a time: its aggregate at any
+        # concurrency is one request's rate, derived here from the single-stream numbers.
+        row = results["transformers generate (fp32)"]
+        per_request = row["ttft_ms"] / 1000 + (args.new_tokens - 1) / row["decode_tok_s"]
+        results["transformers generate, one request at a time"] = dict(
+            row, **{f"agg_tok_s_c{c}": args.new_tokens / per_request for c in concurrencies})
 
     cols = ["ttft_ms", "decode_tok_s"] + [f"agg_tok_s_c{c}" for c in concurrencies]
     print(f"\nmodel {args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy, "

@@ -12,6 +12,7 @@ from ..models.config import ModelConfig
 from ..models.registry import build_model
 from ..models.weights import iter_weights
 from ..tokenizer import Tokenizer
+from .cpu_linear import onednn_available, pack_linears
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -75,6 +76,8 @@ class ModelRunner:
             load_or_quantize_int8(self.model, tokenizer, model_dir, cache_dir())
         elif quantization != "none":
             raise ValueError(f"unsupported quantization {quantization!r}; choose none or int8")
+        elif device.type == "cpu" and dtype == torch.float32 and onednn_available():
+            pack_linears(self.model)
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
 
         shape = (num_kv_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
