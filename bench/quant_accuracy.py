@@ -1,7 +1,7 @@
-"""Int8 drift against float32 on a fixed text: mean log-prob of the true next token, and
-how often the two pick the same greedy token.
+"""Int8 and int4 drift against float32 on a fixed text: mean log-prob of the true next token,
+and how often each picks the same greedy token as float32.
 
-    python bench/quant_accuracy.py [--model smollm2-135m-instruct] [--tokens 384]
+    python bench/quant_accuracy.py [--model smollm2-135m-instruct] [--tokens 384] [--quantization int8,int4]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dashchat.engine.quantize import _causal_attention, quantize_linears_int8  # noqa: E402
+from dashchat.engine.quantize_int4 import quantize_linears_int4  # noqa: E402
 from dashchat.models.config import ModelConfig  # noqa: E402
 from dashchat.models.registry import build_model  # noqa: E402
 from dashchat.models.resolve import resolve_model  # noqa: E402
@@ -36,23 +37,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=384)
+    ap.add_argument("--quantization", default="int8,int4", help="comma list of int8, int4")
     args = ap.parse_args()
     path = str(resolve_model(args.model).path)
     cfg, tok = ModelConfig.from_dir(path), Tokenizer.from_dir(path)
     model = build_model(cfg)
     model.load_weights(iter_weights(path))
     model.eval()
-    int8 = copy.deepcopy(model)
-    quantize_linears_int8(int8, tok)
     ids = torch.tensor(tok.encode(TEXT)[: args.tokens])
-    ref, got = logprobs(model, ids), logprobs(int8, ids)
+    ref = logprobs(model, ids)
     target = ids[1:, None]
-    lp_ref, lp_got = ref[:-1].gather(1, target).squeeze(1), got[:-1].gather(1, target).squeeze(1)
-    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-    print(f"{args.model}: {len(ids)} tokens; mean log-prob float32 {lp_ref.mean():.4f}, int8 {lp_got.mean():.4f} "
-          f"(drift {lp_got.mean() - lp_ref.mean():+.4f}, mean |diff| {(lp_ref - lp_got).abs().mean():.4f}); "
-          f"greedy agreement {agree:.1%}")
-
+    lp_ref = ref[:-1].gather(1, target).squeeze(1)
+    for kind in args.quantization.split(","):
+        quantized = copy.deepcopy(model)
+        if kind == "int8":
+            quantize_linears_int8(quantized, tok)
+        else:
+            quantize_linears_int4(quantized)
+        got = logprobs(quantized, ids)
+        lp_got = got[:-1].gather(1, target).squeeze(1)
+        agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+        print(f"{args.model}: {len(ids)} tokens; mean log-prob float32 {lp_ref.mean():.4f}, {kind} {lp_got.mean():.4f} "
+              f"(drift {lp_got.mean() - lp_ref.mean():+.4f}, mean |diff| {(lp_ref - lp_got).abs().mean():.4f}); "
+              f"greedy agreement {agree:.1%}")
 
 if __name__ == "__main__":
     main()

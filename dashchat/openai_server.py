@@ -60,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Device ids to use (one for now; several need tensor parallelism).")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="Weight and activation dtype; auto = float32 on CPU, bfloat16 on CUDA.")
-    e.add_argument("--quantization", choices=["none", "int8", "auto"], default="none",
-                   help="Linear-layer quantization. none: the model's own precision (default: it keeps "
-                        "greedy output identical to the float model). int8: int8 weights and per-token int8 "
-                        "activations, CPU only, about 3x faster decoding with a small drift (see "
-                        "bench/README.md). auto: int8 for the native engine on CPU in float32, else none.")
+    e.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default="none",
+                   help="Linear-layer quantization, CPU only. none: the model's own precision (default: it "
+                        "keeps greedy output identical to the float model). int8: int8 weights and per-token "
+                        "int8 activations, fastest under concurrent load. int4: 4-bit weights in groups of 32 "
+                        "(a Q4_1/Q4_K GGUF keeps its own weights) with bfloat16 activations, fastest for one "
+                        "stream. Both drift a little from float32 (see bench/README.md). auto: int8 for the "
+                        "native engine on CPU in float32, else none.")
     e.add_argument("--compile", action="store_true",
                    help="Native engine: compile the decode step with torch.compile before serving. "
                         "About 2x faster decoding on CPU; start-up takes ~20 s more (a few minutes the "

@@ -74,8 +74,14 @@ class ModelRunner:
             if device.type != "cpu" or dtype != torch.float32:
                 raise ValueError("--quantization int8 is a CPU float32 path; on CUDA use --dtype bfloat16")
             load_or_quantize_int8(self.model, tokenizer, model_dir, cache_dir())
+        elif quantization == "int4":
+            from .quantize_int4 import quantize_linears_int4
+
+            if device.type != "cpu" or dtype != torch.float32:
+                raise ValueError("--quantization int4 is a CPU float32 path; on CUDA use --dtype bfloat16")
+            quantize_linears_int4(self.model)
         elif quantization != "none":
-            raise ValueError(f"unsupported quantization {quantization!r}; choose none or int8")
+            raise ValueError(f"unsupported quantization {quantization!r}; choose none, int8 or int4")
         elif device.type == "cpu" and dtype == torch.float32 and onednn_available():
             pack_linears(self.model)
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
