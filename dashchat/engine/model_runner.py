@@ -12,8 +12,8 @@ from ..models.config import ModelConfig
 from ..models.registry import build_model
 from ..models.weights import iter_weights
 from ..tokenizer import Tokenizer
-from .cpu_linear import onednn_available, pack_linears
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
+from .cpu_linear import onednn_available, pack_linears
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
