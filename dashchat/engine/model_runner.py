@@ -177,12 +177,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_decode(self) -> None:
-        """Compile before serving: batch size 1 is its own graph, 2 and up share a dynamic one."""
+        """Compile before serving: batch size 1 is its own graph, 2 and up share a dynamic one;
+        both are dynamic in the block-table width. Widths differ from batch sizes here, or dynamo
+        would give equal sizes one symbol and guard on their equality."""
         start = time.perf_counter()
-        for n in (1, 2, 3):
-            zeros = [torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(3)]  # distinct: no aliasing guard
-            tables = torch.zeros(n, 2, dtype=torch.long, device=self.device)
+        for n, width in ((1, 3), (2, 4), (3, 5)):
+            # distinct tensors: aliased inputs would add a guard too
+            flat = [torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(3)]
+            tables = torch.zeros(n, width, dtype=torch.long, device=self.device)
             lens = torch.ones(n, dtype=torch.long, device=self.device)
+            torch._dynamo.mark_dynamic(tables, 1)
+            if n > 1:
+                for t in (*flat, tables, lens):
+                    torch._dynamo.mark_dynamic(t, 0)
             # Block 0 is scratch here: nothing is allocated before the engine starts serving.
-            self._decode(*zeros, tables, lens)
+            self._decode(*flat, tables, lens)
         log.info("decode step compiled in %.1fs", time.perf_counter() - start)

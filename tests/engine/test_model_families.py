@@ -103,6 +103,8 @@ def test_compiled_decode_matches_transformers(tmp_path):
         for p, n in zip(prompts, new_tokens)
     ]
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128, compile=True))
+    # The warm-up compiled every graph serving needs: any batch size and block-table width reuses them.
+    torch.compiler.set_stance("fail_on_recompile")
     try:
         def params(n: int) -> SamplingParams:
             return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -119,4 +121,5 @@ def test_compiled_decode_matches_transformers(tmp_path):
         assert together == expected
         assert engine.runner.compiled_decode_steps > 0  # the compiled graph ran, not only the eager one
     finally:
+        torch.compiler.set_stance("default")
         engine.shutdown()
