@@ -18,6 +18,8 @@ import weakref
 import torch
 from torch import nn
 
+from .quantize import float_bias
+
 _packed: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 _handles = itertools.count()
 _BATCH_HINT = 32  # oneDNN picks its blocking for this many rows; measured best across 1-512 rows
@@ -42,14 +44,10 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().float(), _BATCH_HINT)
         self.handle = next(_handles)
         _packed[self.handle] = self.packed  # dropped with this module
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.bias = float_bias(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.handle, self.out_features, self.bias)
-
-
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available()
 
 
 def pack_linears(module: nn.Module) -> None:

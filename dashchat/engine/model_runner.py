@@ -13,7 +13,7 @@ from ..models.registry import build_model
 from ..models.weights import iter_weights
 from ..tokenizer import Tokenizer
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
-from .cpu_linear import onednn_available, pack_linears
+from .cpu_linear import pack_linears
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -82,7 +82,7 @@ class ModelRunner:
             quantize_linears_int4(self.model)
         elif quantization != "none":
             raise ValueError(f"unsupported quantization {quantization!r}; choose none, int8 or int4")
-        elif device.type == "cpu" and dtype == torch.float32 and onednn_available():
+        elif device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
             pack_linears(self.model)
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
 

@@ -40,6 +40,11 @@ _CALIBRATION_TEXT = (
 ) * 3
 
 
+def float_bias(linear: nn.Linear) -> nn.Parameter | None:
+    """A replacement layer's copy of the bias: float32, frozen."""
+    return None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, quantize: bool = True) -> None:
         super().__init__()
@@ -53,7 +58,7 @@ class Int8Linear(nn.Module):
             qweight = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.bias = float_bias(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantize import Int8Linear
+from .quantize import Int8Linear, float_bias
 
 GROUP = 32
 
@@ -41,7 +41,7 @@ class Int4Linear(nn.Module):
         packed, scales_and_zeros = pack_int4(linear.weight)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.bias = float_bias(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_and_zeros)
