@@ -6,18 +6,14 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from server_proc import SMOLLM_ARGS, ServerProcess
+from server_proc import SMOLLM_ARGS, ServerProcess, running
 
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     """The plain server: defaults except a small context and batch, as a user would start it."""
-    srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "1024",
-                        "--max-num-seqs", "16", "--max-queue", "256")
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    yield from running(*SMOLLM_ARGS, "--max-model-len", "1024",
+                       "--max-num-seqs", "16", "--max-queue", "256")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -72,6 +73,15 @@ class ServerProcess:
             rc = self.proc.wait()
         self._log.close()
         return rc
+
+
+def running(*args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """For fixtures (`yield from running(...)`): a ready server, stopped when the fixture ends."""
+    srv = ServerProcess(*args, env=env)
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
 
 
 def metric(base_url: str, name: str, headers: dict[str, str] | None = None) -> float:

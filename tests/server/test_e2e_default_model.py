@@ -9,16 +9,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from server_proc import REPO, ServerProcess
+from server_proc import REPO, ServerProcess, running
 
 
 @pytest.fixture(scope="module")
 def default_server() -> Iterator[ServerProcess]:
-    srv = ServerProcess("--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "0.5")
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    yield from running("--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "0.5")
 
 
 def test_default_model_name(default_server: ServerProcess) -> None:

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_proc import SMOLLM_ARGS, ServerProcess
+from server_proc import SMOLLM_ARGS, ServerProcess, running
 
 
 @pytest.fixture(scope="module")
 def small() -> Iterator[ServerProcess]:
     # A short context bounds how long any generated request can run.
-    srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "128", "--max-n", "2",
-                        "--request-timeout", "3")
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    yield from running(*SMOLLM_ARGS, "--max-model-len", "128", "--max-n", "2",
+                       "--request-timeout", "3")
 
 
 def test_schemathesis_no_server_errors(small: ServerProcess, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from server_proc import SMOLLM_ARGS, ServerProcess, wait_engine_idle
+from server_proc import SMOLLM_ARGS, ServerProcess, running, wait_engine_idle
 
 KEYS = ["key-one", "key-two"]
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
@@ -17,15 +17,11 @@ MSG = [{"role": "user", "content": "Write a poem."}]
 
 @pytest.fixture(scope="module")
 def tight() -> Iterator[ServerProcess]:
-    srv = ServerProcess(*SMOLLM_ARGS, "--max-model-len", "512",
-                        "--served-model-name", "tiny", "--api-key", KEYS[0], "--max-num-seqs", "1",
-                        "--max-queue", "1", "--max-request-bytes", "20000", "--request-timeout", "5",
-                        "--max-n", "2", "--allowed-origins", "http://app.test",
-                        env={"DASHCHAT_API_KEY": KEYS[1]})
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    yield from running(*SMOLLM_ARGS, "--max-model-len", "512",
+                       "--served-model-name", "tiny", "--api-key", KEYS[0], "--max-num-seqs", "1",
+                       "--max-queue", "1", "--max-request-bytes", "20000", "--request-timeout", "5",
+                       "--max-n", "2", "--allowed-origins", "http://app.test",
+                       env={"DASHCHAT_API_KEY": KEYS[1]})
 
 
 def test_auth(tight: ServerProcess) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 from openai import OpenAI
-from server_proc import ServerProcess
+from server_proc import ServerProcess, running
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -50,12 +50,8 @@ MARKUP = ("<tool_call>", "</tool_call>", "```", '"name"', "<|")
 
 @pytest.fixture(scope="module")
 def qwen() -> Iterator[ServerProcess]:
-    srv = ServerProcess("--model-path", QWEN, "--device", "cpu", "--max-model-len", "2048",
-                        "--kv-cache-memory", "0.5", "--max-num-seqs", "8")
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    yield from running("--model-path", QWEN, "--device", "cpu", "--max-model-len", "2048",
+                       "--kv-cache-memory", "0.5", "--max-num-seqs", "8")
 
 
 @pytest.fixture(scope="module")
