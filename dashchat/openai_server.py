@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Native engine: compile the decode step with torch.compile before serving. "
                         "About 2x faster decoding on CPU; start-up takes ~20 s more (a few minutes the "
                         "very first time, while the compiled kernels are cached).")
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="Native engine on CUDA: run decode steps eagerly instead of replaying captured "
+                        "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, capped.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
@@ -148,6 +151,7 @@ def _build_engine(args: argparse.Namespace, model_dir: str) -> Any:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory,
         num_threads=args.threads, max_queue=args.max_queue, quantization=quantization, seed=args.seed,
         compile=args.compile,
+        enforce_eager=args.enforce_eager,
     )
     if args.engine == "dashinfer":
         try:

@@ -21,4 +21,5 @@ class EngineArgs:
     max_queue: int = 256  # waiting requests beyond which generate() raises EngineOverloaded
     quantization: str = "none"  # "none" | "int8"
     compile: bool = False  # torch.compile the decode step (slower start, faster tokens)
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     seed: int = 0

@@ -114,7 +114,8 @@ class AsyncLLMEngine:
             )
         self.runner = ModelRunner(
             args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization, self.tokenizer,
-            compile_decode=args.compile,
+            compile_decode=args.compile, cuda_graphs=not args.enforce_eager, max_num_seqs=args.max_num_seqs,
+            max_model_len=self.max_model_len,
         )
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         # Decodes take one token each: leave room for prefill chunks beside a full batch.

@@ -14,6 +14,7 @@ from ..models.weights import iter_weights
 from ..tokenizer import Tokenizer
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
 from .cpu_linear import pack_linears
+from .cuda_graphs import PaddedDecode
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -49,7 +50,7 @@ class ModelRunner:
     def __init__(
         self, model_dir: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
         num_kv_blocks: int, block_size: int, quantization: str = "none", tokenizer: Tokenizer | None = None,
-        compile_decode: bool = False,
+        compile_decode: bool = False, cuda_graphs: bool = False, max_num_seqs: int = 1, max_model_len: int = 0,
     ) -> None:
         self.cfg = cfg
         self.device = device
@@ -86,7 +87,8 @@ class ModelRunner:
             pack_linears(self.model)
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
 
-        shape = (num_kv_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One block past those the block manager hands out: padded CUDA-graph rows write there.
+        shape = ((num_kv_blocks + 1) * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_layers)
@@ -103,6 +105,10 @@ class ModelRunner:
             torch._dynamo.config.specialize_float = True
             self._decode = torch.compile(self._decode_eager, dynamic=True)
             self._warm_up_decode()
+        if cuda_graphs and device.type == "cuda":
+            max_width = -(-max(max_model_len, block_size) // block_size)
+            self._decode = PaddedDecode(self._decode, device, max_num_seqs, max_width, num_kv_blocks, block_size,
+                                        use_graphs=True)
 
     @staticmethod
     def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dashchat.engine.args import EngineArgs
+from dashchat.engine.cuda_graphs import PaddedDecode, bucket
 from dashchat.engine.llm_engine import AsyncLLMEngine
 from dashchat.engine.quantize import _causal_attention
 from dashchat.engine.types import SamplingParams
@@ -122,4 +123,39 @@ def test_compiled_decode_matches_transformers(tmp_path):
         assert engine.runner.compiled_decode_steps > 0  # the compiled graph ran, not only the eager one
     finally:
         torch.compiler.set_stance("default")
+        engine.shutdown()
+
+
+def test_bucket_sizes():
+    assert [bucket(n, 32) for n in (1, 2, 3, 4, 5, 17, 32)] == [1, 2, 4, 4, 8, 32, 32]
+    assert bucket(40, 48) == 48 and bucket(3, 2) == 2
+
+
+def test_padded_decode_matches_transformers(tmp_path):
+    """The CUDA-graph path's padding, run eagerly on the CPU: batches padded to powers of two
+    (padded rows write into the scratch block), block tables padded in width, same tokens."""
+    ref = _save_tiny("qwen2-tied", tmp_path)
+    _save_word_tokenizer(tmp_path, eos="t2")
+    prompts = [[(5 * i + 11 * j) % 300 + 7 for j in range(n)] for i, n in enumerate([3, 18, 9, 30, 14])]
+    new_tokens = [12, 20, 6, 15, 24]
+    expected = [
+        ref.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(p):].tolist()
+        for p, n in zip(prompts, new_tokens)
+    ]
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128, max_num_seqs=6))
+    runner = engine.runner
+    padded = PaddedDecode(runner._decode_eager, runner.device, 6, 128 // runner.block_size,
+                          engine.blocks.num_blocks, runner.block_size, use_graphs=False)
+    runner._decode = padded  # what a CUDA device replays as graphs, here eager on these shapes
+    try:
+        async def run() -> list[list[int]]:
+            outs = await asyncio.gather(*(
+                collect(engine, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), delay=0.02 * i)
+                for i, (p, n) in enumerate(zip(prompts, new_tokens))
+            ))
+            return [o[0].token_ids for o in outs]
+
+        assert asyncio.run(run()) == expected
+        assert padded.slots[5].item() == engine.blocks.num_blocks * runner.block_size  # a padded row
+    finally:
         engine.shutdown()
