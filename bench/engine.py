@@ -4,7 +4,7 @@ One run, same machine, same model, greedy, fixed prompt and output lengths:
   single-stream TTFT and decode tok/s, aggregate tok/s at concurrency 1/8/32.
 
     python bench/engine.py [--model smollm2-135m-instruct] [--quantization none|int8] [--compile]
-                           [--peers transformers,dashinfer]
+                           [--peers transformers,dashinfer] [--device cpu|cuda] [--dtype auto]
 
 Medians over --repeats runs. transformers has no continuous batching: its "concurrency c"
 is one static batch of c left-padded prompts (the best one could serve with it), and a second
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dashchat.engine.args import EngineArgs  # noqa: E402
+from dashchat.engine.model_runner import resolve_dtype  # noqa: E402
 from dashchat.engine.types import SamplingParams  # noqa: E402
 from dashchat.models.resolve import resolve_model  # noqa: E402
 
@@ -75,19 +76,21 @@ async def bench_engine(engine, tokenizer, concurrencies, prompt_len, new_tokens,
     return result
 
 
-def bench_transformers(model_dir, tokenizer, concurrencies, prompt_len, new_tokens, repeats) -> dict:
+def bench_transformers(model_dir, tokenizer, concurrencies, prompt_len, new_tokens, repeats,
+                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
     def run(batch: list[list[int]], n: int) -> tuple[float, float]:
         width = max(len(b) for b in batch)
         pad = 0
-        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])
-        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            out.cpu()  # waits for the GPU
         return time.perf_counter() - start, n * len(batch)
 
     run(prompts(tokenizer, 1, prompt_len), 2)
@@ -110,17 +113,24 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--compile", action="store_true", help="torch.compile the native engine's decode step")
+    ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for the native engine")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peers", default="transformers,dashinfer", help="comma list; empty for none")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="auto", help="auto = float32 on cpu, bfloat16 on cuda (all engines)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     model_dir = str(resolve_model(args.model).path)
     engine_args = EngineArgs(model_dir=model_dir, max_model_len=1024, max_num_seqs=max(concurrencies),
-                             quantization=args.quantization, compile=args.compile)
+                             quantization=args.quantization, compile=args.compile, device=args.device,
+                             enforce_eager=args.enforce_eager,
+                             dtype=args.dtype)
+    dtype = resolve_dtype(args.dtype, args.device)
+    dtype_name = str(dtype).removeprefix("torch.")
     results: dict[str, dict] = {}
 
     from dashchat.engine.llm_engine import AsyncLLMEngine
@@ -128,6 +138,7 @@ def main() -> None:
     engine = AsyncLLMEngine.from_args(engine_args)
     tokenizer = engine.tokenizer
     flags = ([] if args.quantization == "none" else [args.quantization]) + (["compile"] if args.compile else [])
+    flags += [] if args.device == "cpu" else [args.device, dtype_name, "eager" if args.enforce_eager else "cuda graphs"]
     label = "dashchat" + (f" ({', '.join(flags)})" if flags else "")
     results[label] = asyncio.run(bench_engine(engine, tokenizer, concurrencies, args.prompt_len,
                                               args.new_tokens, args.repeats))
@@ -135,7 +146,7 @@ def main() -> None:
     print(label, json.dumps(results[label]), flush=True)
 
     peers = [p for p in args.peers.split(",") if p]
-    if "dashinfer" in peers:
+    if "dashinfer" in peers and args.device == "cpu":
         try:
             from dashchat.engine.dashinfer_engine import DashInferEngine
 
@@ -149,12 +160,12 @@ def main() -> None:
             peer.shutdown()
             print("dashinfer", json.dumps(results["dashinfer 1.3.0 (fp32)"]), flush=True)
     if "transformers" in peers:
-        results["transformers generate (fp32)"] = bench_transformers(
-            model_dir, tokenizer, concurrencies, args.prompt_len, args.new_tokens, args.repeats)
-        print("transformers", json.dumps(results["transformers generate (fp32)"]), flush=True)
+        name = f"transformers generate ({args.device}, {dtype_name})"
+        results[name] = row = bench_transformers(model_dir, tokenizer, concurrencies, args.prompt_len,
+                                                 args.new_tokens, args.repeats, args.device, dtype)
+        print("transformers", json.dumps(row), flush=True)
         # A server built on generate() alone answers one request at a time: its aggregate at any
         # concurrency is one request's rate, derived here from the single-stream numbers.
-        row = results["transformers generate (fp32)"]
         per_request = row["ttft_ms"] / 1000 + (args.new_tokens - 1) / row["decode_tok_s"]
         results["transformers generate, one request at a time"] = dict(
             row, **{f"agg_tok_s_c{c}": args.new_tokens / per_request for c in concurrencies})
