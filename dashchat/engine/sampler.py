@@ -35,7 +35,6 @@ def _is_plain(seq: Sequence) -> bool:
         and p.frequency_penalty == 0.0
         and p.repetition_penalty == 1.0
         and not p.min_tokens
-        and not p.ignore_eos
     )
 
 
@@ -59,13 +58,8 @@ class Sampler:
         if (p.presence_penalty or p.frequency_penalty) and output:
             ids, counts = torch.tensor(output, dtype=torch.long, device=dev).unique(return_counts=True)
             row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
-        banned: list[int] = []
-        if p.ignore_eos or len(output) < p.min_tokens:
-            banned += self.eos_token_ids
-        if len(output) < p.min_tokens:
-            banned += p.stop_token_ids
-        if banned:
-            row[torch.tensor(banned, dtype=torch.long, device=dev)] = float("-inf")
+        if len(output) < p.min_tokens and p.stop_token_ids:  # eos: banned for the whole batch in sample()
+            row[torch.tensor(p.stop_token_ids, dtype=torch.long, device=dev)] = float("-inf")
         return row
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SampleResult]:
@@ -74,6 +68,13 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if not _is_plain(seq):
                 logits[i] = self._process_row(seq, logits[i])
+        # ignore_eos and min_tokens ban eos: one indexed write for all such rows (ignore_eos is common
+        # in benchmarks, and a write per row cost a kernel launch and a copy each on a GPU)
+        no_eos = [i for i, s in enumerate(seqs) if s.params.ignore_eos or s.num_output_tokens < s.params.min_tokens]
+        if no_eos and self.eos_token_ids:
+            rows = torch.tensor(no_eos, dtype=torch.long, device=logits.device)
+            cols = torch.tensor(self.eos_token_ids, dtype=torch.long, device=logits.device)
+            logits[rows[:, None], cols[None, :]] = float("-inf")
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
