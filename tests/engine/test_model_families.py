@@ -159,3 +159,42 @@ def test_padded_decode_matches_transformers(tmp_path):
         assert padded.slots[5].item() == engine.blocks.num_blocks * runner.block_size  # a padded row
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("step_tokens", [512, 100])
+def test_long_prompts_match_transformers(step_tokens, tmp_path):
+    """Prompts of several CPU attention tiles, whole or in chunks that start mid-tile."""
+    ref = _save_tiny("qwen3", tmp_path)
+    _save_word_tokenizer(tmp_path, eos="t2")
+    prompts = [[(13 * i + 7 * j) % 300 + 5 for j in range(n)] for i, n in enumerate([150, 201])]
+    expected = [
+        ref.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(p):].tolist()
+        for p in prompts
+    ]
+    engine = AsyncLLMEngine.from_args(
+        EngineArgs(model_dir=str(tmp_path), max_model_len=256, max_num_batched_tokens=step_tokens)
+    )
+    try:
+        async def run() -> list[list[int]]:
+            params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+            outs = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+            return [o[0].token_ids for o in outs]
+
+        assert asyncio.run(run()) == expected
+    finally:
+        engine.shutdown()
+
+
+def test_tiled_prefill_attention_equals_masked_sdpa():
+    from dashchat.engine.attention import PagedAttention
+
+    attention = PagedAttention([], block_size=16, scale=0.125)
+    gen = torch.Generator().manual_seed(3)
+    for t, past in [(1, 0), (64, 0), (150, 0), (70, 90)]:
+        q = torch.randn(t, 6, 32, generator=gen)
+        keys, values = torch.randn(2, past + t, 32, generator=gen), torch.randn(2, past + t, 32, generator=gen)
+        mask = torch.arange(past + t)[None, :] <= torch.arange(past, past + t)[:, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.repeat_interleave(3, 0), values.repeat_interleave(3, 0), attn_mask=mask, scale=0.125
+        ).transpose(0, 1).reshape(t, 6 * 32)
+        torch.testing.assert_close(attention._prefill_tiled(q, keys, values, past), expected, atol=1e-5, rtol=1e-5)
