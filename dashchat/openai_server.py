@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, capped.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
-    e.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="Token budget per engine step (long prompts are prefilled in chunks).")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="Token budget per engine step (long prompts are prefilled in chunks). "
+                        "Default: 512 on CPU, 2048 on CUDA.")
     e.add_argument("--kv-cache-memory", type=float, default=None, metavar="GB",
                    help="Memory for the KV cache in GiB. Default: enough for max-num-seqs full contexts, "
                         "capped.")

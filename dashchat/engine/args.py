@@ -13,7 +13,7 @@ class EngineArgs:
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
     max_model_len: int | None = None  # default: min(model's context, 4096)
     max_num_seqs: int = 32  # running sequences at once
-    max_num_batched_tokens: int = 512  # token budget per step (chunked prefill)
+    max_num_batched_tokens: int | None = None  # token budget per step (chunked prefill); default by device
     kv_cache_memory_gb: float | None = None  # default: enough for max_num_seqs * max_model_len, capped
     block_size: int = 16
     enable_prefix_caching: bool = True

@@ -38,6 +38,9 @@ from .types import (
 log = logging.getLogger(__name__)
 
 _DEFAULT_KV_GB = {"cpu": 2.0, "cuda": 8.0}
+# Tokens per step: on CPU a 512-token chunk already runs the GEMMs at peak and keeps running
+# streams moving; a GPU step of 2048 tokens costs little more than one of 512 (vLLM's default too).
+_DEFAULT_STEP_TOKENS = {"cpu": 512, "cuda": 2048}
 _MAX_DEFAULT_LEN = 8192
 
 
@@ -119,7 +122,8 @@ class AsyncLLMEngine:
         )
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         # Decodes take one token each: leave room for prefill chunks beside a full batch.
-        step_budget = max(args.max_num_batched_tokens, args.max_num_seqs + args.block_size)
+        step_tokens = args.max_num_batched_tokens or _DEFAULT_STEP_TOKENS[args.device]
+        step_budget = max(step_tokens, args.max_num_seqs + args.block_size)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, args.block_size, budget)
 

@@ -129,6 +129,7 @@ def test_bfloat16_engine_serves_and_seeds_reproduce(tmp_path):
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), device="cuda", max_model_len=128))
     try:
         assert engine.runner.dtype == torch.bfloat16  # auto on CUDA
+        assert engine.scheduler.max_num_batched_tokens == 2048  # the CUDA default step budget
         seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True, logprobs=2)
 
         async def run():

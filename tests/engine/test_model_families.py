@@ -198,3 +198,13 @@ def test_tiled_prefill_attention_equals_masked_sdpa():
             q.transpose(0, 1), keys.repeat_interleave(3, 0), values.repeat_interleave(3, 0), attn_mask=mask, scale=0.125
         ).transpose(0, 1).reshape(t, 6 * 32)
         torch.testing.assert_close(attention._prefill_tiled(q, keys, values, past), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_step_token_budget_defaults_to_512_on_cpu(tmp_path):
+    _save_tiny("qwen2-tied", tmp_path)
+    _save_word_tokenizer(tmp_path)
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128))
+    try:
+        assert engine.scheduler.max_num_batched_tokens == 512
+    finally:
+        engine.shutdown()
