@@ -40,7 +40,8 @@ def prompts(tokenizer, n: int, prompt_len: int) -> list[list[int]]:
     shortens its prefill (every engine does the same work in every repeat)."""
     out = []
     for _ in range(n):
-        ids = tokenizer.encode(PROMPT.format(i=next(_fresh)) + " Once upon a time" * 64)
+        ids = tokenizer.encode(PROMPT.format(i=next(_fresh)) + " Once upon a time" * max(64, prompt_len // 2))
+        assert len(ids) >= prompt_len, "the prompt text is too short for --prompt-len"
         out.append(ids[:prompt_len])
     return out
 
