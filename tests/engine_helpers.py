@@ -34,12 +34,16 @@ def transformers_greedy(model_dir: str, tokenizer: Any, prompts: list[str], new_
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return greedy_tokens(model, [tokenizer.encode(p) for p in prompts], [new_tokens] * len(prompts))
+
+
+def greedy_tokens(model: Any, prompts: list[list[int]], new_tokens: list[int]) -> list[list[int]]:
+    """A loaded transformers model's greedy continuation of each token-id prompt, exactly
+    new_tokens[i] long (min_new_tokens bans eos as ignore_eos does), on the model's device."""
+    device = next(model.parameters()).device
     refs = []
-    for p in prompts:
-        ids = tokenizer.encode(p)
-        out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        )
+    for ids, n in zip(prompts, new_tokens):
+        x = torch.tensor([ids], device=device)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False)
         refs.append(out[0, len(ids):].tolist())
     return refs

@@ -20,7 +20,7 @@ from dashchat.engine.types import SamplingParams
 from dashchat.models.config import ModelConfig
 from dashchat.models.registry import build_model
 from dashchat.models.weights import iter_weights
-from engine_helpers import collect
+from engine_helpers import collect, greedy_tokens
 from test_model_families import _save_tiny, _save_word_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -45,13 +45,7 @@ def _greedy(n: int) -> SamplingParams:
 def _reference(family: str, path) -> list[list[int]]:
     ref = _save_tiny(family, path).to("cuda")
     _save_word_tokenizer(path, eos="t2")  # ignore_eos in the engine; the reference never stops early
-    out = []
-    for p, n in zip(PROMPTS, NEW_TOKENS):
-        ids = torch.tensor([p], device="cuda")
-        gen = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False)
-        out.append(gen[0, len(p):].tolist())
-    return out
+    return greedy_tokens(ref, PROMPTS, NEW_TOKENS)
 
 
 def _run_all(engine: AsyncLLMEngine) -> tuple[list[int], list[list[int]]]:

@@ -20,7 +20,7 @@ from dashchat.engine.types import SamplingParams
 from dashchat.models.config import ModelConfig
 from dashchat.models.registry import build_model
 from dashchat.models.weights import iter_weights
-from engine_helpers import collect
+from engine_helpers import collect, greedy_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,7 +77,7 @@ def test_engine_greedy_matches_transformers_on_qwen3(tmp_path):
     ref = _save_tiny("qwen3", tmp_path)
     _save_word_tokenizer(tmp_path)
     prompt = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 200, 31, 8, 9, 10, 12, 13, 300]  # crosses a KV block
-    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    expected = greedy_tokens(ref, [prompt], [12])[0]
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128, block_size=16))
     try:
         async def run() -> list[int]:
@@ -87,7 +87,7 @@ def test_engine_greedy_matches_transformers_on_qwen3(tmp_path):
                 out += o.deltas[0].token_ids if o.deltas else []
             return out
 
-        assert asyncio.run(run()) == expected[0, len(prompt):].tolist()
+        assert asyncio.run(run()) == expected
     finally:
         engine.shutdown()
 
@@ -99,10 +99,7 @@ def test_compiled_decode_matches_transformers(tmp_path):
     _save_word_tokenizer(tmp_path, eos="t2")  # LlamaConfig's eos: the reference bans it as ignore_eos does
     prompts = [[(7 * i + 3 * j) % 310 + 5 for j in range(n)] for i, n in enumerate([3, 18, 9, 30, 14])]
     new_tokens = [12, 20, 6, 15, 24]
-    expected = [
-        ref.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(p):].tolist()
-        for p, n in zip(prompts, new_tokens)
-    ]
+    expected = greedy_tokens(ref, prompts, new_tokens)
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128, compile=True))
     # The warm-up compiled every graph serving needs: any batch size and block-table width reuses them.
     torch.compiler.set_stance("fail_on_recompile")
@@ -138,10 +135,7 @@ def test_padded_decode_matches_transformers(tmp_path):
     _save_word_tokenizer(tmp_path, eos="t2")
     prompts = [[(5 * i + 11 * j) % 300 + 7 for j in range(n)] for i, n in enumerate([3, 18, 9, 30, 14])]
     new_tokens = [12, 20, 6, 15, 24]
-    expected = [
-        ref.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(p):].tolist()
-        for p, n in zip(prompts, new_tokens)
-    ]
+    expected = greedy_tokens(ref, prompts, new_tokens)
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128, max_num_seqs=6))
     runner = engine.runner
     padded = PaddedDecode(runner._decode_eager, runner.device, 6, 128 // runner.block_size,
@@ -167,10 +161,7 @@ def test_long_prompts_match_transformers(step_tokens, tmp_path):
     ref = _save_tiny("qwen3", tmp_path)
     _save_word_tokenizer(tmp_path, eos="t2")
     prompts = [[(13 * i + 7 * j) % 300 + 5 for j in range(n)] for i, n in enumerate([150, 201])]
-    expected = [
-        ref.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(p):].tolist()
-        for p in prompts
-    ]
+    expected = greedy_tokens(ref, prompts, [8] * len(prompts))
     engine = AsyncLLMEngine.from_args(
         EngineArgs(model_dir=str(tmp_path), max_model_len=256, max_num_batched_tokens=step_tokens)
     )
