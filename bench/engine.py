@@ -4,7 +4,7 @@ One run, same machine, same model, greedy, fixed prompt and output lengths:
   single-stream TTFT and decode tok/s, aggregate tok/s at concurrency 1/8/32.
 
     python bench/engine.py [--model smollm2-135m-instruct] [--quantization none|int8] [--compile]
-                           [--peers transformers,dashinfer] [--device cpu|cuda] [--dtype auto]
+                           [--peers transformers,dashinfer] [--device cpu|cuda] [--dtype auto] [--enforce-eager]
 
 Medians over --repeats runs. transformers has no continuous batching: its "concurrency c"
 is one static batch of c left-padded prompts (the best one could serve with it), and a second
