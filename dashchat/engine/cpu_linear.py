@@ -6,8 +6,12 @@ through oneDNN with pre-packed weights ran SmolLM2-135M's 30 layers of linears 1
 batch 1, 2x at 8, 1.8x at 32 and 1.3x at prefill sizes (128-512 rows); decoding one token reads
 every weight once, so this is most of a float32 decode step.
 
+Up to 16 rows (decode steps) a small C kernel (cpu_gemv.c) reads the same packed buffer in place
+and streams it near memory bandwidth, where oneDNN reaches about half; a check product at load
+time confirms that oneDNN chose the layout the kernel reads, else the layer keeps oneDNN alone.
+
 The packed weight is an opaque oneDNN tensor that torch.compile cannot trace, so the product is
-a custom op that reaches the weight through a handle: a compiled graph calls it as an extern kernel.
+a custom op that reaches its layer through a handle: a compiled graph calls it as an extern kernel.
 """
 
 from __future__ import annotations
@@ -18,16 +22,21 @@ import weakref
 import torch
 from torch import nn
 
+from .cpu_kernels import gemv_library
 from .quantize import float_bias
 
-_packed: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_layers: weakref.WeakValueDictionary[int, "PackedLinear"] = weakref.WeakValueDictionary()
 _handles = itertools.count()
 _BATCH_HINT = 32  # oneDNN picks its blocking for this many rows; measured best across 1-512 rows
+# Rows up to which the streaming kernel runs: it was 1.1-2x oneDNN's speed at 1-16 rows and even
+# at 32, where the product turns compute-bound and oneDNN's GEMM is the better tool.
+SMALL_BATCH_ROWS = 16
+_PANEL = 64  # output rows per block of oneDNN's layout "Ab64a", the one cpu_gemv.c reads
 
 
 @torch.library.custom_op("dashchat::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, handle: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, _packed[handle], bias, "none", [None], "")
+    return _layers[handle].product(x)
 
 
 @packed_linear.register_fake
@@ -43,14 +52,41 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().float(), _BATCH_HINT)
         self.handle = next(_handles)
-        _packed[self.handle] = self.packed  # dropped with this module
+        _layers[self.handle] = self  # dropped with this module
         self.bias = float_bias(linear)
+        self._bias_ptr = None if self.bias is None else self.bias.data_ptr()
+        self._gemv = gemv_library()
+        self._weight_ptr = self._readable_weight() if self._gemv is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return packed_linear(x, self.handle, self.out_features, self.bias)
-        # eager: straight to oneDNN; the custom op's Python dispatch cost ~20 us a call (2.5 ms a step)
+        # eager: no custom op, whose Python dispatch cost ~20 us a call (2.5 ms a step)
+        return self.product(x)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight_ptr is not None and x.shape[0] <= SMALL_BATCH_ROWS and x.dim() == 2:
+            return self._small_batch(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+
+    def _small_batch(self, x: torch.Tensor, weight_ptr: int | None = None) -> torch.Tensor:
+        x = x.contiguous()
+        y = x.new_empty(x.shape[0], self.out_features)
+        self._gemv.dc_linear_ab64a(x.data_ptr(), weight_ptr or self._weight_ptr, self._bias_ptr, y.data_ptr(),
+                                   x.shape[0], self.out_features, self.in_features)
+        return y
+
+    def _readable_weight(self) -> int | None:
+        """The packed buffer's address if it is laid out as the kernel reads it, else None."""
+        n, k = self.out_features, self.in_features
+        if torch.ops.mkldnn._nbytes(self.packed) != -(-n // _PANEL) * _PANEL * k * 4:
+            return None
+        ptr = torch.ops.mkldnn.data_ptr(self.packed)
+        # oneDNN picks its layout per CPU: one product through both paths tells whether it is ours.
+        x = torch.randn(3, k)
+        ours = self._small_batch(x, ptr)
+        theirs = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        return ptr if torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3) else None
 
 
 def pack_linears(module: nn.Module) -> None:

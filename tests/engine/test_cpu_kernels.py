@@ -1,0 +1,49 @@
+"""The C kernels for float32 decode on CPU (dashchat/engine/cpu_gemv.c) against PyTorch's own ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dashchat.engine.cpu_kernels import gemv_library
+from dashchat.engine.cpu_linear import SMALL_BATCH_ROWS, PackedLinear
+
+
+def test_kernel_library_builds_against_torchs_openmp():
+    assert gemv_library() is not None, "cc could not build dashchat/engine/cpu_gemv.c (see the warning logged)"
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(runtimes) == 1, f"a second OpenMP runtime was loaded: {runtimes}"
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "bias"),
+    [(960, 576, False), (1152, 896, True), (130, 64, True), (64, 1536, False)],
+)
+def test_small_batch_linear_matches_pytorch(out_features, in_features, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    packed = PackedLinear(linear)
+    if out_features % 64 == 0:
+        assert packed._weight_ptr is not None, "oneDNN's layout was not recognised: the kernel is not in use"
+    with torch.inference_mode():
+        for rows in [0, 1, 2, 3, 5, 6, 7, 8, 13, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 40]:
+            x = torch.randn(rows, in_features)
+            expected = F.linear(x, linear.weight, linear.bias)
+            torch.testing.assert_close(packed(x), expected, rtol=1e-4, atol=1e-4)
+        # a strided input (a view into a wider tensor) is read correctly too
+        wide = torch.randn(4, 2 * in_features)
+        x = wide[:, :in_features]
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-4, atol=1e-4)
+
+
+def test_small_batch_linear_inside_torch_compile():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 192, bias=True)
+    packed = PackedLinear(linear)
+    compiled = torch.compile(lambda x: packed(x) * 2, dynamic=True, fullgraph=True)
+    with torch.inference_mode():
+        for rows in (2, 9, 33):
+            x = torch.randn(rows, 576)
+            torch.testing.assert_close(compiled(x), 2 * F.linear(x, linear.weight, linear.bias), rtol=1e-4, atol=1e-4)
