@@ -191,6 +191,40 @@ def test_tiled_prefill_attention_equals_masked_sdpa():
         torch.testing.assert_close(attention._prefill_tiled(q, keys, values, past), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_batched_prefill_attention_equals_one_call_per_chunk(cached):
+    """The GPU's one-call prefill (block-diagonal causal mask, cached context gathered) against the
+    per-chunk path, on a step with decodes, fresh chunks and (cached) chunks continuing a prefix."""
+    from dashchat.engine.attention import PagedAttention, PrefillSpan, StepAttentionMetadata
+
+    gen = torch.Generator().manual_seed(5)
+    bs, hkv, hq, dim = 4, 2, 6, 16
+    cache = [(torch.randn(64 * bs, hkv, dim, generator=gen), torch.randn(64 * bs, hkv, dim, generator=gen))]
+    decode_tables = torch.tensor([[40, 41, 0], [50, 51, 52]])
+    decode_lens = torch.tensor([6, 11])
+    # (chunk length, cached tokens before it, blocks)
+    chunks = [(5, 0, [1, 2]), (7, 6, [3, 4, 5, 6]), (1, 9, [7, 8, 9]), (9, 0, [10, 11, 12])]
+    if not cached:
+        chunks = [(length, 0, blocks) for length, _, blocks in chunks]
+    spans, slots = [], [41 * bs + 1, 52 * bs + 2]
+    row = 2
+    for length, past, blocks in chunks:
+        spans.append(PrefillSpan(row, length, past + length, torch.tensor(blocks)))
+        slots += [blocks[p // bs] * bs + p % bs for p in range(past, past + length)]
+        row += length
+    q, k, v = (torch.randn(row, h, dim, generator=gen) for h in (hq, hkv, hkv))
+    outs = []
+    for batched in (False, True):
+        layer_cache = [(cache[0][0].clone(), cache[0][1].clone())]
+        attention = PagedAttention(layer_cache, bs, dim**-0.5, batch_prefills=batched)
+        attention.begin_step(StepAttentionMetadata(torch.tensor(slots), 2, decode_tables, decode_lens, spans))
+        outs.append(attention(0, q, k, v))
+        assert batched == (attention._prefill_plan is not None)
+        if batched:
+            assert (attention._prefill_plan[0] is None) == (not cached)  # gathers only cached context
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
 def test_step_token_budget_defaults_to_512_on_cpu(tmp_path):
     _save_tiny("qwen2-tied", tmp_path)
     _save_word_tokenizer(tmp_path)
