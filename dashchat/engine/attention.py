@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import kernel_library, paged_decode_attention, paged_decode_attention_op
+
 _PREFILL_TILE = 64  # query positions per tile on CPU (measured best of 64/128/256 at 128-1024 tokens)
 # Largest score matrix (query heads per KV head x queries x keys) that one batched prefill call may
 # build with its mask; bigger steps (long cached contexts) take one call per chunk.
@@ -50,6 +52,9 @@ class PagedAttention:
         if batch_prefills is None:
             batch_prefills = bool(kv_cache) and kv_cache[0][0].is_cuda
         self.batch_prefills = batch_prefills
+        # float32 on CPU: decode attention in C, straight from the paged cache
+        self.decode_kernel = (bool(kv_cache) and kv_cache[0][0].device.type == "cpu"
+                              and kv_cache[0][0].dtype == torch.float32 and kernel_library() is not None)
         self.meta: StepAttentionMetadata | None = None
         self._decode_mask: torch.Tensor | None = None
         self._prefill_plan: tuple[torch.Tensor | None, torch.Tensor] | None = None
@@ -58,7 +63,7 @@ class PagedAttention:
         self.meta = meta
         self._decode_mask = None
         self._prefill_plan = None
-        if meta.num_decodes:
+        if meta.num_decodes and not self.decode_kernel:
             positions = torch.arange(self._decode_span(), device=meta.slot_mapping.device)
             # [D, 1, 1, L]: True where the key is inside the sequence.
             self._decode_mask = (positions < meta.decode_context_lens[:, None])[:, None, None, :]
@@ -98,6 +103,10 @@ class PagedAttention:
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         meta = self.meta
+        if self.decode_kernel:
+            op = paged_decode_attention_op if torch.compiler.is_compiling() else paged_decode_attention
+            return op(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.block_size,
+                      self.scale)
         n, hq, dim = q.shape
         hkv = k_cache.shape[1]
         keys = self._gather(k_cache, meta.decode_block_tables, self._decode_span())  # [D, Hkv, L, dim]

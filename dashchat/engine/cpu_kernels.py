@@ -1,10 +1,10 @@
-"""dashchat's C kernels for the CPU (cpu_gemv.c), compiled with the system's C compiler at first use.
+"""dashchat's C kernels for the CPU (cpu_kernels.c), compiled with the system's C compiler at first use.
 
 The shared library is cached under dashchat's cache folder, keyed by the source, the compiler and
 this CPU's feature flags (it is built with -march=native). It links against the OpenMP runtime that
 torch has loaded, so its parallel loops run on torch's thread team: a second OpenMP runtime would
 start a second team that fights torch's spinning threads for the cores. Where no compiler is found,
-or the build fails, `gemv_library()` returns None and callers keep oneDNN; DASHCHAT_CPU_KERNELS=0
+or the build fails, `kernel_library()` returns None and callers keep oneDNN; DASHCHAT_CPU_KERNELS=0
 turns the kernels off.
 """
 
@@ -24,7 +24,7 @@ import torch  # noqa: F401 - loads torch's OpenMP runtime before the kernel libr
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_gemv.c")
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11", "-Wall"]
 _OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
 
@@ -52,11 +52,11 @@ def _cpu_flags() -> str:
 
 def _build(cc: str, openmp: str, out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        obj, lib = Path(tmp) / "gemv.o", Path(tmp) / out.name
+        obj, lib = Path(tmp) / "kernels.o", Path(tmp) / out.name
         # Compile with OpenMP but link without -fopenmp: the library's only OpenMP dependency is then
         # torch's runtime (named by path), not the system's libgomp beside it.
         for cmd in ([cc, *_CFLAGS, "-c", str(_SOURCE), "-o", str(obj)],
-                    [cc, "-shared", str(obj), openmp, f"-Wl,-rpath,{Path(openmp).parent}", "-o", str(lib)]):
+                    [cc, "-shared", str(obj), openmp, f"-Wl,-rpath,{Path(openmp).parent}", "-lm", "-o", str(lib)]):
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -64,7 +64,7 @@ def _build(cc: str, openmp: str, out: Path) -> None:
 
 
 @functools.cache
-def gemv_library() -> ctypes.CDLL | None:
+def kernel_library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (logged once) where it cannot be had."""
     if os.environ.get("DASHCHAT_CPU_KERNELS", "1") == "0":
         return None
@@ -81,7 +81,7 @@ def gemv_library() -> ctypes.CDLL | None:
         key = hashlib.sha256(
             b"\0".join(s.encode() for s in (_SOURCE.read_text(), version, _cpu_flags(), " ".join(_CFLAGS), openmp))
         ).hexdigest()[:16]
-        out = cache_dir() / "kernels" / f"cpu_gemv-{key}.so"
+        out = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             _build(cc, openmp, out)
@@ -94,4 +94,38 @@ def gemv_library() -> ctypes.CDLL | None:
     lib.dc_linear_ab64a.argtypes = [p, p, p, p, i, i, i]
     lib.dc_linear_ab64a.restype = None
     lib.dc_gemv_max_rows.restype = i
+    lib.dc_paged_decode_attention.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float]
+    lib.dc_paged_decode_attention.restype = i
     return lib
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, block_size: int, scale: float,
+) -> torch.Tensor:
+    """Float32 decode attention over the paged cache: q [N, Hq, D] -> [N, Hq * D]."""
+    lib = kernel_library()
+    q, tables, lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+    n, hq, d = q.shape
+    out = q.new_empty(n, hq * d)
+    failed = lib.dc_paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        n, hq, k_cache.shape[1], d, tables.shape[1], block_size, scale,
+    )
+    if failed:
+        raise MemoryError("decode attention: no memory for its scores")
+    return out
+
+
+@torch.library.custom_op("dashchat::paged_decode_attention", mutates_args=())
+def paged_decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, block_size: int, scale: float,
+) -> torch.Tensor:
+    """The same for torch.compile graphs (a custom op is an extern kernel to them)."""
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+
+
+@paged_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])

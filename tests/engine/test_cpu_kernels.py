@@ -1,4 +1,4 @@
-"""The C kernels for float32 decode on CPU (dashchat/engine/cpu_gemv.c) against PyTorch's own ops."""
+"""The C kernels for float32 decode on CPU (dashchat/engine/cpu_kernels.c) against PyTorch's own ops."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dashchat.engine.cpu_kernels import gemv_library
+from dashchat.engine.cpu_kernels import kernel_library
 from dashchat.engine.cpu_linear import SMALL_BATCH_ROWS, PackedLinear
 
 
 def test_kernel_library_builds_against_torchs_openmp():
-    assert gemv_library() is not None, "cc could not build dashchat/engine/cpu_gemv.c (see the warning logged)"
+    assert kernel_library() is not None, "cc could not build dashchat/engine/cpu_kernels.c (see the warning logged)"
     with open("/proc/self/maps", encoding="utf-8") as f:
         runtimes = {line.split()[-1] for line in f if "libgomp" in line}
     assert len(runtimes) == 1, f"a second OpenMP runtime was loaded: {runtimes}"
@@ -47,3 +47,25 @@ def test_small_batch_linear_inside_torch_compile():
         for rows in (2, 9, 33):
             x = torch.randn(rows, 576)
             torch.testing.assert_close(compiled(x), 2 * F.linear(x, linear.weight, linear.bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("hq", "hkv", "dim"), [(9, 3, 64), (14, 2, 64), (4, 4, 48), (32, 8, 128)])
+def test_paged_decode_attention_matches_pytorch(hq, hkv, dim):
+    from dashchat.engine.attention import PagedAttention, StepAttentionMetadata
+
+    gen = torch.Generator().manual_seed(hq)
+    bs, blocks = 16, 128
+    cache = [(torch.randn(blocks * bs, hkv, dim, generator=gen), torch.randn(blocks * bs, hkv, dim, generator=gen))]
+    lens = torch.tensor([1, 16, 17, 100, 333])  # one key, a full block, a block and one, longer
+    width = -(-int(lens.max()) // bs) + 1  # padded wider than any sequence needs
+    tables = torch.randperm(blocks, generator=gen)[: len(lens) * width].view(len(lens), width)
+    slots = torch.stack([tables[i, (n - 1) // bs] * bs + (n - 1) % bs for i, n in enumerate(lens.tolist())])
+    q, k, v = (torch.randn(len(lens), h, dim, generator=gen) * 3 for h in (hq, hkv, hkv))
+    outs = []
+    for kernel in (True, False):
+        attention = PagedAttention([tuple(c.clone() for c in cache[0])], bs, dim**-0.5)
+        assert attention.decode_kernel
+        attention.decode_kernel = kernel
+        attention.begin_step(StepAttentionMetadata(slots, len(lens), tables, lens, []))
+        outs.append(attention(0, q, k, v))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
