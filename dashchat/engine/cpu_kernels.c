@@ -209,3 +209,38 @@ int dc_paged_decode_attention(const float *q, const float *k_cache, const float 
   }
   return failed ? -1 : 0;
 }
+
+// 3. Row-wise elementwise work of a decode step, one pass each (PyTorch's float32 rms_norm runs
+//    as five ops, SwiGLU's silu-times-up as three).
+
+// Parallel only when big enough to pay for waking the team (prefill sizes).
+#define PARALLEL_MIN_ELEMENTS (1 << 16)
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight
+void dc_rms_norm(const float *x, const float *weight, float *out, int rows, int cols, float eps) {
+#pragma omp parallel for if ((size_t)rows * cols >= PARALLEL_MIN_ELEMENTS)
+  for (int r = 0; r < rows; r++) {
+    const float *xr = x + (size_t)r * cols;
+    float *outr = out + (size_t)r * cols, sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int c = 0; c < cols; c++) sum += xr[c] * xr[c];
+    float inv = 1.f / sqrtf(sum / cols + eps);
+#pragma omp simd
+    for (int c = 0; c < cols; c++) outr[c] = xr[c] * inv * weight[c];
+  }
+}
+
+// out[r, c] = silu(gate_up[r, c]) * gate_up[r, cols + c]
+void dc_silu_and_mul(const float *gate_up, float *out, int rows, int cols) {
+#pragma omp parallel for if ((size_t)rows * cols >= PARALLEL_MIN_ELEMENTS)
+  for (int r = 0; r < rows; r++) {
+    const float *gate = gate_up + (size_t)r * 2 * cols, *up = gate + cols;
+    float *outr = out + (size_t)r * cols;
+#pragma omp simd
+    for (int c = 0; c < cols; c++) {
+      float g = gate[c], e = exp_nonpositive(g < 0.f ? g : -g); /* e^-|g|, never overflows */
+      float sigmoid = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+      outr[c] = g * sigmoid * up[c];
+    }
+  }
+}

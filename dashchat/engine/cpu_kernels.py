@@ -96,6 +96,10 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gemv_max_rows.restype = i
     lib.dc_paged_decode_attention.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float]
     lib.dc_paged_decode_attention.restype = i
+    lib.dc_rms_norm.argtypes = [p, p, p, i, i, ctypes.c_float]
+    lib.dc_rms_norm.restype = None
+    lib.dc_silu_and_mul.argtypes = [p, p, i, i]
+    lib.dc_silu_and_mul.restype = None
     return lib
 
 

@@ -14,6 +14,7 @@ from ..models.weights import iter_weights
 from ..tokenizer import Tokenizer
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
 from .cpu_linear import pack_linears
+from .cpu_ops import use_cpu_kernels
 from .cuda_graphs import PaddedDecode
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -85,6 +86,8 @@ class ModelRunner:
             raise ValueError(f"unsupported quantization {quantization!r}; choose none, int8 or int4")
         elif device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
             pack_linears(self.model)
+        if device.type == "cpu" and dtype == torch.float32:
+            use_cpu_kernels(self.model)  # after any quantization: int8 folds scales into the norms
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
 
         # One block past those the block manager hands out: padded CUDA-graph rows write there.

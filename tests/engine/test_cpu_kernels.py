@@ -69,3 +69,22 @@ def test_paged_decode_attention_matches_pytorch(hq, hkv, dim):
         attention.begin_step(StepAttentionMetadata(slots, len(lens), tables, lens, []))
         outs.append(attention(0, q, k, v))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_and_silu_and_mul_match_pytorch():
+    from dashchat.engine.cpu_ops import KernelRMSNorm, kernel_silu_and_mul
+    from dashchat.models.layers import RMSNorm, silu_and_mul
+
+    gen = torch.Generator().manual_seed(1)
+    norm = RMSNorm(576, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576, generator=gen))
+    kernel_norm = KernelRMSNorm(norm)
+    with torch.inference_mode():
+        for shape in [(1, 576), (8, 576), (300, 576), (5, 9, 576)]:
+            x = torch.randn(*shape, generator=gen) * 4
+            torch.testing.assert_close(kernel_norm(x), norm(x), rtol=1e-5, atol=1e-5)
+        for rows in (1, 8, 200):
+            # gates far into both tails: silu must neither overflow nor lose the sign
+            gate_up = torch.randn(rows, 2 * 1536, generator=gen) * 30
+            torch.testing.assert_close(kernel_silu_and_mul(gate_up), silu_and_mul(gate_up), rtol=1e-5, atol=1e-5)
