@@ -58,6 +58,7 @@ class PagedAttention:
         self.meta: StepAttentionMetadata | None = None
         self._decode_mask: torch.Tensor | None = None
         self._prefill_plan: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        self._triangle: torch.Tensor | None = None
 
     def begin_step(self, meta: StepAttentionMetadata) -> None:
         self.meta = meta
@@ -191,6 +192,13 @@ class PagedAttention:
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
         return o.view(hkv, group, t, dim).permute(2, 0, 1, 3).reshape(t, hq * dim)
 
+    def _upper_triangle(self, n: int, device: torch.device) -> torch.Tensor:
+        """[n, n] bool, True above the diagonal (key after query); n <= _PREFILL_TILE."""
+        if self._triangle is None or self._triangle.device != device:
+            tile = torch.ones(_PREFILL_TILE, _PREFILL_TILE, dtype=torch.bool, device=device)
+            self._triangle = torch.triu(tile, diagonal=1)
+        return self._triangle[:n, :n]
+
     def _prefill_tiled(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int) -> torch.Tensor:
         """Causal attention in tiles of queries, each against only the keys it can see.
 
@@ -208,10 +216,11 @@ class PagedAttention:
             seen = past + end  # keys visible to the tile's last query
             rows = qg[:, start:end].reshape(hkv, (end - start) * group, dim)  # ordered (position, member)
             scores = torch.bmm(rows, keys[:, :seen].transpose(1, 2))
-            # only the tile's own diagonal block holds keys some of its queries must not see
-            q_pos = torch.arange(past + start, seen, device=q.device).repeat_interleave(group)
-            k_pos = torch.arange(past + start, seen, device=q.device)
-            scores[:, :, past + start :].masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            # only the tile's own diagonal block holds keys some of its queries must not see:
+            # its strict upper triangle, the same for every tile and layer
+            n = end - start
+            diagonal = scores.view(hkv, n, group, seen)[..., past + start :]
+            diagonal.masked_fill_(self._upper_triangle(n, q.device)[:, None, :], float("-inf"))
             o = torch.bmm(torch.softmax(scores, dim=-1), values[:, :seen])
             out[start:end] = o.view(hkv, end - start, group, dim).transpose(0, 1)
         return out.reshape(t, hq * dim)
