@@ -7,6 +7,16 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 PIP=("$PY" -m pip install --disable-pip-version-check --quiet --root-user-action=ignore)
 
+# A C compiler: dashchat builds its CPU kernels with it at first use (without one it falls back to
+# PyTorch's ops, slower). Debian/Ubuntu as root: installed here when missing.
+if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -qq gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc >/dev/null; }
+  else
+    echo "warning: no C compiler (cc/gcc): dashchat's CPU kernels will be unavailable" >&2
+  fi
+fi
+
 # The CPU build of PyTorch, pinned: a bare `torch` would pull a multi-GB CUDA build.
 "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
   || "${PIP[@]}" "torch==2.13.0"

@@ -10,6 +10,10 @@
 //
 // 2. Decode attention straight from the paged KV cache (PyTorch had to gather each sequence's
 //    keys and values into a fresh tensor first, per layer and step).
+//
+// 3. RMSNorm and SwiGLU's silu(gate) * up, one pass each.
+//
+// Vectors are GCC vector extensions: AVX-512 here, split into halves on narrower machines.
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
