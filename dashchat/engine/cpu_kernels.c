@@ -89,8 +89,6 @@ static const tile_fn tiles[] = {
 #endif
 };
 
-int dc_gemv_max_rows(void) { return MAX_ROWS; }
-
 void dc_linear_ab64a(const float *x, const float *w, const float *bias, float *y, int m, int n, int k) {
   int panels = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static)

@@ -4,8 +4,8 @@ The shared library is cached under dashchat's cache folder, keyed by the source,
 this CPU's feature flags (it is built with -march=native). It links against the OpenMP runtime that
 torch has loaded, so its parallel loops run on torch's thread team: a second OpenMP runtime would
 start a second team that fights torch's spinning threads for the cores. Where no compiler is found,
-or the build fails, `kernel_library()` returns None and callers keep oneDNN; DASHCHAT_CPU_KERNELS=0
-turns the kernels off.
+or the build fails, `kernel_library()` returns None and callers keep PyTorch's own ops (oneDNN for
+the linears); DASHCHAT_CPU_KERNELS=0 turns the kernels off.
 """
 
 from __future__ import annotations
@@ -20,25 +20,30 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401 - loads torch's OpenMP runtime before the kernel library links to it
+import torch  # loads torch's OpenMP runtime before the kernel library links to it
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11", "-Wall"]
-_OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
 
 
-def _loaded_openmp() -> str | None:
-    """Path of the OpenMP runtime mapped into this process (torch's)."""
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def torch_openmp() -> str | None:
+    """Path of the OpenMP runtime torch's own kernels call (other packages may have loaded theirs,
+    DashInfer does): the library that answers libtorch_cpu's lookup of omp_get_max_threads."""
     try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = {line.split()[-1] for line in f if "/" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        if os.path.basename(path).startswith(_OPENMP_RUNTIMES):
-            return path
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        address = ctypes.cast(torch_cpu.omp_get_max_threads, ctypes.c_void_p)
+        info = _DlInfo()
+        if ctypes.CDLL(None).dladdr(address, ctypes.byref(info)) and info.dli_fname:
+            return os.fsdecode(info.dli_fname)
+    except (OSError, AttributeError):
+        pass
     return None
 
 
@@ -69,9 +74,9 @@ def kernel_library() -> ctypes.CDLL | None:
     if os.environ.get("DASHCHAT_CPU_KERNELS", "1") == "0":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    openmp = _loaded_openmp()
+    openmp = torch_openmp()
     if cc is None or openmp is None:
-        log.warning("CPU kernels unavailable (%s); float32 linears use oneDNN alone",
+        log.warning("CPU kernels unavailable (%s); float32 decoding uses PyTorch's ops (slower)",
                     "no C compiler found" if cc is None else "torch's OpenMP runtime not found")
         return None
     from ..models.gguf_convert import cache_dir
@@ -88,12 +93,11 @@ def kernel_library() -> ctypes.CDLL | None:
             log.info("built CPU kernels: %s", out)
         lib = ctypes.CDLL(str(out))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("CPU kernels unavailable, float32 linears use oneDNN alone: %s", exc)
+        log.warning("CPU kernels unavailable, float32 decoding uses PyTorch's ops (slower): %s", exc)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.dc_linear_ab64a.argtypes = [p, p, p, p, i, i, i]
     lib.dc_linear_ab64a.restype = None
-    lib.dc_gemv_max_rows.restype = i
     lib.dc_paged_decode_attention.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float]
     lib.dc_paged_decode_attention.restype = i
     lib.dc_rms_norm.argtypes = [p, p, p, i, i, ctypes.c_float]

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dashchat.engine.cpu_kernels import kernel_library
+from dashchat.engine.cpu_kernels import kernel_library, torch_openmp
 from dashchat.engine.cpu_linear import SMALL_BATCH_ROWS, PackedLinear
 
 
 def test_kernel_library_builds_against_torchs_openmp():
     assert kernel_library() is not None, "cc could not build dashchat/engine/cpu_kernels.c (see the warning logged)"
-    with open("/proc/self/maps", encoding="utf-8") as f:
-        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
-    assert len(runtimes) == 1, f"a second OpenMP runtime was loaded: {runtimes}"
+    # Torch's runtime, even where another package loaded its own first (DashInfer's tests do).
+    runtime = Path(torch_openmp())
+    assert runtime.name.startswith("libgomp") and runtime.resolve().parent == Path(torch.__file__).resolve().parent / "lib"
+    # In a fresh process, loading the kernels maps no OpenMP runtime besides the one torch loaded.
+    script = (
+        "import torch\n"
+        "def runtimes():\n"
+        "    return {l.split()[-1] for l in open('/proc/self/maps') if 'omp' in l.split()[-1].rsplit('/', 1)[-1]}\n"
+        "before = runtimes()\n"
+        "from dashchat.engine.cpu_kernels import kernel_library\n"
+        "assert kernel_library() is not None\n"
+        "assert runtimes() == before, (before, runtimes())\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
 
 
 @pytest.mark.parametrize(

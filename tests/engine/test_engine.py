@@ -43,6 +43,7 @@ def reference(smollm2_dir: str, engine: AsyncLLMEngine) -> list[list[int]]:
 
 
 def test_greedy_matches_transformers_alone(engine, reference):
+    assert engine.runner.attention.decode_kernel  # the C kernels are what these tests check on CPU
     for prompt, ref in zip(PROMPTS, reference):
         got = asyncio.run(collect(engine, engine.tokenizer.encode(prompt), greedy()))
         assert got[0].token_ids == ref, prompt
@@ -57,6 +58,28 @@ def test_greedy_matches_transformers_staggered_batch(engine, reference):
 
     for prompt, ref, got in zip(PROMPTS, reference, asyncio.run(run())):
         assert got[0].token_ids == ref, prompt
+
+
+def test_greedy_matches_transformers_without_cpu_kernels(smollm2_dir, reference, monkeypatch):
+    """Where no C compiler is found (or DASHCHAT_CPU_KERNELS=0) PyTorch's ops do the work: same tokens."""
+    from dashchat.engine import attention, cpu_linear, cpu_ops
+
+    for module in (attention, cpu_linear, cpu_ops):
+        monkeypatch.setattr(module, "kernel_library", lambda: None)
+    eng = AsyncLLMEngine.from_args(EngineArgs(model_dir=smollm2_dir, max_model_len=1024, max_num_batched_tokens=64))
+    try:
+        assert not eng.runner.attention.decode_kernel
+        assert not any(type(m).__name__ == "KernelRMSNorm" for m in eng.runner.model.modules())
+
+        async def run():
+            return await asyncio.gather(
+                *(collect(eng, eng.tokenizer.encode(p), greedy(), delay=0.03 * i) for i, p in enumerate(PROMPTS))
+            )
+
+        for prompt, ref, got in zip(PROMPTS, reference, asyncio.run(run())):
+            assert got[0].token_ids == ref, prompt
+    finally:
+        eng.shutdown()
 
 
 def test_prefix_cache_reuses_shared_prompt(engine):
