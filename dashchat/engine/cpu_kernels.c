@@ -11,7 +11,7 @@
 // 2. Decode attention straight from the paged KV cache (PyTorch had to gather each sequence's
 //    keys and values into a fresh tensor first, per layer and step).
 //
-// 3. RMSNorm and SwiGLU's silu(gate) * up, one pass each.
+// 3. RMSNorm, SwiGLU's silu(gate) * up and rotary embedding, one pass each.
 //
 // Vectors are GCC vector extensions: AVX-512 here, split into halves on narrower machines.
 #include <math.h>
@@ -288,6 +288,27 @@ void dc_silu_and_mul(const float *gate_up, float *out, int rows, int cols) {
       float g = gate[c], e = exp_nonpositive(g < 0.f ? g : -g); /* e^-|g|, never overflows */
       float sigmoid = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
       outr[c] = g * sigmoid * up[c];
+    }
+  }
+}
+
+// Rotary embedding, rotate-half ("neox") form, in place: for each row i and head h of x (head h of
+// row i at x + i * row_stride + h * d), the halves (a, b) become (a cos - b sin, b cos + a sin)
+// with row i's cos/sin (cos, sin: [rows, d / 2]).
+void dc_rope_neox(float *x, int rows, int heads, int d, int64_t row_stride, const float *cos,
+                  const float *sin) {
+  int half = d / 2;
+#pragma omp parallel for if ((size_t)rows * heads * d >= PARALLEL_MIN_ELEMENTS)
+  for (int i = 0; i < rows; i++) {
+    const float *c = cos + (size_t)i * half, *s = sin + (size_t)i * half;
+    for (int h = 0; h < heads; h++) {
+      float *a = x + (size_t)i * row_stride + (size_t)h * d, *b = a + half;
+#pragma omp simd
+      for (int j = 0; j < half; j++) {
+        float a0 = a[j], b0 = b[j];
+        a[j] = a0 * c[j] - b0 * s[j];
+        b[j] = b0 * c[j] + a0 * s[j];
+      }
     }
   }
 }

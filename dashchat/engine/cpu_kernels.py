@@ -104,6 +104,8 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_rms_norm.restype = None
     lib.dc_silu_and_mul.argtypes = [p, p, i, i]
     lib.dc_silu_and_mul.restype = None
+    lib.dc_rope_neox.argtypes = [p, i, i, i, ctypes.c_int64, p, p]
+    lib.dc_rope_neox.restype = None
     return lib
 
 

@@ -1,7 +1,8 @@
-"""RMSNorm and SwiGLU's activation through the C kernels, for float32 models on CPU.
+"""RMSNorm, SwiGLU's activation and rotary embedding through the C kernels, for float32 models on CPU.
 
-In an eager decode step PyTorch runs float32 rms_norm as five ops and silu(gate) * up as three,
-each a dispatch and a pass over memory; the kernels do each in one call. Under torch.compile the
+In an eager decode step PyTorch runs float32 rms_norm as five ops, silu(gate) * up as three and
+the rotary embedding of q and k as sixteen, each a dispatch and a pass over memory; the kernels do
+each in one call (the rotation in place). Under torch.compile the
 PyTorch forms stay (inductor fuses them itself).
 """
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import GatedMLP, RMSNorm, silu_and_mul
+from ..models.layers import GatedMLP, RMSNorm, Rope, SelfAttention, apply_rope_qk, silu_and_mul
 from .cpu_kernels import kernel_library
 
 
@@ -46,8 +47,25 @@ def kernel_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def kernel_rope_qk(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, Hq, D] and k [N, Hkv, D], rotated in place: views of the step's fused qkv output (rows
+    strided, heads contiguous) or contiguous tensors."""
+    cos, sin = rope
+    if not (_eligible(q) and _rows_of_heads(q) and _rows_of_heads(k) and cos.is_contiguous() and sin.is_contiguous()):
+        return apply_rope_qk(q, k, rope)
+    lib = kernel_library()
+    for x in (q, k):
+        n, heads, d = x.shape
+        lib.dc_rope_neox(x.data_ptr(), n, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr())
+    return q, k
+
+
+def _rows_of_heads(x: torch.Tensor) -> bool:
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.dtype == torch.float32
+
+
 def use_cpu_kernels(model: nn.Module) -> bool:
-    """Swap the model's norms and MLP activations for the kernels' (False: no kernel library)."""
+    """Swap the model's norms, MLP activations and rotary embedding for the kernels' (False: no library)."""
     if kernel_library() is None:
         return False
     for module in list(model.modules()):
@@ -56,4 +74,6 @@ def use_cpu_kernels(model: nn.Module) -> bool:
                 setattr(module, name, KernelRMSNorm(child))
         if isinstance(module, GatedMLP):
             module.act_and_mul = kernel_silu_and_mul
+        if isinstance(module, SelfAttention):
+            module.rope_qk = kernel_rope_qk
     return True

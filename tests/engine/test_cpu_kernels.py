@@ -103,3 +103,29 @@ def test_rms_norm_and_silu_and_mul_match_pytorch():
             # gates far into both tails: silu must neither overflow nor lose the sign
             gate_up = torch.randn(rows, 2 * 1536, generator=gen) * 30
             torch.testing.assert_close(kernel_silu_and_mul(gate_up), silu_and_mul(gate_up), rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_embedding_in_place_matches_pytorch():
+    from dashchat.engine.cpu_ops import kernel_rope_qk
+    from dashchat.models.layers import RotaryEmbedding, apply_rope_qk
+
+    gen = torch.Generator().manual_seed(2)
+    rotary = RotaryEmbedding(64, 4096, 10000.0, None)
+    hq, hkv, d = 9, 3, 64
+    for rows in (1, 8, 300):
+        rope = rotary(torch.randint(0, 4096, (rows,), generator=gen), torch.float32)
+        qkv = torch.randn(rows, (hq + 2 * hkv) * d, generator=gen)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)  # strided views, as the model makes
+        q, k, v = q.view(rows, hq, d), k.view(rows, hkv, d), v.view(rows, hkv, d)
+        expected_q, expected_k = apply_rope_qk(q.clone(), k.clone(), rope)
+        v_before = v.clone()
+        got_q, got_k = kernel_rope_qk(q, k, rope)
+        torch.testing.assert_close(got_q, expected_q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_k, expected_k, rtol=1e-5, atol=1e-5)
+        assert torch.equal(v, v_before)  # the values, between k and the row's end, untouched
+        # contiguous inputs (Qwen3's q/k norms return these)
+        q2, k2 = torch.randn(rows, hq, d, generator=gen), torch.randn(rows, hkv, d, generator=gen)
+        expected_q, expected_k = apply_rope_qk(q2.clone(), k2.clone(), rope)
+        got_q, got_k = kernel_rope_qk(q2, k2, rope)
+        torch.testing.assert_close(got_q, expected_q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_k, expected_k, rtol=1e-5, atol=1e-5)
