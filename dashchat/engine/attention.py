@@ -57,7 +57,8 @@ class PagedAttention:
                               and kv_cache[0][0].dtype == torch.float32 and kernel_library() is not None)
         self.meta: StepAttentionMetadata | None = None
         self._decode_mask: torch.Tensor | None = None
-        self._prefill_plan: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        # this step's batched prefill: (key slots or None, mask), False for one call per chunk, None undecided
+        self._prefill_plan: tuple[torch.Tensor | None, torch.Tensor] | bool | None = None
         self._triangle: torch.Tensor | None = None
 
     def begin_step(self, meta: StepAttentionMetadata) -> None:
@@ -79,9 +80,13 @@ class PagedAttention:
         d = meta.num_decodes
         if d:
             out[:d] = self._decode(q[:d], k_cache, v_cache)
-        if meta.prefills and self.batch_prefills and self._fits_one_call(num_heads // k_cache.shape[1]):
-            out[d:] = self._prefill_batched(q[d:], k[d:], v[d:], k_cache, v_cache)
-            return out
+        if meta.prefills and self.batch_prefills:
+            if self._prefill_plan is None:  # decided at the step's first layer, shared by the rest
+                group = num_heads // k_cache.shape[1]
+                self._prefill_plan = self._plan_prefill(q.device, group) if self._fits_one_call(group) else False
+            if self._prefill_plan:
+                out[d:] = self._prefill_batched(q[d:], k[d:], v[d:], k_cache, v_cache)
+                return out
         for span in meta.prefills:
             rows = slice(span.start, span.start + span.length)
             out[rows] = self._prefill(span, q[rows], k[rows], v[rows], k_cache, v_cache)
@@ -128,16 +133,20 @@ class PagedAttention:
             values = self._gather(v_cache, span.block_table, span.context_len)
         if q.device.type == "cpu":
             return self._prefill_tiled(q, keys, values, past)
-        t, hq, dim = q.shape
-        hkv = keys.shape[0]
-        group = hq // hkv
-        # [Hkv, group * T, dim], rows ordered (group member, position).
-        qg = q.view(t, hkv, group, dim).permute(1, 2, 0, 3).reshape(hkv, group * t, dim)
+        group = q.shape[1] // keys.shape[0]
         q_pos = torch.arange(past, span.context_len, device=q.device)
         k_pos = torch.arange(span.context_len, device=q.device)
         mask = (k_pos[None, :] <= q_pos[:, None]).repeat(group, 1)  # [group * T, L]
+        return self._grouped_sdpa(q, keys, values, mask)
+
+    def _grouped_sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, dim], keys/values [Hkv, L, dim], mask [group * T, L] (rows ordered (group member,
+        position)) -> [T, Hq * dim] with heads ordered (kv head, group member)."""
+        t, hq, dim = q.shape
+        hkv = keys.shape[0]
+        group = hq // hkv
+        qg = q.view(t, hkv, group, dim).permute(1, 2, 0, 3).reshape(hkv, group * t, dim)
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
-        # back to [T, Hq * dim] with heads ordered (kv head, group member)
         return o.view(hkv, group, t, dim).permute(2, 0, 1, 3).reshape(t, hq * dim)
 
     def _fits_one_call(self, group: int) -> bool:
@@ -177,20 +186,13 @@ class PagedAttention:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ) -> torch.Tensor:
         """Every prefill chunk of the step in one masked SDPA call. q/k/v: [T, H, D], the chunks' rows."""
-        t, hq, dim = q.shape
-        hkv = k_cache.shape[1]
-        group = hq // hkv
-        if self._prefill_plan is None:  # once per step, shared by the layers
-            self._prefill_plan = self._plan_prefill(q.device, group)
         slots, mask = self._prefill_plan
         if slots is None:
             keys, values = k.transpose(0, 1), v.transpose(0, 1)
         else:
             keys = k_cache.index_select(0, slots).transpose(0, 1)
             values = v_cache.index_select(0, slots).transpose(0, 1)
-        qg = q.view(t, hkv, group, dim).permute(1, 2, 0, 3).reshape(hkv, group * t, dim)
-        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
-        return o.view(hkv, group, t, dim).permute(2, 0, 1, 3).reshape(t, hq * dim)
+        return self._grouped_sdpa(q, keys, values, mask)
 
     def _upper_triangle(self, n: int, device: torch.device) -> torch.Tensor:
         """[n, n] bool, True above the diagonal (key after query); n <= _PREFILL_TILE."""

@@ -2,8 +2,8 @@
 
 In an eager decode step PyTorch runs float32 rms_norm as five ops, silu(gate) * up as three and
 the rotary embedding of q and k as sixteen, each a dispatch and a pass over memory; the kernels do
-each in one call (the rotation in place). Under torch.compile the
-PyTorch forms stay (inductor fuses them itself).
+each in one call (the rotation in place). Under torch.compile the PyTorch forms stay (inductor
+fuses them itself).
 """
 
 from __future__ import annotations
