@@ -153,9 +153,14 @@ static inline v16 sum_each16(const v16 v[16]) {
 // 2.6x faster at 2000 keys).
 #define PREFETCH_KEYS 16
 
+// Cache slot of a sequence's j-th key.
+static inline size_t slot_of(const int64_t *table, int j, int block_size) {
+  return (size_t)table[j / block_size] * block_size + j % block_size;
+}
+
 static inline void prefetch_row(const float *cache, const int64_t *table, int j, int block_size, int hkv,
                                 int h, int d) {
-  size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+  size_t slot = slot_of(table, j, block_size);
   const char *row = (const char *)(cache + (slot * hkv + h) * d);
   for (int c = 0; c < d * (int)sizeof(float); c += 64) __builtin_prefetch(row + c);
 }
@@ -206,7 +211,7 @@ int dc_paged_decode_attention(const float *q, const float *k_cache, const float 
         const float *rows[16];
         for (int jj = 0; jj < keys; jj++) {
           int j = j0 + jj;
-          size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+          size_t slot = slot_of(table, j, block_size);
           rows[jj] = k_cache + (slot * hkv + h) * d;
           if (j + PREFETCH_KEYS < len) prefetch_row(k_cache, table, j + PREFETCH_KEYS, block_size, hkv, h, d);
         }
@@ -242,7 +247,7 @@ int dc_paged_decode_attention(const float *q, const float *k_cache, const float 
         memset(oh + (size_t)g * d, 0, sizeof(float) * d);
       }
       for (int j = 0; j < len; j++) {
-        size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+        size_t slot = slot_of(table, j, block_size);
         const float *vr = v_cache + (slot * hkv + h) * d;
         if (j + PREFETCH_KEYS < len) prefetch_row(v_cache, table, j + PREFETCH_KEYS, block_size, hkv, h, d);
         for (int g = 0; g < group; g++) {
