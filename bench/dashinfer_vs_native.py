@@ -48,11 +48,11 @@ def measure(engine_name: str, model: str, prompt_len: int, new_tokens: int, repe
     args = EngineArgs(model_dir=model_dir, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=4)
     t0 = time.perf_counter()
     if engine_name == "native":
-        from dashchat.engine.llm_engine import AsyncLLMEngine
+        from dashchat.engine.native.llm_engine import AsyncLLMEngine
 
         engine = AsyncLLMEngine.from_args(args)
     else:
-        from dashchat.engine.dashinfer_engine import DashInferEngine
+        from dashchat.engine.dashinfer.engine import DashInferEngine
 
         engine = DashInferEngine.from_args(args)
     load_s = time.perf_counter() - t0

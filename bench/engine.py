@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dashchat.engine.args import EngineArgs  # noqa: E402
-from dashchat.engine.model_runner import resolve_dtype  # noqa: E402
+from dashchat.engine.native.model_runner import resolve_dtype  # noqa: E402
 from dashchat.engine.types import SamplingParams  # noqa: E402
 from dashchat.models.resolve import resolve_model  # noqa: E402
 
@@ -136,7 +136,7 @@ def main() -> None:
     dtype_name = str(dtype).removeprefix("torch.")
     results: dict[str, dict] = {}
 
-    from dashchat.engine.llm_engine import AsyncLLMEngine
+    from dashchat.engine.native.llm_engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine.from_args(engine_args)
     tokenizer = engine.tokenizer
@@ -151,7 +151,7 @@ def main() -> None:
     peers = [p for p in args.peers.split(",") if p]
     if "dashinfer" in peers and args.device == "cpu":
         try:
-            from dashchat.engine.dashinfer_engine import DashInferEngine
+            from dashchat.engine.dashinfer.engine import DashInferEngine
 
             peer = DashInferEngine.from_args(EngineArgs(model_dir=model_dir, max_model_len=1024,
                                                         max_num_seqs=max(concurrencies)))

@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    from dashchat.engine.llm_engine import AsyncLLMEngine
+    from dashchat.engine.native.llm_engine import AsyncLLMEngine
 
     model_dir = str(resolve_model(args.model).path)
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=model_dir, max_model_len=1024, max_num_seqs=BATCH,

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dashchat.engine.quantize import _causal_attention, quantize_linears_int8  # noqa: E402
-from dashchat.engine.quantize_int4 import quantize_linears_int4  # noqa: E402
+from dashchat.engine.quantization.int8 import _causal_attention, quantize_linears_int8  # noqa: E402
+from dashchat.engine.quantization.int4 import quantize_linears_int4  # noqa: E402
 from dashchat.models.config import ModelConfig  # noqa: E402
 from dashchat.models.registry import build_model  # noqa: E402
 from dashchat.models.resolve import resolve_model  # noqa: E402

@@ -35,7 +35,7 @@ PROMPT = "Write a long story about a lighthouse keeper."
 
 
 def engine_alone(model_dir: str, args: argparse.Namespace) -> float:
-    from dashchat.engine.llm_engine import AsyncLLMEngine
+    from dashchat.engine.native.llm_engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine.from_args(EngineArgs(
         model_dir=model_dir, device="cpu", max_model_len=args.max_model_len, max_num_seqs=args.concurrency,

@@ -156,11 +156,11 @@ def _build_engine(args: argparse.Namespace, model_dir: str) -> Any:
     )
     if args.engine == "dashinfer":
         try:
-            from dashchat.engine.dashinfer_engine import DashInferEngine
+            from dashchat.engine.dashinfer.engine import DashInferEngine
         except ImportError as exc:
             raise _ArgError(f"--engine dashinfer needs the 'dashinfer' extra (pip install -e '.[dashinfer]'): {exc}")
         return DashInferEngine.from_args(eargs)
-    from dashchat.engine.llm_engine import AsyncLLMEngine
+    from dashchat.engine.native.llm_engine import AsyncLLMEngine
 
     return AsyncLLMEngine.from_args(eargs)
 

@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dashchat.models.gguf_convert import cache_dir, sweep_stale_temps
+from dashchat.models.gguf_convert import sweep_stale_temps
+from dashchat.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

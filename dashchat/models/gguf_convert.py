@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..paths import cache_dir
 from ..tokenizer import bytes_to_unicode
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,6 @@ SUPPORTED_QUANT_TYPES = (
 
 class GGUFConvertError(ValueError):
     """The GGUF file cannot be turned into a model folder (unsupported or malformed)."""
-
-
-def cache_dir() -> Path:
-    """Root of dashchat's cache: $DASHCHAT_CACHE or ~/.cache/dashchat."""
-    return Path(os.environ.get("DASHCHAT_CACHE") or Path.home() / ".cache" / "dashchat").expanduser()
 
 
 def convert_gguf(gguf_path: str | os.PathLike[str], cache_root: Path | None = None) -> Path:

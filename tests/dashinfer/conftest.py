@@ -23,7 +23,7 @@ def smollm2_dir() -> str:
 
 @pytest.fixture(scope="session")
 def engine(smollm2_dir: str):
-    from dashchat.engine.dashinfer_engine import DashInferEngine
+    from dashchat.engine.dashinfer.engine import DashInferEngine
 
     eng = DashInferEngine.from_args(EngineArgs(model_dir=smollm2_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=4))
     yield eng

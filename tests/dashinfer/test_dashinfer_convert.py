@@ -12,12 +12,12 @@ if not HAVE_DASHINFER:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 from dashchat.engine.args import EngineArgs
-from dashchat.engine.dashinfer_convert import (
+from dashchat.engine.dashinfer.convert import (
     convert,
     dashinfer_model_type,
     load_hf_config,
 )
-from dashchat.engine.dashinfer_engine import DashInferEngine, _device
+from dashchat.engine.dashinfer.engine import DashInferEngine, _device
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_attention_heads": 9, "rope_theta": 1e5}
 

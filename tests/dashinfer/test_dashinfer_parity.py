@@ -36,7 +36,7 @@ CHAT = PROMPTS[3]
 
 @pytest.fixture(scope="module")
 def native(smollm2_dir: str):
-    from dashchat.engine.llm_engine import AsyncLLMEngine
+    from dashchat.engine.native.llm_engine import AsyncLLMEngine
 
     eng = AsyncLLMEngine.from_args(EngineArgs(model_dir=smollm2_dir, max_model_len=MAX_MODEL_LEN))
     yield eng

@@ -110,7 +110,7 @@ def test_queued_requests_can_be_dropped(engine):
 
 def test_shutdown_fails_running_and_queued_requests(smollm2_dir):
     from dashchat.engine.args import EngineArgs
-    from dashchat.engine.dashinfer_engine import DashInferEngine
+    from dashchat.engine.dashinfer.engine import DashInferEngine
     from dashchat.engine.types import EngineError
 
     eng = DashInferEngine.from_args(EngineArgs(model_dir=smollm2_dir, max_model_len=64, max_num_seqs=1))

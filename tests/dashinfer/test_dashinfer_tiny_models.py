@@ -15,7 +15,7 @@ if not HAVE_DASHINFER:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 from dashchat.engine.args import EngineArgs
-from dashchat.engine.dashinfer_engine import DashInferEngine
+from dashchat.engine.dashinfer.engine import DashInferEngine
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.5}

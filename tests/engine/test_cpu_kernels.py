@@ -1,4 +1,4 @@
-"""The C kernels for float32 decode on CPU (dashchat/engine/cpu_kernels.c) against PyTorch's own ops."""
+"""The C kernels for float32 decode on CPU (dashchat/engine/cpu/kernels.c) against PyTorch's own ops."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dashchat.engine.cpu_kernels import kernel_library, torch_openmp
-from dashchat.engine.cpu_linear import SMALL_BATCH_ROWS, PackedLinear
+from dashchat.engine.cpu.kernels import kernel_library, torch_openmp
+from dashchat.engine.cpu.linear import SMALL_BATCH_ROWS, PackedLinear
 
 
 def test_kernel_library_builds_against_torchs_openmp():
-    assert kernel_library() is not None, "cc could not build dashchat/engine/cpu_kernels.c (see the warning logged)"
+    assert kernel_library() is not None, "cc could not build dashchat/engine/cpu/kernels.c (see the warning logged)"
     # Torch's runtime, even where another package loaded its own first (DashInfer's tests do).
     runtime = Path(torch_openmp())
     assert runtime.name.startswith("libgomp") and runtime.resolve().parent == Path(torch.__file__).resolve().parent / "lib"
@@ -25,7 +25,7 @@ def test_kernel_library_builds_against_torchs_openmp():
         "def runtimes():\n"
         "    return {l.split()[-1] for l in open('/proc/self/maps') if 'omp' in l.split()[-1].rsplit('/', 1)[-1]}\n"
         "before = runtimes()\n"
-        "from dashchat.engine.cpu_kernels import kernel_library\n"
+        "from dashchat.engine.cpu.kernels import kernel_library\n"
         "assert kernel_library() is not None\n"
         "assert runtimes() == before, (before, runtimes())\n"
     )
@@ -66,7 +66,7 @@ def test_small_batch_linear_inside_torch_compile():
 
 @pytest.mark.parametrize(("hq", "hkv", "dim"), [(9, 3, 64), (14, 2, 64), (4, 4, 48), (32, 8, 128)])
 def test_paged_decode_attention_matches_pytorch(hq, hkv, dim):
-    from dashchat.engine.attention import PagedAttention, StepAttentionMetadata
+    from dashchat.engine.native.attention import PagedAttention, StepAttentionMetadata
 
     gen = torch.Generator().manual_seed(hq)
     bs, blocks = 16, 128
@@ -87,7 +87,7 @@ def test_paged_decode_attention_matches_pytorch(hq, hkv, dim):
 
 
 def test_rms_norm_and_silu_and_mul_match_pytorch():
-    from dashchat.engine.cpu_ops import KernelRMSNorm, kernel_silu_and_mul
+    from dashchat.engine.cpu.ops import KernelRMSNorm, kernel_silu_and_mul
     from dashchat.models.layers import RMSNorm, silu_and_mul
 
     gen = torch.Generator().manual_seed(1)
@@ -106,7 +106,7 @@ def test_rms_norm_and_silu_and_mul_match_pytorch():
 
 
 def test_rotary_embedding_in_place_matches_pytorch():
-    from dashchat.engine.cpu_ops import kernel_rope_qk
+    from dashchat.engine.cpu.ops import kernel_rope_qk
     from dashchat.models.layers import RotaryEmbedding, apply_rope_qk
 
     gen = torch.Generator().manual_seed(2)

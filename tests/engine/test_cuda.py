@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from dashchat.engine.args import EngineArgs
-from dashchat.engine.cuda_graphs import PaddedDecode
-from dashchat.engine.llm_engine import AsyncLLMEngine
-from dashchat.engine.quantize import _causal_attention
+from dashchat.engine.cuda.graphs import PaddedDecode
+from dashchat.engine.native.llm_engine import AsyncLLMEngine
+from dashchat.engine.quantization.int8 import _causal_attention
 from dashchat.engine.types import SamplingParams
 from dashchat.models.config import ModelConfig
 from dashchat.models.registry import build_model
@@ -169,6 +169,6 @@ def test_abort_and_preemption_on_cuda(tmp_path):
 
 
 def engine_kv_bytes(model_dir) -> int:
-    from dashchat.engine.model_runner import ModelRunner
+    from dashchat.engine.native.model_runner import ModelRunner
 
     return ModelRunner.kv_bytes_per_token(ModelConfig.from_dir(model_dir), torch.float32)

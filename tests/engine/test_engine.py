@@ -10,7 +10,7 @@ import pytest
 from engine_helpers import collect, transformers_greedy
 
 from dashchat.engine.args import EngineArgs
-from dashchat.engine.llm_engine import AsyncLLMEngine
+from dashchat.engine.native.llm_engine import AsyncLLMEngine
 from dashchat.engine.types import EngineError, PromptTooLong, SamplingParams
 
 PROMPTS = [
@@ -62,7 +62,8 @@ def test_greedy_matches_transformers_staggered_batch(engine, reference):
 
 def test_greedy_matches_transformers_without_cpu_kernels(smollm2_dir, reference, monkeypatch):
     """Where no C compiler is found (or DASHCHAT_CPU_KERNELS=0) PyTorch's ops do the work: same tokens."""
-    from dashchat.engine import attention, cpu_linear, cpu_ops
+    from dashchat.engine.cpu import linear as cpu_linear, ops as cpu_ops
+    from dashchat.engine.native import attention
 
     for module in (attention, cpu_linear, cpu_ops):
         monkeypatch.setattr(module, "kernel_library", lambda: None)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from dashchat.engine.args import EngineArgs
-from dashchat.engine.cuda_graphs import PaddedDecode, bucket
-from dashchat.engine.llm_engine import AsyncLLMEngine
-from dashchat.engine.quantize import _causal_attention
+from dashchat.engine.cuda.graphs import PaddedDecode, bucket
+from dashchat.engine.native.llm_engine import AsyncLLMEngine
+from dashchat.engine.quantization.int8 import _causal_attention
 from dashchat.engine.types import SamplingParams
 from dashchat.models.config import ModelConfig
 from dashchat.models.registry import build_model
@@ -177,7 +177,7 @@ def test_long_prompts_match_transformers(step_tokens, tmp_path):
 
 
 def test_tiled_prefill_attention_equals_masked_sdpa():
-    from dashchat.engine.attention import PagedAttention
+    from dashchat.engine.native.attention import PagedAttention
 
     attention = PagedAttention([], block_size=16, scale=0.125)
     gen = torch.Generator().manual_seed(3)
@@ -195,7 +195,7 @@ def test_tiled_prefill_attention_equals_masked_sdpa():
 def test_batched_prefill_attention_equals_one_call_per_chunk(cached):
     """The GPU's one-call prefill (block-diagonal causal mask, cached context gathered) against the
     per-chunk path, on a step with decodes, fresh chunks and (cached) chunks continuing a prefix."""
-    from dashchat.engine.attention import PagedAttention, PrefillSpan, StepAttentionMetadata
+    from dashchat.engine.native.attention import PagedAttention, PrefillSpan, StepAttentionMetadata
 
     gen = torch.Generator().manual_seed(5)
     bs, hkv, hq, dim = 4, 2, 6, 16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dashchat.engine.quantize_int4 import GROUP, Int4Linear, pack_int4
+from dashchat.engine.quantization.int4 import GROUP, Int4Linear, pack_int4
 
 
 def _dequantized(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

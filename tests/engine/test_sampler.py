@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dashchat.engine.sampler import Sampler
-from dashchat.engine.sequence import Sequence
+from dashchat.engine.native.sampler import Sampler
+from dashchat.engine.native.sequence import Sequence
 from dashchat.engine.types import SamplingParams
 
 

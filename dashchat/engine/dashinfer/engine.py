@@ -1,6 +1,6 @@
 """DashInfer's AllSpark engine behind dashchat's engine interface (`--engine dashinfer`).
 
-The HF-style model folder is converted once to DashInfer's format (dashinfer_convert.py), loaded
+The HF-style model folder is converted once to DashInfer's format (convert.py), loaded
 into an `allspark.Engine`, and each request streams from DashInfer's per-request result queue in a
 thread of its own (the queue's blocking `Get()` releases the GIL) into the request's asyncio queue.
 
@@ -25,11 +25,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models.config import ModelConfig
-from ..tokenizer import Tokenizer
-from .args import EngineArgs
-from .dashinfer_convert import convert, dashinfer_model_type, load_hf_config
-from .types import (
+from ...models.config import ModelConfig
+from ...tokenizer import Tokenizer
+from ..args import EngineArgs
+from .convert import convert, dashinfer_model_type, load_hf_config
+from ..types import (
     CompletionDelta,
     EngineError,
     EngineOverloaded,
@@ -110,7 +110,7 @@ class DashInferEngine:
         )
         as_cfg.compute_unit = compute_unit
         if args.device == "cpu":
-            from .model_runner import physical_cores
+            from ..cpu.threads import physical_cores
 
             as_cfg.num_threads = args.num_threads or physical_cores()
             as_cfg.matmul_precision = "highest"  # lower precisions need AVX512-BF16 and drift from fp32

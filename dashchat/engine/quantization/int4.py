@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantize import Int8Linear, float_bias
+from .int8 import Int8Linear, float_bias
 
 GROUP = 32
 

@@ -1,4 +1,4 @@
-// dashchat's float32 CPU kernels for decode steps, built at first use by dashchat/engine/cpu_kernels.py
+// dashchat's float32 CPU kernels for decode steps, built at first use by dashchat/engine/cpu/kernels.py
 // with -march=native; OpenMP is the runtime torch already loaded.
 //
 // 1. Small-batch linear layers: y[m, n] = x[m, k] . W^T (+ bias), for m up to ~16.

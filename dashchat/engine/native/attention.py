@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import kernel_library, paged_decode_attention, paged_decode_attention_op
+from ..cpu.kernels import kernel_library, paged_decode_attention, paged_decode_attention_op
 
 _PREFILL_TILE = 64  # query positions per tile on CPU (measured best of 64/128/256 at 128-1024 tokens)
 # Largest score matrix (query heads per KV head x queries x keys) that one batched prefill call may

@@ -1,4 +1,4 @@
-"""dashchat's C kernels for the CPU (cpu_kernels.c), compiled with the system's C compiler at first use.
+"""dashchat's C kernels for the CPU (kernels.c), compiled with the system's C compiler at first use.
 
 The shared library is cached under dashchat's cache folder, keyed by the source, the compiler and
 this CPU's feature flags (it is built with -march=native). It links against the OpenMP runtime that
@@ -24,7 +24,7 @@ import torch  # loads torch's OpenMP runtime before the kernel library links to 
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_SOURCE = Path(__file__).with_name("kernels.c")
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11", "-Wall"]
 
 
@@ -79,7 +79,7 @@ def kernel_library() -> ctypes.CDLL | None:
         log.warning("CPU kernels unavailable (%s); float32 decoding uses PyTorch's ops (slower)",
                     "no C compiler found" if cc is None else "torch's OpenMP runtime not found")
         return None
-    from ..models.gguf_convert import cache_dir
+    from ...paths import cache_dir
 
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout

@@ -17,15 +17,16 @@ from typing import AsyncIterator
 
 import torch
 
-from ..models.config import ModelConfig
-from ..tokenizer import Tokenizer
-from .args import EngineArgs
+from ...models.config import ModelConfig
+from ...tokenizer import Tokenizer
+from ..args import EngineArgs
 from .block_manager import BlockManager
-from .model_runner import ModelRunner, physical_cores, resolve_dtype
+from ..cpu.threads import physical_cores
+from .model_runner import ModelRunner, resolve_dtype
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SeqStatus
-from .types import (
+from ..types import (
     CompletionDelta,
     EngineError,
     EngineOverloaded,

@@ -6,7 +6,7 @@ through oneDNN with pre-packed weights ran SmolLM2-135M's 30 layers of linears 1
 batch 1, 2x at 8, 1.8x at 32 and 1.3x at prefill sizes (128-512 rows); decoding one token reads
 every weight once, so this is most of a float32 decode step.
 
-Up to 16 rows (decode steps) a small C kernel (cpu_kernels.c) reads the same packed buffer in place
+Up to 16 rows (decode steps) a small C kernel (kernels.c) reads the same packed buffer in place
 and streams it near memory bandwidth, where oneDNN reaches about half; a check product at load
 time confirms that oneDNN chose the layout the kernel reads, else the layer keeps oneDNN alone.
 
@@ -22,8 +22,8 @@ import weakref
 import torch
 from torch import nn
 
-from .cpu_kernels import kernel_library
-from .quantize import float_bias
+from .kernels import kernel_library
+from ..quantization.int8 import float_bias
 
 _layers: weakref.WeakValueDictionary[int, "PackedLinear"] = weakref.WeakValueDictionary()
 _handles = itertools.count()
@@ -31,7 +31,7 @@ _BATCH_HINT = 32  # oneDNN picks its blocking for this many rows; measured best 
 # Rows up to which the streaming kernel runs: it was 1.1-2x oneDNN's speed at 1-16 rows and even
 # at 32, where the product turns compute-bound and oneDNN's GEMM is the better tool.
 SMALL_BATCH_ROWS = 16
-_PANEL = 64  # output rows per block of oneDNN's layout "Ab64a", the one cpu_kernels.c reads
+_PANEL = 64  # output rows per block of oneDNN's layout "Ab64a", the one kernels.c reads
 
 
 @torch.library.custom_op("dashchat::packed_linear", mutates_args=())

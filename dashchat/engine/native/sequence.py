@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .types import LogitsProcessor, SamplingParams, TokenLogprob
+from ..types import LogitsProcessor, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from .llm_engine import Request

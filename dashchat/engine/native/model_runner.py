@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
-from ..models.config import ModelConfig
-from ..models.registry import build_model
-from ..models.weights import iter_weights
-from ..tokenizer import Tokenizer
+from ...models.config import ModelConfig
+from ...models.registry import build_model
+from ...models.weights import iter_weights
+from ...tokenizer import Tokenizer
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
-from .cpu_linear import pack_linears
-from .cpu_ops import use_cpu_kernels
-from .cuda_graphs import PaddedDecode
+from ..cpu.linear import pack_linears
+from ..cpu.ops import use_cpu_kernels
+from ..cuda.graphs import PaddedDecode
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -30,21 +29,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; choose auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
-
-
-def physical_cores() -> int:
-    """Physical cores available to this process (hyper-threads slow matmuls down)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        with open("/proc/cpuinfo", encoding="ascii") as f:
-            info = f.read()
-        siblings = [int(l.split(":")[1]) for l in info.splitlines() if l.startswith("siblings")]
-        cores = [int(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu cores")]
-        if siblings and cores and siblings[0] > cores[0]:
-            return max(1, logical * cores[0] // siblings[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return max(1, logical)
 
 
 class ModelRunner:
@@ -70,14 +54,14 @@ class ModelRunner:
         rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
         self.model = model.eval()
         if quantization == "int8":
-            from ..models.gguf_convert import cache_dir
-            from .quantize import load_or_quantize_int8
+            from ...paths import cache_dir
+            from ..quantization.int8 import load_or_quantize_int8
 
             if device.type != "cpu" or dtype != torch.float32:
                 raise ValueError("--quantization int8 is a CPU float32 path; on CUDA use --dtype bfloat16")
             load_or_quantize_int8(self.model, tokenizer, model_dir, cache_dir())
         elif quantization == "int4":
-            from .quantize_int4 import quantize_linears_int4
+            from ..quantization.int4 import quantize_linears_int4
 
             if device.type != "cpu" or dtype != torch.float32:
                 raise ValueError("--quantization int4 is a CPU float32 path; on CUDA use --dtype bfloat16")

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import GatedMLP, RMSNorm, Rope, SelfAttention, apply_rope_qk, silu_and_mul
-from .cpu_kernels import kernel_library
+from ...models.layers import GatedMLP, RMSNorm, Rope, SelfAttention, apply_rope_qk, silu_and_mul
+from .kernels import kernel_library
 
 
 def _eligible(x: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .sequence import Sequence
-from .types import TokenLogprob
+from ..types import TokenLogprob
 
 
 _MIN_LOGPROB = -9999.0

@@ -1,0 +1,1 @@
+"""CPU kernels and helpers: C kernels, oneDNN-packed linears, thread counts."""

@@ -1,0 +1,1 @@
+"""CUDA-only pieces: decode steps replayed from captured CUDA graphs."""

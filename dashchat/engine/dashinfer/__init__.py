@@ -1,0 +1,1 @@
+"""The DashInfer engine behind dashchat's engine interface, and its model conversion."""
