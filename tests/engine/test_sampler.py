@@ -11,7 +11,7 @@ from dashchat.engine.types import SamplingParams
 
 def _seq(params: SamplingParams, generated: int) -> Sequence:
     prompt = [1, 2, 3]
-    return Sequence(request=None, index=0, token_ids=prompt + [4] * generated, num_prompt_tokens=len(prompt),
+    return Sequence(request_id="r", index=0, token_ids=prompt + [4] * generated, num_prompt_tokens=len(prompt),
                     params=params, arrival=0.0)
 
 

@@ -204,7 +204,7 @@ class AsyncLLMEngine:
             if params.seed is not None:
                 gen = torch.Generator().manual_seed(params.seed + i)
             seq = Sequence(
-                request=request, index=i, token_ids=list(prompt), num_prompt_tokens=len(prompt),
+                request_id=request_id, index=i, token_ids=list(prompt), num_prompt_tokens=len(prompt),
                 params=params, arrival=now, generator=gen,
                 logits_processors=[make() for make in params.logits_processor_factories],
             )
@@ -231,9 +231,10 @@ class AsyncLLMEngine:
                 self._step(batch)
             except Exception as exc:  # noqa: BLE001 - a step must never take the engine down
                 log.exception("engine step failed")
-                failed = {s.request for s in batch.decodes} | {s.request for s, _ in batch.prefills}
-                for request in failed:
-                    self._fail(request, EngineError(f"engine step failed: {exc}"))
+                failed = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
+                for request_id in failed:
+                    if (request := self._requests.get(request_id)) is not None:
+                        self._fail(request, EngineError(f"engine step failed: {exc}"))
         for request in list(self._requests.values()):
             self._fail(request, EngineError("the engine is shutting down"))
 
@@ -273,12 +274,13 @@ class AsyncLLMEngine:
         for seq, result in zip(sampling, results):
             if seq.is_finished:
                 continue
-            touched[seq.request.request_id] = seq.request
-            if result is None:
+            request = self._requests.get(seq.request_id)
+            if request is None or result is None:
                 continue
+            touched[seq.request_id] = request
             self._append_token(seq, result.token_id, result.logprob)
             if seq.index == 0 and seq.num_output_tokens == 1:
-                for child in seq.request.seqs[1:]:  # parent's prompt KV is now cached
+                for child in request.seqs[1:]:  # parent's prompt KV is now cached
                     child.blocked_on = None
         self._publish(touched.values())
 
@@ -294,8 +296,9 @@ class AsyncLLMEngine:
             try:
                 results.append(self.sampler.sample([seq], logits[i : i + 1])[0])
             except Exception as exc:  # noqa: BLE001
-                log.exception("sampling failed for request %s", seq.request.request_id)
-                self._fail(seq.request, EngineError(f"sampling failed: {exc}"))
+                log.exception("sampling failed for request %s", seq.request_id)
+                if (request := self._requests.get(seq.request_id)) is not None:
+                    self._fail(request, EngineError(f"sampling failed: {exc}"))
                 results.append(None)
         return results
 

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..types import LogitsProcessor, SamplingParams, TokenLogprob
-
-if TYPE_CHECKING:
-    from .llm_engine import Request
 
 
 class SeqStatus(enum.Enum):
@@ -22,7 +18,7 @@ class SeqStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    request: "Request"
+    request_id: str  # the engine keeps the request; a sequence only names it
     index: int  # choice index within the request
     token_ids: list[int]  # prompt + generated
     num_prompt_tokens: int
