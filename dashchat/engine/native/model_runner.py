@@ -42,9 +42,19 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         start = time.perf_counter()
+        self.model = self._load_model(model_dir)
+        self._quantize(quantization, model_dir, tokenizer)
+        self._use_cpu_kernels()
+        log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
+        self._allocate_kv_cache(num_kv_blocks)
+        self._prepare_decode(compile_decode, cuda_graphs, max_num_seqs, max_model_len, num_kv_blocks)
+
+    def _load_model(self, model_dir: str) -> torch.nn.Module:
+        """Build the model on the meta device, then load its weights straight into place."""
+        cfg, device = self.cfg, self.device
         with torch.device("meta"):
             model = build_model(cfg)
-        model = model.to_empty(device=device).to(dtype)
+        model = model.to_empty(device=device).to(self.dtype)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.load_weights(iter_weights(model_dir))
@@ -52,37 +62,50 @@ class ModelRunner:
         rotary = model.rotary
         fresh = type(rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
-        self.model = model.eval()
+        return model.eval()
+
+    def _quantize(self, quantization: str, model_dir: str, tokenizer: Tokenizer | None) -> None:
+        """Swap the linears for int8 / int4 ones, or pack float32 ones for oneDNN (CPU)."""
+        cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32
         if quantization == "int8":
             from ...paths import cache_dir
             from ..quantization.int8 import load_or_quantize_int8
 
-            if device.type != "cpu" or dtype != torch.float32:
+            if not cpu_float32:
                 raise ValueError("--quantization int8 is a CPU float32 path; on CUDA use --dtype bfloat16")
             load_or_quantize_int8(self.model, tokenizer, model_dir, cache_dir())
         elif quantization == "int4":
             from ..quantization.int4 import quantize_linears_int4
 
-            if device.type != "cpu" or dtype != torch.float32:
+            if not cpu_float32:
                 raise ValueError("--quantization int4 is a CPU float32 path; on CUDA use --dtype bfloat16")
             quantize_linears_int4(self.model)
         elif quantization != "none":
             raise ValueError(f"unsupported quantization {quantization!r}; choose none, int8 or int4")
-        elif device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        elif cpu_float32 and torch.backends.mkldnn.is_available():
             pack_linears(self.model)
-        if device.type == "cpu" and dtype == torch.float32:
-            use_cpu_kernels(self.model)  # after any quantization: int8 folds scales into the norms
-        log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
 
+    def _use_cpu_kernels(self) -> None:
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            use_cpu_kernels(self.model)  # after any quantization: int8 folds scales into the norms
+
+    def _allocate_kv_cache(self, num_kv_blocks: int) -> None:
+        cfg = self.cfg
         # One block past those the block manager hands out: padded CUDA-graph rows write there.
-        shape = ((num_kv_blocks + 1) * block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = ((num_kv_blocks + 1) * self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(cfg.num_layers)
         ]
-        self.attention = PagedAttention(self.kv_cache, block_size, cfg.head_dim**-0.5)
-        # Decode-only steps (the steady state of serving) run as one compiled graph: eager PyTorch
-        # spends more time dispatching the small decode ops than computing them. Prefill stays eager.
+        self.attention = PagedAttention(self.kv_cache, self.block_size, cfg.head_dim**-0.5)
+
+    def _prepare_decode(
+        self, compile_decode: bool, cuda_graphs: bool, max_num_seqs: int, max_model_len: int, num_kv_blocks: int
+    ) -> None:
+        """Decode-only steps (the steady state of serving) run as one compiled graph: eager PyTorch
+        spends more time dispatching the small decode ops than computing them. Prefill stays eager.
+        On CUDA the decode step is then replayed from captured CUDA graphs."""
         self._decode = self._decode_eager
         self.compile_decode = compile_decode
         self.compiled_decode_steps = 0
@@ -92,9 +115,10 @@ class ModelRunner:
             torch._dynamo.config.specialize_float = True
             self._decode = torch.compile(self._decode_eager, dynamic=True)
             self._warm_up_decode()
-        if cuda_graphs and device.type == "cuda":
+        if cuda_graphs and self.device.type == "cuda":
+            block_size = self.block_size
             max_width = -(-max(max_model_len, block_size) // block_size)
-            self._decode = PaddedDecode(self._decode, device, max_num_seqs, max_width, num_kv_blocks, block_size,
+            self._decode = PaddedDecode(self._decode, self.device, max_num_seqs, max_width, num_kv_blocks, block_size,
                                         use_graphs=True)
 
     @staticmethod
