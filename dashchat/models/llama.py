@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding
+from .parallel import SINGLE, ShardPlan, TensorParallel, VocabParallelEmbedding, read_slice
 
 # HF checkpoint names -> (our fused parameter, shard index). Shards are laid out in this order.
 _FUSED = {
@@ -18,17 +19,29 @@ _FUSED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+# Our parameter -> (the slice kind a tensor-parallel rank holds, the axis it is cut along).
+# qkv_proj's kind depends on the shard: q, then k and v.
+_SPLIT = {
+    "qkv_proj": ("q", 0),
+    "gate_up_proj": ("mlp", 0),
+    "o_proj": ("q", 1),
+    "down_proj": ("mlp", 1),
+    "embed_tokens": ("vocab", 0),
+    "lm_head": ("vocab", 0),
+}
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tp = tp
+        self.plan = plan = ShardPlan(cfg, tp.rank, tp.size)
+        self.embed_tokens = VocabParallelEmbedding(plan.vocab_per_rank, cfg.hidden_size, tp, plan.vocab_start)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, plan.vocab_per_rank, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -41,16 +54,21 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        if self.tp.size > 1:  # each rank scored its slice of the vocabulary (the last one padded)
+            logits = self.tp.gather_vocab(logits)[:, : self.config.vocab_size]
+        return logits.float()
 
     def _shard_sizes(self, fused: str) -> list[int]:
-        cfg = self.config
+        plan, d = self.plan, self.config.head_dim
         if fused == "qkv_proj":
-            return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
-        return [cfg.intermediate_size, cfg.intermediate_size]
+            return [plan.num_heads * d, plan.num_kv_heads * d, plan.num_kv_heads * d]
+        return [plan.intermediate_size, plan.intermediate_size]
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Copy checkpoint tensors into place. A weight is a tensor or a lazy safetensors slice;
+        under tensor parallelism only this rank's rows or columns of it are read."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
@@ -67,12 +85,18 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise KeyError(f"unexpected weight {hf_name!r} in checkpoint")
             param = params[target]
-            if shard is None:
-                param.copy_(tensor)
-            else:
+            kind, dim = _SPLIT.get(target.split(".")[-2], (None, 0))
+            if kind == "q" and shard:
+                kind = "kv"
+            tensor = read_slice(tensor, kind, dim, self.plan)
+            if shard is not None:
                 sizes = self._shard_sizes(target.split(".")[-2])
-                offset = sum(sizes[:shard])
-                param.narrow(0, offset, sizes[shard]).copy_(tensor)
+                param.narrow(0, sum(sizes[:shard]), sizes[shard]).copy_(tensor)
+            elif kind == "vocab":  # the last rank's slice may be short: its padding rows score nothing
+                param[: len(tensor)].copy_(tensor)
+                param[len(tensor) :].zero_()
+            else:
+                param.copy_(tensor)
             loaded.add(f"{target}#{shard}")
         missing = {n for n in params if not any(k.startswith(n + "#") for k in loaded)}
         if missing:

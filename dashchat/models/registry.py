@@ -6,6 +6,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
+from .parallel import SINGLE, TensorParallel
 from .qwen2 import Qwen2ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 
@@ -16,5 +17,5 @@ _FAMILIES: dict[str, type[LlamaForCausalLM]] = {
 }
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    return _FAMILIES[cfg.family](cfg)
+def build_model(cfg: ModelConfig, tp: TensorParallel = SINGLE) -> nn.Module:
+    return _FAMILIES[cfg.family](cfg, tp)

@@ -34,3 +34,12 @@ def iter_weights(model_dir: str | os.PathLike[str]) -> Iterator[tuple[str, torch
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+def iter_weight_slices(model_dir: str | os.PathLike[str]) -> Iterator[tuple[str, object]]:
+    """(name, lazy slice) for every weight: indexing the slice reads only those rows or columns
+    from the file, so a tensor-parallel rank reads only its own part of each weight."""
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name)

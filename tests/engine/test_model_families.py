@@ -7,7 +7,6 @@ Llama 3.1 rope scaling, Mistral, Qwen3's q/k norm, untied heads, and GQA shapes.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import torch
@@ -21,35 +20,9 @@ from dashchat.models.config import ModelConfig
 from dashchat.models.registry import build_model
 from dashchat.models.weights import iter_weights
 from engine_helpers import collect, greedy_tokens
+from tiny_models import FAMILIES, save_tiny as _save_tiny, save_word_tokenizer as _save_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
-
-_COMMON = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-)
-
-FAMILIES = {
-    "llama3-rope-scaling": (
-        "LlamaConfig", "LlamaForCausalLM",
-        dict(rope_theta=500000.0, tie_word_embeddings=False, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32}),
-    ),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=10000.0, sliding_window=None)),
-    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
-}
-
-
-def _save_tiny(family: str, path) -> "torch.nn.Module":
-    config_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**_COMMON, **extra)
-    model = getattr(transformers, model_cls)(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return model
-
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_match_transformers(family, tmp_path):
@@ -63,14 +36,6 @@ def test_logits_match_transformers(family, tmp_path):
         expected = ref(ids[None]).logits[0].float()
         got = ours.compute_logits(ours(ids, torch.arange(len(ids)), _causal_attention))
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
-
-
-def _save_word_tokenizer(path, eos: str = "t1") -> None:
-    """A minimal tokenizer folder: the engine needs one, the tests feed token ids."""
-    from tokenizers import Tokenizer, models
-
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(320)}, unk_token="t0")).save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
 
 
 def test_engine_greedy_matches_transformers_on_qwen3(tmp_path):

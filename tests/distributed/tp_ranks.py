@@ -1,0 +1,32 @@
+"""Code that runs inside tensor-parallel rank processes started by the tests (spawned, so it lives
+in an importable module)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rank_logits(rank: int, size: int, port: int, model_dirs: list[str], ids: list[int], out_dir: str) -> None:
+    """Build each model's shard for this rank, run one causal forward; rank 0 saves the logits."""
+    from dashchat.distributed.group import ParallelGroup
+    from dashchat.engine.quantization.int8 import _causal_attention
+    from dashchat.models.config import ModelConfig
+    from dashchat.models.registry import build_model
+    from dashchat.models.weights import iter_weight_slices
+
+    torch.set_num_threads(1)
+    group = ParallelGroup(rank, size, torch.device("cpu"), "127.0.0.1", port)
+    try:
+        group.start_serving(60)
+        tokens = torch.tensor(ids)
+        for i, model_dir in enumerate(model_dirs):
+            model = build_model(ModelConfig.from_dir(model_dir), group.tensor_parallel())
+            model.load_weights(iter_weight_slices(model_dir))
+            if model.config.tie_word_embeddings:
+                model.lm_head.weight = model.embed_tokens.weight
+            with torch.inference_mode():
+                logits = model.compute_logits(model(tokens, torch.arange(len(tokens)), _causal_attention))
+            if rank == 0:
+                torch.save(logits, f"{out_dir}/logits-{i}.pt")
+    finally:
+        group.destroy()

@@ -1,0 +1,46 @@
+"""Tiny random checkpoints of every supported family (transformers writes them), for tests that
+need a real model folder in a second: engine tests, tensor-parallel tests."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+_COMMON = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+)
+
+FAMILIES = {
+    "llama3-rope-scaling": (
+        "LlamaConfig", "LlamaForCausalLM",
+        dict(rope_theta=500000.0, tie_word_embeddings=False, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}),
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=10000.0, sliding_window=None)),
+    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
+    # one KV head for four query heads: tensor-parallel ranks replicate it
+    "llama-one-kv-head": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=False)),
+}
+
+
+def save_tiny(family: str, path) -> "torch.nn.Module":
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    import transformers
+
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
+    model = getattr(transformers, model_cls)(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def save_word_tokenizer(path, eos: str = "t1") -> None:
+    """A minimal tokenizer folder: the engine needs one, the tests feed token ids."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(320)}, unk_token="t0")).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
