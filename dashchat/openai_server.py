@@ -11,12 +11,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 log = logging.getLogger("dashchat")
+_DEAD_ENGINE_GRACE_S = 3.0
 
 
 def _device_ids(values: Sequence[str]) -> tuple[int, ...]:
@@ -57,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="Where to run the model. Default: cuda when a GPU is visible, else cpu.")
     e.add_argument("--device-list", nargs="+", default=["0"], metavar="ID",
-                   help="Device ids to use (one for now; several need tensor parallelism).")
+                   help="This node's device ids. Several run one model over them with tensor parallelism "
+                        "(one process per device). On CPU an id names a group of cores: a NUMA node where "
+                        "there are several, else an equal share of the cores.")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="Weight and activation dtype; auto = float32 on CPU, bfloat16 on CUDA.")
     e.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default="none",
@@ -87,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Requests allowed to wait beyond the running ones; more get 429 with Retry-After.")
     e.add_argument("--threads", type=int, default=None, help="CPU threads. Default: physical cores.")
     e.add_argument("--seed", type=int, default=0, help="Engine seed for requests without one.")
+    d = p.add_argument_group("distributed (tensor parallelism over torch.distributed: gloo on CPU, NCCL on CUDA)")
+    d.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="Ranks that share the model. Default: --nnodes x the length of --device-list "
+                        "(WORLD_SIZE under torchrun). Several ranks on CUDA decode eagerly (no CUDA graphs: "
+                        "collectives inside captured graphs are a known source of hangs). KV cache memory "
+                        "is per rank.")
+    d.add_argument("--nnodes", type=int, default=1, help="Machines the ranks run on.")
+    d.add_argument("--node-rank", type=int, default=0,
+                   help="This machine's index: node 0 serves HTTP and holds rank 0; the others run --headless.")
+    d.add_argument("--master-addr", default="127.0.0.1",
+                   help="Node 0's address, where the ranks meet (torch.distributed's rendezvous).")
+    d.add_argument("--master-port", type=int, default=None,
+                   help="A free port on node 0 for the rendezvous. Default on one node: any free port; "
+                        "required with several nodes.")
+    d.add_argument("--headless", action="store_true",
+                   help="Run this node's ranks only, no HTTP server (every node but node 0). Exits when "
+                        "node 0 does.")
+    d.add_argument("--distributed-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="A collective that takes longer while serving means a rank is lost: in-flight "
+                        "requests fail and the server exits non-zero.")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: all interfaces).")
     s.add_argument("--port", type=int, default=8000, help="Port to listen on.")
@@ -134,7 +158,7 @@ def _api_keys(values: list[str] | None) -> list[str]:
     return keys
 
 
-def _build_engine(args: argparse.Namespace, model_dir: str) -> Any:
+def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
     from dashchat.engine.args import EngineArgs
 
     device = args.device
@@ -153,7 +177,13 @@ def _build_engine(args: argparse.Namespace, model_dir: str) -> Any:
         num_threads=args.threads, max_queue=args.max_queue, quantization=quantization, seed=args.seed,
         compile=args.compile,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr, master_port=args.master_port, distributed_timeout_s=args.distributed_timeout,
     )
+    return eargs
+
+
+def _build_engine(args: argparse.Namespace, eargs: Any) -> Any:
     if args.engine == "dashinfer":
         try:
             from dashchat.engine.dashinfer.engine import DashInferEngine
@@ -165,7 +195,7 @@ def _build_engine(args: argparse.Namespace, model_dir: str) -> Any:
     return AsyncLLMEngine.from_args(eargs)
 
 
-def _serve(app: Any, state: Any, args: argparse.Namespace) -> None:
+def _serve(app: Any, state: Any, args: argparse.Namespace) -> int:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -190,9 +220,26 @@ def _serve(app: Any, state: Any, args: argparse.Namespace) -> None:
                     await state.wait_idle(5.0)
             await super().shutdown(sockets)
 
+        async def on_tick(self, counter: int) -> bool:
+            # An engine that lost a tensor-parallel rank cannot serve again: let the failed requests
+            # send their errors (and /health its 503) for a moment, then exit non-zero.
+            dead = getattr(state.engine, "dead", None)
+            if dead is not None and not self.should_exit:
+                now = time.monotonic()
+                if self.dead_since is None:
+                    self.dead_since = now
+                    log.error("exiting: %s", dead)
+                elif now - self.dead_since >= _DEAD_ENGINE_GRACE_S:
+                    self.exit_code = 1
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5, log_level=args.log_level)
-    Server(config).run()
+    server = Server(config)
+    server.dead_since, server.exit_code = None, 0
+    server.run()
+    return server.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,9 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.device_ids = _device_ids(args.device_list)
     except argparse.ArgumentTypeError as exc:
         parser.error(f"--device-list: {exc}")
-    if len(args.device_ids) > 1:
-        parser.error(f"--device-list {' '.join(map(str, args.device_ids))}: dashchat runs a model on one "
-                     "device for now (no tensor parallelism); pass a single id, e.g. --device-list 0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        args.headless = True  # torchrun started every rank with one command line: only rank 0 serves HTTP
+    if args.headless and args.engine != "native":
+        parser.error("--headless runs ranks of dashchat's native engine; DashInfer runs its own devices")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "debug"
     try:
@@ -215,7 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         template = _read_template(args.chat_template)
         resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
         log.info("model: %s (%s)", resolved.name, resolved.path)
-        engine = _build_engine(args, str(resolved.path))
+        eargs = _engine_args(args, str(resolved.path))
+        if args.headless:
+            from dashchat.distributed.headless import run_headless
+
+            return run_headless(eargs)
+        engine = _build_engine(args, eargs)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line, not a traceback wall (unless --log-level debug)
@@ -238,10 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     app = build_app(engine, cfg)
     try:
-        _serve(app, server_state(app), args)
+        return _serve(app, server_state(app), args)
     finally:
         engine.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,3 +23,10 @@ class EngineArgs:
     compile: bool = False  # torch.compile the decode step (slower start, faster tokens)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     seed: int = 0
+    # Tensor parallelism (dashchat/distributed/): one model over several devices and nodes.
+    tensor_parallel_size: int | None = None  # default: nnodes x len(device_ids) (WORLD_SIZE under torchrun)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # default on one node: a free port
+    distributed_timeout_s: float = 60.0  # a collective hung this long while serving means a rank is gone

@@ -119,6 +119,8 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hits: int = 0  # of those, found cached
     num_preemptions: int = 0
+    tensor_parallel_size: int = 1
+    collective_seconds: float = 0.0  # rank 0's time in tensor-parallel collectives
 
 
 class Engine(Protocol):

@@ -105,12 +105,15 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     async def health() -> Response:
         if state.draining:
             return JSON({"status": "shutting_down"}, status_code=503)
+        if getattr(engine, "dead", None) is not None:  # lost a tensor-parallel rank: exiting soon
+            return JSON({"status": "engine_failed"}, status_code=503)
         return JSON({"status": "ok"})
 
     @app.get("/version")
     async def version() -> Response:
         return JSON({"version": __version__, "engine": getattr(engine, "name", "unknown"),
-                     "models": cfg.served_model_names})
+                     "models": cfg.served_model_names,
+                     "tensor_parallel_size": getattr(engine, "tensor_parallel_size", 1)})
 
     @app.get("/metrics")
     async def metrics() -> Response:

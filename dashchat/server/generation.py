@@ -33,7 +33,7 @@ from dashchat.server.errors import (
     request_timeout,
     shutting_down,
 )
-from dashchat.server.sse import JSON_HEADERS, SSE_HEADERS, dumps, event
+from dashchat.server.sse import DONE, JSON_HEADERS, SSE_HEADERS, dumps, event
 from dashchat.server.state import ServerState
 
 log = logging.getLogger("dashchat.server")
@@ -76,8 +76,9 @@ class Sender:
             return
         if not self.started:
             await self.json(err.status, err.body(), err.headers)
-        elif self.streaming:
+        elif self.streaming:  # an error event, then the [DONE] every stream ends with
             await self.chunk(event(err.body()))
+            await self.chunk(DONE)
             await self.end()
 
 

@@ -40,6 +40,9 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("dashchat_prefix_cache_queries", "Prompt tokens looked up.", s.prefix_cache_queries)
         yield CounterMetricFamily("dashchat_prefix_cache_hits", "Prompt tokens found cached.", s.prefix_cache_hits)
         yield CounterMetricFamily("dashchat_num_preemptions", "Sequences preempted.", s.num_preemptions)
+        yield GaugeMetricFamily("dashchat_tensor_parallel_size", "Ranks sharing the model.", s.tensor_parallel_size)
+        yield CounterMetricFamily("dashchat_tensor_parallel_collective_seconds",
+                                  "Rank 0's host time in tensor-parallel collectives.", s.collective_seconds)
 
 
 class Metrics:

@@ -216,7 +216,7 @@ def test_engine_abort_never_leaks() -> None:
     assert err["type"] == "server_error"
     with c.stream("POST", "/v1/chat/completions", json={"messages": MSG, "stream": True}) as r:
         events = sse(r.read().decode())
-    assert "error" in events[-1] and "[DONE]" not in events
+    assert "error" in events[-2] and events[-1] == "[DONE]"
     assert all(e.get("choices", [{}])[0].get("finish_reason") != "abort" for e in events if "choices" in e)
 
 

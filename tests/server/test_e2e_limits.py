@@ -77,5 +77,5 @@ def test_request_timeout(tight: ServerProcess) -> None:
     with httpx.stream("POST", f"{tight.base_url}/v1/chat/completions", json={**body, "stream": True},
                       headers=AUTH, timeout=30) as s:
         lines = [ln for ln in s.iter_lines() if ln]
-    assert '"request_timeout"' in lines[-1] and "[DONE]" not in lines[-1]
+    assert '"request_timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
     assert wait_engine_idle(tight.base_url, timeout=5) == (0, 0)

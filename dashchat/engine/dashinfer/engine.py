@@ -90,6 +90,12 @@ class DashInferEngine:
                              "is for the native engine")
         if args.compile:
             raise ValueError("--compile compiles the native engine's decode step; DashInfer runs its own kernels")
+        if args.nnodes > 1 or (args.tensor_parallel_size or len(args.device_ids)) != len(args.device_ids):
+            raise ValueError("--engine dashinfer runs on one machine over its --device-list; --nnodes and a "
+                             "--tensor-parallel-size other than the list's length are the native engine's")
+        if args.device == "cpu" and len(args.device_ids) > 1:
+            raise ValueError("--engine dashinfer on CPU runs on one device here (its multi-NUMA mode needs an "
+                             "MPI launch); for several CPU ranks use the native engine")
         cfg = load_hf_config(args.model_dir)
         dashinfer_model_type(cfg)  # unsupported architectures fail before anything is loaded
         compute_unit, data_type = _device(args)

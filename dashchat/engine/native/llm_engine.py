@@ -17,12 +17,14 @@ from typing import AsyncIterator
 
 import torch
 
+from ...distributed import launch
 from ...models.config import ModelConfig
+from ...models.parallel import check_tensor_parallel
 from ...tokenizer import Tokenizer
 from ..args import EngineArgs
-from .block_manager import BlockManager
 from ..cpu.threads import physical_cores
-from .model_runner import ModelRunner, resolve_dtype
+from .block_manager import BlockManager
+from .model_runner import build_runner
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SeqStatus
@@ -38,11 +40,19 @@ from ..types import (
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_KV_GB = {"cpu": 2.0, "cuda": 8.0}
 # Tokens per step: on CPU a 512-token chunk already runs the GEMMs at peak and keeps running
 # streams moving; a GPU step of 2048 tokens costs little more than one of 512 (vLLM's default too).
 _DEFAULT_STEP_TOKENS = {"cpu": 512, "cuda": 2048}
 _MAX_DEFAULT_LEN = 8192
+_HEARTBEAT_S = 1.0  # idle tensor-parallel ranks hear from rank 0 this often (well inside their timeout)
+
+
+def default_max_model_len(args: EngineArgs, cfg: ModelConfig) -> int:
+    return args.max_model_len or min(cfg.max_position_embeddings, _MAX_DEFAULT_LEN)
+
+
+class _RanksOutOfStep(Exception):
+    """A tensor-parallel forward failed part-way: the ranks can no longer run steps together."""
 
 
 @dataclass(eq=False)
@@ -63,22 +73,30 @@ class AsyncLLMEngine:
     name = "native"
 
     def __init__(self, args: EngineArgs) -> None:
-        if len(args.device_ids) > 1:
-            raise ValueError("several devices need tensor parallelism, which dashchat does not have yet; pass one id")
         if args.device == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda, but no CUDA device is visible to PyTorch")
-            device = torch.device("cuda", args.device_ids[0])
-        elif args.device == "cpu":
-            device = torch.device("cpu")
-        else:
+            if max(args.device_ids) >= torch.cuda.device_count():
+                raise ValueError(f"--device-list {' '.join(map(str, args.device_ids))}: "
+                                 f"{torch.cuda.device_count()} CUDA device(s) visible")
+        elif args.device != "cpu":
             raise ValueError(f"unsupported device {args.device!r}; choose cpu or cuda")
         self.args = args
         self.tokenizer = Tokenizer.from_dir(args.model_dir)
         self.model_config = cfg = ModelConfig.from_dir(args.model_dir)
         self.vocab_size = cfg.vocab_size
-        self.max_model_len = args.max_model_len or min(cfg.max_position_embeddings, _MAX_DEFAULT_LEN)
+        self.max_model_len = default_max_model_len(args, cfg)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        # Tensor parallelism: this engine is rank 0; the node's other ranks are worker processes.
+        self.world = launch.plan_world(args)
+        self.tensor_parallel_size = self.world.size
+        check_tensor_parallel(cfg, self.world.size)
+        if self.world.size > 1 and self.world.node_rank != 0:
+            raise ValueError(f"node {self.world.node_rank} serves no HTTP: start it with --headless")
+        self._place = self.world.local_ranks(args.device_ids)[0]
+        self.group = None
+        self._workers: list[launch.WorkerProcess] = []
+        self.dead: EngineError | None = None  # set when a rank is lost: the engine cannot serve any more
 
         self._requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
@@ -90,47 +108,54 @@ class AsyncLLMEngine:
         # runs OpenMP regions, each thread gets its own OpenMP team and the steps ran ~2x slower.
         self._ready = threading.Event()
         self._init_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(device,), name="dashchat-engine", daemon=True)
+        if self.world.size > 1 and not self.world.external:
+            launch.check_master_port(self.world.master_addr, self.world.master_port)
+            self._workers = launch.start_workers(args, self.world, self.world.local_ranks(args.device_ids)[1:])
+        self._thread = threading.Thread(target=self._run, name="dashchat-engine", daemon=True)
         self._thread.start()
-        self._ready.wait()
+        # A worker that dies while loading ends the start with its own error (rank 0 may be waiting
+        # in a collective for it).
+        while not self._ready.wait(0.2):
+            lost = self._lost_worker()
+            if lost is not None:
+                self._init_error = lost
+                break
         if self._init_error is not None:
-            self._thread.join()
+            self._kill_workers()
+            launch.stop_workers(self._workers, timeout=5)
             raise self._init_error
+        if self._workers:
+            threading.Thread(target=self._watch_workers, name="dashchat-rank-watch", daemon=True).start()
 
-    def _build(self, device: torch.device) -> None:
+    def _build(self) -> None:
         args, cfg = self.args, self.model_config
-        if device.type == "cpu":
+        if self.world.size > 1:
+            from ...distributed.group import ParallelGroup
+
+            device = launch.prepare_rank_device(args.device, self._place, launch.core_groups(args.device_ids),
+                                                args.num_threads)
+            self.group = ParallelGroup(0, self.world.size, device, self.world.master_addr, self.world.master_port)
+        elif args.device == "cpu":
+            device = torch.device("cpu")
             torch.set_num_threads(args.num_threads or physical_cores())
         else:
+            device = torch.device("cuda", args.device_ids[0])
             torch.cuda.set_device(device)
-        torch.manual_seed(args.seed)
-        dtype = resolve_dtype(args.dtype, args.device)
-        per_token = ModelRunner.kv_bytes_per_token(cfg, dtype)
-        budget = args.kv_cache_memory_gb
-        if budget is None:
-            wanted = args.max_num_seqs * self.max_model_len * per_token
-            budget = min(wanted / 2**30, _DEFAULT_KV_GB[args.device])
-        num_blocks = int(budget * 2**30) // (per_token * args.block_size)
-        if num_blocks * args.block_size < self.max_model_len:
-            raise ValueError(
-                f"KV cache of {budget:.2f} GiB holds {num_blocks * args.block_size} tokens, less than "
-                f"max_model_len {self.max_model_len}: raise the KV memory or lower --max-model-len"
-            )
-        self.runner = ModelRunner(
-            args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization, self.tokenizer,
-            compile_decode=args.compile, cuda_graphs=not args.enforce_eager, max_num_seqs=args.max_num_seqs,
-            max_model_len=self.max_model_len,
-        )
+        self.runner, num_blocks, budget = build_runner(args, cfg, self.tokenizer, device, self.max_model_len,
+                                                       self.group)
+        if self.group is not None:
+            self.group.start_serving(args.distributed_timeout_s)
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         # Decodes take one token each: leave room for prefill chunks beside a full batch.
         step_tokens = args.max_num_batched_tokens or _DEFAULT_STEP_TOKENS[args.device]
         step_budget = max(step_tokens, args.max_num_seqs + args.block_size)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget)
-        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, args.block_size, budget)
+        per_rank = f" per rank, {self.world.size} ranks" if self.world.size > 1 else ""
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB%s)", num_blocks, args.block_size, budget, per_rank)
 
-    def _run(self, device: torch.device) -> None:
+    def _run(self) -> None:
         try:
-            self._build(device)
+            self._build()
         except BaseException as exc:  # noqa: BLE001 - handed to the constructor, which raises it
             self._init_error = exc
             self._ready.set()
@@ -147,6 +172,8 @@ class AsyncLLMEngine:
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
+        if self.dead is not None:
+            raise self.dead
         if self._stopped:
             raise EngineError("the engine is shut down")
         check_prompt(prompt_token_ids, params.max_tokens, self.max_model_len, self.vocab_size)
@@ -188,12 +215,55 @@ class AsyncLLMEngine:
             prefix_cache_queries=self.blocks.prefix_queries,
             prefix_cache_hits=self.blocks.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            tensor_parallel_size=self.world.size,
+            collective_seconds=self.group.collective_seconds if self.group is not None else 0.0,
         )
 
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        launch.stop_workers(self._workers)  # told to stop by the step thread; killed if they did not
+
+    # ---- tensor-parallel ranks ---------------------------------------------------------
+
+    def _lost_worker(self) -> EngineError | None:
+        for w in self._workers:
+            if w.proc.poll() is not None:
+                return EngineError(f"tensor-parallel rank {w.place.rank} failed: {w.error_text()}")
+        return None
+
+    def _kill_workers(self) -> bool:
+        for w in self._workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+        return bool(self._workers)
+
+    def _watch_workers(self) -> None:
+        while not self._stopped and self.dead is None:
+            lost = self._lost_worker()
+            if lost is not None:
+                self._die(lost)
+                return
+            time.sleep(0.25)
+
+    def _die(self, cause: EngineError) -> None:
+        """A rank is gone: no step can run any more. Fail every request now (from whichever thread
+        noticed), refuse new ones; the server answers /health with 503 and exits."""
+        with self._lock:
+            if self.dead is not None or self._stopped:
+                return
+            self.dead = cause
+            requests = list(self._requests.values())
+            self._requests.clear()
+        log.error("engine stopped serving: %s", cause)
+        self._kill_workers()
+        for request in requests:
+            try:
+                request.loop.call_soon_threadsafe(request.queue.put_nowait, EngineError(str(cause)))
+            except RuntimeError:  # that request's event loop is closed: nobody waits for it
+                pass
+        self._wake.set()
 
     def _make_request(self, prompt: list[int], params: SamplingParams, request_id: str) -> Request:
         loop = asyncio.get_running_loop()
@@ -216,19 +286,40 @@ class AsyncLLMEngine:
     # ---- step thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stopped:
+        try:
+            self._serve()
+        except Exception as exc:  # noqa: BLE001 - a collective failed: a rank is gone
+            log.exception("tensor-parallel step failed")
+            self._die(self._lost_worker() or EngineError(f"a tensor-parallel rank stopped answering ({exc.__cause__ or exc})"))
+        if self.group is not None:
+            if self.dead is None:
+                try:
+                    self.runner.send_stop()
+                except Exception:  # noqa: BLE001 - the ranks are exiting anyway
+                    log.debug("could not tell the ranks to stop", exc_info=True)
+            self.group.destroy()
+
+    def _serve(self) -> None:
+        last_contact = time.monotonic()
+        while not self._stopped and self.dead is None:
             self._drain_inbox()
             if not self.scheduler.has_work():
-                self._wake.wait(timeout=0.5)
+                self._wake.wait(timeout=_HEARTBEAT_S / 2 if self.group is not None else 0.5)
                 self._wake.clear()
+                if self.group is not None and time.monotonic() - last_contact >= _HEARTBEAT_S:
+                    self.runner.send_heartbeat()
+                    last_contact = time.monotonic()
                 continue
             batch = self.scheduler.schedule()
             if batch.empty:
                 # Nothing fits (should not happen: the KV holds max_model_len); back off briefly.
                 time.sleep(0.001)
                 continue
+            last_contact = time.monotonic()
             try:
                 self._step(batch)
+            except _RanksOutOfStep:
+                raise
             except Exception as exc:  # noqa: BLE001 - a step must never take the engine down
                 log.exception("engine step failed")
                 failed = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
@@ -261,7 +352,12 @@ class AsyncLLMEngine:
     def _step(self, batch: ScheduledBatch) -> None:
         sampling = list(batch.decodes)
         sampling += [s for s, chunk in batch.prefills if s.num_computed_tokens + chunk == s.num_tokens]
-        logits = self.runner.run(batch, sampling)
+        try:
+            logits = self.runner.run(batch, sampling)
+        except Exception as exc:
+            if self.group is not None:  # some ranks may be inside a collective of this step
+                raise _RanksOutOfStep() from exc
+            raise
         for seq in batch.decodes:
             seq.num_computed_tokens = seq.num_tokens
         for seq, chunk in batch.prefills:

@@ -9,7 +9,8 @@ import torch
 
 from ...models.config import ModelConfig
 from ...models.registry import build_model
-from ...models.weights import iter_weights
+from ...models.parallel import SINGLE, ShardPlan, TensorParallel
+from ...models.weights import iter_weight_slices
 from ...tokenizer import Tokenizer
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
 from ..cpu.linear import pack_linears
@@ -17,6 +18,7 @@ from ..cpu.ops import use_cpu_kernels
 from ..cuda.graphs import PaddedDecode
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+from .step_inputs import HEARTBEAT, STOP, StepInputs, receive_step, send_command, send_step
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +38,36 @@ class ModelRunner:
         self, model_dir: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
         num_kv_blocks: int, block_size: int, quantization: str = "none", tokenizer: Tokenizer | None = None,
         compile_decode: bool = False, cuda_graphs: bool = False, max_num_seqs: int = 1, max_model_len: int = 0,
+        group=None,
     ) -> None:
+        """`group`: this rank's tensor-parallel ParallelGroup (dashchat/distributed/group.py), or None
+        for one device. Every rank builds a runner the same way; rank 0 then calls run() per step
+        and the others serve_steps()."""
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
+        self.group = group
+        self.tp: TensorParallel = group.tensor_parallel() if group is not None else SINGLE
         start = time.perf_counter()
         self.model = self._load_model(model_dir)
         self._quantize(quantization, model_dir, tokenizer)
         self._use_cpu_kernels()
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
         self._allocate_kv_cache(num_kv_blocks)
+        # Collectives inside captured CUDA graphs are a known source of hangs: several ranks decode eagerly.
+        cuda_graphs = cuda_graphs and self.tp.size == 1
         self._prepare_decode(compile_decode, cuda_graphs, max_num_seqs, max_model_len, num_kv_blocks)
 
     def _load_model(self, model_dir: str) -> torch.nn.Module:
         """Build the model on the meta device, then load its weights straight into place."""
         cfg, device = self.cfg, self.device
         with torch.device("meta"):
-            model = build_model(cfg)
+            model = build_model(cfg, self.tp)
         model = model.to_empty(device=device).to(self.dtype)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        model.load_weights(iter_weights(model_dir))
+        model.load_weights(iter_weight_slices(model_dir))  # a rank reads only its slices
         # RoPE tables are buffers computed at build time: rebuild them on the real device.
         rotary = model.rotary
         fresh = type(rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
@@ -73,7 +83,8 @@ class ModelRunner:
 
             if not cpu_float32:
                 raise ValueError("--quantization int8 is a CPU float32 path; on CUDA use --dtype bfloat16")
-            load_or_quantize_int8(self.model, tokenizer, model_dir, cache_dir())
+            shard = f"tp{self.tp.rank}of{self.tp.size}" if self.tp.size > 1 else ""
+            load_or_quantize_int8(self.model, tokenizer, model_dir, cache_dir(), shard)
         elif quantization == "int4":
             from ..quantization.int4 import quantize_linears_int4
 
@@ -92,7 +103,8 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_kv_blocks: int) -> None:
         cfg = self.cfg
         # One block past those the block manager hands out: padded CUDA-graph rows write there.
-        shape = ((num_kv_blocks + 1) * self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        kv_heads = ShardPlan(cfg, self.tp.rank, self.tp.size).num_kv_heads
+        shape = ((num_kv_blocks + 1) * self.block_size, kv_heads, cfg.head_dim)
         self.kv_cache = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -122,8 +134,10 @@ class ModelRunner:
                                         use_graphs=True)
 
     @staticmethod
-    def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tp_size: int = 1) -> int:
+        """KV bytes per token on one rank (its share of the KV heads)."""
+        kv_heads = ShardPlan(cfg, 0, tp_size).num_kv_heads
+        return 2 * cfg.num_layers * kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -134,7 +148,30 @@ class ModelRunner:
         """Forward the batch; return logits [len(sampling), vocab] for the sequences that sample.
 
         `sampling` lists, in batch order, the decodes and the prefills that reach their last token.
+        Under tensor parallelism this is rank 0: the other ranks get the same inputs and run along.
         """
+        step = self._prepare(batch)
+        if self.group is not None:
+            send_step(self.group, step)
+        return self._execute(step)
+
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """A tensor-parallel rank other than 0: run every step rank 0 sends, until it says stop."""
+        while True:
+            step = receive_step(self.group, self.device)
+            if step == STOP:
+                return
+            if isinstance(step, StepInputs):
+                self._execute(step)
+
+    def send_heartbeat(self) -> None:
+        send_command(self.group, HEARTBEAT, self.device)
+
+    def send_stop(self) -> None:
+        send_command(self.group, STOP, self.device)
+
+    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         dev = self.device
         input_ids: list[int] = []
         positions: list[int] = []
@@ -161,17 +198,21 @@ class ModelRunner:
         decode_tables = decode_lens = None
         if batch.decodes:
             decode_tables, decode_lens = self._decode_tables(batch.decodes)
-        input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        if not spans:
+        return StepInputs(
+            torch.tensor(input_ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(slots, dtype=torch.long, device=dev), decode_tables, decode_lens, spans, logits_rows,
+        )
+
+    def _execute(self, step: StepInputs) -> torch.Tensor:
+        if not step.spans:
             self.compiled_decode_steps += self.compile_decode
-            return self._decode(input_ids_t, positions_t, slots_t, decode_tables, decode_lens)
-        self.attention.begin_step(StepAttentionMetadata(slots_t, len(batch.decodes), decode_tables, decode_lens, spans))
-        hidden = self.model(input_ids_t, positions_t, self.attention)
-        if not logits_rows:
+            return self._decode(step.input_ids, step.positions, step.slots, step.decode_tables, step.decode_lens)
+        self.attention.begin_step(StepAttentionMetadata(
+            step.slots, step.num_decodes, step.decode_tables, step.decode_lens, step.spans))
+        hidden = self.model(step.input_ids, step.positions, self.attention)
+        if not step.logits_rows:
             return torch.empty(0, self.cfg.vocab_size)
-        hidden = hidden[torch.tensor(logits_rows, dtype=torch.long, device=dev)]
+        hidden = hidden[torch.tensor(step.logits_rows, dtype=torch.long, device=self.device)]
         return self.model.compute_logits(hidden)
 
     def _decode_tables(self, decodes: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,3 +251,31 @@ class ModelRunner:
             # Block 0 is scratch here: nothing is allocated before the engine starts serving.
             self._decode(*flat, tables, lens)
         log.info("decode step compiled in %.1fs", time.perf_counter() - start)
+
+
+_DEFAULT_KV_GB = {"cpu": 2.0, "cuda": 8.0}  # per device (per rank under tensor parallelism)
+
+
+def build_runner(args, cfg: ModelConfig, tokenizer: Tokenizer, device: torch.device, max_model_len: int,
+                 group=None) -> tuple[ModelRunner, int, float]:
+    """Size the KV cache and build the runner: the same on every tensor-parallel rank, so each one
+    arrives at the same number of blocks. Returns (runner, KV blocks, KV GiB per rank)."""
+    torch.manual_seed(args.seed)
+    dtype = resolve_dtype(args.dtype, args.device)
+    per_token = ModelRunner.kv_bytes_per_token(cfg, dtype, group.size if group is not None else 1)
+    budget = args.kv_cache_memory_gb
+    if budget is None:
+        wanted = args.max_num_seqs * max_model_len * per_token
+        budget = min(wanted / 2**30, _DEFAULT_KV_GB[args.device])
+    num_blocks = int(budget * 2**30) // (per_token * args.block_size)
+    if num_blocks * args.block_size < max_model_len:
+        raise ValueError(
+            f"KV cache of {budget:.2f} GiB holds {num_blocks * args.block_size} tokens, less than "
+            f"max_model_len {max_model_len}: raise the KV memory or lower --max-model-len"
+        )
+    runner = ModelRunner(
+        args.model_dir, cfg, device, dtype, num_blocks, args.block_size, args.quantization, tokenizer,
+        compile_decode=args.compile, cuda_graphs=not args.enforce_eager, max_num_seqs=args.max_num_seqs,
+        max_model_len=max_model_len, group=group,
+    )
+    return runner, num_blocks, budget

@@ -13,10 +13,14 @@ reach the sampled token directly.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .int8 import Int8Linear, float_bias
+
+log = logging.getLogger(__name__)
 
 GROUP = 32
 
@@ -59,6 +63,10 @@ def quantize_linears_int4(model: nn.Module) -> None:
     for layer in model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and int4_supported(child):
-                    setattr(parent, name, Int4Linear(child))
+                if isinstance(child, nn.Linear):
+                    if int4_supported(child):
+                        setattr(parent, name, Int4Linear(child))
+                    else:  # e.g. a tensor-parallel shard whose rows are not whole groups of 32
+                        log.info("int4: %s [%d x %d] stays float (shape not in groups of %d)", name,
+                                 child.out_features, child.in_features, GROUP)
     model.lm_head = Int8Linear(model.lm_head)  # a tied head gets its own copy: the embedding stays

@@ -158,20 +158,22 @@ def _int8_state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def int8_cache_path(model_dir: str, cache_root: Path) -> Path:
-    """Keyed by the checkpoint's identity (path, size and mtime of its files) and the format."""
+def int8_cache_path(model_dir: str, cache_root: Path, shard: str = "") -> Path:
+    """Keyed by the checkpoint's identity (path, size and mtime of its files), the format and the
+    tensor-parallel shard ("" for the whole model)."""
     files = sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"]
-    ident = [str(Path(model_dir).resolve()), str(CACHE_FORMAT), str(SMOOTH_ALPHA)]
+    ident = [str(Path(model_dir).resolve()), str(CACHE_FORMAT), str(SMOOTH_ALPHA)] + ([shard] if shard else [])
     ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
     key = hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
     return cache_root / "int8" / f"{Path(model_dir).name}-{key}.safetensors"
 
 
-def load_or_quantize_int8(model: nn.Module, tokenizer, model_dir: str, cache_root: Path) -> None:
-    """Quantize a loaded float model in place, once per checkpoint: later starts load the cached result."""
+def load_or_quantize_int8(model: nn.Module, tokenizer, model_dir: str, cache_root: Path, shard: str = "") -> None:
+    """Quantize a loaded float model in place, once per checkpoint (and tensor-parallel shard): later
+    starts load the cached result."""
     from safetensors.torch import load_file, save_file
 
-    path = int8_cache_path(model_dir, cache_root)
+    path = int8_cache_path(model_dir, cache_root, shard)
     state = None
     if path.is_file():
         try:

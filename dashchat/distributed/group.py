@@ -1,0 +1,110 @@
+"""The tensor-parallel process group (torch.distributed: gloo on CPU, NCCL on CUDA) and the
+collectives the model and the engine use.
+
+Two groups with different timeouts: loading (and compiling) may take minutes on one rank while
+the others wait in their first collective, but once serving, a collective that does not finish
+within `step_timeout_s` means a rank is gone, and must end in an error, not a hang.
+
+Under torch.compile the collectives run as custom ops (opaque to dynamo, so a compiled decode
+step has no graph break and no traced process-group object).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..models.parallel import TensorParallel
+
+log = logging.getLogger(__name__)
+
+# The one group of this process (a process is one rank); the custom ops below look it up.
+_ACTIVE: ParallelGroup | None = None
+
+
+class ParallelGroup:
+    def __init__(
+        self, rank: int, size: int, device: torch.device, master_addr: str, master_port: int,
+        load_timeout_s: float = 1800.0,
+    ) -> None:
+        global _ACTIVE
+        self.rank, self.size, self.device = rank, size, device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(
+            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=size,
+            timeout=datetime.timedelta(seconds=load_timeout_s), **kwargs,
+        )
+        self.group = dist.group.WORLD
+        self.collective_seconds = 0.0  # host time spent in collectives (on CUDA: launch and waits)
+        _ACTIVE = self
+
+    def start_serving(self, step_timeout_s: float) -> None:
+        """All ranks have loaded: from now on a collective that hangs for step_timeout_s fails."""
+        self.group = dist.new_group(list(range(self.size)), timeout=datetime.timedelta(seconds=step_timeout_s))
+
+    def tensor_parallel(self) -> TensorParallel:
+        return TensorParallel(self.rank, self.size, self.all_reduce, self.gather_vocab)
+
+    # -- collectives ---------------------------------------------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (in place, eagerly)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.dashchat.tp_all_reduce(x)
+        start = time.perf_counter()
+        dist.all_reduce(x, group=self.group)
+        self.collective_seconds += time.perf_counter() - start
+        return x
+
+    def gather_vocab(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, V/size] on every rank -> [N, V] (the ranks' slices side by side)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.dashchat.tp_gather_vocab(x)
+        start = time.perf_counter()
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)
+        self.collective_seconds += time.perf_counter() - start
+        return torch.cat(parts, dim=1)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor into `x` on every rank."""
+        start = time.perf_counter()
+        dist.broadcast(x, src=0, group=self.group)
+        self.collective_seconds += time.perf_counter() - start
+        return x
+
+    def destroy(self) -> None:
+        global _ACTIVE
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to tear down cleanly
+            log.debug("process group teardown failed", exc_info=True)
+        _ACTIVE = None
+
+
+@torch.library.custom_op("dashchat::tp_all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor) -> torch.Tensor:
+    y = x.clone()
+    _ACTIVE.all_reduce(y)
+    return y
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dashchat::tp_gather_vocab", mutates_args=())
+def _gather_vocab_op(x: torch.Tensor) -> torch.Tensor:
+    return _ACTIVE.gather_vocab(x)
+
+
+@_gather_vocab_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1] * _ACTIVE.size)
