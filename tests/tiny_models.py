@@ -44,3 +44,24 @@ def save_word_tokenizer(path, eos: str = "t1") -> None:
 
     Tokenizer(models.WordLevel({f"t{i}": i for i in range(320)}, unk_token="t0")).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+
+
+def save_tiny_chat_model(path) -> None:
+    """A tiny random Llama that speaks through SmolLM2's real tokenizer and chat template: a server
+    can chat with it (gibberish, greedy and repeatable) and start in seconds; 4 heads, 2 KV heads,
+    so it splits over 2 or 4 ranks."""
+    import shutil
+
+    import transformers
+
+    from dashchat.models.resolve import resolve_model
+
+    source = resolve_model("smollm2-135m-instruct").path
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, path / name)
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**_COMMON, "vocab_size": vocab, "max_position_embeddings": 2048,
+                                         "tie_word_embeddings": True})
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)

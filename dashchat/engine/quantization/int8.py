@@ -113,11 +113,11 @@ def smooth_activations(model: nn.Module, input_ids: torch.Tensor) -> None:
         head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
         model.lm_head = head
     maxima = _input_maxima(model, input_ids)
-    inter = model.config.intermediate_size
     pairs = []
     for layer in model.layers:
         pairs += [(layer.input_layernorm, layer.self_attn.qkv_proj), (layer.post_attention_layernorm, layer.mlp.gate_up_proj)]
         down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
+        inter = down.in_features  # this rank's slice of the MLP under tensor parallelism
         s = _smoothing(maxima[down], [down.weight])
         gate_up.weight[inter:].div_(s[:, None].to(gate_up.weight.dtype))  # silu(g) * (u / s) feeds down
         down.weight.mul_(s[None, :].to(down.weight.dtype))
