@@ -29,14 +29,16 @@ _ACTIVE: ParallelGroup | None = None
 class ParallelGroup:
     def __init__(
         self, rank: int, size: int, device: torch.device, master_addr: str, master_port: int,
-        load_timeout_s: float = 1800.0,
+        load_timeout_s: float = 1800.0, from_env: bool = False,
     ) -> None:
+        """from_env: torchrun started the ranks; its agent already serves the rendezvous store."""
         global _ACTIVE
         self.rank, self.size, self.device = rank, size, device
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
-            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=size,
+            backend, init_method="env://" if from_env else f"tcp://{master_addr}:{master_port}", rank=rank,
+            world_size=size,
             timeout=datetime.timedelta(seconds=load_timeout_s), **kwargs,
         )
         self.group = dist.group.WORLD

@@ -210,3 +210,34 @@ def test_a_model_that_does_not_split_is_refused() -> None:
         assert children(srv.proc.pid) == []
     finally:
         srv.stop()
+
+
+def test_torchrun_ranks(tiny_chat, one_rank_answers) -> None:
+    """torchrun starts both ranks with one command line: rank 0 serves HTTP, rank 1 runs headless."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "dashchat.openai_server",
+           *tiny_args(tiny_chat, "--device-list", "0", "1", "--host", "127.0.0.1", "--port", str(port))]
+    agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert agent.poll() is None, "torchrun exited"
+        try:
+            return httpx.get(f"{base_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 300, "the server under torchrun")
+        ranks = children(agent.pid)
+        assert len(ranks) == 2
+        assert httpx.get(f"{base_url}/version").json()["tensor_parallel_size"] == 2
+        assert (greedy_answer(base_url), greedy_answer(base_url, stream=True)) == one_rank_answers
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+        assert wait_gone(ranks) == []
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()

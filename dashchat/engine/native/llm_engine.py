@@ -134,7 +134,8 @@ class AsyncLLMEngine:
 
             device = launch.prepare_rank_device(args.device, self._place, launch.core_groups(args.device_ids),
                                                 args.num_threads)
-            self.group = ParallelGroup(0, self.world.size, device, self.world.master_addr, self.world.master_port)
+            self.group = ParallelGroup(0, self.world.size, device, self.world.master_addr, self.world.master_port,
+                                       from_env=self.world.external)
         elif args.device == "cpu":
             device = torch.device("cpu")
             torch.set_num_threads(args.num_threads or physical_cores())
