@@ -33,11 +33,18 @@ def test_defaults_match_the_seed() -> None:
     assert (args.host, args.port, args.model_path, args.engine) == ("127.0.0.1", 8000, None, "native")
 
 
-def test_several_devices_is_a_clear_error() -> None:
-    r = run("--device-list", "0", "1")
-    assert r.returncode == 2 and "one device" in r.stderr and "Traceback" not in r.stderr
+def test_device_list_and_distributed_flag_errors_are_clear() -> None:
     r = run("--device-list", "0,x")
     assert r.returncode == 2 and "device ids are integers" in r.stderr
+    smol = ("--model-path", "smollm2-135m-instruct", "--device", "cpu")
+    for args, message in [
+        (("--tensor-parallel-size", "3", "--device-list", "0", "1"), "needs 3 devices per node"),
+        (("--nnodes", "2", "--device-list", "0"), "need --master-addr and --master-port"),
+        (("--headless",), "a single rank"),
+        (("--nnodes", "3", "--node-rank", "1", "--master-port", "29999", "--device-list", "0"), "--headless"),
+    ]:
+        r = run(*smol, *args)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 def test_unreachable_hub_fails_fast_without_traceback() -> None:
