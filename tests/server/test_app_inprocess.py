@@ -226,7 +226,7 @@ def test_request_timeout() -> None:
     error_of(c.post("/v1/chat/completions", json={"messages": MSG}), 408, code="request_timeout")
     with c.stream("POST", "/v1/chat/completions", json={"messages": MSG, "stream": True}) as r:
         events = sse(r.read().decode())
-    assert events[-1]["error"]["code"] == "request_timeout"
+    assert events[-2]["error"]["code"] == "request_timeout" and events[-1] == "[DONE]"
     assert eng.aborted and not eng.running
 
 

@@ -63,7 +63,7 @@ def test_grace_over_aborts_with_clean_error() -> None:
         t0 = time.monotonic()
         srv.signal(signal.SIGTERM)
         t.join(60)
-        assert json.loads(out[-1][6:])["error"]["code"] == "server_shutting_down"
+        assert json.loads(out[-2][6:])["error"]["code"] == "server_shutting_down" and out[-1] == "data: [DONE]"
         assert srv.wait(30) == 0
         assert time.monotonic() - t0 < 20
         assert "Traceback" not in srv.log(100_000)
