@@ -92,6 +92,20 @@ def test_prefix_cache_reuses_shared_prompt(engine):
     assert first[0].token_ids == second[0].token_ids
 
 
+def test_prefix_cache_collision_never_mixes_prompts(engine, reference, monkeypatch):
+    """Every block digest forced equal: the second prompt finds a cached block under its key, whose
+    tokens are another prompt's; it must recompute and give exactly the reference tokens."""
+    from dashchat.engine.native import block_manager
+
+    monkeypatch.setattr(block_manager, "block_digest", lambda parent, tokens: b"\0" * 32)
+    other = engine.tokenizer.encode("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 4)
+    asyncio.run(collect(engine, other, greedy(4)))  # its blocks are now cached under the one key
+    hits_before = engine.stats().prefix_cache_hits
+    got = asyncio.run(collect(engine, engine.tokenizer.encode(PROMPTS[6]), greedy()))
+    assert engine.stats().prefix_cache_hits == hits_before
+    assert got[0].token_ids == reference[6]
+
+
 def test_seed_reproduces_whatever_the_batch(engine):
     prompt = engine.tokenizer.encode("Write a short poem about the sea.")
     params = dict(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
