@@ -105,6 +105,8 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     async def health() -> Response:
         if state.draining:
             return JSON({"status": "shutting_down"}, status_code=503)
+        if not state.engine_healthy():
+            return JSON({"status": "engine_failed"}, status_code=503)
         return JSON({"status": "ok"})
 
     @app.get("/version")

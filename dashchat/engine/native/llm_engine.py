@@ -3,7 +3,11 @@
 `generate()` registers a request and yields `RequestOutput`s that the step thread
 pushes into the request's asyncio queue. Requests join and leave the running batch
 between steps. An exception inside a step fails the requests of that step with
-`EngineError`, the engine itself keeps serving.
+`EngineError`, the engine itself keeps serving. Anything else that would end the step
+thread (a scheduling bug, a failed allocation, a failure while reporting a failure)
+makes the engine dead: every pending and running request fails with `EngineDead` at
+once, new requests fail the same way, `check_health()` raises, and the cause is logged.
+An event loop that closed with requests in flight only aborts those requests.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SeqStatus
 from ..types import (
     CompletionDelta,
+    EngineDead,
     EngineError,
     EngineOverloaded,
     EngineStats,
@@ -61,6 +66,8 @@ class Request:
 
 class AsyncLLMEngine:
     name = "native"
+    # What ended the step thread, set once (see _die); from then on every request fails at once.
+    failure: BaseException | None = None
 
     def __init__(self, args: EngineArgs) -> None:
         if len(args.device_ids) > 1:
@@ -149,11 +156,13 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         if self._stopped:
             raise EngineError("the engine is shut down")
+        self.check_health()
         check_prompt(prompt_token_ids, params.max_tokens, self.max_model_len, self.vocab_size)
         if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
             raise EngineOverloaded("the server is busy: too many requests are waiting")
         request = self._make_request(prompt_token_ids, params, request_id)
-        with self._lock:
+        with self._lock:  # _die sets `failure` under this lock: a request is failed by it or refused here
+            self.check_health()
             self._requests[request_id] = request
             self._inbox.append(request)
         self._wake.set()
@@ -178,6 +187,11 @@ class AsyncLLMEngine:
         with self._lock:
             self._aborts.append(request_id)
         self._wake.set()
+
+    def check_health(self) -> None:
+        """Raise EngineDead once the step thread has died (the server's /health then answers 503)."""
+        if self.failure is not None:
+            raise EngineDead("the engine stopped after an internal error and serves no more requests")
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -216,27 +230,48 @@ class AsyncLLMEngine:
     # ---- step thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stopped:
-            self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            batch = self.scheduler.schedule()
-            if batch.empty:
-                # Nothing fits (should not happen: the KV holds max_model_len); back off briefly.
-                time.sleep(0.001)
-                continue
-            try:
-                self._step(batch)
-            except Exception as exc:  # noqa: BLE001 - a step must never take the engine down
-                log.exception("engine step failed")
-                failed = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
-                for request_id in failed:
-                    if (request := self._requests.get(request_id)) is not None:
-                        self._fail(request, EngineError(f"engine step failed: {exc}"))
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                batch = self.scheduler.schedule()
+                if batch.empty:
+                    # Nothing fits (should not happen: the KV holds max_model_len); back off briefly.
+                    time.sleep(0.001)
+                    continue
+                try:
+                    self._step(batch)
+                except Exception:  # noqa: BLE001 - a step's failure fails that step's requests only
+                    log.exception("engine step failed")
+                    failed = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
+                    for request_id in failed:
+                        if (request := self._requests.get(request_id)) is not None:
+                            self._fail(request, EngineError("the engine failed while computing this request"))
+        except BaseException as exc:  # noqa: BLE001 - the thread is ending: nobody else will answer
+            self._die(exc)
+            return
+        self._fail_all(EngineError("the engine is shutting down"))
+
+    def _die(self, cause: BaseException) -> None:
+        """The step thread cannot go on: fail everything now, refuse what comes, say why in the log."""
+        log.critical("the engine's step thread died; failing %d request(s), and every new one, until restart",
+                     len(self._requests), exc_info=cause)
+        with self._lock:
+            self.failure = cause
+            self._inbox = []
+        self._fail_all(EngineDead("the engine stopped after an internal error and serves no more requests"))
+
+    def _fail_all(self, error: EngineError) -> None:
         for request in list(self._requests.values()):
-            self._fail(request, EngineError("the engine is shutting down"))
+            try:
+                self._fail(request, error)
+            except BaseException:  # noqa: BLE001 - scheduler state may be what broke: still tell the client
+                log.exception("failing request %s cleanly failed; delivering the error directly", request.request_id)
+                self._requests.pop(request.request_id, None)
+                self._post(request.loop, request.queue.put_nowait, error)
 
     def _drain_inbox(self) -> None:
         with self._lock:
@@ -255,7 +290,24 @@ class AsyncLLMEngine:
         for seq in request.seqs:
             self.scheduler.finish(seq, "abort")
         if self._requests.pop(request.request_id, None) is not None:
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, error)
+            self._post(request.loop, request.queue.put_nowait, error)
+
+    def _post(self, loop: asyncio.AbstractEventLoop, callback, *args) -> bool:
+        """`call_soon_threadsafe`, except that a closed loop is not an engine failure: nobody can
+        read its requests' results any more, so they are aborted. False when it was closed."""
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
+        orphans = [r for r in self._requests.values() if r.loop is loop]
+        log.warning("an event loop closed with %d request(s) in flight; aborting them", len(orphans))
+        for request in orphans:
+            self._requests.pop(request.request_id, None)
+            for seq in request.seqs:
+                self.scheduler.finish(seq, "abort")
+        return False
 
     @torch.inference_mode()
     def _step(self, batch: ScheduledBatch) -> None:
@@ -295,10 +347,10 @@ class AsyncLLMEngine:
         for i, seq in enumerate(seqs):
             try:
                 results.append(self.sampler.sample([seq], logits[i : i + 1])[0])
-            except Exception as exc:  # noqa: BLE001
+            except Exception:  # noqa: BLE001
                 log.exception("sampling failed for request %s", seq.request_id)
                 if (request := self._requests.get(seq.request_id)) is not None:
-                    self._fail(request, EngineError(f"sampling failed: {exc}"))
+                    self._fail(request, EngineError("sampling failed for this request"))
                 results.append(None)
         return results
 
@@ -348,7 +400,7 @@ class AsyncLLMEngine:
         for item in batch:
             by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():  # one wake-up per event loop per step
-            loop.call_soon_threadsafe(_deliver, items)
+            self._post(loop, _deliver, items)
 
 
 def _deliver(batch: list[tuple[Request, RequestOutput]]) -> None:
