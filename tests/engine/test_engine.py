@@ -194,6 +194,31 @@ def test_failing_logits_processor_fails_only_its_request(engine, reference):
     assert good[0].token_ids == reference[0]
 
 
+def test_failing_processor_leaves_a_biased_neighbour_untouched(engine):
+    """The neighbour sampled before the failing row had its bias and penalty written into the step's
+    logits; the row-by-row retry must not apply them a second time."""
+    class Broken:
+        def __call__(self, output, logits):
+            raise RuntimeError("boom")
+
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    alone = asyncio.run(collect(engine, prompt, greedy(1)))[0].token_ids[0]
+    edits = dict(logit_bias={alone: -3.0, 13: 4.0}, repetition_penalty=1.3, logprobs=5)
+    expected = asyncio.run(collect(engine, prompt, greedy(3, **edits)))[0]
+
+    async def run():
+        neighbour = collect(engine, prompt, greedy(3, **edits))  # admitted first: its row comes first
+        bad = collect(engine, engine.tokenizer.encode(PROMPTS[3]), greedy(logits_processor_factories=[Broken]))
+        return await asyncio.gather(neighbour, bad, return_exceptions=True)
+
+    got, bad = asyncio.run(run())
+    assert isinstance(bad, EngineError)
+    assert got[0].token_ids == expected.token_ids
+    for lp, ref in zip(got[0].logprobs, expected.logprobs):
+        assert [t for t, _ in lp.top] == [t for t, _ in ref.top]
+        assert all(math.isclose(v, r, abs_tol=1e-3) for (_, v), (_, r) in zip(lp.top, ref.top))
+
+
 def test_tiny_kv_cache_preempts_and_still_finishes_right(smollm2_dir, reference):
     # 8 blocks of 16 tokens: not enough for all prompts at once, enough for any one.
     eng = AsyncLLMEngine.from_args(
