@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Native engine on CUDA: run decode steps eagerly instead of replaying captured "
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
     e.add_argument("--max-model-len", type=int, default=None,
-                   help="Context length (prompt + completion). Default: the model's, capped.")
+                   help="Context length (prompt + completion). Default: the model's, at most 8192.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="Token budget per engine step (long prompts are prefilled in chunks). "
