@@ -287,6 +287,9 @@ def test_extreme_sampling_parameters_never_fail(engine):
         SamplingParams(max_tokens=4, temperature=1.0, top_p=5e-324),
         SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=5e-324),
         SamplingParams(max_tokens=4, temperature=2.0, min_p=1.0, top_k=1000000),
+        # int64's edges, the largest integers the server lets through (server/validation.py)
+        SamplingParams(max_tokens=4, temperature=1.0, seed=2**63 - 1, n=2, top_k=2**63 - 1),
+        SamplingParams(max_tokens=4, temperature=1.0, seed=-(2**63), min_tokens=2**63 - 1),
     ):
         got = asyncio.run(collect(engine, prompt, params))
         assert len(got[0].token_ids) == 4, params
