@@ -18,7 +18,6 @@ from types import FrameType
 from typing import Any
 
 log = logging.getLogger("dashchat")
-_DEAD_ENGINE_GRACE_S = 3.0
 
 
 def _device_ids(values: Sequence[str]) -> tuple[int, ...]:
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Native engine on CUDA: run decode steps eagerly instead of replaying captured "
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
     e.add_argument("--max-model-len", type=int, default=None,
-                   help="Context length (prompt + completion). Default: the model's, capped.")
+                   help="Context length (prompt + completion). Default: the model's, at most 8192.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="Token budget per engine step (long prompts are prefilled in chunks). "
@@ -134,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "0: no limit.")
     lim.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                      help="On SIGTERM/SIGINT, how long running requests may finish before they are aborted.")
+    lim.add_argument("--engine-failure-grace", type=float, default=3.0, metavar="SECONDS",
+                     help="Once the engine has failed for good (a lost tensor-parallel rank, a dead step "
+                          "thread), keep answering 503 this long, then exit with code 1 so a supervisor "
+                          "restarts the server.")
     return p
 
 
@@ -221,15 +224,15 @@ def _serve(app: Any, state: Any, args: argparse.Namespace) -> int:
             await super().shutdown(sockets)
 
         async def on_tick(self, counter: int) -> bool:
-            # An engine that lost a tensor-parallel rank cannot serve again: let the failed requests
-            # send their errors (and /health its 503) for a moment, then exit non-zero.
-            dead = getattr(state.engine, "dead", None)
-            if dead is not None and not self.should_exit:
+            # An engine that died (or lost a tensor-parallel rank) cannot serve again: let the failed
+            # requests send their errors (and /health its 503) for a moment, then exit non-zero so
+            # that a supervisor restarts the server.
+            if not self.should_exit and not state.engine_healthy():
                 now = time.monotonic()
                 if self.dead_since is None:
                     self.dead_since = now
-                    log.error("exiting: %s", dead)
-                elif now - self.dead_since >= _DEAD_ENGINE_GRACE_S:
+                    log.error("the engine has failed: exiting in %gs", args.engine_failure_grace)
+                elif now - self.dead_since >= args.engine_failure_grace:
                     self.exit_code = 1
                     self.should_exit = True
             return await super().on_tick(counter)

@@ -1,4 +1,9 @@
-"""Engine construction options (mirrored by the CLI flags)."""
+"""Engine construction options (mirrored by the CLI flags).
+
+These defaults are what `python -m dashchat.openai_server` passes when no flag is given;
+tests/test_defaults_consistency.py holds the CLI, this class, `--help` and the README's flag
+table to each other, so none of them can drift.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,16 @@ class EngineArgs:
     device: str = "cpu"  # "cpu" | "cuda"
     device_ids: tuple[int, ...] = (0,)
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
-    max_model_len: int | None = None  # default: min(model's context, 4096)
+    max_model_len: int | None = None  # default: the model's context, capped (llm_engine._MAX_DEFAULT_LEN)
     max_num_seqs: int = 32  # running sequences at once
     max_num_batched_tokens: int | None = None  # token budget per step (chunked prefill); default by device
+    # (llm_engine._DEFAULT_STEP_TOKENS)
     kv_cache_memory_gb: float | None = None  # default: enough for max_num_seqs * max_model_len, capped
     block_size: int = 16
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads; default: physical cores
     max_queue: int = 256  # waiting requests beyond which generate() raises EngineOverloaded
-    quantization: str = "none"  # "none" | "int8"
+    quantization: str = "none"  # "none" | "int8" | "int4" (the CLI resolves its "auto" before this)
     compile: bool = False  # torch.compile the decode step (slower start, faster tokens)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     seed: int = 0

@@ -82,6 +82,11 @@ class EngineError(RuntimeError):
     """The engine could not serve a request (crash, shutdown). Fails that request only."""
 
 
+class EngineDead(EngineError):
+    """The engine's step thread died: every request, in flight or new, fails with this (the server
+    answers 503 and /health says 503) until the process is restarted."""
+
+
 class EngineOverloaded(EngineError):
     """The admission queue is full: the server answers 429."""
 

@@ -105,7 +105,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     async def health() -> Response:
         if state.draining:
             return JSON({"status": "shutting_down"}, status_code=503)
-        if getattr(engine, "dead", None) is not None:  # lost a tensor-parallel rank: exiting soon
+        if not state.engine_healthy():  # the engine died (or lost a tensor-parallel rank)
             return JSON({"status": "engine_failed"}, status_code=503)
         return JSON({"status": "ok"})
 

@@ -28,14 +28,17 @@ class TokenPieces:
         self.tokenizer = tokenizer
         self._special: set[int] = set(_special_ids(tokenizer))
         self._bytes: dict[int, bytes] = {}
+        self._vocab_size: int | None = getattr(tokenizer, "vocab_size", None)
 
     def raw(self, token_id: int) -> bytes:
         b = self._bytes.get(token_id)
         if b is None:
-            try:
+            if token_id < 0 or (self._vocab_size is not None and token_id >= self._vocab_size):
+                b = b""  # an id past the tokenizer's vocab (models pad their logits rows): no text
+            else:
+                # Any failure here is a bug that must be seen: it propagates (the request fails and
+                # the error is logged with its id) instead of silently dropping the token's text.
                 b = self.tokenizer.token_bytes(token_id)
-            except Exception:  # noqa: BLE001 - out-of-vocab id from a padded logits row
-                b = b""
             self._bytes[token_id] = b
         return b
 

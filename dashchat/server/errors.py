@@ -6,14 +6,18 @@ Every failure a client can see goes through `APIError`, so the shape never varie
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from dashchat.engine.types import (
+    EngineDead,
     EngineError,
     EngineOverloaded,
     PromptTooLong,
     UnsupportedFeature,
 )
+
+log = logging.getLogger("dashchat.server")
 
 
 class APIError(Exception):
@@ -101,8 +105,17 @@ def internal_error() -> APIError:
     return APIError(500, "The server had an error while processing your request.", "server_error")
 
 
-def from_engine_error(exc: BaseException) -> APIError:
-    """Map the engine's errors (types.py) to HTTP; anything else is a plain 500."""
+def engine_failed() -> APIError:
+    return APIError(503, "The inference engine has stopped after an internal error; retry once the "
+                    "server has been restarted.", "server_error", None, "engine_failed")
+
+
+def from_engine_error(exc: BaseException, request_id: str = "-") -> APIError:
+    """Map the engine's errors (types.py) to HTTP; anything else is a plain 500.
+
+    Bodies say what happened in words a client can act on; an engine's own message (which may
+    carry raw torch or DashInfer text) goes to the log with the request id, never to the client.
+    Messages the server writes for clients (APIError) and the admission refusals pass through."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, EngineOverloaded):
@@ -112,7 +125,12 @@ def from_engine_error(exc: BaseException) -> APIError:
                         "messages", "context_length_exceeded")
     if isinstance(exc, UnsupportedFeature):
         return bad_request(str(exc) or "This request is not supported by the engine.")
+    if isinstance(exc, EngineDead):
+        log.error("request %s failed: the engine is dead (%s)", request_id, exc)
+        return engine_failed()
     if isinstance(exc, EngineError):
-        return APIError(503, f"The engine could not serve the request: {exc}", "server_error",
+        log.error("request %s failed in the engine: %s", request_id, exc)
+        return APIError(503, "The engine could not complete this request; retry it.", "server_error",
                         None, "engine_error")
+    log.error("request %s failed", request_id, exc_info=exc)
     return internal_error()

@@ -112,16 +112,13 @@ class EngineResponse(Response):
                 reason = "disconnect" if watchers[0] in done else "shutdown" if watchers[1] in done else "timeout"
                 state.metrics.aborted.labels(reason).inc()
                 log.info("request %s aborted: %s", self.request_id, reason)
-                await _cancel(producer)
+                await _cancel(producer, self.request_id)
                 exc = None if reason == "disconnect" else (
                     shutting_down() if reason == "shutdown" else request_timeout(timeout or 0))
             if exc is not None:
-                err = from_engine_error(exc)
-                if err.status >= 500 and not isinstance(exc, (APIError, EngineError)):
-                    log.error("request %s failed", self.request_id, exc_info=exc)
-                await sender.error(err)
+                await sender.error(from_engine_error(exc, self.request_id))  # logs what a client must not see
         except asyncio.CancelledError:  # the server itself cancelled us (forced shutdown)
-            await _cancel(producer)
+            await _cancel(producer, self.request_id)
             raise
         finally:
             for w in watchers:
@@ -129,12 +126,24 @@ class EngineResponse(Response):
             state.end()
 
 
-async def _cancel(task: asyncio.Task[Any]) -> None:
+async def _cancel(task: asyncio.Task[Any], request_id: str) -> None:
+    """Cancel the producer and wait until it has ended. Its cancellation is what we asked for; an error
+    it raised on its way out is logged (the client is told why it was aborted); a cancellation of
+    the caller itself propagates."""
     task.cancel()
     try:
         await task
-    except BaseException:  # noqa: BLE001, S110 - CancelledError, or what the cancelled producer raised on its way out
-        pass
+    except asyncio.CancelledError:
+        if not task.cancelled() or _being_cancelled():
+            raise
+    except Exception:
+        log.exception("request %s: the producer failed while it was being cancelled", request_id)
+
+
+def _being_cancelled() -> bool:
+    current = asyncio.current_task()
+    cancelling = getattr(current, "cancelling", None)  # Python 3.11+
+    return bool(cancelling()) if cancelling is not None else False
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from dashchat.server.errors import APIError
 from dashchat.server.metrics import Metrics
 from dashchat.server.sse import dumps
+from dashchat.server.validation import check_json_body
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -91,7 +92,9 @@ class RequestContextMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, checked before anything parses them."""
+    """413 for bodies over the limit, checked before anything parses them. Holding the whole body,
+    it is also where every route's JSON is checked for values nothing behind it can hold
+    (validation.check_json_values: 400 naming the field), so no route can forget it."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -117,6 +120,9 @@ class BodyLimitMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
+        content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), None)
+        if (err := check_json_body(b"".join(chunks), content_type)) is not None:
+            return await send_error(send, err)
         replayed = False
 
         async def replay() -> Message:

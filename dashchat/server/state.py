@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from dashchat import __version__
-from dashchat.engine.types import Engine
+from dashchat.engine.types import Engine, EngineDead
 from dashchat.server.config import ServerConfig
 from dashchat.server.detokenizer import TokenPieces
 from dashchat.server.errors import bad_request, model_not_found
@@ -45,6 +45,17 @@ class ServerState:
         if model not in self.cfg.served_model_names:
             raise model_not_found(model)
         return model
+
+    def engine_healthy(self) -> bool:
+        """False once the engine has died (engines without `check_health` are taken as alive)."""
+        check = getattr(self.engine, "check_health", None)
+        if check is None:
+            return True
+        try:
+            check()
+        except EngineDead:
+            return False
+        return True
 
     # -- in-flight accounting for graceful shutdown ----------------------------
     def begin(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from dashchat.server.config import ServerConfig
 from dashchat.server.errors import bad_request
-from dashchat.server.protocol import ChatCompletionRequest
+from dashchat.server.protocol import ChatCompletionRequest, ChatMessage
 
 
 @dataclass
@@ -33,7 +33,26 @@ class ToolPlan:
         return self.tools
 
 
+def check_tool_messages(messages: list[ChatMessage]) -> None:
+    """OpenAI's order rule: a `tool` message answers a call of the assistant message with `tool_calls`
+    right before it (its other results may come between); one that answers nothing is a 400, not a prompt."""
+    open_calls: set[str] | None = None  # ids of the calls awaiting results; None: no call to answer
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            if open_calls is None:
+                raise bad_request(f"Invalid parameter: messages[{i}] has role 'tool' but answers no call; a 'tool' "
+                                  "message must follow an assistant message with 'tool_calls'.", f"messages[{i}].role")
+            if open_calls and m.tool_call_id is not None and m.tool_call_id not in open_calls:
+                raise bad_request(f"Invalid parameter: the 'tool_call_id' of messages[{i}] is not among the "
+                                  "'tool_calls' of the assistant message before it.", f"messages[{i}].tool_call_id")
+        elif m.role == "assistant" and m.tool_calls:
+            open_calls = {c.id for c in m.tool_calls if c.id}
+        else:
+            open_calls = None
+
+
 def plan_tools(req: ChatCompletionRequest, cfg: ServerConfig) -> ToolPlan:
+    check_tool_messages(req.messages)  # tool results are part of what a request says about tools
     if req.functions is not None and req.tools is not None:
         raise bad_request("Use either 'tools' or the legacy 'functions', not both.", "functions")
     legacy = req.functions is not None or (req.tools is None and req.function_call is not None)

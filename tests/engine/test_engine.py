@@ -92,6 +92,20 @@ def test_prefix_cache_reuses_shared_prompt(engine):
     assert first[0].token_ids == second[0].token_ids
 
 
+def test_prefix_cache_collision_never_mixes_prompts(engine, reference, monkeypatch):
+    """Every block digest forced equal: the second prompt finds a cached block under its key, whose
+    tokens are another prompt's; it must recompute and give exactly the reference tokens."""
+    from dashchat.engine.native import block_manager
+
+    monkeypatch.setattr(block_manager, "block_digest", lambda parent, tokens: b"\0" * 32)
+    other = engine.tokenizer.encode("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 4)
+    asyncio.run(collect(engine, other, greedy(4)))  # its blocks are now cached under the one key
+    hits_before = engine.stats().prefix_cache_hits
+    got = asyncio.run(collect(engine, engine.tokenizer.encode(PROMPTS[6]), greedy()))
+    assert engine.stats().prefix_cache_hits == hits_before
+    assert got[0].token_ids == reference[6]
+
+
 def test_seed_reproduces_whatever_the_batch(engine):
     prompt = engine.tokenizer.encode("Write a short poem about the sea.")
     params = dict(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
@@ -180,6 +194,31 @@ def test_failing_logits_processor_fails_only_its_request(engine, reference):
     assert good[0].token_ids == reference[0]
 
 
+def test_failing_processor_leaves_a_biased_neighbour_untouched(engine):
+    """The neighbour sampled before the failing row had its bias and penalty written into the step's
+    logits; the row-by-row retry must not apply them a second time."""
+    class Broken:
+        def __call__(self, output, logits):
+            raise RuntimeError("boom")
+
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    alone = asyncio.run(collect(engine, prompt, greedy(1)))[0].token_ids[0]
+    edits = dict(logit_bias={alone: -3.0, 13: 4.0}, repetition_penalty=1.3, logprobs=5)
+    expected = asyncio.run(collect(engine, prompt, greedy(3, **edits)))[0]
+
+    async def run():
+        neighbour = collect(engine, prompt, greedy(3, **edits))  # admitted first: its row comes first
+        bad = collect(engine, engine.tokenizer.encode(PROMPTS[3]), greedy(logits_processor_factories=[Broken]))
+        return await asyncio.gather(neighbour, bad, return_exceptions=True)
+
+    got, bad = asyncio.run(run())
+    assert isinstance(bad, EngineError)
+    assert got[0].token_ids == expected.token_ids
+    for lp, ref in zip(got[0].logprobs, expected.logprobs):
+        assert [t for t, _ in lp.top] == [t for t, _ in ref.top]
+        assert all(math.isclose(v, r, abs_tol=1e-3) for (_, v), (_, r) in zip(lp.top, ref.top))
+
+
 def test_tiny_kv_cache_preempts_and_still_finishes_right(smollm2_dir, reference):
     # 8 blocks of 16 tokens: not enough for all prompts at once, enough for any one.
     eng = AsyncLLMEngine.from_args(
@@ -248,6 +287,9 @@ def test_extreme_sampling_parameters_never_fail(engine):
         SamplingParams(max_tokens=4, temperature=1.0, top_p=5e-324),
         SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=5e-324),
         SamplingParams(max_tokens=4, temperature=2.0, min_p=1.0, top_k=1000000),
+        # int64's edges, the largest integers the server lets through (server/validation.py)
+        SamplingParams(max_tokens=4, temperature=1.0, seed=2**63 - 1, n=2, top_k=2**63 - 1),
+        SamplingParams(max_tokens=4, temperature=1.0, seed=-(2**63), min_tokens=2**63 - 1),
     ):
         got = asyncio.run(collect(engine, prompt, params))
         assert len(got[0].token_ids) == 4, params

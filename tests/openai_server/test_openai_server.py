@@ -8,7 +8,8 @@ Checks a plain chat, a stream and the weather tool call; prints what it saw; exi
 failure. Without --strict-tool-call a reply without tool_calls is only a warning (small
 models may answer in prose).
 
-(Not a pytest module: pytest collects it only through tests/server/test_e2e_seed_script.py.)
+(Not a pytest module: tests/server/test_e2e_http.py runs it against the small model, and
+tests/server/test_e2e_default_model.py against the default one, each as a subprocess.)
 """
 
 from __future__ import annotations

@@ -1,16 +1,32 @@
 """Paged KV-cache bookkeeping with prefix caching.
 
 The cache is `num_blocks` blocks of `block_size` token slots. A block filled with
-tokens gets a hash chained from its predecessors' tokens; a later sequence with the
-same prefix reuses it instead of recomputing. Freed blocks keep their content and hash
+tokens gets a digest chained from its predecessors' tokens; a later sequence with the
+same prefix reuses it instead of recomputing. Freed blocks keep their content and digest
 while they sit in the free list (least recently freed evicted first).
+
+A wrong hit would hand one request another request's keys and values, so a digest is
+never trusted alone: it is a 256-bit BLAKE2b over the parent's digest and the block's
+token ids (collision-resistant, unlike Python's 64-bit `hash` of a tuple), and every hit
+is checked against the block's stored tokens and parent digest before it is reused.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from .sequence import Sequence
+
+_ROOT = b""  # the parent digest of a sequence's first block
+
+
+def block_digest(parent: bytes, tokens: list[int]) -> bytes:
+    """Key of a full block: BLAKE2b-256 over the parent block's digest and the token ids (int64)."""
+    h = hashlib.blake2b(parent, digest_size=32)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class BlockManager:
@@ -19,10 +35,12 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hashes: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.block_hashes: list[bytes | None] = [None] * num_blocks
+        # What a cached block holds, checked on every hit: (parent digest, token ids).
+        self.block_keys: list[tuple[bytes, tuple[int, ...]] | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # digest -> block id
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.seq_hashes: dict[int, list[int]] = {}  # id(seq) -> hashes of its full blocks
+        self.seq_hashes: dict[int, list[bytes]] = {}  # id(seq) -> digests of its full blocks
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -44,6 +62,7 @@ class BlockManager:
         if old is not None and self.cached.get(old) == block:
             del self.cached[old]
         self.block_hashes[block] = None
+        self.block_keys[block] = None
         self.ref_counts[block] = 1
         return block
 
@@ -55,13 +74,16 @@ class BlockManager:
         seq.block_table.extend(self._take_free_block() for _ in range(need))
         return True
 
-    def _chain_hashes(self, token_ids: list[int], num_blocks: int, known: list[int]) -> list[int]:
+    def _chain_hashes(self, token_ids: list[int], num_blocks: int, known: list[bytes]) -> list[bytes]:
         hashes = list(known[:num_blocks])
         bs = self.block_size
         for i in range(len(hashes), num_blocks):
-            parent = hashes[i - 1] if i else 0
-            hashes.append(hash((parent, tuple(token_ids[i * bs : (i + 1) * bs]))))
+            parent = hashes[i - 1] if i else _ROOT
+            hashes.append(block_digest(parent, token_ids[i * bs : (i + 1) * bs]))
         return hashes
+
+    def _block_tokens(self, token_ids: list[int], i: int) -> tuple[int, ...]:
+        return tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
 
     def reuse_cached_prefix(self, seq: Sequence) -> int:
         """At admission: take the cached blocks matching the prompt's prefix. Returns tokens covered.
@@ -74,10 +96,13 @@ class BlockManager:
             return 0
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hashes = self._chain_hashes(seq.token_ids, max_blocks, self.seq_hashes.get(id(seq), []))
-        for h in hashes:
+        for i, h in enumerate(hashes):
             block = self.cached.get(h)
             if block is None:
                 break
+            parent = hashes[i - 1] if i else _ROOT
+            if self.block_keys[block] != (parent, self._block_tokens(seq.token_ids, i)):
+                break  # same digest, other content: never reuse another prefix's KV
             if self.ref_counts[block] == 0:
                 del self.free[block]
             self.ref_counts[block] += 1
@@ -99,6 +124,7 @@ class BlockManager:
         for i in range(len(known), full):
             block, h = seq.block_table[i], hashes[i]
             self.block_hashes[block] = h
+            self.block_keys[block] = (hashes[i - 1] if i else _ROOT, self._block_tokens(seq.token_ids, i))
             self.cached.setdefault(h, block)
         self.seq_hashes[id(seq)] = hashes
 

@@ -3,7 +3,13 @@
 `generate()` registers a request and yields `RequestOutput`s that the step thread
 pushes into the request's asyncio queue. Requests join and leave the running batch
 between steps. An exception inside a step fails the requests of that step with
-`EngineError`, the engine itself keeps serving.
+`EngineError`, the engine itself keeps serving. Anything else that would end the step
+thread (a scheduling bug, a failed allocation, a failure while reporting a failure)
+makes the engine dead, and so does losing a tensor-parallel rank (or a forward that
+fails part-way over several ranks, which leaves them out of step): every pending and
+running request fails with `EngineDead` at once, new requests fail the same way,
+`check_health()` raises, and the cause is logged.
+An event loop that closed with requests in flight only aborts those requests.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SeqStatus
 from ..types import (
     CompletionDelta,
+    EngineDead,
     EngineError,
     EngineOverloaded,
     EngineStats,
@@ -71,6 +78,8 @@ class Request:
 
 class AsyncLLMEngine:
     name = "native"
+    # What ended the step thread, set once (see _die); from then on every request fails at once.
+    failure: BaseException | None = None
 
     def __init__(self, args: EngineArgs) -> None:
         if args.device == "cuda":
@@ -96,7 +105,6 @@ class AsyncLLMEngine:
         self._place = self.world.local_ranks(args.device_ids)[0]
         self.group = None
         self._workers: list[launch.WorkerProcess] = []
-        self.dead: EngineError | None = None  # set when a rank is lost: the engine cannot serve any more
 
         self._requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
@@ -173,15 +181,15 @@ class AsyncLLMEngine:
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        if self.dead is not None:
-            raise self.dead
         if self._stopped:
             raise EngineError("the engine is shut down")
+        self.check_health()
         check_prompt(prompt_token_ids, params.max_tokens, self.max_model_len, self.vocab_size)
         if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
             raise EngineOverloaded("the server is busy: too many requests are waiting")
         request = self._make_request(prompt_token_ids, params, request_id)
-        with self._lock:
+        with self._lock:  # _die sets `failure` under this lock: a request is failed by it or refused here
+            self.check_health()
             self._requests[request_id] = request
             self._inbox.append(request)
         self._wake.set()
@@ -206,6 +214,11 @@ class AsyncLLMEngine:
         with self._lock:
             self._aborts.append(request_id)
         self._wake.set()
+
+    def check_health(self) -> None:
+        """Raise EngineDead once the step thread has died (the server's /health then answers 503)."""
+        if self.failure is not None:
+            raise EngineDead("the engine stopped after an internal error and serves no more requests")
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -241,30 +254,12 @@ class AsyncLLMEngine:
         return bool(self._workers)
 
     def _watch_workers(self) -> None:
-        while not self._stopped and self.dead is None:
+        while not self._stopped and self.failure is None:
             lost = self._lost_worker()
             if lost is not None:
-                self._die(lost)
+                self._die(lost, on_step_thread=False)
                 return
             time.sleep(0.25)
-
-    def _die(self, cause: EngineError) -> None:
-        """A rank is gone: no step can run any more. Fail every request now (from whichever thread
-        noticed), refuse new ones; the server answers /health with 503 and exits."""
-        with self._lock:
-            if self.dead is not None or self._stopped:
-                return
-            self.dead = cause
-            requests = list(self._requests.values())
-            self._requests.clear()
-        log.error("engine stopped serving: %s", cause)
-        self._kill_workers()
-        for request in requests:
-            try:
-                request.loop.call_soon_threadsafe(request.queue.put_nowait, EngineError(str(cause)))
-            except RuntimeError:  # that request's event loop is closed: nobody waits for it
-                pass
-        self._wake.set()
 
     def _make_request(self, prompt: list[int], params: SamplingParams, request_id: str) -> Request:
         loop = asyncio.get_running_loop()
@@ -289,26 +284,29 @@ class AsyncLLMEngine:
     def _loop(self) -> None:
         try:
             self._serve()
-        except Exception as exc:  # noqa: BLE001 - a collective failed: a rank is gone
-            log.exception("tensor-parallel step failed")
-            self._die(self._lost_worker() or EngineError(f"a tensor-parallel rank stopped answering ({exc.__cause__ or exc})"))
+        except _RanksOutOfStep as exc:  # a forward failed part-way: the ranks cannot run together again
+            self._die(self._lost_worker() or exc.__cause__ or exc)
+        except BaseException as exc:  # noqa: BLE001 - the thread is ending: nobody else will answer
+            self._die(exc)
         if self.group is not None:
-            if self.dead is None:
+            if self.failure is None:
                 try:
                     self.runner.send_stop()
                 except Exception:  # noqa: BLE001 - the ranks are exiting anyway
                     log.debug("could not tell the ranks to stop", exc_info=True)
             self.group.destroy()
+        if self.failure is None:
+            self._fail_all(EngineError("the engine is shutting down"))
 
     def _serve(self) -> None:
         last_contact = time.monotonic()
-        while not self._stopped and self.dead is None:
+        while not self._stopped and self.failure is None:
             self._drain_inbox()
             if not self.scheduler.has_work():
                 self._wake.wait(timeout=_HEARTBEAT_S / 2 if self.group is not None else 0.5)
                 self._wake.clear()
                 if self.group is not None and time.monotonic() - last_contact >= _HEARTBEAT_S:
-                    self.runner.send_heartbeat()
+                    self.runner.send_heartbeat()  # raises if a rank is gone
                     last_contact = time.monotonic()
                 continue
             batch = self.scheduler.schedule()
@@ -321,14 +319,48 @@ class AsyncLLMEngine:
                 self._step(batch)
             except _RanksOutOfStep:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a step must never take the engine down
+            except Exception:  # noqa: BLE001 - a step's failure fails that step's requests only
                 log.exception("engine step failed")
                 failed = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
                 for request_id in failed:
                     if (request := self._requests.get(request_id)) is not None:
-                        self._fail(request, EngineError(f"engine step failed: {exc}"))
+                        self._fail(request, EngineError("the engine failed while computing this request"))
+
+    def _die(self, cause: BaseException, on_step_thread: bool = True) -> None:
+        """The engine cannot go on (its step thread died, or it lost a tensor-parallel rank): fail
+        everything now, refuse what comes, say why in the log. Off the step thread (the rank watcher)
+        the scheduler is left alone: the step thread sees `failure` and stops."""
+        with self._lock:
+            if self.failure is not None or self._stopped:
+                return
+            self.failure = cause
+            self._inbox = []
+        what = "the engine's step thread died" if on_step_thread else "the engine lost a tensor-parallel rank"
+        log.critical("%s; failing %d request(s), and every new one, until restart", what, len(self._requests),
+                     exc_info=cause)
+        self._kill_workers()
+        error = EngineDead("the engine stopped after an internal error and serves no more requests")
+        if on_step_thread:
+            self._fail_all(error)
+            return
+        with self._lock:
+            requests = list(self._requests.values())
+            self._requests.clear()
+        for request in requests:
+            try:
+                request.loop.call_soon_threadsafe(request.queue.put_nowait, error)
+            except RuntimeError:  # its event loop is closed: nobody waits for it
+                pass
+        self._wake.set()
+
+    def _fail_all(self, error: EngineError) -> None:
         for request in list(self._requests.values()):
-            self._fail(request, EngineError("the engine is shutting down"))
+            try:
+                self._fail(request, error)
+            except BaseException:  # noqa: BLE001 - scheduler state may be what broke: still tell the client
+                log.exception("failing request %s cleanly failed; delivering the error directly", request.request_id)
+                self._requests.pop(request.request_id, None)
+                self._post(request.loop, request.queue.put_nowait, error)
 
     def _drain_inbox(self) -> None:
         with self._lock:
@@ -347,7 +379,24 @@ class AsyncLLMEngine:
         for seq in request.seqs:
             self.scheduler.finish(seq, "abort")
         if self._requests.pop(request.request_id, None) is not None:
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, error)
+            self._post(request.loop, request.queue.put_nowait, error)
+
+    def _post(self, loop: asyncio.AbstractEventLoop, callback, *args) -> bool:
+        """`call_soon_threadsafe`, except that a closed loop is not an engine failure: nobody can
+        read its requests' results any more, so they are aborted. False when it was closed."""
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
+        orphans = [r for r in self._requests.values() if r.loop is loop]
+        log.warning("an event loop closed with %d request(s) in flight; aborting them", len(orphans))
+        for request in orphans:
+            self._requests.pop(request.request_id, None)
+            for seq in request.seqs:
+                self.scheduler.finish(seq, "abort")
+        return False
 
     @torch.inference_mode()
     def _step(self, batch: ScheduledBatch) -> None:
@@ -392,10 +441,10 @@ class AsyncLLMEngine:
         for i, seq in enumerate(seqs):
             try:
                 results.append(self.sampler.sample([seq], logits[i : i + 1])[0])
-            except Exception as exc:  # noqa: BLE001
+            except Exception:  # noqa: BLE001
                 log.exception("sampling failed for request %s", seq.request_id)
                 if (request := self._requests.get(seq.request_id)) is not None:
-                    self._fail(request, EngineError(f"sampling failed: {exc}"))
+                    self._fail(request, EngineError("sampling failed for this request"))
                 results.append(None)
         return results
 
@@ -445,7 +494,7 @@ class AsyncLLMEngine:
         for item in batch:
             by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():  # one wake-up per event loop per step
-            loop.call_soon_threadsafe(_deliver, items)
+            self._post(loop, _deliver, items)
 
 
 def _deliver(batch: list[tuple[Request, RequestOutput]]) -> None:

@@ -63,14 +63,19 @@ class Sampler:
         return row
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SampleResult]:
-        """logits: [len(seqs), vocab] float32 on any device."""
-        logits = logits.float()
-        for i, seq in enumerate(seqs):
-            if not _is_plain(seq):
-                logits[i] = self._process_row(seq, logits[i])
+        """logits: [len(seqs), vocab] on any device; never modified. Processors, logit_bias and
+        penalties edit a copy, so a caller that samples again from the same logits (the engine's
+        row-by-row retry when one request's processor raises) applies every edit exactly once."""
+        edited = [i for i, seq in enumerate(seqs) if not _is_plain(seq)]
         # ignore_eos and min_tokens ban eos: one indexed write for all such rows (ignore_eos is common
         # in benchmarks, and a write per row cost a kernel launch and a copy each on a GPU)
         no_eos = [i for i, s in enumerate(seqs) if s.params.ignore_eos or s.num_output_tokens < s.params.min_tokens]
+        if (edited or no_eos) and logits.dtype == torch.float32:
+            logits = logits.clone()  # only batches that edit pay for the copy
+        else:
+            logits = logits.float()
+        for i in edited:
+            logits[i] = self._process_row(seqs[i], logits[i])
         if no_eos and self.eos_token_ids:
             rows = torch.tensor(no_eos, dtype=torch.long, device=logits.device)
             cols = torch.tensor(self.eos_token_ids, dtype=torch.long, device=logits.device)
