@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from dashchat.engine.types import LogitsProcessorFactory
+from dashchat.server.reasoning import ReasoningFormat, ThinkStart
 from dashchat.server.tool_parser import FENCE, TAG_CLOSE, TAG_OPEN, ToolCallStreamParser
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,67 @@ class _TriggeredProcessor:
         return inner(output_token_ids, logits)
 
 
+class _AfterReasoningProcessor:
+    """Reasoning models: a grammar (`make_inner`) that applies to the answer only. The thinking is
+    free; the grammar starts with the token after the one that closes the block, and sees only
+    the tokens from there on (so a forced call or a JSON schema never lands inside the thinking).
+
+    `start` MAYBE (the model may or may not open a block): the first token may be the opener or
+    whatever the grammar allows first; the opener means thinking, anything else means the grammar
+    has begun. This needs the opener to be one token (Qwen3, DeepSeek-R1); otherwise the grammar
+    applies from the first token, as if thinking were off.
+    """
+
+    def __init__(self, backend: GrammarBackend, make_inner: LogitsProcessorFactory, fmt: ReasoningFormat,
+                 start: ThinkStart) -> None:
+        self._backend, self._make_inner, self._fmt, self._start = backend, make_inner, fmt, start
+        self._opener = backend.single_token(fmt.open) if start is ThinkStart.MAYBE else None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""
+        self._n = 0  # output tokens watched
+        self._inner: Any = None
+        self._offset = 0  # output tokens before the grammar's first
+        self._thinking = self._start is ThinkStart.INSIDE
+        if self._start is ThinkStart.MAYBE and self._opener is None:
+            self._inner = self._make_inner()  # cannot offer the opener: the grammar from the start
+
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        n = len(output_token_ids)
+        if n < self._n:
+            self._reset()  # rewound: watch again from the start
+        if self._inner is None and not self._thinking and self._start is ThinkStart.MAYBE:
+            if n == 0:  # the first token: the opener, or the answer under the grammar
+                assert self._opener is not None
+                masked = self._make_inner()([], logits.clone())
+                masked[self._opener] = logits[self._opener]
+                return masked
+            if output_token_ids[0] == self._opener:
+                self._thinking, self._n = True, 1
+            else:
+                self._inner, self._offset = self._make_inner(), 0
+        if self._thinking:
+            self._watch(output_token_ids)
+        if self._inner is None:
+            return logits
+        return self._inner(output_token_ids[self._offset :], logits)
+
+    def _watch(self, output_token_ids: Sequence[int]) -> None:
+        vocab = self._backend.token_bytes
+        closer = self._fmt.close
+        for i in range(self._n, len(output_token_ids)):
+            tok = output_token_ids[i]
+            self._text += self._decoder.decode(vocab[tok]) if 0 <= tok < len(vocab) else ""
+            if closer in self._text:
+                self._thinking = False
+                self._inner, self._offset = self._make_inner(), i + 1
+                break
+            self._text = self._text[-(len(closer) - 1) :]  # a tail that may start the closer
+        self._n = len(output_token_ids)
+
+
 # ---------------------------------------------------------------- the backend
 
 
@@ -314,6 +376,7 @@ class GrammarBackend:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._eos_index: dict[torch.device, torch.Tensor] = {}
+        self._single: dict[str, int | None] = {}
 
     # -- public API -------------------------------------------------------------
     def json_schema(self, schema: dict[str, Any] | None) -> LogitsProcessorFactory:
@@ -354,6 +417,19 @@ class GrammarBackend:
         validate_tools(tools)
         spec = _ToolSpec(tools, parallel, _canonical({"tools": [t["function"] for t in tools], "parallel": parallel}))
         return lambda: _TriggeredProcessor(self, spec)
+
+    def after_reasoning(self, factory: LogitsProcessorFactory, fmt: ReasoningFormat,
+                        start: ThinkStart) -> LogitsProcessorFactory:
+        """`factory`'s grammar for the answer of a thinking model: free until the block closes."""
+        return lambda: _AfterReasoningProcessor(self, factory, fmt, start)
+
+    def single_token(self, text: str) -> int | None:
+        """The id of the one token that spells `text`, if there is exactly one (e.g. `<think>`)."""
+        if text not in self._single:
+            raw = text.encode("utf-8")
+            ids = [i for i, b in enumerate(self.token_bytes) if b == raw]
+            self._single[text] = ids[0] if len(ids) == 1 else None
+        return self._single[text]
 
     def triggered_grammar(self, spec: _ToolSpec, kind: str, wait: bool) -> Any | None:
         """The compiled grammar for a call region of `kind`; None when it cannot compile (or, with

@@ -39,6 +39,9 @@ class ChatMessage(_Model):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     function_call: FunctionCallIn | None = None  # legacy assistant turn
+    # An assistant turn's thinking, sent back (rendered when the chat template reads it).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class FunctionDefinition(_Model):
@@ -118,6 +121,8 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
     response_format: ResponseFormat | None = None
+    # Variables for the chat template, e.g. {"enable_thinking": false} (as in vLLM).
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):

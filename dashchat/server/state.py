@@ -36,6 +36,13 @@ class ServerState:
         self._idle.set()
         self._grammar: Any = None
         self._grammar_error: str | None = None
+        # Reasoning models: how this model marks its thinking (None: it does not think).
+        from dashchat.server.reasoning import choose_format
+
+        self.chat_template: str | None = cfg.chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.reasoning = choose_format(cfg.reasoning_parser, self.chat_template)
+        if self.reasoning is not None:
+            log.info("reasoning parser: %s", self.reasoning.name)
 
     # -- models -------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
