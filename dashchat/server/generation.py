@@ -156,7 +156,6 @@ class Choice:
     # Chat-shaped routes: the text as reasoning / content / tool-call events (None: raw text only).
     output: OutputParser | None = None
     num_tokens: int = 0
-    reasoning_tokens: int = 0  # tokens written inside the thinking block (counted by `output`)
     finish_reason: str | None = None
     # Used by non-streaming responses.
     parts: list[str] = field(default_factory=list)
@@ -234,7 +233,7 @@ async def run_choices(
         n = sum(c.num_tokens for c in choices)
         usage.completion_tokens = n
         if any(c.output is not None for c in choices):
-            usage.reasoning_tokens = sum(c.reasoning_tokens for c in choices)
+            usage.reasoning_tokens = sum(c.output.reasoning_tokens for c in choices if c.output is not None)
         metrics.generation_tokens.inc(n)
         metrics.e2e.observe(time.perf_counter() - start)
         if not finished:
@@ -268,13 +267,9 @@ def _apply(out: RequestOutput, choices: Sequence[Choice]) -> list[Event]:
             c.finish_reason = "stop" if c.text.stopped else d.finish_reason
         parsed: list[OutputEvent] = []
         if c.output is not None:
-            parsed = c.output.feed(text) if text else []
-            thinking = c.output.thinking
+            parsed = c.output.feed(text, len(d.token_ids))
             if c.finish_reason is not None:
                 parsed += c.output.finish(length=c.finish_reason == "length")
-                thinking = thinking or c.output.thinking
-            if thinking:
-                c.reasoning_tokens += len(d.token_ids)
         events.append(Event(c, text, d.logprobs, parsed))
     return events
 

@@ -110,6 +110,11 @@ class ReasoningParser:
         return self._mode == "think"
 
     @property
+    def undecided(self) -> bool:
+        """Nothing but whitespace or a piece of the opener yet: may still become a block."""
+        return self._mode == "start"
+
+    @property
     def done(self) -> bool:
         """The answer has begun (the block closed, or the model did not open one)."""
         return self._mode in ("answer_start", "answer")

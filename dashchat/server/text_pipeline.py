@@ -152,21 +152,26 @@ class OutputParser:
         self._reasoning = ReasoningParser(reasoning, start) if reasoning is not None and start is not ThinkStart.OFF else None
         self._tools = ToolCallStreamParser(tools) if tools else None
         self.called = False  # a tool call was announced
-
-    @property
-    def thinking(self) -> bool:
-        """The last text fed was (partly) inside the thinking block: its tokens count as reasoning."""
-        return self._reasoning is not None and self._reasoning.touched
+        self.reasoning_tokens = 0  # tokens written inside the thinking block, markers included
+        self._undecided = 0  # tokens of what may still open a block (a `<think>` spelled in pieces)
 
     @property
     def cut_call(self) -> bool:
         """finish(length=True) dropped a call the model was writing (see ToolCallStreamParser)."""
         return self._tools is not None and self._tools.cut_call
 
-    def feed(self, text: str) -> list[OutputEvent]:
+    def feed(self, text: str, tokens: int = 0) -> list[OutputEvent]:
+        """`text`: new output text; `tokens`: how many tokens wrote it (for reasoning_tokens)."""
         if self._reasoning is None:
             return self._answer(text)
         reasoning, answer = self._reasoning.feed(text)
+        if self._reasoning.touched:
+            self.reasoning_tokens += tokens + self._undecided
+            self._undecided = 0
+        elif self._reasoning.undecided:
+            self._undecided += tokens
+        else:
+            self._undecided = 0
         return self._events(reasoning, answer)
 
     def finish(self, length: bool = False) -> list[OutputEvent]:
