@@ -91,11 +91,13 @@ Producer = Callable[[Sender], Awaitable[None]]
 
 class EngineResponse(Response):
     # A Response subclass only so FastAPI passes it through untouched; it sends its own headers.
-    def __init__(self, state: ServerState, produce: Producer, request_id: str) -> None:
+    def __init__(self, state: ServerState, produce: Producer, request_id: str,
+                 prompt_tokens: int | None = None) -> None:
         super().__init__()
         self.state = state
         self.produce = produce
         self.request_id = request_id
+        self.prompt_tokens = prompt_tokens  # known before generation (chat): routes that announce it early
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state

@@ -62,7 +62,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
     )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     run = _ChatRun(state, req, plan, model, request_id, prompt, params, stops, top_n)
-    return EngineResponse(state, run.stream if req.stream else run.full, request_id)
+    return EngineResponse(state, run.stream if req.stream else run.full, request_id, prompt_tokens=len(prompt.ids))
 
 
 def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
