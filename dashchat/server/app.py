@@ -28,6 +28,7 @@ from dashchat.server.protocol import ChatCompletionRequest, CompletionRequest
 from dashchat.server.serving_chat import create_chat_completion
 from dashchat.server.serving_completion import create_completion
 from dashchat.server.serving_messages import add_messages_routes
+from dashchat.server.serving_tokenize import add_tokenize_routes
 from dashchat.server.serving_responses import add_responses_routes
 from dashchat.server.sse import dumps
 from dashchat.server.state import ServerState
@@ -93,6 +94,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
 
     add_responses_routes(app, state)
     add_messages_routes(app, state)
+    add_tokenize_routes(app, state)
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "dashchat",

@@ -77,14 +77,16 @@ def template_kwargs(state: ServerState, requested: dict[str, Any] | None, param:
 
 
 def render_prompt(state: ServerState, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                  kwargs: dict[str, Any] | None = None, param: str = "messages") -> ChatPrompt:
+                  kwargs: dict[str, Any] | None = None, param: str = "messages",
+                  add_generation_prompt: bool = True) -> ChatPrompt:
     """Messages in OpenAI's chat shape (assistant turns may carry `reasoning_content`) -> prompt.
     Blocking (template + tokenizer): call it with asyncio.to_thread."""
     from dashchat.server.chat_template import ChatTemplateError, render_chat_prompt
 
     try:
         text = render_chat_prompt(state.tokenizer, messages, tools=tools or None,
-                                  chat_template=state.cfg.chat_template, **(kwargs or {}))
+                                  chat_template=state.cfg.chat_template,
+                                  add_generation_prompt=add_generation_prompt, **(kwargs or {}))
     except ChatTemplateError as exc:
         raise bad_request(f"Could not apply the chat template: {exc}", param) from None
     fmt = state.reasoning
