@@ -46,7 +46,7 @@ CASES = [
     ("<thinking>x", MAYBE, "", "<thinking>x"),
     ("Answer <think>not thinking</think> at all", MAYBE, "", "Answer <think>not thinking</think> at all"),
     ("2 < 3 </think>", MAYBE, "", "2 < 3 </think>"),
-    ("reasoning from the prompt's <think>\n</think>\n\nanswer", INSIDE, "reasoning from the prompt's <think>", "answer"),
+    ("from the prompt's <think>\n</think>\n\nanswer", INSIDE, "from the prompt's <think>", "answer"),
     ("no closer at all", INSIDE, "no closer at all", ""),
     ("x </thin", INSIDE, "x </thin", ""),  # a piece of the closer at the end stays reasoning
     ("a</think>b</think>c", INSIDE, "a", "b</think>c"),
