@@ -343,7 +343,7 @@ async def create_message(state: ServerState, req: MessagesRequest) -> Response:
         inner = await create_chat_completion(state, chat_req)
     except APIError as err:
         raise _rename_param(err) from None
-    return ChatBridge(inner, MessagesSink(model))
+    return ChatBridge(inner, MessagesSink(model, getattr(inner, "prompt_tokens", None)))
 
 
 async def count_tokens(state: ServerState, req: CountTokensRequest) -> Response:

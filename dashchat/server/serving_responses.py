@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.responses import JSONResponse, Response
 
 from dashchat.server.chat_bridge import ChatBridge, ChatSink, named_event
@@ -79,9 +79,22 @@ class ItemReference(_Model):
     id: str
 
 
+_ITEM_TAGS = {"message": "Message", "function_call": "FunctionCall", "function_call_output": "FunctionCallOutput",
+              "reasoning": "Reasoning", "item_reference": "ItemReference"}
+
+
+def _item_tag(value: Any) -> str | None:
+    # Capitalized tags: validation.param_path drops them, so errors name input[i].field.
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return _ITEM_TAGS.get(kind) if isinstance(kind, str) else None
+
+
 InputItem = Annotated[
-    MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem | ItemReference,
-    Field(discriminator="type"),
+    Annotated[MessageItem, Tag("Message")] | Annotated[FunctionCallItem, Tag("FunctionCall")]
+    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")] | Annotated[ReasoningItem, Tag("Reasoning")]
+    | Annotated[ItemReference, Tag("ItemReference")],
+    Discriminator(_item_tag, custom_error_type="invalid_input_item",
+                  custom_error_message="unknown input item type; expected one of " + ", ".join(_ITEM_TAGS)),
 ]
 
 
