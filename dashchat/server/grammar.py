@@ -43,7 +43,20 @@ import torch
 
 from dashchat.engine.types import LogitsProcessorFactory
 from dashchat.server.reasoning import ReasoningFormat, ThinkStart
-from dashchat.server.tool_parser import FENCE, TAG_CLOSE, TAG_OPEN, ToolCallStreamParser
+from dashchat.server.tool_parser import (
+    DS_CALL_BEGIN,
+    DS_CALL_END,
+    DS_CALLS_END,
+    DS_SEP,
+    FENCE,
+    TAG_CLOSE,
+    TAG_OPEN,
+    XML_FUNCTION,
+    XML_FUNCTION_END,
+    XML_PARAMETER,
+    XML_PARAMETER_END,
+    ToolCallStreamParser,
+)
 
 log = logging.getLogger(__name__)
 
@@ -554,9 +567,55 @@ class GrammarBackend:
             if compact:
                 alternatives.append(_seq(_const('{"name": ' + name + ', "arguments": '), args, _const("}")))
             else:
-                head = (f'root ::= "{{" ws "\\"name\\"" ws ":" ws {json.dumps(name)} ws "," ws "\\"arguments\\"" ws ":" ws'
+                # Llama 3.x writes "parameters" where others write "arguments".
+                head = (f'root ::= "{{" ws "\\"name\\"" ws ":" ws {json.dumps(name)} ws "," ws key ws ":" ws'
+                        '\nkey ::= "\\"arguments\\"" | "\\"parameters\\""'
                         f"\nws ::= [ \\t\\r\\n]{{0,{_MAX_WS}}}")
                 alternatives.append(_seq(_ebnf(head), args, _seq(_ws(_MAX_WS), _const("}"))))
+        return _any_of(alternatives)
+
+    def _xml_call(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
+        """One Qwen3-Coder / GLM `<function=NAME>` block of any offered tool: its `<parameter=KEY>`
+        blocks in the schema's order, the required ones present, then `</function>`. A string value is
+        free text that never holds `</p` (or one of its enum values); any other value is JSON that
+        follows the parameter's own schema (the parser types values the same way)."""
+        ws = _ws(_MAX_WS)
+        text = _ebnf('root ::= ([^<] | "<" [^/] | "</" [^p])*')
+        newline = _ws(1, "\\n")
+        alternatives = []
+        for i, tool in enumerate(tools):
+            fn = tool["function"]
+            params = fn.get("parameters") or {}
+            props = params.get("properties") or {}
+            required = set(params.get("required") or [])
+            blocks: list[dict[str, Any]] = []
+            for key, prop in props.items():
+                kind = prop.get("type") if isinstance(prop, dict) else None
+                enum = prop.get("enum") if isinstance(prop, dict) else None
+                if kind in (None, "string") and isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+                    value = _seq(newline, _any_of([_const(v) for v in enum]), newline)
+                elif kind in (None, "string"):
+                    value = text
+                else:
+                    where = f"tools[{i}].function.parameters.properties.{key}"
+                    value = _seq(ws, _ebnf(str(self._schema_grammar(prop, where, compact=False))), ws)
+                block = _seq(_const(XML_PARAMETER + key + ">"), value, _const(XML_PARAMETER_END), ws)
+                blocks.append(block if key in required else _repeat(block, 1))
+            alternatives.append(_seq(_const(XML_FUNCTION + fn["name"] + ">"), ws, *blocks, _const(XML_FUNCTION_END)))
+        return _any_of(alternatives)
+
+    def _deepseek_call(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
+        """One DeepSeek call of any offered tool, V3/R1 style (type, separator, name, fenced JSON) or
+        V3.1 style (name, separator, JSON); the arguments follow the tool's schema."""
+        alternatives = []
+        for i, tool in enumerate(tools):
+            fn = tool["function"]
+            params = fn.get("parameters") or {"type": "object", "properties": {}}
+            args = _ebnf(str(self._schema_grammar(params, f"tools[{i}].function.parameters", compact=False)))
+            name = fn["name"]
+            alternatives.append(_seq(_const(DS_CALL_BEGIN + "function" + DS_SEP + name + "\n```json\n"), args,
+                                     _const("\n```" + DS_CALL_END)))
+            alternatives.append(_seq(_const(DS_CALL_BEGIN + name + DS_SEP), args, _const(DS_CALL_END)))
         return _any_of(alternatives)
 
     def _compile_tools(self, tools: list[dict[str, Any]], parallel: bool) -> Any:
@@ -573,9 +632,13 @@ class GrammarBackend:
         more = [_repeat(_seq(ws, _const(","), ws, call), most - 1)] if most > 1 else []
         calls = _any_of([call, _seq(_const("["), ws, call, *more, ws, _const("]"))])
         if kind == "tag":  # more calls: each in its own tag, an explicit marker of intent
+            call = _any_of([call, self._xml_call(spec.tools)])  # Hermes JSON, or Qwen3-Coder XML
             first = _seq(ws, call, ws, _const(TAG_CLOSE))
             unit = _seq(_const(TAG_OPEN), ws, call, ws, _const(TAG_CLOSE))
             return self._compile_format(_calls(first, unit, _ws(4), most, _ws(2)))
+        if kind == "deepseek":  # after <｜tool▁calls▁begin｜>: calls, then the closing marker
+            one = self._deepseek_call(spec.tools)
+            return self._compile_format(_seq(_calls(_seq(ws, one), one, ws, most, ws), ws, _const(DS_CALLS_END)))
         # Fenced or bare JSON: more calls only as one JSON array. A second value after a call is
         # too often the model making up the tool's result ({"name": ...}\n{"temperature": 22}).
         if kind == "fence":
