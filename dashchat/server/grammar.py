@@ -418,8 +418,10 @@ class GrammarBackend:
           `<tool_call>`            -> `{"name": ..., "arguments": {...}}` `</tool_call>` (parallel: more
                                       such tags)
           ```json fence + `{"name"` -> the call (parallel: or a JSON array of calls), the closing fence
-          `{"name"` / `[{"name"` as the first output (bare JSON, Llama 3.x), or after [TOOL_CALLS] /
-          <|python_tag|> -> the call (parallel: or an array)
+          `{"name"` / `[{"name"` as the first output (bare JSON, Llama 3.x, "arguments" or "parameters"),
+          or after [TOOL_CALLS] / <|python_tag|> -> the call (parallel: or an array)
+          `<tool_call>` + `<function=`  -> Qwen3-Coder / GLM XML: `<parameter=K>` blocks, `</function>`
+          `<｜tool▁calls▁begin｜>`       -> DeepSeek call blocks (V3/R1 or V3.1 layout), the closing marker
         A leading JSON value is a call start only when its first key is "name" and its value is (a
         prefix of) an offered tool's name; `{"name": "Alice", ...}` or `{"title": ...}` stays free, so
         JSON the user asked for is never forced into a call. Whitespace inside is free (bounded), as
