@@ -98,12 +98,25 @@ class ChatSink:
         await self._send({"type": "http.response.body", "body": b""})
 
 
-def api_error_from(status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> APIError:
-    """An OpenAI-shaped error body (what the chat run sends) back into an APIError."""
+# A mid-stream error has no HTTP status of its own: recover the one it would have had (errors.py).
+_STATUS_BY_CODE = {"server_shutting_down": 503, "engine_error": 503, "request_timeout": 408}
+_STATUS_BY_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "not_found_error": 404,
+                   "timeout_error": 408, "rate_limit_error": 429}
+
+
+def stream_error_status(err: dict[str, Any]) -> int:
+    return _STATUS_BY_CODE.get(str(err.get("code")), _STATUS_BY_TYPE.get(str(err.get("type")), 500))
+
+
+def api_error_from(status: int | None, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> APIError:
+    """An OpenAI-shaped error body (what the chat run sends) back into an APIError; `status` None:
+    a mid-stream error, whose status follows from its code and type."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         err = {"message": "The server had an error while processing your request.", "type": "server_error"}
     hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers or [] if k == b"retry-after"}
+    if status is None:
+        status = stream_error_status(err)
     return APIError(status, str(err.get("message", "")), str(err.get("type", "server_error")),
                     err.get("param"), err.get("code"), hdrs)
 
@@ -148,7 +161,7 @@ class ChatBridge(Response):
                         continue
                     obj = loads(payload)
                     if "error" in obj:
-                        await sink.on_stream_error(api_error_from(500, obj))
+                        await sink.on_stream_error(api_error_from(None, obj))
                     else:
                         await sink.on_chunk(obj)
                 if not more and not sink.ended:
