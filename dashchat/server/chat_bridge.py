@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from dashchat.server.errors import APIError
+from dashchat.server.protocol import ChatCompletionRequest
 from dashchat.server.sse import SSE_HEADERS, dumps
 
 try:
@@ -33,6 +35,20 @@ except ImportError:  # pragma: no cover - orjson is a server dependency
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def to_chat_request(body: dict[str, Any], rename: Callable[[APIError], APIError]) -> ChatCompletionRequest:
+    """The translated request, checked by the chat model; what it rejects is the client's 400, named
+    (by `rename`) in the client's API where the field maps one to one."""
+    from dashchat.server.validation import from_validation_errors
+
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        err = from_validation_errors(exc.errors())
+        if err.param:
+            err.param = err.param.replace(".function.", ".")  # tools[0].function.name -> tools[0].name
+        raise rename(err) from None
 
 
 def named_event(name: str, obj: Any) -> bytes:

@@ -18,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from dashchat.server.anthropic_errors import MESSAGES_PREFIX, anthropic_error_body
-from dashchat.server.chat_bridge import ChatBridge, ChatSink, named_event
+from dashchat.server.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
 from dashchat.server.errors import APIError, bad_request
-from dashchat.server.protocol import ChatCompletionRequest
 from dashchat.server.state import ServerState
 
 
@@ -338,7 +337,7 @@ async def create_message(state: ServerState, req: MessagesRequest) -> Response:
         chat["stream_options"] = {"include_usage": True}
     if req.stop_sequences is not None and len(req.stop_sequences) > state.cfg.max_stop:
         raise bad_request(f"'stop_sequences' takes at most {state.cfg.max_stop} sequences.", "stop_sequences")
-    chat_req = ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
+    chat_req = to_chat_request({k: v for k, v in chat.items() if v is not None}, _rename_param)
     try:
         inner = await create_chat_completion(state, chat_req)
     except APIError as err:
@@ -353,7 +352,7 @@ async def count_tokens(state: ServerState, req: CountTokensRequest) -> Response:
     from dashchat.server.tool_request import plan_tools
 
     model = state.check_model(req.model)
-    chat_req = ChatCompletionRequest.model_validate(_chat_request(req, model))
+    chat_req = to_chat_request(_chat_request(req, model), _rename_param)
     try:
         # The same render as generation (text_pipeline.py): the count is what /v1/messages would use.
         plan = plan_tools(chat_req, state.cfg)

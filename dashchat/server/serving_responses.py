@@ -20,9 +20,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.responses import JSONResponse, Response
 
-from dashchat.server.chat_bridge import ChatBridge, ChatSink, named_event
+from dashchat.server.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
 from dashchat.server.errors import APIError, bad_request
-from dashchat.server.protocol import ChatCompletionRequest
 from dashchat.server.response_store import ResponseStore
 from dashchat.server.state import ServerState
 
@@ -547,7 +546,7 @@ async def create_response(state: ServerState, store: ResponseStore, req: Respons
         chat["chat_template_kwargs"] = {"enable_thinking": req.reasoning.effort != "none"}
     if not chat["messages"]:
         raise bad_request("'input' must hold at least one message.", "input")
-    chat_req = ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
+    chat_req = to_chat_request({k: v for k, v in chat.items() if v is not None}, _rename_param)
     try:
         inner = await create_chat_completion(state, chat_req)
     except APIError as err:

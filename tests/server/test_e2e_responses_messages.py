@@ -174,6 +174,8 @@ def test_responses_stream_is_stored(oai: openai.OpenAI, model_name: str) -> None
     ({"input": "x", "max_output_tokens": 100000}, "input"),  # context_length_exceeded
     ({"input": "x", "background": True}, "background"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": "not a schema"}]},
+     "tools[0].parameters"),  # rejected by the chat request it becomes: still a 400 naming the field
 ])
 def test_responses_bad_input(server: ServerProcess, body: dict[str, Any], param: str) -> None:
     r = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=30)
@@ -274,6 +276,8 @@ def test_messages_forced_tool_stream(claude: anthropic.Anthropic, model_name: st
     ({"max_tokens": 4, "stop_sequences": ["a", "b", "c", "d", "e"],
       "messages": [{"role": "user", "content": "hi"}]}, 400, "stop_sequences"),
     ({"max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}, 400, "context"),
+    ({"max_tokens": 4, "tools": [{"name": "f" * 100, "input_schema": {"type": "object"}}],
+      "messages": [{"role": "user", "content": "hi"}]}, 400, "tools[0].name"),
     ({"model": "no-such-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}, 404, "no-such-model"),
 ])
 def test_messages_bad_input(server: ServerProcess, model_name: str, body: dict[str, Any], status: int,
