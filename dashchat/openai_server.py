@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: all interfaces).")
     s.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     s.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
-                   help="Require 'Authorization: Bearer KEY' on /v1/* (several keys allowed). "
+                   help="Require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on /v1/*, /tokenize and "
+                        "/detokenize (several keys allowed). "
                         "Also read from DASHCHAT_API_KEY (comma-separated). /health stays open.")
     s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="Enable CORS for these origins ('*' for any). Default: CORS off.")

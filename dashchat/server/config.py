@@ -27,9 +27,6 @@ class ServerConfig:
     # /v1/responses store (response_store.py): least recently used go first past either bound.
     responses_store_entries: int = 1024
     responses_store_bytes: int = 64 * 1024 * 1024
-    # /v1/responses store (response_store.py): least recently used go first past either bound.
-    responses_store_entries: int = 1024
-    responses_store_bytes: int = 64 * 1024 * 1024
     # Reasoning models (issue 15): a reasoning.FORMATS name, "none", or None to detect it from the
     # chat template; template variables every request gets unless it sets them itself.
     reasoning_parser: str | None = None

@@ -138,8 +138,14 @@ class BodyLimitMiddleware:
                         "invalid_request_error", None, "request_too_large")
 
 
+def _needs_key(path: str) -> bool:
+    # /tokenize and /detokenize sit outside /v1 as in vLLM, but they run the model's template and
+    # tokenizer on client input: with keys set, they need one too (vLLM leaves them open).
+    return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+
+
 class AuthMiddleware:
-    """API keys on /v1/*, as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic);
+    """API keys on /v1/* and /tokenize, /detokenize, as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic);
     constant-time compare against every key (no early exit)."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
@@ -147,7 +153,7 @@ class AuthMiddleware:
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or not _needs_key(scope["path"]) or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         bearer = api_key = b""
         for k, v in scope["headers"]:

@@ -102,6 +102,9 @@ def test_messages_auth_x_api_key(tight: ServerProcess) -> None:
     r = httpx.post(f"{tight.base_url}/v1/messages/count_tokens", json={"model": "tiny", "messages": msgs},
                    headers=AUTH)
     assert r.status_code == 200
+    # /tokenize and /detokenize are outside /v1 (as in vLLM) but need the key all the same.
+    assert httpx.post(f"{tight.base_url}/tokenize", json={"prompt": "hi"}).status_code == 401
+    assert httpx.post(f"{tight.base_url}/tokenize", json={"prompt": "hi"}, headers={"x-api-key": KEYS[0]}).status_code == 200
 
 
 def test_new_routes_body_limit(tight: ServerProcess) -> None:
