@@ -228,3 +228,24 @@ def test_response_store_bounds() -> None:
     # Past the byte bound the oldest go, whatever their size: only half2 is left.
     assert store.get("half") is None and store.get("half2") is not None and len(store) == 1
     assert store.delete("half2") and not store.delete("half2") and len(store) == 0
+
+
+def test_text_then_call_streamed_as_separate_items() -> None:
+    oai, claude, _ = clients("Let me check.\n" + CALL)
+    with oai.responses.stream(model="m", input="Weather in Paris?", tools=[FN],
+                              reasoning={"effort": "none"}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["message", "function_call"]
+    assert [o.type for o in final.output] == ["message", "function_call"]
+    assert final.output[0].content[0].text.strip() == "Let me check."
+    assert json.loads(final.output[1].arguments) == {"city": "Paris"}
+    whole = oai.responses.create(model="m", input="Weather in Paris?", tools=[FN], reasoning={"effort": "none"})
+    assert [o.type for o in whole.output] == ["message", "function_call"]
+
+    with claude.messages.stream(model="m", max_tokens=300, tools=[TOOL], thinking={"type": "disabled"},
+                                messages=[{"role": "user", "content": "Weather in Paris?"}]) as s:
+        m = s.get_final_message()
+    assert [b.type for b in m.content] == ["text", "tool_use"] and m.stop_reason == "tool_use"
+    assert m.content[1].input == {"city": "Paris"}
