@@ -225,6 +225,8 @@ def test_messages_raw_event_order(claude: anthropic.Anthropic, model_name: str) 
     assert set(types[2:-3]) == {"content_block_delta"}
     assert types[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert events[0].message.content == [] and events[0].message.stop_reason is None
+    # The prompt length is known before generation, as Anthropic announces it in message_start.
+    assert events[0].message.usage.input_tokens == events[-2].usage.input_tokens > 0
     assert all(e.delta.type == "text_delta" for e in events if e.type == "content_block_delta")
     assert events[-2].delta.stop_reason in ("end_turn", "max_tokens") and events[-2].usage.output_tokens > 0
 
