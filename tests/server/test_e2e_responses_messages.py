@@ -11,7 +11,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from server_proc import ServerProcess
+from server_proc import ServerProcess, metric, wait_engine_idle
 
 WEATHER_FN = {"type": "function", "name": "get_weather", "description": "Current weather in a city.",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -303,6 +303,23 @@ def test_messages_errors_through_sdk(claude: anthropic.Anthropic, server: Server
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(f"{server.base_url}/v1/messages/nope", json={}, timeout=10)
     assert r.status_code == 404 and r.json()["type"] == "error"
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/responses", {"input": "Write a long story.", "max_output_tokens": 800, "stream": True}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 800,
+                      "stream": True}),
+])
+def test_stream_disconnect_frees_kv(server: ServerProcess, model_name: str, path: str, body: dict[str, Any]) -> None:
+    """The chat run's disconnect watch reaches through the bridge: closing the stream aborts at once."""
+    with httpx.stream("POST", f"{server.base_url}{path}", json={"model": model_name, "ignore_eos": True, **body},
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(12):  # past the opening events, into the deltas
+            next(lines)
+        assert metric(server.base_url, "dashchat_num_requests_running") >= 1
+    # A generous deadline (polled): the abort lands at the engine's next step, slow on a busy machine.
+    assert wait_engine_idle(server.base_url, timeout=30) == (0, 0)
 
 
 def test_metrics_by_route(server: ServerProcess, oai: openai.OpenAI, claude: anthropic.Anthropic,
