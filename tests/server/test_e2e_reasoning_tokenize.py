@@ -145,4 +145,24 @@ def test_cut_inside_the_thinking_stays_reasoning(qwen3: ServerProcess) -> None:
     choice = body["choices"][0]
     assert choice["finish_reason"] == "length"
     assert choice["message"]["content"] is None
+    assert choice["message"]["reasoning_content"] == "<think>" * 7  # the first one opened the block
     assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 8
+
+
+def test_openai_sdk_reads_the_reasoning(qwen3: ServerProcess) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=qwen3.base_url + "/v1", api_key="unused")
+    bias = {str(THINK_OPEN): 100, str(THINK_CLOSE): -100}
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, messages=MSG, max_tokens=4, temperature=0, logit_bias=bias)
+    msg = reply.choices[0].message
+    assert msg.content is None and msg.reasoning_content == msg.reasoning == "<think>" * 3  # type: ignore[attr-defined]
+    assert reply.usage is not None and reply.usage.completion_tokens_details is not None
+    assert reply.usage.completion_tokens_details.reasoning_tokens == 4
+    streamed = ""
+    for chunk in client.chat.completions.create(model=model, messages=MSG, max_tokens=4, temperature=0,
+                                                logit_bias=bias, stream=True):
+        delta = chunk.choices[0].delta
+        assert not delta.content
+        streamed += getattr(delta, "reasoning_content", None) or ""
+    assert streamed == "<think>" * 3
