@@ -151,8 +151,9 @@ class OutputParser:
 
     def __init__(self, tools: list[dict[str, Any]] | None, reasoning: ReasoningFormat | None = None,
                  start: ThinkStart = ThinkStart.OFF) -> None:
-        thinks = reasoning is not None and start is not ThinkStart.OFF
-        self._reasoning = ReasoningParser(reasoning, start) if thinks else None  # type: ignore[arg-type]
+        self._reasoning: ReasoningParser | None = None
+        if reasoning is not None and start is not ThinkStart.OFF:
+            self._reasoning = ReasoningParser(reasoning, start)
         self._tools = ToolCallStreamParser(tools) if tools else None
         self.called = False  # a tool call was announced
         self.reasoning_tokens = 0  # tokens written inside the thinking block, markers included
