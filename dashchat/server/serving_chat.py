@@ -148,8 +148,11 @@ class _ChatRun:
             ]
         cut = c.output is not None and c.output.cut_call
         logprobs = {"content": chat_entries(self.state.pieces, c.logprobs, self.top_n)} if want_lp else None
-        return {"index": c.index, "message": message, "logprobs": logprobs,
-                "finish_reason": _finish(c, self.plan, bool(calls), cut)}
+        out = {"index": c.index, "message": message, "logprobs": logprobs,
+               "finish_reason": _finish(c, self.plan, bool(calls), cut)}
+        if c.text.stop_string is not None:
+            out["stop_reason"] = c.text.stop_string  # which stop string ended it (as vLLM says)
+        return out
 
     # -- streaming --------------------------------------------------------------
     async def stream(self, sender: Sender) -> None:
@@ -160,9 +163,12 @@ class _ChatRun:
         want_lp = self.params.logprobs is not None
         pieces, top_n = self.state.pieces, self.top_n
 
-        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> bytes:
-            return event({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp,
-                                               "finish_reason": finish}]})
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None,
+                  stop: str | None = None) -> bytes:
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            if stop is not None:
+                choice["stop_reason"] = stop
+            return event({**base, "choices": [choice]})
 
         async with self._events() as outputs:
             async for events in outputs:  # the first output: the engine accepted the request
@@ -182,7 +188,7 @@ class _ChatRun:
                     if c.finish_reason is not None:
                         assert c.output is not None
                         finish = _finish(c, self.plan, c.output.called, c.output.cut_call)
-                        await sender.chunk(chunk(c.index, {}, finish))
+                        await sender.chunk(chunk(c.index, {}, finish, stop=c.text.stop_string))
         if not sender.started:  # the engine produced nothing at all
             await sender.start_stream()
         if include_usage:

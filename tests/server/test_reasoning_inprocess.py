@@ -172,3 +172,12 @@ def test_bad_chat_template_kwargs_are_400(kwargs: Any) -> None:
     r = c.post("/v1/chat/completions", json={"messages": MSG, "chat_template_kwargs": kwargs})
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_stop_reason_names_the_stop_string() -> None:
+    c, _ = client("It is 4. Done.", chat_template="{{ messages[0].content }}")
+    choice = chat(c, stop=["Done", "4."])["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"], choice["stop_reason"]) == ("It is ", "stop", "4.")
+    last = stream(c, stop=["Done", "4."])[-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", "4.")
+    assert "stop_reason" not in chat(c)["choices"][0]  # ended by EOS: no stop string to name
