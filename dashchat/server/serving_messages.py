@@ -201,8 +201,16 @@ def _rename_param(err: APIError) -> APIError:
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use"}
 
 
-def _stop_reason(finish: str | None) -> str:
+def _stop_reason(finish: str | None, stop_sequence: str | None = None) -> str:
+    if stop_sequence is not None and finish == "stop":
+        return "stop_sequence"
     return _STOP_REASONS.get(finish or "stop", "end_turn")
+
+
+def _matched_stop(choice: dict[str, Any]) -> str | None:
+    """The stop string that ended the chat choice (its vLLM-style `stop_reason`), if one did."""
+    stop = choice.get("stop_reason")
+    return stop if isinstance(stop, str) else None
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
@@ -222,6 +230,7 @@ class MessagesSink(ChatSink):
         self.index = -1  # the content block being streamed
         self.open: str | None = None  # its type
         self.finish: str | None = None
+        self.stop_sequence: str | None = None
         self.usage: dict[str, Any] | None = None
         self.failed = False
 
@@ -237,7 +246,7 @@ class MessagesSink(ChatSink):
 
     def _message(self, content: list[dict[str, Any]], stop_reason: str | None) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": stop_reason, "stop_sequence": None, "usage": self._usage()}
+                "stop_reason": stop_reason, "stop_sequence": self.stop_sequence, "usage": self._usage()}
 
     # -- non-streaming ---------------------------------------------------------------
     async def on_body(self, body: dict[str, Any]) -> None:
@@ -252,7 +261,9 @@ class MessagesSink(ChatSink):
         for c in msg.get("tool_calls") or []:
             content.append({"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
                             "input": _tool_input(c["function"]["arguments"])})
-        await self.send_json(200, self._message(content, _stop_reason(choice.get("finish_reason"))))
+        self.stop_sequence = _matched_stop(choice)
+        stop_reason = _stop_reason(choice.get("finish_reason"), self.stop_sequence)
+        await self.send_json(200, self._message(content, stop_reason))
 
     # -- streaming -------------------------------------------------------------------
     async def event(self, obj: dict[str, Any]) -> None:
@@ -306,6 +317,7 @@ class MessagesSink(ChatSink):
                     await self._delta({"type": "input_json_delta", "partial_json": fragment})
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
+                self.stop_sequence = _matched_stop(choice)
 
     async def on_stream_error(self, err: APIError) -> None:
         self.failed = True
@@ -317,7 +329,8 @@ class MessagesSink(ChatSink):
         await self._close()
         usage = self._usage()
         await self.event({"type": "message_delta",
-                          "delta": {"stop_reason": _stop_reason(self.finish), "stop_sequence": None},
+                          "delta": {"stop_reason": _stop_reason(self.finish, self.stop_sequence),
+                                    "stop_sequence": self.stop_sequence},
                           "usage": {"output_tokens": usage["output_tokens"], "input_tokens": usage["input_tokens"],
                                     "cache_read_input_tokens": usage["cache_read_input_tokens"]}})
         await self.event({"type": "message_stop"})

@@ -249,3 +249,17 @@ def test_text_then_call_streamed_as_separate_items() -> None:
         m = s.get_final_message()
     assert [b.type for b in m.content] == ["text", "tool_use"] and m.stop_reason == "tool_use"
     assert m.content[1].input == {"city": "Paris"}
+
+
+def test_messages_stop_sequence_reported() -> None:
+    _, claude, _ = clients("It is 4. STOP and more")
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    m = claude.messages.create(model="m", max_tokens=100, stop_sequences=["STOP"], thinking={"type": "disabled"},
+                               messages=msgs)
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == "STOP" and m.content[0].text == "It is 4. "
+    with claude.messages.stream(model="m", max_tokens=100, stop_sequences=["STOP"], thinking={"type": "disabled"},
+                                messages=msgs) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == "STOP"
+    plain = claude.messages.create(model="m", max_tokens=100, thinking={"type": "disabled"}, messages=msgs)
+    assert plain.stop_reason == "end_turn" and plain.stop_sequence is None
