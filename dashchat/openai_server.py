@@ -7,6 +7,7 @@ Usage mirrors the seed quick-start (`--model-path`, `--use-modelscope`, `--devic
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--chat-template", default=None,
                    help="Jinja chat template: a file path, or the template text itself. "
                         "Default: the model's own (tokenizer_config.json or GGUF metadata).")
+    m.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="How the model marks its thinking: qwen3, deepseek_r1 (both <think>...</think>), or "
+                        "none (thinking stays in content). Default: detected from the chat template.")
+    m.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
+                   help='Chat template variables for every request, e.g. \'{"enable_thinking": false}\'; '
+                        "a request's chat_template_kwargs override them.")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", choices=["native", "dashinfer"], default="native",
                    help="Inference engine: dashchat's own PyTorch engine, or DashInfer (needs the "
@@ -114,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: all interfaces).")
     s.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     s.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
-                   help="Require 'Authorization: Bearer KEY' on /v1/* (several keys allowed). "
+                   help="Require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on /v1/*, /tokenize and "
+                        "/detokenize (several keys allowed). "
                         "Also read from DASHCHAT_API_KEY (comma-separated). /health stays open.")
     s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="Enable CORS for these origins ('*' for any). Default: CORS off.")
@@ -153,6 +161,26 @@ def _read_template(value: str | None) -> str | None:
     if "{{" in value or "{%" in value:
         return value
     raise _ArgError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+
+
+def _template_kwargs(value: str | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    try:
+        kwargs = json.loads(value)
+    except ValueError as exc:
+        raise _ArgError(f"--default-chat-template-kwargs: not JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise _ArgError("--default-chat-template-kwargs: must be a JSON object")
+    return kwargs
+
+
+def _reasoning_parser(value: str | None) -> str | None:
+    from dashchat.server.reasoning import FORMATS
+
+    if value is not None and value != "none" and value not in FORMATS:
+        raise _ArgError(f"--reasoning-parser: {value!r} is not one of: none, {', '.join(FORMATS)}")
+    return value
 
 
 def _api_keys(values: list[str] | None) -> list[str]:
@@ -264,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dashchat.server.config import ServerConfig
 
         template = _read_template(args.chat_template)
+        template_kwargs = _template_kwargs(args.default_chat_template_kwargs)
+        reasoning_parser = _reasoning_parser(args.reasoning_parser)
         resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
         log.info("model: %s (%s)", resolved.name, resolved.path)
         eargs = _engine_args(args, str(resolved.path))
@@ -291,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         request_timeout_s=args.request_timeout,
         shutdown_grace_s=args.shutdown_grace,
         log_prompts=args.log_prompts,
+        reasoning_parser=reasoning_parser,
+        default_chat_template_kwargs=template_kwargs,
     )
     app = build_app(engine, cfg)
     try:

@@ -143,6 +143,7 @@ _CALL_RE = re.compile(r'<tool_call>\n\{"name": "[^"]+", "arguments": .*\}\n</too
 
 
 _BIAS: dict[int, torch.Tensor] = {}
+_XML_OPEN = b"<function="
 
 
 def _closing_mask(tok: Any, vocab_size: int) -> torch.Tensor:
@@ -158,6 +159,19 @@ def _closing_mask(tok: Any, vocab_size: int) -> torch.Tensor:
     return _BIAS[key]
 
 
+def _avoid_xml(tok: Any, vocab_size: int) -> torch.Tensor:
+    """The XML call style's values are free text, which a random walk never ends: walks keep to JSON
+    (test_auto_takes_xml_and_deepseek_calls_to_the_end checks XML token by token)."""
+    key = -(id(tok) * 1_000_003 + vocab_size)
+    if key not in _BIAS:
+        mask = torch.zeros(vocab_size)
+        for i, b in enumerate(tok.all_token_bytes()[:vocab_size]):
+            if b.endswith(b"<") or any(b.endswith(_XML_OPEN[:n]) for n in range(2, len(_XML_OPEN) + 1)):
+                mask[i] = -30.0
+        _BIAS[key] = mask
+    return _BIAS[key]
+
+
 def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps: int = 400,
            prefix: str = "") -> tuple[str, list[int]]:
     """Sample greedily from random logits through the processor until EOS; `prefix`: the model's
@@ -165,6 +179,7 @@ def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps
     width = backend.vocab_size
     gen = torch.Generator().manual_seed(seed)
     closing = _closing_mask(tok, width)
+    avoid = _avoid_xml(tok, width)
     proc = factory()
     out: list[int] = []
     threads = torch.get_num_threads()
@@ -175,7 +190,7 @@ def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps
             assert torch.isfinite(row[t]), f"{tok.decode([t])!r} refused after {tok.decode(out)!r}"
             out.append(t)
         for step in range(max_steps):
-            logits = torch.randn(width, generator=gen).mul_(3).add_(closing, alpha=min(step, 60) * 0.4)
+            logits = torch.randn(width, generator=gen).mul_(3).add_(closing, alpha=min(step, 60) * 0.4).add_(avoid)
             row = proc(out, logits)
             assert row.shape == (width,)
             tok_id = int(row.argmax())
@@ -365,6 +380,8 @@ def _schema_of(name: str) -> dict[str, Any]:
         ('{"name": "sea', None),  # bare JSON, Llama 3.x
         ('  [{"name": "now', None),  # a JSON array of calls
         ('I will call it.\n```\n{ "name" : "get_weather"', "I will call it."),
+        ('{"name": "search_web", "parameters"', None),  # Llama 3.x's key for the arguments
+        ("Let me look.<｜tool▁calls▁begin｜>", "Let me look."),  # DeepSeek's markers
     ],
 )
 def test_auto_completes_the_call_the_model_started(model: tuple[Any, GrammarBackend], prefix: str,
@@ -379,6 +396,48 @@ def test_auto_completes_the_call_the_model_started(model: tuple[Any, GrammarBack
             assert len(calls) >= 1 and (parallel or len(calls) == 1), text
             for call in calls:
                 jsonschema.validate(json.loads(call.arguments), _schema_of(call.name))
+
+
+def _accepts(tok: Any, backend: GrammarBackend, factory: Any, text: str, then_eos: bool = False) -> bool:
+    """Whether the processor lets the model write `text` token by token (and then end, if asked)."""
+    proc = factory()
+    out: list[int] = []
+    for t in tok.encode(text):
+        if not torch.isfinite(proc(out, torch.zeros(backend.vocab_size))[t]):
+            return False
+        out.append(t)
+    if then_eos:
+        row = proc(out, torch.zeros(backend.vocab_size))
+        return any(bool(torch.isfinite(row[e])) for e in tok.eos_token_ids)
+    return True
+
+
+XML_CALL = ("Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSão Paulo <b>\n</parameter>\n"
+            "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+DS_V3 = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```'
+         '<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+DS_V31 = '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>now<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+
+
+@pytest.mark.parametrize("text", [XML_CALL, DS_V3, DS_V31])
+def test_auto_takes_xml_and_deepseek_calls_to_the_end(model: tuple[Any, GrammarBackend], text: str) -> None:
+    tok, backend = model
+    factory = backend.triggered_tool_calls(TOOLS, parallel=False)
+    assert _accepts(tok, backend, factory, text, then_eos=True)
+    _, calls = parse_tool_calls(text, TOOLS)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("text", [
+    "<tool_call>\n<function=launch_missiles>",  # no such tool
+    "<tool_call>\n<function=get_weather>\n<parameter=planet>",  # no such parameter
+    "<tool_call>\n<function=get_weather>\n</tool_call>",  # the function block must end first
+    '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>launch<｜tool▁sep｜>{}',
+    '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": 3}',  # the schema holds
+])
+def test_auto_xml_and_deepseek_calls_are_constrained(model: tuple[Any, GrammarBackend], text: str) -> None:
+    tok, backend = model
+    assert not _accepts(tok, backend, backend.triggered_tool_calls(TOOLS, parallel=True), text)
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,53 @@ CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
         "    response = requests.get(url)\n    return response.json()\n"),
         [],
     ),
+    # Qwen3-Coder / GLM XML: parameters typed by the tool's schema (max_results is an integer),
+    # strings verbatim (markup-like text inside is kept), several calls, text before.
+    (
+        '<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=unit>\n'
+        'celsius\n</parameter>\n</function>\n</tool_call>',
+        None,
+        [("get_weather", '{"city": "Paris", "unit": "celsius"}')],
+    ),
+    (
+        'Let me search.\n<tool_call>\n<function=search_web>\n<parameter=query>\nbest <b>pizza</b> 東京\n'
+        '</parameter>\n<parameter=max_results>\n5\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n'
+        '<function=translate>\n<parameter=text>\n{"not": "json"}\n</parameter>\n</function>\n</tool_call>',
+        "Let me search.",
+        [("search_web", '{"query": "best <b>pizza</b> 東京", "max_results": 5}'),
+         ("translate", '{"text": "{\\"not\\": \\"json\\"}"}')],
+    ),
+    # XML stopped by EOS before its end tags: what is there is the call.
+    (
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n",
+        None,
+        [("get_weather", '{"city": "Oslo"}')],
+    ),
+    # XML naming no offered tool: content (the <tool_call> tags swallowed, as for JSON).
+    (
+        "<tool_call>\n<function=launch>\n<parameter=x>\n1\n</parameter>\n</function>\n</tool_call> ok",
+        "<function=launch>\n<parameter=x>\n1\n</parameter>\n</function>\n ok",
+        [],
+    ),
+    # DeepSeek V3 / R1 (type, separator, name, fenced JSON) and V3.1 (name, separator, JSON).
+    (
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n'
+        '```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>search_web\n```json\n'
+        '{"query": "x", "max_results": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        None,
+        [("get_weather", '{"city": "Paris"}'), ("search_web", '{"query": "x", "max_results": 2}')],
+    ),
+    (
+        'Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Rome"}<｜tool▁call▁end｜>'
+        "<｜tool▁calls▁end｜>",
+        "Sure.",
+        [("get_weather", '{"city": "Rome"}')],
+    ),
+    (
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>nope<｜tool▁sep｜>{"a": 1}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        '<｜tool▁call▁begin｜>nope<｜tool▁sep｜>{"a": 1}<｜tool▁call▁end｜>',
+        [],
+    ),
     # Plain answers: nothing is a call, text is untouched.
     ("The weather in Paris is sunny, 25°C.", "The weather in Paris is sunny, 25°C.", []),
     (
@@ -149,7 +196,7 @@ CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
     ("", None, []),
 ]
 
-_MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+_MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<｜tool▁calls▁begin｜>")
 
 
 def _stream(text: str, cuts: list[int]) -> list:
@@ -261,6 +308,8 @@ def test_json_answer_with_a_name_is_released_at_the_name() -> None:
         ('  {"name": "search_web"', "bare", '{"name": "search_web"'),
         ('[{ "name" : "tr', "bare", '[{ "name" : "tr'),
         ('[TOOL_CALLS][{"name": "g', "line", '[{"name": "g'),
+        ("<tool_call>\n<function=get_", "tag", "\n<function=get_"),
+        ("Ok.<｜tool▁calls▁begin｜>", "deepseek", ""),
     ],
 )
 def test_open_call_marks_where_a_call_begins(text: str, region: str, body: str) -> None:
@@ -301,6 +350,12 @@ CUT_CASES: list[tuple[str, str | None, list[str], bool]] = [
     ("Here:\n```json\n", "Here:", [], False),
     ('{"name": "Alice", "age": 3', '{"name": "Alice", "age": 3', [], False),  # not a call: content as cut
     ("Plain text cut in the mid", "Plain text cut in the mid", [], False),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", None, [], True),
+    ("<tool_call>\n<function=translate>\n<parameter=text>\nx\n</parameter>\n</function>\n</tool_call>\n"
+     "<tool_call>\n<function=get_weather>\n<param", None, ["translate"], True),
+    ('Ok.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"ci', "Ok.", [], True),
+    ("Ok.<｜tool▁calls▁begin｜>", "Ok.", [], True),
+    ("Ok.<｜tool▁calls▁be", "Ok.", [], False),
 ]
 
 

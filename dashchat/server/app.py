@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from dashchat import __version__
 from dashchat.engine.types import Engine
+from dashchat.server.anthropic_errors import error_body_for
 from dashchat.server.config import ServerConfig
 from dashchat.server.errors import APIError, internal_error, model_not_found
 from dashchat.server.metrics import CONTENT_TYPE
@@ -26,6 +27,9 @@ from dashchat.server.middleware import (
 from dashchat.server.protocol import ChatCompletionRequest, CompletionRequest
 from dashchat.server.serving_chat import create_chat_completion
 from dashchat.server.serving_completion import create_completion
+from dashchat.server.serving_messages import add_messages_routes
+from dashchat.server.serving_tokenize import add_tokenize_routes
+from dashchat.server.serving_responses import add_responses_routes
 from dashchat.server.sse import dumps
 from dashchat.server.state import ServerState
 from dashchat.server.validation import from_validation_errors
@@ -40,8 +44,9 @@ class JSON(Response):
         return dumps(content)
 
 
-def _error(err: APIError) -> JSON:
-    return JSON(err.body(), status_code=err.status, headers=err.headers)
+def _error(err: APIError, path: str = "") -> JSON:
+    # Anthropic's routes answer in Anthropic's error shape, everything else in OpenAI's.
+    return JSON(error_body_for(path, err), status_code=err.status, headers=err.headers)
 
 
 def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
@@ -61,22 +66,22 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     # -- errors: always {"error": {...}} ----------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
-        return _error(exc)
+        return _error(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        return _error(from_validation_errors(exc.errors()))
+        return _error(from_validation_errors(exc.errors()), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         msg = f"{request.method} {request.url.path}: {exc.detail}"
-        return _error(APIError(exc.status_code, msg, kind, None, None, dict(exc.headers or {})))
+        return _error(APIError(exc.status_code, msg, kind, None, None, dict(exc.headers or {})), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return _error(internal_error())
+        return _error(internal_error(), request.url.path)
 
     # -- routes ---------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=None)
@@ -86,6 +91,10 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> Response:
         return await create_completion(state, body)
+
+    add_responses_routes(app, state)
+    add_messages_routes(app, state)
+    add_tokenize_routes(app, state)
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "dashchat",

@@ -146,7 +146,8 @@ def _parse_arguments(arguments: Any) -> Any:
     return arguments
 
 
-def _normalize(messages: list[dict[str, Any]], keep_developer: bool) -> list[dict[str, Any]]:
+def _normalize(messages: list[dict[str, Any]], keep_developer: bool, keep_reasoning: bool = False
+               ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     legacy_ids: list[str] = []  # ids given to legacy function_calls, matched by later function results
     for i, raw in enumerate(messages):
@@ -158,6 +159,13 @@ def _normalize(messages: list[dict[str, Any]], keep_developer: bool) -> list[dic
             m["role"] = "tool"
             m["tool_call_id"] = legacy_ids.pop(0) if legacy_ids else f"call_{i}"
         m["content"] = _text_of(m.get("content"))
+        # The thinking of an assistant turn, as `reasoning_content` (or `reasoning`, the other name
+        # clients use): only for templates that render it (Qwen3); others never see past thinking.
+        reasoning = m.pop("reasoning", None)
+        if m.get("reasoning_content") is None and isinstance(reasoning, str) and role == "assistant":
+            m["reasoning_content"] = reasoning
+        if not keep_reasoning or role != "assistant" or not isinstance(m.get("reasoning_content"), str):
+            m.pop("reasoning_content", None)
         if role == "assistant":
             calls = list(m.get("tool_calls") or [])
             if m.get("function_call"):
@@ -253,7 +261,7 @@ def render_chat_prompt(
     source = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHATML_TEMPLATE
     template, names = _compile(source)
     tools = list(tools) if tools else None
-    msgs = _normalize(messages, keep_developer="developer" in source)
+    msgs = _normalize(messages, keep_developer="developer" in source, keep_reasoning="reasoning_content" in source)
     if "tools" not in names:
         msgs = _tools_as_text(msgs, tools)
         tools = None

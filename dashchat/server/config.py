@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -23,6 +24,13 @@ class ServerConfig:
     retry_after_s: int = 1
     log_prompts: bool = False
     enable_docs: bool = True  # /docs and /openapi.json
+    # /v1/responses store (response_store.py): least recently used go first past either bound.
+    responses_store_entries: int = 1024
+    responses_store_bytes: int = 64 * 1024 * 1024
+    # Reasoning models (issue 15): a reasoning.FORMATS name, "none", or None to detect it from the
+    # chat template; template variables every request gets unless it sets them itself.
+    reasoning_parser: str | None = None
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:

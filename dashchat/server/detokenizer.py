@@ -89,6 +89,7 @@ class StopChecker:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self._held = ""
+        self.matched: str | None = None  # the stop string that was hit
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
@@ -104,6 +105,7 @@ class StopChecker:
                 best = (i + len(s), i)
         if best is not None:
             self._held = ""
+            self.matched = buf[best[1] : best[0]]
             return buf[: best[1]], True
         hold = 0
         for s in self.stops:
@@ -132,6 +134,11 @@ class TextStream:
             return ""
         text, self.stopped = self._stop.feed(self._detok.add(token_ids))
         return text
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the text (vLLM's `stop_reason`), if one did."""
+        return self._stop.matched
 
     def finish(self) -> str:
         """The sequence ended: release what was held back."""

@@ -5,8 +5,10 @@ three things: the client hanging up (abort at once, say nothing), the per-reques
 deadline and server shutdown (abort, then tell the client with a clean error). Errors
 before the first byte become HTTP errors; after it, `data: {"error": ...}` ends the stream.
 
-`run_choices` turns engine outputs into per-choice text (detokenized, cut at stop strings)
-and makes sure the engine request is aborted whenever iteration stops early.
+`run_choices` turns engine outputs into per-choice text (detokenized, cut at stop strings) and,
+for chat-shaped routes, into parsed events (a choice's `output`, text_pipeline.OutputParser:
+reasoning, content, tool calls); it makes sure the engine request is aborted whenever iteration
+stops early.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
@@ -35,6 +37,9 @@ from dashchat.server.errors import (
 )
 from dashchat.server.sse import DONE, JSON_HEADERS, SSE_HEADERS, dumps, event
 from dashchat.server.state import ServerState
+
+if TYPE_CHECKING:
+    from dashchat.server.text_pipeline import OutputEvent, OutputParser
 
 log = logging.getLogger("dashchat.server")
 
@@ -87,11 +92,13 @@ Producer = Callable[[Sender], Awaitable[None]]
 
 class EngineResponse(Response):
     # A Response subclass only so FastAPI passes it through untouched; it sends its own headers.
-    def __init__(self, state: ServerState, produce: Producer, request_id: str) -> None:
+    def __init__(self, state: ServerState, produce: Producer, request_id: str,
+                 prompt_tokens: int | None = None) -> None:
         super().__init__()
         self.state = state
         self.produce = produce
         self.request_id = request_id
+        self.prompt_tokens = prompt_tokens  # known before generation (chat): routes that announce it early
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
@@ -158,10 +165,13 @@ async def _wait_disconnect(receive: Receive) -> None:
 class Choice:
     index: int
     text: TextStream
+    # Chat-shaped routes: the text as reasoning / content / tool-call events (None: raw text only).
+    output: OutputParser | None = None
     num_tokens: int = 0
     finish_reason: str | None = None
     # Used by non-streaming responses.
     parts: list[str] = field(default_factory=list)
+    events: list[OutputEvent] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
@@ -170,17 +180,29 @@ class Usage:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int | None = None  # chat-shaped routes: shown as completion_tokens_details
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if self.reasoning_tokens is not None:
+            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return out
 
 
-Event = tuple[Choice, str, "list[TokenLogprob] | None"]
+@dataclass
+class Event:
+    """What one engine output added to one choice."""
+
+    choice: Choice
+    text: str  # new text (detokenized, cut at stop strings)
+    logprobs: list[TokenLogprob] | None
+    parsed: list[OutputEvent]  # `text` through the choice's OutputParser ([] without one); on the
+    # choice's last event this includes what the parser held back until the end
 
 
 async def run_choices(
@@ -222,6 +244,8 @@ async def run_choices(
     finally:
         n = sum(c.num_tokens for c in choices)
         usage.completion_tokens = n
+        if any(c.output is not None for c in choices):
+            usage.reasoning_tokens = sum(c.output.reasoning_tokens for c in choices if c.output is not None)
         metrics.generation_tokens.inc(n)
         metrics.e2e.observe(time.perf_counter() - start)
         if not finished:
@@ -253,15 +277,22 @@ def _apply(out: RequestOutput, choices: Sequence[Choice]) -> list[Event]:
                 raise EngineError("the engine aborted the request")
             text += c.text.finish()
             c.finish_reason = "stop" if c.text.stopped else d.finish_reason
-        events.append((c, text, d.logprobs))
+        parsed: list[OutputEvent] = []
+        if c.output is not None:
+            parsed = c.output.feed(text, len(d.token_ids))
+            if c.finish_reason is not None:
+                parsed += c.output.finish(length=c.finish_reason == "length")
+        events.append(Event(c, text, d.logprobs, parsed))
     return events
 
 
 async def gather_choices(outputs: AsyncIterator[list[Event]], want_logprobs: bool) -> None:
-    """Non-streaming responses: collect each choice's text and logprobs to the end."""
+    """Non-streaming responses: collect each choice's text, parsed events and logprobs to the end."""
     async for events in outputs:
-        for c, text, lps in events:
-            if text:
-                c.parts.append(text)
-            if want_logprobs and lps:
-                c.logprobs.extend(lps)
+        for ev in events:
+            c = ev.choice
+            if ev.text:
+                c.parts.append(ev.text)
+            c.events.extend(ev.parsed)
+            if want_logprobs and ev.logprobs:
+                c.logprobs.extend(ev.logprobs)

@@ -42,7 +42,21 @@ import numpy as np
 import torch
 
 from dashchat.engine.types import LogitsProcessorFactory
-from dashchat.server.tool_parser import FENCE, TAG_CLOSE, TAG_OPEN, ToolCallStreamParser
+from dashchat.server.reasoning import ReasoningFormat, ThinkStart
+from dashchat.server.tool_parser import (
+    DS_CALL_BEGIN,
+    DS_CALL_END,
+    DS_CALLS_END,
+    DS_SEP,
+    FENCE,
+    TAG_CLOSE,
+    TAG_OPEN,
+    XML_FUNCTION,
+    XML_FUNCTION_END,
+    XML_PARAMETER,
+    XML_PARAMETER_END,
+    ToolCallStreamParser,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +273,67 @@ class _TriggeredProcessor:
         return inner(output_token_ids, logits)
 
 
+class _AfterReasoningProcessor:
+    """Reasoning models: a grammar (`make_inner`) that applies to the answer only. The thinking is
+    free; the grammar starts with the token after the one that closes the block, and sees only
+    the tokens from there on (so a forced call or a JSON schema never lands inside the thinking).
+
+    `start` MAYBE (the model may or may not open a block): the first token may be the opener or
+    whatever the grammar allows first; the opener means thinking, anything else means the grammar
+    has begun. This needs the opener to be one token (Qwen3, DeepSeek-R1); otherwise the grammar
+    applies from the first token, as if thinking were off.
+    """
+
+    def __init__(self, backend: GrammarBackend, make_inner: LogitsProcessorFactory, fmt: ReasoningFormat,
+                 start: ThinkStart) -> None:
+        self._backend, self._make_inner, self._fmt, self._start = backend, make_inner, fmt, start
+        self._opener = backend.single_token(fmt.open) if start is ThinkStart.MAYBE else None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""
+        self._n = 0  # output tokens watched
+        self._inner: Any = None
+        self._offset = 0  # output tokens before the grammar's first
+        self._thinking = self._start is ThinkStart.INSIDE
+        if self._start is ThinkStart.MAYBE and self._opener is None:
+            self._inner = self._make_inner()  # cannot offer the opener: the grammar from the start
+
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        n = len(output_token_ids)
+        if n < self._n:
+            self._reset()  # rewound: watch again from the start
+        if self._inner is None and not self._thinking and self._start is ThinkStart.MAYBE:
+            if n == 0:  # the first token: the opener, or the answer under the grammar
+                assert self._opener is not None
+                masked = self._make_inner()([], logits.clone())
+                masked[self._opener] = logits[self._opener]
+                return masked
+            if output_token_ids[0] == self._opener:
+                self._thinking, self._n = True, 1
+            else:
+                self._inner, self._offset = self._make_inner(), 0
+        if self._thinking:
+            self._watch(output_token_ids)
+        if self._inner is None:
+            return logits
+        return self._inner(output_token_ids[self._offset :], logits)
+
+    def _watch(self, output_token_ids: Sequence[int]) -> None:
+        vocab = self._backend.token_bytes
+        closer = self._fmt.close
+        for i in range(self._n, len(output_token_ids)):
+            tok = output_token_ids[i]
+            self._text += self._decoder.decode(vocab[tok]) if 0 <= tok < len(vocab) else ""
+            if closer in self._text:
+                self._thinking = False
+                self._inner, self._offset = self._make_inner(), i + 1
+                break
+            self._text = self._text[-(len(closer) - 1) :]  # a tail that may start the closer
+        self._n = len(output_token_ids)
+
+
 # ---------------------------------------------------------------- the backend
 
 
@@ -314,6 +389,7 @@ class GrammarBackend:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._eos_index: dict[torch.device, torch.Tensor] = {}
+        self._single: dict[str, int | None] = {}
 
     # -- public API -------------------------------------------------------------
     def json_schema(self, schema: dict[str, Any] | None) -> LogitsProcessorFactory:
@@ -342,8 +418,10 @@ class GrammarBackend:
           `<tool_call>`            -> `{"name": ..., "arguments": {...}}` `</tool_call>` (parallel: more
                                       such tags)
           ```json fence + `{"name"` -> the call (parallel: or a JSON array of calls), the closing fence
-          `{"name"` / `[{"name"` as the first output (bare JSON, Llama 3.x), or after [TOOL_CALLS] /
-          <|python_tag|> -> the call (parallel: or an array)
+          `{"name"` / `[{"name"` as the first output (bare JSON, Llama 3.x, "arguments" or "parameters"),
+          or after [TOOL_CALLS] / <|python_tag|> -> the call (parallel: or an array)
+          `<tool_call>` + `<function=`  -> Qwen3-Coder / GLM XML: `<parameter=K>` blocks, `</function>`
+          `<｜tool▁calls▁begin｜>`       -> DeepSeek call blocks (V3/R1 or V3.1 layout), the closing marker
         A leading JSON value is a call start only when its first key is "name" and its value is (a
         prefix of) an offered tool's name; `{"name": "Alice", ...}` or `{"title": ...}` stays free, so
         JSON the user asked for is never forced into a call. Whitespace inside is free (bounded), as
@@ -354,6 +432,19 @@ class GrammarBackend:
         validate_tools(tools)
         spec = _ToolSpec(tools, parallel, _canonical({"tools": [t["function"] for t in tools], "parallel": parallel}))
         return lambda: _TriggeredProcessor(self, spec)
+
+    def after_reasoning(self, factory: LogitsProcessorFactory, fmt: ReasoningFormat,
+                        start: ThinkStart) -> LogitsProcessorFactory:
+        """`factory`'s grammar for the answer of a thinking model: free until the block closes."""
+        return lambda: _AfterReasoningProcessor(self, factory, fmt, start)
+
+    def single_token(self, text: str) -> int | None:
+        """The id of the one token that spells `text`, if there is exactly one (e.g. `<think>`)."""
+        if text not in self._single:
+            raw = text.encode("utf-8")
+            ids = [i for i, b in enumerate(self.token_bytes) if b == raw]
+            self._single[text] = ids[0] if len(ids) == 1 else None
+        return self._single[text]
 
     def triggered_grammar(self, spec: _ToolSpec, kind: str, wait: bool) -> Any | None:
         """The compiled grammar for a call region of `kind`; None when it cannot compile (or, with
@@ -478,9 +569,55 @@ class GrammarBackend:
             if compact:
                 alternatives.append(_seq(_const('{"name": ' + name + ', "arguments": '), args, _const("}")))
             else:
-                head = (f'root ::= "{{" ws "\\"name\\"" ws ":" ws {json.dumps(name)} ws "," ws "\\"arguments\\"" ws ":" ws'
+                # Llama 3.x writes "parameters" where others write "arguments".
+                head = (f'root ::= "{{" ws "\\"name\\"" ws ":" ws {json.dumps(name)} ws "," ws key ws ":" ws'
+                        '\nkey ::= "\\"arguments\\"" | "\\"parameters\\""'
                         f"\nws ::= [ \\t\\r\\n]{{0,{_MAX_WS}}}")
                 alternatives.append(_seq(_ebnf(head), args, _seq(_ws(_MAX_WS), _const("}"))))
+        return _any_of(alternatives)
+
+    def _xml_call(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
+        """One Qwen3-Coder / GLM `<function=NAME>` block of any offered tool: its `<parameter=KEY>`
+        blocks in the schema's order, the required ones present, then `</function>`. A string value is
+        free text that never holds `</p` (or one of its enum values); any other value is JSON that
+        follows the parameter's own schema (the parser types values the same way)."""
+        ws = _ws(_MAX_WS)
+        text = _ebnf('root ::= ([^<] | "<" [^/] | "</" [^p])*')
+        newline = _ws(1, "\\n")
+        alternatives = []
+        for i, tool in enumerate(tools):
+            fn = tool["function"]
+            params = fn.get("parameters") or {}
+            props = params.get("properties") or {}
+            required = set(params.get("required") or [])
+            blocks: list[dict[str, Any]] = []
+            for key, prop in props.items():
+                kind = prop.get("type") if isinstance(prop, dict) else None
+                enum = prop.get("enum") if isinstance(prop, dict) else None
+                if kind in (None, "string") and isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+                    value = _seq(newline, _any_of([_const(v) for v in enum]), newline)
+                elif kind in (None, "string"):
+                    value = text
+                else:
+                    where = f"tools[{i}].function.parameters.properties.{key}"
+                    value = _seq(ws, _ebnf(str(self._schema_grammar(prop, where, compact=False))), ws)
+                block = _seq(_const(XML_PARAMETER + key + ">"), value, _const(XML_PARAMETER_END), ws)
+                blocks.append(block if key in required else _repeat(block, 1))
+            alternatives.append(_seq(_const(XML_FUNCTION + fn["name"] + ">"), ws, *blocks, _const(XML_FUNCTION_END)))
+        return _any_of(alternatives)
+
+    def _deepseek_call(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
+        """One DeepSeek call of any offered tool, V3/R1 style (type, separator, name, fenced JSON) or
+        V3.1 style (name, separator, JSON); the arguments follow the tool's schema."""
+        alternatives = []
+        for i, tool in enumerate(tools):
+            fn = tool["function"]
+            params = fn.get("parameters") or {"type": "object", "properties": {}}
+            args = _ebnf(str(self._schema_grammar(params, f"tools[{i}].function.parameters", compact=False)))
+            name = fn["name"]
+            alternatives.append(_seq(_const(DS_CALL_BEGIN + "function" + DS_SEP + name + "\n```json\n"), args,
+                                     _const("\n```" + DS_CALL_END)))
+            alternatives.append(_seq(_const(DS_CALL_BEGIN + name + DS_SEP), args, _const(DS_CALL_END)))
         return _any_of(alternatives)
 
     def _compile_tools(self, tools: list[dict[str, Any]], parallel: bool) -> Any:
@@ -497,9 +634,13 @@ class GrammarBackend:
         more = [_repeat(_seq(ws, _const(","), ws, call), most - 1)] if most > 1 else []
         calls = _any_of([call, _seq(_const("["), ws, call, *more, ws, _const("]"))])
         if kind == "tag":  # more calls: each in its own tag, an explicit marker of intent
+            call = _any_of([call, self._xml_call(spec.tools)])  # Hermes JSON, or Qwen3-Coder XML
             first = _seq(ws, call, ws, _const(TAG_CLOSE))
             unit = _seq(_const(TAG_OPEN), ws, call, ws, _const(TAG_CLOSE))
             return self._compile_format(_calls(first, unit, _ws(4), most, _ws(2)))
+        if kind == "deepseek":  # after <｜tool▁calls▁begin｜>: calls, then the closing marker
+            one = self._deepseek_call(spec.tools)
+            return self._compile_format(_seq(_calls(_seq(ws, one), one, ws, most, ws), ws, _const(DS_CALLS_END)))
         # Fenced or bare JSON: more calls only as one JSON array. A second value after a call is
         # too often the model making up the tool's result ({"name": ...}\n{"temperature": 22}).
         if kind == "fence":

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dashchat.server.anthropic_errors import error_body_for
 from dashchat.server.errors import APIError
 from dashchat.server.metrics import Metrics
 from dashchat.server.sse import dumps
@@ -28,7 +29,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 access_log = logging.getLogger("dashchat.access")
 
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics",
-           "/openapi.json", "/docs"}
+           "/openapi.json", "/docs", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+           "/tokenize", "/detokenize"}
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces: safe to log and echo
 
 
@@ -38,14 +40,17 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
     return "other"
 
 
-async def send_error(send: Send, err: APIError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_error(send: Send, err: APIError, extra: list[tuple[bytes, bytes]] | None = None,
+                     path: str = "") -> None:
     headers = [(b"content-type", b"application/json")]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers + (extra or [])})
-    await send({"type": "http.response.body", "body": dumps(err.body())})
+    await send({"type": "http.response.body", "body": dumps(error_body_for(path, err))})
 
 
 class RequestContextMiddleware:
@@ -105,7 +110,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         for k, v in scope["headers"]:
             if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
-                return await send_error(send, self._too_large())
+                return await send_error(send, self._too_large(), path=scope["path"])
         # Buffer the body (it is parsed whole anyway) so a chunked upload is bounded too.
         chunks: list[bytes] = []
         size = 0
@@ -116,7 +121,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                return await send_error(send, self._too_large())
+                return await send_error(send, self._too_large(), path=scope["path"])
             chunks.append(body)
             if not message.get("more_body", False):
                 break
@@ -139,29 +144,38 @@ class BodyLimitMiddleware:
                         "invalid_request_error", None, "request_too_large")
 
 
+def _needs_key(path: str) -> bool:
+    # /tokenize and /detokenize sit outside /v1 as in vLLM, but they run the model's template and
+    # tokenizer on client input: with keys set, they need one too (vLLM leaves them open).
+    return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+
+
 class AuthMiddleware:
-    """Bearer keys on /v1/*; constant-time compare against every key (no early exit)."""
+    """API keys on /v1/* and /tokenize, /detokenize, as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic);
+    constant-time compare against every key (no early exit)."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or not _needs_key(scope["path"]) or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        token = b""
+        bearer = api_key = b""
         for k, v in scope["headers"]:
-            if k == b"authorization":
+            if k == b"authorization" and not bearer:
                 scheme, _, rest = v.partition(b" ")
                 if scheme.lower() == b"bearer":
-                    token = rest.strip()
-                break
+                    bearer = rest.strip()
+            elif k == b"x-api-key" and not api_key:
+                api_key = v.strip()
         ok = False
         for key in self.keys:
-            ok |= hmac.compare_digest(token, key)
+            # Either header may carry the key; both are compared, so the time does not tell which.
+            ok |= hmac.compare_digest(bearer, key) | hmac.compare_digest(api_key, key)
         if ok:
             return await self.app(scope, receive, send)
-        msg = ("You didn't provide an API key. Pass it as 'Authorization: Bearer YOUR_KEY'."
-               if not token else "Incorrect API key provided.")
+        msg = ("You didn't provide an API key. Pass it as 'Authorization: Bearer YOUR_KEY' or 'x-api-key: YOUR_KEY'."
+               if not (bearer or api_key) else "Incorrect API key provided.")
         await send_error(send, APIError(401, msg, "authentication_error", None, "invalid_api_key"),
-                         [(b"www-authenticate", b"Bearer")])
+                         [(b"www-authenticate", b"Bearer")], path=scope["path"])

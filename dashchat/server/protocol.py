@@ -39,6 +39,9 @@ class ChatMessage(_Model):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     function_call: FunctionCallIn | None = None  # legacy assistant turn
+    # An assistant turn's thinking, sent back (rendered when the chat template reads it).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class FunctionDefinition(_Model):
@@ -118,6 +121,8 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
     response_format: ResponseFormat | None = None
+    # Variables for the chat template, e.g. {"enable_thinking": false} (as in vLLM).
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -127,3 +132,23 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
+
+
+class TokenizeRequest(_Model):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` with the chat template applied."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    # None: True for a prompt, False for messages (the template writes the special tokens), as vLLM.
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Model):
+    model: str | None = None
+    tokens: list[int]

@@ -10,7 +10,7 @@ from contextlib import aclosing
 from typing import Any
 
 from dashchat.server.detokenizer import TextStream
-from dashchat.server.errors import APIError, bad_request
+from dashchat.server.errors import bad_request
 from dashchat.server.generation import (
     Choice,
     EngineResponse,
@@ -24,6 +24,18 @@ from dashchat.server.protocol import ChatCompletionRequest, ChatMessage
 from dashchat.server.sampling import build_params, resolve_max_tokens, stop_list
 from dashchat.server.sse import DONE, event
 from dashchat.server.state import ServerState
+from dashchat.server.text_pipeline import (
+    ChatPrompt,
+    ContentEvent,
+    OutputEvent,
+    ReasoningEvent,
+    ToolArgumentsEvent,
+    ToolCallStartEvent,
+    collect_output,
+    grammar_factories,
+    render_prompt,
+    template_kwargs,
+)
 from dashchat.server.tool_request import ToolPlan, plan_tools
 
 log = logging.getLogger("dashchat.server")
@@ -37,19 +49,20 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
     plan = plan_tools(req, cfg)
     messages = [_template_message(i, m) for i, m in enumerate(req.messages)]
     stops = stop_list(req.stop, cfg)
-    prompt_ids = await asyncio.to_thread(_render, state, messages, plan)
+    kwargs = template_kwargs(state, req.chat_template_kwargs)
+    prompt = await asyncio.to_thread(render_prompt, state, messages, plan.tools if plan.parse else None, kwargs)
     if cfg.log_prompts:
-        log.info("prompt (%d tokens): %r", len(prompt_ids), state.tokenizer.decode(prompt_ids, False))
-    max_tokens = resolve_max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt_ids),
+        log.info("prompt (%d tokens): %r", len(prompt.ids), prompt.text)
+    max_tokens = resolve_max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt.ids),
                                     state.max_model_len, "messages")
     top_n = req.top_logprobs or 0
     params = build_params(
         req, max_tokens=max_tokens, vocab_size=state.vocab_size, cfg=cfg,
-        logprobs=top_n if req.logprobs else None, factories=_grammar(state, req, plan),
+        logprobs=top_n if req.logprobs else None, factories=_grammar(state, req, plan, prompt),
     )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    run = _ChatRun(state, req, plan, model, request_id, prompt_ids, params, stops, top_n)
-    return EngineResponse(state, run.stream if req.stream else run.full, request_id)
+    run = _ChatRun(state, req, plan, model, request_id, prompt, params, stops, top_n)
+    return EngineResponse(state, run.stream if req.stream else run.full, request_id, prompt_tokens=len(prompt.ids))
 
 
 def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
@@ -62,51 +75,18 @@ def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
     return m.model_dump(exclude_none=True)
 
 
-def _render(state: ServerState, messages: list[dict[str, Any]], plan: ToolPlan) -> list[int]:
-    from dashchat.server.chat_template import ChatTemplateError, render_chat_prompt
-
-    try:
-        prompt = render_chat_prompt(state.tokenizer, messages, tools=plan.tools if plan.parse else None,
-                                    chat_template=state.cfg.chat_template)
-    except ChatTemplateError as exc:
-        raise bad_request(f"Could not apply the chat template: {exc}", "messages") from None
-    return state.tokenizer.encode(prompt, add_special_tokens=False)
-
-
-def _grammar(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan) -> list[Any]:
-    if plan.parse and plan.forced:
-        param = "function_call" if plan.legacy else "tool_choice"
-        try:
-            return [state.grammar(param).tool_calls(plan.forced_tools(), plan.parallel)]
-        except ValueError as exc:
-            raise bad_request(str(exc), "functions" if plan.legacy else "tools") from None
+def _grammar(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan, prompt: ChatPrompt) -> list[Any]:
     rf = req.response_format
-    if rf is None or rf.type == "text":
-        return _auto_tools(state, plan)
-    schema = None  # a response_format wins over auto tool calls: the answer is that JSON
-    if rf.type == "json_schema":
+    json_output = rf is not None and rf.type != "text"
+    schema = None
+    if rf is not None and rf.type == "json_schema":
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise bad_request("'response_format.json_schema.schema' is required for type 'json_schema'.",
                               "response_format")
         schema = rf.json_schema.schema_
-    try:
-        return [state.grammar("response_format").json_schema(schema)]
-    except ValueError as exc:
-        raise bad_request(f"Invalid 'response_format': {exc}", "response_format") from None
-
-
-def _auto_tools(state: ServerState, plan: ToolPlan) -> list[Any]:
-    """auto: free text, but once the model starts a call the rest is a valid call (grammar.py).
-    Without a grammar engine, auto still works by parsing alone."""
-    if not (plan.parse and plan.mode == "auto"):
-        return []
-    if not getattr(state.engine, "supports_logits_processors", True):  # e.g. DashInfer: no per-token hook
-        return []
-    try:
-        return [state.grammar("tools").triggered_tool_calls(plan.tools, plan.parallel)]
-    except (APIError, ValueError) as exc:
-        log.debug("auto tool calls unconstrained: %s", exc)
-        return []
+    param = "function_call" if plan.legacy else "tool_choice"
+    return grammar_factories(state, plan, prompt, json_output=json_output, schema=schema,
+                             tools_param="functions" if plan.legacy else "tools", choice_param=param)
 
 
 def _finish(c: Choice, plan: ToolPlan, called: bool, cut: bool = False) -> str:
@@ -123,18 +103,20 @@ def _finish(c: Choice, plan: ToolPlan, called: bool, cut: bool = False) -> str:
 
 class _ChatRun:
     def __init__(self, state: ServerState, req: ChatCompletionRequest, plan: ToolPlan, model: str,
-                 request_id: str, prompt_ids: list[int], params: Any, stops: list[str], top_n: int) -> None:
+                 request_id: str, prompt: ChatPrompt, params: Any, stops: list[str], top_n: int) -> None:
         self.state, self.req, self.plan = state, req, plan
-        self.request_id, self.prompt_ids, self.params, self.top_n = request_id, prompt_ids, params, top_n
+        self.request_id, self.prompt, self.params, self.top_n = request_id, prompt, params, top_n
         self.created = int(time.time())
         self.base = {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
                      "model": model, "system_fingerprint": state.fingerprint}
         self.model = model
-        self.choices = [Choice(i, TextStream(state.pieces, stops, req.skip_special_tokens)) for i in range(req.n)]
+        tools = plan.tools if plan.parse else None
+        self.choices = [Choice(i, TextStream(state.pieces, stops, req.skip_special_tokens),
+                               output=prompt.output_parser(tools)) for i in range(req.n)]
         self.usage = Usage()
 
     def _events(self) -> Any:
-        return aclosing(run_choices(self.state, self.prompt_ids, self.params, self.request_id,
+        return aclosing(run_choices(self.state, self.prompt.ids, self.params, self.request_id,
                                     self.choices, self.usage))
 
     # -- non-streaming ----------------------------------------------------------
@@ -149,27 +131,28 @@ class _ChatRun:
         await sender.json(200, body)
 
     def _full_choice(self, c: Choice, want_lp: bool) -> dict[str, Any]:
-        text = "".join(c.parts)
-        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        calls: list[Any] = []
-        cut = False
-        if self.plan.parse:
-            from dashchat.server.tool_parser import ToolCallStreamParser, collect
-
-            parser = ToolCallStreamParser(self.plan.tools)
-            content, calls = collect(parser.feed(text) + parser.finish(length=c.finish_reason == "length"))
-            cut = parser.cut_call
-            message["content"] = content
-            if calls and self.plan.legacy:
-                message["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
-            elif calls:
-                message["tool_calls"] = [
-                    {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
-                    for t in calls
-                ]
+        answer = collect_output(c.events)
+        content = answer.content
+        if content is None and not (self.plan.parse or answer.reasoning):
+            content = ""  # plain chat: always a string, as before tools and thinking existed
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if answer.reasoning is not None:
+            message["reasoning_content"] = message["reasoning"] = answer.reasoning
+        calls = answer.calls
+        if calls and self.plan.legacy:
+            message["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
+        elif calls:
+            message["tool_calls"] = [
+                {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                for t in calls
+            ]
+        cut = c.output is not None and c.output.cut_call
         logprobs = {"content": chat_entries(self.state.pieces, c.logprobs, self.top_n)} if want_lp else None
-        return {"index": c.index, "message": message, "logprobs": logprobs,
-                "finish_reason": _finish(c, self.plan, bool(calls), cut)}
+        out = {"index": c.index, "message": message, "logprobs": logprobs,
+               "finish_reason": _finish(c, self.plan, bool(calls), cut)}
+        if c.text.stop_string is not None:
+            out["stop_reason"] = c.text.stop_string  # which stop string ended it (as vLLM says)
+        return out
 
     # -- streaming --------------------------------------------------------------
     async def stream(self, sender: Sender) -> None:
@@ -179,12 +162,13 @@ class _ChatRun:
             base["usage"] = None
         want_lp = self.params.logprobs is not None
         pieces, top_n = self.state.pieces, self.top_n
-        parsers = [self._parser() for _ in self.choices]
-        called = [False] * len(self.choices)
 
-        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> bytes:
-            return event({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp,
-                                               "finish_reason": finish}]})
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None,
+                  stop: str | None = None) -> bytes:
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            if stop is not None:
+                choice["stop_reason"] = stop
+            return event({**base, "choices": [choice]})
 
         async with self._events() as outputs:
             async for events in outputs:  # the first output: the engine accepted the request
@@ -192,23 +176,19 @@ class _ChatRun:
                     await sender.start_stream()
                     for c in self.choices:
                         await sender.chunk(chunk(c.index, {"role": "assistant", "content": ""}))
-                for c, text, lps in events:
-                    lp = {"content": chat_entries(pieces, lps, top_n)} if want_lp and lps else None
-                    parser = parsers[c.index]
-                    if parser is None:
-                        if text or lp:
-                            await sender.chunk(chunk(c.index, {"content": text}, lp=lp))
-                    else:
-                        feed = parser.feed(text) if text else []
-                        if c.finish_reason is not None:
-                            feed += parser.finish(length=c.finish_reason == "length")
-                        for delta in self._tool_deltas(feed):
-                            called[c.index] = called[c.index] or "content" not in delta
-                            await sender.chunk(chunk(c.index, delta, lp=lp))
-                            lp = None
+                for ev in events:
+                    c = ev.choice
+                    lp = {"content": chat_entries(pieces, ev.logprobs, top_n)} if want_lp and ev.logprobs else None
+                    deltas = self._deltas(ev.parsed)
+                    if not deltas and lp:  # logprobs of tokens whose text is still held back
+                        deltas = [{"content": ""}]
+                    for delta in deltas:
+                        await sender.chunk(chunk(c.index, delta, lp=lp))
+                        lp = None
                     if c.finish_reason is not None:
-                        cut = parser is not None and parser.cut_call
-                        await sender.chunk(chunk(c.index, {}, _finish(c, self.plan, called[c.index], cut)))
+                        assert c.output is not None
+                        finish = _finish(c, self.plan, c.output.called, c.output.cut_call)
+                        await sender.chunk(chunk(c.index, {}, finish, stop=c.text.stop_string))
         if not sender.started:  # the engine produced nothing at all
             await sender.start_stream()
         if include_usage:
@@ -216,27 +196,16 @@ class _ChatRun:
         await sender.chunk(DONE)
         await sender.end()
 
-    def _parser(self) -> Any:
-        if not self.plan.parse:
-            return None
-        from dashchat.server.tool_parser import ToolCallStreamParser
-
-        return ToolCallStreamParser(self.plan.tools)
-
-    def _tool_deltas(self, parser_events: list[Any]) -> list[dict[str, Any]]:
-        """Parser events -> OpenAI deltas (`tool_calls[]`, or legacy `function_call`)."""
-        from dashchat.server.tool_parser import (
-            ContentEvent,
-            ToolArgumentsEvent,
-            ToolCallStartEvent,
-        )
-
+    def _deltas(self, parsed: list[OutputEvent]) -> list[dict[str, Any]]:
+        """Pipeline events -> OpenAI deltas: `reasoning_content` + `reasoning` (one text, the two
+        names clients read), `content`, `tool_calls[]` (or legacy `function_call`)."""
         out: list[dict[str, Any]] = []
         legacy = self.plan.legacy
-        for ev in parser_events:
-            if isinstance(ev, ContentEvent):
-                if ev.text:
-                    out.append({"content": ev.text})
+        for ev in parsed:
+            if isinstance(ev, ReasoningEvent):
+                out.append({"reasoning_content": ev.text, "reasoning": ev.text})
+            elif isinstance(ev, ContentEvent):
+                out.append({"content": ev.text})
             elif isinstance(ev, ToolCallStartEvent):
                 if legacy:
                     if ev.index == 0:

@@ -138,7 +138,8 @@ class _CompletionRun:
                             if echo:
                                 offsets[c.index] = len(echo)
                                 await sender.chunk(chunk(c.index, echo))
-                for c, text, lps in events:
+                for ev in events:
+                    c, text, lps = ev.choice, ev.text, ev.logprobs
                     lp = None
                     if want_lp and lps:
                         lp = completion_logprobs(self.state.pieces, lps, self.top_n, offsets[c.index])

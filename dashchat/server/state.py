@@ -13,6 +13,7 @@ from dashchat.server.config import ServerConfig
 from dashchat.server.detokenizer import TokenPieces
 from dashchat.server.errors import bad_request, model_not_found
 from dashchat.server.metrics import Metrics
+from dashchat.server.reasoning import choose_format
 
 log = logging.getLogger("dashchat.server")
 
@@ -36,6 +37,11 @@ class ServerState:
         self._idle.set()
         self._grammar: Any = None
         self._grammar_error: str | None = None
+        # Reasoning models: how this model marks its thinking (None: it does not think).
+        self.chat_template: str | None = cfg.chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.reasoning = choose_format(cfg.reasoning_parser, self.chat_template)
+        if self.reasoning is not None:
+            log.info("reasoning parser: %s", self.reasoning.name)
 
     # -- models -------------------------------------------------------------
     def check_model(self, model: str | None) -> str:

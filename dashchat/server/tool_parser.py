@@ -6,6 +6,10 @@ Formats models really emit:
   {"name": ..., "arguments"|"parameters": {...}}             bare JSON (object or array) at the start of the message (Llama 3.x)
   <|python_tag|>{...}                                        Llama 3.x, when the tag survives detokenizing
   [TOOL_CALLS][{...}, ...]                                   Mistral
+  <tool_call><function=NAME><parameter=K>V</parameter>...</function></tool_call>
+                                                             Qwen3-Coder / GLM XML (values typed by the tool's schema)
+  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
+                                                             DeepSeek V3 / R1 (V3.1: NAME<｜tool▁sep｜>{...})
 
 There is one implementation: a streaming state machine. `parse_tool_calls` feeds it the whole text at
 once, so streamed and non-streamed answers agree by construction; every decision the machine makes
@@ -15,6 +19,7 @@ is one that later text cannot change, so any split of the text gives the same ca
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -26,7 +31,13 @@ TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
 FENCE = "```"
 MISTRAL = "[TOOL_CALLS]"
 PYTHON_TAG = "<|python_tag|>"
-_MARKERS = (TAG_OPEN, FENCE, MISTRAL, PYTHON_TAG)
+XML_FUNCTION, XML_FUNCTION_END = "<function=", "</function>"
+XML_PARAMETER, XML_PARAMETER_END = "<parameter=", "</parameter>"
+DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+_MARKERS = (TAG_OPEN, FENCE, MISTRAL, PYTHON_TAG, DS_CALLS_BEGIN)
+# Calls written as delimited blocks rather than JSON values: region kind -> (block opener, block end).
+_BLOCKS = {"tag": (XML_FUNCTION, XML_FUNCTION_END), "deepseek": (DS_CALL_BEGIN, DS_CALL_END)}
 # Fence info strings whose body may be a call; anything else (```python ...) is code and stays content.
 _JSON_LANGS = ("", "json", "json5", "jsonc", "tool_call", "tool_calls")
 # The first key of a call object is one of these; any other first key releases the text at once.
@@ -104,6 +115,80 @@ def _calls_in(value: Any, names: set[str]) -> list[tuple[str, str]] | None:
     if not calls or any(c is None for c in calls):
         return None
     return calls  # type: ignore[return-value]
+
+
+def tool_schemas(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name -> the `properties` of its parameters schema (to type XML parameter values)."""
+    out: dict[str, dict[str, Any]] = {}
+    for tool in tools or []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            params = fn.get("parameters")
+            props = params.get("properties") if isinstance(params, dict) else None
+            out[fn["name"]] = props if isinstance(props, dict) else {}
+    return out
+
+
+_XML_PARAM = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
+
+
+def _xml_value(text: str, schema: Any) -> Any:
+    """A parameter's text as the schema types it: strings verbatim, anything else as JSON if it parses."""
+    if text.startswith("\n"):
+        text = text[1:]
+    if text.endswith("\n"):
+        text = text[:-1]
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if kind is None or kind == "string" or (isinstance(kind, list) and "string" in kind):
+        return text  # untyped or a string: verbatim, as the model wrote it
+    try:
+        return json.loads(text)
+    except ValueError:
+        low = text.strip().lower()
+        if kind == "boolean" and low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def _xml_name(block: str) -> str | None:
+    """The NAME of `<function=NAME>` once its `>` has come."""
+    end = block.find(">", len(XML_FUNCTION))
+    return block[len(XML_FUNCTION):end].strip() if end >= 0 else None
+
+
+def _xml_call(block: str, schemas: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
+    """`<function=NAME><parameter=K>V</parameter>...</function>` (the end may be missing)."""
+    name = _xml_name(block)
+    if name is None or name not in schemas:
+        return None
+    body = block[block.find(">", len(XML_FUNCTION)) + 1:]
+    if body.endswith(XML_FUNCTION_END):
+        body = body[: -len(XML_FUNCTION_END)]
+    props = schemas[name]
+    args = {k.strip(): _xml_value(v, props.get(k.strip(), {})) for k, v in _XML_PARAM.findall(body)}
+    return name, json.dumps(args, ensure_ascii=False)
+
+
+def _deepseek_call(block: str, names: set[str]) -> tuple[str, str] | None:
+    """`<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>` (V3, R1)
+    or `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>` (V3.1); the end may be missing."""
+    body = block[len(DS_CALL_BEGIN):]
+    if body.endswith(DS_CALL_END):
+        body = body[: -len(DS_CALL_END)]
+    head, sep, rest = body.partition(DS_SEP)
+    if not sep:
+        return None
+    if head.strip() == "function":
+        name, _, args = rest.partition("\n")
+        args = args.strip()
+        if args.startswith(FENCE):
+            args = args[args.find("\n") + 1:] if "\n" in args else ""
+            args = args.strip()
+            if args.endswith(FENCE):
+                args = args[: -len(FENCE)]
+    else:
+        name, args = head, rest
+    return _one_call({"name": name.strip(), "arguments": args.strip()}, names)
 
 
 class _JsonScan:
@@ -227,7 +312,7 @@ def _partial_marker_len(text: str, markers: tuple[str, ...]) -> int:
     return best
 
 
-_INNER_MARKUP = (TAG_OPEN, TAG_CLOSE, MISTRAL, PYTHON_TAG)
+_INNER_MARKUP = (TAG_OPEN, TAG_CLOSE, MISTRAL, PYTHON_TAG, DS_CALLS_BEGIN)
 
 
 def _markup_len(buf: str) -> int:
@@ -266,6 +351,7 @@ class ToolCallStreamParser:
 
     def __init__(self, tools: list[dict[str, Any]]) -> None:
         self._names = tool_names(tools)
+        self._schemas = tool_schemas(tools)
         self._buf = ""
         self._out: list[ParserEvent] = []
         self._mode = "start"  # start, text, seq, fence_info, fence_raw, tag_text
@@ -279,6 +365,7 @@ class ToolCallStreamParser:
         self._raw = ""  # opening fence kept until we know whether it was a call
         self._region_calls = 0
         self._scan: _JsonScan | None = None
+        self._block: str | None = None  # a delimited call being read (XML function, DeepSeek call)
         self._fed = 0  # characters fed so far
         self._region_start = 0  # offset (in all text fed) where the current call region's body starts
         self._length = False
@@ -303,7 +390,7 @@ class ToolCallStreamParser:
 
     @property
     def region(self) -> str | None:
-        """The kind of call region being read ("tag", "fence", "bare", "line"), if any."""
+        """The kind of call region being read ("tag", "fence", "bare", "line", "deepseek"), if any."""
         return self._kind if self._mode == "seq" else None
 
     def open_call(self) -> tuple[str, int] | None:
@@ -313,7 +400,7 @@ class ToolCallStreamParser:
         mode starts here (see grammar.GrammarBackend.triggered_tool_calls)."""
         if self._mode != "seq":
             return None
-        if self._kind == "tag" or (self._scan is not None and self._scan.named):
+        if self._kind in ("tag", "deepseek") or (self._scan is not None and self._scan.named):
             return self._kind, self._region_start
         return None
 
@@ -357,10 +444,10 @@ class ToolCallStreamParser:
             self._buf = ""
             return
         while True:
-            before = (self._mode, len(self._buf), self._scan is not None)
+            before = (self._mode, len(self._buf), self._scan is not None, self._block is not None)
             step = getattr(self, "_step_" + self._mode)
             step(final)
-            if (self._mode, len(self._buf), self._scan is not None) == before:
+            if (self._mode, len(self._buf), self._scan is not None, self._block is not None) == before:
                 return
 
     def _enter_seq(self, kind: str, closer: str | None, raw: str = "") -> None:
@@ -394,6 +481,8 @@ class ToolCallStreamParser:
             self._buf = buf[i + len(marker) :]
             if marker == TAG_OPEN:
                 self._enter_seq("tag", TAG_CLOSE)
+            elif marker == DS_CALLS_BEGIN:
+                self._enter_seq("deepseek", DS_CALLS_END)
             elif marker == FENCE:
                 self._mode = "fence_info"
             else:
@@ -449,7 +538,10 @@ class ToolCallStreamParser:
         self._buf = buf[len(buf) - keep :]
 
     def _step_seq(self, final: bool) -> None:
-        """Between/inside JSON values of a call region."""
+        """Between/inside JSON values (or delimited calls) of a call region."""
+        if self._block is not None:
+            self._step_block(final)
+            return
         if self._scan is not None:
             status, used = self._scan.feed(self._buf)
             self._buf = self._buf[used:]
@@ -477,7 +569,7 @@ class ToolCallStreamParser:
         buf = self._buf
         if not buf:
             if final:
-                if self._length and self._kind == "tag" and self._region_calls == 0:
+                if self._length and self._kind in ("tag", "deepseek") and self._region_calls == 0:
                     self.cut_call = self._dropped = True  # cut right after <tool_call>
                 self._end_region(closed=False)
             return
@@ -486,6 +578,14 @@ class ToolCallStreamParser:
             self._buf = buf[len(closer) :]
             self._end_region(closed=True)
             return
+        block = _BLOCKS.get(self._kind)
+        if block is not None:
+            opener = block[0]
+            if buf.startswith(opener):
+                self._block, self._buf = "", buf
+                return
+            if opener.startswith(buf) and not final:
+                return  # may be the block opener: wait
         n = _markup_len(buf)
         if n > 0:  # separators and stray markup between calls are dropped (kept while a fence is undecided)
             if self._raw:
@@ -501,13 +601,45 @@ class ToolCallStreamParser:
             return
         self._not_a_call("")
 
+    def _step_block(self, final: bool) -> None:
+        """Inside a delimited call: complete at its end marker (or at the end of the output)."""
+        assert self._block is not None
+        end = _BLOCKS[self._kind][1]
+        text = self._block + self._buf
+        i = text.find(end)
+        if i >= 0:
+            self._block, self._buf = None, text[i + len(end) :]
+            self._delimited(text[: i + len(end)])
+            return
+        if self._kind == "tag":
+            name = _xml_name(text)
+            if name is not None and name not in self._names:  # no offered tool: content at once
+                self._block, self._buf = None, ""
+                self._not_a_call(text)
+                return
+        if not final:
+            self._block, self._buf = text, ""
+            return
+        self._block, self._buf = None, ""
+        if self._length:
+            self._drop_cut_call()  # cut by max_tokens inside a call: nothing of it is content
+        else:
+            self._delimited(text)  # the model stopped without the end marker: take what is there
+
+    def _delimited(self, block: str) -> None:
+        call = _xml_call(block, self._schemas) if self._kind == "tag" else _deepseek_call(block, self._names)
+        if call is None:
+            self._not_a_call(block)
+        else:
+            self._calls([call])
+
     def _not_a_call(self, text: str) -> None:
         """A value (or other text) in a call region that is not a call: it becomes content."""
         if self._kind == "fence" and self._region_calls == 0:
             self._content(self._raw + text)  # an ordinary JSON code block
             self._raw = ""
             self._mode = "fence_raw"
-        elif self._kind in ("tag", "fence"):
+        elif self._kind in ("tag", "fence", "deepseek"):
             self._content(text)
             self._mode = "tag_text"
         else:

@@ -24,7 +24,8 @@ def test_help_explains_every_flag() -> None:
     for flag in ("--model-path", "--use-modelscope", "--device", "--device-list", "--host", "--port",
                  "--served-model-name", "--api-key", "--chat-template", "--dtype", "--max-model-len",
                  "--max-num-seqs", "--log-level", "--engine", "--max-queue", "--request-timeout",
-                 "--max-request-bytes", "--allowed-origins", "--shutdown-grace"):
+                 "--max-request-bytes", "--allowed-origins", "--shutdown-grace", "--reasoning-parser",
+                 "--default-chat-template-kwargs"):
         assert flag in out
 
 
@@ -59,3 +60,12 @@ def test_unreachable_hub_fails_fast_without_traceback() -> None:
 def test_bad_chat_template_argument() -> None:
     r = run("--model-path", "smollm2-135m-instruct", "--chat-template", "/no/such/file.jinja")
     assert r.returncode == 1 and "--chat-template" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_reasoning_flags_are_one_clear_line() -> None:
+    r = run("--model-path", "smollm2-135m-instruct", "--reasoning-parser", "bogus")
+    assert r.returncode == 1 and "--reasoning-parser" in r.stderr and "qwen3" in r.stderr
+    assert "Traceback" not in r.stderr
+    for value in ("{not json", "[1, 2]"):
+        r = run("--model-path", "smollm2-135m-instruct", "--default-chat-template-kwargs", value)
+        assert r.returncode == 1 and "--default-chat-template-kwargs" in r.stderr and "Traceback" not in r.stderr

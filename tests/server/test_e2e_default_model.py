@@ -3,11 +3,14 @@ no --model-path, and the seed's test script with --strict-tool-call."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 
+import anthropic
 import httpx
+import openai
 import pytest
 from server_proc import REPO, ServerProcess, running
 
@@ -72,3 +75,72 @@ def test_two_ranks_serve_the_quick_start_as_one_device(default_server: ServerPro
         assert _greedy_answers(srv.base_url) == expected
     finally:
         assert srv.stop() == 0
+
+
+# -- Responses and Anthropic Messages on the default model: it calls tools by itself (`auto`) --------
+
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                  "required": ["city"]}
+WEATHER_FN = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city.",
+              "parameters": WEATHER_PARAMS}
+WEATHER_TOOL = {"name": "get_weather", "description": "Get the current weather in a city.",
+                "input_schema": WEATHER_PARAMS}
+ASK = "What is the weather in Paris right now?"
+# After the result, the answer leg says tool_choice "none": under "auto" this 0.5B model calls the tool
+# again instead of answering (the prompt is right; checked with --log-prompts).
+MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def test_responses_function_tool_round_trip(default_server: ServerProcess) -> None:
+    """call -> function_call_output (chained by previous_response_id) -> answer, through the openai SDK."""
+    client = openai.OpenAI(base_url=f"{default_server.base_url}/v1", api_key="unused", max_retries=0)
+    r1 = client.responses.create(model=MODEL, input=ASK, tools=[WEATHER_FN], temperature=0, max_output_tokens=64)
+    calls = [o for o in r1.output if o.type == "function_call"]
+    assert r1.status == "completed" and len(calls) == 1, r1.output
+    assert calls[0].name == "get_weather" and "paris" in json.loads(calls[0].arguments)["city"].lower()
+    result = {"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"temperature_c": 21}'}
+    r2 = client.responses.create(model=MODEL, previous_response_id=r1.id, input=[result], tools=[WEATHER_FN],
+                                 tool_choice="none", temperature=0, max_output_tokens=48)
+    assert [o.type for o in r2.output] == ["message"] and r2.output_text.strip()
+    assert "21" in r2.output_text  # the answer used the tool's result
+
+    # The same turn streamed: the call arrives as function_call_arguments deltas.
+    with client.responses.stream(model=MODEL, input=ASK, tools=[WEATHER_FN], temperature=0,
+                                 max_output_tokens=64) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert [o.type for o in final.output] == ["function_call"] and final.output[0].arguments == args
+    assert json.loads(args) == json.loads(calls[0].arguments)
+
+
+def test_messages_tool_use_round_trip(default_server: ServerProcess) -> None:
+    """tool_use -> tool_result -> answer through the anthropic SDK, non-streaming and streaming."""
+    client = anthropic.Anthropic(base_url=default_server.base_url, api_key="unused", max_retries=0)
+    ask = {"role": "user", "content": ASK}
+    greedy = {"temperature": 0}  # this SDK's create() has no temperature argument any more; the API still does
+    m1 = client.messages.create(model=MODEL, max_tokens=64, tools=[WEATHER_TOOL], extra_body=greedy, messages=[ask])
+    uses = [b for b in m1.content if b.type == "tool_use"]
+    assert m1.stop_reason == "tool_use" and len(uses) == 1, m1.content
+    assert uses[0].name == "get_weather" and "paris" in uses[0].input["city"].lower()
+    follow = [ask, {"role": "assistant", "content": m1.content},
+              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
+                                            "content": '{"temperature_c": 21}'}]}]
+    with client.messages.stream(model=MODEL, max_tokens=48, tools=[WEATHER_TOOL], tool_choice={"type": "none"},
+                                extra_body=greedy, messages=follow) as stream:
+        text = "".join(stream.text_stream)
+        m2 = stream.get_final_message()
+    assert m2.stop_reason in ("end_turn", "max_tokens") and [b.type for b in m2.content] == ["text"]
+    assert m2.content[0].text == text and "21" in text
+    counted = client.messages.count_tokens(model=MODEL, tools=[WEATHER_TOOL], tool_choice={"type": "none"},
+                                           messages=follow)
+    assert counted.input_tokens == m2.usage.input_tokens
+
+    with client.messages.stream(model=MODEL, max_tokens=64, tools=[WEATHER_TOOL], extra_body=greedy,
+                                messages=[ask]) as stream:
+        events = list(stream)
+        m3 = stream.get_final_message()
+    partial = "".join(e.delta.partial_json for e in events
+                      if e.type == "content_block_delta" and e.delta.type == "input_json_delta")
+    assert m3.stop_reason == "tool_use" and [b.input for b in m3.content if b.type == "tool_use"] == [uses[0].input]
+    assert partial and json.loads(partial) == uses[0].input

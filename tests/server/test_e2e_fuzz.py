@@ -27,6 +27,8 @@ def test_schemathesis_no_server_errors(small: ServerProcess, tmp_path: Path) -> 
     if shutil.which("schemathesis") is None and shutil.which("st") is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
     exe = shutil.which("schemathesis") or shutil.which("st")
+    paths = httpx.get(f"{small.base_url}/openapi.json").json()["paths"]
+    assert {"/v1/responses", "/v1/responses/{response_id}", "/v1/messages", "/v1/messages/count_tokens"} <= set(paths)
     r = subprocess.run(
         [str(exe), "run", f"{small.base_url}/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "60",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -79,3 +80,71 @@ def test_request_timeout(tight: ServerProcess) -> None:
         lines = [ln for ln in s.iter_lines() if ln]
     assert '"request_timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
     assert wait_engine_idle(tight.base_url, timeout=5) == (0, 0)
+
+
+# -- the same limits on /v1/responses and /v1/messages, each in its API's error shape -------------
+
+
+def test_messages_auth_x_api_key(tight: ServerProcess) -> None:
+    """Anthropic clients send `x-api-key`; a wrong one gets Anthropic's 401 shape."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    ok = anthropic.Anthropic(base_url=tight.base_url, api_key=KEYS[0], max_retries=0)
+    assert ok.messages.count_tokens(model="tiny", messages=msgs).input_tokens > 0
+    with pytest.raises(anthropic.AuthenticationError) as exc:
+        anthropic.Anthropic(base_url=tight.base_url, api_key="wrong", max_retries=0).messages.count_tokens(
+            model="tiny", messages=msgs)
+    assert exc.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    r = httpx.post(f"{tight.base_url}/v1/messages/count_tokens", json={"model": "tiny", "messages": msgs})
+    assert r.status_code == 401 and r.json()["type"] == "error"
+    # x-api-key works on the OpenAI routes too, and Bearer on Anthropic's.
+    assert httpx.get(f"{tight.base_url}/v1/models", headers={"x-api-key": KEYS[1]}).status_code == 200
+    r = httpx.post(f"{tight.base_url}/v1/messages/count_tokens", json={"model": "tiny", "messages": msgs},
+                   headers=AUTH)
+    assert r.status_code == 200
+    # /tokenize and /detokenize are outside /v1 (as in vLLM) but need the key all the same.
+    assert httpx.post(f"{tight.base_url}/tokenize", json={"prompt": "hi"}).status_code == 401
+    assert httpx.post(f"{tight.base_url}/tokenize", json={"prompt": "hi"}, headers={"x-api-key": KEYS[0]}).status_code == 200
+
+
+def test_new_routes_body_limit(tight: ServerProcess) -> None:
+    big = "x" * 30000
+    r = httpx.post(f"{tight.base_url}/v1/messages", headers=AUTH,
+                   json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": big}]})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large" and r.json()["type"] == "error"
+    r = httpx.post(f"{tight.base_url}/v1/responses", headers=AUTH, json={"model": "tiny", "input": big})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_new_routes_timeout(tight: ServerProcess) -> None:
+    """The chat run's deadline applies: 408 before the first byte, an error event mid-stream.
+    One request at a time here (--max-num-seqs 1): each waits for the engine to be idle first."""
+    msgs = [{"role": "user", "content": "Write a poem."}]
+    body = {"model": "tiny", "max_tokens": 400, "ignore_eos": True, "messages": msgs}
+
+    def idle() -> None:
+        assert wait_engine_idle(tight.base_url, timeout=60) == (0, 0)
+
+    idle()
+    r = httpx.post(f"{tight.base_url}/v1/messages", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error"
+    idle()
+    client = anthropic.Anthropic(base_url=tight.base_url, api_key=KEYS[0], max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as exc:
+        with client.messages.stream(model="tiny", max_tokens=400, messages=msgs, extra_body={"ignore_eos": True}) as s:
+            for _ in s:
+                pass
+    assert "timeout_error" in str(exc.value)
+
+    idle()
+    rbody = {"model": "tiny", "max_output_tokens": 400, "input": "Write a poem.", "ignore_eos": True}
+    r = httpx.post(f"{tight.base_url}/v1/responses", json=rbody, headers=AUTH, timeout=30)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    idle()
+    with httpx.stream("POST", f"{tight.base_url}/v1/responses", json={**rbody, "stream": True},
+                      headers=AUTH, timeout=30) as s:
+        assert s.status_code == 200
+        data = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert len(data) >= 2, data
+    assert '"type":"error"' in data[-2] and '"request_timeout"' in data[-2]
+    assert '"response.failed"' in data[-1]
+    idle()
