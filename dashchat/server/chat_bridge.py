@@ -115,7 +115,7 @@ class ChatSink:
 
 
 # A mid-stream error has no HTTP status of its own: recover the one it would have had (errors.py).
-_STATUS_BY_CODE = {"server_shutting_down": 503, "engine_error": 503, "request_timeout": 408}
+_STATUS_BY_CODE = {"server_shutting_down": 503, "engine_error": 503, "engine_failed": 503, "request_timeout": 408}
 _STATUS_BY_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "not_found_error": 404,
                    "timeout_error": 408, "rate_limit_error": 429}
 
