@@ -23,6 +23,7 @@ class ServerConfig:
     retry_after_s: int = 1
     log_prompts: bool = False
     enable_docs: bool = True  # /docs and /openapi.json
+    web_ui: bool = True  # the chat page at / (off: --no-web-ui)
 
     @property
     def model_name(self) -> str:
