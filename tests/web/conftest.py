@@ -55,13 +55,19 @@ def browser() -> Iterator[Any]:
 
 
 class PageErrors:
-    """Uncaught page errors and dialogs: a test fails if model output ever ran script."""
+    """Uncaught page errors, CSP violations and dialogs: a test fails on any (model output that ran script)."""
 
     def __init__(self, page: Any) -> None:
         self.errors: list[str] = []
         self.dialogs: list[str] = []
         page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("console", self._console)
         page.on("dialog", self._dialog)
+
+    def _console(self, message: Any) -> None:
+        # The page's own code must never trip its Content-Security-Policy (an inline style, say).
+        if "Content Security Policy" in message.text:
+            self.errors.append(message.text)
 
     def _dialog(self, dialog: Any) -> None:
         self.dialogs.append(dialog.message)

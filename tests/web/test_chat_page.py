@@ -140,6 +140,26 @@ def test_stop_aborts_the_generation_on_the_server(page_factory: Any, web_server:
     assert kept["meta"]["tokens"] < 900
 
 
+def test_leaving_a_conversation_mid_answer_keeps_what_was_streamed(page_factory: Any,
+                                                                   web_server: ServerProcess) -> None:
+    page = page_factory(web_server.base_url)
+    set_extra_json(page, {"ignore_eos": True, "max_tokens": 900})
+    send(page, "Tell me about the sea.")
+    page.wait_for_function("""() => {
+        const c = document.querySelector('#messages article.assistant:last-of-type .content');
+        return c && c.textContent.length > 0;
+    }""")
+    page.click("#new-chat")  # stops the answer: the page shows one conversation at a time
+    page.wait_for_selector("body[data-state='idle']")
+    assert page.locator("article").count() == 0
+    assert wait_engine_idle(web_server.base_url, timeout=30) == (0, 0)
+    page.click(".conversation-open")
+    answer = page.locator("article.assistant")
+    assert "stopped" in answer.locator(".msg-meta").inner_text()
+    kept = stored(page)["messages"][1]
+    assert kept["content"] and kept["meta"]["finish"] == "stopped"
+
+
 def test_model_output_with_html_is_shown_as_text(page_factory: Any, web_server: ServerProcess) -> None:
     """Real model output containing raw HTML: constrained decoding makes SmolLM2 generate EVIL itself."""
     page = page_factory(web_server.base_url)

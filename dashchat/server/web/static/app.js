@@ -28,11 +28,14 @@ let generation = null; // {controller, index} while an answer streams
 
 // ---- conversations -----------------------------------------------------------------------------
 
-function persist() {
-  if (!conv.messages.length) return; // an empty chat is not worth a list entry
-  conv.updatedAt = Date.now();
+// Save a conversation (the open one by default). One that is no longer open is saved only if it is still
+// stored: an answer that ends after its conversation was deleted must not bring it back.
+function persist(target = conv) {
+  if (!target.messages.length) return; // an empty chat is not worth a list entry
+  if (target !== conv && !store.loadConversation(target.id)) return;
+  target.updatedAt = Date.now();
   try {
-    store.saveConversation(conv);
+    store.saveConversation(target);
   } catch (err) {
     showBanner("The browser's storage is full: export and delete old conversations to keep new ones.");
     console.warn(err);
@@ -133,9 +136,8 @@ function exportConversations() {
 async function importFile(file) {
   try {
     const added = store.importConversations(await file.text());
-    showBanner(`Imported ${added} conversation${added === 1 ? "" : "s"}.`, "info");
-    const newest = store.listConversations()[0];
-    if (newest) openConversation(newest);
+    openConversation(added[0]);
+    showBanner(`Imported ${added.length} conversation${added.length === 1 ? "" : "s"}.`, "info");
   } catch (err) {
     showBanner(`Import failed: ${err.message}`);
   }
@@ -382,7 +384,8 @@ function mergeToolCalls(calls, deltas) {
 }
 
 async function answer() {
-  const history = conv.messages.slice();
+  const target = conv; // the person may open another conversation while this answer streams
+  const history = target.messages.slice();
   const body = requestBody(history);
   if (!body) {
     openSettings();
@@ -390,8 +393,8 @@ async function answer() {
     return;
   }
   const msg = { role: "assistant", content: "", meta: { model: body.model } };
-  conv.messages.push(msg);
-  const index = conv.messages.length - 1;
+  target.messages.push(msg);
+  const index = target.messages.length - 1;
   persist();
   renderSidebar();
   renderMessages();
@@ -416,7 +419,7 @@ async function answer() {
   try {
     for await (const chunk of streamChat(body, { apiKey, signal: controller.signal })) {
       if (chunk.usage) usage = chunk.usage;
-      const choice = chunk.choices?.[0];
+      const choice = chunk.choices?.find((c) => (c.index ?? 0) === 0); // the page shows one choice
       if (!choice) continue;
       const delta = choice.delta || {};
       const reasoning = delta.reasoning_content ?? delta.reasoning;
@@ -454,8 +457,8 @@ async function answer() {
     };
     generation = null;
     setGenerating(false);
-    persist();
-    if (conv.messages[index] === msg) renderMessages();
+    persist(target);
+    if (conv === target) renderMessages();
   }
 }
 

@@ -49,7 +49,9 @@ export function deleteConversation(id) {
 export function titleOf(conv) {
   if (conv.title) return conv.title;
   const first = conv.messages.find((m) => m.role === "user" && m.content);
-  return first ? first.content.replace(/\s+/g, " ").trim().slice(0, 60) : "New chat";
+  if (!first) return "New chat";
+  const text = first.content.replace(/\s+/g, " ").trim();
+  return text.length > 60 ? `${text.slice(0, 59)}…` : text;
 }
 
 export function exportAll() {
@@ -95,7 +97,7 @@ function cleanConversation(c) {
 }
 
 // Parse an exported file (or a single conversation, or a bare list of them) and store each as a new
-// conversation. Returns how many were added; throws with a readable message on a malformed file.
+// conversation. Returns the added conversations; throws with a readable message on a malformed file.
 export function importConversations(text) {
   let data;
   try {
@@ -110,8 +112,9 @@ export function importConversations(text) {
   } catch (err) {
     throw new Error(`The file is not a dashchat export: ${err.message}.`);
   }
+  if (!cleaned.length) throw new Error("The file holds no conversations.");
   cleaned.forEach(saveConversation);
-  return cleaned.length;
+  return cleaned;
 }
 
 export function loadSettings() {
