@@ -66,7 +66,10 @@ function renderSidebar() {
     const open = el("button", "conversation-open", store.titleOf(item));
     open.type = "button";
     open.title = store.titleOf(item);
-    open.addEventListener("click", () => openConversation(store.loadConversation(item.id) || item));
+    open.addEventListener("click", () => {
+      if (item.id === conv?.id) closeDrawers(); // already open (and maybe still answering): keep it as it is
+      else openConversation(store.loadConversation(item.id) || item);
+    });
     const rename = el("button", "icon-btn small rename", "✎");
     rename.type = "button";
     rename.title = "Rename";
