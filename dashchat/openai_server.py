@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Log level (access logs are at info).")
     s.add_argument("--log-prompts", action="store_true",
                    help="Log rendered prompts (off by default: prompts may be private).")
+    s.add_argument("--no-web-ui", dest="web_ui", action="store_false",
+                   help="Do not serve the browser chat page at / (the API is unchanged).")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                      help="Largest request body; bigger ones get 413.")
@@ -323,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_prompts=args.log_prompts,
         reasoning_parser=reasoning_parser,
         default_chat_template_kwargs=template_kwargs,
+        web_ui=args.web_ui,
     )
     app = build_app(engine, cfg)
     try:

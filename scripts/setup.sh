@@ -17,6 +17,18 @@ if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
   fi
 fi
 
+# Debian's chromium: the chat page's browser tests (tests/web) drive it with Playwright. Playwright's own
+# browser download is not used. As root on Debian/Ubuntu it is installed here; elsewhere those tests skip.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; }
+  else
+    echo "warning: no chromium: the chat page's browser tests (tests/web) will skip" >&2
+  fi
+fi
+
 # The CPU build of PyTorch, pinned: a bare `torch` would pull a multi-GB CUDA build.
 "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
   || "${PIP[@]}" "torch==2.13.0"

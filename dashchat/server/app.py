@@ -33,6 +33,7 @@ from dashchat.server.serving_responses import add_responses_routes
 from dashchat.server.sse import dumps
 from dashchat.server.state import ServerState
 from dashchat.server.validation import from_validation_errors
+from dashchat.server.web import mount_web_ui
 
 log = logging.getLogger("dashchat.server")
 
@@ -127,6 +128,9 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    if cfg.web_ui:
+        mount_web_ui(app)
 
     # -- middleware (last added = outermost) -------------------------------------------
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)

@@ -31,6 +31,7 @@ class ServerConfig:
     # chat template; template variables every request gets unless it sets them itself.
     reasoning_parser: str | None = None
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    web_ui: bool = True  # the chat page at / (off: --no-web-ui)
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,42 @@
+"""The browser chat page (issue 16): `GET /` and its assets under `/ui/`, read from the installed package.
+
+The page is static: it talks to the server only through the public API (`/v1/models`,
+`/v1/chat/completions` with `stream: true`), like any other client, so it holds no secret and is
+served without auth (AuthMiddleware guards `/v1` only). Everything it loads comes from `static/`:
+no CDN, no external font, so it works offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).parent / "static"
+ASSET_PREFIX = "/ui"
+
+# Defence in depth behind the page's sanitiser: even if model output slipped through as HTML, no inline
+# script or event handler would run, and nothing could be fetched from anywhere but this server.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",  # the page names its assets; a new version must show after an upgrade
+}
+
+
+def mount_web_ui(app: FastAPI) -> None:
+    """`GET /` serves the chat page; `/ui/...` its scripts, styles and vendored libraries."""
+    page = (STATIC_DIR / "index.html").read_bytes()
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def chat_page() -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+    app.mount(ASSET_PREFIX, StaticFiles(directory=STATIC_DIR), name="web-ui")

@@ -1,0 +1,139 @@
+// Conversations and settings, kept in this browser's localStorage (nothing is stored on the server).
+// One key per conversation, so saving the open one does not rewrite all the others.
+
+const CONVERSATION_PREFIX = "dashchat.conversation.";
+const SETTINGS_KEY = "dashchat.settings";
+const KEY_KEY = "dashchat.apiKey";
+export const EXPORT_FORMAT = "dashchat.conversations";
+
+export const DEFAULT_SETTINGS = { model: "", temperature: 0.7, topP: 1, maxTokens: null, extraJson: "",
+                                  system: "", rememberKey: false };
+
+function newId() {
+  return (crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`).replaceAll("-", "");
+}
+
+export function newConversation(system = "") {
+  const now = Date.now();
+  return { id: newId(), title: "", createdAt: now, updatedAt: now, system, messages: [] };
+}
+
+export function listConversations() {
+  const all = [];
+  for (let i = 0; i < localStorage.length; i++) {
+    const key = localStorage.key(i);
+    if (!key.startsWith(CONVERSATION_PREFIX)) continue;
+    try {
+      all.push(JSON.parse(localStorage.getItem(key)));
+    } catch (err) {
+      console.warn("unreadable conversation", key, err);
+    }
+  }
+  return all.sort((a, b) => b.updatedAt - a.updatedAt);
+}
+
+export function loadConversation(id) {
+  const text = localStorage.getItem(CONVERSATION_PREFIX + id);
+  return text ? JSON.parse(text) : null;
+}
+
+// Throws (QuotaExceededError) when the browser's storage is full; the caller says so.
+export function saveConversation(conv) {
+  localStorage.setItem(CONVERSATION_PREFIX + conv.id, JSON.stringify(conv));
+}
+
+export function deleteConversation(id) {
+  localStorage.removeItem(CONVERSATION_PREFIX + id);
+}
+
+export function titleOf(conv) {
+  if (conv.title) return conv.title;
+  const first = conv.messages.find((m) => m.role === "user" && m.content);
+  if (!first) return "New chat";
+  const text = first.content.replace(/\s+/g, " ").trim();
+  return text.length > 60 ? `${text.slice(0, 59)}…` : text;
+}
+
+export function exportAll() {
+  return { format: EXPORT_FORMAT, version: 1, exportedAt: new Date().toISOString(),
+           conversations: listConversations() };
+}
+
+const ROLES = new Set(["system", "user", "assistant", "tool"]);
+
+function cleanMessage(m) {
+  if (!m || typeof m !== "object" || !ROLES.has(m.role)) throw new Error("a message without a known role");
+  let content = m.content ?? "";
+  if (Array.isArray(content)) { // OpenAI content parts: keep the text ones
+    content = content.filter((p) => p && p.type === "text").map((p) => String(p.text ?? "")).join("");
+  }
+  const out = { role: m.role, content: String(content) };
+  if (typeof m.reasoning === "string" && m.reasoning) out.reasoning = m.reasoning;
+  if (Array.isArray(m.tool_calls)) {
+    out.tool_calls = m.tool_calls.map((c) => ({
+      id: String(c?.id ?? ""), type: "function",
+      function: { name: String(c?.function?.name ?? ""), arguments: String(c?.function?.arguments ?? "") },
+    }));
+  }
+  if (m.role === "tool" && m.tool_call_id) out.tool_call_id = String(m.tool_call_id);
+  if (m.meta && typeof m.meta === "object") out.meta = m.meta;
+  if (m.error && typeof m.error === "object") {
+    out.error = { title: String(m.error.title ?? ""), detail: String(m.error.detail ?? "") };
+  }
+  return out;
+}
+
+function cleanConversation(c) {
+  if (!c || typeof c !== "object" || !Array.isArray(c.messages)) throw new Error("a conversation without messages");
+  const now = Date.now();
+  const conv = newConversation(typeof c.system === "string" ? c.system : "");
+  conv.title = typeof c.title === "string" ? c.title.slice(0, 200) : "";
+  conv.createdAt = Number.isFinite(c.createdAt) ? c.createdAt : now;
+  conv.updatedAt = Number.isFinite(c.updatedAt) ? c.updatedAt : now;
+  conv.messages = c.messages.map(cleanMessage);
+  // An OpenAI-style message list may carry the system prompt as its first message.
+  if (conv.messages[0]?.role === "system" && !conv.system) conv.system = conv.messages.shift().content;
+  return conv;
+}
+
+// Parse an exported file (or a single conversation, or a bare list of them) and store each as a new
+// conversation. Returns the added conversations; throws with a readable message on a malformed file.
+export function importConversations(text) {
+  let data;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    throw new Error("The file is not JSON.");
+  }
+  const list = Array.isArray(data) ? data : Array.isArray(data?.conversations) ? data.conversations : [data];
+  let cleaned;
+  try {
+    cleaned = list.map(cleanConversation);
+  } catch (err) {
+    throw new Error(`The file is not a dashchat export: ${err.message}.`);
+  }
+  if (!cleaned.length) throw new Error("The file holds no conversations.");
+  cleaned.forEach(saveConversation);
+  return cleaned;
+}
+
+export function loadSettings() {
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}"); } catch { saved = {}; }
+  return { ...DEFAULT_SETTINGS, ...saved };
+}
+
+export function saveSettings(settings) {
+  localStorage.setItem(SETTINGS_KEY, JSON.stringify(settings));
+}
+
+// The API key stays for this tab only (sessionStorage) unless the person asks to remember it.
+export function loadApiKey() {
+  return sessionStorage.getItem(KEY_KEY) || localStorage.getItem(KEY_KEY) || "";
+}
+
+export function saveApiKey(key, remember) {
+  sessionStorage.setItem(KEY_KEY, key);
+  if (remember && key) localStorage.setItem(KEY_KEY, key);
+  else localStorage.removeItem(KEY_KEY);
+}
