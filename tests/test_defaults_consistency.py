@@ -57,8 +57,8 @@ def _readme_flags() -> dict[str, str]:
 
 def _as_readme(value: Any, action: Any) -> str | None:
     """How the README writes an argparse default; None: no literal value (it describes it instead)."""
-    if action.const is True and value is False:
-        return "off"
+    if (action.const is True and value is False) or (action.const is False and value is True):
+        return "off"  # a switch not given (store_true, or a --no-… store_false)
     if value is None:
         return None
     if isinstance(value, list):
