@@ -21,21 +21,27 @@
 // where q are the unsigned stored values, (a0, a1) the group's scale for each half, (b0, b1) its
 // offset (-8d for Q4_0, the minimum for Q4_1, -dmin*m for Q4_K, ...) and S0_j, S1_j = dx_j times the
 // sum of each half of the quantized activations. Only Q6_K has different scales for the two halves.
+#pragma GCC diagnostic ignored "-Wpsabi" // static helpers only: no ABI crosses the library boundary
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef float f32x16 __attribute__((vector_size(64)));
 
 static inline float f16(const uint8_t *p) {
   uint16_t h;
   memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
   uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
   if (exp == 0) {
     if (man == 0) {
@@ -52,6 +58,7 @@ static inline float f16(const uint8_t *p) {
   float f;
   memcpy(&f, &bits, 4);
   return f;
+#endif
 }
 
 static inline u8x16 load_u8x16(const uint8_t *p) {
@@ -60,12 +67,25 @@ static inline u8x16 load_u8x16(const uint8_t *p) {
   return v;
 }
 
-// Bytes i of the result: 0x10 if bit i of the 16-bit `bits` is set, else 0 (Q5_0/Q5_1 high bits).
+// Byte i of spread[b]: 0x10 if bit i of b is set, else 0 (the 5th bit of Q5_0/Q5_1 values).
+static uint64_t spread[256];
+
+__attribute__((constructor)) static void init_spread(void) {
+  for (int b = 0; b < 256; b++) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+      if (b >> i & 1) v |= (uint64_t)0x10 << (8 * i);
+    spread[b] = v;
+  }
+}
+
+// Byte i of the result: 0x10 if bit i of the 16-bit `bits` is set, else 0.
 static inline u8x16 bits_to_0x10(uint32_t bits) {
-  static const u8x16 select = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
-  u8x16 b = {0};
-  for (int i = 0; i < 8; i++) b[i] = (uint8_t)(bits & 0xff), b[i + 8] = (uint8_t)((bits >> 8) & 0xff);
-  return (u8x16)((b & select) != 0) & 0x10;
+  uint64_t lo = spread[bits & 0xff], hi = spread[(bits >> 8) & 0xff];
+  u8x16 v;
+  memcpy(&v, &lo, 8);
+  memcpy((uint8_t *)&v + 8, &hi, 8);
+  return v;
 }
 
 static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
@@ -101,7 +121,9 @@ static inline size_t block_bytes(int type) {
 }
 
 // Group g (of 32 values) of a row: its block is blk (g / groups-per-block), j = g % groups-per-block.
-static inline void unpack(int type, const uint8_t *blk, int j, group *o) {
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
   switch (type) {
     case T_Q4_0: case T_Q4_1: {
       u8x16 q = load_u8x16(blk + (type == T_Q4_0 ? 2 : 4));
@@ -190,13 +212,6 @@ static void quantize_rows(const float *x, int m, int k, int8_t *xq, float *xd, f
 // ---------------------------------------------------------------- integer dot products
 
 #if defined(__AVX2__)
-typedef __m256i ivec;
-static inline ivec make_w(const group *g) {
-  __m128i lo, hi;
-  memcpy(&lo, &g->h0, 16);
-  memcpy(&hi, &g->h1, 16);
-  return _mm256_set_m128i(hi, lo);
-}
 // Lanes 0-3: the first half's products, 4-7 the second's.
 static inline __m256i dot_us(__m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -209,8 +224,72 @@ static inline __m256i dot_us(__m256i u, __m256i s) {
 }
 #endif
 
+#if defined(__AVX2__)
+// 0xFF in byte i where bit i of `bits` is set (llama.cpp's bytes_from_bits_32).
+static inline __m256i bytes_from_bits(uint32_t bits) {
+  const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                                          0x0303030303030303);
+  __m256i r = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+  const __m256i bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+  r = _mm256_or_si256(r, bit);
+  return _mm256_cmpeq_epi8(r, _mm256_set1_epi64x(-1));
+}
+
+// The group's 32 values straight into a vector register (the portable unpack goes through memory).
+INLINE __m256i unpack_avx2(int type, const uint8_t *blk, int j, float *a0, float *a1, float *b0, float *b1) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  switch (type) {
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: {
+      int off = type == T_Q4_0 ? 2 : type == T_Q4_1 ? 4 : type == T_Q5_0 ? 6 : 8;
+      __m128i q = _mm_loadu_si128((const __m128i *)(blk + off));
+      __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+      float d = f16(blk);
+      *a0 = *a1 = d;
+      if (type == T_Q5_0 || type == T_Q5_1) {
+        uint32_t qh;
+        memcpy(&qh, blk + off - 4, 4);
+        w = _mm256_or_si256(w, _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10)));
+      }
+      *b0 = *b1 = type == T_Q4_0 ? -8.f * d : type == T_Q5_0 ? -16.f * d : f16(blk + 2);
+      return w;
+    }
+    case T_Q8_0:
+      *a0 = *a1 = f16(blk);
+      *b0 = *b1 = 0.f;
+      return _mm256_loadu_si256((const __m256i *)(blk + 2));
+    case T_Q4_K: case T_Q5_K: {
+      int sc, m;
+      scale_min_k4(j, blk + 4, &sc, &m);
+      __m256i q = _mm256_loadu_si256((const __m256i *)(blk + (type == T_Q4_K ? 16 : 48) + 32 * (j / 2)));
+      __m256i w = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, m4);
+      if (type == T_Q5_K) {
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+        __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+        w = _mm256_or_si256(w, _mm256_slli_epi16(bit, 4));
+      }
+      float d = f16(blk), dmin = f16(blk + 2);
+      *a0 = *a1 = d * (float)sc;
+      *b0 = *b1 = -dmin * (float)m;
+      return w;
+    }
+    default: {  // T_Q6_K
+      int half = j / 4, c = j & 3;
+      const uint8_t *ql = blk + 64 * half + (c & 1) * 32, *qh = blk + 128 + 32 * half;
+      const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half + 2 * c;
+      __m256i l = _mm256_loadu_si256((const __m256i *)ql), h = _mm256_loadu_si256((const __m256i *)qh);
+      l = _mm256_and_si256(c & 2 ? _mm256_srli_epi16(l, 4) : l, m4);
+      h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(3));
+      float d = f16(blk + 208);
+      *a0 = d * (float)sc[0], *a1 = d * (float)sc[1];
+      *b0 = -32.f * *a0, *b1 = -32.f * *a1;
+      return _mm256_or_si256(l, _mm256_slli_epi16(h, 4));
+    }
+  }
+}
+#endif
+
 // Accumulate one weight row against rows x0..x0+mr-1; out[r] += the row's dot product.
-static inline void row_dot(int type, const uint8_t *wrow, int groups, int gpb, const int8_t *xq, const float *xd,
+INLINE void row_dot(int type, const uint8_t *wrow, int groups, int gpb, const int8_t *xq, const float *xd,
                            const float *xs, int k, int mr, float *out) {
   size_t bb = block_bytes(type);
 #if defined(__AVX2__)
@@ -221,10 +300,9 @@ static inline void row_dot(int type, const uint8_t *wrow, int groups, int gpb, c
 #endif
   float offs[16] = {0};
   for (int g = 0; g < groups; g++) {
-    group w;
-    unpack(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &w);
 #if defined(__AVX2__)
-    __m256i wv = make_w(&w);
+    group w;
+    __m256i wv = unpack_avx2(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &w.a0, &w.a1, &w.b0, &w.b1);
     __m256i wu = type == T_Q8_0 ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed Q8_0
     __m256 a = _mm256_set_m128(_mm_set1_ps(w.a1), _mm_set1_ps(w.a0));
     for (int r = 0; r < mr; r++) {
@@ -236,6 +314,8 @@ static inline void row_dot(int type, const uint8_t *wrow, int groups, int gpb, c
       offs[r] += w.b0 * xs[2 * t] + w.b1 * xs[2 * t + 1];
     }
 #else
+    group w;
+    unpack(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &w);
     for (int r = 0; r < mr; r++) {
       size_t t = (size_t)r * groups + g;
       const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)g;
@@ -259,6 +339,22 @@ static inline void row_dot(int type, const uint8_t *wrow, int groups, int gpb, c
 #else
     out[r] = acc[r] + offs[r];
 #endif
+  }
+}
+
+// Specialized per type (and for one row, the decode of a single stream): the unpacking's switch and
+// the row loop then compile away.
+#define ROW_DOT_CASE(T)                                                                   \
+  case T:                                                                                 \
+    if (mr == 1) row_dot(T, wrow, groups, gpb, xq, xd, xs, k, 1, out);                    \
+    else row_dot(T, wrow, groups, gpb, xq, xd, xs, k, mr, out);                          \
+    break;
+
+static void row_dot_any(int type, const uint8_t *wrow, int groups, int gpb, const int8_t *xq, const float *xd,
+                        const float *xs, int k, int mr, float *out) {
+  switch (type) {
+    ROW_DOT_CASE(T_Q4_0) ROW_DOT_CASE(T_Q4_1) ROW_DOT_CASE(T_Q5_0) ROW_DOT_CASE(T_Q5_1)
+    ROW_DOT_CASE(T_Q8_0) ROW_DOT_CASE(T_Q4_K) ROW_DOT_CASE(T_Q5_K) ROW_DOT_CASE(T_Q6_K)
   }
 }
 
@@ -288,12 +384,38 @@ int dc_gguf_matmul(int type, const uint8_t *w, const int8_t *xq, const float *xd
     for (int r0 = 0; r0 < m; r0 += ROW_CHUNK) {
       int mr = m - r0 < ROW_CHUNK ? m - r0 : ROW_CHUNK;
       size_t t0 = (size_t)r0 * groups;
-      row_dot(type, wrow, groups, gpb, xq + (size_t)r0 * k, xd + t0, xs + 2 * t0, k, mr, out);
+      row_dot_any(type, wrow, groups, gpb, xq + (size_t)r0 * k, xd + t0, xs + 2 * t0, k, mr, out);
       float b = bias ? bias[i] : 0.f;
       for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
     }
   }
   return 0;
+}
+
+INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *v1) {
+#if defined(__AVX2__)
+  float a0, a1, b0, b1;
+  __m256i w = unpack_avx2(type, blk, j, &a0, &a1, &b0, &b1);
+  __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+  __m256 f[4];
+  __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int i = 0; i < 4; i++) {
+    __m256i wide = type == T_Q8_0 ? _mm256_cvtepi8_epi32(parts[i]) : _mm256_cvtepu8_epi32(parts[i]);
+    f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(i < 2 ? a0 : a1), _mm256_set1_ps(i < 2 ? b0 : b1));
+  }
+  memcpy(v0, f, 64);
+  memcpy(v1, f + 2, 64);
+#else
+  group q;
+  unpack(type, blk, j, &q);
+  if (type == T_Q8_0) {
+    *v0 = __builtin_convertvector((i8x16)q.h0, f32x16), *v1 = __builtin_convertvector((i8x16)q.h1, f32x16);
+  } else {
+    *v0 = __builtin_convertvector(q.h0, f32x16), *v1 = __builtin_convertvector(q.h1, f32x16);
+  }
+  *v0 = *v0 * q.a0 + q.b0;
+  *v1 = *v1 * q.a1 + q.b1;
+#endif
 }
 
 // Weight rows [row0, row0 + rows) as float32 into out [rows, k]: the reference dequantization
@@ -309,14 +431,10 @@ int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int k, fl
     const uint8_t *wrow = w + (size_t)(row0 + i) * row_bytes;
     float *o = out + (size_t)i * k;
     for (int g = 0; g < groups; g++) {
-      group q;
-      unpack(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &q);
-      for (int l = 0; l < 16; l++) {
-        float v0 = type == T_Q8_0 ? (float)(int8_t)q.h0[l] : (float)q.h0[l];
-        float v1 = type == T_Q8_0 ? (float)(int8_t)q.h1[l] : (float)q.h1[l];
-        o[32 * g + l] = q.a0 * v0 + q.b0;
-        o[32 * g + 16 + l] = q.a1 * v1 + q.b1;
-      }
+      f32x16 v0, v1;
+      unpack_f32(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &v0, &v1);
+      memcpy(o + 32 * g, &v0, 64);
+      memcpy(o + 32 * g + 16, &v1, 64);
     }
   }
   return 0;
