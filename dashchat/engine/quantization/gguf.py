@@ -82,6 +82,14 @@ class GGUFLinear(nn.Module):
         for i, part in enumerate(parts):  # buffers, so .to()/state inspection see them
             self.register_buffer(f"blocks{i}", part.data, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+        self._filled = sum(p.rows for p in parts)
+        # per part: (type, blocks, rows, first output column, bias pointer): the decode path's ctypes
+        # arguments, computed once (a step makes hundreds of these calls)
+        self._calls, row = [], 0
+        for part in parts:
+            bias_ptr = None if self.bias is None else self.bias.data_ptr() + 4 * row
+            self._calls.append((part.type_id, part.data.data_ptr(), part.rows, row, bias_ptr))
+            row += part.rows
         self._lib = kernel_library()
         if self._lib is None:
             raise RuntimeError("GGUF layers need dashchat's C kernels (a C compiler); use --quantization none")
@@ -110,21 +118,14 @@ class GGUFLinear(nn.Module):
         if m >= PREFILL_ROWS:
             y = torch.nn.functional.linear(x, self.dequantize(scratch=True), self.bias)
             return y.reshape(*shape[:-1], n)
-        filled = sum(p.rows for p in self.parts)
-        y = torch.empty(m, n) if filled == n else torch.zeros(m, n)
-        xq = torch.empty(m * k, dtype=torch.int8)
-        xd = torch.empty(m * k // 32)
-        xs = torch.empty(m * k // 16)
+        y = torch.empty(m, n) if self._filled == n else torch.zeros(m, n)
+        xq, xd, xs = _activation_scratch(m * k)
         lib = self._lib
-        lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq.data_ptr(), xd.data_ptr(), xs.data_ptr())
-        row, bias_ptr = 0, (None if self.bias is None else self.bias.data_ptr())
-        for part in self.parts:
-            failed = lib.dc_gguf_matmul(
-                part.type_id, part.data.data_ptr(), xq.data_ptr(), xd.data_ptr(), xs.data_ptr(),
-                None if bias_ptr is None else bias_ptr + 4 * row, y.data_ptr() + 4 * row, m, part.rows, k, n)
-            if failed:
-                raise ValueError(f"GGUF kernel rejected a {part.type_name} weight with {k} inputs")
-            row += part.rows
+        lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs)
+        y_ptr = y.data_ptr()
+        for type_id, w_ptr, rows, row, bias_ptr in self._calls:
+            if lib.dc_gguf_matmul(type_id, w_ptr, xq, xd, xs, bias_ptr, y_ptr + 4 * row, m, rows, k, n):
+                raise ValueError(f"GGUF kernel rejected a type-{type_id} weight with {k} inputs")
         return y.reshape(*shape[:-1], n)
 
     def dequantize(self, scratch: bool = False) -> torch.Tensor:
@@ -147,6 +148,20 @@ class GGUFLinear(nn.Module):
                                          w[row:].data_ptr())
             row += part.rows
         return w
+
+
+_act = torch.empty(0, dtype=torch.uint8)
+
+
+def _activation_scratch(values: int) -> tuple[int, int, int]:
+    """Addresses of the int8 activations, their scales and their half sums, in one buffer kept
+    between calls (the engine runs one product at a time; each product consumes them at once)."""
+    global _act
+    need = values + 4 * (values // 32) + 4 * (values // 16)
+    if _act.numel() < need:
+        _act = torch.empty(max(need, 2 * _act.numel()), dtype=torch.uint8)
+    base = _act.data_ptr()
+    return base, base + values + (-values % 4), base + values + (-values % 4) + 4 * (values // 32)
 
 
 def dequantize_blocks(type_name: str, data: torch.Tensor, in_features: int) -> torch.Tensor:
