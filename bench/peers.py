@@ -1,4 +1,8 @@
-"""dashchat's server against llama.cpp's server (llama-cpp-python), over HTTP, same GGUF, one run.
+"""dashchat's server against llama.cpp's servers, over HTTP, same GGUF, one run.
+
+The peers: llama.cpp's own C++ `llama-server` (bench/.llama-server, built by
+bench/setup_llama_server.sh), which batches requests across --parallel slots, and, as a second row,
+llama-cpp-python's server (one request at a time).
 
 Starts each server in turn on 127.0.0.1 (never both at once), streams chat completions to it with
 httpx/asyncio, stops it, and prints a Markdown table:
@@ -21,7 +25,11 @@ its own system message, so neither server's prefix cache shortens prefill.
     python bench/peers.py --requests 3 --max-tokens 64 --concurrency 8 --skip-llamacpp
     python bench/peers.py --rounds 2 --json bench/results/peers.json   # alternate, medians over rounds
 
-llama.cpp's side is `python -m llama_cpp.server` from bench/.venv-llamacpp, built by
+`llama-server` runs with -t/-tb = --threads, --parallel = the highest concurrency (continuous
+batching is its default), a context of --max-model-len per slot (-c = slots x --max-model-len, so
+every slot has room), and no web UI. Ratios in the table are against it when it runs.
+
+llama-cpp-python's side is `python -m llama_cpp.server` from bench/.venv-llamacpp, built by
 bench/setup_llamacpp.sh when missing (a compile of many minutes). It runs with
 --n_threads/--n_threads_batch = --threads, --n_ctx = --max-model-len, and --interrupt_requests False
 (its default True would cut a running stream short whenever another request arrives). Its server
@@ -91,7 +99,7 @@ def request_body(i: int, max_tokens: int, ban: list[int], peer: str) -> dict[str
         "logit_bias": {str(t): -100 for t in ban},
         "stream_options": {"include_usage": True},
     }
-    if peer == "llamacpp":
+    if peer in ("llamacpp", "llama-server"):
         # llama-cpp-python's request defaults are top_k 40, min_p 0.05, repeat_penalty 1.1: switch off
         body.update(top_k=0, min_p=0.0, repeat_penalty=1.0)
     return body
@@ -166,6 +174,22 @@ def ensure_llamacpp(venv: Path, setup: bool) -> Path:
     return python
 
 
+def ensure_llama_server(binary: Path, setup: bool) -> Path:
+    if not binary.exists():
+        if not setup:
+            raise SystemExit(f"{binary} missing; run bash bench/setup_llama_server.sh")
+        print(f"{binary} missing: running bench/setup_llama_server.sh (compiles llama.cpp; many minutes)",
+              flush=True)
+        subprocess.run(["bash", str(HERE / "setup_llama_server.sh")], check=True)
+    return binary
+
+
+def llama_server_version(binary: Path) -> str:
+    r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("version")]
+    return lines[0].removeprefix("version: ") if lines else "?"
+
+
 def llamacpp_version(python: Path) -> str:
     r = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                        capture_output=True, text=True, check=False)
@@ -200,6 +224,7 @@ def fmt(x: float, digits: int = 1) -> str:
 
 
 def table(results: dict[str, dict], concurrency: list[int], peer_name: str | None) -> str:
+    """Rows, then each dashchat row's ratio to the peer (`peer_name`)."""
     cols = ["ttft_ms", "decode_tok_s"] + [f"agg_tok_s_c{c}" for c in concurrency]
     head = ["TTFT ms (median, lower is better)", "decode tok/s (1 stream)"] + \
         [f"aggregate tok/s (c={c})" for c in concurrency]
@@ -209,13 +234,13 @@ def table(results: dict[str, dict], concurrency: list[int], peer_name: str | Non
     if peer_name:
         base = results[peer_name]
         for name, row in results.items():
-            if name == peer_name:
+            if not name.startswith("dashchat"):
                 continue
             cells = []
             for c in cols:
                 r = row[c] / base[c] if base[c] else float("nan")
                 cells.append(f"{fmt(r, 2)}x" + (" (lower is better)" if c == "ttft_ms" else ""))
-            lines.append(f"| **{name} / llama.cpp** | " + " | ".join(cells) + " |")
+            lines.append(f"| **{name} / {peer_name.split(' (')[0]}** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -239,7 +264,11 @@ def main() -> int:
                          "all alike); the table shows medians over rounds")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both servers")
     ap.add_argument("--max-model-len", type=int, default=2048, help="context of both servers")
-    ap.add_argument("--skip-llamacpp", action="store_true", help="measure dashchat only")
+    ap.add_argument("--skip-llamacpp", action="store_true", help="skip llama-cpp-python's server")
+    ap.add_argument("--skip-llama-server", action="store_true", help="skip llama.cpp's C++ llama-server")
+    ap.add_argument("--llama-server", type=Path, default=HERE / ".llama-server" / "bin" / "llama-server",
+                    help="the llama-server binary (default: built by bench/setup_llama_server.sh when missing)")
+    ap.add_argument("--llama-server-args", default="", metavar="FLAGS", help="extra flags for llama-server")
     ap.add_argument("--skip-dashchat", action="store_true", help="measure llama.cpp only")
     ap.add_argument("--no-setup", action="store_true", help="fail instead of building the llama.cpp venv")
     ap.add_argument("--llamacpp-venv", type=Path, default=HERE / ".venv-llamacpp")
@@ -281,14 +310,25 @@ def main() -> int:
                    str(args.max_model_len), "--max-num-seqs", str(max(32, *args.concurrency)),
                    "--log-level", "warning", *shlex.split(extra)]
             runs.append((name, cmd, "/health", "dashchat"))
+    if not args.skip_llama_server:
+        server = ensure_llama_server(args.llama_server, not args.no_setup)
+        slots = max(args.concurrency)
+        name = f"llama-server ({llama_server_version(server)}, -np {slots})"
+        cmd = [str(server), "-m", str(gguf), "--alias", SERVED_NAME, "--host", "127.0.0.1", "--port", "{port}",
+               "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots),
+               "-c", str(slots * args.max_model_len), "--cont-batching", "--no-webui",
+               *shlex.split(args.llama_server_args)]
+        runs.append((name, cmd, "/health", "llama-server"))
+        peer_name = name
     if not args.skip_llamacpp:
         python = ensure_llamacpp(args.llamacpp_venv, not args.no_setup)
-        peer_name = f"llama.cpp server (llama-cpp-python {llamacpp_version(python)})"
+        llamacpp_name = f"llama.cpp server (llama-cpp-python {llamacpp_version(python)})"
+        peer_name = peer_name or llamacpp_name
         cmd = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", SERVED_NAME,
                "--host", "127.0.0.1", "--port", "{port}", "--n_threads", str(args.threads),
                "--n_threads_batch", str(args.threads), "--n_ctx", str(args.max_model_len),
                "--interrupt_requests", "False", "--verbose", "False", *shlex.split(args.llamacpp_args)]
-        runs.append((peer_name, cmd, "/v1/models", "llamacpp"))
+        runs.append((llamacpp_name, cmd, "/v1/models", "llamacpp"))
 
     per_round: dict[str, list[dict]] = {name: [] for name, *_ in runs}
     try:

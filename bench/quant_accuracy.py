@@ -1,7 +1,10 @@
-"""Int8 and int4 drift against float32 on a fixed text: mean log-prob of the true next token,
+"""Int8, int4 and GGUF-as-shipped drift against float32 on a fixed text: mean log-prob of the true next token,
 and how often each picks the same greedy token as float32.
 
-    python bench/quant_accuracy.py [--model smollm2-135m-instruct] [--tokens 384] [--quantization int8,int4]
+    python bench/quant_accuracy.py [--model smollm2-135m-instruct] [--tokens 384] [--quantization int8,int4,gguf]
+
+float32 here is the GGUF's own weights dequantized, so `gguf` (the file's blocks run by the C
+kernels, activations in int8 per 32 values) measures only what the kernels' arithmetic changes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import torch  # noqa: E402
 
 from dashchat.engine.quantization.int8 import _causal_attention, quantize_linears_int8  # noqa: E402
 from dashchat.engine.quantization.int4 import quantize_linears_int4  # noqa: E402
+from dashchat.engine.quantization import gguf as gguf_module  # noqa: E402
+from dashchat.engine.quantization.gguf import gguf_source, load_gguf_linears  # noqa: E402
+from dashchat.models.parallel import ShardPlan  # noqa: E402
 from dashchat.models.config import ModelConfig  # noqa: E402
 from dashchat.models.registry import build_model  # noqa: E402
 from dashchat.models.resolve import resolve_model  # noqa: E402
@@ -37,7 +43,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=384)
-    ap.add_argument("--quantization", default="int8,int4", help="comma list of int8, int4")
+    ap.add_argument("--quantization", default="int8,int4", help="comma list of int8, int4, gguf, gguf-int8 (gguf with the "
+                    "int8-activation kernels at every batch size, as decode steps run; gguf alone dequantizes "
+                    "for prompt-sized batches, as prefill does)")
     args = ap.parse_args()
     path = str(resolve_model(args.model).path)
     cfg, tok = ModelConfig.from_dir(path), Tokenizer.from_dir(path)
@@ -48,10 +56,14 @@ def main() -> None:
     ref = logprobs(model, ids)
     target = ids[1:, None]
     lp_ref = ref[:-1].gather(1, target).squeeze(1)
+    prefill_rows = gguf_module.PREFILL_ROWS
     for kind in args.quantization.split(","):
         quantized = copy.deepcopy(model)
         if kind == "int8":
             quantize_linears_int8(quantized, tok)
+        elif kind in ("gguf", "gguf-int8"):
+            load_gguf_linears(quantized, gguf_source(path), cfg, ShardPlan(cfg, 0, 1))
+            gguf_module.PREFILL_ROWS = 1 << 30 if kind == "gguf-int8" else prefill_rows
         else:
             quantize_linears_int4(quantized)
         got = logprobs(quantized, ids)

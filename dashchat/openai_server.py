@@ -70,13 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "there are several, else an equal share of the cores.")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="Weight and activation dtype; auto = float32 on CPU, bfloat16 on CUDA.")
-    e.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default="none",
-                   help="Linear-layer quantization, CPU only. none: the model's own precision (default: it "
-                        "keeps greedy output identical to the float model). int8: int8 weights and per-token "
-                        "int8 activations, fastest under concurrent load. int4: 4-bit weights in groups of 32 "
-                        "(a Q4_1/Q4_K GGUF keeps its own weights) with bfloat16 activations, fastest for one "
-                        "stream. Both drift a little from float32 (see bench/README.md). auto: int8 for the "
-                        "native engine on CPU in float32, else none.")
+    e.add_argument("--quantization", choices=["gguf", "none", "int8", "int4", "auto"], default=None,
+                   help="Linear-layer quantization, CPU only; what decoding a token reads per weight is in "
+                        "brackets. gguf: a GGUF model's own blocks as the file ships them [0.5-1 byte: 4.5-8.5 "
+                        "bits], int8 activations per 32 values as llama.cpp (the default for GGUF models on "
+                        "CPU). none: the model's own precision, a GGUF dequantized to float32 [4 bytes] (the "
+                        "default for other models; keeps greedy output identical to the float model). int8: "
+                        "int8 weights and per-token int8 activations [1 byte], fast under concurrent load. "
+                        "int4: 4-bit weights in groups of 32 [~0.6 byte] with bfloat16 activations. int8 and "
+                        "int4 re-quantize, and drift a little from float32 (see bench/README.md). auto: gguf for "
+                        "GGUF models, else int8, for the native engine on CPU in float32; else none.")
     e.add_argument("--compile", action="store_true",
                    help="Native engine: compile the decode step with torch.compile before serving. "
                         "About 2x faster decoding on CPU; start-up takes ~20 s more (a few minutes the "
@@ -200,9 +203,14 @@ def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     quantization = args.quantization
-    if quantization == "auto":
-        native_cpu_fp32 = args.engine == "native" and device == "cpu" and args.dtype in ("auto", "float32")
-        quantization = "int8" if native_cpu_fp32 else "none"
+    native_cpu_fp32 = args.engine == "native" and device == "cpu" and args.dtype in ("auto", "float32")
+    if quantization in (None, "auto"):
+        from dashchat.engine.quantization.gguf import gguf_source
+
+        if native_cpu_fp32 and gguf_source(model_dir) is not None:
+            quantization = "gguf"  # run the file as shipped
+        else:
+            quantization = "int8" if quantization == "auto" and native_cpu_fp32 else "none"
     eargs = EngineArgs(
         model_dir=model_dir, device=device, device_ids=args.device_ids, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,

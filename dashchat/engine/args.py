@@ -25,7 +25,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads; default: physical cores
     max_queue: int = 256  # waiting requests beyond which generate() raises EngineOverloaded
-    quantization: str = "none"  # "none" | "int8" | "int4" (the CLI resolves its "auto" before this)
+    quantization: str = "none"  # "none" | "gguf" (a GGUF model's own blocks) | "int8" | "int4" (the CLI resolves "auto")
     compile: bool = False  # torch.compile the decode step (slower start, faster tokens)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     seed: int = 0

@@ -54,6 +54,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], cache_root: Path | None = No
         raise GGUFConvertError(f"GGUF file not found: {src}")
     out = converted_dir(src, cache_root)
     if (out / "config.json").is_file():
+        _note_source(out, src)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(out.parent)
@@ -71,7 +72,29 @@ def convert_gguf(gguf_path: str | os.PathLike[str], cache_root: Path | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1fs", src.name, time.perf_counter() - t0)
+    _note_source(out, src)
     return out
+
+
+SOURCE_FILE = "gguf_source.json"
+
+
+def _note_source(out: Path, src: Path) -> None:
+    """Record which GGUF file the folder came from: `--quantization gguf` reads its blocks from there.
+    (Written beside the conversion, not part of it, so folders converted before this existed get it
+    too; the folder's key already pins the file's identity.)"""
+    marker = out / SOURCE_FILE
+    text = json.dumps({"source": str(src)})
+    try:
+        if marker.is_file() and marker.read_text(encoding="utf-8") == text:
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-source-", dir=out)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, marker)
+    except OSError as e:  # a read-only cache: the model still serves, dequantized
+        log.warning("cannot record the GGUF source of %s: %s", out, e)
 
 
 def sweep_stale_temps(parent: Path, max_age_s: float = 6 * 3600) -> None:

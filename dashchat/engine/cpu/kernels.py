@@ -24,8 +24,11 @@ import torch  # loads torch's OpenMP runtime before the kernel library links to 
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("kernels.c")
-_CFLAGS = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11", "-Wall"]
+_SOURCES = (Path(__file__).with_name("kernels.c"), Path(__file__).with_name("gguf_kernels.c"))
+# DASHCHAT_CPU_MARCH builds for an older CPU than this one (tests run the AVX2 and portable paths
+# with it on an AVX-512 machine); the default is this CPU's own instruction set.
+_CFLAGS = ["-O3", f"-march={os.environ.get('DASHCHAT_CPU_MARCH', 'native')}", "-fPIC", "-fopenmp", "-std=c11",
+           "-Wall"]
 
 
 class _DlInfo(ctypes.Structure):
@@ -57,11 +60,12 @@ def _cpu_flags() -> str:
 
 def _build(cc: str, openmp: str, out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        obj, lib = Path(tmp) / "kernels.o", Path(tmp) / out.name
+        objs, lib = [str(Path(tmp) / f"{src.stem}.o") for src in _SOURCES], Path(tmp) / out.name
         # Compile with OpenMP but link without -fopenmp: the library's only OpenMP dependency is then
         # torch's runtime (named by path), not the system's libgomp beside it.
-        for cmd in ([cc, *_CFLAGS, "-c", str(_SOURCE), "-o", str(obj)],
-                    [cc, "-shared", str(obj), openmp, f"-Wl,-rpath,{Path(openmp).parent}", "-lm", "-o", str(lib)]):
+        compiles = [[cc, *_CFLAGS, "-c", str(src), "-o", obj] for src, obj in zip(_SOURCES, objs)]
+        for cmd in (*compiles,
+                    [cc, "-shared", *objs, openmp, f"-Wl,-rpath,{Path(openmp).parent}", "-lm", "-o", str(lib)]):
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -84,7 +88,7 @@ def kernel_library() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(
-            b"\0".join(s.encode() for s in (_SOURCE.read_text(), version, _cpu_flags(), " ".join(_CFLAGS), openmp))
+            b"\0".join(s.encode() for s in (*(src.read_text() for src in _SOURCES), version, _cpu_flags(), " ".join(_CFLAGS), openmp))
         ).hexdigest()[:16]
         out = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
         if not out.exists():
@@ -106,6 +110,12 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_silu_and_mul.restype = None
     lib.dc_rope_neox.argtypes = [p, i, i, i, ctypes.c_int64, p, p]
     lib.dc_rope_neox.restype = None
+    lib.dc_gguf_quantize_x.argtypes = [p, i, i, p, p, p]
+    lib.dc_gguf_quantize_x.restype = None
+    lib.dc_gguf_matmul.argtypes = [i, p, p, p, p, p, p, i, i, i, i]
+    lib.dc_gguf_matmul.restype = i
+    lib.dc_gguf_dequantize.argtypes = [i, p, i, i, i, p]
+    lib.dc_gguf_dequantize.restype = i
     return lib
 
 

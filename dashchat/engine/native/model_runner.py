@@ -91,8 +91,21 @@ class ModelRunner:
             if not cpu_float32:
                 raise ValueError("--quantization int4 is a CPU float32 path; on CUDA use --dtype bfloat16")
             quantize_linears_int4(self.model)
+        elif quantization == "gguf":
+            from ..quantization.gguf import gguf_source, load_gguf_linears
+
+            source = gguf_source(model_dir)
+            if not cpu_float32:
+                raise ValueError("--quantization gguf is a CPU float32 path; on CUDA use --dtype bfloat16")
+            if source is None:
+                raise ValueError("--quantization gguf needs a GGUF model (a .gguf file or an embedded model)")
+            plan = ShardPlan(self.cfg, self.tp.rank, self.tp.size)
+            counts = load_gguf_linears(self.model, source, self.cfg, plan)
+            log.info("GGUF weights as shipped: %d linear layers, %d kept as float", counts["gguf"], counts["float"])
+            if torch.backends.mkldnn.is_available():
+                pack_linears(self.model)  # the layers left as float
         elif quantization != "none":
-            raise ValueError(f"unsupported quantization {quantization!r}; choose none, int8 or int4")
+            raise ValueError(f"unsupported quantization {quantization!r}; choose none, gguf, int8 or int4")
         elif cpu_float32 and torch.backends.mkldnn.is_available():
             pack_linears(self.model)
 

@@ -1,0 +1,132 @@
+"""GGUF block kernels (dashchat/engine/cpu/gguf_kernels.c) against gguf-py's reference dequantization.
+
+Weights are random blocks of every supported type (random bytes, with finite random fp16 scales);
+the products quantize activations to int8 per 32 values, so each output may differ from the float
+product x . W_ref^T by at most sum_i |W_ref[n, i]| * dx_i / 2 (dx_i the activation scale of i's
+group: rounding moves each activation by at most half a step). The tests check that bound, plus
+float32 summation slack, per output.
+
+The same checks run once more in a subprocess for each narrower build of the library (AVX2
+without VNNI, and no vector extensions at all), so the fallbacks are tested on this machine too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from dashchat.engine.cpu.kernels import kernel_library
+from dashchat.engine.quantization.gguf import BLOCK_TYPES, GGUFLinear, GGUFPart, dequantize_blocks
+
+pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler: kernels unavailable")
+
+# byte offsets of each type's fp16 scale fields inside a block
+_FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+                "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # fmt: skip
+
+
+def random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    _, per_block, block_bytes = BLOCK_TYPES[type_name]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(rows, cols // per_block, block_bytes), dtype=np.uint8)
+    for off in _FP16_FIELDS[type_name]:
+        scale = (rng.standard_normal((rows, cols // per_block)) * 0.02).astype(np.float16)
+        data[:, :, off : off + 2] = scale.view(np.uint8).reshape(rows, cols // per_block, 2)
+    return data.reshape(rows, -1)
+
+
+def reference(type_name: str, data: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(gguf_dequantize(data, GGMLQuantizationType[type_name]), dtype=np.float32))
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Largest |error| int8 activations (one scale per 32 values) can cause, per output."""
+    dx = x.abs().reshape(x.shape[0], -1, 32).amax(dim=2) / 127.0
+    half_step = dx.repeat_interleave(32, dim=1) / 2
+    return half_step @ w.abs().T
+
+
+def check_type(type_name: str, rows: int, cols: int, batch: int, seed: int) -> None:
+    data = random_blocks(type_name, rows, cols, seed)
+    w_ref = reference(type_name, data)
+    blocks = torch.from_numpy(data)
+    torch.testing.assert_close(dequantize_blocks(type_name, blocks, cols), w_ref, rtol=1e-6, atol=1e-7)
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed))
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(seed + 1))
+    layer = GGUFLinear(cols, rows, [GGUFPart(type_name, blocks, cols)], bias)
+    y = layer(x)
+    expected = x.double() @ w_ref.double().T + bias.double()
+    bound = activation_bound(x.double(), w_ref.double()) + 1e-4 * (x.abs().double() @ w_ref.abs().double().T) + 1e-5
+    err = (y.double() - expected).abs()
+    assert (err <= bound).all(), f"{type_name} rows={rows} batch={batch}: max excess {(err - bound).max():.3g}"
+    # and the error is much smaller than the bound on average (rounding errors cancel)
+    assert err.mean() < 0.5 * bound.mean()
+
+
+TYPES = sorted(BLOCK_TYPES)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("batch", [1, 3, 16, 17, 70])
+def test_product_matches_reference(type_name: str, batch: int) -> None:
+    # odd row counts; 512 inputs = 2 super-blocks; batch 17 crosses a 16-row chunk; 70 the prefill path
+    check_type(type_name, rows=37, cols=512, batch=batch, seed=batch)
+
+
+def test_fused_parts_of_different_types() -> None:
+    """A q/k/v layer whose parts have their own types writes each part's slice of one output."""
+    cols, sizes, types = 256, (32, 8, 8), ("Q5_0", "Q5_0", "Q8_0")
+    datas = [random_blocks(t, n, cols, i) for i, (t, n) in enumerate(zip(types, sizes))]
+    layer = GGUFLinear(cols, sum(sizes), [GGUFPart(t, torch.from_numpy(d), cols) for t, d in zip(types, datas)])
+    w_ref = torch.cat([reference(t, d) for t, d in zip(types, datas)])
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(0))
+    y = layer(x)
+    bound = activation_bound(x, w_ref) + 1e-4 * (x.abs() @ w_ref.abs().T) + 1e-5
+    assert ((y - x @ w_ref.T).abs() <= bound).all()
+    torch.testing.assert_close(layer.dequantize(), w_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_padding_rows_score_zero() -> None:
+    """A vocabulary-parallel head's last rank has fewer rows than outputs: the rest are zeros."""
+    data = random_blocks("Q8_0", 10, 64, 0)
+    layer = GGUFLinear(64, 16, [GGUFPart("Q8_0", torch.from_numpy(data), 64)])
+    for batch in (2, 80):
+        y = layer(torch.randn(batch, 64))
+        assert y.shape == (batch, 16) and (y[:, 10:] == 0).all() and (y[:, :10] != 0).any()
+
+
+def test_rejects_misfit_shapes() -> None:
+    with pytest.raises(ValueError):
+        GGUFPart("Q4_K", torch.zeros(4, 144, dtype=torch.uint8), 128)  # 128 is not a whole super-block
+
+
+_SUBPROCESS = """
+import sys
+sys.path.insert(0, {tests!r})
+from engine.test_gguf_kernels import check_type, TYPES
+from dashchat.engine.cpu.kernels import kernel_library
+assert kernel_library() is not None
+for t in TYPES:
+    for batch in (1, 5, 20):
+        check_type(t, rows=19, cols=256, batch=batch, seed=batch)
+print("ok", len(TYPES))
+"""
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 without VNNI; plain SSE2 (portable C)
+def test_narrower_builds(march: str) -> None:
+    if os.uname().machine != "x86_64":
+        pytest.skip("x86-64 builds only")
+    env = {**os.environ, "DASHCHAT_CPU_MARCH": march}
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS.format(tests=tests)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"ok {len(TYPES)}"
