@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
+from dashchat.engine.types import NotReady
 from dashchat.server.grammar import GrammarBackend, validate_tools
 from dashchat.server.tool_parser import parse_tool_calls
 
@@ -172,6 +173,18 @@ def _avoid_xml(tok: Any, vocab_size: int) -> torch.Tensor:
     return _BIAS[key]
 
 
+def _as_engine(proc: Any, out: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """Call a processor as the engine does: one that is not ready (its grammar still compiles) gets
+    no token this step and is asked again, with the same tokens, on a later step."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return proc(out, logits)
+        except NotReady:
+            assert time.monotonic() < deadline, "the grammar never became ready"
+            time.sleep(0.005)
+
+
 def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps: int = 400,
            prefix: str = "") -> tuple[str, list[int]]:
     """Sample greedily from random logits through the processor until EOS; `prefix`: the model's
@@ -186,12 +199,12 @@ def _drive(tok: Any, backend: GrammarBackend, factory: Any, seed: int, max_steps
     torch.set_num_threads(1)  # small ops: threads only add sync cost on a busy box
     try:
         for t in tok.encode(prefix):
-            row = proc(out, torch.zeros(width))
+            row = _as_engine(proc, out, torch.zeros(width))
             assert torch.isfinite(row[t]), f"{tok.decode([t])!r} refused after {tok.decode(out)!r}"
             out.append(t)
         for step in range(max_steps):
             logits = torch.randn(width, generator=gen).mul_(3).add_(closing, alpha=min(step, 60) * 0.4).add_(avoid)
-            row = proc(out, logits)
+            row = _as_engine(proc, out, logits)
             assert row.shape == (width,)
             tok_id = int(row.argmax())
             assert torch.isfinite(row[tok_id]), "the mask left nothing to sample"
@@ -482,6 +495,43 @@ def test_auto_free_phase_cost_per_token() -> None:
     assert median_us < 100
 
 
+def test_auto_call_waits_for_its_grammar_instead_of_blocking_the_step(model: tuple[Any, GrammarBackend],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call starts while its grammar still compiles: the processor says NotReady (the engine
+    skips this sequence for the step, the batch goes on) instead of waiting inside the step; once the
+    grammar is ready, the same call is constrained."""
+    import threading
+
+    tok, backend = model
+    release = threading.Event()
+    compile_triggered = backend._compile_triggered
+
+    def slow_compile(spec: Any, kind: str) -> Any:
+        assert release.wait(60)
+        return compile_triggered(spec, kind)
+
+    monkeypatch.setattr(backend, "_compile_triggered", slow_compile)
+    tools = [_tool("slow_tool", {"type": "object", "properties": {"x": {"type": "integer"}}})]
+    proc = backend.triggered_tool_calls(tools, parallel=False)()
+    text = tok.encode('<tool_call>\n{"name": "slow_tool", "arguments": {')
+    t0 = time.monotonic()
+    for n in range(len(text) + 1):  # free until the output starts the call, then not ready
+        try:
+            proc(text[:n], torch.zeros(backend.vocab_size))
+        except NotReady:
+            break
+    else:
+        pytest.fail("the call start was never noticed")
+    out = text[:n]
+    with pytest.raises(NotReady):  # asked again on the next step: still not ready, still no wait
+        proc(out, torch.zeros(backend.vocab_size))
+    assert time.monotonic() - t0 < 30  # it never waited for the compile (which waits for `release`)
+    release.set()
+    row = _as_engine(proc, out, torch.zeros(backend.vocab_size))
+    allowed = int(torch.isfinite(row).sum())
+    assert 0 < allowed < backend.vocab_size // 2  # constrained now: the call's grammar masks the row
+
+
 def test_auto_schema_xgrammar_refuses_leaves_the_call_free() -> None:
     tok, backend = load_backend("smollm2")
     odd = [_tool("odd", {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)y"}}})]
@@ -489,7 +539,7 @@ def test_auto_schema_xgrammar_refuses_leaves_the_call_free() -> None:
     ids = tok.encode('<tool_call>\n{"name": "odd", "arguments": {"a": "')
     logits = torch.randn(backend.vocab_size)
     for n in range(len(ids) + 1):
-        assert torch.equal(proc(ids[:n], logits.clone()), logits)
+        assert torch.equal(_as_engine(proc, ids[:n], logits.clone()), logits)
 
 
 # ---------------------------------------------------------------- forced parallel calls end

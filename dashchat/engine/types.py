@@ -25,6 +25,12 @@ class LogitsProcessor(Protocol):
 LogitsProcessorFactory = Callable[[], LogitsProcessor]
 
 
+class NotReady(Exception):
+    """Raised by a logits processor that cannot decide this step (its grammar is still compiling):
+    the engine samples nothing for that sequence this step and calls the processor again on a later
+    step with the same tokens. The other sequences of the batch are not held up."""
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16

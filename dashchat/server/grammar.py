@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dashchat.engine.types import LogitsProcessorFactory
+from dashchat.engine.types import LogitsProcessorFactory, NotReady
 from dashchat.server.reasoning import ReasoningFormat, ThinkStart
 from dashchat.server.tool_parser import (
     DS_CALL_BEGIN,
@@ -230,6 +230,7 @@ class _TriggeredProcessor:
         self._inner: _Processor | None = None
         self._released = False  # a call start the grammar could not take over: free to the end
         self._warm: set[str] = set()
+        self._pending: tuple[str, int] | None = None  # a call start whose grammar is still compiling
 
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         n = len(output_token_ids)
@@ -237,6 +238,8 @@ class _TriggeredProcessor:
             self._reset()  # rewound: watch again from the start
         if self._inner is not None:
             return self._inner(output_token_ids, logits)
+        if self._pending is not None:
+            return self._trigger(self._pending, output_token_ids, logits)
         if self._released or n == self._n:
             return logits
         vocab = self._backend.token_bytes
@@ -258,9 +261,16 @@ class _TriggeredProcessor:
         return self._trigger(hit, output_token_ids, logits)
 
     def _trigger(self, hit: tuple[str, int], output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        """The output has started a call: constrain the rest. Its grammar compiles in the background
+        (usually it started when the call region opened); until it is ready this sequence waits
+        (NotReady: no token this step) and the rest of the batch goes on decoding."""
         kind, start = hit
+        compiled = self._backend.triggered_grammar(self._spec, kind, wait=False)
+        if compiled is None and not self._backend.triggered_grammar_done(self._spec, kind):
+            self._pending = hit
+            raise NotReady(f"the {kind} tool-call grammar is still compiling")
+        self._pending = None
         self._released = True
-        compiled = self._backend.triggered_grammar(self._spec, kind, wait=True)
         if compiled is None:
             return logits
         prefix = self._text[start:].encode("utf-8") + self._decoder.getstate()[0]
@@ -457,6 +467,12 @@ class GrammarBackend:
         except ValueError as e:
             log.info("grammar: auto tool calls stay unconstrained: %s", e)
             return None
+
+    def triggered_grammar_done(self, spec: _ToolSpec, kind: str) -> bool:
+        """Whether triggered_grammar(spec, kind) has finished compiling (or failed): it will not wait."""
+        with self._lock:
+            fut = self._cache.get("trig:" + kind + ":" + spec.key)
+        return fut is not None and fut.done()
 
     def force_eos(self, logits: torch.Tensor) -> torch.Tensor:
         """Only EOS may follow (finite logit, whatever the model or a later processor thought)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
@@ -42,6 +43,7 @@ class ServerState:
         self.reasoning = choose_format(cfg.reasoning_parser, self.chat_template)
         if self.reasoning is not None:
             log.info("reasoning parser: %s", self.reasoning.name)
+        self._grammar_lock = threading.Lock()
 
     # -- models -------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -83,14 +85,15 @@ class ServerState:
     # -- structured output ----------------------------------------------------
     def grammar(self, param: str) -> Any:
         """The GrammarBackend, built on first use (it indexes the vocabulary once)."""
-        if self._grammar is None and self._grammar_error is None:
-            try:
-                from dashchat.server.grammar import GrammarBackend
+        with self._grammar_lock:  # called from worker threads (compiles run off the event loop)
+            if self._grammar is None and self._grammar_error is None:
+                try:
+                    from dashchat.server.grammar import GrammarBackend
 
-                self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
-            except Exception as exc:  # noqa: BLE001 - missing optional dependency, or a tokenizer it cannot index
-                log.warning("structured output unavailable: %s", exc)
-                self._grammar_error = str(exc) or type(exc).__name__
+                    self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
+                except Exception as exc:  # noqa: BLE001 - missing optional dependency, or a tokenizer it cannot index
+                    log.warning("structured output unavailable: %s", exc)
+                    self._grammar_error = str(exc) or type(exc).__name__
         if self._grammar is None:
             raise bad_request(
                 f"Structured output (needed for '{param}') is unavailable on this server: "

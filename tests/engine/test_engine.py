@@ -11,7 +11,7 @@ from engine_helpers import collect, transformers_greedy
 
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.native.llm_engine import AsyncLLMEngine
-from dashchat.engine.types import EngineError, PromptTooLong, SamplingParams
+from dashchat.engine.types import EngineError, NotReady, PromptTooLong, SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -217,6 +217,38 @@ def test_failing_processor_leaves_a_biased_neighbour_untouched(engine):
     for lp, ref in zip(got[0].logprobs, expected.logprobs):
         assert [t for t, _ in lp.top] == [t for t, _ in ref.top]
         assert all(math.isclose(v, r, abs_tol=1e-3) for (_, v), (_, r) in zip(lp.top, ref.top))
+
+
+def test_a_not_ready_processor_waits_while_the_batch_decodes(engine, reference):
+    """A processor whose grammar still compiles says NotReady: its sequence gets no token for those
+    steps (and then exactly the tokens it would have had), the other request goes on meanwhile."""
+    order: list[str] = []
+
+    class CompilingFor20Steps:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, output, logits):
+            self.calls += 1
+            if self.calls <= 20:
+                raise NotReady("compiling")
+            return logits
+
+    async def run(name, prompt, params):
+        tokens = []
+        async for out in engine.generate(engine.tokenizer.encode(prompt), params, f"{name}-{id(params)}"):
+            for d in out.deltas:
+                tokens += d.token_ids
+                order.extend([name] * len(d.token_ids))
+        return tokens
+
+    async def both():
+        return await asyncio.gather(run("waiting", PROMPTS[0], greedy(logits_processor_factories=[CompilingFor20Steps])),
+                                    run("other", PROMPTS[1], greedy()))
+
+    waiting, other = asyncio.run(both())
+    assert waiting == reference[0] and other == reference[1]
+    assert order.index("waiting") >= 10, order  # the other stream's tokens came while it waited
 
 
 def test_tiny_kv_cache_preempts_and_still_finishes_right(smollm2_dir, reference):

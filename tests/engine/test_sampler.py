@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dashchat.engine.native.sampler import Sampler
@@ -45,3 +46,84 @@ def test_sample_never_edits_the_callers_logits():
     assert torch.equal(logits, pristine)
     again = [Sampler({7}).sample([s], logits[i : i + 1])[0] for i, s in enumerate(seqs)]
     assert [r.token_id for r in again] == [r.token_id for r in first]
+
+
+# ---- the arithmetic against a plain reference (float64, one token at a time) ---------------------
+
+import math  # noqa: E402
+
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VOCAB = 12
+
+
+def reference_logits(logits: list[float], prompt: list[int], output: list[int], p: SamplingParams) -> list[float]:
+    """logit_bias, then repetition penalty over prompt + output, then presence/frequency over output."""
+    x = list(logits)
+    for tok, bias in (p.logit_bias or {}).items():
+        x[tok] += bias
+    for tok in set(prompt + output):
+        x[tok] = x[tok] / p.repetition_penalty if x[tok] > 0 else x[tok] * p.repetition_penalty
+    for tok in set(output):
+        x[tok] -= p.frequency_penalty * output.count(tok) + p.presence_penalty
+    return x
+
+
+def reference_probs(logits: list[float], p: SamplingParams) -> list[float]:
+    """temperature, top-k (ties at the k-th value kept), softmax, top-p (a token stays while the mass
+    before it is below top_p; the best always stays), min-p (relative to the best), renormalized."""
+    x = [v / p.temperature for v in logits]
+    if p.top_k > 0:
+        kth = sorted(x, reverse=True)[min(p.top_k, len(x)) - 1]
+        x = [v if v >= kth else -math.inf for v in x]
+    top = max(x)
+    e = [math.exp(v - top) for v in x]
+    probs = [v / sum(e) for v in e]
+    if p.top_p < 1.0:
+        order = sorted(range(len(probs)), key=lambda i: -probs[i])
+        before, keep = 0.0, set()
+        for rank, i in enumerate(order):
+            assume(abs(before - p.top_p) > 1e-4)  # float32 vs float64 may round either way on the edge
+            if rank == 0 or before < p.top_p:
+                keep.add(i)
+            before += probs[i]
+        probs = [v if i in keep else 0.0 for i, v in enumerate(probs)]
+    if p.min_p > 0:
+        threshold = max(probs) * p.min_p
+        assume(all(abs(v - threshold) > 1e-6 for v in probs))
+        probs = [v if v >= threshold else 0.0 for v in probs]
+    total = sum(probs)
+    return [v / total for v in probs]
+
+
+params_st = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.3, 0.7, 1.0, 1.5]),
+    top_k=st.sampled_from([0, 1, 3, 5, VOCAB + 3]),
+    top_p=st.sampled_from([1.0, 0.95, 0.8, 0.5, 0.2]),
+    min_p=st.sampled_from([0.0, 0.05, 0.2]),
+    presence_penalty=st.sampled_from([0.0, 0.5, -1.0, 2.0]),
+    frequency_penalty=st.sampled_from([0.0, 0.3, -0.5, 1.5]),
+    repetition_penalty=st.sampled_from([1.0, 1.2, 0.8, 2.0]),
+    logit_bias=st.none() | st.dictionaries(st.integers(0, VOCAB - 1), st.sampled_from([-5.0, -1.0, 2.5, 8.0]),
+                                           max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(p=params_st,
+       logits=st.lists(st.integers(-40, 40).map(lambda v: v / 8), min_size=VOCAB, max_size=VOCAB),
+       prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6),
+       output=st.lists(st.integers(0, VOCAB - 1), max_size=6))
+def test_processing_and_filtering_match_the_reference(p, logits, prompt, output):
+    seq = Sequence(request_id="r", index=0, token_ids=prompt + output, num_prompt_tokens=len(prompt),
+                   params=p, arrival=0.0)
+    row = torch.tensor(logits, dtype=torch.float32)
+    processed = Sampler(set())._process_row(seq, row.clone())
+    expected = reference_logits(logits, prompt, output, p)
+    assert processed.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+    probs = Sampler._filtered_probs(processed.unsqueeze(0), [seq])[0]
+    got = (probs / probs.sum()).tolist()
+    assert got == pytest.approx(reference_probs(processed.double().tolist(), p), rel=1e-4, abs=1e-6)

@@ -1,20 +1,30 @@
-"""Test entry script: the real server (`python -m dashchat.openai_server`) with one fault planted
-in its engine, as a scheduling bug would be. A request asking for exactly TRIGGER_MAX_TOKENS
-makes the scheduler raise on the step thread; nothing else changes. Used via DASHCHAT_TEST_ENTRY."""
+"""Test entry script: the real server (`python -m dashchat.openai_server`) with faults planted in
+its engine, each set off by one exact `max_tokens`, so other requests run as usual. Used via
+DASHCHAT_TEST_ENTRY (tests/server/server_proc.py).
+
+- CRASH_MAX_TOKENS: the scheduler raises on the step thread, as a scheduling bug would.
+- SLOW_MAX_TOKENS: every step that holds such a request takes at least SLOW_STEP_S longer, so it
+  runs for SLOW_MAX_TOKENS * SLOW_STEP_S seconds or more however fast the machine is (timeout tests).
+"""
 
 from __future__ import annotations
 
 import runpy
+import time
 
 from dashchat.engine.native import scheduler
 
-TRIGGER_MAX_TOKENS = 777
+CRASH_MAX_TOKENS = 777
+SLOW_MAX_TOKENS = 399
+SLOW_STEP_S = 0.25
 _schedule = scheduler.Scheduler.schedule
 
 
 def _planted(self: scheduler.Scheduler) -> scheduler.ScheduledBatch:
-    if any(s.params.max_tokens == TRIGGER_MAX_TOKENS for s in self.waiting):
+    if any(s.params.max_tokens == CRASH_MAX_TOKENS for s in self.waiting):
         raise RuntimeError("planted scheduling bug")
+    if any(s.params.max_tokens == SLOW_MAX_TOKENS for s in [*self.running, *self.waiting]):
+        time.sleep(SLOW_STEP_S)
     return _schedule(self)
 
 

@@ -85,3 +85,65 @@ def test_held_text_released_at_end() -> None:
     out = "".join(stream.add([t]) for t in TOK.encode("Hello wor"))
     assert out == "Hello "  # "wor" could still become the stop
     assert out + stream.finish() == "Hello wor"
+
+
+# ---- real tokenizers: byte-level BPE (SmolLM2) and SentencePiece/Metaspace with byte fallback ------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from dashchat.models.gguf_convert import build_tokenizer_files  # noqa: E402
+from dashchat.models.resolve import resolve_model  # noqa: E402
+from dashchat.tokenizer import Tokenizer  # noqa: E402
+
+
+def _metaspace_tokenizer(d: Path) -> Tokenizer:
+    """A Llama-style SentencePiece vocabulary (Metaspace "▁" for spaces, <0xNN> byte fallback for
+    what it lacks, e.g. "€" and "日" become byte pieces), converted as a GGUF's would be."""
+    pieces = ["▁h", "el", "lo", "▁hel", "▁hello", "▁w", "or", "ld", "▁wor", "▁world", "▁a", "▁", "▁▁"]
+    chars = ["h", "e", "l", "o", "w", "r", "d", "a"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + chars
+    meta = {
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * (len(pieces) + len(chars)),
+        "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(pieces) + len(chars))],
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+    }
+    d.mkdir(parents=True, exist_ok=True)
+    for name, obj in build_tokenizer_files(meta, {"max_position_embeddings": 128}).items():
+        (d / name).write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
+    return Tokenizer.from_dir(d)
+
+
+@pytest.fixture(scope="module", params=["smollm2 (byte-level BPE)", "sentencepiece (Metaspace, byte fallback)"])
+def real_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    if request.param.startswith("smollm2"):
+        return Tokenizer.from_dir(resolve_model("smollm2-135m-instruct").path)
+    d = tmp_path_factory.mktemp("spm")
+    tok = _metaspace_tokenizer(d)
+    assert '"Metaspace"' in (d / "tokenizer.json").read_text() and tok.token_bytes(tok.encode("hello")[0]) == b" hello"
+    return tok
+
+
+texts = st.lists(st.sampled_from(["hello", " world", "a", " ", "  ", "\n", "€", "日本", "😀", "é", "lo"]),
+                 max_size=10).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=texts, cuts=st.lists(st.integers(0, 100), max_size=8))
+def test_incremental_equals_one_shot_on_real_tokenizers(real_tokenizer: Tokenizer, text: str, cuts: list[int]) -> None:
+    """Streamed in any chunks, the text equals what the tokenizer decodes in one go, as a continuation:
+    what the ids add after a prompt (a SentencePiece decoder drops the leading space of a text's first
+    token; a generated answer is never the start of a text)."""
+    tok = real_tokenizer
+    anchor = tok.encode("hello")
+    ids = tok.encode(text)
+    pieces = TokenPieces(tok)
+    detok = IncrementalDetokenizer(pieces)
+    streamed = "".join(detok.add(c) for c in _chunks(ids, cuts) if c) + detok.flush()
+    whole, head = tok.decode(anchor + ids), tok.decode(anchor)
+    assert whole.startswith(head)
+    assert streamed == whole[len(head):]
+    assert "\ufffd" not in streamed  # characters split over byte pieces arrive whole

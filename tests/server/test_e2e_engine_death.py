@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from planted_fault_entry import TRIGGER_MAX_TOKENS
+from planted_fault_entry import CRASH_MAX_TOKENS
 from server_proc import SMOLLM_ARGS, ServerProcess
 
 
@@ -40,11 +40,12 @@ def test_engine_death_is_503_everywhere_and_logged(monkeypatch: pytest.MonkeyPat
             time.sleep(0.02)
         assert len(lines) >= 3
 
-        r = httpx.post(url, json=_chat(TRIGGER_MAX_TOKENS), timeout=120)
+        r = httpx.post(url, json=_chat(CRASH_MAX_TOKENS), timeout=120)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed", r.text
         t.join(120)
         assert not t.is_alive()
-        assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "engine_failed" and lines[-1] == "data: [DONE]"
+        errors = [json.loads(line[len("data: "):]) for line in lines if line.startswith('data: {"error"')]
+        assert [e["error"]["code"] for e in errors] == ["engine_failed"]  # the stream ends with it (then [DONE], or not)
 
         health = httpx.get(f"{srv.base_url}/health", timeout=10)
         assert health.status_code == 503 and health.json() == {"status": "engine_failed"}

@@ -146,7 +146,8 @@ def test_access_log_has_request_id_and_no_prompt(server: ServerProcess, model_na
     r = httpx.post(f"{server.base_url}/v1/chat/completions", headers={"X-Request-Id": "trace-4711"}, timeout=60,
                    json={"model": model_name, "max_tokens": 2, "messages": [{"role": "user", "content": secret}]})
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-4711"
-    time.sleep(0.2)
-    log = server.log(1_000_000)
+    deadline = time.monotonic() + 30  # the access line is written as the response ends: poll for it
+    while "id=trace-4711" not in (log := server.log(1_000_000)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "POST /v1/chat/completions" in log and "id=trace-4711" in log
     assert secret not in log

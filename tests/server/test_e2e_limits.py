@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 import pytest
+from planted_fault_entry import SLOW_MAX_TOKENS, SLOW_STEP_S
 from server_proc import SMOLLM_ARGS, ServerProcess, running, wait_engine_idle
 
 KEYS = ["key-one", "key-two"]
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
 MSG = [{"role": "user", "content": "Write a poem."}]
+TIMEOUT_S = 15  # ample for the 8-token requests here on a loaded box; the timeout test's request is slowed far past it
 
 
 @pytest.fixture(scope="module")
 def tight() -> Iterator[ServerProcess]:
-    yield from running(*SMOLLM_ARGS, "--max-model-len", "512",
-                       "--served-model-name", "tiny", "--api-key", KEYS[0], "--max-num-seqs", "1",
-                       "--max-queue", "1", "--max-request-bytes", "20000", "--request-timeout", "5",
-                       "--max-n", "2", "--allowed-origins", "http://app.test",
-                       env={"DASHCHAT_API_KEY": KEYS[1]})
+    # With a planted slow step (planted_fault_entry.py), so the timeout test holds on any machine.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DASHCHAT_TEST_ENTRY", str(Path(__file__).with_name("planted_fault_entry.py")))
+        servers = running(*SMOLLM_ARGS, "--max-model-len", "512",
+                          "--served-model-name", "tiny", "--api-key", KEYS[0], "--max-num-seqs", "1",
+                          "--max-queue", "1", "--max-request-bytes", "20000", "--request-timeout", str(TIMEOUT_S),
+                          "--max-n", "2", "--allowed-origins", "http://app.test",
+                          env={"DASHCHAT_API_KEY": KEYS[1]})
+        server = next(servers)
+    yield server
+    next(servers, None)  # stops it
 
 
 def test_auth(tight: ServerProcess) -> None:
@@ -72,14 +81,17 @@ def test_admission_queue_429(tight: ServerProcess) -> None:
 
 
 def test_request_timeout(tight: ServerProcess) -> None:
-    body = {"model": "tiny", "messages": MSG, "max_tokens": 400, "ignore_eos": True}
-    r = httpx.post(f"{tight.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    # Its every step is planted to take SLOW_STEP_S more: ~100 s at least, far past the limit, however
+    # fast the machine; the limit alone ends it.
+    assert SLOW_MAX_TOKENS * SLOW_STEP_S > TIMEOUT_S * 4
+    body = {"model": "tiny", "messages": MSG, "max_tokens": SLOW_MAX_TOKENS, "ignore_eos": True}
+    r = httpx.post(f"{tight.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
     assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
     with httpx.stream("POST", f"{tight.base_url}/v1/chat/completions", json={**body, "stream": True},
-                      headers=AUTH, timeout=30) as s:
+                      headers=AUTH, timeout=120) as s:
         lines = [ln for ln in s.iter_lines() if ln]
     assert '"request_timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
-    assert wait_engine_idle(tight.base_url, timeout=5) == (0, 0)
+    assert wait_engine_idle(tight.base_url, timeout=30) == (0, 0)
 
 
 # -- the same limits on /v1/responses and /v1/messages, each in its API's error shape -------------

@@ -316,7 +316,8 @@ class AsyncLLMEngine:
                 continue
             last_contact = time.monotonic()
             try:
-                self._step(batch)
+                if not self._step(batch):
+                    time.sleep(0.002)  # every sequence waits on a grammar compile: let the compile run
             except _RanksOutOfStep:
                 raise
             except Exception:  # noqa: BLE001 - a step's failure fails that step's requests only
@@ -399,7 +400,12 @@ class AsyncLLMEngine:
         return False
 
     @torch.inference_mode()
-    def _step(self, batch: ScheduledBatch) -> None:
+    def _step(self, batch: ScheduledBatch) -> bool:
+        """One forward and sample; False when it moved nothing on (all its samples were deferred).
+
+        A sequence whose logits processor is not ready (NotReady: its grammar still compiles) gets
+        no token: it stays where it is, and the next step recomputes its last position (the same
+        KV slot, rewritten with the same values) and asks again, while the others go on."""
         sampling = list(batch.decodes)
         sampling += [s for s, chunk in batch.prefills if s.num_computed_tokens + chunk == s.num_tokens]
         try:
@@ -416,6 +422,7 @@ class AsyncLLMEngine:
             self.blocks.register_full_blocks(seq)
 
         results = self._sample_safely(sampling, logits)
+        progress = bool(batch.prefills) or any(r is not None for r in results)
         touched: dict[str, Request] = {}
         for seq, result in zip(sampling, results):
             if seq.is_finished:
@@ -429,6 +436,7 @@ class AsyncLLMEngine:
                 for child in request.seqs[1:]:  # parent's prompt KV is now cached
                     child.blocked_on = None
         self._publish(touched.values())
+        return progress
 
     def _sample_safely(self, seqs: list[Sequence], logits: torch.Tensor) -> list:
         """Sample; a failure caused by one request's own processors fails only that request."""

@@ -4,7 +4,8 @@ Order, as OpenAI/vLLM users expect: logits processors (grammar) -> logit_bias ->
 penalties -> min_tokens / ignore_eos masks -> logprobs (of this processed
 distribution, before temperature) -> greedy, or temperature / top-k / top-p / min-p and a draw.
 A request with a seed draws from its own generator, so other requests in the batch
-never change its text.
+never change its text. A sequence whose processor raises NotReady gets no token this step
+(its result is None); the engine asks again on a later step.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .sequence import Sequence
-from ..types import TokenLogprob
+from ..types import NotReady, TokenLogprob
 
 
 _MIN_LOGPROB = -9999.0
@@ -62,7 +63,7 @@ class Sampler:
             row[torch.tensor(p.stop_token_ids, dtype=torch.long, device=dev)] = float("-inf")
         return row
 
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SampleResult]:
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SampleResult | None]:
         """logits: [len(seqs), vocab] on any device; never modified. Processors, logit_bias and
         penalties edit a copy, so a caller that samples again from the same logits (the engine's
         row-by-row retry when one request's processor raises) applies every edit exactly once."""
@@ -74,8 +75,12 @@ class Sampler:
             logits = logits.clone()  # only batches that edit pay for the copy
         else:
             logits = logits.float()
+        deferred: set[int] = set()
         for i in edited:
-            logits[i] = self._process_row(seqs[i], logits[i])
+            try:
+                logits[i] = self._process_row(seqs[i], logits[i])
+            except NotReady:
+                deferred.add(i)  # its row is sampled below like any other, and the token dropped
         if no_eos and self.eos_token_ids:
             rows = torch.tensor(no_eos, dtype=torch.long, device=logits.device)
             cols = torch.tensor(self.eos_token_ids, dtype=torch.long, device=logits.device)
@@ -92,8 +97,11 @@ class Sampler:
             tokens[rows] = drawn
         token_list = tokens.tolist()
 
-        results = []
+        results: list[SampleResult | None] = []
         for i, (seq, tok) in enumerate(zip(seqs, token_list)):
+            if i in deferred:
+                results.append(None)
+                continue
             lp = None
             k = seq.params.logprobs
             if k is not None:
