@@ -27,8 +27,15 @@ from engine_helpers import collect
 pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler: kernels unavailable")
 
 
-@pytest.mark.parametrize("rank,size", [(0, 1), (0, 3), (2, 3)])
-def test_layers_hold_the_float_weights(smollm2_dir: str, rank: int, size: int) -> None:
+@pytest.mark.parametrize("model,rank,size", [("smollm2-135m-instruct", 0, 1), ("smollm2-135m-instruct", 0, 3),
+                                             ("smollm2-135m-instruct", 2, 3),
+                                             ("qwen2.5-coder-0.5b-instruct", 1, 2)])
+def test_layers_hold_the_float_weights(model: str, rank: int, size: int) -> None:
+    """SmolLM2 (llama: permuted q/k rows; Q4_1, tied Q8_0 head) and the default Qwen (Q5_0/Q8_0
+    q/k/v with biases, Q4_K/Q6_K down_proj whose 2432-wide rank slices cut through 256-value blocks)."""
+    from dashchat.models.resolve import resolve_model
+
+    smollm2_dir = str(resolve_model(model).path)
     cfg = ModelConfig.from_dir(smollm2_dir)
     tp = TensorParallel(rank, size)
     with torch.device("meta"):
@@ -40,8 +47,8 @@ def test_layers_hold_the_float_weights(smollm2_dir: str, rank: int, size: int) -
     floats = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     counts = load_gguf_linears(model, gguf_source(smollm2_dir), cfg, ShardPlan(cfg, rank, size))
     layers = {name: m for name, m in model.named_modules() if isinstance(m, GGUFLinear)}
-    # 30 layers x (qkv, o, gate_up, down) + the head (SmolLM2's is the tied Q8_0 embedding)
-    assert counts == {"gguf": 121, "float": 0} and set(layers) == set(floats)
+    # layers x (qkv, o, gate_up, down) + the head (SmolLM2's is the tied Q8_0 embedding)
+    assert counts == {"gguf": 4 * cfg.num_layers + 1, "float": 0} and set(layers) == set(floats)
     for name, layer in layers.items():
         torch.testing.assert_close(layer.dequantize(), floats[name], rtol=1e-6, atol=1e-6, msg=name)
 
@@ -104,12 +111,15 @@ def test_server_defaults_to_gguf_for_gguf_models(smollm2_dir: str, tmp_path) -> 
     from dashchat.openai_server import _engine_args, build_parser
 
     parser = build_parser()
-    assert _engine_args(parser.parse_args(["--device", "cpu"]), smollm2_dir).quantization == "gguf"
-    assert _engine_args(parser.parse_args(["--device", "cpu", "--quantization", "none"]),
-                        smollm2_dir).quantization == "none"
-    assert _engine_args(parser.parse_args(["--device", "cpu", "--quantization", "auto"]),
-                        smollm2_dir).quantization == "gguf"
+
+    def resolved(model_dir: str, *flags: str) -> str:
+        args = parser.parse_args(["--device", "cpu", *flags])
+        args.device_ids = (0,)  # as main() sets it from --device-list
+        return _engine_args(args, model_dir).quantization
+
+    assert resolved(smollm2_dir) == "gguf"
+    assert resolved(smollm2_dir, "--quantization", "none") == "none"
+    assert resolved(smollm2_dir, "--quantization", "auto") == "gguf"
     (tmp_path / "config.json").write_text("{}")  # a float checkpoint folder: no GGUF source
-    assert _engine_args(parser.parse_args(["--device", "cpu"]), str(tmp_path)).quantization == "none"
-    assert _engine_args(parser.parse_args(["--device", "cpu", "--quantization", "auto"]),
-                        str(tmp_path)).quantization == "int8"
+    assert resolved(str(tmp_path)) == "none"
+    assert resolved(str(tmp_path), "--quantization", "auto") == "int8"

@@ -289,7 +289,7 @@ INLINE __m256i unpack_avx2(int type, const uint8_t *blk, int j, float *a0, float
 #endif
 
 // Accumulate one weight row against rows x0..x0+mr-1; out[r] += the row's dot product.
-INLINE void row_dot(int type, const uint8_t *wrow, int groups, int gpb, const int8_t *xq, const float *xd,
+INLINE void row_dot(int type, const uint8_t *wrow, int g0, int groups, int gpb, const int8_t *xq, const float *xd,
                            const float *xs, int k, int mr, float *out) {
   size_t bb = block_bytes(type);
 #if defined(__AVX2__)
@@ -302,7 +302,7 @@ INLINE void row_dot(int type, const uint8_t *wrow, int groups, int gpb, const in
   for (int g = 0; g < groups; g++) {
 #if defined(__AVX2__)
     group w;
-    __m256i wv = unpack_avx2(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &w.a0, &w.a1, &w.b0, &w.b1);
+    __m256i wv = unpack_avx2(type, wrow + (size_t)((g0 + g) / gpb) * bb, (g0 + g) % gpb, &w.a0, &w.a1, &w.b0, &w.b1);
     __m256i wu = type == T_Q8_0 ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed Q8_0
     __m256 a = _mm256_set_m128(_mm_set1_ps(w.a1), _mm_set1_ps(w.a0));
     for (int r = 0; r < mr; r++) {
@@ -315,7 +315,7 @@ INLINE void row_dot(int type, const uint8_t *wrow, int groups, int gpb, const in
     }
 #else
     group w;
-    unpack(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &w);
+    unpack(type, wrow + (size_t)((g0 + g) / gpb) * bb, (g0 + g) % gpb, &w);
     for (int r = 0; r < mr; r++) {
       size_t t = (size_t)r * groups + g;
       const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)g;
@@ -346,11 +346,11 @@ INLINE void row_dot(int type, const uint8_t *wrow, int groups, int gpb, const in
 // the row loop then compile away.
 #define ROW_DOT_CASE(T)                                                                   \
   case T:                                                                                 \
-    if (mr == 1) row_dot(T, wrow, groups, gpb, xq, xd, xs, k, 1, out);                    \
-    else row_dot(T, wrow, groups, gpb, xq, xd, xs, k, mr, out);                          \
+    if (mr == 1) row_dot(T, wrow, g0, groups, gpb, xq, xd, xs, k, 1, out);                \
+    else row_dot(T, wrow, g0, groups, gpb, xq, xd, xs, k, mr, out);                      \
     break;
 
-static void row_dot_any(int type, const uint8_t *wrow, int groups, int gpb, const int8_t *xq, const float *xd,
+static void row_dot_any(int type, const uint8_t *wrow, int g0, int groups, int gpb, const int8_t *xq, const float *xd,
                         const float *xs, int k, int mr, float *out) {
   switch (type) {
     ROW_DOT_CASE(T_Q4_0) ROW_DOT_CASE(T_Q4_1) ROW_DOT_CASE(T_Q5_0) ROW_DOT_CASE(T_Q5_1)
@@ -366,16 +366,18 @@ void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, flo
   quantize_rows(x, m, k, xq, xd, xs);
 }
 
-// y[:, 0:n] = x . W^T (+ bias) with x quantized by dc_gguf_quantize_x; y's rows are ldy floats
-// apart (a slice of a fused layer's output). Returns 0, or -1 for an unknown type or a k that is not
-// a whole number of blocks.
-int dc_gguf_matmul(int type, const uint8_t *w, const int8_t *xq, const float *xd, const float *xs,
-                   const float *bias, float *y, int m, int n, int k, int ldy) {
+// y[:, 0:n] = x . W[:, k0:k0+k]^T (+ bias) with x [m, k] quantized by dc_gguf_quantize_x; W's rows
+// are k_full values wide, k0 and k multiples of 32 (a tensor-parallel rank's slice of a row-split
+// weight: a 256-value K-quant block splits along its 32-value groups, whose integer products are then
+// exactly those of the whole row). y's rows are ldy floats apart (a slice of a fused layer's output).
+// Returns 0, or -1 for an unknown type or widths that are not whole blocks and groups.
+int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t *xq, const float *xd,
+                   const float *xs, const float *bias, float *y, int m, int n, int k, int ldy) {
   int qk = block_values(type);
   size_t bb = block_bytes(type);
-  if (bb == 0 || k % qk != 0) return -1;
-  int groups = k / 32, gpb = qk / 32;
-  size_t row_bytes = (size_t)(k / qk) * bb;
+  if (bb == 0 || k_full % qk != 0 || k0 % 32 != 0 || k % 32 != 0 || k0 + k > k_full) return -1;
+  int groups = k / 32, gpb = qk / 32, g0 = k0 / 32;
+  size_t row_bytes = (size_t)(k_full / qk) * bb;
   // Rows in chunks: each weight row is unpacked once per chunk, the chunk's activations stay in cache.
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < n; i++) {
@@ -384,7 +386,7 @@ int dc_gguf_matmul(int type, const uint8_t *w, const int8_t *xq, const float *xd
     for (int r0 = 0; r0 < m; r0 += ROW_CHUNK) {
       int mr = m - r0 < ROW_CHUNK ? m - r0 : ROW_CHUNK;
       size_t t0 = (size_t)r0 * groups;
-      row_dot_any(type, wrow, groups, gpb, xq + (size_t)r0 * k, xd + t0, xs + 2 * t0, k, mr, out);
+      row_dot_any(type, wrow, g0, groups, gpb, xq + (size_t)r0 * k, xd + t0, xs + 2 * t0, k, mr, out);
       float b = bias ? bias[i] : 0.f;
       for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
     }

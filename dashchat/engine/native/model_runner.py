@@ -99,9 +99,15 @@ class ModelRunner:
                 raise ValueError("--quantization gguf is a CPU float32 path; on CUDA use --dtype bfloat16")
             if source is None:
                 raise ValueError("--quantization gguf needs a GGUF model (a .gguf file or an embedded model)")
-            plan = ShardPlan(self.cfg, self.tp.rank, self.tp.size)
-            counts = load_gguf_linears(self.model, source, self.cfg, plan)
-            log.info("GGUF weights as shipped: %d linear layers, %d kept as float", counts["gguf"], counts["float"])
+            from ..cpu.kernels import kernel_library
+
+            if kernel_library() is None:  # no C compiler: the float32 weights already loaded serve
+                log.warning("--quantization gguf needs the C kernels; serving the dequantized float32 weights")
+            else:
+                plan = ShardPlan(self.cfg, self.tp.rank, self.tp.size)
+                counts = load_gguf_linears(self.model, source, self.cfg, plan)
+                log.info("GGUF weights as shipped: %d linear layers, %d kept as float", counts["gguf"],
+                         counts["float"])
             if torch.backends.mkldnn.is_available():
                 pack_linears(self.model)  # the layers left as float
         elif quantization != "none":

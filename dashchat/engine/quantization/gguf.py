@@ -44,15 +44,22 @@ _scratch = torch.empty(0)
 
 
 class GGUFPart:
-    """One source tensor's rows of a layer: raw blocks [rows, row_bytes] of one type."""
+    """One source tensor's rows of a layer: raw blocks [rows, row_bytes] of one type. A rank's slice
+    of a row-split weight keeps whole rows `k_full` values wide and reads inputs [k0, k0 + in_features)
+    of them (multiples of 32: K-quant super-blocks split along their 32-value groups)."""
 
-    def __init__(self, type_name: str, data: torch.Tensor, in_features: int) -> None:
+    def __init__(self, type_name: str, data: torch.Tensor, in_features: int, k_full: int | None = None,
+                 k0: int = 0) -> None:
         type_id, per_block, block_bytes = BLOCK_TYPES[type_name]
-        if in_features % per_block or data.shape[1] != in_features // per_block * block_bytes:
-            raise ValueError(f"{type_name} rows of {in_features} values do not fit {tuple(data.shape)} bytes")
+        k_full = in_features if k_full is None else k_full
+        if (k_full % per_block or data.shape[1] != k_full // per_block * block_bytes or k0 % 32
+                or in_features % 32 or k0 + in_features > k_full):
+            raise ValueError(f"{type_name} rows of {k_full} values (inputs {k0}..{k0 + in_features}) do not fit "
+                             f"{tuple(data.shape)} bytes")
         self.type_name, self.type_id = type_name, type_id
         self.data = data.contiguous()
         self.rows = data.shape[0]
+        self.k_full, self.k0 = k_full, k0
 
 
 _layers: weakref.WeakValueDictionary[int, "GGUFLinear"] = weakref.WeakValueDictionary()
@@ -88,7 +95,7 @@ class GGUFLinear(nn.Module):
         self._calls, row = [], 0
         for part in parts:
             bias_ptr = None if self.bias is None else self.bias.data_ptr() + 4 * row
-            self._calls.append((part.type_id, part.data.data_ptr(), part.rows, row, bias_ptr))
+            self._calls.append((part.type_id, part.data.data_ptr(), part.k_full, part.k0, part.rows, row, bias_ptr))
             row += part.rows
         self._lib = kernel_library()
         if self._lib is None:
@@ -123,8 +130,8 @@ class GGUFLinear(nn.Module):
         lib = self._lib
         lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs)
         y_ptr = y.data_ptr()
-        for type_id, w_ptr, rows, row, bias_ptr in self._calls:
-            if lib.dc_gguf_matmul(type_id, w_ptr, xq, xd, xs, bias_ptr, y_ptr + 4 * row, m, rows, k, n):
+        for type_id, w_ptr, k_full, k0, rows, row, bias_ptr in self._calls:
+            if lib.dc_gguf_matmul(type_id, w_ptr, k_full, k0, xq, xd, xs, bias_ptr, y_ptr + 4 * row, m, rows, k, n):
                 raise ValueError(f"GGUF kernel rejected a type-{type_id} weight with {k} inputs")
         return y.reshape(*shape[:-1], n)
 
@@ -144,8 +151,13 @@ class GGUFLinear(nn.Module):
             w[filled:].zero_()
         row = 0
         for part in self.parts:
-            self._lib.dc_gguf_dequantize(part.type_id, part.data.data_ptr(), 0, part.rows, self.in_features,
-                                         w[row:].data_ptr())
+            if part.k_full == k:
+                self._lib.dc_gguf_dequantize(part.type_id, part.data.data_ptr(), 0, part.rows, k, w[row:].data_ptr())
+            else:  # a rank's input window of whole rows
+                full = torch.empty(part.rows, part.k_full)
+                self._lib.dc_gguf_dequantize(part.type_id, part.data.data_ptr(), 0, part.rows, part.k_full,
+                                             full.data_ptr())
+                w[row : row + part.rows] = full[:, part.k0 : part.k0 + k]
             row += part.rows
         return w
 
@@ -194,28 +206,29 @@ _SPLIT = {"qkv_proj": ("q", 0), "gate_up_proj": ("mlp", 0), "o_proj": ("q", 1), 
           "lm_head": ("vocab", 0)}  # fmt: skip
 
 
-def _rank_blocks(t: Any, type_name: str, kind: str | None, dim: int, plan: Any, shape: tuple[int, int]
-                 ) -> tuple[np.ndarray, int] | None:
-    """This rank's raw blocks of GGUF tensor `t` and their input width, or None when the rank's
-    slice does not fall on block boundaries (the caller keeps a float shard)."""
+def _rank_blocks(t: Any, kind: str | None, dim: int, plan: Any, shape: tuple[int, int]
+                 ) -> tuple[np.ndarray, int, int, int] | None:
+    """This rank's raw blocks of GGUF tensor `t`: (blocks, input width, full row width, first input),
+    or None when its input slice is not on 32-value groups (the caller keeps a float shard)."""
     rows, cols = shape
     data = np.asarray(t.data).reshape(rows, -1)
     if kind is None or plan.size == 1:
-        return data, cols
+        return data, cols, cols, 0
     start, length = plan.rows(kind)
     if dim == 0:
-        return data[start : start + length], cols
-    per_block, block_bytes = BLOCK_TYPES[type_name][1:]
-    if start % per_block or length % per_block:
+        return data[start : start + length], cols, cols, 0
+    if start % 32 or length % 32:
         return None
-    return data[:, start // per_block * block_bytes : (start + length) // per_block * block_bytes], length
+    # whole rows (a K-quant super-block of 256 values may straddle two ranks); the kernel reads
+    # only this rank's groups of each
+    return data, length, cols, start
 
 
 def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: Any, plan: Any) -> dict[str, int]:
     """Swap the model's linears for GGUFLinear layers over the file's own blocks.
 
     Layers whose tensors are float (F32/F16/BF16) or of a type the kernels lack, or whose
-    tensor-parallel slice does not fall on block boundaries, keep the float weights already loaded
+    tensor-parallel input slice is not on 32-value groups, keep the float weights already loaded
     (logged). Returns a count of layers per outcome, for the log and tests."""
     from ...models.gguf_convert import hf_tensor_name, open_gguf, unpermute_qk
 
@@ -223,7 +236,7 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: Any, plan: A
     tensors = {t.name: t for t in reader.tensors}
     llama = cfg.family == "llama"
     # module path -> {part index: (type, blocks, in_features)}
-    found: dict[str, dict[int, tuple[str, np.ndarray, int] | None]] = {}
+    found: dict[str, dict[int, tuple[str, np.ndarray, int, int, int] | None]] = {}
     head_source = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     for name, t in tensors.items():
         hf = "lm_head.weight" if name == head_source else hf_tensor_name(name)
@@ -242,19 +255,18 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: Any, plan: A
         shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
         entry = None
         if type_name in BLOCK_TYPES and shape is not None:
-            sliced = _rank_blocks(t, type_name, kind, dim, plan, shape)
+            sliced = _rank_blocks(t, kind, dim, plan, shape)
             if sliced is not None:
-                blocks, width = sliced
+                blocks, width, k_full, k0 = sliced
                 if llama and proj in ("q_proj", "k_proj"):
                     n_head = cfg.num_heads if proj == "q_proj" else cfg.num_kv_heads
                     # the permutation is within heads: whole rows move, so it applies to blocks too
                     # (on a rank's slice of whole heads as well as on the full tensor)
                     heads = n_head * blocks.shape[0] // shape[0]
                     blocks = unpermute_qk(blocks, heads)
-                entry = (type_name, np.array(blocks, order="C"), width)  # a copy: the file's map closes
+                entry = (type_name, np.array(blocks, order="C"), width, k_full, k0)  # a copy: the map closes
             else:
-                log.info("GGUF %s: this rank's input slice does not fall on %s blocks; kept as float", name,
-                         type_name)
+                log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", name)
         found.setdefault(path, {})[index] = entry
     counts = {"gguf": 0, "float": 0}
     modules = dict(model.named_modules())
@@ -270,7 +282,7 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: Any, plan: A
             counts["float"] += 1
             continue
         layer = GGUFLinear(linear.in_features, linear.out_features,
-                           [GGUFPart(e[0], torch.from_numpy(e[1]), e[2]) for e in entries], float_bias(linear))
+                           [GGUFPart(e[0], torch.from_numpy(e[1]), *e[2:]) for e in entries], float_bias(linear))
         parent_path, _, attr = path.rpartition(".")
         setattr(modules[parent_path] if parent_path else model, attr, layer)
         counts["gguf"] += 1
