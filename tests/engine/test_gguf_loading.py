@@ -123,3 +123,26 @@ def test_server_defaults_to_gguf_for_gguf_models(smollm2_dir: str, tmp_path) -> 
     (tmp_path / "config.json").write_text("{}")  # a float checkpoint folder: no GGUF source
     assert resolved(str(tmp_path)) == "none"
     assert resolved(str(tmp_path), "--quantization", "auto") == "int8"
+
+
+def test_a_tokens_output_does_not_depend_on_its_batch(smollm2_dir: str) -> None:
+    """Decode-sized batches run the int8 kernel, prefill-sized ones a GEMM over dequantized weights:
+    both see the same int8-rounded activations, so a row's result is the same either way (up to float
+    summation order). Otherwise a prefix-cache hit, which turns a long prefill into a short one, would
+    change greedy answers."""
+    from dashchat.models.resolve import resolve_model
+
+    model_dir = str(resolve_model("smollm2-135m-instruct").path)
+    cfg = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device="cpu").float()
+    if cfg.tie_word_embeddings:  # as the model runner does
+        model.lm_head.weight = model.embed_tokens.weight
+    model.load_weights(iter_weight_slices(model_dir))
+    load_gguf_linears(model, gguf_source(model_dir), cfg, ShardPlan(cfg, 0, 1))
+    layer = model.layers[0].mlp.down_proj
+    x = torch.randn(40, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        batched, alone = layer(x), torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(alone, batched, rtol=1e-4, atol=1e-4)

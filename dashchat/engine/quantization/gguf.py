@@ -40,6 +40,15 @@ TYPE_IDS = {name: ids[0] for name, ids in BLOCK_TYPES.items()}
 # (CPU time, one thread, Qwen's 9728x896 Q5_0 gate/up): at 16 rows the int8 kernel took 4.6 ms
 # against 3.4 + 3.4 ms for dequantize + GEMM; at 64 rows 38 ms against about 14.
 PREFILL_ROWS = 32
+
+
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x [m, k] rounded as dc_gguf_quantize_x rounds it (int8 per 32 values, scale max|x| / 127,
+    round half to even), back in float: what the kernel's integer products see."""
+    groups = x.view(x.shape[0], -1, 32)
+    scale = groups.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(groups * inverse) * scale).view_as(x)
 _scratch = torch.empty(0)
 
 
@@ -123,7 +132,9 @@ class GGUFLinear(nn.Module):
         x = x.reshape(-1, self.in_features).float().contiguous()
         m, k, n = x.shape[0], self.in_features, self.out_features
         if m >= PREFILL_ROWS:
-            y = torch.nn.functional.linear(x, self.dequantize(scratch=True), self.bias)
+            # The same int8-rounded activations the kernel multiplies: a token's logits must not depend
+            # on how many tokens share its step (a prefix-cache hit turns a long prefill into a short one).
+            y = torch.nn.functional.linear(int8_rounded(x), self.dequantize(scratch=True), self.bias)
             return y.reshape(*shape[:-1], n)
         y = torch.empty(m, n) if self._filled == n else torch.zeros(m, n)
         xq, xd, xs = _activation_scratch(m * k)
