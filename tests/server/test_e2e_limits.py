@@ -129,31 +129,33 @@ def test_new_routes_body_limit(tight: ServerProcess) -> None:
 
 def test_new_routes_timeout(tight: ServerProcess) -> None:
     """The chat run's deadline applies: 408 before the first byte, an error event mid-stream.
-    One request at a time here (--max-num-seqs 1): each waits for the engine to be idle first."""
+    One request at a time here (--max-num-seqs 1): each waits for the engine to be idle first. The
+    requests' steps are planted to be slow (SLOW_MAX_TOKENS): only the limit ends them, however fast
+    the machine."""
     msgs = [{"role": "user", "content": "Write a poem."}]
-    body = {"model": "tiny", "max_tokens": 400, "ignore_eos": True, "messages": msgs}
+    body = {"model": "tiny", "max_tokens": SLOW_MAX_TOKENS, "ignore_eos": True, "messages": msgs}
 
     def idle() -> None:
         assert wait_engine_idle(tight.base_url, timeout=60) == (0, 0)
 
     idle()
-    r = httpx.post(f"{tight.base_url}/v1/messages", json=body, headers=AUTH, timeout=30)
+    r = httpx.post(f"{tight.base_url}/v1/messages", json=body, headers=AUTH, timeout=120)
     assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error"
     idle()
     client = anthropic.Anthropic(base_url=tight.base_url, api_key=KEYS[0], max_retries=0)
     with pytest.raises(anthropic.APIStatusError) as exc:
-        with client.messages.stream(model="tiny", max_tokens=400, messages=msgs, extra_body={"ignore_eos": True}) as s:
+        with client.messages.stream(model="tiny", max_tokens=SLOW_MAX_TOKENS, messages=msgs, extra_body={"ignore_eos": True}) as s:
             for _ in s:
                 pass
     assert "timeout_error" in str(exc.value)
 
     idle()
-    rbody = {"model": "tiny", "max_output_tokens": 400, "input": "Write a poem.", "ignore_eos": True}
-    r = httpx.post(f"{tight.base_url}/v1/responses", json=rbody, headers=AUTH, timeout=30)
+    rbody = {"model": "tiny", "max_output_tokens": SLOW_MAX_TOKENS, "input": "Write a poem.", "ignore_eos": True}
+    r = httpx.post(f"{tight.base_url}/v1/responses", json=rbody, headers=AUTH, timeout=120)
     assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
     idle()
     with httpx.stream("POST", f"{tight.base_url}/v1/responses", json={**rbody, "stream": True},
-                      headers=AUTH, timeout=30) as s:
+                      headers=AUTH, timeout=120) as s:
         assert s.status_code == 200
         data = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
     assert len(data) >= 2, data

@@ -88,7 +88,7 @@ def test_tokenize_messages_applies_the_template_and_its_kwargs(qwen3: ServerProc
     ("/tokenize", {"messages": MSG, "continue_final_message": True}, "continue_final_message"),
     ("/tokenize", {"messages": MSG, "chat_template_kwargs": "x"}, "chat_template_kwargs"),
     ("/detokenize", {"tokens": [1, -1]}, "tokens"),
-    ("/detokenize", {"tokens": [10 ** 30]}, "tokens"),
+    ("/detokenize", {"tokens": [10 ** 30]}, "tokens[0]"),  # past int64: the central check names the item
     ("/detokenize", {"tokens": "abc"}, "tokens"),
     ("/detokenize", {}, "tokens"),
 ])
