@@ -62,12 +62,18 @@ def _greedy_answers(base_url: str) -> list[str]:
     return answers
 
 
-def test_two_ranks_serve_the_quick_start_as_one_device(default_server: ServerProcess) -> None:
-    """`--device-list 0 1`: the default model over two CPU ranks passes the seed's script and
-    gives the one-device greedy answers, plain and grammar-constrained."""
-    expected = _greedy_answers(default_server.base_url)
-    srv = ServerProcess("--device", "cpu", "--device-list", "0", "1", "--max-model-len", "2048",
-                        "--kv-cache-memory", "0.25").wait_ready()
+def test_two_ranks_serve_the_quick_start_as_one_device() -> None:
+    """`--device-list 0 1`: the default model over two CPU ranks passes the seed's script and gives
+    the one-device greedy answers, plain and grammar-constrained. Float32 weights on both sides: with
+    GGUF blocks a greedy near-tie may part a cold prompt from a prefix-cache hit (issue 14's notes),
+    and this compares the split, not the kernels; the GGUF shards are checked in test_gguf_loading."""
+    flags = ("--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "0.25", "--quantization", "none")
+    one = ServerProcess(*flags).wait_ready()
+    try:
+        expected = _greedy_answers(one.base_url)
+    finally:
+        one.stop()
+    srv = ServerProcess(*flags, "--device-list", "0", "1").wait_ready()
     try:
         r = _seed_script(srv.port)
         assert r.returncode == 0, r.stdout + r.stderr
