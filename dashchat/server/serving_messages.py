@@ -92,6 +92,7 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = Field(default=None, ge=0)
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    ignore_eos: bool | None = None  # dashchat's extension, as on Chat Completions
 
 
 # -- request -> chat ------------------------------------------------------------------------
@@ -345,7 +346,7 @@ async def create_message(state: ServerState, req: MessagesRequest) -> Response:
     model = state.check_model(req.model)
     chat = _chat_request(req, model)
     chat.update(max_completion_tokens=req.max_tokens, stream=req.stream, stop=req.stop_sequences,
-                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
+                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, ignore_eos=req.ignore_eos)
     if req.stream:
         chat["stream_options"] = {"include_usage": True}
     if req.stop_sequences is not None and len(req.stop_sequences) > state.cfg.max_stop:

@@ -138,6 +138,7 @@ class ResponsesRequest(_Model):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
+    ignore_eos: bool | None = None  # dashchat's extension, as on Chat Completions
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     reasoning: ReasoningConfig | None = None
@@ -536,7 +537,8 @@ async def create_response(state: ServerState, store: ResponseStore, req: Respons
         "model": model, "messages": [*system, *history, *new_messages], "stream": req.stream,
         "tools": chat_tools(req.tools), "tool_choice": chat_tool_choice(req.tool_choice),
         "parallel_tool_calls": req.parallel_tool_calls, "response_format": chat_response_format(req.text),
-        "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
+        "max_completion_tokens": req.max_output_tokens, "ignore_eos": req.ignore_eos, "temperature": req.temperature,
+        "top_p": req.top_p,
         "seed": req.seed, "user": req.user,
     }
     if req.stream:
