@@ -31,6 +31,7 @@ from dashchat.server.tool_parser import (
     ToolCall,
     ToolCallStartEvent,
     ToolCallStreamParser,
+    collect,
 )
 from dashchat.server.tool_request import ToolPlan
 
@@ -210,16 +211,6 @@ class Answer:
 
 def collect_output(events: list[OutputEvent]) -> Answer:
     """A whole output's events -> its reasoning, content and calls (None when empty)."""
-    reasoning: list[str] = []
-    content: list[str] = []
-    calls: list[ToolCall] = []
-    for ev in events:
-        if isinstance(ev, ReasoningEvent):
-            reasoning.append(ev.text)
-        elif isinstance(ev, ContentEvent):
-            content.append(ev.text)
-        elif isinstance(ev, ToolCallStartEvent):
-            calls.append(ToolCall(ev.id, ev.name, ""))
-        else:
-            calls[ev.index].arguments += ev.fragment
-    return Answer("".join(reasoning) or None, "".join(content) or None, calls)
+    reasoning = "".join(ev.text for ev in events if isinstance(ev, ReasoningEvent))
+    content, calls = collect([ev for ev in events if not isinstance(ev, ReasoningEvent)])
+    return Answer(reasoning or None, content, calls)
