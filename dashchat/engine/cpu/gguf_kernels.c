@@ -187,11 +187,14 @@ INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
 
 // ---------------------------------------------------------------- activations
 
-// x [m, k] float -> xq [m, k] int8, and per group of 32: xd (scale), xs (scaled sums of both halves).
+// x [m, k] float -> xq [m, k] int8; per group g of 32 values of row r: xd[g * m + r] (the scale) and
+// xs[(2 * g + h) * m + r] (the scale times the sum of half h's int8 values). The per-group arrays are
+// stored group-major so a tile of consecutive rows reads its scales and sums as one vector.
 static void quantize_rows(const float *x, int m, int k, int8_t *xq, float *xd, float *xs) {
   int groups = k / 32;
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < m * groups; t++) {
+    int r = t / groups, g = t % groups;
     const float *v = x + (size_t)t * 32;
     float amax = 0.f;
     for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
@@ -203,9 +206,9 @@ static void quantize_rows(const float *x, int m, int k, int8_t *xq, float *xd, f
       q[i] = (int8_t)qi;
       if (i < 16) s0 += qi; else s1 += qi;
     }
-    xd[t] = d;
-    xs[2 * (size_t)t] = d * (float)s0;
-    xs[2 * (size_t)t + 1] = d * (float)s1;
+    xd[(size_t)g * m + r] = d;
+    xs[(size_t)(2 * g) * m + r] = d * (float)s0;
+    xs[(size_t)(2 * g + 1) * m + r] = d * (float)s1;
   }
 }
 
@@ -222,9 +225,14 @@ static inline __m256i dot_us(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
-#endif
 
-#if defined(__AVX2__)
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // 0xFF in byte i where bit i of `bits` is set (llama.cpp's bytes_from_bits_32).
 static inline __m256i bytes_from_bits(uint32_t bits) {
   const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
@@ -288,77 +296,96 @@ INLINE __m256i unpack_avx2(int type, const uint8_t *blk, int j, float *a0, float
 }
 #endif
 
-// Accumulate one weight row against rows x0..x0+mr-1; out[r] += the row's dot product.
-INLINE void row_dot(int type, const uint8_t *wrow, int g0, int groups, int gpb, const int8_t *xq, const float *xd,
-                           const float *xs, int k, int mr, float *out) {
+// One weight row against MR activation rows (MR a constant at every call site, so the tile's
+// accumulators live in registers): out[r] = the row's dot product with activation row r.
+// xq: the tile's first activation row (rows k bytes apart); xd, xs: that row's entry of group 0 in
+// the group-major scale and sum arrays (ldt entries a group). Each row's sum is formed in the same
+// order whatever MR is, so a token's result does not depend on the size of its batch (a prefix-cache
+// hit turns a long prefill into a short one; greedy answers must not change with it).
+INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, int gpb, const int8_t *xq, int k,
+                     const float *xd, const float *xs, int ldt, const int MR, float *out) {
   size_t bb = block_bytes(type);
+  const unsigned per_block = type >= T_Q4_K ? 8 : 1;  // groups a block: a constant, so no division below
+  (void)gpb;
 #if defined(__AVX2__)
-  __m256 acc[16];
-  for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+  __m256 acc[8];
 #else
-  float acc[16] = {0};
+  float acc[8];
 #endif
-  float offs[16] = {0};
-  for (int g = 0; g < groups; g++) {
+  float offs[8];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) {
 #if defined(__AVX2__)
-    group w;
-    __m256i wv = unpack_avx2(type, wrow + (size_t)((g0 + g) / gpb) * bb, (g0 + g) % gpb, &w.a0, &w.a1, &w.b0, &w.b1);
+    acc[r] = _mm256_setzero_ps();
+#else
+    acc[r] = 0.f;
+#endif
+    offs[r] = 0.f;
+  }
+  for (int g = 0; g < groups; g++) {
+    unsigned gg = (unsigned)(g0 + g);
+    const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
+    const float *dg = xd + (size_t)g * ldt, *s0 = xs + (size_t)(2 * g) * ldt, *s1 = s0 + ldt;
+    float b0, b1;
+#if defined(__AVX2__)
+    float a0, a1;
+    __m256i wv = unpack_avx2(type, blk, (int)(gg % per_block), &a0, &a1, &b0, &b1);
     __m256i wu = type == T_Q8_0 ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed Q8_0
-    __m256 a = _mm256_set_m128(_mm_set1_ps(w.a1), _mm_set1_ps(w.a0));
-    for (int r = 0; r < mr; r++) {
-      size_t t = (size_t)r * groups + g;
+    __m256 a = type == T_Q6_K ? _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0)) : _mm256_set1_ps(a0);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
       __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)g));
       if (type == T_Q8_0) xv = _mm256_sign_epi8(xv, wv);  // move w's sign onto x
       __m256 p = _mm256_cvtepi32_ps(dot_us(wu, xv));
-      acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(a, _mm256_set1_ps(xd[t])), acc[r]);
-      offs[r] += w.b0 * xs[2 * t] + w.b1 * xs[2 * t + 1];
+      acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(a, _mm256_set1_ps(dg[r])), acc[r]);
     }
 #else
     group w;
-    unpack(type, wrow + (size_t)((g0 + g) / gpb) * bb, (g0 + g) % gpb, &w);
-    for (int r = 0; r < mr; r++) {
-      size_t t = (size_t)r * groups + g;
+    unpack(type, blk, (int)(gg % per_block), &w);
+    b0 = w.b0, b1 = w.b1;
+    for (int r = 0; r < MR; r++) {
       const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)g;
-      int s0 = 0, s1 = 0;
+      int p0 = 0, p1 = 0;
       if (type == T_Q8_0) {
-        for (int i = 0; i < 16; i++) s0 += (int8_t)w.h0[i] * xv[i], s1 += (int8_t)w.h1[i] * xv[16 + i];
+        for (int i = 0; i < 16; i++) p0 += (int8_t)w.h0[i] * xv[i], p1 += (int8_t)w.h1[i] * xv[16 + i];
       } else {
-        for (int i = 0; i < 16; i++) s0 += w.h0[i] * xv[i], s1 += w.h1[i] * xv[16 + i];
+        for (int i = 0; i < 16; i++) p0 += w.h0[i] * xv[i], p1 += w.h1[i] * xv[16 + i];
       }
-      acc[r] += xd[t] * (w.a0 * (float)s0 + w.a1 * (float)s1);
-      offs[r] += w.b0 * xs[2 * t] + w.b1 * xs[2 * t + 1];
+      acc[r] = fmaf(dg[r], w.a0 * (float)p0 + w.a1 * (float)p1, acc[r]);
     }
 #endif
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) offs[r] = fmaf(b1, s1[r], fmaf(b0, s0[r], offs[r]));
   }
-  for (int r = 0; r < mr; r++) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) {
 #if defined(__AVX2__)
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[r] = _mm_cvtss_f32(s) + offs[r];
+    out[r] = hsum(acc[r]) + offs[r];
 #else
     out[r] = acc[r] + offs[r];
 #endif
   }
 }
 
-// Specialized per type (and for one row, the decode of a single stream): the unpacking's switch and
-// the row loop then compile away.
-#define ROW_DOT_CASE(T)                                                                   \
-  case T:                                                                                 \
-    if (mr == 1) row_dot(T, wrow, g0, groups, gpb, xq, xd, xs, k, 1, out);                \
-    else row_dot(T, wrow, g0, groups, gpb, xq, xd, xs, k, mr, out);                      \
-    break;
-
-static void row_dot_any(int type, const uint8_t *wrow, int g0, int groups, int gpb, const int8_t *xq, const float *xd,
-                        const float *xs, int k, int mr, float *out) {
-  switch (type) {
-    ROW_DOT_CASE(T_Q4_0) ROW_DOT_CASE(T_Q4_1) ROW_DOT_CASE(T_Q5_0) ROW_DOT_CASE(T_Q5_1)
-    ROW_DOT_CASE(T_Q8_0) ROW_DOT_CASE(T_Q4_K) ROW_DOT_CASE(T_Q5_K) ROW_DOT_CASE(T_Q6_K)
+// Specialized per type and tile height: the unpacking's switch and the row loop compile away.
+#define TILE_CASE(T, MR) \
+  case T: tile_dot(T, wrow, g0, groups, gpb, xq, k, xd, xs, ldt, MR, out); break;
+#define TILE_FN(MR)                                                                                       \
+  static void tile_dot_##MR(int type, const uint8_t *wrow, int g0, int groups, int gpb, const int8_t *xq, \
+                            int k, const float *xd, const float *xs, int ldt, float *out) {               \
+    switch (type) {                                                                                       \
+      TILE_CASE(T_Q4_0, MR) TILE_CASE(T_Q4_1, MR) TILE_CASE(T_Q5_0, MR) TILE_CASE(T_Q5_1, MR)             \
+      TILE_CASE(T_Q8_0, MR) TILE_CASE(T_Q4_K, MR) TILE_CASE(T_Q5_K, MR) TILE_CASE(T_Q6_K, MR)             \
+    }                                                                                                     \
   }
-}
+TILE_FN(1)
+TILE_FN(2)
+TILE_FN(4)
+TILE_FN(8)
 
-#define ROW_CHUNK 16
+// Activation rows a pass takes: their int8 values (64 x k bytes) stay in the core's L2 cache while
+// every weight row streams past them once.
+#define ROW_PASS 64
 
 // x [m, k] -> the int8 activations every product with a k-wide weight then reads: xq m*k bytes,
 // xd m*k/32 floats, xs m*k/16 floats. k must be a multiple of 32.
@@ -378,17 +405,26 @@ int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t 
   if (bb == 0 || k_full % qk != 0 || k0 % 32 != 0 || k % 32 != 0 || k0 + k > k_full) return -1;
   int groups = k / 32, gpb = qk / 32, g0 = k0 / 32;
   size_t row_bytes = (size_t)(k_full / qk) * bb;
-  // Rows in chunks: each weight row is unpacked once per chunk, the chunk's activations stay in cache.
+  for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
+    int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
 #pragma omp parallel for schedule(static)
-  for (int i = 0; i < n; i++) {
-    const uint8_t *wrow = w + (size_t)i * row_bytes;
-    float out[ROW_CHUNK];
-    for (int r0 = 0; r0 < m; r0 += ROW_CHUNK) {
-      int mr = m - r0 < ROW_CHUNK ? m - r0 : ROW_CHUNK;
-      size_t t0 = (size_t)r0 * groups;
-      row_dot_any(type, wrow, g0, groups, gpb, xq + (size_t)r0 * k, xd + t0, xs + 2 * t0, k, mr, out);
+    for (int i = 0; i < n; i++) {
+      const uint8_t *wrow = w + (size_t)i * row_bytes;
       float b = bias ? bias[i] : 0.f;
-      for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+      float out[8];
+      for (int r0 = p0; r0 < p1;) {
+        int left = p1 - r0, mr = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        const int8_t *xr = xq + (size_t)r0 * k;
+        const float *dr = xd + r0, *sr = xs + r0;
+        switch (mr) {
+          case 8: tile_dot_8(type, wrow, g0, groups, gpb, xr, k, dr, sr, m, out); break;
+          case 4: tile_dot_4(type, wrow, g0, groups, gpb, xr, k, dr, sr, m, out); break;
+          case 2: tile_dot_2(type, wrow, g0, groups, gpb, xr, k, dr, sr, m, out); break;
+          default: tile_dot_1(type, wrow, g0, groups, gpb, xr, k, dr, sr, m, out);
+        }
+        for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+        r0 += mr;
+      }
     }
   }
   return 0;
