@@ -243,31 +243,28 @@ static inline __m256i bytes_from_bits(uint32_t bits) {
   return _mm256_cmpeq_epi8(r, _mm256_set1_epi64x(-1));
 }
 
-// The group's 32 values straight into a vector register (the portable unpack goes through memory).
-INLINE __m256i unpack_avx2(int type, const uint8_t *blk, int j, float *a0, float *a1, float *b0, float *b1) {
+// The group's 32 stored values straight into a vector register (scales: group_scales).
+INLINE __m256i group_values_avx2(int type, const uint8_t *blk, int j) {
   const __m256i m4 = _mm256_set1_epi8(15);
   switch (type) {
     case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: {
       int off = type == T_Q4_0 ? 2 : type == T_Q4_1 ? 4 : type == T_Q5_0 ? 6 : 8;
       __m128i q = _mm_loadu_si128((const __m128i *)(blk + off));
       __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
-      float d = f16(blk);
-      *a0 = *a1 = d;
       if (type == T_Q5_0 || type == T_Q5_1) {
         uint32_t qh;
         memcpy(&qh, blk + off - 4, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        w = _mm256_mask_add_epi8(w, (__mmask32)qh, w, _mm256_set1_epi8(0x10));  // the 5th bit, by mask
+#else
         w = _mm256_or_si256(w, _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10)));
+#endif
       }
-      *b0 = *b1 = type == T_Q4_0 ? -8.f * d : type == T_Q5_0 ? -16.f * d : f16(blk + 2);
       return w;
     }
     case T_Q8_0:
-      *a0 = *a1 = f16(blk);
-      *b0 = *b1 = 0.f;
       return _mm256_loadu_si256((const __m256i *)(blk + 2));
     case T_Q4_K: case T_Q5_K: {
-      int sc, m;
-      scale_min_k4(j, blk + 4, &sc, &m);
       __m256i q = _mm256_loadu_si256((const __m256i *)(blk + (type == T_Q4_K ? 16 : 48) + 32 * (j / 2)));
       __m256i w = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, m4);
       if (type == T_Q5_K) {
@@ -275,103 +272,149 @@ INLINE __m256i unpack_avx2(int type, const uint8_t *blk, int j, float *a0, float
         __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
         w = _mm256_or_si256(w, _mm256_slli_epi16(bit, 4));
       }
-      float d = f16(blk), dmin = f16(blk + 2);
-      *a0 = *a1 = d * (float)sc;
-      *b0 = *b1 = -dmin * (float)m;
       return w;
     }
     default: {  // T_Q6_K
       int half = j / 4, c = j & 3;
       const uint8_t *ql = blk + 64 * half + (c & 1) * 32, *qh = blk + 128 + 32 * half;
-      const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half + 2 * c;
       __m256i l = _mm256_loadu_si256((const __m256i *)ql), h = _mm256_loadu_si256((const __m256i *)qh);
       l = _mm256_and_si256(c & 2 ? _mm256_srli_epi16(l, 4) : l, m4);
       h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(3));
-      float d = f16(blk + 208);
-      *a0 = d * (float)sc[0], *a1 = d * (float)sc[1];
-      *b0 = -32.f * *a0, *b1 = -32.f * *a1;
       return _mm256_or_si256(l, _mm256_slli_epi16(h, 4));
     }
   }
 }
 #endif
 
+// The scales of group j of a block (j: 0-7 in a K-quant super-block, 0 otherwise): its values are
+// a0 * q + b0 in the first half and a1 * q + b1 in the second (the products unpack() forms).
+INLINE void group_scales(int type, const uint8_t *blk, int j, float *a0, float *a1, float *b0, float *b1) {
+  switch (type) {
+    case T_Q4_0: case T_Q5_0: {
+      float d = f16(blk);
+      *a0 = *a1 = d;
+      *b0 = *b1 = (type == T_Q4_0 ? -8.f : -16.f) * d;
+      break;
+    }
+    case T_Q4_1: case T_Q5_1:
+      *a0 = *a1 = f16(blk);
+      *b0 = *b1 = f16(blk + 2);
+      break;
+    case T_Q8_0:
+      *a0 = *a1 = f16(blk);
+      *b0 = *b1 = 0.f;
+      break;
+    case T_Q4_K: case T_Q5_K: {
+      int sc, m;
+      scale_min_k4(j, blk + 4, &sc, &m);
+      float d = f16(blk), dmin = f16(blk + 2);
+      *a0 = *a1 = d * (float)sc;
+      *b0 = *b1 = -dmin * (float)m;
+      break;
+    }
+    default: {  // T_Q6_K: a scale per 16 values
+      const int8_t *sc = (const int8_t *)(blk + 192) + 2 * j;
+      float d = f16(blk + 208);
+      *a0 = d * (float)sc[0], *a1 = d * (float)sc[1];
+      *b0 = -32.f * *a0, *b1 = -32.f * *a1;
+    }
+  }
+}
+
+// Rows per tile: the accumulators (two a row) must fit the vector registers: 32 with AVX-512, 16 with AVX2.
+#if defined(__AVX512VL__)
+#define MAX_TILE 8
+#else
+#define MAX_TILE 4
+#endif
+
+#if defined(__AVX2__)
+typedef __m256 accum;
+#else
+typedef float accum;
+#endif
+
+// Group g of the row against the tile's MR activation rows, into one of the two accumulator sets.
+INLINE void group_step(int type, const uint8_t *wrow, int g0, int g, const int8_t *xq, int k, const float *xd,
+                       const float *xs, int ldt, const int MR, accum *acc, float *offs) {
+  const unsigned per_block = type >= T_Q4_K ? 8 : 1;  // a constant: no division
+  unsigned gg = (unsigned)(g0 + g), j = gg % per_block;
+  const uint8_t *blk = wrow + (size_t)(gg / per_block) * block_bytes(type);
+  const float *dg = xd + (size_t)g * ldt, *s0 = xs + (size_t)(2 * g) * ldt, *s1 = s0 + ldt;
+  float a0, a1, b0, b1;
+  group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);
+#if defined(__AVX2__)
+  __m256i wv = group_values_avx2(type, blk, (int)j);
+  __m256i wu = type == T_Q8_0 ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed Q8_0
+  __m256 a = type == T_Q6_K ? _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0)) : _mm256_set1_ps(a0);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)g));
+    if (type == T_Q8_0) xv = _mm256_sign_epi8(xv, wv);  // move w's sign onto x
+    __m256 p = _mm256_cvtepi32_ps(dot_us(wu, xv));
+    acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(a, _mm256_set1_ps(dg[r])), acc[r]);
+  }
+#else
+  group w;
+  unpack(type, blk, (int)j, &w);
+  for (int r = 0; r < MR; r++) {
+    const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)g;
+    int p0 = 0, p1 = 0;
+    if (type == T_Q8_0) {
+      for (int i = 0; i < 16; i++) p0 += (int8_t)w.h0[i] * xv[i], p1 += (int8_t)w.h1[i] * xv[16 + i];
+    } else {
+      for (int i = 0; i < 16; i++) p0 += w.h0[i] * xv[i], p1 += w.h1[i] * xv[16 + i];
+    }
+    acc[r] = fmaf(dg[r], a0 * (float)p0 + a1 * (float)p1, acc[r]);
+  }
+#endif
+  // off the accumulator's dependency chain: one add joins it
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) offs[r] += fmaf(b1, s1[r], b0 * s0[r]);
+}
+
 // One weight row against MR activation rows (MR a constant at every call site, so the tile's
 // accumulators live in registers): out[r] = the row's dot product with activation row r.
 // xq: the tile's first activation row (rows k bytes apart); xd, xs: that row's entry of group 0 in
-// the group-major scale and sum arrays (ldt entries a group). Each row's sum is formed in the same
-// order whatever MR is, so a token's result does not depend on the size of its batch (a prefix-cache
-// hit turns a long prefill into a short one; greedy answers must not change with it).
-INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, int gpb, const int8_t *xq, int k,
+// the group-major scale and sum arrays (ldt entries a group). Even and odd groups go to two
+// accumulator sets, so one row (a single stream's decode) is not bound by the latency of one chain of
+// adds. Each row's sum is formed in the same order whatever MR is, so a token's result does not depend
+// on the size of its batch (a prefix-cache hit turns a long prefill into a short one; greedy answers
+// must not change with it).
+INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
                      const float *xd, const float *xs, int ldt, const int MR, float *out) {
-  size_t bb = block_bytes(type);
-  const unsigned per_block = type >= T_Q4_K ? 8 : 1;  // groups a block: a constant, so no division below
-  (void)gpb;
-#if defined(__AVX2__)
-  __m256 acc[8];
-#else
-  float acc[8];
-#endif
-  float offs[8];
+  accum even[MAX_TILE], odd[MAX_TILE];
+  float offs_even[MAX_TILE], offs_odd[MAX_TILE];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++) {
 #if defined(__AVX2__)
-    acc[r] = _mm256_setzero_ps();
+    even[r] = odd[r] = _mm256_setzero_ps();
 #else
-    acc[r] = 0.f;
+    even[r] = odd[r] = 0.f;
 #endif
-    offs[r] = 0.f;
+    offs_even[r] = offs_odd[r] = 0.f;
   }
-  for (int g = 0; g < groups; g++) {
-    unsigned gg = (unsigned)(g0 + g);
-    const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
-    const float *dg = xd + (size_t)g * ldt, *s0 = xs + (size_t)(2 * g) * ldt, *s1 = s0 + ldt;
-    float b0, b1;
-#if defined(__AVX2__)
-    float a0, a1;
-    __m256i wv = unpack_avx2(type, blk, (int)(gg % per_block), &a0, &a1, &b0, &b1);
-    __m256i wu = type == T_Q8_0 ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed Q8_0
-    __m256 a = type == T_Q6_K ? _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0)) : _mm256_set1_ps(a0);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) {
-      __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)g));
-      if (type == T_Q8_0) xv = _mm256_sign_epi8(xv, wv);  // move w's sign onto x
-      __m256 p = _mm256_cvtepi32_ps(dot_us(wu, xv));
-      acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(a, _mm256_set1_ps(dg[r])), acc[r]);
-    }
-#else
-    group w;
-    unpack(type, blk, (int)(gg % per_block), &w);
-    b0 = w.b0, b1 = w.b1;
-    for (int r = 0; r < MR; r++) {
-      const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)g;
-      int p0 = 0, p1 = 0;
-      if (type == T_Q8_0) {
-        for (int i = 0; i < 16; i++) p0 += (int8_t)w.h0[i] * xv[i], p1 += (int8_t)w.h1[i] * xv[16 + i];
-      } else {
-        for (int i = 0; i < 16; i++) p0 += w.h0[i] * xv[i], p1 += w.h1[i] * xv[16 + i];
-      }
-      acc[r] = fmaf(dg[r], w.a0 * (float)p0 + w.a1 * (float)p1, acc[r]);
-    }
-#endif
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) offs[r] = fmaf(b1, s1[r], fmaf(b0, s0[r], offs[r]));
+  int g = 0;
+  for (; g + 1 < groups; g += 2) {
+    group_step(type, wrow, g0, g, xq, k, xd, xs, ldt, MR, even, offs_even);
+    group_step(type, wrow, g0, g + 1, xq, k, xd, xs, ldt, MR, odd, offs_odd);
   }
+  if (g < groups) group_step(type, wrow, g0, g, xq, k, xd, xs, ldt, MR, even, offs_even);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++) {
 #if defined(__AVX2__)
-    out[r] = hsum(acc[r]) + offs[r];
+    out[r] = hsum(_mm256_add_ps(even[r], odd[r])) + (offs_even[r] + offs_odd[r]);
 #else
-    out[r] = acc[r] + offs[r];
+    out[r] = (even[r] + odd[r]) + (offs_even[r] + offs_odd[r]);
 #endif
   }
 }
 
 // Specialized per type and tile height: the unpacking's switch and the row loop compile away.
 #define TILE_CASE(T, MR) \
-  case T: tile_dot(T, wrow, g0, groups, gpb, xq, k, xd, xs, ldt, MR, out); break;
+  case T: tile_dot(T, wrow, g0, groups, xq, k, xd, xs, ldt, MR, out); break;
 #define TILE_FN(MR)                                                                                       \
-  static void tile_dot_##MR(int type, const uint8_t *wrow, int g0, int groups, int gpb, const int8_t *xq, \
+  static void tile_dot_##MR(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq,            \
                             int k, const float *xd, const float *xs, int ldt, float *out) {               \
     switch (type) {                                                                                       \
       TILE_CASE(T_Q4_0, MR) TILE_CASE(T_Q4_1, MR) TILE_CASE(T_Q5_0, MR) TILE_CASE(T_Q5_1, MR)             \
@@ -381,7 +424,9 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, int gpb,
 TILE_FN(1)
 TILE_FN(2)
 TILE_FN(4)
+#if MAX_TILE == 8
 TILE_FN(8)
+#endif
 
 // Activation rows a pass takes: their int8 values (64 x k bytes) stay in the core's L2 cache while
 // every weight row streams past them once.
@@ -403,7 +448,7 @@ int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t 
   int qk = block_values(type);
   size_t bb = block_bytes(type);
   if (bb == 0 || k_full % qk != 0 || k0 % 32 != 0 || k % 32 != 0 || k0 + k > k_full) return -1;
-  int groups = k / 32, gpb = qk / 32, g0 = k0 / 32;
+  int groups = k / 32, g0 = k0 / 32;
   size_t row_bytes = (size_t)(k_full / qk) * bb;
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
@@ -413,14 +458,16 @@ int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t 
       float b = bias ? bias[i] : 0.f;
       float out[8];
       for (int r0 = p0; r0 < p1;) {
-        int left = p1 - r0, mr = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        int left = p1 - r0, mr = left >= MAX_TILE ? MAX_TILE : left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const int8_t *xr = xq + (size_t)r0 * k;
         const float *dr = xd + r0, *sr = xs + r0;
         switch (mr) {
-          case 8: tile_dot_8(type, wrow, g0, groups, gpb, xr, k, dr, sr, m, out); break;
-          case 4: tile_dot_4(type, wrow, g0, groups, gpb, xr, k, dr, sr, m, out); break;
-          case 2: tile_dot_2(type, wrow, g0, groups, gpb, xr, k, dr, sr, m, out); break;
-          default: tile_dot_1(type, wrow, g0, groups, gpb, xr, k, dr, sr, m, out);
+#if MAX_TILE == 8
+          case 8: tile_dot_8(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
+#endif
+          case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
+          case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
+          default: tile_dot_1(type, wrow, g0, groups, xr, k, dr, sr, m, out);
         }
         for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
         r0 += mr;
@@ -433,7 +480,8 @@ int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t 
 INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *v1) {
 #if defined(__AVX2__)
   float a0, a1, b0, b1;
-  __m256i w = unpack_avx2(type, blk, j, &a0, &a1, &b0, &b1);
+  group_scales(type, blk, j, &a0, &a1, &b0, &b1);
+  __m256i w = group_values_avx2(type, blk, j);
   __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
   __m256 f[4];
   __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
