@@ -24,7 +24,7 @@ import torch  # loads torch's OpenMP runtime before the kernel library links to 
 
 log = logging.getLogger(__name__)
 
-_SOURCES = (Path(__file__).with_name("kernels.c"), Path(__file__).with_name("gguf_kernels.c"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "gguf_kernels.c", "decode_step.c"))
 # DASHCHAT_CPU_MARCH builds for an older CPU than this one (tests run the AVX2 and portable paths
 # with it on an AVX-512 machine); the default is this CPU's own instruction set.
 _CFLAGS = ["-O3", f"-march={os.environ.get('DASHCHAT_CPU_MARCH', 'native')}", "-fPIC", "-fopenmp", "-std=c11",
@@ -116,6 +116,8 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gguf_matmul.restype = i
     lib.dc_gguf_dequantize.argtypes = [i, p, i, i, i, p]
     lib.dc_gguf_dequantize.restype = i
+    lib.dc_gguf_decode_layers.argtypes = [p, p, p, i, p, p, p, p, p, i]
+    lib.dc_gguf_decode_layers.restype = i
     return lib
 
 

@@ -139,6 +139,14 @@ class ModelRunner:
         On CUDA the decode step is then replayed from captured CUDA graphs."""
         self._decode = self._decode_eager
         self.compile_decode = compile_decode
+        # GGUF models on one CPU: the decoder layers of a decode step in one C call (no Python per layer)
+        self.fused_decode = None
+        if self.device.type == "cpu" and not compile_decode:
+            from ..cpu.decode_step import FusedDecode
+
+            self.fused_decode = FusedDecode.build(self.model, self.kv_cache, self.block_size, self.cfg.head_dim**-0.5)
+            if self.fused_decode is not None:
+                log.info("decode steps run the decoder layers in one C call")
         self.compiled_decode_steps = 0
         if compile_decode:
             # Float constants (norm eps, attention scale) are constants: tracing them as dynamic
@@ -249,6 +257,12 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One token per sequence: logits [N, vocab]. Everything here is a tensor shape, so one
         compiled graph serves every batch size (beyond 1) and context length."""
+        if self.fused_decode is not None and not torch.compiler.is_compiling():
+            model = self.model
+            x = model.embed_tokens(input_ids).contiguous()  # a fresh tensor: the layers write into it
+            cos, sin = model.rotary(positions, x.dtype)
+            self.fused_decode(x, slots, cos, sin, block_tables, context_lens)
+            return model.compute_logits(model.norm(x))
         self.attention.begin_step(StepAttentionMetadata(slots, len(input_ids), block_tables, context_lens, []))
         return self.model.compute_logits(self.model(input_ids, positions, self.attention))
 
