@@ -20,7 +20,6 @@ import torch  # noqa: E402
 
 from dashchat.engine.quantization.int8 import _causal_attention, quantize_linears_int8  # noqa: E402
 from dashchat.engine.quantization.int4 import quantize_linears_int4  # noqa: E402
-from dashchat.engine.quantization import gguf as gguf_module  # noqa: E402
 from dashchat.engine.quantization.gguf import gguf_source, load_gguf_linears  # noqa: E402
 from dashchat.models.parallel import ShardPlan  # noqa: E402
 from dashchat.models.config import ModelConfig  # noqa: E402
@@ -43,9 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=384)
-    ap.add_argument("--quantization", default="int8,int4", help="comma list of int8, int4, gguf, gguf-int8 (gguf with the "
-                    "int8-activation kernels at every batch size, as decode steps run; gguf alone dequantizes "
-                    "for prompt-sized batches, as prefill does)")
+    ap.add_argument("--quantization", default="int8,int4", help="comma list of int8, int4, gguf (the file's blocks "
+                    "through the C kernels: int8 activations per 32 values, the same kernel at every batch size)")
     args = ap.parse_args()
     path = str(resolve_model(args.model).path)
     cfg, tok = ModelConfig.from_dir(path), Tokenizer.from_dir(path)
@@ -56,14 +54,12 @@ def main() -> None:
     ref = logprobs(model, ids)
     target = ids[1:, None]
     lp_ref = ref[:-1].gather(1, target).squeeze(1)
-    prefill_rows = gguf_module.PREFILL_ROWS
     for kind in args.quantization.split(","):
         quantized = copy.deepcopy(model)
         if kind == "int8":
             quantize_linears_int8(quantized, tok)
-        elif kind in ("gguf", "gguf-int8"):
+        elif kind == "gguf":
             load_gguf_linears(quantized, gguf_source(path), cfg, ShardPlan(cfg, 0, 1))
-            gguf_module.PREFILL_ROWS = 1 << 30 if kind == "gguf-int8" else prefill_rows
         else:
             quantize_linears_int4(quantized)
         got = logprobs(quantized, ids)

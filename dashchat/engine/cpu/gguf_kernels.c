@@ -321,6 +321,31 @@ INLINE void group_scales(int type, const uint8_t *blk, int j, float *a0, float *
   }
 }
 
+// group_scales of all 8 groups of a K-quant super-block at once (the same products, so the same values).
+INLINE void super_block_scales(int type, const uint8_t *blk, float *A0, float *A1, float *B0, float *B1) {
+  if (type == T_Q6_K) {
+    const int8_t *sc = (const int8_t *)(blk + 192);
+    float d = f16(blk + 208);
+    for (int j = 0; j < 8; j++) {
+      A0[j] = d * (float)sc[2 * j], A1[j] = d * (float)sc[2 * j + 1];
+      B0[j] = -32.f * A0[j], B1[j] = -32.f * A1[j];
+    }
+    return;
+  }
+  // Q4_K/Q5_K: twelve bytes hold eight 6-bit scales and eight 6-bit minimums (scale_min_k4's layout)
+  uint32_t u[3];
+  memcpy(u, blk + 4, 12);
+  uint32_t packed[4] = {u[0] & 0x3f3f3f3fu, (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4),
+                        u[1] & 0x3f3f3f3fu, ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)};
+  uint8_t sm[16];  // scales 0-7, then minimums 0-7
+  memcpy(sm, packed, 16);
+  float d = f16(blk), dmin = f16(blk + 2);
+  for (int j = 0; j < 8; j++) {
+    A0[j] = A1[j] = d * (float)sm[j];
+    B0[j] = B1[j] = -dmin * (float)sm[8 + j];
+  }
+}
+
 // Rows per tile: the accumulators (two a row) must fit the vector registers: 32 with AVX-512, 16 with AVX2.
 #if defined(__AVX512VL__)
 #define MAX_TILE 8
@@ -334,17 +359,14 @@ typedef __m256 accum;
 typedef float accum;
 #endif
 
-// Group g of the row against the tile's MR activation rows, into one of the two accumulator sets.
-INLINE void group_step(int type, const uint8_t *wrow, int g0, int g, const int8_t *xq, int k, const float *xd,
-                       const float *xs, int ldt, const int MR, accum *acc, float *offs) {
-  const unsigned per_block = type >= T_Q4_K ? 8 : 1;  // a constant: no division
-  unsigned gg = (unsigned)(g0 + g), j = gg % per_block;
-  const uint8_t *blk = wrow + (size_t)(gg / per_block) * block_bytes(type);
+// Group j of block blk (group g of the row's window), its scales given, against the tile's MR
+// activation rows, into one of the two accumulator sets.
+INLINE void group_step(int type, const uint8_t *blk, int j, int g, float a0, float a1, float b0, float b1,
+                       const int8_t *xq, int k, const float *xd, const float *xs, int ldt, const int MR, accum *acc,
+                       float *offs) {
   const float *dg = xd + (size_t)g * ldt, *s0 = xs + (size_t)(2 * g) * ldt, *s1 = s0 + ldt;
-  float a0, a1, b0, b1;
-  group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);
 #if defined(__AVX2__)
-  __m256i wv = group_values_avx2(type, blk, (int)j);
+  __m256i wv = group_values_avx2(type, blk, j);
   __m256i wu = type == T_Q8_0 ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed Q8_0
   __m256 a = type == T_Q6_K ? _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0)) : _mm256_set1_ps(a0);
 #pragma GCC unroll 8
@@ -356,7 +378,7 @@ INLINE void group_step(int type, const uint8_t *wrow, int g0, int g, const int8_
   }
 #else
   group w;
-  unpack(type, blk, (int)j, &w);
+  unpack(type, blk, j, &w);
   for (int r = 0; r < MR; r++) {
     const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)g;
     int p0 = 0, p1 = 0;
@@ -394,12 +416,30 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
 #endif
     offs_even[r] = offs_odd[r] = 0.f;
   }
-  int g = 0;
-  for (; g + 1 < groups; g += 2) {
-    group_step(type, wrow, g0, g, xq, k, xd, xs, ldt, MR, even, offs_even);
-    group_step(type, wrow, g0, g + 1, xq, k, xd, xs, ldt, MR, odd, offs_odd);
+  size_t bb = block_bytes(type);
+  if (type >= T_Q4_K && g0 % 8 == 0 && groups % 8 == 0) {
+    // whole super-blocks (always, but for a tensor-parallel rank's window): their 8 groups' scales
+    // taken apart at once, the groups unrolled (each group's bit positions become constants)
+    for (int b = 0; b < groups / 8; b++) {
+      const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
+      float A0[8], A1[8], B0[8], B1[8];
+      super_block_scales(type, blk, A0, A1, B0, B1);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j++)
+        group_step(type, blk, j, 8 * b + j, A0[j], A1[j], B0[j], B1[j], xq, k, xd, xs, ldt, MR, j & 1 ? odd : even,
+                   j & 1 ? offs_odd : offs_even);
+    }
+  } else {
+    const unsigned per_block = type >= T_Q4_K ? 8 : 1;  // a constant: no division
+    for (int g = 0; g < groups; g++) {
+      unsigned gg = (unsigned)(g0 + g), j = gg % per_block;
+      const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
+      float a0, a1, b0, b1;
+      group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);
+      group_step(type, blk, (int)j, g, a0, a1, b0, b1, xq, k, xd, xs, ldt, MR, g & 1 ? odd : even,
+                 g & 1 ? offs_odd : offs_even);
+    }
   }
-  if (g < groups) group_step(type, wrow, g0, g, xq, k, xd, xs, ldt, MR, even, offs_even);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++) {
 #if defined(__AVX2__)
