@@ -18,8 +18,9 @@ int dc_paged_decode_attention(const float *q, const float *k_cache, const float 
                               const int64_t *lens, float *out, int n, int hq, int hkv, int d, int width,
                               int block_size, float scale);
 void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, float *xs);
-int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t *xq, const float *xd,
-                   const float *xs, const float *bias, float *y, int m, int n, int k, int ldy);
+int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, const int *k_full, const int *k0,
+                         const int *rows, const float *const *bias, const int8_t *xq, const float *xd,
+                         const float *xs, float *y, int m, int k, int ldy);
 
 #define DC_MAX_PARTS 4
 
@@ -49,14 +50,8 @@ typedef struct {
 
 static int product(const dc_qlinear *l, const float *x, int m, activations *a, float *y) {
   dc_gguf_quantize_x(x, m, l->k, a->xq, a->xd, a->xs);
-  int row = 0;
-  for (int p = 0; p < l->parts; p++) {
-    if (dc_gguf_matmul(l->type[p], l->blocks[p], l->k, 0, a->xq, a->xd, a->xs, l->bias[p], y + row, m, l->rows[p],
-                       l->k, l->n))
-      return -1;
-    row += l->rows[p];
-  }
-  return 0;
+  return dc_gguf_matmul_parts(l->parts, l->type, l->blocks, NULL, NULL, l->rows, l->bias, a->xq, a->xd, a->xs, y, m,
+                              l->k, l->n);
 }
 
 static void add_into(float *x, const float *y, size_t count) {

@@ -192,7 +192,8 @@ INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
 // stored group-major so a tile of consecutive rows reads its scales and sums as one vector.
 static void quantize_rows(const float *x, int m, int k, int8_t *xq, float *xd, float *xs) {
   int groups = k / 32;
-#pragma omp parallel for schedule(static)
+  // a decode step's rows take a microsecond or two: less than waking the thread team
+#pragma omp parallel for schedule(static) if (m * groups >= 1024)
   for (int t = 0; t < m * groups; t++) {
     int r = t / groups, g = t % groups;
     const float *v = x + (size_t)t * 32;
@@ -478,24 +479,39 @@ void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, flo
   quantize_rows(x, m, k, xq, xd, xs);
 }
 
-// y[:, 0:n] = x . W[:, k0:k0+k]^T (+ bias) with x [m, k] quantized by dc_gguf_quantize_x; W's rows
-// are k_full values wide, k0 and k multiples of 32 (a tensor-parallel rank's slice of a row-split
-// weight: a 256-value K-quant block splits along its 32-value groups, whose integer products are then
-// exactly those of the whole row). y's rows are ldy floats apart (a slice of a fused layer's output).
+// y[:, 0:n] = x . W^T (+ bias) with x [m, k] quantized by dc_gguf_quantize_x and W the rows of
+// `parts` source tensors in turn (a fused q/k/v or gate/up layer: each tensor of its own type; n is
+// their rows' sum; all parts in one thread team). Part p: type types[p], rows[p] rows of k_full[p]
+// values at w[p], of which inputs [k0[p], k0[p] + k) are read (a tensor-parallel rank's slice of a
+// row-split weight: k0 and k multiples of 32, so a 256-value K-quant block splits along its 32-value
+// groups, whose integer products are then exactly those of the whole row); k_full/k0 NULL: whole
+// rows. bias[p]: its rows' biases or NULL (bias NULL: none at all). y's rows are ldy floats apart.
 // Returns 0, or -1 for an unknown type or widths that are not whole blocks and groups.
-int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t *xq, const float *xd,
-                   const float *xs, const float *bias, float *y, int m, int n, int k, int ldy) {
-  int qk = block_values(type);
-  size_t bb = block_bytes(type);
-  if (bb == 0 || k_full % qk != 0 || k0 % 32 != 0 || k % 32 != 0 || k0 + k > k_full) return -1;
-  int groups = k / 32, g0 = k0 / 32;
-  size_t row_bytes = (size_t)(k_full / qk) * bb;
+int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, const int *k_full, const int *k0,
+                         const int *rows, const float *const *bias, const int8_t *xq, const float *xd,
+                         const float *xs, float *y, int m, int k, int ldy) {
+  enum { MAX_PARTS = 8 };
+  size_t row_bytes[MAX_PARTS];
+  int first_group[MAX_PARTS], n = 0;
+  if (parts < 1 || parts > MAX_PARTS || k % 32 != 0) return -1;
+  for (int p = 0; p < parts; p++) {
+    int qk = block_values(types[p]), full = k_full ? k_full[p] : k, start = k0 ? k0[p] : 0;
+    size_t bb = block_bytes(types[p]);
+    if (bb == 0 || full % qk != 0 || start % 32 != 0 || start + k > full || rows[p] < 0) return -1;
+    row_bytes[p] = (size_t)(full / qk) * bb;
+    first_group[p] = start / 32;
+    n += rows[p];
+  }
+  int groups = k / 32;
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
-      const uint8_t *wrow = w + (size_t)i * row_bytes;
-      float b = bias ? bias[i] : 0.f;
+      int p = 0, row = i;
+      while (row >= rows[p]) row -= rows[p++];
+      int type = types[p], g0 = first_group[p];
+      const uint8_t *wrow = w[p] + (size_t)row * row_bytes[p];
+      float b = bias && bias[p] ? bias[p][row] : 0.f;
       float out[8];
       for (int r0 = p0; r0 < p1;) {
         int left = p1 - r0, mr = left >= MAX_TILE ? MAX_TILE : left >= 4 ? 4 : left >= 2 ? 2 : 1;
@@ -515,6 +531,12 @@ int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t 
     }
   }
   return 0;
+}
+
+// One source tensor: dc_gguf_matmul_parts with a single part.
+int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t *xq, const float *xd,
+                   const float *xs, const float *bias, float *y, int m, int n, int k, int ldy) {
+  return dc_gguf_matmul_parts(1, &type, &w, &k_full, &k0, &n, &bias, xq, xd, xs, y, m, k, ldy);
 }
 
 INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *v1) {

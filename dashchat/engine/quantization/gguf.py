@@ -17,6 +17,7 @@ A fused layer (q/k/v, gate/up) holds one part per source tensor, each of its own
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import logging
@@ -86,13 +87,17 @@ class GGUFLinear(nn.Module):
             self.register_buffer(f"blocks{i}", part.data, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
         self._filled = sum(p.rows for p in parts)
-        # per part: (type, blocks, rows, first output column, bias pointer): the decode path's ctypes
-        # arguments, computed once (a step makes hundreds of these calls)
-        self._calls, row = [], 0
-        for part in parts:
-            bias_ptr = None if self.bias is None else self.bias.data_ptr() + 4 * row
-            self._calls.append((part.type_id, part.data.data_ptr(), part.k_full, part.k0, part.rows, row, bias_ptr))
-            row += part.rows
+        # the parts as dc_gguf_matmul_parts reads them, built once (a step makes hundreds of these calls)
+        count = len(parts)
+        row_starts = list(itertools.accumulate((p.rows for p in parts), initial=0))
+        self._part_args = (
+            count, (ctypes.c_int * count)(*(p.type_id for p in parts)),
+            (ctypes.c_void_p * count)(*(p.data.data_ptr() for p in parts)),
+            (ctypes.c_int * count)(*(p.k_full for p in parts)), (ctypes.c_int * count)(*(p.k0 for p in parts)),
+            (ctypes.c_int * count)(*(p.rows for p in parts)),
+            None if self.bias is None else (ctypes.c_void_p * count)(
+                *(self.bias.data_ptr() + 4 * start for start in row_starts[:-1])),
+        )
         self._lib = kernel_library()
         if self._lib is None:
             raise RuntimeError("GGUF layers need dashchat's C kernels (a C compiler); use --quantization none")
@@ -122,10 +127,8 @@ class GGUFLinear(nn.Module):
         xq, xd, xs = _activation_scratch(m * k)
         lib = self._lib
         lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs)
-        y_ptr = y.data_ptr()
-        for type_id, w_ptr, k_full, k0, rows, row, bias_ptr in self._calls:
-            if lib.dc_gguf_matmul(type_id, w_ptr, k_full, k0, xq, xd, xs, bias_ptr, y_ptr + 4 * row, m, rows, k, n):
-                raise ValueError(f"GGUF kernel rejected a type-{type_id} weight with {k} inputs")
+        if lib.dc_gguf_matmul_parts(*self._part_args, xq, xd, xs, y.data_ptr(), m, k, n):
+            raise ValueError(f"GGUF kernel rejected a {self.extra_repr()} weight")
         return y.reshape(*shape[:-1], n)
 
     def dequantize(self) -> torch.Tensor:
