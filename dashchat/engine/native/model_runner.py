@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from ...models.config import ModelConfig
@@ -124,11 +125,8 @@ class ModelRunner:
         # One block past those the block manager hands out: padded CUDA-graph rows write there.
         kv_heads = ShardPlan(cfg, self.tp.rank, self.tp.size).num_kv_heads
         shape = ((num_kv_blocks + 1) * self.block_size, kv_heads, cfg.head_dim)
-        self.kv_cache = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(cfg.num_layers)
-        ]
+        self.kv_cache = [(_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
+                         for _ in range(cfg.num_layers)]
         self.attention = PagedAttention(self.kv_cache, self.block_size, cfg.head_dim**-0.5)
 
     def _prepare_decode(
@@ -284,6 +282,15 @@ class ModelRunner:
             # Block 0 is scratch here: nothing is allocated before the engine starts serving.
             self._decode(*flat, tables, lens)
         log.info("decode step compiled in %.1fs", time.perf_counter() - start)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On CPU its pages come from calloc and are the kernel's shared zero page
+    until first written: a KV cache costs resident memory only as far as requests have filled it
+    (torch.zeros writes, so touches, every page of the whole budget at start)."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float16):
+        return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 _DEFAULT_KV_GB = {"cpu": 2.0, "cuda": 8.0}  # per device (per rank under tensor parallelism)
