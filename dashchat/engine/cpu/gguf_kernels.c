@@ -25,6 +25,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -469,6 +470,144 @@ TILE_FN(4)
 TILE_FN(8)
 #endif
 
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define HAVE_VNNI 1
+#else
+#define HAVE_VNNI 0
+#endif
+
+#if defined(__AVX2__)
+static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+#define ROWS8_GROUP_BYTES 288  // interleave8's bytes a group: 8 rows' 32 values, their 8 sums
+
+// Group j of block blk (group g of the window) against 8 activation rows at once. interleave8 laid
+// the rows out so that one in-lane shuffle of the group's values serves two chunks of 4 values (c in
+// the low 128 bits, c + 4 in the high ones) and one integer multiply-add meets them with 4 rows each:
+// per group 4 shuffles and 8 multiply-adds give the 8 rows' integer dot products of both halves, and
+// one float multiply-add serves all 8 rows (lane r = row r).
+INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1, float b0, float b1,
+                        const int8_t *xi, const float *xd, const float *s0, const float *s1, __m256 *acc,
+                        __m256 *offs) {
+  __m256i wv = group_values_avx2(type, blk, j);
+#if HAVE_VNNI
+  // Q8_0's signed values as unsigned ones (w + 128); the 128 * sum(x) this adds is taken off below
+  const int offset_q8 = 1;
+  if (type == T_Q8_0) wv = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
+#else
+  // without VNNI the byte products are summed in pairs into saturating int16: 255 * 127 * 2 would
+  // overflow, so Q8_0 moves its signs onto x instead (|w| <= 128)
+  const int offset_q8 = 0;
+#endif
+  __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();  // rows 0-3, rows 4-7
+#define ROWS8_CHUNK(c, imm)                                                          \
+  {                                                                                  \
+    __m256i wc = _mm256_shuffle_epi32(wv, imm);                                      \
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)(xi + 32 * c));                   \
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xi + 128 + 32 * c));             \
+    if (type == T_Q8_0 && !offset_q8) {                                              \
+      x0 = _mm256_sign_epi8(x0, wc), x1 = _mm256_sign_epi8(x1, wc);                  \
+      wc = _mm256_sign_epi8(wc, wc);                                                 \
+    }                                                                                \
+    lo4 = dpbusd_acc(lo4, wc, x0);                                                   \
+    hi4 = dpbusd_acc(hi4, wc, x1);                                                   \
+  }
+  ROWS8_CHUNK(0, 0x00) ROWS8_CHUNK(1, 0x55) ROWS8_CHUNK(2, 0xAA) ROWS8_CHUNK(3, 0xFF)
+#undef ROWS8_CHUNK
+  // lanes: lo4 = rows 0-3 (first half of the values) | rows 0-3 (second half), hi4 likewise rows 4-7
+  __m256i first = _mm256_permute2x128_si256(lo4, hi4, 0x20), second = _mm256_permute2x128_si256(lo4, hi4, 0x31);
+  __m256 dx = _mm256_loadu_ps(xd);
+  if (type == T_Q6_K) {  // a scale per half
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(_mm256_set1_ps(a0), dx), *acc);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(_mm256_set1_ps(a1), dx), *acc);
+  } else {
+    __m256i dot = _mm256_add_epi32(first, second);
+    if (type == T_Q8_0 && offset_q8)
+      dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xi + 256)), 7));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(a0), dx), *acc);
+  }
+  *offs = _mm256_fmadd_ps(_mm256_set1_ps(b1), _mm256_loadu_ps(s1),
+                          _mm256_fmadd_ps(_mm256_set1_ps(b0), _mm256_loadu_ps(s0), *offs));
+}
+
+// One weight row against 8 activation rows interleaved by interleave8 (xi: their block); xd, xs:
+// the first row's entry of group 0 in the group-major scales and sums (ldt entries a group).
+INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, const float *xd,
+                      const float *xs, int ldt, float *out) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, offs = _mm256_setzero_ps();
+  size_t bb = block_bytes(type);
+  if (type >= T_Q4_K && g0 % 8 == 0 && groups % 8 == 0) {
+    for (int b = 0; b < groups / 8; b++) {
+      const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
+      float A0[8], A1[8], B0[8], B1[8];
+      super_block_scales(type, blk, A0, A1, B0, B1);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j++) {
+        int g = 8 * b + j;
+        rows8_group(type, blk, j, A0[j], A1[j], B0[j], B1[j], xi + (size_t)g * ROWS8_GROUP_BYTES, xd + (size_t)g * ldt,
+                    xs + (size_t)(2 * g) * ldt, xs + (size_t)(2 * g + 1) * ldt, &acc[j & 1], &offs);
+      }
+    }
+  } else {
+    const unsigned per_block = type >= T_Q4_K ? 8 : 1;
+    for (int g = 0; g < groups; g++) {  // even and odd groups into their own accumulators (kept in registers)
+      unsigned gg = (unsigned)(g0 + g), j = gg % per_block;
+      const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
+      float a0, a1, b0, b1;
+      group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);
+      __m256 *into = &acc[0];
+      if (g & 1) into = &acc[1];
+      rows8_group(type, blk, (int)j, a0, a1, b0, b1, xi + (size_t)g * ROWS8_GROUP_BYTES, xd + (size_t)g * ldt,
+                  xs + (size_t)(2 * g) * ldt, xs + (size_t)(2 * g + 1) * ldt, into, &offs);
+    }
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), offs));
+}
+
+#define ROWS8_CASE(T) case T: rows8_dot(T, wrow, g0, groups, xi, xd, xs, ldt, out); break;
+static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, const float *xd,
+                          const float *xs, int ldt, float *out) {
+  switch (type) {
+    ROWS8_CASE(T_Q4_0) ROWS8_CASE(T_Q4_1) ROWS8_CASE(T_Q5_0) ROWS8_CASE(T_Q5_1)
+    ROWS8_CASE(T_Q8_0) ROWS8_CASE(T_Q4_K) ROWS8_CASE(T_Q5_K) ROWS8_CASE(T_Q6_K)
+  }
+}
+
+// xq's rows [8 b, 8 b + 8) for every whole block b of 8 rows, laid out for rows8_group: a group's
+// 32 bytes at quad q (rows 4q..4q+3) and chunk c (0-3) hold, in the low 16 bytes, those rows' values
+// 4c..4c+3 and, in the high 16, their values 16+4c..16+4c+3 (4 bytes a row, rows in order); then the
+// 8 rows' negated sums of the group's values as int32 (ROWS8_GROUP_BYTES a group).
+static void interleave8(const int8_t *xq, int m, int k, int8_t *xi) {
+  int groups = k / 32;
+#pragma omp parallel for schedule(static) if ((size_t)m * k >= 1 << 16)
+  for (int b = 0; b < m / 8; b++)
+    for (int g = 0; g < groups; g++) {
+      int8_t *out = xi + ((size_t)b * groups + g) * ROWS8_GROUP_BYTES;
+      int32_t sums[8];
+      for (int r = 0; r < 8; r++) {
+        const int8_t *v = xq + (size_t)(8 * b + r) * k + 32 * g;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) sum += v[i];
+        sums[r] = -sum;
+        int q = r / 4, lane_row = r % 4;
+        for (int c = 0; c < 4; c++) {
+          memcpy(out + 128 * q + 32 * c + 4 * lane_row, v + 4 * c, 4);
+          memcpy(out + 128 * q + 32 * c + 16 + 4 * lane_row, v + 16 + 4 * c, 4);
+        }
+      }
+      memcpy(out + 256, sums, 32);
+    }
+}
+#endif
+
 // Activation rows a pass takes: their int8 values (64 x k bytes) stay in the core's L2 cache while
 // every weight row streams past them once.
 #define ROW_PASS 64
@@ -503,6 +642,13 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     n += rows[p];
   }
   int groups = k / 32;
+  int8_t *xi = NULL;  // whole blocks of 8 rows, interleaved for rows8_dot
+#if defined(__AVX2__)
+  if (m >= 8) {
+    xi = malloc((size_t)(m / 8) * groups * ROWS8_GROUP_BYTES);
+    if (xi) interleave8(xq, m, k, xi);
+  }
+#endif
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
 #pragma omp parallel for schedule(static)
@@ -517,6 +663,14 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         int left = p1 - r0, mr = left >= MAX_TILE ? MAX_TILE : left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const int8_t *xr = xq + (size_t)r0 * k;
         const float *dr = xd + r0, *sr = xs + r0;
+#if defined(__AVX2__)
+        if (xi && left >= 8) {  // r0 is a multiple of 8 here: passes and blocks are
+          rows8_dot_any(type, wrow, g0, groups, xi + (size_t)(r0 / 8) * groups * ROWS8_GROUP_BYTES, dr, sr, m, out);
+          for (int r = 0; r < 8; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+          r0 += 8;
+          continue;
+        }
+#endif
         switch (mr) {
 #if MAX_TILE == 8
           case 8: tile_dot_8(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
@@ -530,6 +684,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       }
     }
   }
+  free(xi);
   return 0;
 }
 

@@ -3,16 +3,16 @@
 A GGUF model's linears keep the quantized blocks the file ships (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 Q4_K, Q5_K, Q6_K): no float32 copy, no re-quantization. Decoding one token then reads 4-8x fewer
 bytes than float32 weights. The products are the C kernels of dashchat/engine/cpu/gguf_kernels.c:
-activations quantized to int8 per 32 values (llama.cpp's Q8_0 scheme), integer dot products,
-in tiles of up to 8 activation rows per weight row so each unpacked weight group serves them all.
-Every batch size takes that one kernel, and a row's sum is formed in the same order in any tile:
-a token's logits do not depend on what else shares its step (a prefix-cache hit turns a long
+activations quantized to int8 per 32 values (llama.cpp's Q8_0 scheme), integer dot products.
+Fewer than 8 activation rows (decode steps) take per-row tiles that stream each weight group once
+for all of them; whole blocks of 8 rows (prefill, big decode batches) meet each weight group in one
+integer multiply-add a 4-value chunk for all 8 rows (the rows interleaved), with one float
+multiply-add a group for the 8. Every batch size takes these integer products, so a token's logits
+depend on what else shares its step only through float rounding (a prefix-cache hit turns a long
 prefill into a short one; greedy answers must not change with it). Dequantizing into float32 for
-PyTorch's GEMM was measured against it (one thread, Qwen's 4864x896 Q5_0 gate): the integer kernel
-is 3x faster at 16 rows, 1.4x at 64, even at 128, and 6% slower at 512 rows.
-
-A fused layer (q/k/v, gate/up) holds one part per source tensor, each of its own type (Qwen's
-"Q4_K_M" mixes Q5_0 and Q8_0 in attn_v); the parts write their slices of one output.
+PyTorch's GEMM was measured against the per-row tiles alone (one thread, Qwen's 4864x896 Q5_0 gate):
+they were 3x faster at 16 rows, 1.4x at 64, even at 128, and 6% slower at 512 rows; the 8-row
+tiles are faster still.
 """
 
 from __future__ import annotations
