@@ -426,21 +426,33 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
       const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
       float A0[8], A1[8], B0[8], B1[8];
       super_block_scales(type, blk, A0, A1, B0, B1);
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; j++)
-        group_step(type, blk, j, 8 * b + j, A0[j], A1[j], B0[j], B1[j], xq, k, xd, xs, ldt, MR, j & 1 ? odd : even,
-                   j & 1 ? offs_odd : offs_even);
+      // written out: a set chosen at run time would live in memory (see below)
+#define SB_GROUP(j, acc, offs) \
+  group_step(type, blk, j, 8 * b + j, A0[j], A1[j], B0[j], B1[j], xq, k, xd, xs, ldt, MR, acc, offs);
+      SB_GROUP(0, even, offs_even) SB_GROUP(1, odd, offs_odd) SB_GROUP(2, even, offs_even) SB_GROUP(3, odd, offs_odd)
+      SB_GROUP(4, even, offs_even) SB_GROUP(5, odd, offs_odd) SB_GROUP(6, even, offs_even) SB_GROUP(7, odd, offs_odd)
+#undef SB_GROUP
     }
   } else {
+    // two groups an iteration, each into its own set: a set chosen at run time would live in memory
+    // (the compiler cannot keep an indexed choice of registers), and the loads and stores would then
+    // be the loop's critical path
+#define TILE_GROUP(g, acc, offs)                                                                    \
+  {                                                                                               \
+    unsigned gg = (unsigned)(g0 + (g)), j = gg % per_block;                                        \
+    const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;                                    \
+    float a0, a1, b0, b1;                                                                         \
+    group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);                                          \
+    group_step(type, blk, (int)j, (g), a0, a1, b0, b1, xq, k, xd, xs, ldt, MR, acc, offs);        \
+  }
     const unsigned per_block = type >= T_Q4_K ? 8 : 1;  // a constant: no division
-    for (int g = 0; g < groups; g++) {
-      unsigned gg = (unsigned)(g0 + g), j = gg % per_block;
-      const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
-      float a0, a1, b0, b1;
-      group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);
-      group_step(type, blk, (int)j, g, a0, a1, b0, b1, xq, k, xd, xs, ldt, MR, g & 1 ? odd : even,
-                 g & 1 ? offs_odd : offs_even);
+    int g = 0;
+    for (; g + 1 < groups; g += 2) {
+      TILE_GROUP(g, even, offs_even)
+      TILE_GROUP(g + 1, odd, offs_odd)
     }
+    if (g < groups) TILE_GROUP(g, even, offs_even)
+#undef TILE_GROUP
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++) {
@@ -549,25 +561,33 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
       const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
       float A0[8], A1[8], B0[8], B1[8];
       super_block_scales(type, blk, A0, A1, B0, B1);
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; j++) {
-        int g = 8 * b + j;
-        rows8_group(type, blk, j, A0[j], A1[j], B0[j], B1[j], xi + (size_t)g * ROWS8_GROUP_BYTES, xd + (size_t)g * ldt,
-                    xs + (size_t)(2 * g) * ldt, xs + (size_t)(2 * g + 1) * ldt, &acc[j & 1], &offs);
-      }
+#define SB_GROUP(j)                                                                                             \
+  {                                                                                                           \
+    int g = 8 * b + j;                                                                                        \
+    rows8_group(type, blk, j, A0[j], A1[j], B0[j], B1[j], xi + (size_t)g * ROWS8_GROUP_BYTES, xd + (size_t)g * ldt, \
+                xs + (size_t)(2 * g) * ldt, xs + (size_t)(2 * g + 1) * ldt, &acc[j & 1], &offs);                \
+  }
+      SB_GROUP(0) SB_GROUP(1) SB_GROUP(2) SB_GROUP(3) SB_GROUP(4) SB_GROUP(5) SB_GROUP(6) SB_GROUP(7)
+#undef SB_GROUP
     }
   } else {
     const unsigned per_block = type >= T_Q4_K ? 8 : 1;
-    for (int g = 0; g < groups; g++) {  // even and odd groups into their own accumulators (kept in registers)
-      unsigned gg = (unsigned)(g0 + g), j = gg % per_block;
-      const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
-      float a0, a1, b0, b1;
-      group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);
-      __m256 *into = &acc[0];
-      if (g & 1) into = &acc[1];
-      rows8_group(type, blk, (int)j, a0, a1, b0, b1, xi + (size_t)g * ROWS8_GROUP_BYTES, xd + (size_t)g * ldt,
-                  xs + (size_t)(2 * g) * ldt, xs + (size_t)(2 * g + 1) * ldt, into, &offs);
+#define ROWS8_GROUP(g, into)                                                                                 \
+  {                                                                                                        \
+    unsigned gg = (unsigned)(g0 + (g)), j = gg % per_block;                                                 \
+    const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;                                             \
+    float a0, a1, b0, b1;                                                                                  \
+    group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);                                                   \
+    rows8_group(type, blk, (int)j, a0, a1, b0, b1, xi + (size_t)(g) * ROWS8_GROUP_BYTES, xd + (size_t)(g) * ldt, \
+                xs + (size_t)(2 * (g)) * ldt, xs + (size_t)(2 * (g) + 1) * ldt, into, &offs);                \
+  }
+    int g = 0;
+    for (; g + 1 < groups; g += 2) {  // even and odd groups into their own accumulators (in registers)
+      ROWS8_GROUP(g, &acc[0])
+      ROWS8_GROUP(g + 1, &acc[1])
     }
+    if (g < groups) ROWS8_GROUP(g, &acc[0])
+#undef ROWS8_GROUP
   }
   _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), offs));
 }
