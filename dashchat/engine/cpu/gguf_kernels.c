@@ -499,7 +499,7 @@ static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-#define ROWS8_GROUP_BYTES 288  // interleave8's bytes a group: 8 rows' 32 values, their 8 sums
+#define ROWS8_GROUP_BYTES 384  // interleave8's bytes a group: 8 rows' 32 values, sums, scales, half sums
 
 // Group j of block blk (group g of the window) against 8 activation rows at once. interleave8 laid
 // the rows out so that one in-lane shuffle of the group's values serves two chunks of 4 values (c in
@@ -507,8 +507,8 @@ static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
 // per group 4 shuffles and 8 multiply-adds give the 8 rows' integer dot products of both halves, and
 // one float multiply-add serves all 8 rows (lane r = row r).
 INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1, float b0, float b1,
-                        const int8_t *xi, const float *xd, const float *s0, const float *s1, __m256 *acc,
-                        __m256 *offs) {
+                        const int8_t *xi, __m256 *acc, __m256 *offs) {
+  const float *xd = (const float *)(xi + 288), *s0 = xd + 8, *s1 = xd + 16;
   __m256i wv = group_values_avx2(type, blk, j);
 #if HAVE_VNNI
   // Q8_0's signed values as unsigned ones (w + 128); the 128 * sum(x) this adds is taken off below
@@ -550,10 +550,8 @@ INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1,
                           _mm256_fmadd_ps(_mm256_set1_ps(b0), _mm256_loadu_ps(s0), *offs));
 }
 
-// One weight row against 8 activation rows interleaved by interleave8 (xi: their block); xd, xs:
-// the first row's entry of group 0 in the group-major scales and sums (ldt entries a group).
-INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, const float *xd,
-                      const float *xs, int ldt, float *out) {
+// One weight row against 8 activation rows interleaved by interleave8 (xi: their block).
+INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, float *out) {
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, offs = _mm256_setzero_ps();
   size_t bb = block_bytes(type);
   if (type >= T_Q4_K && g0 % 8 == 0 && groups % 8 == 0) {
@@ -564,8 +562,7 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
 #define SB_GROUP(j)                                                                                             \
   {                                                                                                           \
     int g = 8 * b + j;                                                                                        \
-    rows8_group(type, blk, j, A0[j], A1[j], B0[j], B1[j], xi + (size_t)g * ROWS8_GROUP_BYTES, xd + (size_t)g * ldt, \
-                xs + (size_t)(2 * g) * ldt, xs + (size_t)(2 * g + 1) * ldt, &acc[j & 1], &offs);                \
+    rows8_group(type, blk, j, A0[j], A1[j], B0[j], B1[j], xi + (size_t)g * ROWS8_GROUP_BYTES, &acc[j & 1], &offs); \
   }
       SB_GROUP(0) SB_GROUP(1) SB_GROUP(2) SB_GROUP(3) SB_GROUP(4) SB_GROUP(5) SB_GROUP(6) SB_GROUP(7)
 #undef SB_GROUP
@@ -578,8 +575,7 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
     const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;                                             \
     float a0, a1, b0, b1;                                                                                  \
     group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);                                                   \
-    rows8_group(type, blk, (int)j, a0, a1, b0, b1, xi + (size_t)(g) * ROWS8_GROUP_BYTES, xd + (size_t)(g) * ldt, \
-                xs + (size_t)(2 * (g)) * ldt, xs + (size_t)(2 * (g) + 1) * ldt, into, &offs);                \
+    rows8_group(type, blk, (int)j, a0, a1, b0, b1, xi + (size_t)(g) * ROWS8_GROUP_BYTES, into, &offs);           \
   }
     int g = 0;
     for (; g + 1 < groups; g += 2) {  // even and odd groups into their own accumulators (in registers)
@@ -592,31 +588,36 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
   _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), offs));
 }
 
-#define ROWS8_CASE(T) case T: rows8_dot(T, wrow, g0, groups, xi, xd, xs, ldt, out); break;
-static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, const float *xd,
-                          const float *xs, int ldt, float *out) {
+#define ROWS8_CASE(T) case T: rows8_dot(T, wrow, g0, groups, xi, out); break;
+static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, float *out) {
   switch (type) {
     ROWS8_CASE(T_Q4_0) ROWS8_CASE(T_Q4_1) ROWS8_CASE(T_Q5_0) ROWS8_CASE(T_Q5_1)
     ROWS8_CASE(T_Q8_0) ROWS8_CASE(T_Q4_K) ROWS8_CASE(T_Q5_K) ROWS8_CASE(T_Q6_K)
   }
 }
 
-// xq's rows [8 b, 8 b + 8) for every whole block b of 8 rows, laid out for rows8_group: a group's
+// xq's rows in blocks of 8 (the last one padded with zero rows), laid out for rows8_group: a group's
 // 32 bytes at quad q (rows 4q..4q+3) and chunk c (0-3) hold, in the low 16 bytes, those rows' values
 // 4c..4c+3 and, in the high 16, their values 16+4c..16+4c+3 (4 bytes a row, rows in order); then the
-// 8 rows' negated sums of the group's values as int32 (ROWS8_GROUP_BYTES a group).
-static void interleave8(const int8_t *xq, int m, int k, int8_t *xi) {
-  int groups = k / 32;
+// 8 rows' negated sums of the group's values (int32), their scales xd and half sums xs (float).
+static void interleave8(const int8_t *xq, const float *xd, const float *xs, int m, int k, int8_t *xi) {
+  int groups = k / 32, blocks = (m + 7) / 8;
 #pragma omp parallel for schedule(static) if ((size_t)m * k >= 1 << 16)
-  for (int b = 0; b < m / 8; b++)
+  for (int b = 0; b < blocks; b++)
     for (int g = 0; g < groups; g++) {
       int8_t *out = xi + ((size_t)b * groups + g) * ROWS8_GROUP_BYTES;
-      int32_t sums[8];
-      for (int r = 0; r < 8; r++) {
-        const int8_t *v = xq + (size_t)(8 * b + r) * k + 32 * g;
+      int32_t sums[8] = {0};
+      float scales[24] = {0};  // xd, then the halves' sums
+      memset(out, 0, 256);
+      for (int r = 0; r < 8 && 8 * b + r < m; r++) {
+        int row = 8 * b + r;
+        const int8_t *v = xq + (size_t)row * k + 32 * g;
         int sum = 0;
         for (int i = 0; i < 32; i++) sum += v[i];
         sums[r] = -sum;
+        scales[r] = xd[(size_t)g * m + row];
+        scales[8 + r] = xs[(size_t)(2 * g) * m + row];
+        scales[16 + r] = xs[(size_t)(2 * g + 1) * m + row];
         int q = r / 4, lane_row = r % 4;
         for (int c = 0; c < 4; c++) {
           memcpy(out + 128 * q + 32 * c + 4 * lane_row, v + 4 * c, 4);
@@ -624,6 +625,7 @@ static void interleave8(const int8_t *xq, int m, int k, int8_t *xi) {
         }
       }
       memcpy(out + 256, sums, 32);
+      memcpy(out + 288, scales, 96);
     }
 }
 #endif
@@ -665,8 +667,8 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
   int8_t *xi = NULL;  // whole blocks of 8 rows, interleaved for rows8_dot
 #if defined(__AVX2__)
   if (m >= 8) {
-    xi = malloc((size_t)(m / 8) * groups * ROWS8_GROUP_BYTES);
-    if (xi) interleave8(xq, m, k, xi);
+    xi = malloc((size_t)((m + 7) / 8) * groups * ROWS8_GROUP_BYTES);
+    if (xi) interleave8(xq, xd, xs, m, k, xi);
   }
 #endif
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
@@ -684,10 +686,11 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         const int8_t *xr = xq + (size_t)r0 * k;
         const float *dr = xd + r0, *sr = xs + r0;
 #if defined(__AVX2__)
-        if (xi && left >= 8) {  // r0 is a multiple of 8 here: passes and blocks are
-          rows8_dot_any(type, wrow, g0, groups, xi + (size_t)(r0 / 8) * groups * ROWS8_GROUP_BYTES, dr, sr, m, out);
-          for (int r = 0; r < 8; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
-          r0 += 8;
+        if (xi) {  // r0 is a multiple of 8 here (passes and blocks are); a last partial block is padded
+          rows8_dot_any(type, wrow, g0, groups, xi + (size_t)(r0 / 8) * groups * ROWS8_GROUP_BYTES, out);
+          int rows_here = left < 8 ? left : 8;
+          for (int r = 0; r < rows_here; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+          r0 += rows_here;
           continue;
         }
 #endif
