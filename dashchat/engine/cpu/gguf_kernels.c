@@ -507,8 +507,7 @@ static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
 // per group 4 shuffles and 8 multiply-adds give the 8 rows' integer dot products of both halves, and
 // one float multiply-add serves all 8 rows (lane r = row r).
 INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1, float b0, float b1,
-                        const int8_t *xi, __m256 *acc, __m256 *offs) {
-  const float *xd = (const float *)(xi + 288), *s0 = xd + 8, *s1 = xd + 16;
+                        const int8_t *xi, size_t block_stride, const int NB, __m256 *acc, __m256 *offs) {
   __m256i wv = group_values_avx2(type, blk, j);
 #if HAVE_VNNI
   // Q8_0's signed values as unsigned ones (w + 128); the 128 * sum(x) this adds is taken off below
@@ -519,12 +518,17 @@ INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1,
   // overflow, so Q8_0 moves its signs onto x instead (|w| <= 128)
   const int offset_q8 = 0;
 #endif
-  __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();  // rows 0-3, rows 4-7
+  // the NB blocks of 8 rows share the unpacked values
+#pragma GCC unroll 2
+  for (int nb = 0; nb < NB; nb++) {
+    const int8_t *x = xi + nb * block_stride;
+    const float *xd = (const float *)(x + 288), *s0 = xd + 8, *s1 = xd + 16;
+    __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();  // rows 0-3, rows 4-7
 #define ROWS8_CHUNK(c, imm)                                                          \
   {                                                                                  \
     __m256i wc = _mm256_shuffle_epi32(wv, imm);                                      \
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(xi + 32 * c));                   \
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xi + 128 + 32 * c));             \
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                    \
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));              \
     if (type == T_Q8_0 && !offset_q8) {                                              \
       x0 = _mm256_sign_epi8(x0, wc), x1 = _mm256_sign_epi8(x1, wc);                  \
       wc = _mm256_sign_epi8(wc, wc);                                                 \
@@ -532,64 +536,74 @@ INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1,
     lo4 = dpbusd_acc(lo4, wc, x0);                                                   \
     hi4 = dpbusd_acc(hi4, wc, x1);                                                   \
   }
-  ROWS8_CHUNK(0, 0x00) ROWS8_CHUNK(1, 0x55) ROWS8_CHUNK(2, 0xAA) ROWS8_CHUNK(3, 0xFF)
+    ROWS8_CHUNK(0, 0x00) ROWS8_CHUNK(1, 0x55) ROWS8_CHUNK(2, 0xAA) ROWS8_CHUNK(3, 0xFF)
 #undef ROWS8_CHUNK
-  // lanes: lo4 = rows 0-3 (first half of the values) | rows 0-3 (second half), hi4 likewise rows 4-7
-  __m256i first = _mm256_permute2x128_si256(lo4, hi4, 0x20), second = _mm256_permute2x128_si256(lo4, hi4, 0x31);
-  __m256 dx = _mm256_loadu_ps(xd);
-  if (type == T_Q6_K) {  // a scale per half
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(_mm256_set1_ps(a0), dx), *acc);
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(_mm256_set1_ps(a1), dx), *acc);
-  } else {
-    __m256i dot = _mm256_add_epi32(first, second);
-    if (type == T_Q8_0 && offset_q8)
-      dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xi + 256)), 7));
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(a0), dx), *acc);
+    // lanes: lo4 = rows 0-3 (first half of the values) | rows 0-3 (second half), hi4 likewise rows 4-7
+    __m256i first = _mm256_permute2x128_si256(lo4, hi4, 0x20), second = _mm256_permute2x128_si256(lo4, hi4, 0x31);
+    __m256 dx = _mm256_loadu_ps(xd);
+    if (type == T_Q6_K) {  // a scale per half
+      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(_mm256_set1_ps(a0), dx), acc[nb]);
+      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(_mm256_set1_ps(a1), dx), acc[nb]);
+    } else {
+      __m256i dot = _mm256_add_epi32(first, second);
+      if (type == T_Q8_0 && offset_q8)
+        dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(x + 256)), 7));
+      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(a0), dx), acc[nb]);
+    }
+    offs[nb] = _mm256_fmadd_ps(_mm256_set1_ps(b1), _mm256_loadu_ps(s1),
+                               _mm256_fmadd_ps(_mm256_set1_ps(b0), _mm256_loadu_ps(s0), offs[nb]));
   }
-  *offs = _mm256_fmadd_ps(_mm256_set1_ps(b1), _mm256_loadu_ps(s1),
-                          _mm256_fmadd_ps(_mm256_set1_ps(b0), _mm256_loadu_ps(s0), *offs));
 }
 
-// One weight row against 8 activation rows interleaved by interleave8 (xi: their block).
-INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, float *out) {
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, offs = _mm256_setzero_ps();
+// One weight row against NB blocks of 8 activation rows interleaved by interleave8 (xi: the first
+// block, the next one block_stride bytes on): out[8 nb + r].
+INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, size_t block_stride,
+                      const int NB, float *out) {
+  __m256 even[2], odd[2], offs[2];
+  for (int nb = 0; nb < NB; nb++) even[nb] = odd[nb] = offs[nb] = _mm256_setzero_ps();
   size_t bb = block_bytes(type);
   if (type >= T_Q4_K && g0 % 8 == 0 && groups % 8 == 0) {
     for (int b = 0; b < groups / 8; b++) {
       const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
       float A0[8], A1[8], B0[8], B1[8];
       super_block_scales(type, blk, A0, A1, B0, B1);
-#define SB_GROUP(j)                                                                                             \
-  {                                                                                                           \
-    int g = 8 * b + j;                                                                                        \
-    rows8_group(type, blk, j, A0[j], A1[j], B0[j], B1[j], xi + (size_t)g * ROWS8_GROUP_BYTES, &acc[j & 1], &offs); \
-  }
-      SB_GROUP(0) SB_GROUP(1) SB_GROUP(2) SB_GROUP(3) SB_GROUP(4) SB_GROUP(5) SB_GROUP(6) SB_GROUP(7)
+#define SB_GROUP(j, acc)                                                                                     \
+  rows8_group(type, blk, j, A0[j], A1[j], B0[j], B1[j], xi + (size_t)(8 * b + j) * ROWS8_GROUP_BYTES, block_stride, \
+              NB, acc, offs);
+      SB_GROUP(0, even) SB_GROUP(1, odd) SB_GROUP(2, even) SB_GROUP(3, odd)
+      SB_GROUP(4, even) SB_GROUP(5, odd) SB_GROUP(6, even) SB_GROUP(7, odd)
 #undef SB_GROUP
     }
   } else {
     const unsigned per_block = type >= T_Q4_K ? 8 : 1;
-#define ROWS8_GROUP(g, into)                                                                                 \
+#define ROWS8_GROUP(g, acc)                                                                                  \
   {                                                                                                        \
     unsigned gg = (unsigned)(g0 + (g)), j = gg % per_block;                                                 \
     const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;                                             \
     float a0, a1, b0, b1;                                                                                  \
     group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);                                                   \
-    rows8_group(type, blk, (int)j, a0, a1, b0, b1, xi + (size_t)(g) * ROWS8_GROUP_BYTES, into, &offs);           \
+    rows8_group(type, blk, (int)j, a0, a1, b0, b1, xi + (size_t)(g) * ROWS8_GROUP_BYTES, block_stride, NB, acc, offs); \
   }
     int g = 0;
     for (; g + 1 < groups; g += 2) {  // even and odd groups into their own accumulators (in registers)
-      ROWS8_GROUP(g, &acc[0])
-      ROWS8_GROUP(g + 1, &acc[1])
+      ROWS8_GROUP(g, even)
+      ROWS8_GROUP(g + 1, odd)
     }
-    if (g < groups) ROWS8_GROUP(g, &acc[0])
+    if (g < groups) ROWS8_GROUP(g, even)
 #undef ROWS8_GROUP
   }
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), offs));
+  for (int nb = 0; nb < NB; nb++) _mm256_storeu_ps(out + 8 * nb, _mm256_add_ps(_mm256_add_ps(even[nb], odd[nb]), offs[nb]));
 }
 
-#define ROWS8_CASE(T) case T: rows8_dot(T, wrow, g0, groups, xi, out); break;
-static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, float *out) {
+#define ROWS8_CASE(T)                                                     \
+  case T:                                                                 \
+    if (blocks == 2) rows8_dot(T, wrow, g0, groups, xi, block_stride, 2, out); \
+    else rows8_dot(T, wrow, g0, groups, xi, block_stride, 1, out);         \
+    break;
+// blocks: 1 or 2 blocks of 8 rows (16 rows share each unpacked weight group)
+static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, int blocks,
+                          float *out) {
+  size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
   switch (type) {
     ROWS8_CASE(T_Q4_0) ROWS8_CASE(T_Q4_1) ROWS8_CASE(T_Q5_0) ROWS8_CASE(T_Q5_1)
     ROWS8_CASE(T_Q8_0) ROWS8_CASE(T_Q4_K) ROWS8_CASE(T_Q5_K) ROWS8_CASE(T_Q6_K)
@@ -687,9 +701,10 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         const float *dr = xd + r0, *sr = xs + r0;
 #if defined(__AVX2__)
         if (xi) {  // r0 is a multiple of 8 here (passes and blocks are); a last partial block is padded
-          rows8_dot_any(type, wrow, g0, groups, xi + (size_t)(r0 / 8) * groups * ROWS8_GROUP_BYTES, out);
-          int rows_here = left < 8 ? left : 8;
-          for (int r = 0; r < rows_here; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+          float out16[16];
+          int blocks = left > 8 ? 2 : 1, rows_here = left < 8 * blocks ? left : 8 * blocks;
+          rows8_dot_any(type, wrow, g0, groups, xi + (size_t)(r0 / 8) * groups * ROWS8_GROUP_BYTES, blocks, out16);
+          for (int r = 0; r < rows_here; r++) y[(size_t)(r0 + r) * ldy + i] = out16[r] + b;
           r0 += rows_here;
           continue;
         }
