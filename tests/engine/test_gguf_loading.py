@@ -16,7 +16,8 @@ from torch import nn
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.cpu.kernels import kernel_library
 from dashchat.engine.native.llm_engine import AsyncLLMEngine
-from dashchat.engine.quantization.gguf import GGUFLinear, gguf_source, load_gguf_linears
+from dashchat.engine.quantization.gguf import GGUFLinear
+from dashchat.engine.quantization.gguf_loading import gguf_source, load_gguf_linears
 from dashchat.engine.types import SamplingParams
 from dashchat.models.config import ModelConfig
 from dashchat.models.parallel import ShardPlan, TensorParallel

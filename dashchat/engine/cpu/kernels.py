@@ -116,6 +116,8 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gguf_matmul.restype = i
     lib.dc_gguf_dequantize.argtypes = [i, p, i, i, i, p]
     lib.dc_gguf_dequantize.restype = i
+    lib.dc_gguf_dequantize_rows.argtypes = [i, p, p, i, i, p]
+    lib.dc_gguf_dequantize_rows.restype = i
     return lib
 
 
