@@ -20,7 +20,7 @@ from dashchat.models import gguf_convert
 from dashchat.models.config import ModelConfig
 from dashchat.models.embedded import embedded_gguf
 from dashchat.models.gguf_convert import (GGUFConvertError, convert_gguf, dequantize, ensure_float_weights,
-                                          hf_float_tensors, open_gguf, unpermute_qk)
+                                          hf_float_tensors, open_gguf, read_tensors, unpermute_qk)
 from dashchat.models.resolve import resolve_model
 from dashchat.models.weights import iter_weights, weight_files
 from dashchat.tokenizer import Tokenizer
@@ -446,7 +446,30 @@ def test_cache_hit_is_fast_and_keyed_on_file_identity(cache: Path, tmp_path: Pat
     assert len(_leftovers(cache)) == 2
 
 
+def _same_tensors(path: Path, full_data: bool) -> None:
+    ours, ref = read_tensors(path), open_gguf(path).tensors
+    assert [t.name for t in ours] == [t.name for t in ref]
+    for a, b in zip(ours, ref):
+        assert (a.tensor_type, a.n_elements, a.n_bytes, a.data_offset) == (b.tensor_type, b.n_elements, b.n_bytes,
+                                                                           b.data_offset), a.name  # fmt: skip
+        assert a.shape.tolist() == b.shape.tolist() and a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+        np.testing.assert_array_equal(a.data if full_data else a.data[:2], b.data if full_data else b.data[:2])
+
+
+@pytest.mark.parametrize(("arch", "tokenizer", "pre"), [("llama", "llama", "default"), ("qwen2", "gpt2", "qwen2")])
+def test_tensor_reader_matches_gguf_reader(tmp_path: Path, arch: str, tokenizer: str, pre: str) -> None:
+    """The loader's header-skipping reader sees the tensors GGUFReader sees (past string arrays,
+    merges and every scalar key type the writer emits)."""
+    write_tiny_gguf(tmp_path / "t.gguf", arch, tokenizer, pre)
+    _same_tensors(tmp_path / "t.gguf", full_data=True)
+
+
 # ---------------------------------------------------------------- the embedded models
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_tensor_reader_on_embedded_models(model: str) -> None:
+    _same_tensors(embedded_gguf(model), full_data=False)
 
 
 def test_smollm_folder_layout(smol_dir: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...models.config import ModelConfig
-from ...models.gguf_convert import SOURCE_FILE, hf_float_tensors, hf_tensor_name, open_gguf, unpermute_qk
+from ...models.gguf_convert import SOURCE_FILE, hf_float_tensors, hf_tensor_name, read_tensors, unpermute_qk
 from ...models.parallel import ShardPlan, VocabParallelEmbedding
 from .gguf import BLOCK_TYPES, GGUFLinear, GGUFPart
 from .gguf_embedding import GGUFEmbedding
@@ -142,8 +142,7 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig,
     file's own blocks. Layers whose tensors are float (F32/F16/BF16) or of a type the kernels lack,
     or whose tensor-parallel input slice is not on 32-value groups, keep their float weights (logged).
     Returns a count of layers per outcome, for the log and tests."""
-    reader = open_gguf(gguf_path)
-    found = _linear_blocks({t.name: t for t in reader.tensors}, cfg, plan)
+    found = _linear_blocks({t.name: t for t in read_tensors(gguf_path)}, cfg, plan)
     counts = {"gguf": 0, "float": 0}
     modules = dict(model.named_modules())
     for path, (parts, _) in sorted(found.items()):
@@ -167,8 +166,7 @@ def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, p
     """Load a model built on the meta device from the GGUF file: linears and the embedding over the
     file's blocks, everything else (and the float fallbacks) dequantized from it. Returns counts:
     `gguf` / `float` linear layers, `embedding` 1 when the embedding reads blocks (0: float)."""
-    reader = open_gguf(gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in read_tensors(gguf_path)}
     tied = cfg.tie_word_embeddings
     embedding = _gguf_embedding(model, tensors, plan)
     if embedding is not None:
