@@ -164,35 +164,16 @@ def read_tensors(path: str | os.PathLike[str]) -> list[Any]:
     if magic != b"GGUF" or version not in (2, 3):
         return list(open_gguf(path).tensors)
 
-    def string(off: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, off)
-        return bytes(buf[off + 8 : off + 8 + n]).decode("utf-8"), off + 8 + n
-
-    def skip(off: int, vtype: int) -> int:
-        if vtype in _SCALAR_BYTES:
-            return off + _SCALAR_BYTES[vtype]
-        if vtype == _STRING:
-            return off + 8 + struct.unpack_from("<Q", buf, off)[0]
-        if vtype != _ARRAY:
-            raise GGUFConvertError(f"{path}: unknown GGUF value type {vtype}")
-        itype, count = struct.unpack_from("<IQ", buf, off)
-        off += 12
-        if itype in _SCALAR_BYTES:
-            return off + count * _SCALAR_BYTES[itype]
-        for _ in range(count):
-            off = skip(off, itype)
-        return off
-
     off, alignment = 24, 32
     for _ in range(n_kv):
-        key, off = string(off)
+        key, off = _string(buf, off)
         (vtype,) = struct.unpack_from("<I", buf, off)
         if key == "general.alignment" and vtype == _UINT32:
             (alignment,) = struct.unpack_from("<I", buf, off + 4)
-        off = skip(off + 4, vtype)
+        off = _skip_value(buf, off + 4, vtype, path)
     infos = []
     for _ in range(n_tensors):
-        name, off = string(off)
+        name, off = _string(buf, off)
         (n_dims,) = struct.unpack_from("<I", buf, off)
         dims = np.array(struct.unpack_from(f"<{n_dims}Q", buf, off + 4), dtype=np.uint64)
         off += 4 + 8 * n_dims
@@ -214,6 +195,28 @@ def read_tensors(path: str | os.PathLike[str]) -> list[Any]:
         tensors.append(ReaderTensor(name=name, tensor_type=qtype, shape=dims, n_elements=n_elems, n_bytes=n_bytes,
                                     data_offset=begin, data=data, field=None))
     return tensors
+
+
+def _string(buf: np.ndarray, off: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, off)
+    return bytes(buf[off + 8 : off + 8 + n]).decode("utf-8"), off + 8 + n
+
+
+def _skip_value(buf: np.ndarray, off: int, vtype: int, path: Any) -> int:
+    """Offset past a header value of type `vtype` at `off`."""
+    if vtype in _SCALAR_BYTES:
+        return off + _SCALAR_BYTES[vtype]
+    if vtype == _STRING:
+        return off + 8 + struct.unpack_from("<Q", buf, off)[0]
+    if vtype != _ARRAY:
+        raise GGUFConvertError(f"{path}: unknown GGUF value type {vtype}")
+    itype, count = struct.unpack_from("<IQ", buf, off)
+    off += 12
+    if itype in _SCALAR_BYTES:
+        return off + count * _SCALAR_BYTES[itype]
+    for _ in range(count):
+        off = _skip_value(buf, off, itype, path)
+    return off
 
 
 def _convert_into(src: Path, out: Path) -> None:
