@@ -171,6 +171,30 @@ def test_logits_without_a_float_weights_file(smollm2_dir: str, tmp_path: Path, m
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("without", ["Q4_1", "Q8_0"])
+def test_types_without_kernel_fall_back_to_float(smollm2_dir: str, monkeypatch, without: str) -> None:
+    """SmolLM2's linears are Q4_1, its tied embedding and head Q8_0. Without a kernel for a type, its
+    tensors are dequantized from the GGUF into float layers (a tied head then stays the float
+    embedding table itself), and the logits are the float-loaded model's with the same layers swapped."""
+    from dashchat.engine.quantization import gguf_loading
+
+    monkeypatch.setattr(gguf_loading, "BLOCK_TYPES", {k: v for k, v in gguf_module.BLOCK_TYPES.items() if k != without})
+    cfg = ModelConfig.from_dir(smollm2_dir)
+    ours, counts = gguf_model(smollm2_dir)
+    if without == "Q4_1":
+        assert counts == {"gguf": 1, "float": 4 * cfg.num_layers, "embedding": 1}
+    else:
+        assert counts == {"gguf": 4 * cfg.num_layers, "float": 1, "embedding": 0}
+        assert isinstance(ours.lm_head, nn.Linear) and ours.lm_head.weight is ours.embed_tokens.weight
+    before = float_model(smollm2_dir)
+    load_gguf_linears(before, gguf_source(smollm2_dir), cfg, ShardPlan(cfg, 0, 1))
+    ids = torch.tensor([1, 504, 3458, 314, 5165, 28, 9, 77, 6446, 30, 2, 1, 49151, 0])
+    with torch.inference_mode():
+        got = ours.compute_logits(ours(ids, torch.arange(len(ids)), _causal_attention))
+        want = before.compute_logits(before(ids, torch.arange(len(ids)), _causal_attention))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_engine_decodes_with_gguf_layers(smollm2_dir: str, tmp_path: Path, monkeypatch) -> None:
     """The engine serves from the GGUF blocks (a folder without float weights, none written); greedy
     tokens start as the float32 model's (a later near-tie may flip: the activations' int8 rounding
