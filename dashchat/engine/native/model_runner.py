@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -83,7 +84,7 @@ class ModelRunner:
         rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
         return model.eval()
 
-    def _gguf_source(self, model_dir: str):
+    def _gguf_source(self, model_dir: str) -> Path | None:
         """The GGUF file `--quantization gguf` reads, or None where the float weights serve instead
         (no C compiler: they are then written from the GGUF once, on demand)."""
         from ..cpu.kernels import kernel_library
