@@ -40,6 +40,14 @@ from engine_helpers import collect
 pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler: kernels unavailable")
 
 
+@pytest.fixture(autouse=True)
+def own_scratch(monkeypatch) -> None:
+    """Products of 32+ rows under inference_mode leave gguf.py's kept scratch buffer an inference
+    tensor, which a later product outside inference_mode (tests/engine/test_gguf_kernels.py) may not
+    write: each test here gets its own, and the module's is restored afterwards."""
+    monkeypatch.setattr(gguf_module, "_scratch", torch.empty(0))
+
+
 def float_checkpoint(model_dir: str) -> list[tuple[str, torch.Tensor]]:
     """The float32 weights the float paths load (model.safetensors holds the same), from the GGUF."""
     reader = open_gguf(gguf_source(model_dir))
@@ -155,9 +163,9 @@ def test_logits_without_a_float_weights_file(smollm2_dir: str, tmp_path: Path, m
         raise AssertionError("gguf mode wrote float32 weights")
 
     model_dir = weightless_copy(smollm2_dir, tmp_path / "smol")
-    monkeypatch.setattr(gguf_convert, "_write_safetensors", no_float_weights)
-    ours, _ = gguf_model(model_dir)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_convert, "_write_safetensors", no_float_weights)
+        ours, _ = gguf_model(model_dir)
     assert not list(Path(model_dir).glob("*.safetensors"))
     before = float_model(smollm2_dir)
     cfg = ModelConfig.from_dir(smollm2_dir)
