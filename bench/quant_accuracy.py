@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from dashchat.engine.quantization.int8 import _causal_attention, quantize_linears_int8  # noqa: E402
 from dashchat.engine.quantization.int4 import quantize_linears_int4  # noqa: E402
-from dashchat.engine.quantization.gguf import gguf_source, load_gguf_linears  # noqa: E402
+from dashchat.engine.quantization.gguf_loading import gguf_source, load_gguf_linears  # noqa: E402
 from dashchat.models.parallel import ShardPlan  # noqa: E402
 from dashchat.models.config import ModelConfig  # noqa: E402
 from dashchat.models.registry import build_model  # noqa: E402

@@ -205,7 +205,7 @@ def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
     quantization = args.quantization
     native_cpu_fp32 = args.engine == "native" and device == "cpu" and args.dtype in ("auto", "float32")
     if quantization in (None, "auto"):
-        from dashchat.engine.quantization.gguf import gguf_source
+        from dashchat.engine.quantization.gguf_loading import gguf_source
 
         if native_cpu_fp32 and gguf_source(model_dir) is not None:
             quantization = "gguf"  # run the file as shipped

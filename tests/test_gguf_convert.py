@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from dashchat.models import gguf_convert
 from dashchat.models.config import ModelConfig
 from dashchat.models.embedded import embedded_gguf
-from dashchat.models.gguf_convert import GGUFConvertError, convert_gguf, dequantize, open_gguf, unpermute_qk
+from dashchat.models.gguf_convert import (GGUFConvertError, convert_gguf, dequantize, ensure_float_weights,
+                                          hf_float_tensors, open_gguf, read_tensors, unpermute_qk)
 from dashchat.models.resolve import resolve_model
 from dashchat.models.weights import iter_weights, weight_files
 from dashchat.tokenizer import Tokenizer
@@ -271,7 +272,9 @@ def test_tiny_conversion_weights_and_config(cache: Path, tmp_path: Path, arch: s
     want = write_tiny_gguf(src, arch, tokenizer, pre, tied)
     out = convert_gguf(src)
     assert out.parent == cache / "gguf" and out.name.startswith(f"tiny-{arch}-")
-    got = _load_hf(out)
+    assert not list(out.glob("*.safetensors"))  # float weights only on demand
+    got = _load_hf(out)  # the demand: written now, once
+    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp-")] == []
     assert set(got) == set(want)
     for name, arr in want.items():  # llama q/k un-permuted back to HF order; the rest untouched
         np.testing.assert_array_equal(got[name], arr, err_msg=name)
@@ -294,6 +297,7 @@ def test_tiny_logits_match_transformers_gguf(cache: Path, tmp_path: Path, arch: 
     src = tmp_path / "tiny.gguf"
     write_tiny_gguf(src, arch, tokenizer, pre)
     out = convert_gguf(src)
+    ensure_float_weights(out)
     ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=src.name, dtype=torch.float32)
     ids = torch.tensor([[1, 5, 9, 200, 17, 3, 260, 261, 40]])
@@ -380,15 +384,54 @@ def test_crash_mid_conversion_leaves_no_folder(cache: Path, tmp_path: Path, monk
     write_tiny_gguf(src, "qwen3", "gpt2", "qwen2")
 
     def boom(*a: object, **k: object) -> None:
-        raise KeyboardInterrupt  # like a Ctrl-C halfway through the weights
+        raise KeyboardInterrupt  # like a Ctrl-C halfway through the conversion
 
-    monkeypatch.setattr(gguf_convert, "_write_safetensors", boom)
+    monkeypatch.setattr(gguf_convert, "build_tokenizer_files", boom)
     with pytest.raises(KeyboardInterrupt):
         convert_gguf(src)
     assert _leftovers(cache) == []  # neither the target nor the temp folder
     monkeypatch.undo()
     monkeypatch.setenv("DASHCHAT_CACHE", str(cache))
-    assert (convert_gguf(src) / "model.safetensors").is_file()
+    out = convert_gguf(src)
+    assert (out / "config.json").is_file() and not (out / "model.safetensors").exists()
+
+
+def test_crash_mid_float_weights_leaves_no_file(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 weights written on demand land whole or not at all, and a later demand writes them."""
+    src = tmp_path / "t.gguf"
+    want = write_tiny_gguf(src, "qwen3", "gpt2", "qwen2")
+    out = convert_gguf(src)
+    real = gguf_convert._load
+    calls = []
+
+    def interrupted(*a: object) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a Ctrl-C after two tensors are written
+        return real(*a)
+
+    monkeypatch.setattr(gguf_convert, "_load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        weight_files(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "gguf_source.json",
+                                                    "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+    monkeypatch.undo()
+    assert [f.name for f in weight_files(out)] == ["model.safetensors"]
+    got = _load_hf(out)
+    for name, arr in want.items():
+        np.testing.assert_array_equal(got[name], arr, err_msg=name)
+
+
+def test_folder_with_float_weights_is_left_alone(cache: Path, tmp_path: Path) -> None:
+    """A folder converted before v2 already has its model.safetensors: nothing is rewritten."""
+    src = tmp_path / "t.gguf"
+    write_tiny_gguf(src, "qwen3", "gpt2", "qwen2")
+    out = convert_gguf(src)
+    save_file({"model.embed_tokens.weight": torch.ones(2, 2)}, str(out / "model.safetensors"))
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    ensure_float_weights(out)
+    assert [f.name for f in weight_files(out)] == ["model.safetensors"]
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_cache_hit_is_fast_and_keyed_on_file_identity(cache: Path, tmp_path: Path) -> None:
@@ -403,11 +446,34 @@ def test_cache_hit_is_fast_and_keyed_on_file_identity(cache: Path, tmp_path: Pat
     assert len(_leftovers(cache)) == 2
 
 
+def _same_tensors(path: Path, full_data: bool) -> None:
+    ours, ref = read_tensors(path), open_gguf(path).tensors
+    assert [t.name for t in ours] == [t.name for t in ref]
+    for a, b in zip(ours, ref):
+        assert (a.tensor_type, a.n_elements, a.n_bytes, a.data_offset) == (b.tensor_type, b.n_elements, b.n_bytes,
+                                                                           b.data_offset), a.name  # fmt: skip
+        assert a.shape.tolist() == b.shape.tolist() and a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+        np.testing.assert_array_equal(a.data if full_data else a.data[:2], b.data if full_data else b.data[:2])
+
+
+@pytest.mark.parametrize(("arch", "tokenizer", "pre"), [("llama", "llama", "default"), ("qwen2", "gpt2", "qwen2")])
+def test_tensor_reader_matches_gguf_reader(tmp_path: Path, arch: str, tokenizer: str, pre: str) -> None:
+    """The loader's header-skipping reader sees the tensors GGUFReader sees (past string arrays,
+    merges and every scalar key type the writer emits)."""
+    write_tiny_gguf(tmp_path / "t.gguf", arch, tokenizer, pre)
+    _same_tensors(tmp_path / "t.gguf", full_data=True)
+
+
 # ---------------------------------------------------------------- the embedded models
 
 
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_tensor_reader_on_embedded_models(model: str) -> None:
+    _same_tensors(embedded_gguf(model), full_data=False)
+
+
 def test_smollm_folder_layout(smol_dir: Path) -> None:
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"):
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "gguf_source.json"):
         assert (smol_dir / f).is_file(), f
     mc = ModelConfig.from_dir(smol_dir)
     assert (mc.architecture, mc.family, mc.num_layers, mc.hidden_size) == ("LlamaForCausalLM", "llama", 30, 576)
@@ -424,6 +490,7 @@ def test_smollm_logits_match_transformers_gguf(smol_dir: Path) -> None:
     """The strongest check: transformers on our folder == transformers on the GGUF itself."""
     transformers = pytest.importorskip("transformers")
     src = embedded_gguf("smollm2-135m-instruct")
+    ensure_float_weights(smol_dir)
     ours = transformers.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tok = Tokenizer.from_dir(smol_dir)
@@ -445,18 +512,19 @@ def test_qwen_folder_matches_gguf_reference_dequant(qwen_dir: Path) -> None:
     reader = open_gguf(embedded_gguf())
     by_name = {t.name: t for t in reader.tensors}
     seen = set()
-    from safetensors import safe_open
-
-    with safe_open(str(qwen_dir / "model.safetensors"), framework="np") as f:
-        assert len(list(f.keys())) == len(by_name)
-        for gname, hname in [("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
-                             ("blk.2.ffn_down.weight", "model.layers.2.mlp.down_proj.weight"),
-                             ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
-                             ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight"),
-                             ("blk.0.attn_q.bias", "model.layers.0.self_attn.q_proj.bias"),
-                             ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight")]:  # fmt: skip
-            t = by_name[gname]
-            seen.add(t.tensor_type.name)
-            ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-            np.testing.assert_array_equal(f.get_tensor(hname), ref, err_msg=gname)
+    config = json.loads((qwen_dir / "config.json").read_text())
+    floats = {name: (shape, load) for name, shape, load in hf_float_tensors(by_name, config)}
+    assert len(floats) == len(by_name)  # what the float paths load (and write into model.safetensors)
+    for gname, hname in [("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                         ("blk.2.ffn_down.weight", "model.layers.2.mlp.down_proj.weight"),
+                         ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
+                         ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight"),
+                         ("blk.0.attn_q.bias", "model.layers.0.self_attn.q_proj.bias"),
+                         ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight")]:  # fmt: skip
+        t = by_name[gname]
+        seen.add(t.tensor_type.name)
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        shape, load = floats[hname]
+        assert shape == ref.shape
+        np.testing.assert_array_equal(load(), ref, err_msg=gname)
     assert {"Q5_0", "Q8_0", "Q6_K", "Q4_K", "F32"} <= seen

@@ -45,7 +45,12 @@ def test_default_is_the_embedded_qwen() -> None:
 
 def test_embedded_smollm(smol: ResolvedModel) -> None:
     assert smol.name == "smollm2-135m-instruct"
-    assert (smol.path / "model.safetensors").is_file() and (smol.path / "tokenizer.json").is_file()
+    assert (smol.path / "gguf_source.json").is_file() and (smol.path / "tokenizer.json").is_file()
+
+
+def test_converted_folder_named_directly(smol: ResolvedModel) -> None:
+    """A converted GGUF folder is a model with or without its float weights file (written on demand)."""
+    assert resolve_model(str(smol.path)) == ResolvedModel(smol.path, smol.path.name)
 
 
 def test_joined_qwen_gguf_is_verified_once() -> None:

@@ -1,8 +1,11 @@
 """Convert a GGUF file into the HF-style model folder every other layer reads.
 
-The folder (config.json, tokenizer.json, tokenizer_config.json, generation_config.json and a
-float32 model.safetensors with HF tensor names) lands in the cache once, atomically, keyed by the
-file's identity; later calls return it without opening the GGUF.
+The folder (config.json, tokenizer.json, tokenizer_config.json, generation_config.json and
+gguf_source.json, naming the GGUF file) lands in the cache once, atomically, keyed by the file's
+identity; later calls return it without opening the GGUF. It holds no weights: `--quantization gguf`
+reads them from the GGUF file itself. Paths that need float weights (`--quantization none/int8/int4`,
+CUDA, DashInfer, transformers in tests) get a float32 model.safetensors written into the folder on
+first use (`ensure_float_weights`, called by `weights.weight_files`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from ..tokenizer import bytes_to_unicode
 log = logging.getLogger(__name__)
 
 # Bump when the folder's layout or contents change: folders of older versions are then ignored.
-FORMAT_VERSION = 1
+# v2: no float32 model.safetensors at conversion (written on demand). A v1 folder still works when
+# named directly (its weights file is used as it is), but the cache key of v2 keeps a dashchat that
+# expects the weights in every converted folder away from v2's weightless ones.
+FORMAT_VERSION = 2
 
 SUPPORTED_GGUF_ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -138,6 +144,81 @@ def open_gguf(path: str | os.PathLike[str]) -> Any:
     return _Reader(path)
 
 
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_PLAIN_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                 "I32": np.int32, "I64": np.int64}  # fmt: skip
+
+
+def read_tensors(path: str | os.PathLike[str]) -> list[Any]:
+    """The tensors of a GGUF file as gguf's reader gives them (name, tensor_type, shape, data mapped
+    from the file), without decoding the header's key/values: loading needs no tokenizer, and
+    GGUFReader spends 2 s on Qwen's 300k vocabulary strings that this steps over in 0.1 s. Falls back
+    to GGUFReader for a file it does not expect (big-endian, another version)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.gguf_reader import ReaderTensor
+    from gguf.quants import quant_shape_to_byte_shape
+
+    buf = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    if magic != b"GGUF" or version not in (2, 3):
+        return list(open_gguf(path).tensors)
+
+    off, alignment = 24, 32
+    for _ in range(n_kv):
+        key, off = _string(buf, off)
+        (vtype,) = struct.unpack_from("<I", buf, off)
+        if key == "general.alignment" and vtype == _UINT32:
+            (alignment,) = struct.unpack_from("<I", buf, off + 4)
+        off = _skip_value(buf, off + 4, vtype, path)
+    infos = []
+    for _ in range(n_tensors):
+        name, off = _string(buf, off)
+        (n_dims,) = struct.unpack_from("<I", buf, off)
+        dims = np.array(struct.unpack_from(f"<{n_dims}Q", buf, off + 4), dtype=np.uint64)
+        off += 4 + 8 * n_dims
+        raw_type, offset = struct.unpack_from("<IQ", buf, off)
+        off += 12
+        infos.append((name, dims, GGMLQuantizationType(raw_type), offset))
+    start = off + (-off % alignment)
+    tensors = []
+    for name, dims, qtype, offset in infos:
+        n_elems = int(np.prod(dims))
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        n_bytes = n_elems * type_size // block_size
+        shape = tuple(reversed(dims.tolist()))
+        begin = start + offset
+        if qtype.name in _PLAIN_DTYPES:
+            data = buf[begin : begin + n_bytes].view(_PLAIN_DTYPES[qtype.name]).reshape(shape)
+        else:
+            data = buf[begin : begin + n_bytes].reshape(quant_shape_to_byte_shape(shape, qtype))
+        tensors.append(ReaderTensor(name=name, tensor_type=qtype, shape=dims, n_elements=n_elems, n_bytes=n_bytes,
+                                    data_offset=begin, data=data, field=None))
+    return tensors
+
+
+def _string(buf: np.ndarray, off: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, off)
+    return bytes(buf[off + 8 : off + 8 + n]).decode("utf-8"), off + 8 + n
+
+
+def _skip_value(buf: np.ndarray, off: int, vtype: int, path: Any) -> int:
+    """Offset past a header value of type `vtype` at `off`."""
+    if vtype in _SCALAR_BYTES:
+        return off + _SCALAR_BYTES[vtype]
+    if vtype == _STRING:
+        return off + 8 + struct.unpack_from("<Q", buf, off)[0]
+    if vtype != _ARRAY:
+        raise GGUFConvertError(f"{path}: unknown GGUF value type {vtype}")
+    itype, count = struct.unpack_from("<IQ", buf, off)
+    off += 12
+    if itype in _SCALAR_BYTES:
+        return off + count * _SCALAR_BYTES[itype]
+    for _ in range(count):
+        off = _skip_value(buf, off, itype, path)
+    return off
+
+
 def _convert_into(src: Path, out: Path) -> None:
     try:
         reader = open_gguf(src)
@@ -158,9 +239,7 @@ def _convert_into(src: Path, out: Path) -> None:
             f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}"
         )
     config = build_config(meta, tensors)
-    # Tokenizer before weights: an unsupported vocabulary fails fast, not after the dequantizing.
     files: dict[str, Any] = {"config.json": config, **build_tokenizer_files(meta, config)}
-    _write_safetensors(out / "model.safetensors", _hf_tensors(tensors, config))
     for name, obj in files.items():
         text = obj if isinstance(obj, str) else json.dumps(obj, indent=2, ensure_ascii=False)
         (out / name).write_text(text, encoding="utf-8")
@@ -291,7 +370,7 @@ def _llama3_rope_scaling(t: Any, theta: float, head_dim: int, meta: dict[str, An
     return params
 
 
-# ---------------------------------------------------------------- tensors -> model.safetensors
+# ---------------------------------------------------------------- tensors -> float32 (model.safetensors on demand)
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -336,8 +415,11 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_tensors(tensors: dict[str, Any], config: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...], Any]]:
-    """(hf name, shape, thunk giving the float32 array): shapes up front, data one tensor at a time."""
+def hf_float_tensors(tensors: dict[str, Any], config: dict[str, Any]
+                     ) -> Iterator[tuple[str, tuple[int, ...], Any]]:  # fmt: skip
+    """(hf name, shape, thunk giving the float32 array) per GGUF tensor, as the HF checkpoint has it
+    (llama's q/k rows unpermuted): shapes up front, data one tensor at a time. `config`: config.json's
+    fields (model_type and the head counts)."""
     llama = config["model_type"] == "llama"
     for name, t in tensors.items():
         hf = hf_tensor_name(name)
@@ -357,6 +439,41 @@ def _load(t: Any, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
     if n_head is not None:
         w = unpermute_qk(w, n_head)
     return np.ascontiguousarray(w, dtype=np.float32)
+
+
+FLOAT_WEIGHTS = "model.safetensors"
+
+
+def ensure_float_weights(model_dir: str | os.PathLike[str]) -> None:
+    """Give a converted GGUF folder its float32 weights file, dequantizing the GGUF once (atomically:
+    a reader sees the whole file or none). A folder that has safetensors already (any folder not
+    converted from a GGUF, or one converted by dashchat before v2) is left as it is."""
+    d = Path(model_dir)
+    if not (d / SOURCE_FILE).is_file() or any(d.glob("*.safetensors")):
+        return
+    try:
+        src = Path(json.loads((d / SOURCE_FILE).read_text(encoding="utf-8"))["source"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GGUFConvertError(f"cannot read {d / SOURCE_FILE}: {e}") from None
+    if not src.is_file():
+        raise GGUFConvertError(f"{d} was converted from {src}, which is gone: name the GGUF file again")
+    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    log.info("writing float32 weights of %s into %s (once; later starts reuse them)", src.name, d)
+    t0 = time.perf_counter()
+    sweep_stale_temps(d)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-weights-", dir=d)  # no .safetensors suffix: never globbed
+    except OSError as e:
+        raise GGUFConvertError(f"cannot write float weights into {d} ({e}); use --quantization gguf") from None
+    os.close(fd)
+    try:
+        _write_safetensors(Path(tmp), hf_float_tensors({t.name: t for t in read_tensors(src)}, config))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
+        os.replace(tmp, d / FLOAT_WEIGHTS)  # a concurrent writer's identical file may win: fine
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("wrote float32 weights of %s in %.1fs", src.name, time.perf_counter() - t0)
 
 
 # bytes per 32-value block, has a min (`m`), has a 5th bit plane (`qh`)

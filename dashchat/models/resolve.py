@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dashchat.models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModelError, embedded_gguf
-from dashchat.models.gguf_convert import GGUFConvertError, convert_gguf
+from dashchat.models.gguf_convert import SOURCE_FILE, GGUFConvertError, convert_gguf
 from dashchat.models.hub import HubError, download_model
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
@@ -60,9 +60,10 @@ def _embedded(name: str) -> ResolvedModel:
 
 
 def _folder(d: Path) -> Path:
-    """A folder is a model when it has config.json and safetensors, or exactly one .gguf file."""
+    """A folder is a model when it has config.json and safetensors, or exactly one .gguf file, or
+    is a converted GGUF folder (config.json and the GGUF it came from; its weights are read there)."""
     has_safetensors = any(d.glob("*.safetensors"))
-    if (d / "config.json").is_file() and has_safetensors:
+    if (d / "config.json").is_file() and (has_safetensors or (d / SOURCE_FILE).is_file()):
         return d
     ggufs = sorted(f for f in d.iterdir() if f.is_file() and f.name.lower().endswith(".gguf"))
     if len(ggufs) == 1 and not has_safetensors:

@@ -12,8 +12,12 @@ from safetensors import safe_open
 
 
 def weight_files(model_dir: str | os.PathLike[str]) -> list[Path]:
-    """The folder's *.safetensors files: the shards its index names, else every file."""
+    """The folder's *.safetensors files: the shards its index names, else every file. A folder
+    converted from a GGUF gets its float32 weights file here, on first use."""
+    from .gguf_convert import ensure_float_weights
+
     d = Path(model_dir)
+    ensure_float_weights(d)
     index = d / "model.safetensors.index.json"
     if index.is_file():
         with open(index, encoding="utf-8") as f:

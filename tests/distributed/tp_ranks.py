@@ -30,3 +30,34 @@ def rank_logits(rank: int, size: int, port: int, model_dirs: list[str], ids: lis
                 torch.save(logits, f"{out_dir}/logits-{i}.pt")
     finally:
         group.destroy()
+
+
+def rank_gguf_logits(rank: int, size: int, port: int, model_dir: str, ids: list[int], out_dir: str) -> None:
+    """Load this rank's shard of a GGUF model from the file's blocks, run one causal forward (the
+    int8 kernels and, 40 tokens in, the prefill GEMM); rank 0 saves the logits."""
+    from dashchat.distributed.group import ParallelGroup
+    from dashchat.engine.quantization.gguf_loading import gguf_source, load_gguf_model
+    from dashchat.engine.quantization.int8 import _causal_attention
+    from dashchat.models.config import ModelConfig
+    from dashchat.models.parallel import ShardPlan
+    from dashchat.models.registry import build_model
+
+    torch.set_num_threads(1)
+    group = ParallelGroup(rank, size, torch.device("cpu"), "127.0.0.1", port)
+    try:
+        group.start_serving(60)
+        cfg = ModelConfig.from_dir(model_dir)
+        with torch.device("meta"):
+            model = build_model(cfg, group.tensor_parallel())
+        load_gguf_model(model, gguf_source(model_dir), cfg, ShardPlan(cfg, rank, size))
+        rotary = model.rotary
+        fresh = type(rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        rotary.cos, rotary.sin = fresh.cos, fresh.sin
+        for n in (len(ids), 40):
+            tokens = torch.tensor((ids * 3)[:n])
+            with torch.inference_mode():
+                logits = model.compute_logits(model(tokens, torch.arange(n), _causal_attention))
+            if rank == 0:
+                torch.save(logits, f"{out_dir}/gguf-logits-{n}.pt")
+    finally:
+        group.destroy()

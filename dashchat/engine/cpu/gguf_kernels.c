@@ -780,3 +780,25 @@ int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int k, fl
   }
   return 0;
 }
+
+// Rows ids[0..n) of a GGUF weight [*, k] as float32 out [n, k]: an embedding lookup that dequantizes
+// only the rows it reads. Returns -1 for a type or width the kernels lack.
+int dc_gguf_dequantize_rows(int type, const uint8_t *w, const int64_t *ids, int n, int k, float *out) {
+  int qk = block_values(type);
+  size_t bb = block_bytes(type);
+  if (bb == 0 || k % qk != 0) return -1;
+  int groups = k / 32, gpb = qk / 32;
+  size_t row_bytes = (size_t)(k / qk) * bb;
+#pragma omp parallel for schedule(static) if (n >= 64)
+  for (int i = 0; i < n; i++) {
+    const uint8_t *wrow = w + (size_t)ids[i] * row_bytes;
+    float *o = out + (size_t)i * k;
+    for (int g = 0; g < groups; g++) {
+      f32x16 v0, v1;
+      unpack_f32(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &v0, &v1);
+      memcpy(o + 32 * g, &v0, 64);
+      memcpy(o + 32 * g + 16, &v1, 64);
+    }
+  }
+  return 0;
+}

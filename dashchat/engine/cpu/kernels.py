@@ -120,6 +120,8 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gguf_dequantize.restype = i
     lib.dc_gguf_decode_layers.argtypes = [p, p, p, i, p, p, p, p, p, i]
     lib.dc_gguf_decode_layers.restype = i
+    lib.dc_gguf_dequantize_rows.argtypes = [i, p, p, i, i, p]
+    lib.dc_gguf_dequantize_rows.restype = i
     return lib
 
 

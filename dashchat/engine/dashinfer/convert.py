@@ -101,7 +101,10 @@ def convert(
     root: Path | None = None,
 ) -> DashInferModel:
     """The converted model for `model_dir`, converting on the first call."""
+    from ...models.gguf_convert import ensure_float_weights
+
     src = Path(model_dir).resolve()
+    ensure_float_weights(src)  # a converted GGUF folder: its float weights, before they are keyed
     cfg = load_hf_config(src)
     model_type = dashinfer_model_type(cfg)
     out = _converted_dir(src, model_type, data_type, multinode, root)

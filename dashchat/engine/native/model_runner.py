@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class ModelRunner:
         self.group = group
         self.tp: TensorParallel = group.tensor_parallel() if group is not None else SINGLE
         start = time.perf_counter()
-        self.model = self._load_model(model_dir)
+        self.model = self._load_model(model_dir, quantization)
         self._quantize(quantization, model_dir, tokenizer)
         self._use_cpu_kernels()
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
@@ -60,23 +61,49 @@ class ModelRunner:
         cuda_graphs = cuda_graphs and self.tp.size == 1
         self._prepare_decode(compile_decode, cuda_graphs, max_num_seqs, max_model_len, num_kv_blocks)
 
-    def _load_model(self, model_dir: str) -> torch.nn.Module:
-        """Build the model on the meta device, then load its weights straight into place."""
+    def _load_model(self, model_dir: str, quantization: str) -> torch.nn.Module:
+        """Build the model on the meta device, then load its weights straight into place: from the
+        GGUF file's blocks in gguf mode, else from the folder's float weights."""
         cfg, device = self.cfg, self.device
         with torch.device("meta"):
             model = build_model(cfg, self.tp)
-        model = model.to_empty(device=device).to(self.dtype)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.load_weights(iter_weight_slices(model_dir))  # a rank reads only its slices
+        source = self._gguf_source(model_dir) if quantization == "gguf" else None
+        if source is not None:
+            from ..quantization.gguf_loading import load_gguf_model
+
+            counts = load_gguf_model(model, source, cfg, ShardPlan(cfg, self.tp.rank, self.tp.size), device)
+            log.info("GGUF weights as shipped: %d linear layers, %d kept as float; embedding %s", counts["gguf"],
+                     counts["float"], "as shipped" if counts["embedding"] else "float")
+        else:
+            model = model.to_empty(device=device).to(self.dtype)
+            if cfg.tie_word_embeddings:
+                model.lm_head.weight = model.embed_tokens.weight
+            model.load_weights(iter_weight_slices(model_dir))  # a rank reads only its slices
         # RoPE tables are buffers computed at build time: rebuild them on the real device.
         rotary = model.rotary
         fresh = type(rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
         return model.eval()
 
+    def _gguf_source(self, model_dir: str) -> Path | None:
+        """The GGUF file `--quantization gguf` reads, or None where the float weights serve instead
+        (no C compiler: they are then written from the GGUF once, on demand)."""
+        from ..cpu.kernels import kernel_library
+        from ..quantization.gguf_loading import gguf_source
+
+        if not (self.device.type == "cpu" and self.dtype == torch.float32):
+            raise ValueError("--quantization gguf is a CPU float32 path; on CUDA use --dtype bfloat16")
+        source = gguf_source(model_dir)
+        if source is None:
+            raise ValueError("--quantization gguf needs a GGUF model (a .gguf file or an embedded model)")
+        if kernel_library() is None:
+            log.warning("--quantization gguf needs the C kernels; serving the dequantized float32 weights")
+            return None
+        return source
+
     def _quantize(self, quantization: str, model_dir: str, tokenizer: Tokenizer | None) -> None:
-        """Swap the linears for int8 / int4 ones, or pack float32 ones for oneDNN (CPU)."""
+        """Swap the linears for int8 / int4 ones, or pack float32 ones for oneDNN (CPU). (GGUF
+        layers are built at load.)"""
         cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32
         if quantization == "int8":
             from ...paths import cache_dir
@@ -92,29 +119,10 @@ class ModelRunner:
             if not cpu_float32:
                 raise ValueError("--quantization int4 is a CPU float32 path; on CUDA use --dtype bfloat16")
             quantize_linears_int4(self.model)
-        elif quantization == "gguf":
-            from ..quantization.gguf import gguf_source, load_gguf_linears
-
-            source = gguf_source(model_dir)
-            if not cpu_float32:
-                raise ValueError("--quantization gguf is a CPU float32 path; on CUDA use --dtype bfloat16")
-            if source is None:
-                raise ValueError("--quantization gguf needs a GGUF model (a .gguf file or an embedded model)")
-            from ..cpu.kernels import kernel_library
-
-            if kernel_library() is None:  # no C compiler: the float32 weights already loaded serve
-                log.warning("--quantization gguf needs the C kernels; serving the dequantized float32 weights")
-            else:
-                plan = ShardPlan(self.cfg, self.tp.rank, self.tp.size)
-                counts = load_gguf_linears(self.model, source, self.cfg, plan)
-                log.info("GGUF weights as shipped: %d linear layers, %d kept as float", counts["gguf"],
-                         counts["float"])
-            if torch.backends.mkldnn.is_available():
-                pack_linears(self.model)  # the layers left as float
-        elif quantization != "none":
+        elif quantization not in ("none", "gguf"):
             raise ValueError(f"unsupported quantization {quantization!r}; choose none, gguf, int8 or int4")
         elif cpu_float32 and torch.backends.mkldnn.is_available():
-            pack_linears(self.model)
+            pack_linears(self.model)  # in gguf mode: the layers left as float
 
     def _use_cpu_kernels(self) -> None:
         if self.device.type == "cpu" and self.dtype == torch.float32:

@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import logging
 import weakref
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..cpu.kernels import kernel_library
-from .int8 import float_bias
 
 log = logging.getLogger(__name__)
 
@@ -173,109 +168,4 @@ def dequantize_blocks(type_name: str, data: torch.Tensor, in_features: int) -> t
     return layer.dequantize()
 
 
-# ---------------------------------------------------------------- loading
-
-
-def gguf_source(model_dir: str | Path) -> Path | None:
-    """The GGUF file a converted model folder came from, or None (not a GGUF model)."""
-    from ...models.gguf_convert import SOURCE_FILE  # written there, beside the converted weights
-
-    marker = Path(model_dir) / SOURCE_FILE
-    try:
-        src = Path(json.loads(marker.read_text(encoding="utf-8"))["source"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return src if src.is_file() else None
-
-
-# HF projection -> (the model's fused module, part index)
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}  # fmt: skip
-# module -> (ShardPlan kind, split dim): dim 0 splits output rows, dim 1 the inputs
-_SPLIT = {"qkv_proj": ("q", 0), "gate_up_proj": ("mlp", 0), "o_proj": ("q", 1), "down_proj": ("mlp", 1),
-          "lm_head": ("vocab", 0)}  # fmt: skip
-
-
-def _rank_blocks(t: Any, kind: str | None, dim: int, plan: Any, shape: tuple[int, int]
-                 ) -> tuple[np.ndarray, int, int, int] | None:
-    """This rank's raw blocks of GGUF tensor `t`: (blocks, input width, full row width, first input),
-    or None when its input slice is not on 32-value groups (the caller keeps a float shard)."""
-    rows, cols = shape
-    data = np.asarray(t.data).reshape(rows, -1)
-    if kind is None or plan.size == 1:
-        return data, cols, cols, 0
-    start, length = plan.rows(kind)
-    if dim == 0:
-        return data[start : start + length], cols, cols, 0
-    if start % 32 or length % 32:
-        return None
-    # whole rows (a K-quant super-block of 256 values may straddle two ranks); the kernel reads
-    # only this rank's groups of each
-    return data, length, cols, start
-
-
-def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: Any, plan: Any) -> dict[str, int]:
-    """Swap the model's linears for GGUFLinear layers over the file's own blocks.
-
-    Layers whose tensors are float (F32/F16/BF16) or of a type the kernels lack, or whose
-    tensor-parallel input slice is not on 32-value groups, keep the float weights already loaded
-    (logged). Returns a count of layers per outcome, for the log and tests."""
-    from ...models.gguf_convert import hf_tensor_name, open_gguf, unpermute_qk
-
-    reader = open_gguf(gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
-    llama = cfg.family == "llama"
-    # module path -> {part index: (type, blocks, in_features)}
-    found: dict[str, dict[int, tuple[str, np.ndarray, int, int, int] | None]] = {}
-    head_source = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    for name, t in tensors.items():
-        hf = "lm_head.weight" if name == head_source else hf_tensor_name(name)
-        if hf is None or not hf.endswith(".weight") or name == "token_embd.weight" and hf != "lm_head.weight":
-            continue
-        parts = hf.removeprefix("model.").split(".")
-        proj = parts[-2]
-        module, index = _FUSED.get(proj, (proj, 0))
-        if module not in _SPLIT:
-            continue  # norms, embeddings
-        path = ".".join(parts[:-2] + [module])
-        kind, dim = _SPLIT[module]
-        if kind == "q" and index:
-            kind = "kv"
-        type_name = t.tensor_type.name
-        shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
-        entry = None
-        if type_name in BLOCK_TYPES and shape is not None:
-            sliced = _rank_blocks(t, kind, dim, plan, shape)
-            if sliced is not None:
-                blocks, width, k_full, k0 = sliced
-                if llama and proj in ("q_proj", "k_proj"):
-                    n_head = cfg.num_heads if proj == "q_proj" else cfg.num_kv_heads
-                    # the permutation is within heads: whole rows move, so it applies to blocks too
-                    # (on a rank's slice of whole heads as well as on the full tensor)
-                    heads = n_head * blocks.shape[0] // shape[0]
-                    blocks = unpermute_qk(blocks, heads)
-                entry = (type_name, np.array(blocks, order="C"), width, k_full, k0)  # a copy: the map closes
-            else:
-                log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", name)
-        found.setdefault(path, {})[index] = entry
-    counts = {"gguf": 0, "float": 0}
-    modules = dict(model.named_modules())
-    for path, parts in sorted(found.items()):
-        linear = modules.get(path)
-        if not isinstance(linear, nn.Linear):
-            continue
-        entries = [parts.get(i) for i in range(max(parts) + 1)]
-        if any(e is None for e in entries):
-            counts["float"] += 1
-            continue
-        if any(e[2] != linear.in_features for e in entries):
-            counts["float"] += 1
-            continue
-        layer = GGUFLinear(linear.in_features, linear.out_features,
-                           [GGUFPart(e[0], torch.from_numpy(e[1]), *e[2:]) for e in entries], float_bias(linear))
-        parent_path, _, attr = path.rpartition(".")
-        setattr(modules[parent_path] if parent_path else model, attr, layer)
-        counts["gguf"] += 1
-    if counts["float"]:
-        log.info("GGUF: %d linear layers kept as float (unsupported type or slice)", counts["float"])
-    return counts
+# ---------------------------------------------------------------- loading: see gguf_loading.py
