@@ -804,25 +804,27 @@ INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *
 #endif
 }
 
-// Weight rows [row0, row0 + rows) as float32 into out [rows, k]: the reference dequantization
-// (the same as gguf-py's and llama.cpp's), for prefill-sized products and float fallbacks.
+// One weight row of k values as float32: the reference dequantization (the same as gguf-py's and
+// llama.cpp's).
+static void dequantize_row(int type, const uint8_t *wrow, int k, float *out) {
+  int gpb = block_values(type) / 32;
+  size_t bb = block_bytes(type);
+  for (int g = 0; g < k / 32; g++) {
+    f32x16 v0, v1;
+    unpack_f32(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &v0, &v1);
+    memcpy(out + 32 * g, &v0, 64);
+    memcpy(out + 32 * g + 16, &v1, 64);
+  }
+}
+
+// Weight rows [row0, row0 + rows) as float32 into out [rows, k] (float fallbacks, tests).
 int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int k, float *out) {
   int qk = block_values(type);
   size_t bb = block_bytes(type);
   if (bb == 0 || k % qk != 0) return -1;
-  int groups = k / 32, gpb = qk / 32;
   size_t row_bytes = (size_t)(k / qk) * bb;
 #pragma omp parallel for schedule(static)
-  for (int i = 0; i < rows; i++) {
-    const uint8_t *wrow = w + (size_t)(row0 + i) * row_bytes;
-    float *o = out + (size_t)i * k;
-    for (int g = 0; g < groups; g++) {
-      f32x16 v0, v1;
-      unpack_f32(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &v0, &v1);
-      memcpy(o + 32 * g, &v0, 64);
-      memcpy(o + 32 * g + 16, &v1, 64);
-    }
-  }
+  for (int i = 0; i < rows; i++) dequantize_row(type, w + (size_t)(row0 + i) * row_bytes, k, out + (size_t)i * k);
   return 0;
 }
 
@@ -832,18 +834,8 @@ int dc_gguf_dequantize_rows(int type, const uint8_t *w, const int64_t *ids, int 
   int qk = block_values(type);
   size_t bb = block_bytes(type);
   if (bb == 0 || k % qk != 0) return -1;
-  int groups = k / 32, gpb = qk / 32;
   size_t row_bytes = (size_t)(k / qk) * bb;
 #pragma omp parallel for schedule(static) if (n >= 64)
-  for (int i = 0; i < n; i++) {
-    const uint8_t *wrow = w + (size_t)ids[i] * row_bytes;
-    float *o = out + (size_t)i * k;
-    for (int g = 0; g < groups; g++) {
-      f32x16 v0, v1;
-      unpack_f32(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &v0, &v1);
-      memcpy(o + 32 * g, &v0, 64);
-      memcpy(o + 32 * g + 16, &v1, 64);
-    }
-  }
+  for (int i = 0; i < n; i++) dequantize_row(type, w + (size_t)ids[i] * row_bytes, k, out + (size_t)i * k);
   return 0;
 }
