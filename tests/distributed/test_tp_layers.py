@@ -75,7 +75,7 @@ def test_a_size_that_does_not_divide_is_refused_with_the_sizes_that_work(tmp_pat
     check_tensor_parallel(cfg, 3)
 
 
-def test_gguf_model_at_two_ranks_matches_one_rank(tmp_path, monkeypatch):
+def test_gguf_model_at_two_ranks_matches_one_rank(tmp_path):
     """The default Qwen loaded from its GGUF blocks at 2 ranks: vocabulary-split GGUF embedding and
     head, column-split q/k/v and gate/up blocks, o_proj and down_proj reading their 32-value groups of
     whole rows (Q4_K/Q6_K super-blocks straddle the ranks). Each rank's integer products are the
@@ -90,11 +90,6 @@ def test_gguf_model_at_two_ranks_matches_one_rank(tmp_path, monkeypatch):
     from dashchat.models.gguf_convert import hf_float_tensors, open_gguf
     from dashchat.models.resolve import resolve_model
 
-    from dashchat.engine.quantization import gguf as gguf_module
-
-    # this test's 40-row products under inference_mode get their own kept scratch buffer (an inference
-    # tensor that later products outside inference_mode could not write)
-    monkeypatch.setattr(gguf_module, "_scratch", torch.empty(0))
     model_dir = str(resolve_model("qwen2.5-coder-0.5b-instruct").path)
     cfg = ModelConfig.from_dir(model_dir)
     check_tensor_parallel(cfg, 2)
