@@ -328,10 +328,21 @@ INLINE void super_block_scales(int type, const uint8_t *blk, float *A0, float *A
   if (type == T_Q6_K) {
     const int8_t *sc = (const int8_t *)(blk + 192);
     float d = f16(blk + 208);
+#if defined(__AVX2__)
+    // even scales (first halves) to the low 8 bytes, odd ones (second halves) to the high 8
+    __m128i both = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)sc),
+                                    _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    __m256 a0 = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(both)));
+    __m256 a1 = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(both, 8))));
+    _mm256_storeu_ps(A0, a0), _mm256_storeu_ps(A1, a1);
+    _mm256_storeu_ps(B0, _mm256_mul_ps(_mm256_set1_ps(-32.f), a0));
+    _mm256_storeu_ps(B1, _mm256_mul_ps(_mm256_set1_ps(-32.f), a1));
+#else
     for (int j = 0; j < 8; j++) {
       A0[j] = d * (float)sc[2 * j], A1[j] = d * (float)sc[2 * j + 1];
       B0[j] = -32.f * A0[j], B1[j] = -32.f * A1[j];
     }
+#endif
     return;
   }
   // Q4_K/Q5_K: twelve bytes hold eight 6-bit scales and eight 6-bit minimums (scale_min_k4's layout)
@@ -339,13 +350,20 @@ INLINE void super_block_scales(int type, const uint8_t *blk, float *A0, float *A
   memcpy(u, blk + 4, 12);
   uint32_t packed[4] = {u[0] & 0x3f3f3f3fu, (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4),
                         u[1] & 0x3f3f3f3fu, ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)};
+  float d = f16(blk), dmin = f16(blk + 2);
+#if defined(__AVX2__)
+  __m128i sm = _mm_loadu_si128((const __m128i *)packed);  // scales 0-7, then minimums 0-7
+  __m256 a = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+  __m256 b = _mm256_mul_ps(_mm256_set1_ps(-dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))));
+  _mm256_storeu_ps(A0, a), _mm256_storeu_ps(A1, a), _mm256_storeu_ps(B0, b), _mm256_storeu_ps(B1, b);
+#else
   uint8_t sm[16];  // scales 0-7, then minimums 0-7
   memcpy(sm, packed, 16);
-  float d = f16(blk), dmin = f16(blk + 2);
   for (int j = 0; j < 8; j++) {
     A0[j] = A1[j] = d * (float)sm[j];
     B0[j] = B1[j] = -dmin * (float)sm[8 + j];
   }
+#endif
 }
 
 // Rows per tile: the accumulators (two a row) must fit the vector registers: 32 with AVX-512, 16 with AVX2.
