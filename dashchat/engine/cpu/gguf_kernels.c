@@ -366,12 +366,9 @@ INLINE void super_block_scales(int type, const uint8_t *blk, float *A0, float *A
 #endif
 }
 
-// Rows per tile: the accumulators (two a row) must fit the vector registers: 32 with AVX-512, 16 with AVX2.
-#if defined(__AVX512VL__)
-#define MAX_TILE 8
-#else
+// Rows per tile, up to 7 rows (8 or more take the interleaved 8-row blocks on AVX2; this path is
+// then the portable build's and a fallback): two accumulators a row fit AVX2's 16 vector registers.
 #define MAX_TILE 4
-#endif
 
 #if defined(__AVX2__)
 typedef __m256 accum;
@@ -496,9 +493,6 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
 TILE_FN(1)
 TILE_FN(2)
 TILE_FN(4)
-#if MAX_TILE == 8
-TILE_FN(8)
-#endif
 
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define HAVE_VNNI 1
@@ -768,15 +762,12 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       int type = types[p], g0 = first_group[p];
       const uint8_t *wrow = w[p] + (size_t)row * row_bytes[p];
       float b = bias && bias[p] ? bias[p][row] : 0.f;
-      float out[8];
+      float out[MAX_TILE];
       for (int r0 = p0; r0 < p1;) {
-        int left = p1 - r0, mr = left >= MAX_TILE ? MAX_TILE : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        int left = p1 - r0, mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const int8_t *xr = xq + (size_t)r0 * k;
         const float *dr = xd + r0, *sr = xs + r0;
         switch (mr) {
-#if MAX_TILE == 8
-          case 8: tile_dot_8(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
-#endif
           case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
           case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
           default: tile_dot_1(type, wrow, g0, groups, xr, k, dr, sr, m, out);
@@ -787,12 +778,6 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     }
   }
   return 0;
-}
-
-// One source tensor: dc_gguf_matmul_parts with a single part.
-int dc_gguf_matmul(int type, const uint8_t *w, int k_full, int k0, const int8_t *xq, const float *xd,
-                   const float *xs, const float *bias, float *y, int m, int n, int k, int ldy) {
-  return dc_gguf_matmul_parts(1, &type, &w, &k_full, &k0, &n, &bias, xq, xd, xs, y, m, k, ldy);
 }
 
 INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *v1) {

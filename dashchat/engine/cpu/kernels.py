@@ -112,8 +112,6 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_rope_neox.restype = None
     lib.dc_gguf_quantize_x.argtypes = [p, i, i, p, p, p]
     lib.dc_gguf_quantize_x.restype = None
-    lib.dc_gguf_matmul.argtypes = [i, p, i, i, p, p, p, p, p, i, i, i, i]
-    lib.dc_gguf_matmul.restype = i
     lib.dc_gguf_matmul_parts.argtypes = [i, p, p, p, p, p, p, p, p, p, p, i, i, i]
     lib.dc_gguf_matmul_parts.restype = i
     lib.dc_gguf_dequantize.argtypes = [i, p, i, i, i, p]
