@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stream_helpers import text_pieces
 from tiny_qwen3 import IDS, QWEN3_TEMPLATE, THINK_CLOSE, THINK_OPEN, TOOL_CALL_OPEN, write_tokenizer
 
 from dashchat.server.chat_template import render_chat_prompt
@@ -56,13 +57,7 @@ CASES = [
 
 
 def _stream(parser: ReasoningParser, text: str, cuts: list[int]) -> list[tuple[str, str]]:
-    out = []
-    prev = 0
-    for cut in sorted({c for c in cuts if 0 < c < len(text)}) + [len(text)]:
-        out.append(parser.feed(text[prev:cut]))
-        prev = cut
-    out.append(parser.finish())
-    return out
+    return [parser.feed(piece) for piece in text_pieces(text, cuts)] + [parser.finish()]
 
 
 @pytest.mark.parametrize("text,start,reasoning,answer", CASES)
@@ -152,12 +147,7 @@ PIPELINE_CASES = [
 
 def _pipeline(text: str, start: ThinkStart, cuts: list[int]) -> list:
     parser = OutputParser(TOOLS, QWEN3, start)
-    events = []
-    prev = 0
-    for cut in sorted({c for c in cuts if 0 < c < len(text)}) + [len(text)]:
-        events += parser.feed(text[prev:cut])
-        prev = cut
-    return events + parser.finish()
+    return [event for piece in text_pieces(text, cuts) for event in parser.feed(piece)] + parser.finish()
 
 
 def _check(events: list, reasoning: str | None, content: str | None, calls: list) -> None:

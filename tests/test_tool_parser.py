@@ -8,6 +8,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stream_helpers import text_pieces
 
 from dashchat.server.tool_parser import (
     ContentEvent,
@@ -201,12 +202,7 @@ _MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<ï½
 
 def _stream(text: str, cuts: list[int]) -> list:
     parser = ToolCallStreamParser(TOOLS)
-    events = []
-    prev = 0
-    for cut in sorted({c for c in cuts if 0 < c < len(text)}) + [len(text)]:
-        events += parser.feed(text[prev:cut])
-        prev = cut
-    return events + parser.finish()
+    return [event for piece in text_pieces(text, cuts) for event in parser.feed(piece)] + parser.finish()
 
 
 def _summary(events: list) -> tuple[str | None, list[tuple[str, str]]]:
@@ -315,10 +311,8 @@ def test_json_answer_with_a_name_is_released_at_the_name() -> None:
 def test_open_call_marks_where_a_call_begins(text: str, region: str, body: str) -> None:
     for cuts in ([], list(range(len(text)))):  # whole, and one character at a time
         parser = ToolCallStreamParser(TOOLS)
-        prev = 0
-        for cut in cuts + [len(text)]:
-            parser.feed(text[prev:cut])
-            prev = cut
+        for piece in text_pieces(text, cuts):
+            parser.feed(piece)
         hit = parser.open_call()
         assert hit is not None and hit[0] == region and text[hit[1]:].lstrip("\n") == body.lstrip("\n")
         assert parser.region == region
