@@ -12,7 +12,7 @@ from .layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding
 from .parallel import SINGLE, ShardPlan, TensorParallel, VocabParallelEmbedding, read_slice
 
 # HF checkpoint names -> (our fused parameter, shard index). Shards are laid out in this order.
-_FUSED = {
+FUSED_LINEARS = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
     "v_proj": ("qkv_proj", 2),
@@ -21,7 +21,7 @@ _FUSED = {
 }
 # Our parameter -> (the slice kind a tensor-parallel rank holds, the axis it is cut along).
 # qkv_proj's kind depends on the shard: q, then k and v.
-_SPLIT = {
+SHARD_SPLIT = {
     "qkv_proj": ("q", 0),
     "gate_up_proj": ("mlp", 0),
     "o_proj": ("q", 1),
@@ -79,13 +79,13 @@ class LlamaForCausalLM(nn.Module):
                 continue
             parts = name.split(".")
             target, shard = name, None
-            if len(parts) >= 2 and parts[-2] in _FUSED:
-                fused, shard = _FUSED[parts[-2]]
+            if len(parts) >= 2 and parts[-2] in FUSED_LINEARS:
+                fused, shard = FUSED_LINEARS[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
             if target not in params:
                 raise KeyError(f"unexpected weight {hf_name!r} in checkpoint")
             param = params[target]
-            kind, dim = _SPLIT.get(target.split(".")[-2], (None, 0))
+            kind, dim = SHARD_SPLIT.get(target.split(".")[-2], (None, 0))
             if kind == "q" and shard:
                 kind = "kv"
             tensor = read_slice(tensor, kind, dim, self.plan)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ...models.config import ModelConfig
 from ...models.gguf_convert import SOURCE_FILE, hf_float_tensors, hf_tensor_name, read_tensors, unpermute_qk
+from ...models.llama import FUSED_LINEARS, SHARD_SPLIT
 from ...models.parallel import ShardPlan, VocabParallelEmbedding
 from .gguf import BLOCK_TYPES, GGUFLinear, GGUFPart
 from .gguf_embedding import GGUFEmbedding
@@ -43,12 +44,6 @@ def gguf_source(model_dir: str | Path) -> Path | None:
     return src if src.is_file() else None
 
 
-# HF projection -> (the model's fused module, part index)
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}  # fmt: skip
-# module -> (ShardPlan kind, split dim): dim 0 splits output rows, dim 1 the inputs
-_SPLIT = {"qkv_proj": ("q", 0), "gate_up_proj": ("mlp", 0), "o_proj": ("q", 1), "down_proj": ("mlp", 1),
-          "lm_head": ("vocab", 0)}  # fmt: skip
 EMBEDDING_SOURCE = "token_embd.weight"
 
 
@@ -95,11 +90,11 @@ def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
             continue
         parts = hf.removeprefix("model.").split(".")
         proj = parts[-2]
-        module, index = _FUSED.get(proj, (proj, 0))
-        if module not in _SPLIT:
-            continue  # norms
+        module, index = FUSED_LINEARS.get(proj, (proj, 0))
+        if module not in SHARD_SPLIT or module == "embed_tokens":
+            continue  # norms (the embedding was passed over above, or renamed as the tied head)
         path = ".".join(parts[:-2] + [module])
-        kind, dim = _SPLIT[module]
+        kind, dim = SHARD_SPLIT[module]
         if kind == "q" and index:
             kind = "kv"
         type_name = t.tensor_type.name
