@@ -125,7 +125,8 @@ def test_two_nodes_on_localhost(tiny_chat, one_rank_answers) -> None:
         assert len(ranks) == 1 and children(node0.proc.pid) == []  # node 0's only rank is its engine
         assert (greedy_answer(node0.base_url), greedy_answer(node0.base_url, stream=True)) == one_rank_answers
         assert node0.stop() == 0
-        assert node1.wait(timeout=60) == 0  # node 0 told its ranks to stop
+        rc = node1.wait(timeout=60)
+        assert rc == 0, node1.stdout.read().decode(errors="replace")[-3000:]  # node 0 told its ranks to stop
         assert wait_gone(ranks) == []
     finally:
         node0.stop()
