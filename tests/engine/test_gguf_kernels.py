@@ -46,10 +46,15 @@ def reference(type_name: str, data: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(gguf_dequantize(data, GGMLQuantizationType[type_name]), dtype=np.float32))
 
 
-def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Largest |error| int8 activations (one scale per 32 values) can cause, per output."""
-    dx = x.abs().reshape(x.shape[0], -1, 32).amax(dim=2) / 127.0
-    half_step = dx.repeat_interleave(32, dim=1) / 2
+def activation_span(type_name: str, cols: int) -> int:
+    """Values an activation scale spans: a super-block for K-quant weights (as llama.cpp's Q8_K), else 32."""
+    return 256 if BLOCK_TYPES[type_name][1] == 256 and cols % 256 == 0 else 32
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor, span: int = 32) -> torch.Tensor:
+    """Largest |error| int8 activations (one scale per `span` values) can cause, per output."""
+    dx = x.abs().reshape(x.shape[0], -1, span).amax(dim=2) / 127.0
+    half_step = dx.repeat_interleave(span, dim=1) / 2
     return half_step @ w.abs().T
 
 
@@ -63,7 +68,8 @@ def check_type(type_name: str, rows: int, cols: int, batch: int, seed: int) -> N
     layer = GGUFLinear(cols, rows, [GGUFPart(type_name, blocks, cols)], bias)
     y = layer(x)
     expected = x.double() @ w_ref.double().T + bias.double()
-    bound = activation_bound(x.double(), w_ref.double()) + 1e-4 * (x.abs().double() @ w_ref.abs().double().T) + 1e-5
+    bound = (activation_bound(x.double(), w_ref.double(), activation_span(type_name, cols))
+             + 1e-4 * (x.abs().double() @ w_ref.abs().double().T) + 1e-5)
     err = (y.double() - expected).abs()
     assert (err <= bound).all(), f"{type_name} rows={rows} batch={batch}: max excess {(err - bound).max():.3g}"
     # and the error is much smaller than the bound on average (rounding errors cancel)

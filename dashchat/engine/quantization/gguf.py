@@ -96,6 +96,8 @@ class GGUFLinear(nn.Module):
         self._lib = kernel_library()
         if self._lib is None:
             raise RuntimeError("GGUF layers need dashchat's C kernels (a C compiler); use --quantization none")
+        # one activation scale a super-block where every part is a K-quant read from a boundary
+        self._span = self._lib.dc_gguf_activation_span(count, self._part_args[1], self._part_args[4], in_features)
         self.handle = next(_handles)
         _layers[self.handle] = self
 
@@ -121,8 +123,8 @@ class GGUFLinear(nn.Module):
         y = torch.empty(m, n) if self._filled == n else torch.zeros(m, n)
         xq, xd, xs = _activation_scratch(m * k)
         lib = self._lib
-        lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs)
-        if lib.dc_gguf_matmul_parts(*self._part_args, xq, xd, xs, y.data_ptr(), m, k, n):
+        lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs, self._span)
+        if lib.dc_gguf_matmul_parts(*self._part_args, xq, xd, xs, y.data_ptr(), m, k, n, self._span):
             raise ValueError(f"GGUF kernel rejected a {self.extra_repr()} weight")
         return y.reshape(*shape[:-1], n)
 
