@@ -701,14 +701,80 @@ INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1,
   }
 }
 
+// One K-quant super-block against NB blocks of 8 activation rows whose activations share one scale
+// over it (span 256): each group's integer products are multiplied by the group's integer scale and
+// summed in int32 over the super-block, the minimums (Q4_K/Q5_K) likewise with the rows' group sums,
+// and one float multiply-add a block of rows takes the super-block (rows8_group has three a group).
+INLINE void rows8_superblock(int type, const uint8_t *blk, const int8_t *xi, size_t block_stride, const int NB,
+                             __m256 *acc) {
+  int32_t sc[16], mn[8];
+  float d, dmin = 0.f;
+  if (type == T_Q6_K) {
+    for (int i = 0; i < 16; i++) sc[i] = ((const int8_t *)blk)[192 + i];
+    d = f16(blk + 208);
+  } else {
+    for (int j = 0; j < 8; j++) scale_min_k4(j, blk + 4, &sc[j], &mn[j]);
+    d = f16(blk), dmin = f16(blk + 2);
+  }
+  __m256i lo_sum[2], hi_sum[2], min_sum[2];  // lanes as rows8_group's lo4/hi4; min_sum: rows 0-7
+  for (int nb = 0; nb < NB; nb++) lo_sum[nb] = hi_sum[nb] = min_sum[nb] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; j++) {
+    __m256i wv = group_values_avx2(type, blk, j);
+    // Q6_K: the group's halves have their own scales (lanes 0-3: first half, 4-7: second)
+    __m256i scale = type == T_Q6_K ? _mm256_setr_epi32(sc[2 * j], sc[2 * j], sc[2 * j], sc[2 * j], sc[2 * j + 1],
+                                                       sc[2 * j + 1], sc[2 * j + 1], sc[2 * j + 1])
+                                   : _mm256_set1_epi32(sc[j]);
+#pragma GCC unroll 2
+    for (int nb = 0; nb < NB; nb++) {
+      const int8_t *x = xi + nb * block_stride + (size_t)j * ROWS8_GROUP_BYTES;
+      __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();
+#define SB_CHUNK(c, imm)                                                          \
+  {                                                                               \
+    __m256i wc = _mm256_shuffle_epi32(wv, imm);                                   \
+    lo4 = dpbusd_acc(lo4, wc, _mm256_loadu_si256((const __m256i *)(x + 32 * c)));    \
+    hi4 = dpbusd_acc(hi4, wc, _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c))); \
+  }
+      SB_CHUNK(0, 0x00) SB_CHUNK(1, 0x55) SB_CHUNK(2, 0xAA) SB_CHUNK(3, 0xFF)
+#undef SB_CHUNK
+      if (type == T_Q6_K) {  // values q - 32: 32 times the halves' sums (stored negated) in the integers
+        __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
+        __m256i neg_first = _mm256_loadu_si256((const __m256i *)(x + 384));
+        __m256i neg_second = _mm256_sub_epi32(neg, neg_first);
+        // the rows8 lane order: rows 0-3 (first half | second half), then rows 4-7
+        lo4 = _mm256_add_epi32(lo4, _mm256_slli_epi32(_mm256_permute2x128_si256(neg_first, neg_second, 0x20), 5));
+        hi4 = _mm256_add_epi32(hi4, _mm256_slli_epi32(_mm256_permute2x128_si256(neg_first, neg_second, 0x31), 5));
+      } else {
+        min_sum[nb] = _mm256_add_epi32(min_sum[nb], _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(x + 256)),
+                                                                       _mm256_set1_epi32(mn[j])));
+      }
+      lo_sum[nb] = _mm256_add_epi32(lo_sum[nb], _mm256_mullo_epi32(lo4, scale));
+      hi_sum[nb] = _mm256_add_epi32(hi_sum[nb], _mm256_mullo_epi32(hi4, scale));
+    }
+  }
+  for (int nb = 0; nb < NB; nb++) {
+    const int8_t *x = xi + nb * block_stride;
+    __m256 dx = _mm256_loadu_ps((const float *)(x + 288));  // the 8 rows' scale of this super-block
+    __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x20),
+                                   _mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x31));
+    acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(d), dx), acc[nb]);
+    if (type != T_Q6_K)  // values d * scale * q - dmin * min: + dmin * min * (negated sums)
+      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sum[nb]), _mm256_mul_ps(_mm256_set1_ps(dmin), dx), acc[nb]);
+  }
+}
+
 // One weight row against NB blocks of 8 activation rows interleaved by interleave8 (xi: the first
 // block, the next one block_stride bytes on): out[8 nb + r].
 INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, size_t block_stride,
-                      const int NB, float *out) {
+                      const int NB, int span, float *out) {
   __m256 even[2], odd[2], offs[2];
   for (int nb = 0; nb < NB; nb++) even[nb] = odd[nb] = offs[nb] = _mm256_setzero_ps();
   size_t bb = block_bytes(type);
-  if (type >= T_Q4_K && g0 % 8 == 0 && groups % 8 == 0) {
+  if (span == 256 && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) && g0 % 8 == 0 && groups % 8 == 0) {
+    for (int b = 0; b < groups / 8; b++)
+      rows8_superblock(type, wrow + (size_t)(g0 / 8 + b) * bb, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES,
+                       block_stride, NB, even);
+  } else if (type >= T_Q4_K && g0 % 8 == 0 && groups % 8 == 0) {
     for (int b = 0; b < groups / 8; b++) {
       const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
       float A0[8], A1[8], B0[8], B1[8];
@@ -743,12 +809,13 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
 
 #define ROWS8_CASE(T)                                                     \
   case T:                                                                 \
-    if (blocks == 2) rows8_dot(T, wrow, g0, groups, xi, block_stride, 2, out); \
-    else rows8_dot(T, wrow, g0, groups, xi, block_stride, 1, out);         \
+    if (blocks == 2) rows8_dot(T, wrow, g0, groups, xi, block_stride, 2, span, out); \
+    else rows8_dot(T, wrow, g0, groups, xi, block_stride, 1, span, out);         \
     break;
-// blocks: 1 or 2 blocks of 8 rows (16 rows share each unpacked weight group)
+// blocks: 1 or 2 blocks of 8 rows (16 rows share each unpacked weight group); span: the activations'
+// scale span (dc_gguf_quantize_x)
 static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, int blocks,
-                          float *out) {
+                          int span, float *out) {
   size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
   switch (type) {
     ROWS8_CASE(T_Q4_0) ROWS8_CASE(T_Q4_1) ROWS8_CASE(T_Q5_0) ROWS8_CASE(T_Q5_1)
@@ -880,7 +947,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
           while (row >= rows[p]) row -= rows[p++];
           float out16[16], b = bias && bias[p] ? bias[p][row] : 0.f;
           rows8_dot_any(types[p], w[p] + (size_t)row * row_bytes[p], first_group[p], groups,
-                        xi + (size_t)(r0 / 8) * block_stride, blocks, out16);
+                        xi + (size_t)(r0 / 8) * block_stride, blocks, span, out16);
           for (int r = 0; r < rows_here; r++) y[(size_t)(r0 + r) * ldy + i] = out16[r] + b;
         }
       }
