@@ -6,8 +6,9 @@
 
 Random blocks (finite fp16 scales), activations x [m, k]; each measurement is the median of
 --repeats timed products (quantizing x included, as the engine does), the builds alternating within
-each round so both see the same machine load. Prints the blocks' bytes read per second, and the
-machine's read bandwidth (both cores summing a 1 GiB buffer) measured in the same run.
+each round so both see the same machine load. Prints the blocks' bytes read per second and the
+operations (2 m n k) per second, and the machine's read bandwidth (summing a 1 GiB buffer) measured
+in the same run.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def main() -> None:
         builds[args.baseline] = build_revision(args.baseline, Path(tmp.name))
     bw = {t: read_bandwidth(t) for t in args.threads}
     print("read bandwidth: " + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in args.threads))
-    print(f"| type | NxK | m | threads | {' | '.join(f'{b} GB/s' for b in builds)} |")
+    print(f"| type | NxK | m | threads | {' | '.join(f'{b} GB/s, GOP/s' for b in builds)} |")
     print(f"|---|---|---|---|{'---|' * len(builds)}")
     for type_name in args.types:
         for shape in args.shape:
@@ -146,7 +147,9 @@ def main() -> None:
                     for _ in range(args.rounds):
                         for b, prod in products.items():
                             seen[b].append(data.numel() / timed(prod, args.repeats) / 1e9)
-                    cells = " | ".join(f"{statistics.median(v):.1f}" for v in seen.values())
+                    # GB/s of blocks; GOP/s: 2 m n k operations over the same time
+                    cells = " | ".join(f"{statistics.median(v):.1f}, {statistics.median(v) * 2 * m * n * k / data.numel():.0f}"
+                                       for v in seen.values())
                     print(f"| {type_name} | {shape} | {m} | {threads} | {cells} |", flush=True)
 
 

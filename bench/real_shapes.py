@@ -288,12 +288,13 @@ def read_bandwidth() -> float:
     return buf.numel() * 4 / statistics.median(times) / 1e9
 
 
-def report(results: dict[str, Any], bandwidth: list[float]) -> str:
+def report(results: dict[str, Any], bandwidth: list[float], concurrency: list[int]) -> str:
     bw = statistics.median(bandwidth) if bandwidth else float("nan")
-    keys = ["decode", "c8", "c32", "ttft_short", "ttft_long", "rss_mb", "decode_t1"]
+    keys = ["decode", *(f"c{c}" for c in concurrency), "ttft_short", "ttft_long", "rss_mb", "decode_t1"]
     lines = [f"read bandwidth {bw:.1f} GB/s (median of {len(bandwidth)})", "",
-             "| file | server | 1 stream | c8 | c32 | TTFT short ms | TTFT long ms | RSS MiB | 1 thread | "
-             "GB/s a stream (% of read bw) |", "|---|---|" + "---:|" * 8]
+             "| file | server | 1 stream | " + " | ".join(f"c{c}" for c in concurrency)
+             + " | TTFT short ms | TTFT long ms | RSS MiB | 1 stream, 1 thread | GB/s a stream (% of read bw) |",
+             "|---|---|" + "---:|" * (len(keys) + 1)]
     for fname, entry in results.items():
         meds = {}
         for peer in ("dashchat", "llama-server"):
@@ -386,7 +387,7 @@ def main() -> int:
     finally:
         ServerProcess.stop_all()
         save()
-    print("\n" + report(state["results"], state["bandwidth"]))
+    print("\n" + report(state["results"], state["bandwidth"], args.concurrency))
     return 0
 
 

@@ -118,17 +118,20 @@ def test_fused_parts_of_different_types() -> None:
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0"])
-def test_input_window_of_whole_rows(type_name: str) -> None:
+@pytest.mark.parametrize("k0, k", [(160, 352), (256, 512)])
+def test_input_window_of_whole_rows(type_name: str, k0: int, k: int) -> None:
     """A tensor-parallel rank's slice of a row-split weight: whole rows, inputs [k0, k0 + k) on
-    32-value groups, cutting through 256-value super-blocks."""
-    cols, k0, k = 768, 160, 352
+    32-value groups, cutting through 256-value super-blocks (or on their boundaries: K-quant
+    activations then take one scale a super-block and the super-block kernels)."""
+    cols = 768
     data = random_blocks(type_name, 21, cols, 3)
     w_ref = reference(type_name, data)[:, k0 : k0 + k]
     layer = GGUFLinear(k, 21, [GGUFPart(type_name, torch.from_numpy(data), k, k_full=cols, k0=k0)])
     torch.testing.assert_close(layer.dequantize(), w_ref, rtol=1e-6, atol=1e-7)
+    span = activation_span(type_name, k) if k0 % 256 == 0 else 32
     for batch in (1, 6, 40):
         x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
-        bound = activation_bound(x, w_ref) + 1e-4 * (x.abs() @ w_ref.abs().T) + 1e-5
+        bound = activation_bound(x, w_ref, span) + 1e-4 * (x.abs() @ w_ref.abs().T) + 1e-5
         assert ((layer(x) - x @ w_ref.T).abs() <= bound).all()
 
 
