@@ -3,7 +3,8 @@
 A GGUF model's linears keep the quantized blocks the file ships (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 Q4_K, Q5_K, Q6_K): no float32 copy, no re-quantization. Decoding one token then reads 4-8x fewer
 bytes than float32 weights. The products are the C kernels of dashchat/engine/cpu/gguf_kernels.c:
-activations quantized to int8 per 32 values (llama.cpp's Q8_0 scheme), integer dot products.
+activations quantized to int8 per 32 values (llama.cpp's Q8_0 scheme; per 256 when every part is a
+K-quant, as its Q8_K, so a super-block sums in integers), integer dot products.
 Fewer than 8 activation rows (decode steps) take per-row tiles that stream each weight group once
 for all of them; whole blocks of 8 rows (prefill, big decode batches) meet each weight group in one
 integer multiply-add a 4-value chunk for all 8 rows (the rows interleaved), with one float
