@@ -38,7 +38,7 @@ import torch
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.types import SamplingParams
 from dashchat.models.resolve import resolve_model
-from dashchat.server.grammar import GrammarBackend
+from dashchat.server.text.grammar import GrammarBackend
 
 BATCH = 8
 PROMPT = "Request {i}: list as many short animal names as you can, as JSON."

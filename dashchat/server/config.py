@@ -24,7 +24,7 @@ class ServerConfig:
     retry_after_s: int = 1
     log_prompts: bool = False
     enable_docs: bool = True  # /docs and /openapi.json
-    # /v1/responses store (response_store.py): least recently used go first past either bound.
+    # /v1/responses store (routes/response_store.py): least recently used go first past either bound.
     responses_store_entries: int = 1024
     responses_store_bytes: int = 64 * 1024 * 1024
     # Reasoning models (issue 15): a reasoning.FORMATS name, "none", or None to detect it from the
