@@ -1,4 +1,4 @@
-"""What grammar-constrained requests cost the batch they run in (issue 4's target: a batch is not
+"""What grammar-constrained requests cost the batch they run in (the aim: a batch is not
 slowed more than 10% per constrained request).
 
 Through the engine directly (AsyncLLMEngine, greedy): a batch of 8 requests decoding `--new-tokens`
