@@ -205,12 +205,19 @@ def make_file(workdir: Path, shape_name: str, ftype: str, source: Path, quantize
     return path
 
 
-def prompt_body(i: int, words: int, max_tokens: int, ban: list[int], peer: str) -> dict[str, Any]:
-    """A request whose prompt is about `words` tokens long (numbered words: one token each, mostly),
-    unique per i so no prefix cache shortens it."""
+# common English words, one token each (with their leading space) in the Qwen tokenizer
+WORDS = ("the river stone house green water light small table window garden music paper winter summer "
+         "market letter friend school street morning evening bread honey silver forest island mountain "
+         "orange yellow purple circle square simple quiet little famous modern ancient golden").split()
+
+
+def prompt_body(i: int, tokens: int, max_tokens: int, ban: list[int], peer: str) -> dict[str, Any]:
+    """A request whose prompt is about `tokens` tokens long (the chat template and system message
+    included), unique from its first words on so no prefix cache shortens it."""
     body = request_body(i, max_tokens, ban, peer)
-    filler = " ".join(f"w{(i * 7919 + j) % 1000}" for j in range(words // 2))
-    body["messages"][1]["content"] = f"{i}: {filler}"
+    words = max(1, tokens - 40)
+    filler = " ".join(WORDS[(i * 7 + j * (1 + i % 5)) % len(WORDS)] for j in range(words))
+    body["messages"][1]["content"] = f"{i} {filler}"
     return body
 
 
