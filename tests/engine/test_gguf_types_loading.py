@@ -10,6 +10,7 @@ as long as their fp16 scales are finite (see test_gguf_kernels.random_blocks).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -21,12 +22,16 @@ from test_gguf_kernels import _FP16_FIELDS, random_blocks
 from test_gguf_loading import float_model, gguf_model
 from torch import nn
 
+from dashchat.engine.args import EngineArgs
 from dashchat.engine.cpu.kernels import kernel_library
+from dashchat.engine.native.llm_engine import AsyncLLMEngine
 from dashchat.engine.quantization import gguf_loading
 from dashchat.engine.quantization.gguf import GGUFLinear
 from dashchat.engine.quantization.gguf_embedding import GGUFEmbedding
 from dashchat.engine.quantization.int8 import _causal_attention
+from dashchat.engine.types import SamplingParams
 from dashchat.models.gguf_convert import convert_gguf
+from engine_helpers import collect
 from test_gguf_convert import byte_level_vocab
 
 pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler: kernels unavailable")
@@ -160,3 +165,34 @@ def test_a_model_that_cannot_fit_is_refused_with_the_numbers(model_dir: str, mon
     with pytest.raises(MemoryError, match=r"needs 0\.\d\d GB of memory \(.* held as bf16 .*\) but only 0\.00 GB is "
                                           r"available \(MemAvailable\)"):
         gguf_model(model_dir)
+
+
+@pytest.mark.parametrize("type_name", ["F16", "BF16", "IQ4_NL", "IQ4_XS", "Q2_K"])
+def test_embedding_rows_of_the_new_types(type_name: str) -> None:
+    """An embedding table of these types dequantizes the rows it is asked for as gguf-py does."""
+    vocab = 37
+    data = random_blocks(type_name, vocab, HIDDEN, 4)
+    embedding = GGUFEmbedding(type_name, torch.from_numpy(data), HIDDEN)
+    ids = torch.tensor([0, vocab - 1, 5, 5, 20])
+    want = np.asarray(gguf.quants.dequantize(data[ids.numpy()], Q[type_name]), dtype=np.float32)
+    torch.testing.assert_close(embedding(ids), torch.from_numpy(want), rtol=0, atol=0)
+
+
+def test_engine_serves_the_file(model_dir: str) -> None:
+    """The engine decodes from it (16-bit layers take the module path, the rest the fused step): a
+    prompt's greedy tokens are the same alone and beside another one."""
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=model_dir, max_model_len=64, quantization="gguf",
+                                                 kv_cache_memory_gb=0.01))
+    try:
+        assert any(isinstance(m, GGUFLinear) and m.parts[0].type_name == "F16" for m in engine.runner.model.modules())
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        prompts = [[5, 77, 200, 31], [9, 140, 66, 250, 3, 18]]
+
+        async def run(batch: list[list[int]]) -> list[list[int]]:
+            return [o[0].token_ids for o in await asyncio.gather(*(collect(engine, p, params) for p in batch))]
+
+        together = asyncio.run(run(prompts))
+        alone = asyncio.run(run(prompts[:1]))
+    finally:
+        engine.shutdown()
+    assert [len(t) for t in together] == [8, 8] and alone[0] == together[0]

@@ -3,7 +3,8 @@
 // OpenMP runtime).
 //
 // y[m, n] = x[m, k] . W^T, W given as n rows of k/QK blocks of one GGUF type (Q8_0, Q4_0, Q4_1,
-// Q5_0, Q5_1: 32 values a block; Q4_K, Q5_K, Q6_K: 256 values a super-block).
+// Q5_0, Q5_1, IQ4_NL: 32 values a block; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS: 256 values a
+// super-block). F16 and BF16 rows take float products of their own (dc_gguf_matmul16_parts).
 //
 // As llama.cpp does, the activations are first quantized to int8 per block of 32 (one float scale
 // each, plus the scaled sums of each half, which carry the weights' offsets and minimums), so the
@@ -20,7 +21,9 @@
 //   dx_j * (a0 * sum(q[0:16] * xq[0:16]) + a1 * sum(q[16:32] * xq[16:32])) + b0 * S0_j + b1 * S1_j
 // where q are the unsigned stored values, (a0, a1) the group's scale for each half, (b0, b1) its
 // offset (-8d for Q4_0, the minimum for Q4_1, -dmin*m for Q4_K, ...) and S0_j, S1_j = dx_j times the
-// sum of each half of the quantized activations. Only Q6_K has different scales for the two halves.
+// sum of each half of the quantized activations. Q6_K, Q3_K and Q2_K have different scales for the
+// two halves. Q8_0, IQ4_NL and IQ4_XS values are signed bytes (IQ4's 4-bit indices looked up in their
+// 16 non-linear values by one byte shuffle), the others unsigned.
 #pragma GCC diagnostic ignored "-Wpsabi" // static helpers only: no ABI crosses the library boundary
 #include <math.h>
 #include <stddef.h>
@@ -518,9 +521,13 @@ INLINE void group_step(int type, const uint8_t *blk, int j, int g, float a0, flo
 // xq: the tile's first activation row (rows k bytes apart); xd, xs: that row's entry of group 0 in
 // the group-major scale and sum arrays (ldt entries a group). Even and odd groups go to two
 // accumulator sets, so one row (a single stream's decode) is not bound by the latency of one chain of
-// adds. Each row's sum is formed in the same order whatever MR is, so a token's result does not depend
-// on the size of its batch (a prefix-cache hit turns a long prefill into a short one; greedy answers
-// must not change with it).
+// adds. Each row's sum is formed in the same order whatever MR is, so a token's result is the same
+// bits in every batch of 1-7 rows (and, in the portable build, which takes these tiles at every size,
+// in every batch). Batches of 8 rows or more take rows8_dot on AVX2 instead, which forms a row's sum in
+// an order of its own, the same for every batch of 8 or more wherever the row sits: from the same
+// integer products, scaled and summed in another order, so across the 7/8-row boundary a token's
+// result moves by float rounding only (a prefix-cache hit turns a long prefill into a short one;
+// greedy answers must not change with it). test_gguf_kernels pins all three statements.
 INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
                      const float *xd, const float *xs, int ldt, const int MR, float *out) {
   accum even[MAX_TILE], odd[MAX_TILE];

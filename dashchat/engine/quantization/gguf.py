@@ -1,9 +1,11 @@
 """GGUF linear layers on the CPU, run in the file's own block formats (`--quantization gguf`).
 
 A GGUF model's linears keep the quantized blocks the file ships (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-Q4_K, Q5_K, Q6_K): no float32 copy, no re-quantization. Decoding one token then reads 4-8x fewer
-bytes than float32 weights. The products are the C kernels of dashchat/engine/cpu/gguf_kernels.c:
-activations quantized to int8 per 32 values (llama.cpp's Q8_0 scheme), integer dot products.
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS): no float32 copy, no re-quantization. Decoding one
+token then reads 4-12x fewer bytes than float32 weights. The products are the C kernels of
+dashchat/engine/cpu/gguf_kernels.c: activations quantized to int8 per 32 values (llama.cpp's Q8_0
+scheme), integer dot products. F16 and BF16 weights stay 16-bit and take float products (bit for bit
+the same in every batch); gguf_loading.py holds a type without kernel as BF16 rows.
 Fewer than 8 activation rows (decode steps) take per-row tiles that stream each weight group once
 for all of them; whole blocks of 8 rows (prefill, big decode batches) meet each weight group in one
 integer multiply-add a 4-value chunk for all 8 rows (the rows interleaved), with one float
