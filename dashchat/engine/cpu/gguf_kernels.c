@@ -424,9 +424,68 @@ INLINE void group_scales(int type, const uint8_t *blk, int j, float *a0, float *
 }
 
 // group_scales of all 8 groups of a K-quant super-block at once (the same products, so the same values).
+// super_block_scales of Q2_K, Q3_K and IQ4_XS: low_bit_scales' values, the block's fp16 scales and
+// packed bits taken apart once for its 8 groups (per group, they cost more than the group's products).
+#if defined(__AVX2__)
+// d times 16 signed bytes: the even ones (the groups' first halves) to A0, the odd ones to A1.
+INLINE void split_scales(__m128i s, float d, float *A0, float *A1) {
+  __m128i both = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  _mm256_storeu_ps(A0, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(both))));
+  _mm256_storeu_ps(A1, _mm256_mul_ps(_mm256_set1_ps(d),
+                                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(both, 8)))));
+}
+#endif
+
+INLINE void low_bit_super_scales(int type, const uint8_t *blk, float *A0, float *A1, float *B0, float *B1) {
+  if (type == T_Q2_K) {
+    float d = f16(blk + 80), dmin = f16(blk + 82);
+#if defined(__AVX2__)
+    __m128i s = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
+    split_scales(_mm_and_si128(s, m4), d, A0, A1);
+    split_scales(_mm_and_si128(_mm_srli_epi16(s, 4), m4), -dmin, B0, B1);
+#else
+    for (int j = 0; j < 8; j++) {
+      int s0 = blk[2 * j], s1 = blk[2 * j + 1];
+      A0[j] = d * (float)(s0 & 15), A1[j] = d * (float)(s1 & 15);
+      B0[j] = -dmin * (float)(s0 >> 4), B1[j] = -dmin * (float)(s1 >> 4);
+    }
+#endif
+  } else if (type == T_Q3_K) {  // q3k_scale's 16 values at once, four bytes a step
+    uint32_t a[4], t;
+    memcpy(a, blk + 96, 12);
+    t = a[2];
+    a[2] = ((a[0] >> 4) & 0x0f0f0f0fu) | (((t >> 4) & 0x03030303u) << 4);
+    a[3] = ((a[1] >> 4) & 0x0f0f0f0fu) | (((t >> 6) & 0x03030303u) << 4);
+    a[0] = (a[0] & 0x0f0f0f0fu) | ((t & 0x03030303u) << 4);
+    a[1] = (a[1] & 0x0f0f0f0fu) | (((t >> 2) & 0x03030303u) << 4);
+    float d = f16(blk + 108);
+#if defined(__AVX2__)
+    split_scales(_mm_sub_epi8(_mm_loadu_si128((const __m128i *)a), _mm_set1_epi8(32)), d, A0, A1);
+    _mm256_storeu_ps(B0, _mm256_mul_ps(_mm256_set1_ps(-4.f), _mm256_loadu_ps(A0)));
+    _mm256_storeu_ps(B1, _mm256_mul_ps(_mm256_set1_ps(-4.f), _mm256_loadu_ps(A1)));
+#else
+    uint8_t sc[16];
+    memcpy(sc, a, 16);
+    for (int j = 0; j < 8; j++) {
+      A0[j] = d * (float)(sc[2 * j] - 32), A1[j] = d * (float)(sc[2 * j + 1] - 32);
+      B0[j] = -4.f * A0[j], B1[j] = -4.f * A1[j];
+    }
+#endif
+  } else {  // T_IQ4_XS
+    uint16_t h;
+    memcpy(&h, blk + 2, 2);
+    float d = f16(blk);
+    for (int j = 0; j < 8; j++) {
+      int ls = ((blk[4 + j / 2] >> (4 * (j & 1))) & 15) | (((h >> (2 * j)) & 3) << 4);
+      A0[j] = A1[j] = d * (float)(ls - 32);
+      B0[j] = B1[j] = 0.f;
+    }
+  }
+}
+
 INLINE void super_block_scales(int type, const uint8_t *blk, float *A0, float *A1, float *B0, float *B1) {
   if (type == T_Q2_K || type == T_Q3_K || type == T_IQ4_XS) {
-    for (int j = 0; j < 8; j++) low_bit_scales(type, blk, j, A0 + j, A1 + j, B0 + j, B1 + j);
+    low_bit_super_scales(type, blk, A0, A1, B0, B1);
     return;
   }
   if (type == T_Q6_K) {
