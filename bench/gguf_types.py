@@ -5,9 +5,10 @@ row (a decode step) and with 64 rows (a prefill chunk), every type in turn withi
 alternating, medians reported: the weight's bytes, microseconds a product, GB/s of weight bytes a
 one-row product streams, and each type's time relative to Q4_K's. The blocks are random bytes
 (fp16 fields kept small and finite; 16-bit types random normal values): a product's time does not
-depend on the values.
+depend on the values. `--clock cpu` times with the process's CPU time instead of the wall clock:
+with one thread, on a machine others keep busy, it leaves out the time spent waiting for a core.
 
-    python bench/gguf_types.py [--rows 8960] [--cols 1536] [--rounds 15] [--threads 2]
+    python bench/gguf_types.py [--rows 8960] [--cols 1536] [--rounds 15] [--threads 2] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def random_weight(type_name: str, rows: int, cols: int, rng: np.random.Generator
     return torch.from_numpy(data)
 
 
-def timed(layer: GGUFLinear, x: torch.Tensor, repeat: int) -> float:
+def timed(layer: GGUFLinear, x: torch.Tensor, repeat: int, clock=time.perf_counter) -> float:
     layer(x)  # warm: scratch buffers, caches
-    start = time.perf_counter()
+    start = clock()
     for _ in range(repeat):
         layer(x)
-    return (time.perf_counter() - start) / repeat
+    return (clock() - start) / repeat
 
 
 def main() -> None:
@@ -46,7 +47,9 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=1536)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     layers = {t: GGUFLinear(args.cols, args.rows, [GGUFPart(t, random_weight(t, args.rows, args.cols, rng), args.cols)])
@@ -57,9 +60,9 @@ def main() -> None:
         order = list(layers) if r % 2 == 0 else list(reversed(layers))  # alternate who goes first
         for t in order:
             for m, x in xs.items():
-                times[t, m].append(timed(layers[t], x, 20 if m == 1 else 3))
+                times[t, m].append(timed(layers[t], x, 20 if m == 1 else 3, clock))
     med = {key: statistics.median(v) for key, v in times.items()}
-    print(f"weight {args.rows} x {args.cols}, {args.threads} threads, {args.rounds} rounds (medians)")
+    print(f"weight {args.rows} x {args.cols}, {args.threads} threads, {args.rounds} rounds (medians), {args.clock} clock")
     print(f"{'type':8} {'MB':>7} {'1 row us':>9} {'GB/s':>6} {'vs Q4_K':>8} {'64 rows us':>11} {'vs Q4_K':>8}")
     for t, layer in layers.items():
         mb = layer.nbytes / 1e6
