@@ -134,8 +134,39 @@ def numa_nodes() -> list[set[int]]:
     return out
 
 
+def cpu_topology(cpus: list[int]) -> dict[int, tuple[int, int]]:
+    """Logical CPU -> (package, core): the physical core it runs on. A CPU whose topology cannot be
+    read counts as a core of its own."""
+    root = Path("/sys/devices/system/cpu")
+    out = {}
+    for cpu in cpus:
+        try:
+            topo = root / f"cpu{cpu}" / "topology"
+            out[cpu] = (int((topo / "physical_package_id").read_text()), int((topo / "core_id").read_text()))
+        except (OSError, ValueError):
+            out[cpu] = (-1, cpu)
+    return out
+
+
+def group_by_core(allowed: list[int], topology: dict[int, tuple[int, int]], num_groups: int) -> list[list[int]]:
+    """Split the allowed CPUs into `num_groups` groups of whole physical cores (a core's SMT siblings
+    always land in the same group). Linux often numbers all cores' first threads before their second
+    ones (cpu N and N + cores are siblings), so halving the logical ids would give one rank the other's
+    siblings: two ranks on the same cores, each at half speed."""
+    cores: dict[tuple[int, int], list[int]] = {}
+    for cpu in sorted(allowed):
+        cores.setdefault(topology.get(cpu, (-1, cpu)), []).append(cpu)
+    ordered = sorted(cores.values(), key=lambda siblings: (topology.get(siblings[0], (-1, 0))[0], siblings[0]))
+    share = len(ordered) // num_groups
+    if share == 0:
+        raise ValueError(f"{num_groups} CPU ranks but only {len(ordered)} physical cores to share between them")
+    return [sorted(c for siblings in ordered[g * share : (g + 1) * share] for c in siblings)
+            for g in range(num_groups)]
+
+
 def cpu_core_group(device_id: int, num_groups: int) -> list[int]:
-    """The cores a CPU rank with this device id runs on."""
+    """The cores a CPU rank with this device id runs on: a NUMA node where there are enough, else an
+    equal share of the physical cores this process may use (with their SMT siblings)."""
     allowed = sorted(os.sched_getaffinity(0))
     nodes = [sorted(n & set(allowed)) for n in numa_nodes()]
     nodes = [n for n in nodes if n]
@@ -143,10 +174,7 @@ def cpu_core_group(device_id: int, num_groups: int) -> list[int]:
         return nodes[device_id]
     if device_id >= num_groups:
         raise ValueError(f"CPU device id {device_id}: there are {num_groups} core groups (ids 0..{num_groups - 1})")
-    share = len(allowed) // num_groups
-    if share == 0:
-        raise ValueError(f"{num_groups} CPU ranks but only {len(allowed)} cores to share between them")
-    return allowed[device_id * share : (device_id + 1) * share]
+    return group_by_core(allowed, cpu_topology(allowed), num_groups)[device_id]
 
 
 def pin_to_cores(cores: list[int]) -> None:
