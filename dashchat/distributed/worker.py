@@ -31,7 +31,7 @@ def run_rank(args: EngineArgs, world: World, place: RankPlace) -> None:
     tokenizer = Tokenizer.from_dir(args.model_dir)  # int8 calibration encodes its text on every rank
     device = prepare_rank_device(args.device, place, core_groups(args.device_ids), args.num_threads)
     group = ParallelGroup(place.rank, world.size, device, world.master_addr, world.master_port,
-                          from_env=world.external)
+                          args.distributed_load_timeout_s, from_env=world.external, loopback=world.on_one_node)
     try:
         runner, _, _ = build_runner(args, cfg, tokenizer, device, default_max_model_len(args, cfg), group)
         group.start_serving(args.distributed_timeout_s)

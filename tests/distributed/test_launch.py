@@ -1,11 +1,13 @@
-"""Where ranks run and how they are started and watched: CPU core groups from a given topology, the
-headless node's watch over its ranks (real processes), the rendezvous address checks."""
+"""Where ranks run and how they are started, watched and stopped: CPU core groups from a given
+topology, the rendezvous address checks and socket, the headless node's watch over its ranks and a
+worker's parent check (real processes), the STOP handshake (gloo ranks on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import pytest
 
-from dashchat.distributed.launch import group_by_core
+from dashchat.distributed.launch import group_by_core, open_rendezvous, plan_world
+from dashchat.engine.args import EngineArgs
 
 # 4 cores with 2 threads each, numbered as Linux often does: cpu N and N + 4 are siblings.
 SPLIT_SIBLINGS = {cpu: (0, cpu % 4) for cpu in range(8)}
@@ -29,3 +31,38 @@ def test_core_groups_of_two_packages_and_a_partial_affinity():
 def test_fewer_physical_cores_than_ranks_is_refused():
     with pytest.raises(ValueError, match="2 CPU ranks but only 1 physical cores"):
         group_by_core([0, 4], SPLIT_SIBLINGS, 2)
+
+
+# -- the rendezvous address ---------------------------------------------------------------
+
+
+def engine_args(**flags) -> EngineArgs:
+    return EngineArgs(model_dir="/model", device_ids=(0,), **flags)
+
+
+def test_a_wildcard_master_addr_of_several_nodes_needs_the_flag():
+    for wildcard in ("0.0.0.0", "::"):
+        with pytest.raises(ValueError, match="--allow-wildcard-master-addr"):
+            plan_world(engine_args(nnodes=2, master_addr=wildcard, master_port=29500))
+        world = plan_world(engine_args(nnodes=2, master_addr=wildcard, master_port=29500,
+                                       allow_wildcard_master_addr=True))
+        assert world.master_addr == wildcard
+    # the other nodes name node 0's address; they listen for no rendezvous
+    assert plan_world(engine_args(nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29500)).size == 2
+
+
+def test_one_node_meets_on_loopback_only():
+    with pytest.raises(ValueError, match="on one node the ranks meet on loopback only"):
+        plan_world(EngineArgs(model_dir="/model", device_ids=(0, 1), master_addr="0.0.0.0"))
+    world = plan_world(EngineArgs(model_dir="/model", device_ids=(0, 1), master_addr="localhost"))
+    assert world.on_one_node and world.master_port == 0  # the port is picked when the socket opens
+
+
+def test_the_rendezvous_socket_is_bound_to_the_named_address_and_held():
+    world = plan_world(EngineArgs(model_dir="/model", device_ids=(0, 1)))
+    sock, bound = open_rendezvous(world)
+    with sock:
+        assert sock.getsockname() == ("127.0.0.1", bound.master_port) and bound.master_port > 0
+        assert bound.master_addr == "127.0.0.1"
+        with pytest.raises(ValueError, match=f"--master-port {bound.master_port} on 127.0.0.1 is not free"):
+            open_rendezvous(bound)  # held from now until rank 0's store takes it over: nothing can race for it

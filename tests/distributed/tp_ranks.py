@@ -15,7 +15,7 @@ def rank_logits(rank: int, size: int, port: int, model_dirs: list[str], ids: lis
     from dashchat.models.weights import iter_weight_slices
 
     torch.set_num_threads(1)
-    group = ParallelGroup(rank, size, torch.device("cpu"), "127.0.0.1", port)
+    group = ParallelGroup(rank, size, torch.device("cpu"), "127.0.0.1", port, loopback=True)
     try:
         group.start_serving(60)
         tokens = torch.tensor(ids)
@@ -61,3 +61,5 @@ def rank_gguf_logits(rank: int, size: int, port: int, model_dir: str, ids: list[
                 torch.save(logits, f"{out_dir}/gguf-logits-{n}.pt")
     finally:
         group.destroy()
+
+
