@@ -91,6 +91,20 @@ class ParallelGroup:
         self.collective_seconds += time.perf_counter() - start
         return x
 
+    def acknowledge_stop(self) -> None:
+        """Every rank, after rank 0's STOP: one last all-reduce. Rank 0 tears the group down only once it
+        completes, i.e. once every rank has its STOP: closing the connections while a rank was still
+        reading it could fail that read, and the rank (and a headless node) then exited 1. On CUDA the
+        collectives only enqueue work: reading the sum waits for it."""
+        try:
+            done = torch.ones(1, device=self.device)
+            dist.all_reduce(done, group=self.group)
+            done.item()
+        except (RuntimeError, dist.DistError):
+            if self.rank == 0:
+                raise
+            log.debug("rank %d: the stop acknowledgment failed after the stop arrived", self.rank, exc_info=True)
+
     def destroy(self) -> None:
         global _ACTIVE
         try:

@@ -42,7 +42,7 @@ def one_rank_logits(model_dir: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("size", [2, 4])
-def test_logits_at_several_ranks_equal_one_rank(size, tiny_dirs, tmp_path):
+def test_logits_at_several_ranks_equal_one_rank_then_they_stop(size, tiny_dirs, tmp_path):
     families = sorted(tiny_dirs)
     dirs = [tiny_dirs[f] for f in families]
     mp.start_processes(rank_logits, args=(size, free_port("127.0.0.1"), dirs, IDS, str(tmp_path)), nprocs=size,
@@ -50,6 +50,10 @@ def test_logits_at_several_ranks_equal_one_rank(size, tiny_dirs, tmp_path):
     for i, family in enumerate(families):
         got = torch.load(tmp_path / f"logits-{i}.pt")
         torch.testing.assert_close(got, one_rank_logits(dirs[i]), atol=1e-5, rtol=1e-5, msg=family)
+    # STOP is acknowledged: rank 0's send returned only once every rank (the last one slow to read it)
+    # had it, and every rank exited 0 (start_processes raises otherwise)
+    has_stop = [float((tmp_path / f"has-stop-{r}").read_text()) for r in range(1, size)]
+    assert float((tmp_path / "stopped-0").read_text()) >= max(has_stop)
 
 
 def test_kv_heads_split_or_replicated():
