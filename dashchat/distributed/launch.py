@@ -226,14 +226,17 @@ def pin_to_cores(cores: list[int]) -> None:
     os.sched_setaffinity(0, cores)
 
 
-def die_with_parent() -> None:
-    """Linux: the kernel kills this process when the process that started it dies: no orphans."""
+def die_with_parent(parent: int) -> bool:
+    """Linux: the kernel kills this process when the process that started it (pid `parent`) dies: no
+    orphans. False when that process is already gone: it died before the request was made, so the
+    kernel will not send the signal, and this process must end by itself."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+    return os.getppid() == parent
 
 
 # -- worker processes --------------------------------------------------------------------
@@ -259,13 +262,16 @@ def start_workers(args: EngineArgs, world: World, places: list[RankPlace]) -> li
     for place in places:
         fd, error_file = tempfile.mkstemp(prefix=f"dashchat-rank{place.rank}-", suffix=".err")
         os.close(fd)
-        spec = {"args": asdict(args), "world": asdict(world), "place": asdict(place), "error_file": error_file}
+        spec = {"args": asdict(args), "world": asdict(world), "place": asdict(place), "error_file": error_file,
+                "parent": os.getpid()}
         env = {**os.environ, WORKER_SPEC_ENV: json.dumps(spec)}
         # torchrun's variables would make the worker think it is another rank.
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             env.pop(name, None)
+        # Its own session: Ctrl-C at a terminal or a signal to the server's process group reaches the
+        # server alone, which drains its requests and then tells the ranks to stop.
         proc = subprocess.Popen([sys.executable, "-m", "dashchat.distributed.worker"], env=env,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         workers.append(WorkerProcess(place, proc, Path(error_file)))
     return workers
 

@@ -4,9 +4,18 @@ worker's parent check (real processes), the STOP handshake (gloo ranks on 127.0.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
-from dashchat.distributed.launch import group_by_core, open_rendezvous, plan_world
+from dashchat.distributed.headless import watch_ranks
+from dashchat.distributed.launch import (
+    WORKER_SPEC_ENV, RankPlace, WorkerProcess, group_by_core, open_rendezvous, plan_world,
+)
 from dashchat.engine.args import EngineArgs
 
 # 4 cores with 2 threads each, numbered as Linux often does: cpu N and N + 4 are siblings.
@@ -66,3 +75,40 @@ def test_the_rendezvous_socket_is_bound_to_the_named_address_and_held():
         assert bound.master_addr == "127.0.0.1"
         with pytest.raises(ValueError, match=f"--master-port {bound.master_port} on 127.0.0.1 is not free"):
             open_rendezvous(bound)  # held from now until rank 0's store takes it over: nothing can race for it
+
+
+# -- starting and watching worker processes -----------------------------------------------
+
+
+def python_process(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_headless_node_sees_any_of_its_ranks_fail(tmp_path):
+    """The ranks are polled each round, all of them: a later rank's failure is seen while an earlier
+    one still runs, and the running one is killed (it ignores SIGTERM)."""
+    error_file = tmp_path / "rank3.err"
+    error_file.write_text("RuntimeError: the collective failed")
+    sleeper = WorkerProcess(RankPlace(2, 0, 0), python_process("import time; time.sleep(120)"), tmp_path / "rank2.err")
+    failing = WorkerProcess(RankPlace(3, 1, 1), python_process("raise SystemExit(1)"), error_file)
+    assert watch_ranks([sleeper, failing], stop=lambda: False, poll_s=0.05) == 1
+    assert sleeper.proc.returncode == -signal.SIGKILL and failing.proc.returncode == 1
+    assert not error_file.exists()  # cleaned up
+
+
+def test_a_headless_node_exits_0_when_its_ranks_were_told_to_stop(tmp_path):
+    workers = [WorkerProcess(RankPlace(r, r, r), python_process("import time; time.sleep(0.3)"), tmp_path / f"{r}")
+               for r in (1, 2)]
+    assert watch_ranks(workers, stop=lambda: False, poll_s=0.05) == 0
+    assert [w.proc.returncode for w in workers] == [0, 0]
+
+
+def test_a_worker_whose_starter_is_gone_does_not_run():
+    """PR_SET_PDEATHSIG only fires for a parent that dies after the request: a worker checks that
+    its parent is still the process that started it."""
+    spec = {"parent": os.getpid() + 10**6}  # not this worker's parent
+    env = {**os.environ, WORKER_SPEC_ENV: json.dumps(spec)}
+    done = subprocess.run([sys.executable, "-m", "dashchat.distributed.worker"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"the process that started it ({spec['parent']}) is gone" in done.stderr

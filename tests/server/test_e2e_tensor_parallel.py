@@ -164,6 +164,32 @@ def test_two_nodes_on_localhost(tiny_chat, one_rank_answers) -> None:
         node1.wait()
 
 
+def test_sigterm_to_the_whole_group_lets_a_stream_finish(tiny_chat) -> None:
+    """A service manager's stop signals every process: the worker rank ignores it, the server drains
+    the stream in flight, then tells the rank to stop; everything exits 0."""
+    srv = ServerProcess(*tiny_args(tiny_chat, "--device-list", "0", "1", "--shutdown-grace", "600"),
+                        new_session=True).wait_ready()
+    try:
+        [worker] = children(srv.proc.pid)
+        body = {"model": "tiny", "messages": QUESTION, "max_tokens": 120, "ignore_eos": True, "stream": True}
+        lines: list[str] = []
+        with httpx.stream("POST", f"{srv.base_url}/v1/chat/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                lines.append(line)
+                if len(lines) == 3:  # the stream is running
+                    os.killpg(srv.proc.pid, signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert not any("error" in c for c in chunks), lines[-2]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert srv.wait(timeout=120) == 0, srv.log()
+    finally:
+        srv.stop()
+    assert wait_gone([worker]) == []
+
+
 def test_node_0_names_the_ranks_that_never_joined(tiny_chat) -> None:
     port = free_port()
     srv = ServerProcess(*tiny_args(tiny_chat, "--device-list", "0", "--nnodes", "2", "--master-port", str(port),
