@@ -24,10 +24,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from dashchat.server.plumbing.errors import APIError, bad_request
+from dashchat.server.plumbing.validation import check_json_body
 from dashchat.server.protocol import CompletionRequest
 from dashchat.server.routes.chat_bridge import ChatBridge, to_chat_request
 from dashchat.server.routes.ollama_models import (
@@ -229,10 +232,11 @@ def _arguments_text(args: dict[str, Any] | str) -> str:
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
-    """Ollama's messages in Chat Completions' shape: tool calls get ids (Ollama's often have none)
-    and a tool result answers the call it names (`tool_call_id`, else `tool_name`), else the first."""
+    """Ollama's messages in Chat Completions' shape. Tool calls get ids (Ollama's often have none);
+    a tool result answers the call it names (`tool_call_id`, else the first unanswered call of its
+    `tool_name`, else the first unanswered call), as results follow their calls in order."""
     out: list[dict[str, Any]] = []
-    open_calls: dict[str, str] = {}  # name -> id of the latest assistant turn's calls
+    pending: list[tuple[str, str]] = []  # (name, id) of the latest assistant turn's unanswered calls
     for i, m in enumerate(req.messages):
         role = m.role.lower()
         _no_images(req.model, m.images, f"messages[{i}].images")
@@ -248,9 +252,14 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
                           "function": {"name": c.function.name, "arguments": _arguments_text(c.function.arguments)}}
                          for j, c in enumerate(m.tool_calls)]
                 turn["tool_calls"] = calls
-                open_calls = {c["function"]["name"]: c["id"] for c in reversed(calls)}
+                pending = [(c["function"]["name"], c["id"]) for c in calls]
         elif role == "tool":
-            call_id = m.tool_call_id or open_calls.get(m.tool_name or "") or next(iter(open_calls.values()), None)
+            answered = next((p for p in pending if p[1] == m.tool_call_id), None)
+            answered = answered or next((p for p in pending if p[0] == m.tool_name), None)
+            answered = answered or (pending[0] if pending else None)
+            if answered is not None:
+                pending.remove(answered)
+            call_id = m.tool_call_id or (answered[1] if answered else None)
             if call_id is not None:
                 turn["tool_call_id"] = call_id
             if m.tool_name:
@@ -359,44 +368,70 @@ def _no_embeddings(state: ServerState, model: str, keep_alive: float | str | Non
     return bad_request(f'"{model}" does not support embeddings', "model")
 
 
+class _AnyBodyIsJSON(APIRoute):
+    """Ollama reads every body as JSON whatever its content type, and its documented commands
+    (`curl URL -d '{...}'`) send form-encoded ones: read them as JSON too, with the checks the body
+    middleware makes only on JSON-typed bodies (validation.check_json_body)."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def as_json(request: Request) -> Response:
+            body = await request.body()
+            if (err := check_json_body(body, None)) is not None:
+                raise err
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+            async def replay() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            return await handler(Request(scope, replay))  # type: ignore[no-any-return]
+
+        return as_json
+
+
 def add_ollama_routes(app: Any, state: ServerState) -> None:
     facts: list[ModelFacts] = []
+    api = APIRouter(route_class=_AnyBodyIsJSON)
 
     async def model_facts() -> ModelFacts:
         if not facts:  # read once: the served files do not change while they are served
             facts.append(await asyncio.to_thread(read_model_facts, state))
         return facts[0]
 
-    @app.post("/api/chat", response_model=None)
+    @api.post("/api/chat", response_model=None)
     async def api_chat(body: ChatRequest) -> Response:
         return await ollama_chat(state, body)
 
-    @app.post("/api/generate", response_model=None)
+    @api.post("/api/generate", response_model=None)
     async def api_generate(body: GenerateRequest) -> Response:
         return await ollama_generate(state, body)
 
-    @app.api_route("/api/tags", methods=["GET", "HEAD"], response_model=None)
+    @api.api_route("/api/tags", methods=["GET", "HEAD"], response_model=None)
     async def api_tags() -> Response:
         return JSONResponse(tags_body(state, await model_facts()))
 
-    @app.post("/api/show", response_model=None)
+    @api.post("/api/show", response_model=None)
     async def api_show(body: ShowRequest) -> Response:
         name = body.model or body.name
         served_name(state, name)
         return JSONResponse(show_body(state, await model_facts(), name))
 
-    @app.get("/api/ps", response_model=None)
+    @api.get("/api/ps", response_model=None)
     async def api_ps() -> Response:
         return JSONResponse(ps_body(state, await model_facts()))
 
-    @app.api_route("/api/version", methods=["GET", "HEAD"], response_model=None)
+    @api.api_route("/api/version", methods=["GET", "HEAD"], response_model=None)
     async def api_version() -> Response:
         return JSONResponse(version_body())
 
-    @app.post("/api/embed", response_model=None)
+    @api.post("/api/embed", response_model=None)
     async def api_embed(body: EmbedRequest) -> Response:
         raise _no_embeddings(state, body.model, body.keep_alive)
 
-    @app.post("/api/embeddings", response_model=None)
+    @api.post("/api/embeddings", response_model=None)
     async def api_embeddings(body: EmbeddingsRequest) -> Response:
         raise _no_embeddings(state, body.model, body.keep_alive)
+
+    app.include_router(api)

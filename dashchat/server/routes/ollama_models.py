@@ -76,18 +76,16 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def _gguf_file_type(path: Path) -> str | None:
     """The GGUF's own quantization name (Q4_K_M, Q8_0, F16, ...), as Ollama shows it."""
-    try:
-        import gguf
+    from gguf import LlamaFileType
 
-        reader = gguf.GGUFReader(str(path))
-        f = reader.fields.get("general.file_type")
-        if f is None:
-            return None
-        name = gguf.LlamaFileType(int(f.parts[f.data[0]][0])).name
-    except Exception as exc:  # noqa: BLE001 - a listing must not fail on metadata it only shows
+    from dashchat.models.gguf_convert import read_header_int
+
+    try:
+        value = read_header_int(path, "general.file_type")
+        return None if value is None else LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except (OSError, ValueError) as exc:  # a listing must not fail on metadata it only shows
         log.debug("no file type in %s: %s", path, exc)
         return None
-    return name.removeprefix("MOSTLY_")
 
 
 def _parameter_count(cfg: Any) -> int:
