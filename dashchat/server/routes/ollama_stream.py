@@ -14,28 +14,18 @@ line is a line `{"error": "..."}`, which Ollama's clients raise.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 from dashchat.server.plumbing.errors import APIError
 from dashchat.server.plumbing.sse import dumps
-from dashchat.server.routes.chat_bridge import ChatSink
+from dashchat.server.routes.chat_bridge import ChatSink, arguments_object
 from dashchat.server.routes.ollama_errors import ollama_error_body
 from dashchat.server.routes.ollama_models import now_iso
 
 NDJSON_HEADERS = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache"),
                   (b"x-accel-buffering", b"no")]
-
-
-def _arguments(text: str) -> dict[str, Any]:
-    """A call's arguments as Ollama sends them: a JSON object ({} when the model wrote none)."""
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class OllamaSink(ChatSink):
@@ -79,7 +69,7 @@ class OllamaSink(ChatSink):
         return out
 
     def _tool_calls(self) -> list[dict[str, Any]]:
-        return [{"id": c["id"], "function": {"index": i, "name": c["name"], "arguments": _arguments(c["arguments"])}}
+        return [{"id": c["id"], "function": {"index": i, "name": c["name"], "arguments": arguments_object(c["arguments"])}}
                 for i, c in sorted(self.calls.items())]
 
     def _final(self, content: str, thinking: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
