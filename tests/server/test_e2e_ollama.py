@@ -97,6 +97,7 @@ def test_generate_raw_and_template(client: ollama.Client, server: ServerProcess,
 
 
 def test_options_reach_sampling(client: ollama.Client, model_name: str) -> None:
+    client.chat(model=model_name, messages=MSGS, options={"num_predict": 1})  # the warm-up (see above)
     r = client.chat(model=model_name, messages=MSGS, options={"num_predict": 3, "temperature": 0.7, "top_k": 20,
                                                               "top_p": 0.9, "seed": 7, "repeat_penalty": 1.1,
                                                               "num_ctx": 4096, "num_thread": 2})
