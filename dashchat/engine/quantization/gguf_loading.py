@@ -73,7 +73,9 @@ def _rank_blocks(t: Any, kind: str | None, dim: int, plan: ShardPlan, shape: tup
         return None
     # only the blocks that cover this rank's inputs; a K-quant super-block of 256 values may straddle
     # two ranks, and then both keep it and the kernel reads only this rank's 32-value groups of it
-    _, per_block, block_bytes = BLOCK_TYPES[t.tensor_type.name]
+    from gguf import GGML_QUANT_SIZES
+
+    per_block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]  # the file's blocks (of a type with kernel or not)
     first, end = start // per_block, -(-(start + length) // per_block)
     blocks = data[:, first * block_bytes : end * block_bytes]
     return blocks, length, (end - first) * per_block, start - first * per_block
