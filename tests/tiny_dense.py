@@ -3,14 +3,17 @@ engine's paged attention, shared by the family tests and the tensor-parallel ran
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 _TEXT = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, rms_norm_eps=1e-6)  # fmt: skip
 
 _GEMMA3 = dict(
-    _TEXT, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
-    layer_types=["sliding_attention", "sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+    # Gemma 3's own layer pattern (five sliding layers, then a global one), which GGUF files imply
+    _TEXT, num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=24, sliding_window=8, final_logit_softcapping=30.0,
     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
                      "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
@@ -34,10 +37,22 @@ FAMILIES = {
 }
 
 
-def save_tiny_dense(family: str, path) -> torch.nn.Module:
+def save_tiny_dense(family: str, path, tokenizer_from=None) -> torch.nn.Module:
+    """`tokenizer_from`: a model folder whose tokenizer the tiny model takes (its vocabulary size
+    too), as llama.cpp's converter needs a real one."""
+    import shutil
+
     import transformers
 
     config_cls, model_cls, extra = FAMILIES[family]
+    if tokenizer_from is not None:
+        shutil.copy(Path(tokenizer_from) / "tokenizer.json", Path(path) / "tokenizer.json")
+        tok_cfg = json.loads((Path(tokenizer_from) / "tokenizer_config.json").read_text())
+        if model_cls == "Phi3ForCausalLM":  # as Phi-4-mini ships: the converter reads tokenizer.json then
+            tok_cfg["tokenizer_class"] = "GPT2Tokenizer"
+        (Path(path) / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+        vocab = json.loads((Path(tokenizer_from) / "config.json").read_text())["vocab_size"]
+        extra = {**extra, "vocab_size": vocab}
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**extra)).eval()
     with torch.no_grad():  # Gemma's norms start at w = 0, i.e. (1 + w) = 1: make them matter

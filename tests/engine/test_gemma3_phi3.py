@@ -5,6 +5,10 @@ model code through the paged attention (whole, chunked, decoded token by token),
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +49,7 @@ def test_logits_match_transformers(family, tmp_path):
 def test_config_fields(tmp_path):
     save_tiny_dense("gemma3", tmp_path)
     cfg = ModelConfig.from_dir(tmp_path)
-    assert cfg.layer_windows == [8, 8, None] and cfg.rope_local_theta == 10_000.0 and cfg.rope_theta == 1e6
+    assert cfg.layer_windows == [8] * 5 + [None] and cfg.rope_local_theta == 10_000.0 and cfg.rope_theta == 1e6
     assert cfg.rope_scaling["factor"] == 2.0 and cfg.attention_scale == 24**-0.5
     # a hub multimodal config names only what differs from Gemma3TextConfig's defaults
     hub = ModelConfig.from_dict({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
@@ -98,3 +102,67 @@ def test_engine_greedy_matches_transformers(family, tmp_path):
         assert hits >= 40
     finally:
         engine.shutdown()
+
+
+# ---------------------------------------------------------------- GGUF, as llama.cpp's converter writes it
+
+_CONVERTER = Path("/work/llama-build/src/llama.cpp/convert_hf_to_gguf.py")
+
+
+@pytest.fixture(scope="module")
+def gguf_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Each family's tiny model (SmolLM2's tokenizer: the converter needs a real one) through
+    llama.cpp's convert_hf_to_gguf.py at Q8_0, then dashchat's GGUF conversion."""
+    if not _CONVERTER.is_file():
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not here (scripts/setup.sh fetches it)")
+    from dashchat.models.gguf_convert import convert_gguf
+    from dashchat.models.resolve import resolve_model
+
+    tokenizer = resolve_model("smollm2-135m-instruct").path
+    root = tmp_path_factory.mktemp("gguf")
+    env = dict(os.environ, PYTHONPATH=f"{_CONVERTER.parent}:{_CONVERTER.parent / 'gguf-py'}")
+    runs = []
+    for family in ("gemma3", "phi3"):
+        hf = root / f"{family}-hf"
+        hf.mkdir()
+        save_tiny_dense(family, hf, tokenizer)
+        runs.append([str(_CONVERTER), str(hf), "--outtype", "q8_0", "--outfile", str(root / f"{family}.gguf")])
+    # both conversions in one process: its imports (torch, transformers) are most of the time
+    driver = f"import runpy, sys\nfor argv in {runs!r}:\n    sys.argv = argv\n    runpy.run_path(argv[0], run_name='__main__')"
+    subprocess.run([sys.executable, "-c", driver], env=env, check=True, capture_output=True)
+    out = {family: convert_gguf(root / f"{family}.gguf", root / "cache") for family in ("gemma3", "phi3")}
+    return out
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_gguf_matches_transformers(family, gguf_dirs):
+    """The GGUF's config and tensors read back: its dequantized weights give transformers' logits
+    (Gemma's norms come back as w, not llama.cpp's 1 + w; Phi-3's LongRoPE from its factor
+    tensors); the blocks path holds the same weights (Phi-3's fused tensors as q/k/v and
+    gate/up parts) and stays close on its int8 activations."""
+    from dashchat.engine.quantization.gguf import GGUFLinear
+    from dashchat.engine.quantization.gguf_loading import gguf_source, load_gguf_model
+    from dashchat.models.layers import materialize_rotary
+    from dashchat.models.parallel import ShardPlan
+
+    d = gguf_dirs[family]
+    cfg = ModelConfig.from_dir(d)
+    ours = _ours(d)  # writes the dequantized float32 weights transformers reads next
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = IDS + [40_000, 45_000]
+    with torch.inference_mode():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(paged_logits(ours, ids, [25, 10, 1, 1, 1, 1, 1, 1, 1]), expected, atol=2e-4, rtol=1e-4)
+
+    with torch.device("meta"):
+        blocks = build_model(cfg)
+    counts = load_gguf_model(blocks, gguf_source(d), cfg, ShardPlan(cfg, 0, 1))
+    assert counts == {"gguf": 4 * cfg.num_layers + 1, "float": 0, "embedding": 1}
+    materialize_rotary(blocks, "cpu")
+    floats = dict(ours.named_modules())
+    for name, layer in blocks.named_modules():
+        if isinstance(layer, GGUFLinear):
+            torch.testing.assert_close(layer.dequantize(), floats[name].weight, rtol=1e-6, atol=1e-6, msg=name)
+    got = paged_logits(blocks.eval(), ids)
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
