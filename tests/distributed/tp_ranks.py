@@ -61,3 +61,28 @@ def rank_gguf_logits(rank: int, size: int, port: int, model_dir: str, ids: list[
                 torch.save(logits, f"{out_dir}/gguf-logits-{n}.pt")
     finally:
         group.destroy()
+
+
+def rank_paged_logits(rank: int, size: int, port: int, model_dirs: list[str], ids: list[int], out_dir: str) -> None:
+    """Each model's shard on this rank through the paged attention (sliding windows, attention
+    scale from the config), prefilled in two chunks then decoded; rank 0 saves the logits."""
+    from dashchat.distributed.group import ParallelGroup
+    from dashchat.models.config import ModelConfig
+    from dashchat.models.registry import build_model
+    from dashchat.models.weights import iter_weight_slices
+    from tiny_dense import paged_logits
+
+    torch.set_num_threads(1)
+    group = ParallelGroup(rank, size, torch.device("cpu"), "127.0.0.1", port)
+    try:
+        group.start_serving(60)
+        for i, model_dir in enumerate(model_dirs):
+            model = build_model(ModelConfig.from_dir(model_dir), group.tensor_parallel())
+            model.load_weights(iter_weight_slices(model_dir))
+            if model.config.tie_word_embeddings:
+                model.lm_head.weight = model.embed_tokens.weight
+            logits = paged_logits(model.eval(), ids, [len(ids) - 8, 5, 1, 1, 1])
+            if rank == 0:
+                torch.save(logits, f"{out_dir}/logits-{i}.pt")
+    finally:
+        group.destroy()
