@@ -72,8 +72,21 @@ def test_config_fields(tmp_path):
         ModelConfig.from_dict({"architectures": ["Gemma2ForCausalLM"]})
 
 
+_CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible"))
+
+
+@pytest.fixture
+def _exact_float32():
+    """TF32 matmuls would make CUDA float32 drift from the reference; restore the setting after."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("family", ["gemma3", "phi3"])
-def test_engine_greedy_matches_transformers(family, tmp_path):
+def test_engine_greedy_matches_transformers(family, device, tmp_path, _exact_float32):
     """Five requests at once in 24-token steps (chunked prefill beside decodes), then one whose
     prompt repeats the first's (a prefix hit). Phi-3's decodes pass its original context (64):
     from there its keys take the long factors, as in transformers' cached generation."""
@@ -84,7 +97,7 @@ def test_engine_greedy_matches_transformers(family, tmp_path):
     repeat = prompts[3] + [17, 18, 19]
     expected = greedy_tokens(ref, [*prompts, repeat], [*new_tokens, 8])
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=128, block_size=4,
-                                                 max_num_batched_tokens=24))
+                                                 max_num_batched_tokens=24, device=device, dtype="float32"))
     try:
         def params(n: int) -> SamplingParams:
             return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
