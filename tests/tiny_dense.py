@@ -110,3 +110,38 @@ def paged_logits(model: torch.nn.Module, ids: list[int], chunks: list[int] | Non
             out.append(model.compute_logits(model(torch.tensor(ids[start : start + n]), positions, attention)))
         start += n
     return torch.cat(out)
+
+
+def rank_paged_logits(rank: int, size: int, port: int, model_dirs: list[str], ids: list[int], chunks: list[int],
+                      out_dir: str, gguf: bool = False) -> None:  # fmt: skip
+    """A tensor-parallel rank process: each model's shard on this rank (from the safetensors, or
+    from the GGUF file's blocks), through `paged_logits`; rank 0 saves the logits."""
+    from dashchat.distributed.group import ParallelGroup
+    from dashchat.engine.quantization.gguf_loading import gguf_source, load_gguf_model
+    from dashchat.models.config import ModelConfig
+    from dashchat.models.layers import materialize_rotary
+    from dashchat.models.parallel import ShardPlan
+    from dashchat.models.registry import build_model
+    from dashchat.models.weights import iter_weight_slices
+
+    torch.set_num_threads(1)
+    group = ParallelGroup(rank, size, torch.device("cpu"), "127.0.0.1", port)
+    try:
+        group.start_serving(60)
+        for i, model_dir in enumerate(model_dirs):
+            cfg = ModelConfig.from_dir(model_dir)
+            if gguf:
+                with torch.device("meta"):
+                    model = build_model(cfg, group.tensor_parallel())
+                load_gguf_model(model, gguf_source(model_dir), cfg, ShardPlan(cfg, rank, size))
+                materialize_rotary(model, "cpu")
+            else:
+                model = build_model(cfg, group.tensor_parallel())
+                model.load_weights(iter_weight_slices(model_dir))
+                if cfg.tie_word_embeddings:
+                    model.lm_head.weight = model.embed_tokens.weight
+            logits = paged_logits(model.eval(), ids, chunks)
+            if rank == 0:
+                torch.save(logits, f"{out_dir}/logits-{i}.pt")
+    finally:
+        group.destroy()

@@ -11,8 +11,7 @@ from dashchat.distributed.launch import free_port
 from dashchat.models.config import ModelConfig
 from dashchat.models.registry import build_model
 from dashchat.models.weights import iter_weights
-from tiny_dense import paged_logits, save_tiny_dense
-from tp_ranks import rank_paged_logits
+from tiny_dense import paged_logits, rank_paged_logits, save_tiny_dense
 
 IDS = [(11 * i) % 300 + 5 for i in range(30)]
 CHUNKS = [len(IDS) - 8, 5, 1, 1, 1]
@@ -26,7 +25,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
         d.mkdir()
         save_tiny_dense(family, d)
         dirs.append(str(d))
-    mp.start_processes(rank_paged_logits, args=(2, free_port("127.0.0.1"), dirs, IDS, str(tmp_path)), nprocs=2,
+    mp.start_processes(rank_paged_logits, args=(2, free_port("127.0.0.1"), dirs, IDS, CHUNKS, str(tmp_path)), nprocs=2,
                        start_method="spawn")
     for i, family in enumerate(families):
         model = build_model(ModelConfig.from_dir(dirs[i]))
