@@ -4,7 +4,7 @@ Grouped-query attention without copying K/V per query head: the query heads that
 share a KV head are folded into the query-length axis, so one SDPA call serves the group.
 
 Sliding-window layers (Gemma 3's five in six, Phi-3-mini-4k's all) keep the whole context in the
-cache like the others; only the mask limits them to their window of recent keys.
+cache like the others; masks (and the C decode kernel's first key) limit them to their window.
 """
 
 from __future__ import annotations
@@ -128,10 +128,10 @@ class PagedAttention:
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None
                 ) -> torch.Tensor:  # fmt: skip
         meta = self.meta
-        if self.decode_kernel and window is None:  # the C kernel reads the whole context
+        if self.decode_kernel:  # reads only the keys in the window
             op = paged_decode_attention_op if torch.compiler.is_compiling() else paged_decode_attention
             return op(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.block_size,
-                      self.scale)
+                      self.scale, window or 0)
         n, hq, dim = q.shape
         hkv = k_cache.shape[1]
         keys = self._gather(k_cache, meta.decode_block_tables, self._decode_span())  # [D, Hkv, L, dim]
