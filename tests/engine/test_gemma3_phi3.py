@@ -46,6 +46,20 @@ def test_logits_match_transformers(family, tmp_path):
                                    msg=f"{family} {chunks}")
 
 
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_int8_smoothing_keeps_the_float_function(family, tmp_path):
+    """SmoothQuant folds its scales into the norm before each linear: for Gemma that is the
+    pre-feedforward norm (its post-attention norm feeds the residual, not the MLP)."""
+    from dashchat.engine.quantization.int8 import smooth_activations
+
+    save_tiny_dense(family, tmp_path)
+    ours = _ours(tmp_path)
+    before = paged_logits(ours, IDS)
+    with torch.inference_mode():
+        smooth_activations(ours, torch.tensor(IDS))
+    torch.testing.assert_close(paged_logits(ours, IDS), before, atol=1e-4, rtol=1e-4)
+
+
 def test_config_fields(tmp_path):
     save_tiny_dense("gemma3", tmp_path)
     cfg = ModelConfig.from_dir(tmp_path)
