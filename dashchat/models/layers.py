@@ -106,7 +106,8 @@ class RotaryEmbedding(nn.Module):
         if _rope_kind(scaling) == "longrope":
             freqs, scale = _longrope_angles(head_dim, max_positions, theta, scaling)
         else:
-            freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), _rope_inv_freq(head_dim, theta, scaling))
+            positions = torch.arange(max_positions, dtype=torch.float64)
+            freqs = torch.outer(positions, _rope_inv_freq(head_dim, theta, scaling))
         return (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
 
     def materialize(self, device: torch.device | str) -> None:

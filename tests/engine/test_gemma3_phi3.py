@@ -133,29 +133,37 @@ def test_engine_greedy_matches_transformers(family, device, tmp_path, _exact_flo
 
 # ---------------------------------------------------------------- GGUF, as llama.cpp's converter writes it
 
-_CONVERTER = Path("/work/llama-build/src/llama.cpp/convert_hf_to_gguf.py")
+def _converter() -> Path | None:
+    """llama.cpp's convert_hf_to_gguf.py (plain Python: a source tree is enough, nothing built):
+    $LLAMA_CPP_SRC, the tree bench/setup_llama_server.sh unpacks, or this project's build machine's."""
+    roots = [os.environ.get("LLAMA_CPP_SRC"), Path(__file__).parents[2] / "bench/.llama-server/src/llama.cpp",
+             "/work/llama-build/src/llama.cpp"]
+    found = [Path(r) / "convert_hf_to_gguf.py" for r in roots if r]
+    return next((c for c in found if c.is_file()), None)
 
 
 @pytest.fixture(scope="module")
 def gguf_dirs(tmp_path_factory) -> dict[str, Path]:
     """Each family's tiny model (SmolLM2's tokenizer: the converter needs a real one) through
     llama.cpp's convert_hf_to_gguf.py at Q8_0, then dashchat's GGUF conversion."""
-    if not _CONVERTER.is_file():
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not here (scripts/setup.sh fetches it)")
+    converter = _converter()
+    if converter is None:
+        pytest.skip("no llama.cpp source tree (set LLAMA_CPP_SRC, or run bench/setup_llama_server.sh)")
     from dashchat.models.gguf_convert import convert_gguf
     from dashchat.models.resolve import resolve_model
 
     tokenizer = resolve_model("smollm2-135m-instruct").path
     root = tmp_path_factory.mktemp("gguf")
-    env = dict(os.environ, PYTHONPATH=f"{_CONVERTER.parent}:{_CONVERTER.parent / 'gguf-py'}")
+    env = dict(os.environ, PYTHONPATH=f"{converter.parent}:{converter.parent / 'gguf-py'}")
     runs = []
     for family in ("gemma3", "phi3"):
         hf = root / f"{family}-hf"
         hf.mkdir()
         save_tiny_dense(family, hf, tokenizer)
-        runs.append([str(_CONVERTER), str(hf), "--outtype", "q8_0", "--outfile", str(root / f"{family}.gguf")])
+        runs.append([str(converter), str(hf), "--outtype", "q8_0", "--outfile", str(root / f"{family}.gguf")])
     # both conversions in one process: its imports (torch, transformers) are most of the time
-    driver = f"import runpy, sys\nfor argv in {runs!r}:\n    sys.argv = argv\n    runpy.run_path(argv[0], run_name='__main__')"
+    driver = (f"import runpy, sys\nfor argv in {runs!r}:\n"
+              "    sys.argv = argv\n    runpy.run_path(argv[0], run_name='__main__')")
     subprocess.run([sys.executable, "-c", driver], env=env, check=True, capture_output=True)
     out = {family: convert_gguf(root / f"{family}.gguf", root / "cache") for family in ("gemma3", "phi3")}
     return out
