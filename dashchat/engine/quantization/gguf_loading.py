@@ -246,7 +246,7 @@ def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, p
     tied = cfg.tie_word_embeddings
     embedding_rows = _embedding_blocks(model, tensors, plan)
     found = _linear_blocks(tensors, cfg, plan)
-    check_memory(held_bytes(tensors, found, embedding_rows, plan), other_bytes)
+    check_memory(held_bytes(tensors, found, embedding_rows, plan, cfg.family), other_bytes)
     embedding = None
     if embedding_rows is not None:
         current = model.embed_tokens
@@ -295,7 +295,7 @@ def _embedding_blocks(model: nn.Module, tensors: dict[str, Any], plan: ShardPlan
 
 
 def held_bytes(tensors: dict[str, Any], found: dict[str, tuple[dict[int, _Blocks | None], list[str]]],
-               embedding: _Blocks | None, plan: ShardPlan) -> dict[str, int]:
+               embedding: _Blocks | None, plan: ShardPlan, family: str) -> dict[str, int]:
     """Bytes this rank's weights will hold in memory: as shipped (blocks), as bf16 (types without
     kernel; their cost is logged here, once), as float32 (norms, biases, F32 weights). Under tensor
     parallelism a float tensor's share is counted as a 1/size of it (near enough for a check)."""
@@ -305,7 +305,7 @@ def held_bytes(tensors: dict[str, Any], found: dict[str, tuple[dict[int, _Blocks
     held = {"shipped": 0, "bf16": 0, "float32": 0}
     fallbacks: dict[str, list[int]] = {}  # file type -> [tensors, bytes in the file, bytes as bf16]
     for name, t in tensors.items():
-        if hf_tensor_name(name) is None:
+        if hf_tensor_name(name, family) is None:
             continue
         e = entries.get(name)
         if e is None:
