@@ -11,6 +11,7 @@ from typing import Any
 from dashchat import __version__
 from dashchat.engine.types import Engine, EngineDead
 from dashchat.server.config import ServerConfig
+from dashchat.server.text.control_tokens import ContentGuard
 from dashchat.server.text.detokenizer import TokenPieces
 from dashchat.server.plumbing.errors import bad_request, model_not_found
 from dashchat.server.plumbing.metrics import Metrics
@@ -27,6 +28,8 @@ class ServerState:
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = getattr(engine, "vocab_size", None) or self.tokenizer.vocab_size
         self.pieces = TokenPieces(self.tokenizer)
+        # Chat messages' text never becomes a special token (control_tokens.py), unless the operator allows it.
+        self.guard = ContentGuard(self.tokenizer, enabled=not cfg.allow_special_tokens_in_content)
         self.metrics = metrics or Metrics(engine)
         self.created = int(time.time())
         self.fingerprint = f"fp_dashchat_{__version__}_{getattr(engine, 'name', 'engine')}"
