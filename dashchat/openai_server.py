@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                      help="A generation running longer is aborted (408, or an error event mid-stream). "
                           "0: no limit.")
+    lim.add_argument("--grammar-compile-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="A request waits this long for its JSON schema or forced tool call grammar to "
+                          "compile; past it, 400 (schema too complex). The compile itself cannot be stopped: "
+                          "it finishes on the compile threads and is cached.")
+    lim.add_argument("--grammar-compile-threads", type=int, default=1, metavar="N",
+                     help="Threads that compile grammars, run at a lower CPU priority than decoding.")
+    lim.add_argument("--grammar-cache-mb", type=int, default=256, metavar="MIB",
+                     help="Compiled grammars kept for reuse, least recently used out first.")
     lim.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                      help="On SIGTERM/SIGINT, how long running requests may finish before they are aborted.")
     lim.add_argument("--engine-failure-grace", type=float, default=3.0, metavar="SECONDS",
@@ -357,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_chat_template_kwargs=template_kwargs,
         web_ui=args.web_ui,
         enable_docs=args.enable_docs,
+        grammar_compile_timeout_s=args.grammar_compile_timeout,
+        grammar_compile_threads=args.grammar_compile_threads,
+        grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
         allow_special_tokens_in_content=args.allow_special_tokens_in_content,
     )
     app = build_app(engine, cfg)

@@ -35,6 +35,12 @@ class ServerConfig:
     # Chat messages' text may become special tokens (`<|im_end|>` typed by a user ends the turn): the old,
     # unsafe behaviour, for callers that rely on it (text/control_tokens.py).
     allow_special_tokens_in_content: bool = False
+    # Grammar compiles (text/grammar_compile.py): their own threads, run this much below the server's
+    # CPU priority; a request waits at most the timeout (then 400: schema too complex); cache bound.
+    grammar_compile_threads: int = 1
+    grammar_compile_timeout_s: float = 10.0
+    grammar_compile_nice: int = 10
+    grammar_cache_bytes: int = 256 * 1024 * 1024
 
     @property
     def model_name(self) -> str:

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from dashchat import __version__
 from dashchat.engine.types import Engine, EngineDead
 from dashchat.server.config import ServerConfig
 from dashchat.server.text.control_tokens import ContentGuard
+from dashchat.server.text.grammar_compile import CompileLimits
 from dashchat.server.text.detokenizer import TokenPieces
 from dashchat.server.plumbing.errors import bad_request, model_not_found
 from dashchat.server.plumbing.metrics import Metrics
 from dashchat.server.text.reasoning import choose_format
 
 log = logging.getLogger("dashchat.server")
+T = TypeVar("T")
 
 
 class ServerState:
@@ -47,6 +52,14 @@ class ServerState:
         if self.reasoning is not None:
             log.info("reasoning parser: %s", self.reasoning.name)
         self._grammar_lock = threading.Lock()
+        # Requests wait for their grammar here, not on the default executor that renders prompts: a
+        # wait for a heavy compile (up to the compile deadline) must not hold up other requests' renders.
+        self.grammar_waits = ThreadPoolExecutor(max_workers=64, thread_name_prefix="grammar-wait")
+
+    async def run_grammar(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` (which may wait on grammar compiles) on the grammar-wait threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.grammar_waits, functools.partial(fn, *args))
 
     # -- models -------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -93,7 +106,11 @@ class ServerState:
                 try:
                     from dashchat.server.text.grammar import GrammarBackend
 
-                    self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
+                    cfg = self.cfg
+                    limits = CompileLimits(threads=cfg.grammar_compile_threads,
+                                           timeout_s=cfg.grammar_compile_timeout_s,
+                                           cache_bytes=cfg.grammar_cache_bytes, nice=cfg.grammar_compile_nice)
+                    self._grammar = GrammarBackend(self.tokenizer, self.vocab_size, limits)
                 except Exception as exc:  # noqa: BLE001 - missing optional dependency, or a tokenizer it cannot index
                     log.warning("structured output unavailable: %s", exc)
                     self._grammar_error = str(exc) or type(exc).__name__
