@@ -41,12 +41,12 @@ def test_unknown_paths_need_a_key_too() -> None:
     """A route another change adds later (Ollama's /api/chat, /v1/rerank) is guarded from the start:
     without a key an unknown path is 401, not 404, so it also tells nothing about what exists."""
     c = client(api_keys=["key-a"])
-    for path in ("/api/chat", "/api/tags", "/v1/rerank", "/score", "/openapi.json", "/docs"):
+    for path in ("/api/chat", "/api/tags", "/api/not-a-route", "/v1/rerank", "/score", "/openapi.json", "/docs"):
         r = c.get(path)
         assert r.status_code == 401, path
         assert r.json()["error"]["type"] == "authentication_error"
     assert c.post("/api/chat", json={}).status_code == 401
-    assert c.get("/api/chat", headers=A).status_code == 404  # with a key: the usual answer
+    assert c.get("/api/not-a-route", headers=A).status_code == 404  # with a key: the usual answer
     for path in ("/", "/ui/app.js", "/health", "/version", "/metrics"):  # the public list
         assert c.get(path).status_code == 200, path
 

@@ -49,8 +49,9 @@ EMBEDDING_SOURCE = "token_embd.weight"
 
 def _rank_blocks(t: Any, kind: str | None, dim: int, plan: ShardPlan, shape: tuple[int, int]
                  ) -> tuple[np.ndarray, int, int, int] | None:
-    """This rank's raw blocks of GGUF tensor `t` (a view of the file): (blocks, input width, full row
-    width, first input), or None when its input slice is not on 32-value groups (a float shard then)."""
+    """This rank's raw blocks of GGUF tensor `t` (a view of the file): (blocks, input width, width of
+    the values the blocks hold per row, first input among them), or None when its input slice is not
+    on 32-value groups (a float shard then)."""
     rows, cols = shape
     data = np.asarray(t.data).reshape(rows, -1)
     if kind is None or plan.size == 1:
@@ -60,9 +61,12 @@ def _rank_blocks(t: Any, kind: str | None, dim: int, plan: ShardPlan, shape: tup
         return data[start : start + length], cols, cols, 0
     if start % 32 or length % 32:
         return None
-    # whole rows (a K-quant super-block of 256 values may straddle two ranks); the kernel reads
-    # only this rank's groups of each
-    return data, length, cols, start
+    # only the blocks that cover this rank's inputs; a K-quant super-block of 256 values may straddle
+    # two ranks, and then both keep it and the kernel reads only this rank's 32-value groups of it
+    _, per_block, block_bytes = BLOCK_TYPES[t.tensor_type.name]
+    first, end = start // per_block, -(-(start + length) // per_block)
+    blocks = data[:, first * block_bytes : end * block_bytes]
+    return blocks, length, (end - first) * per_block, start - first * per_block
 
 
 class _Blocks:

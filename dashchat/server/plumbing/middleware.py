@@ -31,7 +31,8 @@ access_log = logging.getLogger("dashchat.access")
 
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics",
            "/openapi.json", "/docs", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
-           "/tokenize", "/detokenize"}
+           "/tokenize", "/detokenize", "/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps",
+           "/api/version", "/api/embed", "/api/embeddings"}
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces: safe to log and echo
 
 
@@ -128,7 +129,7 @@ class BodyLimitMiddleware:
                 break
         content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), None)
         if (err := check_json_body(b"".join(chunks), content_type)) is not None:
-            return await send_error(send, err)
+            return await send_error(send, err, path=scope["path"])
         replayed = False
 
         async def replay() -> Message:
