@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from dashchat.server.routes.anthropic_errors import MESSAGES_PREFIX, anthropic_error_body
-from dashchat.server.routes.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
+from dashchat.server.routes.chat_bridge import ChatBridge, ChatSink, arguments_object, named_event, to_chat_request
 from dashchat.server.plumbing.errors import APIError, bad_request
 from dashchat.server.state import ServerState
 
@@ -93,6 +93,9 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     ignore_eos: bool | None = None  # dashchat's extension, as on Chat Completions
+    # Prefix-cache salt (vLLM's field): only requests with the same salt (and API key) share cached
+    # prompt blocks, so the time to first token tells nothing about prompts salted otherwise.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 # -- request -> chat ------------------------------------------------------------------------
@@ -214,14 +217,6 @@ def _matched_stop(choice: dict[str, Any]) -> str | None:
     return stop if isinstance(stop, str) else None
 
 
-def _tool_input(arguments: str) -> dict[str, Any]:
-    try:
-        value = json.loads(arguments) if arguments else {}
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 class MessagesSink(ChatSink):
     def __init__(self, model: str, prompt_tokens: int | None = None) -> None:
         super().__init__()
@@ -261,7 +256,7 @@ class MessagesSink(ChatSink):
             content.append({"type": "text", "text": msg["content"]})
         for c in msg.get("tool_calls") or []:
             content.append({"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
-                            "input": _tool_input(c["function"]["arguments"])})
+                            "input": arguments_object(c["function"]["arguments"])})
         self.stop_sequence = _matched_stop(choice)
         stop_reason = _stop_reason(choice.get("finish_reason"), self.stop_sequence)
         await self.send_json(200, self._message(content, stop_reason))
@@ -346,7 +341,8 @@ async def create_message(state: ServerState, req: MessagesRequest) -> Response:
     model = state.check_model(req.model)
     chat = _chat_request(req, model)
     chat.update(max_completion_tokens=req.max_tokens, stream=req.stream, stop=req.stop_sequences,
-                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, ignore_eos=req.ignore_eos)
+                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, ignore_eos=req.ignore_eos,
+                cache_salt=req.cache_salt)
     if req.stream:
         chat["stream_options"] = {"include_usage": True}
     if req.stop_sequences is not None and len(req.stop_sequences) > state.cfg.max_stop:
