@@ -1,0 +1,8 @@
+"""Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's decoder (qkv bias) with routed experts plus a
+shared expert every token runs, scaled by its own sigmoid gate (see moe.py)."""
+
+from .llama import LlamaForCausalLM
+
+
+class Qwen2MoeForCausalLM(LlamaForCausalLM):
+    pass
