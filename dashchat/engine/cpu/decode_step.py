@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from ...models.layers import GatedMLP
 from ..quantization.gguf import GGUFLinear
 from .kernels import kernel_library
 from .ops import KernelRMSNorm, kernel_rope_qk, kernel_silu_and_mul
@@ -88,6 +89,8 @@ class FusedDecode:
         keep: list[torch.Tensor] = []
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            if not isinstance(mlp, GatedMLP):  # a mixture of experts: the step in C has dense MLPs only
+                return None
             if attn.rope_qk is not kernel_rope_qk or mlp.act_and_mul is not kernel_silu_and_mul:
                 return None
             norms = [_norm(m, eps) for m in (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm,

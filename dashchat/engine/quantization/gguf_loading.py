@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ...models.config import ModelConfig
-from ...models.gguf_convert import SOURCE_FILE, hf_float_tensors, hf_tensor_name, read_tensors, unpermute_qk
-from ...models.llama import FUSED_LINEARS, SHARD_SPLIT
+from ...models.gguf_convert import (SOURCE_FILE, expert_tensor, hf_expert_name, hf_float_tensors, hf_tensor_name,
+                                    read_tensors, unpermute_qk)
+from ...models.llama import FUSED_LINEARS, SHARD_SPLIT, shard_split
 from ...models.parallel import ShardPlan, VocabParallelEmbedding
 from .gguf import BLOCK_TYPES, GGUFLinear, GGUFPart
 from .gguf_embedding import GGUFEmbedding
@@ -47,12 +48,12 @@ def gguf_source(model_dir: str | Path) -> Path | None:
 EMBEDDING_SOURCE = "token_embd.weight"
 
 
-def _rank_blocks(t: Any, kind: str | None, dim: int, plan: ShardPlan, shape: tuple[int, int]
+def _rank_blocks(data: np.ndarray, kind: str | None, dim: int, plan: ShardPlan, shape: tuple[int, int]
                  ) -> tuple[np.ndarray, int, int, int] | None:
-    """This rank's raw blocks of GGUF tensor `t` (a view of the file): (blocks, input width, full row
-    width, first input), or None when its input slice is not on 32-value groups (a float shard then)."""
+    """This rank's raw blocks of a GGUF weight `data` (a view of the file): (blocks, input width, full
+    row width, first input), or None when its input slice is not on 32-value groups (a float shard then)."""
     rows, cols = shape
-    data = np.asarray(t.data).reshape(rows, -1)
+    data = np.asarray(data).reshape(rows, -1)
     if kind is None or plan.size == 1:
         return data, cols, cols, 0
     start, length = plan.rows(kind)
@@ -69,22 +70,72 @@ class _Blocks:
     """One source tensor's part of a linear on this rank: its blocks (a view of the mapped file until
     `tensor()` copies them out) and where the kernel reads its inputs."""
 
-    def __init__(self, type_name: str, view: np.ndarray, width: int, k_full: int, k0: int, source: str) -> None:
+    def __init__(self, type_name: str, view: np.ndarray, width: int, k_full: int, k0: int, source: str,
+                 copy: Any = None) -> None:
         self.type_name, self.view, self.width, self.k_full, self.k0 = type_name, view, width, k_full, k0
         self.source = source  # the GGUF tensor name
+        self.copy = copy  # () -> the blocks in memory, where they are part of a bigger copy (an expert's)
 
     def part(self, shared: torch.Tensor | None = None) -> GGUFPart:
-        data = shared if shared is not None else torch.from_numpy(np.array(self.view, order="C"))
-        return GGUFPart(self.type_name, data, self.width, self.k_full, self.k0)
+        if shared is None:
+            shared = self.copy() if self.copy is not None else torch.from_numpy(np.array(self.view, order="C"))
+        return GGUFPart(self.type_name, shared, self.width, self.k_full, self.k0)
+
+
+class _ExpertCopy:
+    """This rank's rows of a 3-D expert tensor, copied out of the file once on first use: expert e's
+    rows are a contiguous run of it, so its GGUFLinear reads the same kernel at an offset pointer."""
+
+    def __init__(self, view: np.ndarray) -> None:
+        self.view, self.tensor = view, None
+
+    def expert(self, e: int) -> torch.Tensor:
+        if self.tensor is None:
+            self.tensor = torch.from_numpy(np.array(self.view, order="C"))
+        return self.tensor[e]
+
+
+def _expert_linear_blocks(t: Any, layer: int, projection: str, cfg: ModelConfig, plan: ShardPlan
+                          ) -> Iterator[tuple[str, int, _Blocks | None, str]]:  # fmt: skip
+    """(module path, part index, blocks or None, HF name) for each expert's projection in a 3-D expert
+    tensor (ggml shape [in, out, experts]: numpy [experts, out, row bytes])."""
+    experts, rows, cols = (int(d) for d in reversed(t.shape.tolist()))
+    module, index = FUSED_LINEARS.get(projection, (projection, 0))
+    kind, dim = shard_split(f"layers.{layer}.mlp.experts.0.{module}")
+    type_name = t.tensor_type.name
+    data = np.asarray(t.data).reshape(experts, rows, -1)
+    sliced = _rank_blocks(data[0], kind, dim, plan, (rows, cols)) if type_name in BLOCK_TYPES else None
+    copy = None
+    if sliced is not None:
+        start, length = plan.rows(kind) if dim == 0 and plan.size > 1 else (0, rows)
+        copy = _ExpertCopy(data[:, start : start + length])
+    elif type_name in BLOCK_TYPES:
+        log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", t.name)
+    else:
+        log.info("GGUF %s: type %s has no kernel; kept as float", t.name, type_name)
+    for e in range(experts):
+        entry = None
+        if sliced is not None:
+            _, width, k_full, k0 = sliced
+            entry = _Blocks(type_name, None, width, k_full, k0, t.name, lambda e=e: copy.expert(e))
+        yield (f"layers.{layer}.mlp.experts.{e}.{module}", index, entry,
+               hf_expert_name(layer, e, projection, cfg.family))
 
 
 def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
                    ) -> dict[str, tuple[dict[int, _Blocks | None], list[str]]]:  # fmt: skip
     """Module path -> ({part index: its blocks, or None where it must stay float}, HF weight names)."""
-    llama = cfg.family == "llama"
+    llama = cfg.family in ("llama", "mixtral")
     found: dict[str, tuple[dict[int, _Blocks | None], list[str]]] = {}
     head_source = "output.weight" if "output.weight" in tensors else EMBEDDING_SOURCE
     for name, t in tensors.items():
+        expert = expert_tensor(name)
+        if expert is not None:
+            for path, index, entry, hf in _expert_linear_blocks(t, *expert, cfg, plan):
+                parts_of, names = found.setdefault(path, ({}, []))
+                parts_of[index] = entry
+                names.append(hf)
+            continue
         hf = "lm_head.weight" if name == head_source else hf_tensor_name(name)
         if hf is None or not hf.endswith(".weight") or name == EMBEDDING_SOURCE and hf != "lm_head.weight":
             continue
@@ -94,14 +145,14 @@ def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
         if module not in SHARD_SPLIT or module == "embed_tokens":
             continue  # norms (the embedding was passed over above, or renamed as the tied head)
         path = ".".join(parts[:-2] + [module])
-        kind, dim = SHARD_SPLIT[module]
+        kind, dim = shard_split(path)
         if kind == "q" and index:
             kind = "kv"
         type_name = t.tensor_type.name
         shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
         entry = None
         if type_name in BLOCK_TYPES and shape is not None:
-            sliced = _rank_blocks(t, kind, dim, plan, shape)
+            sliced = _rank_blocks(t.data, kind, dim, plan, shape)
             if sliced is not None:
                 view, width, k_full, k0 = sliced
                 if llama and proj in ("q_proj", "k_proj"):
