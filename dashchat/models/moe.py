@@ -54,6 +54,9 @@ class SparseMoE(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.tp.all_reduce(out)
 
+    # The loop's trip count and slices come from the routing: under torch.compile (--compile) it runs
+    # eagerly between the compiled parts instead of recompiling for every pattern of expert counts.
+    @torch.compiler.disable
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Sum over each token's chosen experts of weight * expert(token), one call per used expert."""
         flat = chosen.reshape(-1)
