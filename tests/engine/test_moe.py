@@ -266,3 +266,23 @@ def test_gguf_expert_shards_sum_to_one_rank(gguf_files):
     with torch.inference_mode():
         want = one.layers[1].mlp(x)
     torch.testing.assert_close(partial[0] + partial[1], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_experts(quantization, tmp_path, monkeypatch):
+    """--quantization int8/int4 reach every expert's linears (int8: the norm before a mixture of
+    experts is not smoothed, the calibration text does not reach every expert) and stay close."""
+    monkeypatch.setenv("DASHCHAT_CACHE", str(tmp_path / "cache"))
+    ref = save_tiny("qwen3-moe", tmp_path)
+    save_word_tokenizer(tmp_path, eos="t2")
+    ref.generation_config.eos_token_id = 2
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128]
+    expected = greedy_tokens(ref, [prompt], [8])[0]
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=64, quantization=quantization))
+    try:
+        experts = engine.runner.model.layers[0].mlp.experts
+        assert all(type(e.gate_up_proj).__name__.startswith(quantization.capitalize()) for e in experts)
+        out = asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+        assert out[0].token_ids[:4] == expected[:4]
+    finally:
+        engine.shutdown()
