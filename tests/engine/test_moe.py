@@ -286,3 +286,22 @@ def test_quantized_experts(quantization, tmp_path, monkeypatch):
         assert out[0].token_ids[:4] == expected[:4]
     finally:
         engine.shutdown()
+
+
+def test_grammar_constrains_a_moe_model(gguf_files):
+    """Constrained decoding is a logits processor: a MoE model's output follows a JSON schema too."""
+    pytest.importorskip("xgrammar")
+    from dashchat.server.text.grammar import GrammarBackend
+
+    _, folder = gguf_files["qwen3-moe"]
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(folder), max_model_len=128, quantization="gguf"))
+    try:
+        backend = GrammarBackend(engine.tokenizer, ModelConfig.from_dir(folder).vocab_size)
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        params = SamplingParams(max_tokens=60, temperature=0.0, logits_processor_factories=[backend.json_schema(schema)])
+        out = asyncio.run(collect(engine, engine.tokenizer.encode("Answer in JSON:"), params))[0]
+        assert out.finish_reason == "stop"  # the grammar ended it: its end token is the only one left
+        assert json.loads(engine.tokenizer.decode(out.token_ids)) in ({"ok": True}, {"ok": False})
+    finally:
+        engine.shutdown()
