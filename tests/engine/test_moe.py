@@ -243,9 +243,9 @@ def test_gguf_engine_keeps_the_module_path_for_experts(gguf_files):
 
 
 def test_gguf_expert_shards_sum_to_one_rank(gguf_files):
-    """Each of two ranks holds its 32 of every expert's 64 gate/up rows and reads its 32-value
-    groups of every expert's whole down rows (the file's blocks, no copy per rank's slice); their
-    partial block outputs, summed as the all-reduce sums them, are the one-rank output. (The whole
+    """Each of two ranks holds its 32 of every expert's 64 gate/up rows and the blocks of its 32
+    inputs of every expert's down rows (the file's blocks, one copy of the rank's part of each 3-D
+    tensor); their partial block outputs, summed as the all-reduce sums them, are the one-rank output. (The whole
     model over two gloo ranks, float weights: distributed/test_tp_layers.py.)"""
     from dashchat.models.parallel import TensorParallel
 
@@ -260,7 +260,7 @@ def test_gguf_expert_shards_sum_to_one_rank(gguf_files):
         load_gguf_model(model, path, cfg, ShardPlan(cfg, rank, 2))
         mlp = model.layers[1].mlp
         assert all(isinstance(m, GGUFLinear) for m in mlp.experts[5].modules() if m is not mlp.experts[5])
-        assert mlp.experts[5].down_proj.parts[0].k0 == 32 * rank
+        assert mlp.experts[5].down_proj.parts[0].k_full == 32  # only the blocks of its 32 inputs
         with torch.inference_mode():
             partial.append(mlp(x))
     with torch.inference_mode():

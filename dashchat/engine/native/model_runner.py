@@ -195,6 +195,7 @@ class ModelRunner:
         while True:
             step = receive_step(self.group, self.device)
             if step == STOP:
+                self.group.acknowledge_stop()
                 return
             if isinstance(step, StepInputs):
                 self._execute(step)
@@ -204,6 +205,7 @@ class ModelRunner:
 
     def send_stop(self) -> None:
         send_command(self.group, STOP, self.device)
+        self.group.acknowledge_stop()  # returns once every rank has the STOP
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         dev = self.device

@@ -48,10 +48,11 @@ def gguf_source(model_dir: str | Path) -> Path | None:
 EMBEDDING_SOURCE = "token_embd.weight"
 
 
-def _rank_blocks(data: np.ndarray, kind: str | None, dim: int, plan: ShardPlan, shape: tuple[int, int]
-                 ) -> tuple[np.ndarray, int, int, int] | None:
-    """This rank's raw blocks of a GGUF weight `data` (a view of the file): (blocks, input width, full
-    row width, first input), or None when its input slice is not on 32-value groups (a float shard then)."""
+def _rank_blocks(data: np.ndarray, type_name: str, kind: str | None, dim: int, plan: ShardPlan,
+                 shape: tuple[int, int]) -> tuple[np.ndarray, int, int, int] | None:
+    """This rank's raw blocks of a GGUF weight `data` of `type_name` (a view of the file): (blocks, input width, width
+    of the values the blocks hold per row, first input among them), or None when its input slice is
+    not on 32-value groups (a float shard then)."""
     rows, cols = shape
     data = np.asarray(data).reshape(rows, -1)
     if kind is None or plan.size == 1:
@@ -61,9 +62,12 @@ def _rank_blocks(data: np.ndarray, kind: str | None, dim: int, plan: ShardPlan, 
         return data[start : start + length], cols, cols, 0
     if start % 32 or length % 32:
         return None
-    # whole rows (a K-quant super-block of 256 values may straddle two ranks); the kernel reads
-    # only this rank's groups of each
-    return data, length, cols, start
+    # only the blocks that cover this rank's inputs; a K-quant super-block of 256 values may straddle
+    # two ranks, and then both keep it and the kernel reads only this rank's 32-value groups of it
+    _, per_block, block_bytes = BLOCK_TYPES[type_name]
+    first, end = start // per_block, -(-(start + length) // per_block)
+    blocks = data[:, first * block_bytes : end * block_bytes]
+    return blocks, length, (end - first) * per_block, start - first * per_block
 
 
 class _Blocks:
@@ -104,15 +108,19 @@ def _expert_linear_blocks(t: Any, layer: int, projection: str, cfg: ModelConfig,
     kind, dim = shard_split(f"layers.{layer}.mlp.experts.0.{module}")
     type_name = t.tensor_type.name
     data = np.asarray(t.data).reshape(experts, rows, -1)
-    sliced = _rank_blocks(data[0], kind, dim, plan, (rows, cols)) if type_name in BLOCK_TYPES else None
-    copy = None
-    if sliced is not None:
-        start, length = plan.rows(kind) if dim == 0 and plan.size > 1 else (0, rows)
+    sliced = copy = None
+    if type_name in BLOCK_TYPES and dim == 1:  # every expert's rows, this rank's blocks of each
+        sliced = _rank_blocks(data.reshape(experts * rows, -1), type_name, kind, dim, plan, (experts * rows, cols))
+        if sliced is not None:
+            copy = _ExpertCopy(sliced[0].reshape(experts, rows, -1))
+    elif type_name in BLOCK_TYPES:  # this rank's rows of every expert
+        sliced = _rank_blocks(data[0], type_name, kind, dim, plan, (rows, cols))
+        start, length = plan.rows(kind) if kind is not None and plan.size > 1 else (0, rows)
         copy = _ExpertCopy(data[:, start : start + length])
-    elif type_name in BLOCK_TYPES:
-        log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", t.name)
-    else:
+    if type_name not in BLOCK_TYPES:
         log.info("GGUF %s: type %s has no kernel; kept as float", t.name, type_name)
+    elif sliced is None:
+        log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", t.name)
     for e in range(experts):
         entry = None
         if sliced is not None:
@@ -152,7 +160,7 @@ def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
         shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
         entry = None
         if type_name in BLOCK_TYPES and shape is not None:
-            sliced = _rank_blocks(t.data, kind, dim, plan, shape)
+            sliced = _rank_blocks(t.data, type_name, kind, dim, plan, shape)
             if sliced is not None:
                 view, width, k_full, k0 = sliced
                 if llama and proj in ("q_proj", "k_proj"):
