@@ -144,6 +144,7 @@ def gguf_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     if src is None:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set LLAMA_CPP_SRC, or run "
                     "bench/setup_llama_server.sh)")
+    pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports it for Llama-family models (Mixtral)")
     from dashchat.models.resolve import resolve_model
 
     tokenizer = resolve_model("smollm2-135m-instruct").path
