@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import GatedMLP
+from .layers import DecoderLayer, GatedMLP
 from .parallel import SINGLE, ShardPlan, TensorParallel
 
 
@@ -74,6 +74,8 @@ class SparseMoE(nn.Module):
         return out
 
 
-def make_mlp(cfg: ModelConfig, layer_idx: int, tp: TensorParallel) -> nn.Module | None:
-    """Layer `layer_idx`'s mixture of experts, or None where it is dense."""
-    return SparseMoE(cfg, tp) if cfg.is_moe_layer(layer_idx) else None
+class MoeDecoderLayer(DecoderLayer):
+    """The Llama block with a mixture of experts as its MLP (where the config makes the layer one)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(cfg, layer_idx, tp, SparseMoE(cfg, tp) if cfg.is_moe_layer(layer_idx) else None)

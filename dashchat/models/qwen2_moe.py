@@ -2,7 +2,8 @@
 shared expert every token runs, scaled by its own sigmoid gate (see moe.py)."""
 
 from .llama import LlamaForCausalLM
+from .moe import MoeDecoderLayer
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
-    pass
+    layer_class = MoeDecoderLayer

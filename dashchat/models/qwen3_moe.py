@@ -2,7 +2,8 @@
 experts, 8 a token at 30B-A3B; see moe.py)."""
 
 from .llama import LlamaForCausalLM
+from .moe import MoeDecoderLayer
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
-    pass
+    layer_class = MoeDecoderLayer

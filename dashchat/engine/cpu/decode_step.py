@@ -13,8 +13,8 @@ import logging
 import torch
 from torch import nn
 
-from ...models.layers import GatedMLP
-from ..quantization.gguf import GGUFLinear
+from ...models.layers import DecoderLayer, GatedMLP
+from ..quantization.gguf import FLOAT16_TYPES, GGUFLinear
 from .kernels import kernel_library
 from .ops import KernelRMSNorm, kernel_rope_qk, kernel_silu_and_mul
 
@@ -40,12 +40,15 @@ class _Shape(ctypes.Structure):
 
 
 def _qlinear(layer: nn.Module) -> _QLinear | None:
-    """The C view of a GGUFLinear on one device (whole rows, every output filled), else None."""
+    """The C view of a GGUFLinear on one device (whole rows, every output filled, integer-product
+    types), else None."""
     if not isinstance(layer, GGUFLinear) or len(layer.parts) > _MAX_PARTS:
         return None
     if sum(p.rows for p in layer.parts) != layer.out_features:
         return None
     if any(p.k_full != layer.in_features or p.k0 for p in layer.parts):
+        return None
+    if any(p.type_name in FLOAT16_TYPES for p in layer.parts):  # float products: the module's own path
         return None
     q = _QLinear(n=layer.out_features, k=layer.in_features, parts=len(layer.parts))
     row = 0
@@ -84,10 +87,14 @@ class FusedDecode:
             return None
         if not kv_cache or kv_cache[0][0].device.type != "cpu" or kv_cache[0][0].dtype != torch.float32:
             return None
+        if cfg.rotary_dim != cfg.head_dim or any(w is not None for w in cfg.layer_windows):
+            return None  # partial rotary, sliding windows: the C step has neither
         eps = cfg.rms_norm_eps
         table = (_Layer * len(model.layers))()
         keep: list[torch.Tensor] = []
         for i, layer in enumerate(model.layers):
+            if type(layer) is not DecoderLayer:  # Gemma 3's four norms a layer: not the C step's shape
+                return None
             attn, mlp = layer.self_attn, layer.mlp
             if not isinstance(mlp, GatedMLP):  # a mixture of experts: the step in C has dense MLPs only
                 return None

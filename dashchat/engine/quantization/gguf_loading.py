@@ -2,10 +2,13 @@
 
 `load_gguf_model` fills a model built on the meta device: each linear becomes a `GGUFLinear` over
 the file's own blocks and the token embedding a `GGUFEmbedding` (tied embeddings share one copy of
-the blocks with the head); no float32 copy of either is ever made. Only the small float tensors
-(norms, biases) and the per-tensor fallbacks (a type the kernels lack, or a tensor-parallel input
-slice not on 32-value groups) are dequantized, from the GGUF directly. A rank reads its slices as
-the float path does (models/parallel.py's ShardPlan).
+the blocks with the head); no float32 copy of either is ever made. A tensor of a type the kernels
+lack (IQ2_XXS, IQ3_S, TQ2_0, ...) is dequantized and held as bf16 rows, which the 16-bit kernels
+multiply: never as float32, and what that costs is logged once at start. Only the small float
+tensors (norms, biases), F32 weights and a tensor-parallel input slice not on 32-value groups are
+float32. Before anything is copied out of the file, the bytes the weights (and the KV cache) will
+hold are checked against the memory the system has available: a model that cannot fit is refused,
+with the numbers. A rank reads its slices as the float path does (models/parallel.py's ShardPlan).
 
 `load_gguf_linears` swaps the linears of a model whose float weights are already loaded (the
 accuracy bench and tests compare the two).
@@ -24,8 +27,16 @@ import torch
 from torch import nn
 
 from ...models.config import ModelConfig
-from ...models.gguf_convert import (SOURCE_FILE, expert_tensor, hf_expert_name, hf_float_tensors, hf_tensor_name,
-                                    read_tensors, unpermute_qk)
+from ...models.gguf_convert import (
+    SOURCE_FILE,
+    SUPPORTED_QUANT_TYPES,
+    expert_tensor,
+    hf_expert_name,
+    hf_float_tensors,
+    hf_tensor_name,
+    read_tensors,
+    unpermute_qk,
+)
 from ...models.llama import FUSED_LINEARS, SHARD_SPLIT, shard_split
 from ...models.parallel import ShardPlan, VocabParallelEmbedding
 from .gguf import BLOCK_TYPES, GGUFLinear, GGUFPart
@@ -48,13 +59,13 @@ def gguf_source(model_dir: str | Path) -> Path | None:
 EMBEDDING_SOURCE = "token_embd.weight"
 
 
-def _rank_blocks(data: np.ndarray, type_name: str, kind: str | None, dim: int, plan: ShardPlan,
-                 shape: tuple[int, int]) -> tuple[np.ndarray, int, int, int] | None:
-    """This rank's raw blocks of a GGUF weight `data` of `type_name` (a view of the file): (blocks, input width, width
-    of the values the blocks hold per row, first input among them), or None when its input slice is
-    not on 32-value groups (a float shard then)."""
+def _rank_blocks(t: Any, kind: str | None, dim: int, plan: ShardPlan, shape: tuple[int, int]
+                 ) -> tuple[np.ndarray, int, int, int] | None:
+    """This rank's raw blocks of GGUF tensor `t` (a view of the file): (blocks, input width, width of
+    the values the blocks hold per row, first input among them), or None when its input slice is not
+    on 32-value groups (a float shard then)."""
     rows, cols = shape
-    data = np.asarray(data).reshape(rows, -1)
+    data = np.asarray(t.data).view(np.uint8).reshape(rows, -1)  # F16 tensors come as float16 arrays
     if kind is None or plan.size == 1:
         return data, cols, cols, 0
     start, length = plan.rows(kind)
@@ -64,39 +75,95 @@ def _rank_blocks(data: np.ndarray, type_name: str, kind: str | None, dim: int, p
         return None
     # only the blocks that cover this rank's inputs; a K-quant super-block of 256 values may straddle
     # two ranks, and then both keep it and the kernel reads only this rank's 32-value groups of it
-    _, per_block, block_bytes = BLOCK_TYPES[type_name]
+    from gguf import GGML_QUANT_SIZES
+
+    per_block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]  # the file's blocks (of a type with kernel or not)
     first, end = start // per_block, -(-(start + length) // per_block)
     blocks = data[:, first * block_bytes : end * block_bytes]
     return blocks, length, (end - first) * per_block, start - first * per_block
 
 
+# What a type without a kernel is held as: its values rounded to bf16, which the 16-bit kernels read.
+FALLBACK_TYPE = "BF16"
+
+
+def held_as(type_name: str) -> str | None:
+    """The type a weight tensor of `type_name` is held as: its own (a kernel reads it), bf16 (a type
+    the kernels lack), or None (float32: F32 weights)."""
+    if type_name in BLOCK_TYPES:
+        return type_name
+    return FALLBACK_TYPE if type_name in SUPPORTED_QUANT_TYPES and type_name != "F32" else None
+
+
 class _Blocks:
-    """One source tensor's part of a linear on this rank: its blocks (a view of the mapped file until
-    `tensor()` copies them out) and where the kernel reads its inputs."""
+    """One source tensor's rows on this rank as the kernels will hold them: its blocks (a view of the
+    mapped file until `data()` copies them out), or for a type without kernel (`file_type`) those
+    blocks dequantized to bf16 rows by `data()`; and where the kernel reads its inputs."""
 
     def __init__(self, type_name: str, view: np.ndarray, width: int, k_full: int, k0: int, source: str,
                  copy: Any = None) -> None:
-        self.type_name, self.view, self.width, self.k_full, self.k0 = type_name, view, width, k_full, k0
+        self.file_type, self.type_name = type_name, held_as(type_name) or type_name
+        self.view, self.width, self.k_full, self.k0 = view, width, k_full, k0
         self.source = source  # the GGUF tensor name
-        self.copy = copy  # () -> the blocks in memory, where they are part of a bigger copy (an expert's)
+        self.copy = copy  # () -> the rows in memory, where they are part of a bigger copy (an expert's)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the rows will hold in memory."""
+        return self.view.nbytes if self.type_name == self.file_type else self.view.shape[0] * self.k_full * 2
+
+    def data(self) -> torch.Tensor:
+        if self.copy is not None:
+            return self.copy()
+        if self.type_name == self.file_type:
+            return torch.from_numpy(np.array(self.view, order="C"))
+        return _bf16_rows(self.view, self.file_type, self.k_full)
 
     def part(self, shared: torch.Tensor | None = None) -> GGUFPart:
-        if shared is None:
-            shared = self.copy() if self.copy is not None else torch.from_numpy(np.array(self.view, order="C"))
-        return GGUFPart(self.type_name, shared, self.width, self.k_full, self.k0)
+        return GGUFPart(self.type_name, shared if shared is not None else self.data(), self.width, self.k_full,
+                        self.k0)
+
+
+def _bf16_rows(view: np.ndarray, type_name: str, width: int, chunk_values: int = 1 << 22) -> torch.Tensor:
+    """Rows of raw blocks of `type_name` as bf16 bytes [rows, 2 * width], dequantized a few rows at a
+    time (the float32 temporaries stay small)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    qtype = GGMLQuantizationType[type_name]
+    out = torch.empty(view.shape[0], width, dtype=torch.bfloat16)
+    step = max(1, chunk_values // width)
+    for r in range(0, view.shape[0], step):
+        rows = np.asarray(gguf_dequantize(view[r : r + step], qtype), dtype=np.float32).reshape(-1, width)
+        out[r : r + step] = torch.from_numpy(rows)
+    return out.view(torch.uint8)
 
 
 class _ExpertCopy:
-    """This rank's rows of a 3-D expert tensor, copied out of the file once on first use: expert e's
-    rows are a contiguous run of it, so its GGUFLinear reads the same kernel at an offset pointer."""
+    """This rank's rows of a 3-D expert tensor [experts, rows, bytes], copied out of the file once on
+    first use (as bf16 rows for a type without kernel): expert e's rows are a contiguous run of it,
+    so its GGUFLinear runs the same kernels at an offset pointer."""
 
-    def __init__(self, view: np.ndarray) -> None:
-        self.view, self.tensor = view, None
+    def __init__(self, view: np.ndarray, file_type: str, k_full: int) -> None:
+        self.view, self.file_type, self.k_full, self.tensor = view, file_type, k_full, None
 
     def expert(self, e: int) -> torch.Tensor:
         if self.tensor is None:
-            self.tensor = torch.from_numpy(np.array(self.view, order="C"))
+            experts, rows = self.view.shape[:2]
+            if held_as(self.file_type) == self.file_type:
+                self.tensor = torch.from_numpy(np.array(self.view, order="C"))
+            else:
+                flat = self.view.reshape(experts * rows, -1)
+                self.tensor = _bf16_rows(flat, self.file_type, self.k_full).view(experts, rows, -1)
         return self.tensor[e]
+
+
+class _Experts:
+    """Some rows of a 3-D expert tensor standing in for a 2-D one (what `_rank_blocks` reads)."""
+
+    def __init__(self, t: Any, data: np.ndarray, cols: int) -> None:
+        self.tensor_type, self.data = t.tensor_type, data
+        self.shape = np.array([cols, data.shape[0]])
 
 
 def _expert_linear_blocks(t: Any, layer: int, projection: str, cfg: ModelConfig, plan: ShardPlan
@@ -107,25 +174,26 @@ def _expert_linear_blocks(t: Any, layer: int, projection: str, cfg: ModelConfig,
     module, index = FUSED_LINEARS.get(projection, (projection, 0))
     kind, dim = shard_split(f"layers.{layer}.mlp.experts.0.{module}")
     type_name = t.tensor_type.name
-    data = np.asarray(t.data).reshape(experts, rows, -1)
-    sliced = copy = None
-    if type_name in BLOCK_TYPES and dim == 1:  # every expert's rows, this rank's blocks of each
-        sliced = _rank_blocks(data.reshape(experts * rows, -1), type_name, kind, dim, plan, (experts * rows, cols))
-        if sliced is not None:
-            copy = _ExpertCopy(sliced[0].reshape(experts, rows, -1))
-    elif type_name in BLOCK_TYPES:  # this rank's rows of every expert
-        sliced = _rank_blocks(data[0], type_name, kind, dim, plan, (rows, cols))
+    data = np.asarray(t.data).view(np.uint8).reshape(experts, rows, -1)
+    sliced = view = None
+    if held_as(type_name) is None:
+        log.info("GGUF %s: type %s is kept as float", t.name, type_name)
+    elif dim == 1:  # every expert's rows, this rank's blocks of each
+        flat = _Experts(t, data.reshape(experts * rows, -1), cols)
+        sliced = _rank_blocks(flat, kind, dim, plan, (experts * rows, cols))
+        view = None if sliced is None else sliced[0].reshape(experts, rows, -1)
+    else:  # this rank's rows of every expert
+        sliced = _rank_blocks(_Experts(t, data[0], cols), kind, dim, plan, (rows, cols))
         start, length = plan.rows(kind) if kind is not None and plan.size > 1 else (0, rows)
-        copy = _ExpertCopy(data[:, start : start + length])
-    if type_name not in BLOCK_TYPES:
-        log.info("GGUF %s: type %s has no kernel; kept as float", t.name, type_name)
-    elif sliced is None:
+        view = data[:, start : start + length]
+    if held_as(type_name) is not None and sliced is None:
         log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", t.name)
+    copy = None if sliced is None else _ExpertCopy(view, type_name, sliced[2])
     for e in range(experts):
         entry = None
         if sliced is not None:
             _, width, k_full, k0 = sliced
-            entry = _Blocks(type_name, None, width, k_full, k0, t.name, lambda e=e: copy.expert(e))
+            entry = _Blocks(type_name, view[e], width, k_full, k0, t.name, lambda e=e: copy.expert(e))
         yield (f"layers.{layer}.mlp.experts.{e}.{module}", index, entry,
                hf_expert_name(layer, e, projection, cfg.family))
 
@@ -136,47 +204,71 @@ def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
     llama = cfg.family in ("llama", "mixtral")
     found: dict[str, tuple[dict[int, _Blocks | None], list[str]]] = {}
     head_source = "output.weight" if "output.weight" in tensors else EMBEDDING_SOURCE
-    for name, t in tensors.items():
+    for name, whole in tensors.items():
         expert = expert_tensor(name)
         if expert is not None:
-            for path, index, entry, hf in _expert_linear_blocks(t, *expert, cfg, plan):
+            for path, index, entry, hf in _expert_linear_blocks(whole, *expert, cfg, plan):
                 parts_of, names = found.setdefault(path, ({}, []))
                 parts_of[index] = entry
                 names.append(hf)
             continue
-        hf = "lm_head.weight" if name == head_source else hf_tensor_name(name)
-        if hf is None or not hf.endswith(".weight") or name == EMBEDDING_SOURCE and hf != "lm_head.weight":
+        hf_whole = "lm_head.weight" if name == head_source else hf_tensor_name(name, cfg.family)
+        if hf_whole is None or not hf_whole.endswith(".weight"):
             continue
-        parts = hf.removeprefix("model.").split(".")
-        proj = parts[-2]
-        module, index = FUSED_LINEARS.get(proj, (proj, 0))
-        if module not in SHARD_SPLIT or module == "embed_tokens":
-            continue  # norms (the embedding was passed over above, or renamed as the tied head)
-        path = ".".join(parts[:-2] + [module])
-        kind, dim = shard_split(path)
-        if kind == "q" and index:
-            kind = "kv"
-        type_name = t.tensor_type.name
-        shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
-        entry = None
-        if type_name in BLOCK_TYPES and shape is not None:
-            sliced = _rank_blocks(t.data, type_name, kind, dim, plan, shape)
-            if sliced is not None:
-                view, width, k_full, k0 = sliced
-                if llama and proj in ("q_proj", "k_proj"):
-                    n_head = cfg.num_heads if proj == "q_proj" else cfg.num_kv_heads
-                    # the permutation is within heads: whole rows move, so it applies to blocks too
-                    # (on a rank's slice of whole heads as well as on the full tensor)
-                    view = unpermute_qk(view, n_head * view.shape[0] // shape[0])
-                entry = _Blocks(type_name, view, width, k_full, k0, name)
+        if name == EMBEDDING_SOURCE and hf_whole != "lm_head.weight":
+            continue
+        for hf, t in _unfused(hf_whole, whole, cfg):
+            parts = hf.removeprefix("model.").split(".")
+            proj = parts[-2]
+            module, index = FUSED_LINEARS.get(proj, (proj, 0))
+            if module not in SHARD_SPLIT or module == "embed_tokens":
+                continue  # norms (the embedding was passed over above, or renamed as the tied head)
+            path = ".".join(parts[:-2] + [module])
+            kind, dim = shard_split(path)
+            if kind == "q" and index:
+                kind = "kv"
+            type_name = t.tensor_type.name
+            shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
+            entry = None
+            if held_as(type_name) is not None and shape is not None:
+                sliced = _rank_blocks(t, kind, dim, plan, shape)
+                if sliced is not None:
+                    view, width, k_full, k0 = sliced
+                    if llama and proj in ("q_proj", "k_proj"):
+                        n_head = cfg.num_heads if proj == "q_proj" else cfg.num_kv_heads
+                        # the permutation is within heads: whole rows move, so it applies to blocks too
+                        # (on a rank's slice of whole heads as well as on the full tensor)
+                        view = unpermute_qk(view, n_head * view.shape[0] // shape[0])
+                    entry = _Blocks(type_name, view, width, k_full, k0, name)
+                else:
+                    log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", name)
             else:
-                log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", name)
-        else:
-            log.info("GGUF %s: type %s has no kernel; kept as float", name, type_name)
-        parts_of, names = found.setdefault(path, ({}, []))
-        parts_of[index] = entry
-        names.append(hf)
+                log.info("GGUF %s: type %s is kept as float", name, type_name)
+            parts_of, names = found.setdefault(path, ({}, []))
+            parts_of[index] = entry
+            names.append(hf_whole)  # the float loader skips the checkpoint's (fused) tensor
     return found
+
+
+class _Rows:
+    """Some rows of a GGUF tensor (a view), standing in for the tensor: one part of a fused one."""
+
+    def __init__(self, t: Any, start: int, rows: int) -> None:
+        self.tensor_type = t.tensor_type
+        self.data = np.asarray(t.data).reshape(int(t.shape[1]), -1)[start : start + rows]
+        self.shape = np.array([int(t.shape[0]), rows])
+
+
+def _unfused(hf: str, t: Any, cfg: ModelConfig) -> list[tuple[str, Any]]:
+    """A fused q/k/v or gate/up tensor (Phi-3 ships them so) as its parts under their HF names, each
+    a view of its rows: rows are whole blocks, so each part shards per rank like a separate tensor."""
+    prefix, _, proj = hf.removesuffix(".weight").rpartition(".")
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    parts = {"qkv_proj": (("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)),
+             "gate_up_proj": (("gate_proj", 0, inter), ("up_proj", inter, inter))}.get(proj)  # fmt: skip
+    if parts is None:
+        return [(hf, t)]
+    return [(f"{prefix}.{part}.weight", _Rows(t, start, rows)) for part, start, rows in parts]
 
 
 def _usable(linear: nn.Module, parts: dict[int, _Blocks | None]) -> list[_Blocks] | None:
@@ -193,8 +285,8 @@ def _replace(model: nn.Module, path: str, layer: nn.Module) -> None:
 
 def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, plan: ShardPlan) -> dict[str, int]:
     """Swap the linears of a model whose float weights are loaded for GGUFLinear layers over the
-    file's own blocks. Layers whose tensors are float (F32/F16/BF16) or of a type the kernels lack,
-    or whose tensor-parallel input slice is not on 32-value groups, keep their float weights (logged).
+    file's own blocks (bf16 rows for a type the kernels lack). Layers whose tensors are F32, or whose
+    tensor-parallel input slice is not on 32-value groups, keep their float weights (logged).
     Returns a count of layers per outcome, for the log and tests."""
     found = _linear_blocks({t.name: t for t in read_tensors(gguf_path)}, cfg, plan)
     counts = {"gguf": 0, "float": 0}
@@ -211,23 +303,31 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig,
         _replace(model, path, layer)
         counts["gguf"] += 1
     if counts["float"]:
-        log.info("GGUF: %d linear layers kept as float (unsupported type or slice)", counts["float"])
+        log.info("GGUF: %d linear layers kept as float (F32 weights or slice)", counts["float"])
     return counts
 
 
 def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, plan: ShardPlan,
-                    device: torch.device | str = "cpu") -> dict[str, int]:
+                    device: torch.device | str = "cpu", other_bytes: int = 0) -> dict[str, int]:
     """Load a model built on the meta device from the GGUF file: linears and the embedding over the
-    file's blocks, everything else (and the float fallbacks) dequantized from it. Returns counts:
+    file's blocks (bf16 rows for types without kernel), everything else (and the float fallbacks)
+    dequantized from it. First checks that the weights, plus `other_bytes` the caller allocates next
+    (the KV cache), fit the memory available (MemoryError, with the numbers, if not). Returns counts:
     `gguf` / `float` linear layers, `embedding` 1 when the embedding reads blocks (0: float)."""
     tensors = {t.name: t for t in read_tensors(gguf_path)}
     tied = cfg.tie_word_embeddings
-    embedding = _gguf_embedding(model, tensors, plan)
-    if embedding is not None:
+    embedding_rows = _embedding_blocks(model, tensors, plan)
+    found = _linear_blocks(tensors, cfg, plan)
+    check_memory(held_bytes(tensors, found, embedding_rows, plan, cfg.family), other_bytes)
+    embedding = None
+    if embedding_rows is not None:
+        current = model.embed_tokens
+        embedding = GGUFEmbedding(embedding_rows.type_name, embedding_rows.data(), embedding_rows.width, current.tp,
+                                  current.vocab_start)
         _replace(model, "embed_tokens", embedding)
     counts = {"gguf": 0, "float": 0, "embedding": int(embedding is not None)}
     as_blocks: set[str] = {"model.embed_tokens.weight"} if embedding is not None else set()
-    for path, (parts, names) in sorted(_linear_blocks(tensors, cfg, plan).items()):
+    for path, (parts, names) in sorted(found.items()):
         linear = model.get_submodule(path)
         entries = _usable(linear, parts)
         if tied and path == "lm_head" and embedding is None:
@@ -246,26 +346,87 @@ def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, p
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(_float_tensors(tensors, cfg, skip=as_blocks))
     if counts["float"] or not counts["embedding"]:
-        log.info("GGUF: %d linear layers%s kept as float (unsupported type or slice)", counts["float"],
+        log.info("GGUF: %d linear layers%s kept as float (F32 weights or slice)", counts["float"],
                  "" if counts["embedding"] else " and the embedding")
     return counts
 
 
-def _gguf_embedding(model: nn.Module, tensors: dict[str, Any], plan: ShardPlan) -> GGUFEmbedding | None:
-    """This rank's vocabulary rows of the token embedding as blocks, or None (a type without kernel)."""
+def _embedding_blocks(model: nn.Module, tensors: dict[str, Any], plan: ShardPlan) -> _Blocks | None:
+    """This rank's vocabulary rows of the token embedding as blocks (or bf16 rows), None for float."""
     t = tensors[EMBEDDING_SOURCE]
-    current = model.embed_tokens
     type_name = t.tensor_type.name
-    if type_name not in BLOCK_TYPES or not isinstance(current, VocabParallelEmbedding):
-        log.info("GGUF %s: type %s has no kernel; kept as float", EMBEDDING_SOURCE, type_name)
+    if held_as(type_name) is None or not isinstance(model.embed_tokens, VocabParallelEmbedding):
+        log.info("GGUF %s: type %s is kept as float", EMBEDDING_SOURCE, type_name)
         return None
     vocab, hidden = int(t.shape[1]), int(t.shape[0])
-    if hidden % BLOCK_TYPES[type_name][1]:
+    if hidden % BLOCK_TYPES[held_as(type_name)][1]:
         return None
     start, length = plan.rows("vocab")
-    view = np.asarray(t.data).reshape(vocab, -1)[start : start + length]
-    return GGUFEmbedding(type_name, torch.from_numpy(np.array(view, order="C")), hidden, current.tp,
-                         current.vocab_start)
+    view = np.asarray(t.data).view(np.uint8).reshape(vocab, -1)[start : start + length]
+    return _Blocks(type_name, view, hidden, hidden, 0, EMBEDDING_SOURCE)
+
+
+def held_bytes(tensors: dict[str, Any], found: dict[str, tuple[dict[int, _Blocks | None], list[str]]],
+               embedding: _Blocks | None, plan: ShardPlan, family: str) -> dict[str, int]:
+    """Bytes this rank's weights will hold in memory: as shipped (blocks), as bf16 (types without
+    kernel; their cost is logged here, once), as float32 (norms, biases, F32 weights). Under tensor
+    parallelism a float tensor's share is counted as a 1/size of it (near enough for a check)."""
+    entries: dict[str, list[_Blocks]] = {}  # source tensor -> its parts (one per expert of a 3-D tensor)
+    for parts, _ in found.values():
+        for e in parts.values():
+            if e is not None:
+                entries.setdefault(e.source, []).append(e)
+    if embedding is not None:
+        entries[EMBEDDING_SOURCE] = [embedding]  # a tied head shares its rows
+    held = {"shipped": 0, "bf16": 0, "float32": 0}
+    fallbacks: dict[str, list[int]] = {}  # file type -> [tensors, bytes in the file, bytes as bf16]
+    for name, t in tensors.items():
+        if hf_tensor_name(name, family) is None and expert_tensor(name) is None:
+            continue
+        if name not in entries:
+            share = plan.size if len(t.shape) >= 2 else 1
+            held["float32"] += 4 * int(t.n_elements) // share
+        for e in entries.get(name, []):
+            if e.type_name == e.file_type:
+                held["shipped"] += e.nbytes
+            else:
+                held["bf16"] += e.nbytes
+                counts = fallbacks.setdefault(e.file_type, [0, 0, 0])
+                counts[0] += 1
+                counts[1] += e.view.nbytes
+                counts[2] += e.nbytes
+    for type_name, (n, file_bytes, bf16_bytes) in sorted(fallbacks.items()):
+        log.warning("GGUF: %d tensors of type %s (%s in the file) have no kernel: held as bf16, %s", n, type_name,
+                    _gb(file_bytes), _gb(bf16_bytes))
+    return held
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def mem_available() -> int | None:
+    """The memory the system can give without swapping (/proc/meminfo's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(held: dict[str, int], other_bytes: int = 0) -> None:
+    """Refuse, before anything is allocated, a model whose weights and KV cache exceed MemAvailable."""
+    need, available = sum(held.values()) + other_bytes, mem_available()
+    if available is None or need <= available:
+        return
+    raise MemoryError(
+        f"the model needs {_gb(need)} of memory ({_gb(held['shipped'])} of weights as shipped, "
+        f"{_gb(held['bf16'])} held as bf16 for types without kernel, {_gb(held['float32'])} float32, "
+        f"{_gb(other_bytes)} of KV cache) but only {_gb(available)} is available (MemAvailable)"
+    )
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:

@@ -122,7 +122,9 @@ def smooth_activations(model: nn.Module, input_ids: torch.Tensor) -> None:
             # a mixture of experts: the norm feeds the router and every expert, some of which the
             # calibration text never reaches; its experts are quantized unsmoothed
             continue
-        pairs.append((layer.post_attention_layernorm, layer.mlp.gate_up_proj))
+        # the norm that feeds the MLP (Gemma 3's post-attention norm feeds the residual instead)
+        mlp_norm = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
+        pairs.append((mlp_norm, layer.mlp.gate_up_proj))
         down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
         inter = down.in_features  # this rank's slice of the MLP under tensor parallelism
         s = _smoothing(maxima[down], [down.weight])
