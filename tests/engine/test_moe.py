@@ -122,7 +122,7 @@ def _converter_source() -> Path | None:
     return None
 
 
-# family -> llama.cpp's --outtype: Q8_0 runs through the GGUF kernels, F16 through float experts
+# family -> llama.cpp's --outtype: Q8_0 runs through the int8 kernels, F16 through the 16-bit ones
 GGUF_FILES = {"qwen3-moe": "q8_0", "qwen2-moe": "q8_0", "mixtral": "f16"}
 _CONVERT = """
 import sys
@@ -188,20 +188,19 @@ def _routes(model: torch.nn.Module) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_gguf_matches_transformers_on_the_dequantized_weights(family, gguf_files):
-    """F16 experts run as float: equal to transformers. Q8_0 experts run through the int8 kernels on
-    their rows of the 3-D tensors: close, and where a token's router scores two experts nearly
-    alike the kernels' rounding may swap them (a near-tie) -- counted here: that token's logits then
-    move as far as the swap does, in this layer's output only."""
+    """F16 experts run through the 16-bit kernels: equal to transformers. Q8_0 experts run through
+    the int8 kernels on their rows of the 3-D tensors: close, and where a token's router scores two
+    experts nearly alike the kernels' rounding may swap them (a near-tie) -- counted here: that
+    token's logits then move as far as the swap does, in this layer's output only."""
     path, folder = gguf_files[family]
     cfg = ModelConfig.from_dir(folder)
     assert cfg.architecture == FAMILIES[family][1] and cfg.moe is not None
     model, counts = _gguf_model(path, cfg)
     experts = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) * cfg.moe.num_experts
     quantized = GGUF_FILES[family] == "q8_0"
-    n_gguf = sum(isinstance(m, GGUFLinear) for m in model.modules())
-    assert n_gguf == (counts["gguf"] if quantized else 0)
-    if quantized:  # every expert's gate/up and down, the attention and the head as shipped
-        assert counts["gguf"] >= 2 * experts + 2 * cfg.num_layers + 1
+    # every expert's gate/up and down, the attention and the head as shipped (F16: the 16-bit kernels)
+    assert sum(isinstance(m, GGUFLinear) for m in model.modules()) == counts["gguf"]
+    assert counts["gguf"] >= 2 * experts + 2 * cfg.num_layers + 1
     float_model = _model(folder)  # writes the folder's float32 weights, dequantized, for transformers too
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.randint(0, cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))
@@ -210,7 +209,7 @@ def test_gguf_matches_transformers_on_the_dequantized_weights(family, gguf_files
         want = ref(ids[None]).logits[0]
         got = model.compute_logits(model(ids, torch.arange(len(ids)), _causal_attention))
         float_model.compute_logits(float_model(ids, torch.arange(len(ids)), _causal_attention))
-    if not quantized:
+    if not quantized:  # float16 weights exactly, products in float32
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
         return
     swapped = sum(int((a != b).any(-1).sum()) for a, b in zip(routes_gguf, routes_float))
