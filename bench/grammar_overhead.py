@@ -1,4 +1,4 @@
-"""What grammar-constrained requests cost the batch they run in (issue 4's target: a batch is not
+"""What grammar-constrained requests cost the batch they run in (the aim: a batch is not
 slowed more than 10% per constrained request).
 
 Through the engine directly (AsyncLLMEngine, greedy): a batch of 8 requests decoding `--new-tokens`
@@ -38,7 +38,7 @@ import torch
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.types import SamplingParams
 from dashchat.models.resolve import resolve_model
-from dashchat.server.grammar import GrammarBackend
+from dashchat.server.text.grammar import GrammarBackend
 
 BATCH = 8
 PROMPT = "Request {i}: list as many short animal names as you can, as JSON."

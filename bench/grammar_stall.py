@@ -1,4 +1,4 @@
-"""Does compiling a grammar stall other requests? (issue 17: grammar compilation blocks everyone)
+"""Does compiling a grammar stall other requests? (a compile on a shared executor could block everyone)
 
 A real server (subprocess) streams one plain request; while it runs, requests with heavy, distinct
 JSON schemas (response_format json_schema, ~1.5 s to compile each on a 2-core box, never cached)

@@ -1,4 +1,4 @@
-"""Load test (issue 6): 64 concurrent clients against a real server on 127.0.0.1, streaming and
+"""Load test: 64 concurrent clients against a real server on 127.0.0.1, streaming and
 not, mixed lengths, some hanging up mid-stream, for a fixed number of requests.
 
 Checks every completed response is well-formed and complete, no 5xx, the KV cache returns to

@@ -1,4 +1,4 @@
-"""The server's own cost per streamed token, against the engine alone (issue 3: < 5% at concurrency 32).
+"""The server's own cost per streamed token, against the engine alone (the aim: < 5% at concurrency 32).
 
 A: the engine alone, in-process: `concurrency` requests of `tokens` tokens each (ignore_eos),
    all at once; decode throughput = generated tokens / wall time.

@@ -189,7 +189,7 @@ def _template_kwargs(value: str | None) -> dict[str, Any]:
 
 
 def _reasoning_parser(value: str | None) -> str | None:
-    from dashchat.server.reasoning import FORMATS
+    from dashchat.server.text.reasoning import FORMATS
 
     if value is not None and value != "none" and value not in FORMATS:
         raise _ArgError(f"--reasoning-parser: {value!r} is not one of: none, {', '.join(FORMATS)}")

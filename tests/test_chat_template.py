@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dashchat.server.chat_template import (
+from dashchat.server.text.chat_template import (
     ChatTemplateError,
     render_chat_prompt,
     template_supports_tools,
@@ -200,7 +200,7 @@ def test_template_errors_are_chat_template_errors(qwen: str) -> None:
 
 
 def test_template_compiled_once(smol: str) -> None:
-    from dashchat.server import chat_template as ct
+    from dashchat.server.text import chat_template as ct
 
     ct._compile.cache_clear()
     for _ in range(3):

@@ -23,8 +23,8 @@ pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from dashchat.engine.types import NotReady
-from dashchat.server.grammar import GrammarBackend, validate_tools
-from dashchat.server.tool_parser import parse_tool_calls
+from dashchat.server.text.grammar import GrammarBackend, validate_tools
+from dashchat.server.text.tool_parser import parse_tool_calls
 
 _SITE = Path(sysconfig.get_paths()["purelib"])
 MODELS = {
@@ -581,7 +581,7 @@ def test_parallel_calls_go_on_when_the_model_wants_another(model: tuple[Any, Gra
 
 def test_parallel_calls_are_bounded(model: tuple[Any, GrammarBackend]) -> None:
     """A model that always wants one more call gets max_calls of them, then EOS."""
-    from dashchat.server.grammar import max_calls
+    from dashchat.server.text.grammar import max_calls
 
     tok, backend = model
     tools = [TOOLS[2]]

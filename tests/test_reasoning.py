@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from stream_helpers import text_pieces
 from tiny_qwen3 import IDS, QWEN3_TEMPLATE, THINK_CLOSE, THINK_OPEN, TOOL_CALL_OPEN, write_tokenizer
 
-from dashchat.server.chat_template import render_chat_prompt
-from dashchat.server.reasoning import (
+from dashchat.server.text.chat_template import render_chat_prompt
+from dashchat.server.text.reasoning import (
     FORMATS,
     ReasoningParser,
     ThinkStart,
@@ -23,7 +23,7 @@ from dashchat.server.reasoning import (
     split_reasoning,
     think_start,
 )
-from dashchat.server.text_pipeline import (
+from dashchat.server.text.pipeline import (
     ContentEvent,
     OutputParser,
     ReasoningEvent,
@@ -190,7 +190,7 @@ xgrammar = pytest.importorskip("xgrammar")
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from dashchat.server.grammar import GrammarBackend
+    from dashchat.server.text.grammar import GrammarBackend
     from dashchat.tokenizer import Tokenizer
 
     path: Path = tmp_path_factory.mktemp("qwen3-tok")

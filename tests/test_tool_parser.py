@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stream_helpers import text_pieces
 
-from dashchat.server.tool_parser import (
+from dashchat.server.text.tool_parser import (
     ContentEvent,
     ToolArgumentsEvent,
     ToolCallStartEvent,

@@ -15,24 +15,24 @@ from starlette.responses import Response
 
 from dashchat import __version__
 from dashchat.engine.types import Engine
-from dashchat.server.anthropic_errors import error_body_for
+from dashchat.server.routes.anthropic_errors import error_body_for
 from dashchat.server.config import ServerConfig
-from dashchat.server.errors import APIError, internal_error, model_not_found
-from dashchat.server.metrics import CONTENT_TYPE
-from dashchat.server.middleware import (
+from dashchat.server.plumbing.errors import APIError, internal_error, model_not_found
+from dashchat.server.plumbing.metrics import CONTENT_TYPE
+from dashchat.server.plumbing.middleware import (
     AuthMiddleware,
     BodyLimitMiddleware,
     RequestContextMiddleware,
 )
 from dashchat.server.protocol import ChatCompletionRequest, CompletionRequest
-from dashchat.server.serving_chat import create_chat_completion
-from dashchat.server.serving_completion import create_completion
-from dashchat.server.serving_messages import add_messages_routes
-from dashchat.server.serving_tokenize import add_tokenize_routes
-from dashchat.server.serving_responses import add_responses_routes
-from dashchat.server.sse import dumps
+from dashchat.server.routes.chat import create_chat_completion
+from dashchat.server.routes.completions import create_completion
+from dashchat.server.routes.messages import add_messages_routes
+from dashchat.server.routes.tokenize import add_tokenize_routes
+from dashchat.server.routes.responses import add_responses_routes
+from dashchat.server.plumbing.sse import dumps
 from dashchat.server.state import ServerState
-from dashchat.server.validation import from_validation_errors
+from dashchat.server.plumbing.validation import from_validation_errors
 from dashchat.server.web import mount_web_ui
 
 log = logging.getLogger("dashchat.server")

@@ -12,7 +12,7 @@ class ServerConfig:
     chat_template: str | None = None  # template text (file already read), None: the model's own
     api_keys: list[str] = field(default_factory=list)  # empty: no auth
     allowed_origins: list[str] = field(default_factory=list)  # empty: CORS off
-    # Limits (issue 6). Each is a CLI flag; see openai_server.py for the help text.
+    # Limits. Each is a CLI flag; see openai_server.py for the help text.
     max_request_bytes: int = 8 * 1024 * 1024
     max_messages: int = 1024
     max_tools: int = 128
@@ -24,10 +24,10 @@ class ServerConfig:
     retry_after_s: int = 1
     log_prompts: bool = False
     enable_docs: bool = True  # /docs and /openapi.json
-    # /v1/responses store (response_store.py): least recently used go first past either bound.
+    # /v1/responses store (routes/response_store.py): least recently used go first past either bound.
     responses_store_entries: int = 1024
     responses_store_bytes: int = 64 * 1024 * 1024
-    # Reasoning models (issue 15): a reasoning.FORMATS name, "none", or None to detect it from the
+    # Reasoning models: a reasoning.FORMATS name, "none", or None to detect it from the
     # chat template; template variables every request gets unless it sets them itself.
     reasoning_parser: str | None = None
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)

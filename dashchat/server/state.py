@@ -11,10 +11,10 @@ from typing import Any
 from dashchat import __version__
 from dashchat.engine.types import Engine, EngineDead
 from dashchat.server.config import ServerConfig
-from dashchat.server.detokenizer import TokenPieces
-from dashchat.server.errors import bad_request, model_not_found
-from dashchat.server.metrics import Metrics
-from dashchat.server.reasoning import choose_format
+from dashchat.server.text.detokenizer import TokenPieces
+from dashchat.server.plumbing.errors import bad_request, model_not_found
+from dashchat.server.plumbing.metrics import Metrics
+from dashchat.server.text.reasoning import choose_format
 
 log = logging.getLogger("dashchat.server")
 
@@ -88,7 +88,7 @@ class ServerState:
         with self._grammar_lock:  # called from worker threads (compiles run off the event loop)
             if self._grammar is None and self._grammar_error is None:
                 try:
-                    from dashchat.server.grammar import GrammarBackend
+                    from dashchat.server.text.grammar import GrammarBackend
 
                     self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
                 except Exception as exc:  # noqa: BLE001 - missing optional dependency, or a tokenizer it cannot index

@@ -19,9 +19,9 @@ from tiny_qwen3 import QWEN3_TEMPLATE
 
 from dashchat.server.app import build_app
 from dashchat.server.config import ServerConfig
-from dashchat.server.response_store import ResponseStore
-from dashchat.server.serving_messages import CountTokensRequest, chat_messages
-from dashchat.server.serving_responses import ResponsesRequest, input_messages
+from dashchat.server.routes.response_store import ResponseStore
+from dashchat.server.routes.messages import CountTokensRequest, chat_messages
+from dashchat.server.routes.responses import ResponsesRequest, input_messages
 
 THOUGHT = "<think>\nThe user asks 2+2. That is 4.\n</think>\n\n"
 REASONING = "The user asks 2+2. That is 4."

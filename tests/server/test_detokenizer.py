@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from server_fakes import ByteTokenizer
 
-from dashchat.server.detokenizer import (
+from dashchat.server.text.detokenizer import (
     IncrementalDetokenizer,
     StopChecker,
     TextStream,

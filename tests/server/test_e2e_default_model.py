@@ -65,7 +65,7 @@ def _greedy_answers(base_url: str) -> list[str]:
 def test_two_ranks_serve_the_quick_start_as_one_device() -> None:
     """`--device-list 0 1`: the default model over two CPU ranks passes the seed's script and gives
     the one-device greedy answers, plain and grammar-constrained. Float32 weights on both sides: with
-    GGUF blocks a greedy near-tie may part a cold prompt from a prefix-cache hit (issue 14's notes),
+    GGUF blocks a greedy near-tie may part a cold prompt from a prefix-cache hit (8-row and per-row kernel tiles round differently),
     and this compares the split, not the kernels; the GGUF shards are checked in test_gguf_loading."""
     flags = ("--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "0.25", "--quantization", "none")
     one = ServerProcess(*flags).wait_ready()

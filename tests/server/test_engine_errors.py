@@ -16,8 +16,8 @@ from starlette.testclient import TestClient
 from dashchat.engine.types import EngineDead, EngineError
 from dashchat.server.app import build_app
 from dashchat.server.config import ServerConfig
-from dashchat.server.detokenizer import TokenPieces
-from dashchat.server.generation import _cancel
+from dashchat.server.text.detokenizer import TokenPieces
+from dashchat.server.generation.runner import _cancel
 
 MSG = [{"role": "user", "content": "hi"}]
 SECRET = "CUDA error: device-side assert at /home/builder/torch/aten/src/Indexing.cu:1289"

@@ -115,7 +115,7 @@ def web_server() -> Iterator[ServerProcess]:
     """SmolLM2 on the CPU with a small context, as a person would start it for the page. Float32
     weights (--quantization none): the page's answer is compared with the API's for the same greedy
     request, and with GGUF blocks a cold prompt and a prefix-cache hit may still part on a near-tie
-    (their float sums differ in order; see issue 14's notes)."""
+    (their float sums differ in order: 8-row and per-row kernel tiles)."""
     yield from running(*SMOLLM_ARGS, "--max-model-len", "1024", "--max-num-seqs", "4", "--quantization", "none")
 
 

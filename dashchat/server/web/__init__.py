@@ -1,4 +1,4 @@
-"""The browser chat page (issue 16): `GET /` and its assets under `/ui/`, read from the installed package.
+"""The browser chat page: `GET /` and its assets under `/ui/`, read from the installed package.
 
 The page is static: it talks to the server only through the public API (`/v1/models`,
 `/v1/chat/completions` with `stream: true`), like any other client, so it holds no secret and is

@@ -9,9 +9,9 @@ import uuid
 from contextlib import aclosing
 from typing import Any
 
-from dashchat.server.detokenizer import TextStream
-from dashchat.server.errors import bad_request
-from dashchat.server.generation import (
+from dashchat.server.text.detokenizer import TextStream
+from dashchat.server.plumbing.errors import bad_request
+from dashchat.server.generation.runner import (
     Choice,
     EngineResponse,
     Sender,
@@ -19,12 +19,12 @@ from dashchat.server.generation import (
     gather_choices,
     run_choices,
 )
-from dashchat.server.logprobs import chat_entries
+from dashchat.server.generation.logprobs import chat_entries
 from dashchat.server.protocol import ChatCompletionRequest, ChatMessage
-from dashchat.server.sampling import build_params, resolve_max_tokens, stop_list
-from dashchat.server.sse import DONE, event
+from dashchat.server.generation.sampling import build_params, resolve_max_tokens, stop_list
+from dashchat.server.plumbing.sse import DONE, event
 from dashchat.server.state import ServerState
-from dashchat.server.text_pipeline import (
+from dashchat.server.text.pipeline import (
     ChatPrompt,
     ContentEvent,
     OutputEvent,
@@ -36,7 +36,7 @@ from dashchat.server.text_pipeline import (
     render_prompt,
     template_kwargs,
 )
-from dashchat.server.tool_request import ToolPlan, plan_tools
+from dashchat.server.text.tool_request import ToolPlan, plan_tools
 
 log = logging.getLogger("dashchat.server")
 

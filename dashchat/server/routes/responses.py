@@ -2,7 +2,7 @@
 
 The request becomes a Chat Completions request (input items -> chat messages, `instructions` ->
 a system message first, function tools -> chat tools, `text.format` -> `response_format`) and runs
-through serving_chat.py via chat_bridge.py; the chat output is re-shaped into output items
+through routes/chat.py via chat_bridge.py; the chat output is re-shaped into output items
 (`reasoning`, `message`, `function_call`) and, when streaming, into the typed events in OpenAI's
 order, each with `type` and a `sequence_number` counting from 0.
 
@@ -20,9 +20,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.responses import JSONResponse, Response
 
-from dashchat.server.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
-from dashchat.server.errors import APIError, bad_request
-from dashchat.server.response_store import ResponseStore
+from dashchat.server.routes.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
+from dashchat.server.plumbing.errors import APIError, bad_request
+from dashchat.server.routes.response_store import ResponseStore
 from dashchat.server.state import ServerState
 
 
@@ -520,7 +520,7 @@ def response_not_found(rid: str) -> APIError:
 
 
 async def create_response(state: ServerState, store: ResponseStore, req: ResponsesRequest) -> Response:
-    from dashchat.server.serving_chat import create_chat_completion
+    from dashchat.server.routes.chat import create_chat_completion
 
     model = state.check_model(req.model)
     if req.background:

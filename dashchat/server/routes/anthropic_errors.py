@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashchat.server.errors import APIError
+from dashchat.server.plumbing.errors import APIError
 
 MESSAGES_PREFIX = "/v1/messages"
 

@@ -28,18 +28,18 @@ from dashchat.engine.types import (
     SamplingParams,
     TokenLogprob,
 )
-from dashchat.server.detokenizer import TextStream
-from dashchat.server.errors import (
+from dashchat.server.text.detokenizer import TextStream
+from dashchat.server.plumbing.errors import (
     APIError,
     from_engine_error,
     request_timeout,
     shutting_down,
 )
-from dashchat.server.sse import DONE, JSON_HEADERS, SSE_HEADERS, dumps, event
+from dashchat.server.plumbing.sse import DONE, JSON_HEADERS, SSE_HEADERS, dumps, event
 from dashchat.server.state import ServerState
 
 if TYPE_CHECKING:
-    from dashchat.server.text_pipeline import OutputEvent, OutputParser
+    from dashchat.server.text.pipeline import OutputEvent, OutputParser
 
 log = logging.getLogger("dashchat.server")
 

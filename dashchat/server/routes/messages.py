@@ -1,7 +1,7 @@
 """POST /v1/messages and /v1/messages/count_tokens (Anthropic's Messages API).
 
 As /v1/responses does, the request becomes a Chat Completions request and runs through
-serving_chat.py (chat_bridge.py); the chat output is re-shaped into content blocks (`thinking`,
+routes/chat.py (chat_bridge.py); the chat output is re-shaped into content blocks (`thinking`,
 `text`, `tool_use`) and, when streaming, Anthropic's events (`message_start`,
 `content_block_start` / `_delta` / `_stop`, `message_delta`, `message_stop`). Every error on these
 routes has Anthropic's shape, `{"type": "error", "error": {"type", "message"}}` (app.py picks the
@@ -17,9 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from dashchat.server.anthropic_errors import MESSAGES_PREFIX, anthropic_error_body
-from dashchat.server.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
-from dashchat.server.errors import APIError, bad_request
+from dashchat.server.routes.anthropic_errors import MESSAGES_PREFIX, anthropic_error_body
+from dashchat.server.routes.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
+from dashchat.server.plumbing.errors import APIError, bad_request
 from dashchat.server.state import ServerState
 
 
@@ -341,7 +341,7 @@ class MessagesSink(ChatSink):
 
 
 async def create_message(state: ServerState, req: MessagesRequest) -> Response:
-    from dashchat.server.serving_chat import create_chat_completion
+    from dashchat.server.routes.chat import create_chat_completion
 
     model = state.check_model(req.model)
     chat = _chat_request(req, model)
@@ -362,8 +362,8 @@ async def create_message(state: ServerState, req: MessagesRequest) -> Response:
 async def count_tokens(state: ServerState, req: CountTokensRequest) -> Response:
     import asyncio
 
-    from dashchat.server.text_pipeline import render_prompt, template_kwargs
-    from dashchat.server.tool_request import plan_tools
+    from dashchat.server.text.pipeline import render_prompt, template_kwargs
+    from dashchat.server.text.tool_request import plan_tools
 
     model = state.check_model(req.model)
     chat_req = to_chat_request(_chat_request(req, model), _rename_param)

@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from dashchat.server.errors import APIError, bad_request
+from dashchat.server.plumbing.errors import APIError, bad_request
 
 
 def param_path(loc: Sequence[Any]) -> str | None:

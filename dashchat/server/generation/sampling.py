@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dashchat.engine.types import LogitsProcessorFactory, SamplingParams
 from dashchat.server.config import ServerConfig
-from dashchat.server.errors import bad_request, context_length_exceeded
+from dashchat.server.plumbing.errors import bad_request, context_length_exceeded
 from dashchat.server.protocol import _SamplingFields
 
 

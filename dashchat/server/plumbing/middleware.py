@@ -14,11 +14,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dashchat.server.anthropic_errors import error_body_for
-from dashchat.server.errors import APIError
-from dashchat.server.metrics import Metrics
-from dashchat.server.sse import dumps
-from dashchat.server.validation import check_json_body
+from dashchat.server.routes.anthropic_errors import error_body_for
+from dashchat.server.plumbing.errors import APIError
+from dashchat.server.plumbing.metrics import Metrics
+from dashchat.server.plumbing.sse import dumps
+from dashchat.server.plumbing.validation import check_json_body
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

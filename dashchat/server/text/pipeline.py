@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dashchat.engine.types import LogitsProcessorFactory
-from dashchat.server.errors import APIError, bad_request
-from dashchat.server.reasoning import (
+from dashchat.server.plumbing.errors import APIError, bad_request
+from dashchat.server.text.reasoning import (
     ReasoningEvent,
     ReasoningFormat,
     ReasoningParser,
@@ -24,7 +24,7 @@ from dashchat.server.reasoning import (
     think_start,
 )
 from dashchat.server.state import ServerState
-from dashchat.server.tool_parser import (
+from dashchat.server.text.tool_parser import (
     ContentEvent,
     ParserEvent,
     ToolArgumentsEvent,
@@ -33,7 +33,7 @@ from dashchat.server.tool_parser import (
     ToolCallStreamParser,
     collect,
 )
-from dashchat.server.tool_request import ToolPlan
+from dashchat.server.text.tool_request import ToolPlan
 
 log = logging.getLogger("dashchat.server")
 
@@ -82,7 +82,7 @@ def render_prompt(state: ServerState, messages: list[dict[str, Any]], tools: lis
                   add_generation_prompt: bool = True) -> ChatPrompt:
     """Messages in OpenAI's chat shape (assistant turns may carry `reasoning_content`) -> prompt.
     Blocking (template + tokenizer): call it with asyncio.to_thread."""
-    from dashchat.server.chat_template import ChatTemplateError, render_chat_prompt
+    from dashchat.server.text.chat_template import ChatTemplateError, render_chat_prompt
 
     try:
         text = render_chat_prompt(state.tokenizer, messages, tools=tools or None,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dashchat.server.config import ServerConfig
-from dashchat.server.errors import bad_request
+from dashchat.server.plumbing.errors import bad_request
 from dashchat.server.protocol import ChatCompletionRequest, ChatMessage
 
 
@@ -90,7 +90,7 @@ def plan_tools(req: ChatCompletionRequest, cfg: ServerConfig) -> ToolPlan:
 
 def _validate(tools: list[dict[str, Any]], param: str) -> None:
     try:
-        from dashchat.server.grammar import validate_tools
+        from dashchat.server.text.grammar import validate_tools
     except ImportError:
         return
     try:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dashchat.engine.types import TokenLogprob
-from dashchat.server.detokenizer import TokenPieces
+from dashchat.server.text.detokenizer import TokenPieces
 
 _FLOOR = -9999.0  # -inf is not JSON; OpenAI reports this floor instead
 

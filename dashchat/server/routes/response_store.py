@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from dashchat.server.sse import dumps
+from dashchat.server.plumbing.sse import dumps
 
 
 @dataclass

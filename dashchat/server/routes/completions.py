@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from dashchat.server.detokenizer import TextStream
-from dashchat.server.errors import bad_request
-from dashchat.server.generation import (
+from dashchat.server.text.detokenizer import TextStream
+from dashchat.server.plumbing.errors import bad_request
+from dashchat.server.generation.runner import (
     Choice,
     EngineResponse,
     Event,
@@ -20,10 +20,10 @@ from dashchat.server.generation import (
     gather_choices,
     run_choices,
 )
-from dashchat.server.logprobs import completion_logprobs
+from dashchat.server.generation.logprobs import completion_logprobs
 from dashchat.server.protocol import CompletionRequest
-from dashchat.server.sampling import build_params, resolve_max_tokens, stop_list
-from dashchat.server.sse import DONE, event
+from dashchat.server.generation.sampling import build_params, resolve_max_tokens, stop_list
+from dashchat.server.plumbing.sse import DONE, event
 from dashchat.server.state import ServerState
 
 _MAX_PROMPTS = 16

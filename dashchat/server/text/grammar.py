@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from dashchat.engine.types import LogitsProcessorFactory, NotReady
-from dashchat.server.reasoning import ReasoningFormat, ThinkStart
-from dashchat.server.tool_parser import (
+from dashchat.server.text.reasoning import ReasoningFormat, ThinkStart
+from dashchat.server.text.tool_parser import (
     DS_CALL_BEGIN,
     DS_CALL_END,
     DS_CALLS_END,

@@ -1,6 +1,6 @@
 """Other APIs (Responses, Anthropic Messages) served by the one Chat Completions run.
 
-A route translates its request into a `ChatCompletionRequest` and lets serving_chat.py do
+A route translates its request into a `ChatCompletionRequest` and lets routes/chat.py do
 everything: render, tool plan, grammars, engine, detokenizer, stop strings, abort on disconnect,
 timeouts, limits, metrics. `ChatBridge` runs that chat response and hands what it would have
 sent (the chat.completion body, or each chat.completion.chunk, or an error) to a `ChatSink`,
@@ -19,9 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from dashchat.server.errors import APIError
+from dashchat.server.plumbing.errors import APIError
 from dashchat.server.protocol import ChatCompletionRequest
-from dashchat.server.sse import SSE_HEADERS, dumps
+from dashchat.server.plumbing.sse import SSE_HEADERS, dumps
 
 try:
     import orjson
@@ -40,7 +40,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 def to_chat_request(body: dict[str, Any], rename: Callable[[APIError], APIError]) -> ChatCompletionRequest:
     """The translated request, checked by the chat model; what it rejects is the client's 400, named
     (by `rename`) in the client's API where the field maps one to one."""
-    from dashchat.server.validation import from_validation_errors
+    from dashchat.server.plumbing.validation import from_validation_errors
 
     try:
         return ChatCompletionRequest.model_validate(body)

@@ -13,11 +13,11 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from dashchat.server.errors import bad_request
+from dashchat.server.plumbing.errors import bad_request
 from dashchat.server.protocol import DetokenizeRequest, TokenizeRequest
-from dashchat.server.sse import dumps
+from dashchat.server.plumbing.sse import dumps
 from dashchat.server.state import ServerState
-from dashchat.server.text_pipeline import render_prompt, template_kwargs
+from dashchat.server.text.pipeline import render_prompt, template_kwargs
 
 
 class _JSON(Response):
