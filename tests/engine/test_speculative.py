@@ -20,6 +20,7 @@ from dashchat.engine.native.sequence import Sequence
 from dashchat.engine.native.speculative import NgramIndex, SpeculativeConfig
 from dashchat.engine.types import SamplingParams
 from dashchat.models.resolve import resolve_model
+from dashchat.server.plumbing.metrics import Metrics
 
 NGRAM = '{"method": "ngram"}'
 _CODE = "\n".join(f"def area_{i}(width, height):\n    return width * height + {i}" for i in range(8))
@@ -90,6 +91,10 @@ def test_greedy_is_identical_on_smollm2(smol):
     stats = spec.stats()
     assert stats.spec_accepted_tokens > 100 and stats.spec_drafts > 0
     assert stats.kv_blocks_used == 0  # rejected positions' blocks all came back
+    text = Metrics(spec).render().decode()
+    assert f"dashchat_spec_decode_num_accepted_tokens_total {float(stats.spec_accepted_tokens)}" in text
+    rate = stats.spec_accepted_tokens / stats.spec_draft_tokens
+    assert f"dashchat_spec_decode_acceptance_rate {rate}" in text
 
 
 def test_greedy_is_identical_on_qwen_coder():
