@@ -97,6 +97,21 @@ def test_greedy_is_identical_on_smollm2(smol):
     assert f"dashchat_spec_decode_acceptance_rate {rate}" in text
 
 
+def test_prefix_cache_holds_only_kept_tokens(smol):
+    """An answer's blocks written by verification steps serve a later prompt that quotes it, as
+    the blocks written by plain decode steps do: same hits, same continuation."""
+    plain, spec = smol
+    answer = run(plain, EDIT, greedy(120))[0].token_ids
+    run(spec, EDIT, greedy(120))
+    follow_up = plain.tokenizer.encode(EDIT) + answer[:100]
+    got = []
+    for engine in (plain, spec):
+        hits = engine.stats().prefix_cache_hits
+        got.append(asyncio.run(collect(engine, follow_up, greedy(30)))[0].token_ids)
+        got.append(engine.stats().prefix_cache_hits - hits)
+    assert got[0] == got[2] and got[1] == got[3] and got[3] >= len(follow_up) - 32
+
+
 def test_greedy_is_identical_on_qwen_coder():
     if kernel_library() is None:
         pytest.skip("no C compiler")

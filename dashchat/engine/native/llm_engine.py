@@ -447,8 +447,10 @@ class AsyncLLMEngine:
                 continue
             tokens, accepted = result
             if seq in proposals:
-                self._settle_proposal(seq, len(proposals[seq]), accepted)
-            if not tokens:
+                self.speculator.record(seq, len(proposals[seq]), accepted)
+            if not tokens:  # its processor was not ready: the proposals' blocks go back
+                if seq in proposals:
+                    self.blocks.trim(seq, seq.num_tokens)
                 continue
             touched[seq.request_id] = request
             first = seq.num_output_tokens == 0
@@ -460,15 +462,16 @@ class AsyncLLMEngine:
                 for child in request.seqs[1:]:  # parent's prompt KV is now cached
                     child.blocked_on = None
             if seq in proposals and not seq.is_finished:
-                self.blocks.trim(seq, seq.num_tokens)  # the rejected positions' blocks go back
+                self._keep_accepted(seq, accepted)
         self._publish(touched.values())
         return progress
 
-    def _settle_proposal(self, seq: Sequence, proposed: int, accepted: int) -> None:
-        """The accepted proposals' KV is the sequence's own now (and their full blocks cacheable)."""
+    def _keep_accepted(self, seq: Sequence, accepted: int) -> None:
+        """The accepted proposals' KV is the sequence's own now (their full blocks cacheable); the
+        blocks past its tokens, which held only rejected positions, go back."""
         seq.num_computed_tokens += accepted
         self.blocks.register_full_blocks(seq)
-        self.speculator.record(seq, proposed, accepted)
+        self.blocks.trim(seq, seq.num_tokens)
 
     def _sample_all(self, seqs: list[Sequence], logits: torch.Tensor,
                     proposals: dict[Sequence, list[int]]) -> list[tuple[list, int] | None]:
