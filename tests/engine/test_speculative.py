@@ -89,7 +89,7 @@ def test_greedy_is_identical_on_smollm2(smol):
         assert got.token_ids == want.token_ids
         assert got.finish_reason == want.finish_reason
     stats = spec.stats()
-    assert stats.spec_accepted_tokens > 100 and stats.spec_drafts > 0
+    assert stats.spec_accepted_tokens > 50 and stats.spec_drafts > 0
     assert stats.kv_blocks_used == 0  # rejected positions' blocks all came back
     text = Metrics(spec).render().decode()
     assert f"dashchat_spec_decode_num_accepted_tokens_total {float(stats.spec_accepted_tokens)}" in text
@@ -124,7 +124,7 @@ def test_greedy_is_identical_on_qwen_coder():
         finally:
             engine.shutdown()
     assert results[1] == results[0]
-    assert stats.spec_accepted_tokens > 40
+    assert stats.spec_accepted_tokens > 20
 
 
 def test_greedy_streams_together_are_identical(smol):

@@ -163,7 +163,8 @@ class AsyncLLMEngine:
         if args.speculative_config:
             # CUDA graphs hold max_num_seqs decode rows
             rows = MAX_VERIFY_ROWS if args.device == "cpu" else min(MAX_VERIFY_ROWS, args.max_num_seqs)
-            self.speculator = Speculator(SpeculativeConfig.parse(args.speculative_config), self.max_model_len, rows)
+            self.speculator = Speculator(SpeculativeConfig.parse(args.speculative_config), self.max_model_len, rows,
+                                         args.device)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget, self.speculator)
         per_rank = f" per rank, {self.world.size} ranks" if self.world.size > 1 else ""
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB%s)", num_blocks, args.block_size, budget, per_rank)

@@ -106,14 +106,9 @@ class Scheduler:
             seq.proposal = []
         if self.speculator is None:
             return 0
-        room = self.speculator.rows_for(len(decodes))
-        share = max(1, room // max(1, len(decodes)))  # several streams split the rows
         added = 0
-        for seq in decodes:
-            if room - added <= 0:
-                break
-            proposal = self.speculator.propose(seq, min(share, room - added))
-            if proposal and self.blocks.allocate(seq, seq.num_tokens + len(proposal)):
+        for seq, proposal in self.speculator.plan(decodes):
+            if self.blocks.allocate(seq, seq.num_tokens + len(proposal)):
                 seq.proposal = proposal
                 added += len(proposal)
         return added

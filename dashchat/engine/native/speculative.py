@@ -102,25 +102,49 @@ class NgramIndex:
 
 @dataclass
 class SpecState:
-    """Per sequence: its index and how far its proposals are trusted now."""
+    """Per sequence: its index and how often its proposals have been right lately."""
 
     index: NgramIndex
-    k: int  # proposals next time (grows on full acceptance, drops to what was accepted)
-    misses: int = 0  # proposals rejected outright, in a row
-    pause: int = 0  # steps left without proposing
+    hits: float = 0.0  # proposed tokens kept (decayed)
+    trials: float = 0.0  # proposed tokens judged: the kept ones and the first rejected one (decayed)
+    idle: int = 0  # steps since it last proposed
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that the next proposed token is kept (the prior counts as 2 trials)."""
+        return (self.hits + 2 * _PRIOR_ACCEPTANCE) / (self.trials + 2)
 
 
-_MISSES_BEFORE_PAUSE = 3
-_PAUSE_STEPS = 8
+_PRIOR_ACCEPTANCE = 0.75
+_DECAY = 0.7  # per verification: recent ones count most (an answer copies in runs)
+_PROBE_EVERY = 32  # steps: a sequence that stopped proposing tries one token again
+# Cost of a decode step of m rows over one row's, m = 1..7, on the CPU GGUF path: the per-row tiles
+# grow with the rows (one thread's CPU time, Qwen2.5-Coder-0.5B Q4_K_M: 1, 1.46, -, 2.6, 3.45, -, 5.0).
+_CPU_ROW_COST = (1.0, 1.46, 2.03, 2.6, 3.45, 4.2, 5.0)
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a step yields for a sequence with k proposals: 1 + a + a^2 + ... + a^k."""
+    return sum(acceptance**i for i in range(k + 1))
 
 
 class Speculator:
-    """Chooses each step's proposals and learns from what the model accepted."""
+    """Chooses each step's proposals and learns from what the model accepted.
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, max_rows: int = MAX_VERIFY_ROWS) -> None:
+    A proposal costs rows; each extra row costs a share of a step (`_CPU_ROW_COST` on CPU, where the
+    kernels are compute-bound; little on a GPU). Per step the proposals are chosen to maximise the
+    expected tokens per unit of step cost, given each sequence's recent acceptance: a sequence whose
+    proposals keep failing stops proposing (probing one token now and then), and one that is copying
+    its prompt proposes several. The choice depends only on the tokens, never on timings, so a seeded
+    request stays reproducible.
+    """
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, max_rows: int = MAX_VERIFY_ROWS,
+                 device: str = "cpu") -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.max_rows = max_rows
+        self.device = device
         # counters for stats (vLLM's names: drafts, draft tokens, accepted tokens)
         self.num_drafts = 0
         self.num_draft_tokens = 0
@@ -129,7 +153,7 @@ class Speculator:
     def _state(self, seq: Sequence) -> SpecState:
         if seq.spec is None:
             c = self.config
-            seq.spec = SpecState(NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max), c.num_speculative_tokens)
+            seq.spec = SpecState(NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max))
         return seq.spec
 
     def rows_for(self, num_decodes: int) -> int:
@@ -138,30 +162,53 @@ class Speculator:
             return 0
         return max(0, self.max_rows - num_decodes)
 
-    def propose(self, seq: Sequence, room: int) -> list[int]:
-        """At most `room` proposals for `seq` (none while it is paused after repeated misses, or
-        where they could not all be kept: past max_tokens)."""
-        state = self._state(seq)
-        if state.pause:
-            state.pause -= 1
+    def cost(self, rows: int) -> float:
+        if self.device == "cpu":
+            return _CPU_ROW_COST[rows - 1] if rows <= len(_CPU_ROW_COST) else rows * 0.7
+        return 1.0 + 0.02 * (rows - 1)
+
+    def plan(self, decodes: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """This step's proposals: (sequence, proposed tokens) for those that get any."""
+        room = self.rows_for(len(decodes))
+        if room <= 0:
             return []
-        p = seq.params
-        # the step's own token comes on top of the proposals
-        left = min(p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
-        k = min(state.k, room, left)
-        if k <= 0:
-            return []
-        return state.index.propose(seq.token_ids, k)
+        rows, tokens = len(decodes), float(len(decodes))
+        plans = []
+        for seq in decodes:
+            state = self._state(seq)
+            p = seq.params
+            # the step's own token comes on top of the proposals
+            left = min(p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+            limit = min(self.config.num_speculative_tokens, len(decodes) + room - rows, left)
+            if limit <= 0:
+                continue
+            k = self._best_k(state.acceptance, rows, tokens, limit)
+            if k == 0:
+                state.idle += 1
+                if state.idle < _PROBE_EVERY:
+                    continue
+                k = 1  # now and then, so that a sequence that starts copying is noticed
+            proposal = state.index.propose(seq.token_ids, k)
+            if not proposal:
+                continue
+            state.idle = 0
+            plans.append((seq, proposal))
+            rows += len(proposal)
+            tokens += expected_tokens(state.acceptance, len(proposal)) - 1
+        return plans
+
+    def _best_k(self, acceptance: float, rows: int, tokens: float, limit: int) -> int:
+        best, best_rate = 0, tokens / self.cost(rows)
+        for k in range(1, limit + 1):
+            rate = (tokens + expected_tokens(acceptance, k) - 1) / self.cost(rows + k)
+            if rate > best_rate * 1.001:
+                best, best_rate = k, rate
+        return best
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         state = self._state(seq)
         self.num_drafts += 1
         self.num_draft_tokens += proposed
         self.num_accepted_tokens += accepted
-        if accepted == proposed:
-            state.k = min(self.config.num_speculative_tokens, state.k + 2)
-        else:
-            state.k = max(1, accepted + 1)
-        state.misses = state.misses + 1 if accepted == 0 else 0
-        if state.misses >= _MISSES_BEFORE_PAUSE:
-            state.misses, state.pause = 0, _PAUSE_STEPS
+        state.hits = _DECAY * state.hits + accepted
+        state.trials = _DECAY * state.trials + accepted + (accepted < proposed)
