@@ -9,7 +9,7 @@ Through the engine directly (AsyncLLMEngine, GGUF as shipped, greedy):
         aggregate tok/s both ways. The ratio must stay >= 0.97x for n-gram speculation to be worth
         turning on by default.
 
-    python bench/speculative.py [--model qwen2.5-coder-0.5b-instruct] [--rounds 3] [--only edit|chat]
+    python bench/speculative.py [--model qwen2.5-coder-0.5b-instruct] [--rounds 3] [--edits 3] [--only edit|chat]
         [--streams 1 8 32] [--chat-tokens 128] [--threads N] [--json PATH]
 """
 
@@ -145,7 +145,7 @@ async def _batch(engine: AsyncLLMEngine, texts: list[str], params: SamplingParam
     return sum(counts), time.perf_counter() - start
 
 
-def bench_edit(engines: dict[str, Counted], rounds: int) -> dict:
+def bench_edit(engines: dict[str, Counted], rounds: int, edits: int) -> dict:
     params = SamplingParams(max_tokens=700, temperature=0.0)
     speeds: dict[str, list[float]] = {k: [] for k in engines}
     tokens_per_pass: list[float] = []
@@ -153,7 +153,7 @@ def bench_edit(engines: dict[str, Counted], rounds: int) -> dict:
     before = spec.stats()
     for r in range(rounds):
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
-        for change in EDITS:
+        for change in EDITS[:edits]:
             for name in order:
                 counted = engines[name]
                 steps = counted.steps
@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=["edit", "chat"], default=None)
+    ap.add_argument("--edits", type=int, default=len(EDITS), help="code-edit requests a round (at most 3)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--chat-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
@@ -204,7 +205,7 @@ def main() -> None:
     results: dict = {"model": args.model, "load_before": os.getloadavg()}
     try:
         if args.only in (None, "edit"):
-            results["edit"] = e = bench_edit(engines, args.rounds)
+            results["edit"] = e = bench_edit(engines, args.rounds, args.edits)
             print(f"code edit, one stream: {e['tok_s_off']:.1f} -> {e['tok_s_ngram']:.1f} tok/s "
                   f"({e['speedup']:.2f}x); acceptance {e['acceptance']:.0%}, "
                   f"{e['tokens_per_forward_pass']:.2f} tokens per forward pass", flush=True)
