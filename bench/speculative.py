@@ -172,16 +172,21 @@ def bench_edit(engines: dict[str, Counted], rounds: int, edits: int) -> dict:
 def bench_chat(engines: dict[str, Counted], rounds: int, streams: list[int], new_tokens: int) -> dict:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     out = {}
+    spec = engines["ngram"].engine
     for n in streams:
         texts = [CHAT[i % len(CHAT)] for i in range(n)]
         speeds: dict[str, list[float]] = {k: [] for k in engines}
+        before = spec.stats()
         for r in range(rounds):
             order = list(engines) if r % 2 == 0 else list(reversed(engines))
             for name in order:
                 tokens, seconds = asyncio.run(_batch(engines[name].engine, texts, params))
                 speeds[name].append(tokens / seconds)
         off, on = statistics.median(speeds["off"]), statistics.median(speeds["ngram"])
-        out[n] = {"tok_s_off": off, "tok_s_ngram": on, "ratio": on / off}
+        after = spec.stats()
+        out[n] = {"tok_s_off": off, "tok_s_ngram": on, "ratio": on / off,
+                  "draft_tokens": after.spec_draft_tokens - before.spec_draft_tokens,
+                  "accepted_tokens": after.spec_accepted_tokens - before.spec_accepted_tokens}
     return out
 
 
@@ -213,7 +218,8 @@ def main() -> None:
             results["chat"] = c = bench_chat(engines, args.rounds, args.streams, args.chat_tokens)
             for n, row in c.items():
                 print(f"chat, {n} stream(s): {row['tok_s_off']:.1f} -> {row['tok_s_ngram']:.1f} tok/s "
-                      f"({row['ratio']:.3f}x)", flush=True)
+                      f"({row['ratio']:.3f}x); proposed {row['draft_tokens']}, accepted {row['accepted_tokens']}",
+                      flush=True)
     finally:
         for counted in engines.values():
             counted.engine.shutdown()
