@@ -118,16 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--node-rank", type=int, default=0,
                    help="This machine's index: node 0 serves HTTP and holds rank 0; the others run --headless.")
     d.add_argument("--master-addr", default="127.0.0.1",
-                   help="Node 0's address, where the ranks meet (torch.distributed's rendezvous).")
+                   help="Node 0's address, where the ranks meet (torch.distributed's rendezvous); node 0 listens "
+                        "on this address only. One node: loopback only. Several nodes: an address on the network "
+                        "the nodes share, whose port only they can reach (whoever reaches it can pose as a rank).")
     d.add_argument("--master-port", type=int, default=None,
                    help="A free port on node 0 for the rendezvous. Default on one node: any free port; "
                         "required with several nodes.")
+    d.add_argument("--allow-wildcard-master-addr", action="store_true",
+                   help="Let node 0 of several take --master-addr 0.0.0.0 (or ::) and listen for the "
+                        "rendezvous on every interface. Refused without this flag.")
     d.add_argument("--headless", action="store_true",
                    help="Run this node's ranks only, no HTTP server (every node but node 0). Exits when "
                         "node 0 does.")
     d.add_argument("--distributed-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="A collective that takes longer while serving means a rank is lost: in-flight "
                         "requests fail and the server exits non-zero.")
+    d.add_argument("--distributed-load-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="How long the ranks wait for each other to join the rendezvous and to load the model. "
+                        "Node 0 then exits naming the ranks that never joined.")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: all interfaces).")
     s.add_argument("--port", type=int, default=8000, help="Port to listen on.")
@@ -237,6 +245,8 @@ def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, distributed_timeout_s=args.distributed_timeout,
+        distributed_load_timeout_s=args.distributed_load_timeout,
+        allow_wildcard_master_addr=args.allow_wildcard_master_addr,
     )
     return eargs
 

@@ -1,8 +1,9 @@
 """`--headless`: a node that holds tensor-parallel ranks and serves no HTTP.
 
-It starts one worker process per local rank and waits. When node 0 exits, the ranks' collectives
-fail (or time out), they exit, and so does this process: with code 0 when they were told to stop,
-else 1. SIGTERM / SIGINT stop the node's ranks too.
+It starts one worker process per local rank and waits. When node 0 stops it tells the ranks, they
+exit 0, and so does this process; when node 0 dies, the ranks' collectives fail (or time out), and
+they and this process exit 1, as when any rank fails. SIGTERM / SIGINT kill the node's ranks (which
+ignore those signals themselves) and exit 0.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 from ..engine.args import EngineArgs
-from .launch import plan_world, start_workers, stop_workers
+from .launch import WorkerProcess, plan_world, start_workers, stop_workers
 
 log = logging.getLogger("dashchat.headless")
 
@@ -32,25 +34,33 @@ def run_headless(args: EngineArgs) -> int:
     workers = start_workers(args, world, places)
     log.info("node %d: ranks %s started; waiting for node 0 at %s:%d", world.node_rank,
              [p.rank for p in places], world.master_addr, world.master_port)
-    stopping = False
+    signalled: list[int] = []  # a plain list: a handler that took a lock the main thread holds would hang
+    signal.signal(signal.SIGTERM, lambda signum, _frame: signalled.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: signalled.append(signum))
+    return watch_ranks(workers, lambda: bool(signalled))
 
-    def stop(signum, _frame) -> None:
-        nonlocal stopping
-        stopping = True
-        for w in workers:
-            w.proc.terminate()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+def watch_ranks(workers: list[WorkerProcess], stop: Callable[[], bool], poll_s: float = 0.2) -> int:
+    """Wait for this node's ranks; every one is polled each round, so a failure of any is seen at
+    once. 0: they all exited 0 (node 0 told them to stop), or `stop()` turned true (this node was
+    told to stop). 1: a rank failed. Ranks still running then are killed (they ignore SIGTERM, and
+    without one of them the world cannot go on)."""
     code = 0
-    while any(w.proc.poll() is None for w in workers):
-        failed = [w for w in workers if w.proc.returncode not in (None, 0)]
-        if failed and not stopping:
-            log.error("rank %d failed: %s", failed[0].place.rank, failed[0].error_text())
+    while True:
+        codes = [w.proc.poll() for w in workers]
+        if stop():
+            break
+        failed = [w for w, rc in zip(workers, codes) if rc not in (None, 0)]
+        if failed:
+            for w in failed:
+                log.error("rank %d failed: %s", w.place.rank, w.error_text())
             code = 1
-            stop(None, None)
-        time.sleep(0.2)
-    if any(w.proc.returncode != 0 for w in workers) and not stopping:
-        code = 1
+            break
+        if None not in codes:
+            break
+        time.sleep(poll_s)
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.kill()
     stop_workers(workers)
     return code

@@ -38,3 +38,5 @@ class EngineArgs:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # default on one node: a free port
     distributed_timeout_s: float = 60.0  # a collective hung this long while serving means a rank is gone
+    distributed_load_timeout_s: float = 1800.0  # the ranks' wait for each other to join and load
+    allow_wildcard_master_addr: bool = False  # several nodes: let node 0's rendezvous listen on 0.0.0.0 / ::

@@ -45,7 +45,8 @@ SUPPORTED_GGUF_ARCHITECTURES = {
 }
 SUPPORTED_QUANT_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0",
 )  # fmt: skip
 
 
@@ -195,6 +196,26 @@ def read_tensors(path: str | os.PathLike[str]) -> list[Any]:
         tensors.append(ReaderTensor(name=name, tensor_type=qtype, shape=dims, n_elements=n_elems, n_bytes=n_bytes,
                                     data_offset=begin, data=data, field=None))
     return tensors
+
+
+_INT_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}  # GGUFValueType -> struct
+
+
+def read_header_int(path: str | os.PathLike[str], key: str) -> int | None:
+    """One integer of a GGUF header's key/values (e.g. general.file_type), stepping over the rest
+    undecoded as read_tensors does; None when the file has no such integer."""
+    buf = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    if magic != b"GGUF" or version not in (2, 3):
+        return None
+    off = 24
+    for _ in range(n_kv):
+        name, off = _string(buf, off)
+        (vtype,) = struct.unpack_from("<I", buf, off)
+        if name == key and vtype in _INT_FORMATS:
+            return int(struct.unpack_from(_INT_FORMATS[vtype], buf, off + 4)[0])
+        off = _skip_value(buf, off + 4, vtype, path)
+    return None
 
 
 def _string(buf: np.ndarray, off: int) -> tuple[str, int]:

@@ -28,6 +28,7 @@ from dashchat.server.protocol import ChatCompletionRequest, CompletionRequest
 from dashchat.server.routes.chat import create_chat_completion
 from dashchat.server.routes.completions import create_completion
 from dashchat.server.routes.messages import add_messages_routes
+from dashchat.server.routes.ollama import add_ollama_routes
 from dashchat.server.routes.tokenize import add_tokenize_routes
 from dashchat.server.routes.responses import add_responses_routes
 from dashchat.server.plumbing.sse import dumps
@@ -96,6 +97,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     add_responses_routes(app, state)
     add_messages_routes(app, state)
     add_tokenize_routes(app, state)
+    add_ollama_routes(app, state)
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "dashchat",

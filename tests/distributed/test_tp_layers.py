@@ -42,7 +42,7 @@ def one_rank_logits(model_dir: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("size", [2, 4])
-def test_logits_at_several_ranks_equal_one_rank(size, tiny_dirs, tmp_path):
+def test_logits_at_several_ranks_equal_one_rank_then_they_stop(size, tiny_dirs, tmp_path):
     families = sorted(tiny_dirs)
     dirs = [tiny_dirs[f] for f in families]
     mp.start_processes(rank_logits, args=(size, free_port("127.0.0.1"), dirs, IDS, str(tmp_path)), nprocs=size,
@@ -50,6 +50,10 @@ def test_logits_at_several_ranks_equal_one_rank(size, tiny_dirs, tmp_path):
     for i, family in enumerate(families):
         got = torch.load(tmp_path / f"logits-{i}.pt")
         torch.testing.assert_close(got, one_rank_logits(dirs[i]), atol=1e-5, rtol=1e-5, msg=family)
+    # STOP is acknowledged: rank 0's send returned only once every rank (the last one slow to read it)
+    # had it, and every rank exited 0 (start_processes raises otherwise)
+    has_stop = [float((tmp_path / f"has-stop-{r}").read_text()) for r in range(1, size)]
+    assert float((tmp_path / "stopped-0").read_text()) >= max(has_stop)
 
 
 def test_kv_heads_split_or_replicated():
@@ -119,3 +123,37 @@ def test_gguf_model_at_two_ranks_matches_one_rank(tmp_path):
         assert (two.argmax(-1) == one.argmax(-1)).float().mean() >= 0.9
         assert (two - one).abs().mean() < 0.1
         assert (two - ref).abs().mean() < 1.5 * (one - ref).abs().mean()
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_gguf_rank_holds_only_the_blocks_of_its_slice(size):
+    """o_proj and down_proj are split by input columns: a rank keeps, of each row, only the blocks that
+    cover its inputs (Q4_K/Q6_K super-blocks of 256 values, Q5_0 blocks of 32), not the whole rows, and
+    those blocks still hold exactly its slice of the weight."""
+    from dashchat.engine.quantization.gguf import GGUFLinear
+    from dashchat.engine.quantization.gguf_loading import _linear_blocks, gguf_source
+    from dashchat.models.gguf_convert import read_tensors
+    from dashchat.models.resolve import resolve_model
+
+    model_dir = str(resolve_model("qwen2.5-coder-0.5b-instruct").path)
+    cfg = ModelConfig.from_dir(model_dir)
+    tensors = {t.name: t for t in read_tensors(gguf_source(model_dir))}
+
+    def blocks(rank: int, ranks: int) -> dict:
+        return {path: parts for path, (parts, _) in _linear_blocks(tensors, cfg, ShardPlan(cfg, rank, ranks)).items()}
+
+    whole = blocks(0, 1)
+    total = sum(b.view.nbytes for parts in whole.values() for b in parts.values())
+    for rank in range(size):
+        mine = blocks(rank, size)
+        held = sum(b.view.nbytes for parts in mine.values() for b in parts.values())
+        # a quarter at 4 ranks, plus the K-quant super-blocks that straddle two ranks (before: 41%)
+        assert held <= total * (1 / size + 0.015), (rank, held / total)
+        for path in ("layers.0.self_attn.o_proj", "layers.0.mlp.down_proj", "layers.3.mlp.down_proj"):
+            [part] = mine[path].values()
+            start, length = ShardPlan(cfg, rank, size).rows("mlp" if "mlp" in path else "q")
+            full = whole[path][0].part()
+            reference = GGUFLinear(full.k_full, full.rows, [full]).dequantize()[:, start : start + length]
+            assert part.view.nbytes < whole[path][0].view.nbytes * (1 / size + 0.1), path
+            got = GGUFLinear(length, part.view.shape[0], [part.part()]).dequantize()
+            assert torch.equal(got, reference), (path, part.type_name)

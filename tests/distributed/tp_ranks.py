@@ -7,7 +7,8 @@ import torch
 
 
 def rank_logits(rank: int, size: int, port: int, model_dirs: list[str], ids: list[int], out_dir: str) -> None:
-    """Build each model's shard for this rank, run one causal forward; rank 0 saves the logits."""
+    """Build each model's shard for this rank, run one causal forward; rank 0 saves the logits. Then
+    the STOP handshake."""
     from dashchat.distributed.group import ParallelGroup
     from dashchat.engine.quantization.int8 import _causal_attention
     from dashchat.models.config import ModelConfig
@@ -15,7 +16,7 @@ def rank_logits(rank: int, size: int, port: int, model_dirs: list[str], ids: lis
     from dashchat.models.weights import iter_weight_slices
 
     torch.set_num_threads(1)
-    group = ParallelGroup(rank, size, torch.device("cpu"), "127.0.0.1", port)
+    group = ParallelGroup(rank, size, torch.device("cpu"), "127.0.0.1", port, loopback=True)
     try:
         group.start_serving(60)
         tokens = torch.tensor(ids)
@@ -28,6 +29,7 @@ def rank_logits(rank: int, size: int, port: int, model_dirs: list[str], ids: lis
                 logits = model.compute_logits(model(tokens, torch.arange(len(tokens)), _causal_attention))
             if rank == 0:
                 torch.save(logits, f"{out_dir}/logits-{i}.pt")
+        stop_handshake(group, rank, size, out_dir)
     finally:
         group.destroy()
 
@@ -61,3 +63,26 @@ def rank_gguf_logits(rank: int, size: int, port: int, model_dir: str, ids: list[
                 torch.save(logits, f"{out_dir}/gguf-logits-{n}.pt")
     finally:
         group.destroy()
+
+
+
+def stop_handshake(group, rank: int, size: int, out_dir: str) -> None:
+    """Rank 0 sends STOP as the engine does at shutdown and writes when that returned; the others
+    (the last one slow to read it) receive it as a worker does and write when they had it."""
+    import time
+
+    from dashchat.engine.native.step_inputs import STOP, receive_step, send_command
+
+    cpu = torch.device("cpu")
+    if rank == 0:
+        send_command(group, STOP, cpu)
+        group.acknowledge_stop()
+    else:
+        if rank == size - 1:
+            time.sleep(0.5)
+        assert receive_step(group, cpu) == STOP
+    stamp = time.time()
+    if rank:
+        group.acknowledge_stop()
+    with open(f"{out_dir}/{'stopped' if rank == 0 else 'has-stop'}-{rank}", "w") as f:
+        f.write(repr(stamp))

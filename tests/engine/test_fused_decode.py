@@ -11,7 +11,7 @@ import torch
 from dashchat.engine.cpu.decode_step import FusedDecode
 from dashchat.engine.cpu.kernels import kernel_library
 from dashchat.engine.native.model_runner import ModelRunner
-from dashchat.engine.quantization.gguf import BLOCK_TYPES, GGUFLinear, GGUFPart
+from dashchat.engine.quantization.gguf import BLOCK_TYPES, FLOAT16_TYPES, GGUFLinear, GGUFPart
 from dashchat.models.config import ModelConfig
 from engine.test_gguf_kernels import random_blocks
 from tiny_models import save_tiny
@@ -77,8 +77,10 @@ def test_tiny_models_with_every_block_type(family: str, tmp_path) -> None:
     cfg = ModelConfig.from_dir(tmp_path)
     runner = ModelRunner(str(tmp_path), cfg, torch.device("cpu"), torch.float32, 64, BLOCK, "none")
     assert runner.fused_decode is None  # float linears: the modules run
-    # 32-value block types only: the tiny model's 64/128-wide inputs are not whole 256-value super-blocks
-    _with_random_gguf_layers(runner, sorted(t for t, (_, per_block, _) in BLOCK_TYPES.items() if per_block == 32))
+    # 32-value block types only: the tiny model's 64/128-wide inputs are not whole 256-value super-blocks;
+    # integer-product ones (a 16-bit layer runs as a module: see test_not_built_for_a_float_layer)
+    _with_random_gguf_layers(runner, sorted(t for t, (_, per_block, _) in BLOCK_TYPES.items()
+                                            if per_block == 32 and t not in FLOAT16_TYPES))
     runner.fused_decode = FusedDecode.build(runner.model, runner.kv_cache, BLOCK, cfg.head_dim**-0.5)
     for batch, context in ((1, 20), (7, 50)):
         reference, fused = decode_both_ways(runner, batch, context, seed=batch)
@@ -86,7 +88,7 @@ def test_tiny_models_with_every_block_type(family: str, tmp_path) -> None:
 
 
 def test_k_quant_layers(tmp_path) -> None:
-    """Q4_K/Q5_K/Q6_K need 256-wide inputs: a tiny Llama of hidden size 256."""
+    """K-quants and IQ4_XS need 256-wide inputs: a tiny Llama of hidden size 256."""
     import json
 
     save_tiny("mistral", tmp_path)
@@ -99,7 +101,7 @@ def test_k_quant_layers(tmp_path) -> None:
     model.save_pretrained(tmp_path, safe_serialization=True)
     cfg = ModelConfig.from_dir(tmp_path)
     runner = ModelRunner(str(tmp_path), cfg, torch.device("cpu"), torch.float32, 64, BLOCK, "none")
-    _with_random_gguf_layers(runner, ["Q4_K", "Q5_K", "Q6_K"])
+    _with_random_gguf_layers(runner, ["Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_XS"])
     runner.fused_decode = FusedDecode.build(runner.model, runner.kv_cache, BLOCK, cfg.head_dim**-0.5)
     reference, fused = decode_both_ways(runner, 9, 45, seed=3)
     assert torch.equal(fused, reference)
@@ -110,5 +112,11 @@ def test_not_built_for_a_float_layer(smollm2_dir: str) -> None:
     runner = ModelRunner(smollm2_dir, cfg, torch.device("cpu"), torch.float32, 32, BLOCK, "gguf")
     assert runner.fused_decode is not None
     layer = runner.model.layers[1].mlp
-    layer.down_proj = torch.nn.Linear(layer.down_proj.in_features, layer.down_proj.out_features, bias=False)
+    down = layer.down_proj
+    layer.down_proj = torch.nn.Linear(down.in_features, down.out_features, bias=False)
+    assert FusedDecode.build(runner.model, runner.kv_cache, BLOCK, cfg.head_dim**-0.5) is None
+    # nor for a 16-bit one (float products, not the integer kernels the step chains)
+    data = random_blocks("BF16", down.out_features, down.in_features, 0)
+    layer.down_proj = GGUFLinear(down.in_features, down.out_features, [GGUFPart("BF16", torch.from_numpy(data),
+                                                                                down.in_features)])
     assert FusedDecode.build(runner.model, runner.kv_cache, BLOCK, cfg.head_dim**-0.5) is None

@@ -1,10 +1,11 @@
 """GGUF block kernels (dashchat/engine/cpu/gguf_kernels.c) against gguf-py's reference dequantization.
 
-Weights are random blocks of every supported type (random bytes, with finite random fp16 scales);
-the products quantize activations to int8 per 32 values, so each output may differ from the float
-product x . W_ref^T by at most sum_i |W_ref[n, i]| * dx_i / 2 (dx_i the activation scale of i's
-group: rounding moves each activation by at most half a step). The tests check that bound, plus
-float32 summation slack, per output.
+Weights are random blocks of every supported type (random bytes, with finite random fp16 scales;
+F16/BF16: random floats); the integer products quantize activations to int8 per 32 values, so each
+output may differ from the float product x . W_ref^T by at most sum_i |W_ref[n, i]| * dx_i / 2 (dx_i
+the activation scale of i's group: rounding moves each activation by at most half a step). BF16
+rows meet activations rounded to bf16 where the CPU has AVX-512 BF16 (a relative 2^-9 a value).
+The tests check that bound, plus float32 summation slack, per output.
 
 The same checks run once more in a subprocess for each narrower build of the library (AVX2
 without VNNI, and no vector extensions at all), so the fallbacks are tested on this machine too.
@@ -23,18 +24,22 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from dashchat.engine.cpu.kernels import kernel_library
-from dashchat.engine.quantization.gguf import BLOCK_TYPES, GGUFLinear, GGUFPart, dequantize_blocks
+from dashchat.engine.quantization.gguf import BLOCK_TYPES, FLOAT16_TYPES, GGUFLinear, GGUFPart, dequantize_blocks
 
 pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler: kernels unavailable")
 
 # byte offsets of each type's fp16 scale fields inside a block
 _FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-                "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # fmt: skip
+                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+                "IQ4_NL": (0,), "IQ4_XS": (0,)}  # fmt: skip
 
 
 def random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
     _, per_block, block_bytes = BLOCK_TYPES[type_name]
     rng = np.random.default_rng(seed)
+    if type_name in FLOAT16_TYPES:
+        values = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32) * 0.05)
+        return values.to(torch.float16 if type_name == "F16" else torch.bfloat16).view(torch.uint8).numpy()
     data = rng.integers(0, 256, size=(rows, cols // per_block, block_bytes), dtype=np.uint8)
     for off in _FP16_FIELDS[type_name]:
         scale = (rng.standard_normal((rows, cols // per_block)) * 0.02).astype(np.float16)
@@ -53,6 +58,14 @@ def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return half_step @ w.abs().T
 
 
+def error_bound(type_name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the kernel's rounding of the activations may cost per output, plus float32 sums' slack."""
+    products = x.abs() @ w.abs().T
+    if type_name in FLOAT16_TYPES:
+        return 2.0**-8 * products + 1e-5
+    return activation_bound(x, w) + 1e-4 * products + 1e-5
+
+
 def check_type(type_name: str, rows: int, cols: int, batch: int, seed: int) -> None:
     data = random_blocks(type_name, rows, cols, seed)
     w_ref = reference(type_name, data)
@@ -63,7 +76,7 @@ def check_type(type_name: str, rows: int, cols: int, batch: int, seed: int) -> N
     layer = GGUFLinear(cols, rows, [GGUFPart(type_name, blocks, cols)], bias)
     y = layer(x)
     expected = x.double() @ w_ref.double().T + bias.double()
-    bound = activation_bound(x.double(), w_ref.double()) + 1e-4 * (x.abs().double() @ w_ref.abs().double().T) + 1e-5
+    bound = error_bound(type_name, x.double(), w_ref.double())
     err = (y.double() - expected).abs()
     assert (err <= bound).all(), f"{type_name} rows={rows} batch={batch}: max excess {(err - bound).max():.3g}"
     # and the error is much smaller than the bound on average (rounding errors cancel)
@@ -73,12 +86,23 @@ def check_type(type_name: str, rows: int, cols: int, batch: int, seed: int) -> N
 TYPES = sorted(BLOCK_TYPES)
 
 
+NEW_TYPES = ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "F16", "BF16"]
+
+
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("batch", [1, 3, 16, 17, 70])
 def test_product_matches_reference(type_name: str, batch: int) -> None:
     # odd row counts; 512 inputs = 2 super-blocks; batches of per-row tiles (3 = 2 + 1) and of 8-row
     # ones with a rest (17 = 2 x 8 + 1, 70 = 64 + 4 + 2: past one 64-row pass)
     check_type(type_name, rows=37, cols=512, batch=batch, seed=batch)
+
+
+@pytest.mark.parametrize("type_name", NEW_TYPES)
+@pytest.mark.parametrize("batch", [2, 4, 8, 13])
+def test_every_tile_height(type_name: str, batch: int) -> None:
+    """The tile kinds one at a time: 2 and 4 rows (per-row tiles), 8 (one 8-row block) and 13 (one
+    block padded with zero rows; 16-bit types: 4 + 4 + 4 + 1)."""
+    check_type(type_name, rows=13, cols=256, batch=batch, seed=100 + batch)
 
 
 @pytest.mark.parametrize("type_name", TYPES)
@@ -98,20 +122,41 @@ def test_a_rows_result_does_not_depend_on_its_batch(type_name: str) -> None:
     assert torch.equal(layer(x[8:24]), full[8:24]) and torch.equal(layer(x[5:6]), layer(x[5:7])[:1])
 
 
+@pytest.mark.parametrize("type_name", TYPES)
+def test_which_batches_give_a_row_the_same_bits(type_name: str) -> None:
+    """What the kernel's comments state: integer-product types give a row the same bits in every
+    batch of 1-7 rows and in every batch of 8 or more (at any place in it), and the two kinds agree
+    up to float rounding; 16-bit types give it the same bits in every batch."""
+    cols, rows = 512, 11
+    layer = GGUFLinear(cols, rows, [GGUFPart(type_name, torch.from_numpy(random_blocks(type_name, rows, cols, 9)), cols)])
+    x = torch.randn(40, cols, generator=torch.Generator().manual_seed(3))
+    target = x[20:21]
+    small = [layer(torch.cat([x[:before], target, x[30 : 30 + size - 1 - before]]))[before]
+             for size in range(1, 8) for before in (0, size - 1)]
+    large = [layer(torch.cat([x[:before], target, x[21 : 21 + size - 1 - before]]))[before]
+             for size, before in ((8, 0), (8, 7), (9, 8), (16, 11), (17, 16), (40, 20))]
+    assert all(torch.equal(y, small[0]) for y in small), type_name
+    assert all(torch.equal(y, large[0]) for y in large), type_name
+    torch.testing.assert_close(small[0], large[0], rtol=1e-5, atol=1e-5 * small[0].abs().max().item())
+    if type_name in FLOAT16_TYPES:
+        assert torch.equal(small[0], large[0])
+
+
 def test_fused_parts_of_different_types() -> None:
-    """A q/k/v layer whose parts have their own types writes each part's slice of one output."""
-    cols, sizes, types = 256, (32, 8, 8), ("Q5_0", "Q5_0", "Q8_0")
+    """A q/k/v layer whose parts have their own types writes each part's slice of one output (16-bit
+    parts between integer-product ones: each run of them in its own call)."""
+    cols, sizes, types = 256, (32, 8, 8, 16), ("Q5_0", "BF16", "Q8_0", "F16")
     datas = [random_blocks(t, n, cols, i) for i, (t, n) in enumerate(zip(types, sizes))]
     layer = GGUFLinear(cols, sum(sizes), [GGUFPart(t, torch.from_numpy(d), cols) for t, d in zip(types, datas)])
     w_ref = torch.cat([reference(t, d) for t, d in zip(types, datas)])
     x = torch.randn(5, cols, generator=torch.Generator().manual_seed(0))
     y = layer(x)
-    bound = activation_bound(x, w_ref) + 1e-4 * (x.abs() @ w_ref.abs().T) + 1e-5
+    bound = error_bound("BF16", x, w_ref) + error_bound("Q8_0", x, w_ref)
     assert ((y - x @ w_ref.T).abs() <= bound).all()
     torch.testing.assert_close(layer.dequantize(), w_ref, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0", "Q3_K", "Q2_K", "IQ4_XS", "BF16"])
 def test_input_window_of_whole_rows(type_name: str) -> None:
     """A tensor-parallel rank's slice of a row-split weight: whole rows, inputs [k0, k0 + k) on
     32-value groups, cutting through 256-value super-blocks."""
@@ -122,7 +167,7 @@ def test_input_window_of_whole_rows(type_name: str) -> None:
     torch.testing.assert_close(layer.dequantize(), w_ref, rtol=1e-6, atol=1e-7)
     for batch in (1, 6, 40):
         x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
-        bound = activation_bound(x, w_ref) + 1e-4 * (x.abs() @ w_ref.abs().T) + 1e-5
+        bound = error_bound(type_name, x, w_ref)
         assert ((layer(x) - x @ w_ref.T).abs() <= bound).all()
 
 

@@ -171,22 +171,27 @@ def test_logits_without_a_float_weights_file(smollm2_dir: str, tmp_path: Path, m
 
 
 @pytest.mark.parametrize("without", ["Q4_1", "Q8_0"])
-def test_types_without_kernel_fall_back_to_float(smollm2_dir: str, monkeypatch, without: str) -> None:
+def test_types_without_kernel_are_held_as_bf16(smollm2_dir: str, monkeypatch, without: str) -> None:
     """SmolLM2's linears are Q4_1, its tied embedding and head Q8_0. Without a kernel for a type, its
-    tensors are dequantized from the GGUF into float layers (a tied head then stays the float
-    embedding table itself), and the logits are the float-loaded model's with the same layers swapped."""
+    tensors are dequantized from the GGUF into bf16 rows (never float32: 2 bytes a value), the tied
+    head shares the embedding's, and the logits are the float-loaded model's with the same layers
+    swapped, up to the weights' bf16 rounding."""
     from dashchat.engine.quantization import gguf_loading
 
     monkeypatch.setattr(gguf_loading, "BLOCK_TYPES", {k: v for k, v in BLOCK_TYPES.items() if k != without})
     cfg = ModelConfig.from_dir(smollm2_dir)
     ours, counts = gguf_model(smollm2_dir)
-    if without == "Q4_1":
-        assert counts == {"gguf": 1, "float": 4 * cfg.num_layers, "embedding": 1}
-    else:
-        assert counts == {"gguf": 4 * cfg.num_layers, "float": 1, "embedding": 0}
-        assert isinstance(ours.lm_head, nn.Linear) and ours.lm_head.weight is ours.embed_tokens.weight
+    assert counts == {"gguf": 4 * cfg.num_layers + 1, "float": 0, "embedding": 1}
+    layers = [m for m in ours.modules() if isinstance(m, GGUFLinear)]
+    as_bf16 = [m for m in layers if m.parts[0].type_name == "BF16"]
+    assert len(as_bf16) == (4 * cfg.num_layers if without == "Q4_1" else 1)
+    assert all(m.nbytes == 2 * m.in_features * m.out_features for m in as_bf16)
+    assert (ours.embed_tokens.type_name == "BF16") == (without == "Q8_0")
+    assert ours.lm_head.parts[0].data.data_ptr() == ours.embed_tokens.blocks.data_ptr()
     before = float_model(smollm2_dir)
     load_gguf_linears(before, gguf_source(smollm2_dir), cfg, ShardPlan(cfg, 0, 1))
+    if without == "Q8_0":  # the embedding's rows rounded as ours are
+        before.embed_tokens.weight.data = before.embed_tokens.weight.bfloat16().float()
     ids = torch.tensor([1, 504, 3458, 314, 5165, 28, 9, 77, 6446, 30, 2, 1, 49151, 0])
     with torch.inference_mode():
         got = ours.compute_logits(ours(ids, torch.arange(len(ids)), _causal_attention))

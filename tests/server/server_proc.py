@@ -28,7 +28,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, new_session: bool = False) -> None:
+        """new_session: the server leads its own process group (a test can signal the whole group)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="dashchat-server-", suffix=".log")[1])
@@ -38,7 +39,7 @@ class ServerProcess:
         cmd = [sys.executable, *prog, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, start_new_session=new_session)
 
     def log(self, tail: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:]

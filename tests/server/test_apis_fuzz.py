@@ -1,4 +1,4 @@
-"""Hypothesis on /v1/responses and /v1/messages (in-process, scripted engine): any body, with the served
+"""Hypothesis on /v1/responses, /v1/messages and Ollama's /api/* (in-process, scripted engine): any body, with the served
 model name so it reaches the translation and the chat run, gets a 2xx or a 4xx in that API's error
 shape, never a 5xx. (The schemathesis run covers the routes too, but its random model names stop
 most Messages requests at the 404.)"""
@@ -86,6 +86,31 @@ MESSAGES = {
     "stream": st.booleans(),
 }
 MESSAGES = {k: mostly(v) for k, v in MESSAGES.items()}
+OLLAMA_OPTIONS = st.fixed_dictionaries({}, optional={
+    "num_predict": st.integers(-2, 5000), "temperature": st.floats(0, 3, allow_nan=False),
+    "top_k": st.integers(-1, 50), "top_p": st.floats(0, 1, allow_nan=False), "seed": st.integers(-1, 2**31),
+    "stop": st.lists(text, max_size=5) | text, "repeat_penalty": st.floats(0, 3, allow_nan=False),
+    "num_ctx": st.integers(0, 9000), "mirostat": st.integers(0, 2)})
+OLLAMA = {
+    "model": st.sampled_from(["m", "m:latest", "m:7b", "other"]),
+    "messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "tool", "User", "bot"])},
+        optional={"content": text, "thinking": text, "images": st.lists(text, max_size=1), "tool_name": text,
+                  "tool_calls": st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
+                      {"name": st.sampled_from(["get_weather", ""])}, optional={"arguments": json_values})}),
+                      max_size=2)}), max_size=3),
+    "prompt": text, "system": text, "raw": st.booleans(), "suffix": text, "context": st.lists(st.integers(0, 300)),
+    "template": st.sampled_from(["{{ .Prompt }}", "{{ if .System }}{{ .System }}{{ end }}{{ .Prompt }}",
+                                 "{{ range .Messages }}", "{{ if .Prompt }}"]),
+    "tools": st.lists(st.just(
+        {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}), max_size=1),
+    "format": st.sampled_from(["", "json", "xml"]) | st.just(SCHEMA),
+    "options": OLLAMA_OPTIONS, "stream": st.booleans(), "think": st.sampled_from([True, False, "high", "max", "x"]),
+    "keep_alive": st.sampled_from(["5m", "1h30m", "-1", "0", "soon", ""]) | st.integers(-5, 600),
+    "images": st.lists(text, max_size=1), "input": text | st.lists(text, max_size=2), "name": text,
+}
+OLLAMA = {k: mostly(v) for k, v in OLLAMA.items()}
+OLLAMA_PATHS = ("/api/chat", "/api/generate", "/api/show", "/api/embed", "/api/embeddings")
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +162,30 @@ def test_messages_bodies(client: TestClient, body: dict[str, Any]) -> None:
             assert r.json()["type"] == "message"
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.fixed_dictionaries({"model": st.just("m")}, optional={k: v for k, v in OLLAMA.items() if k != "model"})
+       | st.fixed_dictionaries({}, optional=OLLAMA))
+def test_ollama_bodies(client: TestClient, body: dict[str, Any]) -> None:
+    for path in OLLAMA_PATHS:
+        r = _post(client, path, body)
+        if r.status_code >= 400:
+            err = r.json()
+            assert list(err) == ["error"] and isinstance(err["error"], str) and err["error"]
+        elif r.headers["content-type"] == "application/x-ndjson":
+            last = json.loads(r.text.splitlines()[-1])
+            assert last.get("done") is True or set(last) == {"error"}
+        else:
+            assert r.json().get("done") is True or path == "/api/show"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=json_values)
 def test_any_json(client: TestClient, body: Any) -> None:
-    for path in ("/v1/responses", "/v1/messages", "/v1/messages/count_tokens"):
+    for path in ("/v1/responses", "/v1/messages", "/v1/messages/count_tokens", *OLLAMA_PATHS):
         r = _post(client, path, body)
         assert r.status_code >= 400
         shape = r.json()
-        assert ("error" in shape) if path == "/v1/responses" else (shape["type"] == "error")
+        if path.startswith("/api/"):
+            assert list(shape) == ["error"]
+        else:
+            assert ("error" in shape) if path == "/v1/responses" else (shape["type"] == "error")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_proc import SMOLLM_ARGS, ServerProcess, running
+from server_proc import SMOLLM, SMOLLM_ARGS, ServerProcess, running
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def test_schemathesis_no_server_errors(small: ServerProcess, tmp_path: Path) -> 
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
     exe = shutil.which("schemathesis") or shutil.which("st")
     paths = httpx.get(f"{small.base_url}/openapi.json").json()["paths"]
-    assert {"/v1/responses", "/v1/responses/{response_id}", "/v1/messages", "/v1/messages/count_tokens"} <= set(paths)
+    assert {"/v1/responses", "/v1/responses/{response_id}", "/v1/messages", "/v1/messages/count_tokens",
+            "/api/chat", "/api/generate", "/api/show", "/api/embed"} <= set(paths)
     r = subprocess.run(
         [str(exe), "run", f"{small.base_url}/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "60",
@@ -71,6 +72,8 @@ def test_lone_surrogates_are_400_on_the_real_engine(small: ServerProcess, field:
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     r = _post(small.base_url, "/v1/completions", {"prompt": text, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    r = _post(small.base_url, "/api/generate", {"model": SMOLLM, "prompt": text, "options": {"num_predict": 2}})
+    assert r.status_code == 400 and "'prompt'" in r.json()["error"], r.text
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -81,4 +84,7 @@ def test_integers_past_int64_are_400_on_the_real_engine(small: ServerProcess, fi
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     r = _post(small.base_url, "/v1/completions", {"prompt": [1, 2, value], "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[2]", r.text
+    r = _post(small.base_url, "/api/chat", {"model": SMOLLM, "messages": [{"role": "user", "content": "hi"}],
+                                           "options": {"num_predict": 2, "seed": value}})
+    assert r.status_code == 400 and "'options.seed'" in r.json()["error"], r.text
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import ollama
 import openai
 import pytest
 from planted_fault_entry import SLOW_MAX_TOKENS, SLOW_STEP_S
@@ -116,6 +117,23 @@ def test_messages_auth_x_api_key(tight: ServerProcess) -> None:
     # /tokenize and /detokenize are outside /v1 (as in vLLM) but need the key all the same.
     assert httpx.post(f"{tight.base_url}/tokenize", json={"prompt": "hi"}).status_code == 401
     assert httpx.post(f"{tight.base_url}/tokenize", json={"prompt": "hi"}, headers={"x-api-key": KEYS[0]}).status_code == 200
+
+
+def test_ollama_routes_need_the_key(tight: ServerProcess) -> None:
+    """Ollama's client sends the key as `Authorization: Bearer` when given headers; every /api/* route
+    needs it, and its errors (401, 413) keep Ollama's `{"error": ...}` shape."""
+    for path in ("/api/tags", "/api/ps", "/api/version"):
+        r = httpx.get(f"{tight.base_url}{path}")
+        assert r.status_code == 401 and list(r.json()) == ["error"], path
+    with pytest.raises(ollama.ResponseError) as exc:
+        ollama.Client(host=tight.base_url).chat(model="tiny", messages=MSG)
+    assert exc.value.status_code == 401
+    client = ollama.Client(host=tight.base_url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=120)
+    assert [m.model for m in client.list().models] == ["tiny:latest"]
+    assert wait_engine_idle(tight.base_url, timeout=60) == (0, 0)
+    assert client.chat(model="tiny:latest", messages=MSG, options={"num_predict": 2}).done
+    r = httpx.post(f"{tight.base_url}/api/generate", headers=AUTH, json={"model": "tiny", "prompt": "x" * 30000})
+    assert r.status_code == 413 and list(r.json()) == ["error"]
 
 
 def test_new_routes_body_limit(tight: ServerProcess) -> None:

@@ -7,6 +7,7 @@ own script on the embedded default model at two ranks is in test_e2e_default_mod
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -100,11 +101,39 @@ def one_rank_answers(tiny_chat) -> tuple[str, str]:
         srv.stop()
 
 
+def listening(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket these processes listen on (/proc/net/tcp and tcp6)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            hex_addr, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_addr)  # 32-bit words in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            out.add((str(ipaddress.ip_address(words)), int(hex_port, 16)))
+    return out
+
+
 def test_two_ranks_answer_as_one(tiny_chat, one_rank_answers) -> None:
     srv = ServerProcess(*tiny_args(tiny_chat, "--device-list", "0", "1")).wait_ready()
     try:
         workers = children(srv.proc.pid)
         assert len(workers) == 1
+        # the rendezvous store and gloo's own connections listen on loopback only, like the HTTP port
+        sockets = listening([srv.proc.pid, *workers])
+        assert len(sockets) >= 3 and {addr for addr, _ in sockets} == {"127.0.0.1"}, sockets
         assert httpx.get(f"{srv.base_url}/version").json()["tensor_parallel_size"] == 2
         assert (greedy_answer(srv.base_url), greedy_answer(srv.base_url, stream=True)) == one_rank_answers
         assert "dashchat_tensor_parallel_collective_seconds" in httpx.get(f"{srv.base_url}/metrics").text
@@ -133,6 +162,43 @@ def test_two_nodes_on_localhost(tiny_chat, one_rank_answers) -> None:
         if node1.poll() is None:
             node1.kill()
         node1.wait()
+
+
+def test_sigterm_to_the_whole_group_lets_a_stream_finish(tiny_chat) -> None:
+    """A service manager's stop signals every process: the worker rank ignores it, the server drains
+    the stream in flight, then tells the rank to stop; everything exits 0."""
+    srv = ServerProcess(*tiny_args(tiny_chat, "--device-list", "0", "1", "--shutdown-grace", "600"),
+                        new_session=True).wait_ready()
+    try:
+        [worker] = children(srv.proc.pid)
+        body = {"model": "tiny", "messages": QUESTION, "max_tokens": 120, "ignore_eos": True, "stream": True}
+        lines: list[str] = []
+        with httpx.stream("POST", f"{srv.base_url}/v1/chat/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                lines.append(line)
+                if len(lines) == 3:  # the stream is running
+                    os.killpg(srv.proc.pid, signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert not any("error" in c for c in chunks), lines[-2]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert srv.wait(timeout=120) == 0, srv.log()
+    finally:
+        srv.stop()
+    assert wait_gone([worker]) == []
+
+
+def test_node_0_names_the_ranks_that_never_joined(tiny_chat) -> None:
+    port = free_port()
+    srv = ServerProcess(*tiny_args(tiny_chat, "--device-list", "0", "--nnodes", "2", "--master-port", str(port),
+                                   "--distributed-load-timeout", "2"))
+    try:
+        assert srv.wait(timeout=300) == 1
+        assert f"tensor-parallel rank 1 did not join the rendezvous at 127.0.0.1:{port} within 2 s" in srv.log()
+    finally:
+        srv.stop()
 
 
 def test_a_killed_rank_fails_requests_and_the_server_exits(tiny_chat) -> None:

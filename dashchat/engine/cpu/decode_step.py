@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from ..quantization.gguf import GGUFLinear
+from ..quantization.gguf import FLOAT16_TYPES, GGUFLinear
 from .kernels import kernel_library
 from .ops import KernelRMSNorm, kernel_rope_qk, kernel_silu_and_mul
 
@@ -39,12 +39,15 @@ class _Shape(ctypes.Structure):
 
 
 def _qlinear(layer: nn.Module) -> _QLinear | None:
-    """The C view of a GGUFLinear on one device (whole rows, every output filled), else None."""
+    """The C view of a GGUFLinear on one device (whole rows, every output filled, integer-product
+    types), else None."""
     if not isinstance(layer, GGUFLinear) or len(layer.parts) > _MAX_PARTS:
         return None
     if sum(p.rows for p in layer.parts) != layer.out_features:
         return None
     if any(p.k_full != layer.in_features or p.k0 for p in layer.parts):
+        return None
+    if any(p.type_name in FLOAT16_TYPES for p in layer.parts):  # float products: the module's own path
         return None
     q = _QLinear(n=layer.out_features, k=layer.in_features, parts=len(layer.parts))
     row = 0

@@ -3,7 +3,8 @@
 // OpenMP runtime).
 //
 // y[m, n] = x[m, k] . W^T, W given as n rows of k/QK blocks of one GGUF type (Q8_0, Q4_0, Q4_1,
-// Q5_0, Q5_1: 32 values a block; Q4_K, Q5_K, Q6_K: 256 values a super-block).
+// Q5_0, Q5_1, IQ4_NL: 32 values a block; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS: 256 values a
+// super-block). F16 and BF16 rows take float products of their own (dc_gguf_matmul16_parts).
 //
 // As llama.cpp does, the activations are first quantized to int8 per block of 32 (one float scale
 // each, plus the scaled sums of each half, which carry the weights' offsets and minimums), so the
@@ -20,7 +21,9 @@
 //   dx_j * (a0 * sum(q[0:16] * xq[0:16]) + a1 * sum(q[16:32] * xq[16:32])) + b0 * S0_j + b1 * S1_j
 // where q are the unsigned stored values, (a0, a1) the group's scale for each half, (b0, b1) its
 // offset (-8d for Q4_0, the minimum for Q4_1, -dmin*m for Q4_K, ...) and S0_j, S1_j = dx_j times the
-// sum of each half of the quantized activations. Only Q6_K has different scales for the two halves.
+// sum of each half of the quantized activations. Q6_K, Q3_K and Q2_K have different scales for the
+// two halves. Q8_0, IQ4_NL and IQ4_XS values are signed bytes (IQ4's 4-bit indices looked up in their
+// 16 non-linear values by one byte shuffle), the others unsigned.
 #pragma GCC diagnostic ignored "-Wpsabi" // static helpers only: no ABI crosses the library boundary
 #include <math.h>
 #include <stddef.h>
@@ -31,7 +34,24 @@
 #include <immintrin.h>
 #endif
 
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum {
+  T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12,
+  T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
+};
+
+// 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
+static inline int super_block(int type) {
+  return type == T_Q2_K || type == T_Q3_K || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K || type == T_IQ4_XS;
+}
+// Values stored (or looked up) as signed bytes; the others unpack to unsigned ones.
+static inline int signed_values(int type) { return type == T_Q8_0 || type == T_IQ4_NL || type == T_IQ4_XS; }
+// A scale of its own for each 16 values: a group's two halves are scaled apart.
+static inline int half_scales(int type) { return type == T_Q6_K || type == T_Q3_K || type == T_Q2_K; }
+// Weights kept as 16-bit floats, multiplied in floats (dc_gguf_matmul16_parts), not by these integer paths.
+static inline int float16_type(int type) { return type == T_F16 || type == T_BF16; }
+
+// IQ4_NL's and IQ4_XS's 16 non-linear values a 4-bit index stands for (llama.cpp's kvalues_iq4nl).
+static const int8_t iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
@@ -105,7 +125,7 @@ typedef struct {
   float b0, b1;     // offset per value of each half (times the activations' half sums)
 } group;
 
-static inline int block_values(int type) { return type >= T_Q4_K ? 256 : 32; }
+static inline int block_values(int type) { return super_block(type) ? 256 : 32; }
 
 static inline size_t block_bytes(int type) {
   switch (type) {
@@ -117,12 +137,53 @@ static inline size_t block_bytes(int type) {
     case T_Q4_K: return 144;
     case T_Q5_K: return 176;
     case T_Q6_K: return 210;
+    case T_Q2_K: return 84;
+    case T_Q3_K: return 110;
+    case T_IQ4_NL: return 18;
+    case T_IQ4_XS: return 136;
+    case T_F16: case T_BF16: return 64;  // counted in blocks of 32 values
     default: return 0;
   }
 }
 
 // Group g (of 32 values) of a row: its block is blk (g / groups-per-block), j = g % groups-per-block.
 #define INLINE static inline __attribute__((always_inline))
+
+// Scale n (0-15, one each 16 values) of a Q3_K super-block, from its twelve bytes of packed 6-bit
+// scales (low 4 bits: byte n % 8, nibble n / 8; high 2 bits: byte 8 + n % 4, bits 2 * (n / 4)), less 32.
+static inline int q3k_scale(const uint8_t *s, int n) {
+  return (((s[n % 8] >> (4 * (n / 8))) & 15) | (((s[8 + n % 4] >> (2 * (n / 4))) & 3) << 4)) - 32;
+}
+
+// group_scales (below) of Q2_K, Q3_K, IQ4_NL and IQ4_XS.
+INLINE void low_bit_scales(int type, const uint8_t *blk, int j, float *a0, float *a1, float *b0, float *b1) {
+  switch (type) {
+    case T_Q2_K: {  // a 4-bit scale and a 4-bit minimum each 16 values
+      float d = f16(blk + 80), dmin = f16(blk + 82);
+      int s0 = blk[2 * j], s1 = blk[2 * j + 1];
+      *a0 = d * (float)(s0 & 15), *a1 = d * (float)(s1 & 15);
+      *b0 = -dmin * (float)(s0 >> 4), *b1 = -dmin * (float)(s1 >> 4);
+      break;
+    }
+    case T_Q3_K: {  // values d * scale * (q - 4), q the 3-bit stored value
+      float d = f16(blk + 108);
+      *a0 = d * (float)q3k_scale(blk + 96, 2 * j), *a1 = d * (float)q3k_scale(blk + 96, 2 * j + 1);
+      *b0 = -4.f * *a0, *b1 = -4.f * *a1;
+      break;
+    }
+    case T_IQ4_NL:
+      *a0 = *a1 = f16(blk);
+      *b0 = *b1 = 0.f;
+      break;
+    default: {  // T_IQ4_XS: a 6-bit scale a group (low 4 bits in scales_l, high 2 in scales_h), less 32
+      uint16_t h;
+      memcpy(&h, blk + 2, 2);
+      int ls = ((blk[4 + j / 2] >> (4 * (j & 1))) & 15) | (((h >> (2 * j)) & 3) << 4);
+      *a0 = *a1 = f16(blk) * (float)(ls - 32);
+      *b0 = *b1 = 0.f;
+    }
+  }
+}
 
 INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
   switch (type) {
@@ -179,6 +240,27 @@ INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
       float d = f16(blk + 208);
       o->a0 = d * (float)sc[0], o->a1 = d * (float)sc[1];
       o->b0 = -32.f * o->a0, o->b1 = -32.f * o->a1;
+      break;
+    }
+    case T_Q2_K: case T_Q3_K: {  // 2 bits of 4 values a byte; Q3_K's third bit in a plane of its own
+      const uint8_t *qs = blk + (type == T_Q2_K ? 16 : 32) + 32 * (j / 4);
+      int shift = 2 * (j & 3);
+      u8x16 q0 = (load_u8x16(qs) >> shift) & 3, q1 = (load_u8x16(qs + 16) >> shift) & 3;
+      if (type == T_Q3_K) {
+        q0 |= ((load_u8x16(blk) >> j) & 1) << 2;
+        q1 |= ((load_u8x16(blk + 16) >> j) & 1) << 2;
+      }
+      o->h0 = q0, o->h1 = q1;
+      low_bit_scales(type, blk, j, &o->a0, &o->a1, &o->b0, &o->b1);
+      break;
+    }
+    case T_IQ4_NL: case T_IQ4_XS: {  // 4-bit indices into the non-linear values (signed bytes)
+      const uint8_t *qs = type == T_IQ4_NL ? blk + 2 : blk + 8 + 16 * j;
+      for (int i = 0; i < 16; i++) {
+        o->h0[i] = (uint8_t)iq4_values[qs[i] & 15];
+        o->h1[i] = (uint8_t)iq4_values[qs[i] >> 4];
+      }
+      low_bit_scales(type, blk, j, &o->a0, &o->a1, &o->b0, &o->b1);
       break;
     }
     default:  // callers check the type first
@@ -266,6 +348,21 @@ INLINE __m256i group_values_avx2(int type, const uint8_t *blk, int j) {
     }
     case T_Q8_0:
       return _mm256_loadu_si256((const __m256i *)(blk + 2));
+    case T_Q2_K: case T_Q3_K: {
+      __m256i q = _mm256_loadu_si256((const __m256i *)(blk + (type == T_Q2_K ? 16 : 32) + 32 * (j / 4)));
+      __m256i w = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * (j & 3))), _mm256_set1_epi8(3));
+      if (type == T_Q3_K) {
+        __m256i hm = _mm256_loadu_si256((const __m256i *)blk);
+        __m256i bit = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+        w = _mm256_or_si256(w, _mm256_slli_epi16(bit, 2));
+      }
+      return w;
+    }
+    case T_IQ4_NL: case T_IQ4_XS: {  // the indices looked up in the 16 values by one byte shuffle
+      __m128i q = _mm_loadu_si128((const __m128i *)(type == T_IQ4_NL ? blk + 2 : blk + 8 + 16 * j));
+      __m256i idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+      return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)iq4_values)), idx);
+    }
     case T_Q4_K: case T_Q5_K: {
       __m256i q = _mm256_loadu_si256((const __m256i *)(blk + (type == T_Q4_K ? 16 : 48) + 32 * (j / 2)));
       __m256i w = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, m4);
@@ -314,6 +411,9 @@ INLINE void group_scales(int type, const uint8_t *blk, int j, float *a0, float *
       *b0 = *b1 = -dmin * (float)m;
       break;
     }
+    case T_Q2_K: case T_Q3_K: case T_IQ4_NL: case T_IQ4_XS:
+      low_bit_scales(type, blk, j, a0, a1, b0, b1);
+      break;
     default: {  // T_Q6_K: a scale per 16 values
       const int8_t *sc = (const int8_t *)(blk + 192) + 2 * j;
       float d = f16(blk + 208);
@@ -324,7 +424,70 @@ INLINE void group_scales(int type, const uint8_t *blk, int j, float *a0, float *
 }
 
 // group_scales of all 8 groups of a K-quant super-block at once (the same products, so the same values).
+// super_block_scales of Q2_K, Q3_K and IQ4_XS: low_bit_scales' values, the block's fp16 scales and
+// packed bits taken apart once for its 8 groups (per group, they cost more than the group's products).
+#if defined(__AVX2__)
+// d times 16 signed bytes: the even ones (the groups' first halves) to A0, the odd ones to A1.
+INLINE void split_scales(__m128i s, float d, float *A0, float *A1) {
+  __m128i both = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  _mm256_storeu_ps(A0, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(both))));
+  _mm256_storeu_ps(A1, _mm256_mul_ps(_mm256_set1_ps(d),
+                                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(both, 8)))));
+}
+#endif
+
+INLINE void low_bit_super_scales(int type, const uint8_t *blk, float *A0, float *A1, float *B0, float *B1) {
+  if (type == T_Q2_K) {
+    float d = f16(blk + 80), dmin = f16(blk + 82);
+#if defined(__AVX2__)
+    __m128i s = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
+    split_scales(_mm_and_si128(s, m4), d, A0, A1);
+    split_scales(_mm_and_si128(_mm_srli_epi16(s, 4), m4), -dmin, B0, B1);
+#else
+    for (int j = 0; j < 8; j++) {
+      int s0 = blk[2 * j], s1 = blk[2 * j + 1];
+      A0[j] = d * (float)(s0 & 15), A1[j] = d * (float)(s1 & 15);
+      B0[j] = -dmin * (float)(s0 >> 4), B1[j] = -dmin * (float)(s1 >> 4);
+    }
+#endif
+  } else if (type == T_Q3_K) {  // q3k_scale's 16 values at once, four bytes a step
+    uint32_t a[4], t;
+    memcpy(a, blk + 96, 12);
+    t = a[2];
+    a[2] = ((a[0] >> 4) & 0x0f0f0f0fu) | (((t >> 4) & 0x03030303u) << 4);
+    a[3] = ((a[1] >> 4) & 0x0f0f0f0fu) | (((t >> 6) & 0x03030303u) << 4);
+    a[0] = (a[0] & 0x0f0f0f0fu) | ((t & 0x03030303u) << 4);
+    a[1] = (a[1] & 0x0f0f0f0fu) | (((t >> 2) & 0x03030303u) << 4);
+    float d = f16(blk + 108);
+#if defined(__AVX2__)
+    split_scales(_mm_sub_epi8(_mm_loadu_si128((const __m128i *)a), _mm_set1_epi8(32)), d, A0, A1);
+    _mm256_storeu_ps(B0, _mm256_mul_ps(_mm256_set1_ps(-4.f), _mm256_loadu_ps(A0)));
+    _mm256_storeu_ps(B1, _mm256_mul_ps(_mm256_set1_ps(-4.f), _mm256_loadu_ps(A1)));
+#else
+    uint8_t sc[16];
+    memcpy(sc, a, 16);
+    for (int j = 0; j < 8; j++) {
+      A0[j] = d * (float)(sc[2 * j] - 32), A1[j] = d * (float)(sc[2 * j + 1] - 32);
+      B0[j] = -4.f * A0[j], B1[j] = -4.f * A1[j];
+    }
+#endif
+  } else {  // T_IQ4_XS
+    uint16_t h;
+    memcpy(&h, blk + 2, 2);
+    float d = f16(blk);
+    for (int j = 0; j < 8; j++) {
+      int ls = ((blk[4 + j / 2] >> (4 * (j & 1))) & 15) | (((h >> (2 * j)) & 3) << 4);
+      A0[j] = A1[j] = d * (float)(ls - 32);
+      B0[j] = B1[j] = 0.f;
+    }
+  }
+}
+
 INLINE void super_block_scales(int type, const uint8_t *blk, float *A0, float *A1, float *B0, float *B1) {
+  if (type == T_Q2_K || type == T_Q3_K || type == T_IQ4_XS) {
+    low_bit_super_scales(type, blk, A0, A1, B0, B1);
+    return;
+  }
   if (type == T_Q6_K) {
     const int8_t *sc = (const int8_t *)(blk + 192);
     float d = f16(blk + 208);
@@ -384,12 +547,12 @@ INLINE void group_step(int type, const uint8_t *blk, int j, int g, float a0, flo
   const float *dg = xd + (size_t)g * ldt, *s0 = xs + (size_t)(2 * g) * ldt, *s1 = s0 + ldt;
 #if defined(__AVX2__)
   __m256i wv = group_values_avx2(type, blk, j);
-  __m256i wu = type == T_Q8_0 ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed Q8_0
-  __m256 a = type == T_Q6_K ? _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0)) : _mm256_set1_ps(a0);
+  __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed types
+  __m256 a = half_scales(type) ? _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0)) : _mm256_set1_ps(a0);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++) {
     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)g));
-    if (type == T_Q8_0) xv = _mm256_sign_epi8(xv, wv);  // move w's sign onto x
+    if (signed_values(type)) xv = _mm256_sign_epi8(xv, wv);  // move w's sign onto x
     __m256 p = _mm256_cvtepi32_ps(dot_us(wu, xv));
     acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(a, _mm256_set1_ps(dg[r])), acc[r]);
   }
@@ -399,7 +562,7 @@ INLINE void group_step(int type, const uint8_t *blk, int j, int g, float a0, flo
   for (int r = 0; r < MR; r++) {
     const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)g;
     int p0 = 0, p1 = 0;
-    if (type == T_Q8_0) {
+    if (signed_values(type)) {
       for (int i = 0; i < 16; i++) p0 += (int8_t)w.h0[i] * xv[i], p1 += (int8_t)w.h1[i] * xv[16 + i];
     } else {
       for (int i = 0; i < 16; i++) p0 += w.h0[i] * xv[i], p1 += w.h1[i] * xv[16 + i];
@@ -417,9 +580,13 @@ INLINE void group_step(int type, const uint8_t *blk, int j, int g, float a0, flo
 // xq: the tile's first activation row (rows k bytes apart); xd, xs: that row's entry of group 0 in
 // the group-major scale and sum arrays (ldt entries a group). Even and odd groups go to two
 // accumulator sets, so one row (a single stream's decode) is not bound by the latency of one chain of
-// adds. Each row's sum is formed in the same order whatever MR is, so a token's result does not depend
-// on the size of its batch (a prefix-cache hit turns a long prefill into a short one; greedy answers
-// must not change with it).
+// adds. Each row's sum is formed in the same order whatever MR is, so a token's result is the same
+// bits in every batch of 1-7 rows (and, in the portable build, which takes these tiles at every size,
+// in every batch). Batches of 8 rows or more take rows8_dot on AVX2 instead, which forms a row's sum in
+// an order of its own, the same for every batch of 8 or more wherever the row sits: from the same
+// integer products, scaled and summed in another order, so across the 7/8-row boundary a token's
+// result moves by float rounding only (a prefix-cache hit turns a long prefill into a short one;
+// greedy answers must not change with it). test_gguf_kernels pins all three statements.
 INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
                      const float *xd, const float *xs, int ldt, const int MR, float *out) {
   accum even[MAX_TILE], odd[MAX_TILE];
@@ -434,7 +601,7 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
     offs_even[r] = offs_odd[r] = 0.f;
   }
   size_t bb = block_bytes(type);
-  if (type >= T_Q4_K && g0 % 8 == 0 && groups % 8 == 0) {
+  if (super_block(type) && g0 % 8 == 0 && groups % 8 == 0) {
     // whole super-blocks (always, but for a tensor-parallel rank's window): their 8 groups' scales
     // taken apart at once, the groups unrolled (each group's bit positions become constants)
     for (int b = 0; b < groups / 8; b++) {
@@ -460,7 +627,7 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
     group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);                                          \
     group_step(type, blk, (int)j, (g), a0, a1, b0, b1, xq, k, xd, xs, ldt, MR, acc, offs);        \
   }
-    const unsigned per_block = type >= T_Q4_K ? 8 : 1;  // a constant: no division
+    const unsigned per_block = super_block(type) ? 8 : 1;  // a constant: no division
     int g = 0;
     for (; g + 1 < groups; g += 2) {
       TILE_GROUP(g, even, offs_even)
@@ -488,6 +655,7 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
     switch (type) {                                                                                       \
       TILE_CASE(T_Q4_0, MR) TILE_CASE(T_Q4_1, MR) TILE_CASE(T_Q5_0, MR) TILE_CASE(T_Q5_1, MR)             \
       TILE_CASE(T_Q8_0, MR) TILE_CASE(T_Q4_K, MR) TILE_CASE(T_Q5_K, MR) TILE_CASE(T_Q6_K, MR)             \
+      TILE_CASE(T_Q2_K, MR) TILE_CASE(T_Q3_K, MR) TILE_CASE(T_IQ4_NL, MR) TILE_CASE(T_IQ4_XS, MR)         \
     }                                                                                                     \
   }
 TILE_FN(1)
@@ -524,7 +692,7 @@ INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1,
 #if HAVE_VNNI
   // Q8_0's signed values as unsigned ones (w + 128); the 128 * sum(x) this adds is taken off below
   const int offset_q8 = 1;
-  if (type == T_Q8_0) wv = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
+  if (signed_values(type)) wv = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
 #else
   // without VNNI the byte products are summed in pairs into saturating int16: 255 * 127 * 2 would
   // overflow, so Q8_0 moves its signs onto x instead (|w| <= 128)
@@ -541,7 +709,7 @@ INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1,
     __m256i wc = _mm256_shuffle_epi32(wv, imm);                                      \
     __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                    \
     __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));              \
-    if (type == T_Q8_0 && !offset_q8) {                                              \
+    if (signed_values(type) && !offset_q8) {                                         \
       x0 = _mm256_sign_epi8(x0, wc), x1 = _mm256_sign_epi8(x1, wc);                  \
       wc = _mm256_sign_epi8(wc, wc);                                                 \
     }                                                                                \
@@ -556,21 +724,24 @@ INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1,
     // Types whose values are a * (q - c) take their offset in the integers, exactly: the dot product
     // less c times the rows' sums (stored negated); the others add b * the half sums in floats.
     const __m256i *neg_sums = (const __m256i *)(x + 256), *neg_first_sums = (const __m256i *)(x + 384);
-    if (type == T_Q6_K) {  // a scale per half
-      __m256i s_first = _mm256_loadu_si256(neg_first_sums);
-      __m256i s_second = _mm256_sub_epi32(_mm256_loadu_si256(neg_sums), s_first);
-      first = _mm256_add_epi32(first, _mm256_slli_epi32(s_first, 5));
-      second = _mm256_add_epi32(second, _mm256_slli_epi32(s_second, 5));
+    if (half_scales(type)) {  // a scale per half
+      if (type != T_Q2_K) {  // Q6_K's offset 32, Q3_K's 4 (Q2_K has minimums)
+        const int shift = type == T_Q6_K ? 5 : 2;
+        __m256i s_first = _mm256_loadu_si256(neg_first_sums);
+        __m256i s_second = _mm256_sub_epi32(_mm256_loadu_si256(neg_sums), s_first);
+        first = _mm256_add_epi32(first, _mm256_slli_epi32(s_first, shift));
+        second = _mm256_add_epi32(second, _mm256_slli_epi32(s_second, shift));
+      }
       acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(_mm256_set1_ps(a0), dx), acc[nb]);
       acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(_mm256_set1_ps(a1), dx), acc[nb]);
     } else {
       __m256i dot = _mm256_add_epi32(first, second);
-      if (type == T_Q8_0 && offset_q8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256(neg_sums), 7));
+      if (signed_values(type) && offset_q8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256(neg_sums), 7));
       if (type == T_Q5_0) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256(neg_sums), 4));
       if (type == T_Q4_0) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256(neg_sums), 3));
       acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(a0), dx), acc[nb]);
     }
-    if (type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K)  // minimums
+    if (type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K || type == T_Q2_K)  // minimums
       offs[nb] = _mm256_fmadd_ps(_mm256_set1_ps(b1), _mm256_loadu_ps(s1),
                                  _mm256_fmadd_ps(_mm256_set1_ps(b0), _mm256_loadu_ps(s0), offs[nb]));
   }
@@ -583,7 +754,7 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
   __m256 even[2], odd[2], offs[2];
   for (int nb = 0; nb < NB; nb++) even[nb] = odd[nb] = offs[nb] = _mm256_setzero_ps();
   size_t bb = block_bytes(type);
-  if (type >= T_Q4_K && g0 % 8 == 0 && groups % 8 == 0) {
+  if (super_block(type) && g0 % 8 == 0 && groups % 8 == 0) {
     for (int b = 0; b < groups / 8; b++) {
       const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
       float A0[8], A1[8], B0[8], B1[8];
@@ -596,7 +767,7 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
 #undef SB_GROUP
     }
   } else {
-    const unsigned per_block = type >= T_Q4_K ? 8 : 1;
+    const unsigned per_block = super_block(type) ? 8 : 1;
 #define ROWS8_GROUP(g, acc)                                                                                  \
   {                                                                                                        \
     unsigned gg = (unsigned)(g0 + (g)), j = gg % per_block;                                                 \
@@ -628,6 +799,7 @@ static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, con
   switch (type) {
     ROWS8_CASE(T_Q4_0) ROWS8_CASE(T_Q4_1) ROWS8_CASE(T_Q5_0) ROWS8_CASE(T_Q5_1)
     ROWS8_CASE(T_Q8_0) ROWS8_CASE(T_Q4_K) ROWS8_CASE(T_Q5_K) ROWS8_CASE(T_Q6_K)
+    ROWS8_CASE(T_Q2_K) ROWS8_CASE(T_Q3_K) ROWS8_CASE(T_IQ4_NL) ROWS8_CASE(T_IQ4_XS)
   }
 }
 
@@ -717,7 +889,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
   for (int p = 0; p < parts; p++) {
     int qk = block_values(types[p]), full = k_full ? k_full[p] : k, start = k0 ? k0[p] : 0;
     size_t bb = block_bytes(types[p]);
-    if (bb == 0 || full % qk != 0 || start % 32 != 0 || start + k > full || rows[p] < 0) return -1;
+    if (bb == 0 || float16_type(types[p]) || full % qk != 0 || start % 32 != 0 || start + k > full || rows[p] < 0) return -1;
     row_bytes[p] = (size_t)(full / qk) * bb;
     first_group[p] = start / 32;
     n += rows[p];
@@ -780,6 +952,189 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
   return 0;
 }
 
+// ---------------------------------------------------------------- 16-bit float weights (F16, BF16)
+//
+// y = x . W^T with W's rows kept as the file's 16-bit floats and float products: F16 converted by
+// F16C, BF16 widened by a shift, both multiplied with the float32 activations; where the CPU has
+// AVX-512 BF16, BF16 rows instead meet the activations rounded to bf16 (once a call) in `vdpbf16ps`,
+// 32 products an instruction (llama.cpp rounds them so too). Each row's sum is formed in the same
+// order whatever the tile height and the batch, so here a token's result is bit for bit the same
+// in every batch.
+
+static inline float half_value(int type, const uint8_t *p) {
+  if (type == T_BF16) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+  }
+  return f16(p);
+}
+
+#if defined(__AVX512BF16__)
+#define HAVE_DPBF16 1
+#else
+#define HAVE_DPBF16 0
+#endif
+
+#if defined(__AVX512F__)
+INLINE __m512 load16_ps(int type, const uint8_t *p) {
+  __m256i h = _mm256_loadu_si256((const __m256i *)p);
+  if (type == T_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+INLINE __m256 load8_ps(int type, const uint8_t *p) {
+  __m128i h = _mm_loadu_si128((const __m128i *)p);
+  if (type == T_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+#endif
+
+// One 16-bit weight row (groups x 32 values at wrow) against MR activation rows (x: float32, rows k
+// apart; xb: the same rounded to bf16, for BF16 rows where the CPU has vdpbf16ps): out[r].
+INLINE void row16_dot(int type, const uint8_t *wrow, int groups, const float *x, const uint16_t *xb, int k,
+                      const int MR, float *out) {
+#if HAVE_DPBF16
+  if (type == T_BF16) {
+    __m512 acc[MAX_TILE];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+      __m512i wv = _mm512_loadu_si512((const void *)(wrow + 64 * (size_t)g));
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) {
+        __m512i xv = _mm512_loadu_si512((const void *)(xb + (size_t)r * k + 32 * (size_t)g));
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)wv, (__m512bh)xv);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    return;
+  }
+#else
+  (void)xb;
+#endif
+#if defined(__AVX512F__)
+  __m512 a0[MAX_TILE], a1[MAX_TILE];  // two chains a row: one would be bound by the adds' latency
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int g = 0; g < groups; g++) {
+    __m512 w0 = load16_ps(type, wrow + 64 * (size_t)g), w1 = load16_ps(type, wrow + 64 * (size_t)g + 32);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) {
+      const float *xr = x + (size_t)r * k + 32 * (size_t)g;
+      a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a0[r]);
+      a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a1[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  __m256 a0[MAX_TILE], a1[MAX_TILE];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+  for (int g = 0; g < groups; g++) {
+    const uint8_t *wg = wrow + 64 * (size_t)g;
+    __m256 w0 = load8_ps(type, wg), w1 = load8_ps(type, wg + 16), w2 = load8_ps(type, wg + 32),
+           w3 = load8_ps(type, wg + 48);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) {
+      const float *xr = x + (size_t)r * k + 32 * (size_t)g;
+      a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[r]);
+      a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[r]);
+      a0[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a0[r]);
+      a1[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a1[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) out[r] = hsum(_mm256_add_ps(a0[r], a1[r]));
+#else
+  float acc[MAX_TILE];
+  for (int r = 0; r < MR; r++) acc[r] = 0.f;
+  for (int g = 0; g < groups; g++) {
+    float wg[32];
+    for (int i = 0; i < 32; i++) wg[i] = half_value(type, wrow + 64 * (size_t)g + 2 * i);
+    for (int r = 0; r < MR; r++) {
+      const float *xr = x + (size_t)r * k + 32 * (size_t)g;
+      float s = 0.f;
+      for (int i = 0; i < 32; i++) s += wg[i] * xr[i];
+      acc[r] += s;
+    }
+  }
+  for (int r = 0; r < MR; r++) out[r] = acc[r];
+#endif
+}
+
+#define ROW16_FN(MR)                                                                                          \
+  static void row16_dot_##MR(int type, const uint8_t *wrow, int groups, const float *x, const uint16_t *xb,   \
+                             int k, float *out) {                                                            \
+    if (type == T_BF16) row16_dot(T_BF16, wrow, groups, x, xb, k, MR, out);                                   \
+    else row16_dot(T_F16, wrow, groups, x, xb, k, MR, out);                                                   \
+  }
+ROW16_FN(1)
+ROW16_FN(2)
+ROW16_FN(4)
+
+// y[:, 0:n] = x . W^T (+ bias) for `parts` 16-bit tensors (F16 or BF16), x [m, k] float32; the other
+// arguments as dc_gguf_matmul_parts' (rows of k_full values, inputs [k0, k0 + k) read; k and k0
+// multiples of 32). Returns 0, -1 for a type or widths it does not take, -2 without memory.
+int dc_gguf_matmul16_parts(int parts, const int *types, const uint8_t *const *w, const int *k_full, const int *k0,
+                           const int *rows, const float *const *bias, const float *x, float *y, int m, int k,
+                           int ldy) {
+  enum { MAX_PARTS = 8 };
+  size_t row_bytes[MAX_PARTS], start_bytes[MAX_PARTS];
+  int n = 0, any_bf16 = 0;
+  if (parts < 1 || parts > MAX_PARTS || k % 32 != 0) return -1;
+  for (int p = 0; p < parts; p++) {
+    int full = k_full ? k_full[p] : k, start = k0 ? k0[p] : 0;
+    if (!float16_type(types[p]) || full % 32 != 0 || start % 32 != 0 || start + k > full || rows[p] < 0) return -1;
+    row_bytes[p] = 2 * (size_t)full, start_bytes[p] = 2 * (size_t)start;
+    any_bf16 |= types[p] == T_BF16;
+    n += rows[p];
+  }
+  int groups = k / 32;
+  uint16_t *xb = NULL;
+#if HAVE_DPBF16
+  if (any_bf16 && m > 0) {
+    xb = malloc((size_t)m * k * 2);
+    if (!xb) return -2;
+    for (size_t i = 0; i < (size_t)m * k; i += 32) {
+      __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+      _mm512_storeu_si512((void *)(xb + i), (__m512i)b);
+    }
+  }
+#else
+  (void)any_bf16;
+#endif
+  for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
+    int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; i++) {
+      int p = 0, row = i;
+      while (row >= rows[p]) row -= rows[p++];
+      const uint8_t *wrow = w[p] + (size_t)row * row_bytes[p] + start_bytes[p];
+      float b = bias && bias[p] ? bias[p][row] : 0.f, out[MAX_TILE];
+      for (int r0 = p0; r0 < p1;) {
+        int left = p1 - r0, mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        const float *xr = x + (size_t)r0 * k;
+        const uint16_t *xbr = xb ? xb + (size_t)r0 * k : NULL;
+        switch (mr) {
+          case 4: row16_dot_4(types[p], wrow, groups, xr, xbr, k, out); break;
+          case 2: row16_dot_2(types[p], wrow, groups, xr, xbr, k, out); break;
+          default: row16_dot_1(types[p], wrow, groups, xr, xbr, k, out);
+        }
+        for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+        r0 += mr;
+      }
+    }
+  }
+  free(xb);
+  return 0;
+}
+
 INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *v1) {
 #if defined(__AVX2__)
   float a0, a1, b0, b1;
@@ -789,7 +1144,7 @@ INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *
   __m256 f[4];
   __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
   for (int i = 0; i < 4; i++) {
-    __m256i wide = type == T_Q8_0 ? _mm256_cvtepi8_epi32(parts[i]) : _mm256_cvtepu8_epi32(parts[i]);
+    __m256i wide = signed_values(type) ? _mm256_cvtepi8_epi32(parts[i]) : _mm256_cvtepu8_epi32(parts[i]);
     f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(i < 2 ? a0 : a1), _mm256_set1_ps(i < 2 ? b0 : b1));
   }
   memcpy(v0, f, 64);
@@ -797,7 +1152,7 @@ INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *
 #else
   group q;
   unpack(type, blk, j, &q);
-  if (type == T_Q8_0) {
+  if (signed_values(type)) {
     *v0 = __builtin_convertvector((i8x16)q.h0, f32x16), *v1 = __builtin_convertvector((i8x16)q.h1, f32x16);
   } else {
     *v0 = __builtin_convertvector(q.h0, f32x16), *v1 = __builtin_convertvector(q.h1, f32x16);
@@ -810,6 +1165,10 @@ INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *
 // One weight row of k values as float32: the reference dequantization (the same as gguf-py's and
 // llama.cpp's).
 static void dequantize_row(int type, const uint8_t *wrow, int k, float *out) {
+  if (float16_type(type)) {
+    for (int i = 0; i < k; i++) out[i] = half_value(type, wrow + 2 * (size_t)i);
+    return;
+  }
   int gpb = block_values(type) / 32;
   size_t bb = block_bytes(type);
   for (int g = 0; g < k / 32; g++) {

@@ -114,6 +114,8 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gguf_quantize_x.restype = None
     lib.dc_gguf_matmul_parts.argtypes = [i, p, p, p, p, p, p, p, p, p, p, i, i, i]
     lib.dc_gguf_matmul_parts.restype = i
+    lib.dc_gguf_matmul16_parts.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i]
+    lib.dc_gguf_matmul16_parts.restype = i
     lib.dc_gguf_dequantize.argtypes = [i, p, i, i, i, p]
     lib.dc_gguf_dequantize.restype = i
     lib.dc_gguf_decode_layers.argtypes = [p, p, p, i, p, p, p, p, p, i]

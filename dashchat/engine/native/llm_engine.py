@@ -117,8 +117,9 @@ class AsyncLLMEngine:
         # runs OpenMP regions, each thread gets its own OpenMP team and the steps ran ~2x slower.
         self._ready = threading.Event()
         self._init_error: BaseException | None = None
+        self._rendezvous = None
         if self.world.size > 1 and not self.world.external:
-            launch.check_master_port(self.world.master_addr, self.world.master_port)
+            self._rendezvous, self.world = launch.open_rendezvous(self.world)
             self._workers = launch.start_workers(args, self.world, self.world.local_ranks(args.device_ids)[1:])
         self._thread = threading.Thread(target=self._run, name="dashchat-engine", daemon=True)
         self._thread.start()
@@ -144,7 +145,8 @@ class AsyncLLMEngine:
             device = launch.prepare_rank_device(args.device, self._place, launch.core_groups(args.device_ids),
                                                 args.num_threads)
             self.group = ParallelGroup(0, self.world.size, device, self.world.master_addr, self.world.master_port,
-                                       from_env=self.world.external)
+                                       args.distributed_load_timeout_s, from_env=self.world.external,
+                                       listen_socket=self._rendezvous, loopback=self.world.on_one_node)
         elif args.device == "cpu":
             device = torch.device("cpu")
             torch.set_num_threads(args.num_threads or physical_cores())

@@ -52,6 +52,8 @@ class ModelRunner:
         self.group = group
         self.tp: TensorParallel = group.tensor_parallel() if group is not None else SINGLE
         start = time.perf_counter()
+        # what the KV cache will take once the weights are in: a GGUF load checks both fit the memory
+        self._kv_bytes = num_kv_blocks * block_size * self.kv_bytes_per_token(cfg, dtype, self.tp.size)
         self.model = self._load_model(model_dir, quantization)
         self._quantize(quantization, model_dir, tokenizer)
         self._use_cpu_kernels()
@@ -71,7 +73,8 @@ class ModelRunner:
         if source is not None:
             from ..quantization.gguf_loading import load_gguf_model
 
-            counts = load_gguf_model(model, source, cfg, ShardPlan(cfg, self.tp.rank, self.tp.size), device)
+            counts = load_gguf_model(model, source, cfg, ShardPlan(cfg, self.tp.rank, self.tp.size), device,
+                                     other_bytes=self._kv_bytes)
             log.info("GGUF weights as shipped: %d linear layers, %d kept as float; embedding %s", counts["gguf"],
                      counts["float"], "as shipped" if counts["embedding"] else "float")
         else:
@@ -195,6 +198,7 @@ class ModelRunner:
         while True:
             step = receive_step(self.group, self.device)
             if step == STOP:
+                self.group.acknowledge_stop()
                 return
             if isinstance(step, StepInputs):
                 self._execute(step)
@@ -204,6 +208,7 @@ class ModelRunner:
 
     def send_stop(self) -> None:
         send_command(self.group, STOP, self.device)
+        self.group.acknowledge_stop()  # returns once every rank has the STOP
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         dev = self.device

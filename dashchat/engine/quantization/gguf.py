@@ -1,9 +1,11 @@
 """GGUF linear layers on the CPU, run in the file's own block formats (`--quantization gguf`).
 
 A GGUF model's linears keep the quantized blocks the file ships (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-Q4_K, Q5_K, Q6_K): no float32 copy, no re-quantization. Decoding one token then reads 4-8x fewer
-bytes than float32 weights. The products are the C kernels of dashchat/engine/cpu/gguf_kernels.c:
-activations quantized to int8 per 32 values (llama.cpp's Q8_0 scheme), integer dot products.
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS): no float32 copy, no re-quantization. Decoding one
+token then reads 4-12x fewer bytes than float32 weights. The products are the C kernels of
+dashchat/engine/cpu/gguf_kernels.c: activations quantized to int8 per 32 values (llama.cpp's Q8_0
+scheme), integer dot products. F16 and BF16 weights stay 16-bit and take float products (bit for bit
+the same in every batch); gguf_loading.py holds a type without kernel as BF16 rows.
 Fewer than 8 activation rows (decode steps) take per-row tiles that stream each weight group once
 for all of them; whole blocks of 8 rows (prefill, big decode batches) meet each weight group in one
 integer multiply-add a 4-value chunk for all 8 rows (the rows interleaved), with one float
@@ -29,12 +31,17 @@ from ..cpu.kernels import kernel_library
 
 log = logging.getLogger(__name__)
 
-# ggml type id -> (values per block, bytes per block), the types the kernels read.
+# type name -> (ggml type id, values per block, bytes per block), the types the kernels read. F16 and
+# BF16 rows are counted in blocks of 32 values (the kernels take widths in 32-value groups).
 BLOCK_TYPES = {
     "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34),
-    "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210),
+    "Q2_K": (10, 256, 84), "Q3_K": (11, 256, 110), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
+    "Q6_K": (14, 256, 210), "IQ4_NL": (20, 32, 18), "IQ4_XS": (23, 256, 136), "F16": (1, 32, 64),
+    "BF16": (30, 32, 64),
 }  # fmt: skip
 TYPE_IDS = {name: ids[0] for name, ids in BLOCK_TYPES.items()}
+# Kept as 16-bit floats and multiplied in floats (the others: integer products of int8 activations).
+FLOAT16_TYPES = frozenset({"F16", "BF16"})
 class GGUFPart:
     """One source tensor's rows of a layer: raw blocks [rows, row_bytes] of one type. A rank's slice
     of a row-split weight keeps whole rows `k_full` values wide and reads inputs [k0, k0 + in_features)
@@ -82,22 +89,32 @@ class GGUFLinear(nn.Module):
             self.register_buffer(f"blocks{i}", part.data, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
         self._filled = sum(p.rows for p in parts)
-        # the parts as dc_gguf_matmul_parts reads them, built once (a step makes hundreds of these calls)
-        count = len(parts)
+        # the parts as the kernels read them, built once (a step makes hundreds of these calls): runs
+        # of integer-product parts (dc_gguf_matmul_parts) and of 16-bit ones (dc_gguf_matmul16_parts),
+        # each with its first output column
         row_starts = list(itertools.accumulate((p.rows for p in parts), initial=0))
-        self._part_args = (
-            count, (ctypes.c_int * count)(*(p.type_id for p in parts)),
-            (ctypes.c_void_p * count)(*(p.data.data_ptr() for p in parts)),
-            (ctypes.c_int * count)(*(p.k_full for p in parts)), (ctypes.c_int * count)(*(p.k0 for p in parts)),
-            (ctypes.c_int * count)(*(p.rows for p in parts)),
-            None if self.bias is None else (ctypes.c_void_p * count)(
-                *(self.bias.data_ptr() + 4 * start for start in row_starts[:-1])),
-        )
+        self._runs: list[tuple[bool, int, tuple]] = []
+        for float16, run in itertools.groupby(range(len(parts)), key=lambda i: parts[i].type_name in FLOAT16_TYPES):
+            ids = list(run)
+            self._runs.append((float16, row_starts[ids[0]],
+                               self._kernel_args([parts[i] for i in ids], row_starts[ids[0] :])))
+        self._quantized = any(not float16 for float16, _, _ in self._runs)
         self._lib = kernel_library()
         if self._lib is None:
             raise RuntimeError("GGUF layers need dashchat's C kernels (a C compiler); use --quantization none")
         self.handle = next(_handles)
         _layers[self.handle] = self
+
+    def _kernel_args(self, parts: list[GGUFPart], row_starts: list[int]) -> tuple:
+        count = len(parts)
+        return (
+            count, (ctypes.c_int * count)(*(p.type_id for p in parts)),
+            (ctypes.c_void_p * count)(*(p.data.data_ptr() for p in parts)),
+            (ctypes.c_int * count)(*(p.k_full for p in parts)), (ctypes.c_int * count)(*(p.k0 for p in parts)),
+            (ctypes.c_int * count)(*(p.rows for p in parts)),
+            None if self.bias is None else (ctypes.c_void_p * count)(
+                *(self.bias.data_ptr() + 4 * start for start in row_starts[:count])),
+        )
 
     @property
     def nbytes(self) -> int:
@@ -119,11 +136,20 @@ class GGUFLinear(nn.Module):
         x = x.reshape(-1, self.in_features).float().contiguous()
         m, k, n = x.shape[0], self.in_features, self.out_features
         y = torch.empty(m, n) if self._filled == n else torch.zeros(m, n)
-        xq, xd, xs = _activation_scratch(m * k)
         lib = self._lib
-        lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs)
-        if lib.dc_gguf_matmul_parts(*self._part_args, xq, xd, xs, y.data_ptr(), m, k, n):
-            raise ValueError(f"GGUF kernel rejected a {self.extra_repr()} weight")
+        if self._quantized:
+            xq, xd, xs = _activation_scratch(m * k)
+            lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs)
+        for float16, column, args in self._runs:
+            out = y.data_ptr() + 4 * column
+            if float16:
+                status = lib.dc_gguf_matmul16_parts(*args, x.data_ptr(), out, m, k, n)
+            else:
+                status = lib.dc_gguf_matmul_parts(*args, xq, xd, xs, out, m, k, n)
+            if status == -2:
+                raise MemoryError(f"GGUF kernel: no memory for a {self.extra_repr()} product")
+            if status:
+                raise ValueError(f"GGUF kernel rejected a {self.extra_repr()} weight")
         return y.reshape(*shape[:-1], n)
 
     def dequantize(self) -> torch.Tensor:

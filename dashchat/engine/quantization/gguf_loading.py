@@ -2,10 +2,13 @@
 
 `load_gguf_model` fills a model built on the meta device: each linear becomes a `GGUFLinear` over
 the file's own blocks and the token embedding a `GGUFEmbedding` (tied embeddings share one copy of
-the blocks with the head); no float32 copy of either is ever made. Only the small float tensors
-(norms, biases) and the per-tensor fallbacks (a type the kernels lack, or a tensor-parallel input
-slice not on 32-value groups) are dequantized, from the GGUF directly. A rank reads its slices as
-the float path does (models/parallel.py's ShardPlan).
+the blocks with the head); no float32 copy of either is ever made. A tensor of a type the kernels
+lack (IQ2_XXS, IQ3_S, TQ2_0, ...) is dequantized and held as bf16 rows, which the 16-bit kernels
+multiply: never as float32, and what that costs is logged once at start. Only the small float
+tensors (norms, biases), F32 weights and a tensor-parallel input slice not on 32-value groups are
+float32. Before anything is copied out of the file, the bytes the weights (and the KV cache) will
+hold are checked against the memory the system has available: a model that cannot fit is refused,
+with the numbers. A rank reads its slices as the float path does (models/parallel.py's ShardPlan).
 
 `load_gguf_linears` swaps the linears of a model whose float weights are already loaded (the
 accuracy bench and tests compare the two).
@@ -24,7 +27,14 @@ import torch
 from torch import nn
 
 from ...models.config import ModelConfig
-from ...models.gguf_convert import SOURCE_FILE, hf_float_tensors, hf_tensor_name, read_tensors, unpermute_qk
+from ...models.gguf_convert import (
+    SOURCE_FILE,
+    SUPPORTED_QUANT_TYPES,
+    hf_float_tensors,
+    hf_tensor_name,
+    read_tensors,
+    unpermute_qk,
+)
 from ...models.llama import FUSED_LINEARS, SHARD_SPLIT
 from ...models.parallel import ShardPlan, VocabParallelEmbedding
 from .gguf import BLOCK_TYPES, GGUFLinear, GGUFPart
@@ -49,10 +59,11 @@ EMBEDDING_SOURCE = "token_embd.weight"
 
 def _rank_blocks(t: Any, kind: str | None, dim: int, plan: ShardPlan, shape: tuple[int, int]
                  ) -> tuple[np.ndarray, int, int, int] | None:
-    """This rank's raw blocks of GGUF tensor `t` (a view of the file): (blocks, input width, full row
-    width, first input), or None when its input slice is not on 32-value groups (a float shard then)."""
+    """This rank's raw blocks of GGUF tensor `t` (a view of the file): (blocks, input width, width of
+    the values the blocks hold per row, first input among them), or None when its input slice is not
+    on 32-value groups (a float shard then)."""
     rows, cols = shape
-    data = np.asarray(t.data).reshape(rows, -1)
+    data = np.asarray(t.data).view(np.uint8).reshape(rows, -1)  # F16 tensors come as float16 arrays
     if kind is None or plan.size == 1:
         return data, cols, cols, 0
     start, length = plan.rows(kind)
@@ -60,22 +71,66 @@ def _rank_blocks(t: Any, kind: str | None, dim: int, plan: ShardPlan, shape: tup
         return data[start : start + length], cols, cols, 0
     if start % 32 or length % 32:
         return None
-    # whole rows (a K-quant super-block of 256 values may straddle two ranks); the kernel reads
-    # only this rank's groups of each
-    return data, length, cols, start
+    # only the blocks that cover this rank's inputs; a K-quant super-block of 256 values may straddle
+    # two ranks, and then both keep it and the kernel reads only this rank's 32-value groups of it
+    from gguf import GGML_QUANT_SIZES
+
+    per_block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]  # the file's blocks (of a type with kernel or not)
+    first, end = start // per_block, -(-(start + length) // per_block)
+    blocks = data[:, first * block_bytes : end * block_bytes]
+    return blocks, length, (end - first) * per_block, start - first * per_block
+
+
+# What a type without a kernel is held as: its values rounded to bf16, which the 16-bit kernels read.
+FALLBACK_TYPE = "BF16"
+
+
+def held_as(type_name: str) -> str | None:
+    """The type a weight tensor of `type_name` is held as: its own (a kernel reads it), bf16 (a type
+    the kernels lack), or None (float32: F32 weights)."""
+    if type_name in BLOCK_TYPES:
+        return type_name
+    return FALLBACK_TYPE if type_name in SUPPORTED_QUANT_TYPES and type_name != "F32" else None
 
 
 class _Blocks:
-    """One source tensor's part of a linear on this rank: its blocks (a view of the mapped file until
-    `tensor()` copies them out) and where the kernel reads its inputs."""
+    """One source tensor's rows on this rank as the kernels will hold them: its blocks (a view of the
+    mapped file until `data()` copies them out), or for a type without kernel (`file_type`) those
+    blocks dequantized to bf16 rows by `data()`; and where the kernel reads its inputs."""
 
     def __init__(self, type_name: str, view: np.ndarray, width: int, k_full: int, k0: int, source: str) -> None:
-        self.type_name, self.view, self.width, self.k_full, self.k0 = type_name, view, width, k_full, k0
+        self.file_type, self.type_name = type_name, held_as(type_name) or type_name
+        self.view, self.width, self.k_full, self.k0 = view, width, k_full, k0
         self.source = source  # the GGUF tensor name
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the rows will hold in memory."""
+        return self.view.nbytes if self.type_name == self.file_type else self.view.shape[0] * self.k_full * 2
+
+    def data(self) -> torch.Tensor:
+        if self.type_name == self.file_type:
+            return torch.from_numpy(np.array(self.view, order="C"))
+        return _bf16_rows(self.view, self.file_type, self.k_full)
+
     def part(self, shared: torch.Tensor | None = None) -> GGUFPart:
-        data = shared if shared is not None else torch.from_numpy(np.array(self.view, order="C"))
-        return GGUFPart(self.type_name, data, self.width, self.k_full, self.k0)
+        return GGUFPart(self.type_name, shared if shared is not None else self.data(), self.width, self.k_full,
+                        self.k0)
+
+
+def _bf16_rows(view: np.ndarray, type_name: str, width: int, chunk_values: int = 1 << 22) -> torch.Tensor:
+    """Rows of raw blocks of `type_name` as bf16 bytes [rows, 2 * width], dequantized a few rows at a
+    time (the float32 temporaries stay small)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    qtype = GGMLQuantizationType[type_name]
+    out = torch.empty(view.shape[0], width, dtype=torch.bfloat16)
+    step = max(1, chunk_values // width)
+    for r in range(0, view.shape[0], step):
+        rows = np.asarray(gguf_dequantize(view[r : r + step], qtype), dtype=np.float32).reshape(-1, width)
+        out[r : r + step] = torch.from_numpy(rows)
+    return out.view(torch.uint8)
 
 
 def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
@@ -100,7 +155,7 @@ def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
         type_name = t.tensor_type.name
         shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
         entry = None
-        if type_name in BLOCK_TYPES and shape is not None:
+        if held_as(type_name) is not None and shape is not None:
             sliced = _rank_blocks(t, kind, dim, plan, shape)
             if sliced is not None:
                 view, width, k_full, k0 = sliced
@@ -113,7 +168,7 @@ def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
             else:
                 log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", name)
         else:
-            log.info("GGUF %s: type %s has no kernel; kept as float", name, type_name)
+            log.info("GGUF %s: type %s is kept as float", name, type_name)
         parts_of, names = found.setdefault(path, ({}, []))
         parts_of[index] = entry
         names.append(hf)
@@ -134,8 +189,8 @@ def _replace(model: nn.Module, path: str, layer: nn.Module) -> None:
 
 def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, plan: ShardPlan) -> dict[str, int]:
     """Swap the linears of a model whose float weights are loaded for GGUFLinear layers over the
-    file's own blocks. Layers whose tensors are float (F32/F16/BF16) or of a type the kernels lack,
-    or whose tensor-parallel input slice is not on 32-value groups, keep their float weights (logged).
+    file's own blocks (bf16 rows for a type the kernels lack). Layers whose tensors are F32, or whose
+    tensor-parallel input slice is not on 32-value groups, keep their float weights (logged).
     Returns a count of layers per outcome, for the log and tests."""
     found = _linear_blocks({t.name: t for t in read_tensors(gguf_path)}, cfg, plan)
     counts = {"gguf": 0, "float": 0}
@@ -152,23 +207,31 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig,
         _replace(model, path, layer)
         counts["gguf"] += 1
     if counts["float"]:
-        log.info("GGUF: %d linear layers kept as float (unsupported type or slice)", counts["float"])
+        log.info("GGUF: %d linear layers kept as float (F32 weights or slice)", counts["float"])
     return counts
 
 
 def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, plan: ShardPlan,
-                    device: torch.device | str = "cpu") -> dict[str, int]:
+                    device: torch.device | str = "cpu", other_bytes: int = 0) -> dict[str, int]:
     """Load a model built on the meta device from the GGUF file: linears and the embedding over the
-    file's blocks, everything else (and the float fallbacks) dequantized from it. Returns counts:
+    file's blocks (bf16 rows for types without kernel), everything else (and the float fallbacks)
+    dequantized from it. First checks that the weights, plus `other_bytes` the caller allocates next
+    (the KV cache), fit the memory available (MemoryError, with the numbers, if not). Returns counts:
     `gguf` / `float` linear layers, `embedding` 1 when the embedding reads blocks (0: float)."""
     tensors = {t.name: t for t in read_tensors(gguf_path)}
     tied = cfg.tie_word_embeddings
-    embedding = _gguf_embedding(model, tensors, plan)
-    if embedding is not None:
+    embedding_rows = _embedding_blocks(model, tensors, plan)
+    found = _linear_blocks(tensors, cfg, plan)
+    check_memory(held_bytes(tensors, found, embedding_rows, plan), other_bytes)
+    embedding = None
+    if embedding_rows is not None:
+        current = model.embed_tokens
+        embedding = GGUFEmbedding(embedding_rows.type_name, embedding_rows.data(), embedding_rows.width, current.tp,
+                                  current.vocab_start)
         _replace(model, "embed_tokens", embedding)
     counts = {"gguf": 0, "float": 0, "embedding": int(embedding is not None)}
     as_blocks: set[str] = {"model.embed_tokens.weight"} if embedding is not None else set()
-    for path, (parts, names) in sorted(_linear_blocks(tensors, cfg, plan).items()):
+    for path, (parts, names) in sorted(found.items()):
         linear = model.get_submodule(path)
         entries = _usable(linear, parts)
         if tied and path == "lm_head" and embedding is None:
@@ -187,26 +250,83 @@ def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, p
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(_float_tensors(tensors, cfg, skip=as_blocks))
     if counts["float"] or not counts["embedding"]:
-        log.info("GGUF: %d linear layers%s kept as float (unsupported type or slice)", counts["float"],
+        log.info("GGUF: %d linear layers%s kept as float (F32 weights or slice)", counts["float"],
                  "" if counts["embedding"] else " and the embedding")
     return counts
 
 
-def _gguf_embedding(model: nn.Module, tensors: dict[str, Any], plan: ShardPlan) -> GGUFEmbedding | None:
-    """This rank's vocabulary rows of the token embedding as blocks, or None (a type without kernel)."""
+def _embedding_blocks(model: nn.Module, tensors: dict[str, Any], plan: ShardPlan) -> _Blocks | None:
+    """This rank's vocabulary rows of the token embedding as blocks (or bf16 rows), None for float."""
     t = tensors[EMBEDDING_SOURCE]
-    current = model.embed_tokens
     type_name = t.tensor_type.name
-    if type_name not in BLOCK_TYPES or not isinstance(current, VocabParallelEmbedding):
-        log.info("GGUF %s: type %s has no kernel; kept as float", EMBEDDING_SOURCE, type_name)
+    if held_as(type_name) is None or not isinstance(model.embed_tokens, VocabParallelEmbedding):
+        log.info("GGUF %s: type %s is kept as float", EMBEDDING_SOURCE, type_name)
         return None
     vocab, hidden = int(t.shape[1]), int(t.shape[0])
-    if hidden % BLOCK_TYPES[type_name][1]:
+    if hidden % BLOCK_TYPES[held_as(type_name)][1]:
         return None
     start, length = plan.rows("vocab")
-    view = np.asarray(t.data).reshape(vocab, -1)[start : start + length]
-    return GGUFEmbedding(type_name, torch.from_numpy(np.array(view, order="C")), hidden, current.tp,
-                         current.vocab_start)
+    view = np.asarray(t.data).view(np.uint8).reshape(vocab, -1)[start : start + length]
+    return _Blocks(type_name, view, hidden, hidden, 0, EMBEDDING_SOURCE)
+
+
+def held_bytes(tensors: dict[str, Any], found: dict[str, tuple[dict[int, _Blocks | None], list[str]]],
+               embedding: _Blocks | None, plan: ShardPlan) -> dict[str, int]:
+    """Bytes this rank's weights will hold in memory: as shipped (blocks), as bf16 (types without
+    kernel; their cost is logged here, once), as float32 (norms, biases, F32 weights). Under tensor
+    parallelism a float tensor's share is counted as a 1/size of it (near enough for a check)."""
+    entries = {e.source: e for parts, _ in found.values() for e in parts.values() if e is not None}
+    if embedding is not None:
+        entries[EMBEDDING_SOURCE] = embedding  # a tied head shares its rows
+    held = {"shipped": 0, "bf16": 0, "float32": 0}
+    fallbacks: dict[str, list[int]] = {}  # file type -> [tensors, bytes in the file, bytes as bf16]
+    for name, t in tensors.items():
+        if hf_tensor_name(name) is None:
+            continue
+        e = entries.get(name)
+        if e is None:
+            share = plan.size if len(t.shape) == 2 else 1
+            held["float32"] += 4 * int(t.n_elements) // share
+        elif e.type_name == e.file_type:
+            held["shipped"] += e.nbytes
+        else:
+            held["bf16"] += e.nbytes
+            counts = fallbacks.setdefault(e.file_type, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += e.view.nbytes
+            counts[2] += e.nbytes
+    for type_name, (n, file_bytes, bf16_bytes) in sorted(fallbacks.items()):
+        log.warning("GGUF: %d tensors of type %s (%s in the file) have no kernel: held as bf16, %s", n, type_name,
+                    _gb(file_bytes), _gb(bf16_bytes))
+    return held
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def mem_available() -> int | None:
+    """The memory the system can give without swapping (/proc/meminfo's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(held: dict[str, int], other_bytes: int = 0) -> None:
+    """Refuse, before anything is allocated, a model whose weights and KV cache exceed MemAvailable."""
+    need, available = sum(held.values()) + other_bytes, mem_available()
+    if available is None or need <= available:
+        return
+    raise MemoryError(
+        f"the model needs {_gb(need)} of memory ({_gb(held['shipped'])} of weights as shipped, "
+        f"{_gb(held['bf16'])} held as bf16 for types without kernel, {_gb(held['float32'])} float32, "
+        f"{_gb(other_bytes)} of KV cache) but only {_gb(available)} is available (MemAvailable)"
+    )
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:

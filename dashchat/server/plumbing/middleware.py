@@ -30,7 +30,8 @@ access_log = logging.getLogger("dashchat.access")
 
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics",
            "/openapi.json", "/docs", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
-           "/tokenize", "/detokenize"}
+           "/tokenize", "/detokenize", "/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps",
+           "/api/version", "/api/embed", "/api/embeddings"}
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces: safe to log and echo
 
 
@@ -127,7 +128,7 @@ class BodyLimitMiddleware:
                 break
         content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), None)
         if (err := check_json_body(b"".join(chunks), content_type)) is not None:
-            return await send_error(send, err)
+            return await send_error(send, err, path=scope["path"])
         replayed = False
 
         async def replay() -> Message:
@@ -147,11 +148,11 @@ class BodyLimitMiddleware:
 def _needs_key(path: str) -> bool:
     # /tokenize and /detokenize sit outside /v1 as in vLLM, but they run the model's template and
     # tokenizer on client input: with keys set, they need one too (vLLM leaves them open).
-    return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+    return path.startswith(("/v1", "/api/")) or path in ("/tokenize", "/detokenize")
 
 
 class AuthMiddleware:
-    """API keys on /v1/* and /tokenize, /detokenize, as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic);
+    """API keys on /v1/*, Ollama's /api/* and /tokenize, /detokenize, as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic);
     constant-time compare against every key (no early exit)."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dashchat.server.plumbing.errors import APIError
+from dashchat.server.routes.ollama_errors import is_ollama_path, ollama_error_body
 
 MESSAGES_PREFIX = "/v1/messages"
 
@@ -31,4 +32,7 @@ def anthropic_error_body(err: APIError) -> dict[str, Any]:
 
 
 def error_body_for(path: str, err: APIError) -> dict[str, Any]:
+    """The error body in the shape of the API the path belongs to (Ollama's, Anthropic's, else OpenAI's)."""
+    if is_ollama_path(path):
+        return ollama_error_body(err)
     return anthropic_error_body(err) if is_messages_path(path) else err.body()

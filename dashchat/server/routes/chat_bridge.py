@@ -51,6 +51,16 @@ def to_chat_request(body: dict[str, Any], rename: Callable[[APIError], APIError]
         raise rename(err) from None
 
 
+def arguments_object(arguments: str) -> dict[str, Any]:
+    """A chat tool call's arguments (a JSON string) as the object Anthropic's `input` and Ollama's
+    `arguments` are ({} when the model wrote none, or no object)."""
+    try:
+        value = loads(arguments) if arguments else {}
+    except ValueError:  # orjson's and json's decode errors are both ValueErrors
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def named_event(name: str, obj: Any) -> bytes:
     """An SSE event with an `event:` line (Anthropic's SDK skips events without one)."""
     return b"event: " + name.encode() + b"\ndata: " + dumps(obj) + b"\n\n"

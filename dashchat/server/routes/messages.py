@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from dashchat.server.routes.anthropic_errors import MESSAGES_PREFIX, anthropic_error_body
-from dashchat.server.routes.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
+from dashchat.server.routes.chat_bridge import ChatBridge, ChatSink, arguments_object, named_event, to_chat_request
 from dashchat.server.plumbing.errors import APIError, bad_request
 from dashchat.server.state import ServerState
 
@@ -214,14 +214,6 @@ def _matched_stop(choice: dict[str, Any]) -> str | None:
     return stop if isinstance(stop, str) else None
 
 
-def _tool_input(arguments: str) -> dict[str, Any]:
-    try:
-        value = json.loads(arguments) if arguments else {}
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 class MessagesSink(ChatSink):
     def __init__(self, model: str, prompt_tokens: int | None = None) -> None:
         super().__init__()
@@ -261,7 +253,7 @@ class MessagesSink(ChatSink):
             content.append({"type": "text", "text": msg["content"]})
         for c in msg.get("tool_calls") or []:
             content.append({"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
-                            "input": _tool_input(c["function"]["arguments"])})
+                            "input": arguments_object(c["function"]["arguments"])})
         self.stop_sequence = _matched_stop(choice)
         stop_reason = _stop_reason(choice.get("finish_reason"), self.stop_sequence)
         await self.send_json(200, self._message(content, stop_reason))
