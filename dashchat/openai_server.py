@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
                         "proposes the tokens that followed the latest earlier occurrence of the text's last "
                         "2-4 tokens (in the prompt and answer so far), and the model checks up to "
-                        "num_speculative_tokens (default 6) of them in one step: answers that repeat the "
-                        "prompt (code edits, quotes) come ~2x faster, others cost about the same. Greedy "
-                        "output is unchanged; sampled output keeps the model's distribution. Keys: method, "
+                        "num_speculative_tokens (default 6) of them in one step. Pays for answers that repeat "
+                        "the prompt (code edits, quotes) where a few extra rows of a step cost little; on "
+                        "a small CPU little or nothing (README: Speculative decoding). Greedy output is "
+                        "unchanged; sampled output keeps the model's distribution. Keys: method, "
                         "num_speculative_tokens, prompt_lookup_min (2), prompt_lookup_max (4). Default: off.")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, at most 8192.")
