@@ -42,6 +42,8 @@ SUPPORTED_GGUF_ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
 }
 SUPPORTED_QUANT_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -346,9 +348,46 @@ def build_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
     elif arch == "qwen3":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["use_sliding_window"] = False
+    elif arch == "gemma3":
+        cfg.update(_gemma3_config(get, cfg))
+    elif arch == "phi3":
+        cfg.update(_phi3_config(get, cfg, tensors))
     if meta.get("tokenizer.ggml.padding_token_id") is not None:
         cfg["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
     return cfg
+
+
+def _gemma3_config(get: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a Gemma 3 GGUF implies beyond the common keys. llama.cpp fixes the layer pattern (five
+    sliding layers in six) and the attention scale (1/sqrt(head_dim), 27B: 1/sqrt(hidden/heads),
+    which is the checkpoints' query_pre_attn_scalar), so they are not in the file."""
+    scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if cfg["num_hidden_layers"] == 62 else cfg["head_dim"]
+    return {
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": get("attention.sliding_window"), "sliding_window_pattern": 6,
+        "rope_local_base_freq": get("rope.freq_base_swa", 10000.0), "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": get("final_logit_softcapping"),
+    }  # fmt: skip
+
+
+def _phi3_config(get: Any, cfg: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's partial rotary, sliding window (0: none, Phi-4) and LongRoPE (its factors are two
+    small tensors in the file; its attention factor follows from the context lengths)."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    out: dict[str, Any] = {
+        "partial_rotary_factor": get("rope.dimension_count", cfg["head_dim"]) / cfg["head_dim"],
+        "sliding_window": get("attention.sliding_window") or None,
+        "original_max_position_embeddings": get("rope.scaling.original_context_length", cfg["max_position_embeddings"]),
+    }
+    if "rope_factors_long.weight" in tensors:
+        def factors(name: str) -> list[float]:
+            t = tensors[name]
+            return [float(x) for x in np.asarray(gguf_dequantize(t.data, t.tensor_type)).reshape(-1)]
+
+        out["rope_scaling"] = {"rope_type": "longrope", "long_factor": factors("rope_factors_long.weight"),
+                               "short_factor": factors("rope_factors_short.weight")}
+    return out
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any], theta: float, head_dim: int
@@ -415,20 +454,33 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_SKIPPED = {"rope_freqs.weight"}  # folded into config.json's rope_scaling
+# Where a family's GGUF names mean other HF tensors than Llama's
+_ARCH_LAYER_NAMES = {
+    "gemma3": {
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    },
+    "phi3": {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"},
+}
+_GGUF_ARCH = {"gemma3": "gemma3", "gemma3_text": "gemma3", "phi3": "phi3"}  # config model_type / family -> arch
+# folded into config.json's rope_scaling
+_SKIPPED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """HF name for a GGUF tensor name; None for tensors that have no HF counterpart we keep."""
+def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:
+    """HF name for a GGUF tensor name (of GGUF architecture `arch`, where a family names its
+    tensors its own way); None for tensors that have no HF counterpart we keep."""
     if gguf_name in _SKIPPED:
         return None
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLK.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise GGUFConvertError(f"unexpected GGUF tensor {gguf_name!r} (not a llama/qwen2/qwen3 weight)")
+    names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch or "", {})}
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
+    raise GGUFConvertError(f"unexpected GGUF tensor {gguf_name!r} (not a {arch or 'llama/qwen2/qwen3'} weight)")
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -442,9 +494,13 @@ def hf_float_tensors(tensors: dict[str, Any], config: dict[str, Any]
     (llama's q/k rows unpermuted): shapes up front, data one tensor at a time. `config`: config.json's
     fields (model_type and the head counts)."""
     llama = config["model_type"] == "llama"
+    arch = _GGUF_ARCH.get(config["model_type"])
     for name, t in tensors.items():
-        hf = hf_tensor_name(name)
+        hf = hf_tensor_name(name, arch)
         if hf is None:
+            continue
+        if arch == "gemma3" and hf.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w); HF has w
+            yield hf, tuple(int(d) for d in t.shape.tolist()), (lambda t=t: _load(t, (-1,), None) - np.float32(1.0))
             continue
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         n_head = None

@@ -32,14 +32,16 @@ SHARD_SPLIT = {
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class: type[nn.Module] = DecoderLayer  # a family with another block shape names its own
+
     def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = cfg
         self.tp = tp
         self.plan = plan = ShardPlan(cfg, tp.rank, tp.size)
         self.embed_tokens = VocabParallelEmbedding(plan.vocab_per_rank, cfg.hidden_size, tp, plan.vocab_start)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(self.layer_class(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, plan.vocab_per_rank, bias=False)
         if cfg.tie_word_embeddings:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from .config import ModelConfig
+from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM
 from .parallel import SINGLE, TensorParallel
+from .phi3 import Phi3ForCausalLM
 from .qwen2 import Qwen2ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 
@@ -14,6 +16,8 @@ _FAMILIES: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
 }
 
 

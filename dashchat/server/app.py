@@ -52,6 +52,8 @@ def _error(err: APIError, path: str = "") -> JSON:
 
 
 def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
+    if any(not k.strip() for k in cfg.api_keys):
+        raise ValueError("API keys must be non-empty strings (an empty key would match an empty header)")
     state = ServerState(engine, cfg)
 
     @asynccontextmanager
@@ -59,10 +61,10 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         yield
         engine.shutdown()
 
-    docs = cfg.enable_docs
+    # The OpenAPI description is always there (clients and fuzzers read it); Swagger UI loads its
+    # scripts from a CDN, so /docs only on request (--enable-docs), never ReDoc.
     app = FastAPI(title="dashchat", version=__version__, lifespan=lifespan, default_response_class=JSON,
-                  docs_url="/docs" if docs else None, openapi_url="/openapi.json" if docs else None,
-                  redoc_url=None)
+                  docs_url="/docs" if cfg.enable_docs else None, openapi_url="/openapi.json", redoc_url=None)
     app.state.server = state
 
     # -- errors: always {"error": {...}} ----------------------------------------
@@ -137,7 +139,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     # -- middleware (last added = outermost) -------------------------------------------
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)
     if cfg.api_keys:
-        app.add_middleware(AuthMiddleware, keys=cfg.api_keys)
+        app.add_middleware(AuthMiddleware, keys=cfg.api_keys, public_docs=cfg.enable_docs)
     if cfg.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])

@@ -157,9 +157,11 @@ def test_tiled_prefill_attention_equals_masked_sdpa():
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_batched_prefill_attention_equals_one_call_per_chunk(cached):
+@pytest.mark.parametrize("window", [None, 3])
+def test_batched_prefill_attention_equals_one_call_per_chunk(cached, window):
     """The GPU's one-call prefill (block-diagonal causal mask, cached context gathered) against the
-    per-chunk path, on a step with decodes, fresh chunks and (cached) chunks continuing a prefix."""
+    per-chunk path, on a step with decodes, fresh chunks and (cached) chunks continuing a prefix;
+    with a sliding window too (Gemma 3), shorter than the chunks and their cached context."""
     from dashchat.engine.native.attention import PagedAttention, PrefillSpan, StepAttentionMetadata
 
     gen = torch.Generator().manual_seed(5)
@@ -181,12 +183,12 @@ def test_batched_prefill_attention_equals_one_call_per_chunk(cached):
     outs = []
     for batched in (False, True):
         layer_cache = [(cache[0][0].clone(), cache[0][1].clone())]
-        attention = PagedAttention(layer_cache, bs, dim**-0.5, batch_prefills=batched)
+        attention = PagedAttention(layer_cache, bs, dim**-0.5, batch_prefills=batched, windows=[window])
         attention.begin_step(StepAttentionMetadata(torch.tensor(slots), 2, decode_tables, decode_lens, spans))
         outs.append(attention(0, q, k, v))
-        assert batched == (attention._prefill_plan is not None)
+        assert batched == (window in attention._prefill_plans)
         if batched:
-            assert (attention._prefill_plan[0] is None) == (not cached)  # gathers only cached context
+            assert (attention._prefill_plans[window][0] is None) == (not cached)  # gathers only cached context
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 

@@ -16,7 +16,7 @@ void dc_silu_and_mul(const float *gate_up, float *out, int rows, int cols);
 void dc_rope_neox(float *x, int rows, int heads, int d, int64_t row_stride, const float *cos, const float *sin);
 int dc_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                               const int64_t *lens, float *out, int n, int hq, int hkv, int d, int width,
-                              int block_size, float scale);
+                              int block_size, float scale, int window);
 void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, float *xs);
 int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, const int *k_full, const int *k0,
                          const int *rows, const float *const *bias, const int8_t *xq, const float *xd,
@@ -101,7 +101,7 @@ int dc_gguf_decode_layers(const dc_decoder_layer *layers, const dc_decoder_shape
       memcpy(q + (size_t)i * q_size, row, sizeof(float) * q_size);
     }
     if (dc_paged_decode_attention(q, L->k_cache, L->v_cache, tables, lens, att, m, s->heads, s->kv_heads, d, width,
-                                  s->block_size, s->scale)) { status = -2; break; }
+                                  s->block_size, s->scale, 0)) { status = -2; break; }
     if (product(&L->o, att, m, &a, y)) { status = -1; break; }
     add_into(x, y, (size_t)m * hidden);
     // MLP block

@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from ...models.layers import DecoderLayer
 from ..quantization.gguf import FLOAT16_TYPES, GGUFLinear
 from .kernels import kernel_library
 from .ops import KernelRMSNorm, kernel_rope_qk, kernel_silu_and_mul
@@ -86,10 +87,14 @@ class FusedDecode:
             return None
         if not kv_cache or kv_cache[0][0].device.type != "cpu" or kv_cache[0][0].dtype != torch.float32:
             return None
+        if cfg.rotary_dim != cfg.head_dim or any(w is not None for w in cfg.layer_windows):
+            return None  # partial rotary, sliding windows: the C step has neither
         eps = cfg.rms_norm_eps
         table = (_Layer * len(model.layers))()
         keep: list[torch.Tensor] = []
         for i, layer in enumerate(model.layers):
+            if type(layer) is not DecoderLayer:  # Gemma 3's four norms a layer: not the C step's shape
+                return None
             attn, mlp = layer.self_attn, layer.mlp
             if attn.rope_qk is not kernel_rope_qk or mlp.act_and_mul is not kernel_silu_and_mul:
                 return None

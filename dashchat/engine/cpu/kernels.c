@@ -191,14 +191,15 @@ static inline float exp_nonpositive(float x) {
 // Returns 0, or -1 when scratch memory ran out (out is then incomplete).
 int dc_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                               const int64_t *tables, const int64_t *lens, float *out, int n, int hq,
-                              int hkv, int d, int width, int block_size, float scale) {
+                              int hkv, int d, int width, int block_size, float scale, int window) {
   int group = hq / hkv, failed = 0;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int i = 0; i < n; i++) {
     for (int h = 0; h < hkv; h++) {
-      int len = (int)lens[i];
+      // a sliding-window layer (window > 0) sees only the last `window` keys: [first, len)
+      int len = (int)lens[i], first = window > 0 && len > window ? len - window : 0, nk = len - first;
       const int64_t *table = tables + (size_t)i * width;
-      float *probs = malloc(sizeof(float) * (size_t)group * (len > 0 ? len : 1));
+      float *probs = malloc(sizeof(float) * (size_t)group * (nk > 0 ? nk : 1));
       if (!probs) {
 #pragma omp atomic write
         failed = 1;
@@ -206,18 +207,18 @@ int dc_paged_decode_attention(const float *q, const float *k_cache, const float 
       }
       const float *qh = q + ((size_t)i * hq + (size_t)h * group) * d;
       float *oh = out + ((size_t)i * hq + (size_t)h * group) * d;
-      for (int j0 = 0; j0 < len; j0 += 16) {  // scores of 16 keys at a time
-        int keys = len - j0 < 16 ? len - j0 : 16;
+      for (int j0 = 0; j0 < nk; j0 += 16) {  // scores of 16 keys at a time
+        int keys = nk - j0 < 16 ? nk - j0 : 16;
         const float *rows[16];
         for (int jj = 0; jj < keys; jj++) {
-          int j = j0 + jj;
+          int j = first + j0 + jj;
           size_t slot = slot_of(table, j, block_size);
           rows[jj] = k_cache + (slot * hkv + h) * d;
           if (j + PREFETCH_KEYS < len) prefetch_row(k_cache, table, j + PREFETCH_KEYS, block_size, hkv, h, d);
         }
         for (int g = 0; g < group; g++) {
           const float *qg = qh + (size_t)g * d;
-          float *pg = probs + (size_t)g * len + j0;
+          float *pg = probs + (size_t)g * nk + j0;
           if (d % 16 == 0) {
             v16 partial[16];
             for (int jj = 0; jj < 16; jj++) partial[jj] = (v16){0};
@@ -234,24 +235,24 @@ int dc_paged_decode_attention(const float *q, const float *k_cache, const float 
         }
       }
       for (int g = 0; g < group; g++) {
-        float *pg = probs + (size_t)g * len, top = -INFINITY, sum = 0.f;
-        for (int j = 0; j < len; j++) top = pg[j] > top ? pg[j] : top;
+        float *pg = probs + (size_t)g * nk, top = -INFINITY, sum = 0.f;
+        for (int j = 0; j < nk; j++) top = pg[j] > top ? pg[j] : top;
 #pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < len; j++) {
+        for (int j = 0; j < nk; j++) {
           pg[j] = exp_nonpositive(pg[j] - top);
           sum += pg[j];
         }
         float inv = 1.f / sum;
 #pragma omp simd
-        for (int j = 0; j < len; j++) pg[j] *= inv;
+        for (int j = 0; j < nk; j++) pg[j] *= inv;
         memset(oh + (size_t)g * d, 0, sizeof(float) * d);
       }
-      for (int j = 0; j < len; j++) {
+      for (int j = first; j < len; j++) {
         size_t slot = slot_of(table, j, block_size);
         const float *vr = v_cache + (slot * hkv + h) * d;
         if (j + PREFETCH_KEYS < len) prefetch_row(v_cache, table, j + PREFETCH_KEYS, block_size, hkv, h, d);
         for (int g = 0; g < group; g++) {
-          float p = probs[(size_t)g * len + j], *og = oh + (size_t)g * d;
+          float p = probs[(size_t)g * nk + j - first], *og = oh + (size_t)g * d;
 #pragma omp simd
           for (int c = 0; c < d; c++) og[c] += p * vr[c];
         }

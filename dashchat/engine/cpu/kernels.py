@@ -102,7 +102,7 @@ def kernel_library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.dc_linear_ab64a.argtypes = [p, p, p, p, i, i, i]
     lib.dc_linear_ab64a.restype = None
-    lib.dc_paged_decode_attention.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float]
+    lib.dc_paged_decode_attention.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float, i]
     lib.dc_paged_decode_attention.restype = i
     lib.dc_rms_norm.argtypes = [p, p, p, i, i, ctypes.c_float]
     lib.dc_rms_norm.restype = None
@@ -127,16 +127,17 @@ def kernel_library() -> ctypes.CDLL | None:
 
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, block_size: int, scale: float,
+    context_lens: torch.Tensor, block_size: int, scale: float, window: int = 0,
 ) -> torch.Tensor:
-    """Float32 decode attention over the paged cache: q [N, Hq, D] -> [N, Hq * D]."""
+    """Float32 decode attention over the paged cache: q [N, Hq, D] -> [N, Hq * D]. `window` > 0:
+    each query sees only the last `window` keys of its sequence (sliding-window layers)."""
     lib = kernel_library()
     q, tables, lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
     n, hq, d = q.shape
     out = q.new_empty(n, hq * d)
     failed = lib.dc_paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-        n, hq, k_cache.shape[1], d, tables.shape[1], block_size, scale,
+        n, hq, k_cache.shape[1], d, tables.shape[1], block_size, scale, window,
     )
     if failed:
         raise MemoryError("decode attention: no memory for its scores")
@@ -146,12 +147,12 @@ def paged_decode_attention(
 @torch.library.custom_op("dashchat::paged_decode_attention", mutates_args=())
 def paged_decode_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, block_size: int, scale: float,
+    context_lens: torch.Tensor, block_size: int, scale: float, window: int = 0,
 ) -> torch.Tensor:
     """The same for torch.compile graphs (a custom op is an extern kernel to them)."""
-    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window)
 
 
 @paged_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale):
+def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window=0):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])

@@ -51,7 +51,9 @@ def kernel_rope_qk(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.
     """q [N, Hq, D] and k [N, Hkv, D], rotated in place: views of the step's fused qkv output (rows
     strided, heads contiguous) or contiguous tensors."""
     cos, sin = rope
-    if not (_eligible(q) and _rows_of_heads(q) and _rows_of_heads(k) and cos.is_contiguous() and sin.is_contiguous()):
+    whole_heads = 2 * cos.shape[-1] == q.shape[-1]  # partial rotary turns only part of each head
+    if not (_eligible(q) and whole_heads and _rows_of_heads(q) and _rows_of_heads(k) and cos.is_contiguous()
+            and sin.is_contiguous()):
         return apply_rope_qk(q, k, rope)
     lib = kernel_library()
     for x in (q, k):
@@ -72,7 +74,7 @@ def use_cpu_kernels(model: nn.Module) -> bool:
         for name, child in list(module.named_children()):
             if isinstance(child, RMSNorm):
                 setattr(module, name, KernelRMSNorm(child))
-        if isinstance(module, GatedMLP):
+        if isinstance(module, GatedMLP) and module.act_and_mul is silu_and_mul:  # GeGLU keeps PyTorch's
             module.act_and_mul = kernel_silu_and_mul
         if isinstance(module, SelfAttention):
             module.rope_qk = kernel_rope_qk

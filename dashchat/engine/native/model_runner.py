@@ -11,6 +11,7 @@ import torch
 
 from ...models.config import ModelConfig
 from ...models.registry import build_model
+from ...models.layers import materialize_rotary
 from ...models.parallel import SINGLE, ShardPlan, TensorParallel
 from ...models.weights import iter_weight_slices
 from ...tokenizer import Tokenizer
@@ -83,9 +84,7 @@ class ModelRunner:
                 model.lm_head.weight = model.embed_tokens.weight
             model.load_weights(iter_weight_slices(model_dir))  # a rank reads only its slices
         # RoPE tables are buffers computed at build time: rebuild them on the real device.
-        rotary = model.rotary
-        fresh = type(rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
+        materialize_rotary(model, device)
         return model.eval()
 
     def _gguf_source(self, model_dir: str) -> Path | None:
@@ -138,7 +137,7 @@ class ModelRunner:
         shape = ((num_kv_blocks + 1) * self.block_size, kv_heads, cfg.head_dim)
         self.kv_cache = [(_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
                          for _ in range(cfg.num_layers)]
-        self.attention = PagedAttention(self.kv_cache, self.block_size, cfg.head_dim**-0.5)
+        self.attention = PagedAttention(self.kv_cache, self.block_size, cfg.attention_scale, windows=cfg.layer_windows)
 
     def _prepare_decode(
         self, compile_decode: bool, cuda_graphs: bool, max_num_seqs: int, max_model_len: int, num_kv_blocks: int
@@ -153,7 +152,7 @@ class ModelRunner:
         if self.device.type == "cpu" and not compile_decode:
             from ..cpu.decode_step import FusedDecode
 
-            self.fused_decode = FusedDecode.build(self.model, self.kv_cache, self.block_size, self.cfg.head_dim**-0.5)
+            self.fused_decode = FusedDecode.build(self.model, self.kv_cache, self.block_size, self.cfg.attention_scale)
             if self.fused_decode is not None:
                 log.info("decode steps run the decoder layers in one C call")
         self.compiled_decode_steps = 0

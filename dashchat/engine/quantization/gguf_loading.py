@@ -139,40 +139,64 @@ def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
     llama = cfg.family == "llama"
     found: dict[str, tuple[dict[int, _Blocks | None], list[str]]] = {}
     head_source = "output.weight" if "output.weight" in tensors else EMBEDDING_SOURCE
-    for name, t in tensors.items():
-        hf = "lm_head.weight" if name == head_source else hf_tensor_name(name)
-        if hf is None or not hf.endswith(".weight") or name == EMBEDDING_SOURCE and hf != "lm_head.weight":
+    for name, whole in tensors.items():
+        hf_whole = "lm_head.weight" if name == head_source else hf_tensor_name(name, cfg.family)
+        if hf_whole is None or not hf_whole.endswith(".weight"):
             continue
-        parts = hf.removeprefix("model.").split(".")
-        proj = parts[-2]
-        module, index = FUSED_LINEARS.get(proj, (proj, 0))
-        if module not in SHARD_SPLIT or module == "embed_tokens":
-            continue  # norms (the embedding was passed over above, or renamed as the tied head)
-        path = ".".join(parts[:-2] + [module])
-        kind, dim = SHARD_SPLIT[module]
-        if kind == "q" and index:
-            kind = "kv"
-        type_name = t.tensor_type.name
-        shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
-        entry = None
-        if held_as(type_name) is not None and shape is not None:
-            sliced = _rank_blocks(t, kind, dim, plan, shape)
-            if sliced is not None:
-                view, width, k_full, k0 = sliced
-                if llama and proj in ("q_proj", "k_proj"):
-                    n_head = cfg.num_heads if proj == "q_proj" else cfg.num_kv_heads
-                    # the permutation is within heads: whole rows move, so it applies to blocks too
-                    # (on a rank's slice of whole heads as well as on the full tensor)
-                    view = unpermute_qk(view, n_head * view.shape[0] // shape[0])
-                entry = _Blocks(type_name, view, width, k_full, k0, name)
+        if name == EMBEDDING_SOURCE and hf_whole != "lm_head.weight":
+            continue
+        for hf, t in _unfused(hf_whole, whole, cfg):
+            parts = hf.removeprefix("model.").split(".")
+            proj = parts[-2]
+            module, index = FUSED_LINEARS.get(proj, (proj, 0))
+            if module not in SHARD_SPLIT or module == "embed_tokens":
+                continue  # norms (the embedding was passed over above, or renamed as the tied head)
+            path = ".".join(parts[:-2] + [module])
+            kind, dim = SHARD_SPLIT[module]
+            if kind == "q" and index:
+                kind = "kv"
+            type_name = t.tensor_type.name
+            shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else None
+            entry = None
+            if held_as(type_name) is not None and shape is not None:
+                sliced = _rank_blocks(t, kind, dim, plan, shape)
+                if sliced is not None:
+                    view, width, k_full, k0 = sliced
+                    if llama and proj in ("q_proj", "k_proj"):
+                        n_head = cfg.num_heads if proj == "q_proj" else cfg.num_kv_heads
+                        # the permutation is within heads: whole rows move, so it applies to blocks too
+                        # (on a rank's slice of whole heads as well as on the full tensor)
+                        view = unpermute_qk(view, n_head * view.shape[0] // shape[0])
+                    entry = _Blocks(type_name, view, width, k_full, k0, name)
+                else:
+                    log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", name)
             else:
-                log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", name)
-        else:
-            log.info("GGUF %s: type %s is kept as float", name, type_name)
-        parts_of, names = found.setdefault(path, ({}, []))
-        parts_of[index] = entry
-        names.append(hf)
+                log.info("GGUF %s: type %s is kept as float", name, type_name)
+            parts_of, names = found.setdefault(path, ({}, []))
+            parts_of[index] = entry
+            names.append(hf_whole)  # the float loader skips the checkpoint's (fused) tensor
     return found
+
+
+class _Rows:
+    """Some rows of a GGUF tensor (a view), standing in for the tensor: one part of a fused one."""
+
+    def __init__(self, t: Any, start: int, rows: int) -> None:
+        self.tensor_type = t.tensor_type
+        self.data = np.asarray(t.data).reshape(int(t.shape[1]), -1)[start : start + rows]
+        self.shape = np.array([int(t.shape[0]), rows])
+
+
+def _unfused(hf: str, t: Any, cfg: ModelConfig) -> list[tuple[str, Any]]:
+    """A fused q/k/v or gate/up tensor (Phi-3 ships them so) as its parts under their HF names, each
+    a view of its rows: rows are whole blocks, so each part shards per rank like a separate tensor."""
+    prefix, _, proj = hf.removesuffix(".weight").rpartition(".")
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    parts = {"qkv_proj": (("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)),
+             "gate_up_proj": (("gate_proj", 0, inter), ("up_proj", inter, inter))}.get(proj)  # fmt: skip
+    if parts is None:
+        return [(hf, t)]
+    return [(f"{prefix}.{part}.weight", _Rows(t, start, rows)) for part, start, rows in parts]
 
 
 def _usable(linear: nn.Module, parts: dict[int, _Blocks | None]) -> list[_Blocks] | None:
@@ -222,7 +246,7 @@ def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, p
     tied = cfg.tie_word_embeddings
     embedding_rows = _embedding_blocks(model, tensors, plan)
     found = _linear_blocks(tensors, cfg, plan)
-    check_memory(held_bytes(tensors, found, embedding_rows, plan), other_bytes)
+    check_memory(held_bytes(tensors, found, embedding_rows, plan, cfg.family), other_bytes)
     embedding = None
     if embedding_rows is not None:
         current = model.embed_tokens
@@ -271,7 +295,7 @@ def _embedding_blocks(model: nn.Module, tensors: dict[str, Any], plan: ShardPlan
 
 
 def held_bytes(tensors: dict[str, Any], found: dict[str, tuple[dict[int, _Blocks | None], list[str]]],
-               embedding: _Blocks | None, plan: ShardPlan) -> dict[str, int]:
+               embedding: _Blocks | None, plan: ShardPlan, family: str) -> dict[str, int]:
     """Bytes this rank's weights will hold in memory: as shipped (blocks), as bf16 (types without
     kernel; their cost is logged here, once), as float32 (norms, biases, F32 weights). Under tensor
     parallelism a float tensor's share is counted as a 1/size of it (near enough for a check)."""
@@ -281,7 +305,7 @@ def held_bytes(tensors: dict[str, Any], found: dict[str, tuple[dict[int, _Blocks
     held = {"shipped": 0, "bf16": 0, "float32": 0}
     fallbacks: dict[str, list[int]] = {}  # file type -> [tensors, bytes in the file, bytes as bf16]
     for name, t in tensors.items():
-        if hf_tensor_name(name) is None:
+        if hf_tensor_name(name, family) is None:
             continue
         e = entries.get(name)
         if e is None:

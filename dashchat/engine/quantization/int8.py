@@ -115,7 +115,9 @@ def smooth_activations(model: nn.Module, input_ids: torch.Tensor) -> None:
     maxima = _input_maxima(model, input_ids)
     pairs = []
     for layer in model.layers:
-        pairs += [(layer.input_layernorm, layer.self_attn.qkv_proj), (layer.post_attention_layernorm, layer.mlp.gate_up_proj)]
+        # the norm that feeds the MLP (Gemma 3's post-attention norm feeds the residual instead)
+        mlp_norm = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
+        pairs += [(layer.input_layernorm, layer.self_attn.qkv_proj), (mlp_norm, layer.mlp.gate_up_proj)]
         down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
         inter = down.in_features  # this rank's slice of the MLP under tensor parallelism
         s = _smoothing(maxima[down], [down.weight])
