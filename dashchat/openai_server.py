@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--enforce-eager", action="store_true",
                    help="Native engine on CUDA: run decode steps eagerly instead of replaying captured "
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
+    e.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
+                        "proposes the tokens that followed the latest earlier occurrence of the text's last "
+                        "2-4 tokens (in the prompt and answer so far), and the model checks up to "
+                        "num_speculative_tokens (default 6) of them in one step. Pays for answers that repeat "
+                        "the prompt (code edits, quotes) where a few extra rows of a step cost little; on "
+                        "a small CPU little or nothing (README: Speculative decoding). Greedy output is "
+                        "unchanged; sampled output keeps the model's distribution. Keys: method, "
+                        "num_speculative_tokens, prompt_lookup_min (2), prompt_lookup_max (4). Default: off.")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, at most 8192.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
@@ -132,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: all interfaces).")
     s.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     s.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
-                   help="Require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on /v1/*, /tokenize and "
-                        "/detokenize (several keys allowed). "
-                        "Also read from DASHCHAT_API_KEY (comma-separated). /health stays open.")
+                   help="Require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on every route but the chat "
+                        "page, /health, /version and /metrics. Several keys: each is a tenant (its stored "
+                        "responses and prompt cache are its own). Also read from DASHCHAT_API_KEY "
+                        "(comma-separated). An empty key is refused.")
     s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="Enable CORS for these origins ('*' for any). Default: CORS off.")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
@@ -143,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Log rendered prompts (off by default: prompts may be private).")
     s.add_argument("--no-web-ui", dest="web_ui", action="store_false",
                    help="Do not serve the browser chat page at / (the API is unchanged).")
+    s.add_argument("--enable-docs", action="store_true",
+                   help="Serve the OpenAPI description at /openapi.json and Swagger UI at /docs. Off by "
+                        "default: the Swagger page loads its scripts from a CDN, on the same origin as "
+                        "the chat page's remembered key.")
+    s.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="Let chat messages' text become special tokens (a user's '<|im_end|>' ends the "
+                        "turn). Off by default: such text is encoded as ordinary tokens.")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                      help="Largest request body; bigger ones get 413.")
@@ -152,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                      help="A generation running longer is aborted (408, or an error event mid-stream). "
                           "0: no limit.")
+    lim.add_argument("--grammar-compile-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="A request waits this long for its JSON schema or forced tool call grammar to "
+                          "compile; past it, 400 (schema too complex). The compile itself cannot be stopped: "
+                          "it finishes on the compile threads and is cached.")
+    lim.add_argument("--grammar-compile-threads", type=int, default=1, metavar="N",
+                     help="Threads that compile grammars, run at a lower CPU priority than decoding.")
+    lim.add_argument("--grammar-cache-mb", type=int, default=256, metavar="MIB",
+                     help="Compiled grammars kept for reuse, least recently used out first.")
     lim.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                      help="On SIGTERM/SIGINT, how long running requests may finish before they are aborted.")
     lim.add_argument("--engine-failure-grace", type=float, default=3.0, metavar="SECONDS",
@@ -197,9 +222,19 @@ def _reasoning_parser(value: str | None) -> str | None:
 
 
 def _api_keys(values: list[str] | None) -> list[str]:
+    """The keys from --api-key and DASHCHAT_API_KEY. An empty one (`--api-key "$UNSET"`) is refused:
+    it would leave the server open while the command line looks guarded."""
     keys = list(values or [])
-    keys += [k.strip() for k in os.environ.get("DASHCHAT_API_KEY", "").split(",") if k.strip()]
-    return keys
+    if any(not k.strip() for k in keys):
+        raise _ArgError("--api-key: an empty key (an unset variable?) would turn authentication off; "
+                        "give a real key or leave the flag out")
+    env = os.environ.get("DASHCHAT_API_KEY")
+    if env is not None:
+        from_env = [k.strip() for k in env.split(",") if k.strip()]
+        if not from_env:
+            raise _ArgError("DASHCHAT_API_KEY is set but holds no key; unset it or give a real key")
+        keys += from_env
+    return [k.strip() for k in keys]
 
 
 def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
@@ -219,12 +254,21 @@ def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
             quantization = "gguf"  # run the file as shipped
         else:
             quantization = "int8" if quantization == "auto" and native_cpu_fp32 else "none"
+    if args.speculative_config is not None:
+        from dashchat.engine.native.speculative import SpeculativeConfig
+
+        if args.engine != "native":
+            raise _ArgError("--speculative-config: only the native engine speculates")
+        try:
+            SpeculativeConfig.parse(args.speculative_config)
+        except ValueError as exc:
+            raise _ArgError(str(exc)) from None
     eargs = EngineArgs(
         model_dir=model_dir, device=device, device_ids=args.device_ids, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory,
         num_threads=args.threads, max_queue=args.max_queue, quantization=quantization, seed=args.seed,
-        compile=args.compile,
+        compile=args.compile, speculative_config=args.speculative_config,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, distributed_timeout_s=args.distributed_timeout,
@@ -304,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.headless = True  # torchrun started every rank with one command line: only rank 0 serves HTTP
     if args.headless and args.engine != "native":
         parser.error("--headless runs ranks of dashchat's native engine; DashInfer runs its own devices")
+    try:
+        api_keys = _api_keys(args.api_key)
+    except _ArgError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "debug"
     try:
@@ -332,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = ServerConfig(
         served_model_names=args.served_model_name or [resolved.name],
         chat_template=template,
-        api_keys=_api_keys(args.api_key),
+        api_keys=api_keys,
         allowed_origins=args.allowed_origins or [],
         max_request_bytes=args.max_request_bytes,
         max_messages=args.max_messages,
@@ -344,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasoning_parser=reasoning_parser,
         default_chat_template_kwargs=template_kwargs,
         web_ui=args.web_ui,
+        enable_docs=args.enable_docs,
+        grammar_compile_timeout_s=args.grammar_compile_timeout,
+        grammar_compile_threads=args.grammar_compile_threads,
+        grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
     )
     app = build_app(engine, cfg)
     try:

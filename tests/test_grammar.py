@@ -327,10 +327,10 @@ def test_compiled_once_per_distinct_schema(model: tuple[Any, GrammarBackend]) ->
     a = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}
     b = {"properties": {"y": {"type": "string"}, "x": {"type": "integer"}}, "type": "object"}
     backend.json_schema(a)
-    n = len(backend._cache)
+    n = len(backend.compiles)
     t0 = time.perf_counter()
     backend.json_schema(b)  # same schema, other key order: a cache hit
-    assert len(backend._cache) == n
+    assert len(backend.compiles) == n
     assert time.perf_counter() - t0 < 0.01
 
 
@@ -530,6 +530,35 @@ def test_auto_call_waits_for_its_grammar_instead_of_blocking_the_step(model: tup
     row = _as_engine(proc, out, torch.zeros(backend.vocab_size))
     allowed = int(torch.isfinite(row).sum())
     assert 0 < allowed < backend.vocab_size // 2  # constrained now: the call's grammar masks the row
+
+
+def test_auto_call_past_the_compile_deadline_goes_on_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call grammar that cannot compile within the deadline does not hold its sequence forever:
+    past it the call goes on unconstrained (parsed as usual); the compile finishes in the background."""
+    import threading
+
+    from dashchat.server.text.grammar_compile import CompileLimits
+
+    tok, _ = load_backend("smollm2")
+    backend = GrammarBackend(tok, MODELS["smollm2"][1], CompileLimits(timeout_s=0.05))
+    release = threading.Event()
+    compile_triggered = backend._compile_triggered
+    monkeypatch.setattr(backend, "_compile_triggered",
+                        lambda spec, kind: release.wait(60) and compile_triggered(spec, kind))
+    tools = [_tool("stuck_tool", {"type": "object", "properties": {"x": {"type": "integer"}}})]
+    proc = backend.triggered_tool_calls(tools, parallel=False)()
+    ids = tok.encode('<tool_call>\n{"name": "stuck_tool", "arguments": {')
+    logits = torch.randn(backend.vocab_size)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            row = proc(ids, logits.clone())
+            break
+        except NotReady:
+            assert time.monotonic() < deadline, "the call waited on its grammar past the compile deadline"
+            time.sleep(0.01)
+    assert torch.equal(row, logits)  # free: nothing masked
+    release.set()
 
 
 def test_auto_schema_xgrammar_refuses_leaves_the_call_free() -> None:

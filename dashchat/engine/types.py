@@ -51,6 +51,10 @@ class SamplingParams:
     logprobs: int | None = None
     # One processor is made per sequence (n > 1 makes n), so processors may keep state.
     logits_processor_factories: list[LogitsProcessorFactory] = field(default_factory=list)
+    # Prefix-cache partition: requests reuse each other's cached prompt blocks only when their salts
+    # are equal (None is a salt of its own), so the time to first token cannot tell one tenant
+    # what another sent. An engine without a prefix cache may ignore it.
+    cache_salt: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -132,6 +136,10 @@ class EngineStats:
     num_preemptions: int = 0
     tensor_parallel_size: int = 1
     collective_seconds: float = 0.0  # rank 0's time in tensor-parallel collectives
+    # Speculative decoding: steps that verified proposals, tokens proposed, of those accepted.
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class Engine(Protocol):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -51,7 +53,22 @@ def _error(err: APIError, path: str = "") -> JSON:
     return JSON(error_body_for(path, err), status_code=err.status, headers=err.headers)
 
 
+def model_architecture(engine: Engine) -> str | None:
+    """The Hugging Face architecture the model runs as (e.g. Qwen2ForCausalLM): which family's code
+    serves it. From the native engine's config, else from the model folder's config.json."""
+    config = getattr(engine, "model_config", None)
+    if config is not None:
+        return config.architecture
+    model_dir = getattr(getattr(engine, "args", None), "model_dir", None)
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
+    except (TypeError, OSError, ValueError, KeyError, IndexError):
+        return None
+
+
 def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
+    if any(not k.strip() for k in cfg.api_keys):
+        raise ValueError("API keys must be non-empty strings (an empty key would match an empty header)")
     state = ServerState(engine, cfg)
 
     @asynccontextmanager
@@ -59,10 +76,10 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         yield
         engine.shutdown()
 
-    docs = cfg.enable_docs
+    # The OpenAPI description is always there (clients and fuzzers read it); Swagger UI loads its
+    # scripts from a CDN, so /docs only on request (--enable-docs), never ReDoc.
     app = FastAPI(title="dashchat", version=__version__, lifespan=lifespan, default_response_class=JSON,
-                  docs_url="/docs" if docs else None, openapi_url="/openapi.json" if docs else None,
-                  redoc_url=None)
+                  docs_url="/docs" if cfg.enable_docs else None, openapi_url="/openapi.json", redoc_url=None)
     app.state.server = state
 
     # -- errors: always {"error": {...}} ----------------------------------------
@@ -99,9 +116,11 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     add_tokenize_routes(app, state)
     add_ollama_routes(app, state)
 
+    architecture = model_architecture(engine)
+
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "dashchat",
-                "max_model_len": state.max_model_len}
+                "max_model_len": state.max_model_len, "architecture": architecture}
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -124,7 +143,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.get("/version")
     async def version() -> Response:
         return JSON({"version": __version__, "engine": getattr(engine, "name", "unknown"),
-                     "models": cfg.served_model_names,
+                     "models": cfg.served_model_names, "architecture": architecture,
                      "tensor_parallel_size": getattr(engine, "tensor_parallel_size", 1)})
 
     @app.get("/metrics")
@@ -137,7 +156,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     # -- middleware (last added = outermost) -------------------------------------------
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)
     if cfg.api_keys:
-        app.add_middleware(AuthMiddleware, keys=cfg.api_keys)
+        app.add_middleware(AuthMiddleware, keys=cfg.api_keys, public_docs=cfg.enable_docs)
     if cfg.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])

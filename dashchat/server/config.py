@@ -23,7 +23,7 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     retry_after_s: int = 1
     log_prompts: bool = False
-    enable_docs: bool = True  # /docs and /openapi.json
+    enable_docs: bool = False  # /docs and /openapi.json (Swagger UI comes from a CDN: off unless asked)
     # /v1/responses store (routes/response_store.py): least recently used go first past either bound.
     responses_store_entries: int = 1024
     responses_store_bytes: int = 64 * 1024 * 1024
@@ -32,6 +32,15 @@ class ServerConfig:
     reasoning_parser: str | None = None
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     web_ui: bool = True  # the chat page at / (off: --no-web-ui)
+    # Chat messages' text may become special tokens (`<|im_end|>` typed by a user ends the turn): the old,
+    # unsafe behaviour, for callers that rely on it (text/control_tokens.py).
+    allow_special_tokens_in_content: bool = False
+    # Grammar compiles (text/grammar_compile.py): their own threads, run this much below the server's
+    # CPU priority; a request waits at most the timeout (then 400: schema too complex); cache bound.
+    grammar_compile_threads: int = 1
+    grammar_compile_timeout_s: float = 10.0
+    grammar_compile_nice: int = 10
+    grammar_cache_bytes: int = 256 * 1024 * 1024
 
     @property
     def model_name(self) -> str:

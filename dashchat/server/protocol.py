@@ -108,6 +108,9 @@ class _SamplingFields(_Model):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     skip_special_tokens: bool = True
+    # Prefix-cache salt (vLLM's field): only requests with the same salt (and API key) share cached
+    # prompt blocks, so the time to first token tells nothing about prompts salted otherwise.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -59,3 +59,21 @@ def test_digest_is_collision_resistant_and_chained():
     assert d(b"", [1, 2, 3]) != d(b"", [1, 2, 4])
     assert d(d(b"", [1]), [2]) != d(d(b"", [3]), [2])  # the parent is part of the key
     assert d(b"", [2**40]) != d(b"", [0])  # ids are not truncated to small widths
+
+
+def test_cache_salt_partitions_the_prefix_cache():
+    """Requests share cached blocks only under the same salt (None is a salt of its own)."""
+    blocks = BlockManager(32, BS)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    salted = _seq(prompt)
+    salted.params = SamplingParams(cache_salt="tenant-a")
+    _compute(blocks, salted)
+    for other_salt in (None, "tenant-b"):
+        other = _seq(prompt)
+        other.params = SamplingParams(cache_salt=other_salt)
+        assert blocks.reuse_cached_prefix(other) == 0
+        blocks.free_seq(other)
+    same = _seq(prompt)
+    same.params = SamplingParams(cache_salt="tenant-a")
+    assert blocks.reuse_cached_prefix(same) == 8
+    assert same.block_table == salted.block_table[:2]

@@ -5,9 +5,6 @@ model code through the paged attention (whole, chunked, decoded token by token),
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from dashchat.models.config import ModelConfig, UnsupportedModelError
 from dashchat.models.registry import build_model
 from dashchat.models.weights import iter_weights
 from engine_helpers import collect, greedy_tokens
+from llama_cpp import convert_to_gguf
 from tiny_dense import FAMILIES, paged_logits, rank_paged_logits, save_tiny_dense, save_tiny_gemma3_multimodal
 from tiny_models import save_word_tokenizer
 
@@ -133,38 +131,22 @@ def test_engine_greedy_matches_transformers(family, device, tmp_path, _exact_flo
 
 # ---------------------------------------------------------------- GGUF, as llama.cpp's converter writes it
 
-def _converter() -> Path | None:
-    """llama.cpp's convert_hf_to_gguf.py (plain Python: a source tree is enough, nothing built):
-    $LLAMA_CPP_SRC, the tree bench/setup_llama_server.sh unpacks, or this project's build machine's."""
-    roots = [os.environ.get("LLAMA_CPP_SRC"), Path(__file__).parents[2] / "bench/.llama-server/src/llama.cpp",
-             "/work/llama-build/src/llama.cpp"]
-    found = [Path(r) / "convert_hf_to_gguf.py" for r in roots if r]
-    return next((c for c in found if c.is_file()), None)
-
-
 @pytest.fixture(scope="module")
 def gguf_dirs(tmp_path_factory) -> dict[str, Path]:
     """Each family's tiny model (SmolLM2's tokenizer: the converter needs a real one) through
     llama.cpp's convert_hf_to_gguf.py at Q8_0, then dashchat's GGUF conversion."""
-    converter = _converter()
-    if converter is None:
-        pytest.skip("no llama.cpp source tree (set LLAMA_CPP_SRC, or run bench/setup_llama_server.sh)")
     from dashchat.models.gguf_convert import convert_gguf
     from dashchat.models.resolve import resolve_model
 
     tokenizer = resolve_model("smollm2-135m-instruct").path
     root = tmp_path_factory.mktemp("gguf")
-    env = dict(os.environ, PYTHONPATH=f"{converter.parent}:{converter.parent / 'gguf-py'}")
     runs = []
     for family in ("gemma3", "phi3"):
         hf = root / f"{family}-hf"
         hf.mkdir()
         save_tiny_dense(family, hf, tokenizer)
-        runs.append([str(converter), str(hf), "--outtype", "q8_0", "--outfile", str(root / f"{family}.gguf")])
-    # both conversions in one process: its imports (torch, transformers) are most of the time
-    driver = (f"import runpy, sys\nfor argv in {runs!r}:\n"
-              "    sys.argv = argv\n    runpy.run_path(argv[0], run_name='__main__')")
-    subprocess.run([sys.executable, "-c", driver], env=env, check=True, capture_output=True)
+        runs.append((hf, root / f"{family}.gguf", "q8_0"))
+    convert_to_gguf(runs)
     out = {family: convert_gguf(root / f"{family}.gguf", root / "cache") for family in ("gemma3", "phi3")}
     return out
 

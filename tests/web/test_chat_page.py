@@ -257,6 +257,39 @@ def test_import_rejects_a_file_that_is_not_an_export(page_factory: Any, web_serv
     assert page.locator(".conversation").count() == 0
 
 
+def test_malformed_meta_neither_breaks_import_nor_reload(page_factory: Any, web_server: ServerProcess,
+                                                        tmp_path: Path) -> None:
+    """A message's `meta` of the wrong types (hand-edited, another tool's export) is dropped on import,
+    and an entry already stored broken is repaired or skipped when read back: every reload still works
+    (page_factory fails the test on any uncaught page error)."""
+    page = page_factory(web_server.base_url)
+    bad_meta = {"tokensPerS": "fast", "ttftMs": {"x": 1}, "tokens": [3], "model": {"evil": 1}, "finish": 7}
+    conv = {"title": "Odd meta", "messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello", "meta": bad_meta}]}
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(conv))
+    page.set_input_files("#import-file", str(path))
+    page.wait_for_selector(".conversation.active")
+    assert page.locator("article.assistant .content").inner_text() == "hello"
+    assert "meta" not in stored(page)["messages"][1]
+    # Entries stored broken by an older page: one with bad meta is shown, one without messages skipped.
+    page.evaluate("""(meta) => {
+        localStorage.setItem('dashchat.conversation.old1', JSON.stringify({id: 'old1', title: 'Stored odd',
+            createdAt: 1, updatedAt: 9e12, system: '', messages: [{role: 'assistant', content: 'kept', meta}]}));
+        localStorage.setItem('dashchat.conversation.old2', JSON.stringify({id: 'old2', title: 'No messages'}));
+        localStorage.setItem('dashchat.conversation.old3', '{not json');
+        const s = JSON.parse(localStorage.getItem('dashchat.settings'));
+        s.lastConversation = 'old1';
+        localStorage.setItem('dashchat.settings', JSON.stringify(s));
+    }""", bad_meta)
+    for _ in range(2):
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.locator(".conversation").count() == 2  # the import and the repaired one
+        assert page.locator("article.assistant .content").inner_text() == "kept"
+        assert page.locator("article.assistant .msg-meta").inner_text() == ""
+
+
 def test_imported_reasoning_tool_call_and_html_render(page_factory: Any, web_server: ServerProcess,
                                                       tmp_path: Path) -> None:
     page = page_factory(web_server.base_url)

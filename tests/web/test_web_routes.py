@@ -98,3 +98,15 @@ def test_no_web_ui_flag_on_the_real_server() -> None:
         assert httpx.get(srv.base_url + "/v1/models").status_code == 200
     finally:
         srv.stop()
+
+
+def test_every_page_file_carries_the_policy_and_refuses_framing() -> None:
+    """`/ui/index.html` is the page itself: without the CSP it could run injected markup, framed it
+    could be clickjacked. Every file under /ui gets the same headers as `/`."""
+    c = client()
+    for path in ("/", "/ui/index.html", "/ui/app.js", "/ui/store.js", "/ui/style.css", "/ui/vendor/purify.min.js"):
+        r = c.get(path)
+        assert r.status_code == 200, path
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"], path
+        assert "script-src 'self'" in r.headers["content-security-policy"], path
+        assert r.headers["x-frame-options"] == "DENY", path

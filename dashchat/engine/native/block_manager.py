@@ -16,10 +16,24 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from functools import lru_cache
 
 from .sequence import Sequence
 
-_ROOT = b""  # the parent digest of a sequence's first block
+_ROOT = b""  # the parent digest of an unsalted sequence's first block
+
+
+@lru_cache(maxsize=4096)
+def salt_root(salt: str | None) -> bytes:
+    """The parent digest of a sequence's first block: the salt's own digest, so sequences with
+    different salts share no digest and no cached block."""
+    if salt is None:
+        return _ROOT
+    return hashlib.blake2b(b"cache-salt\0" + salt.encode("utf-8"), digest_size=32).digest()
+
+
+def _root(seq: Sequence) -> bytes:
+    return salt_root(seq.params.cache_salt)
 
 
 def block_digest(parent: bytes, tokens: list[int]) -> bytes:
@@ -74,11 +88,11 @@ class BlockManager:
         seq.block_table.extend(self._take_free_block() for _ in range(need))
         return True
 
-    def _chain_hashes(self, token_ids: list[int], num_blocks: int, known: list[bytes]) -> list[bytes]:
+    def _chain_hashes(self, seq: Sequence, num_blocks: int, known: list[bytes]) -> list[bytes]:
         hashes = list(known[:num_blocks])
-        bs = self.block_size
+        bs, token_ids = self.block_size, seq.token_ids
         for i in range(len(hashes), num_blocks):
-            parent = hashes[i - 1] if i else _ROOT
+            parent = hashes[i - 1] if i else _root(seq)
             hashes.append(block_digest(parent, token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
@@ -95,12 +109,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        hashes = self._chain_hashes(seq.token_ids, max_blocks, self.seq_hashes.get(id(seq), []))
+        hashes = self._chain_hashes(seq, max_blocks, self.seq_hashes.get(id(seq), []))
         for i, h in enumerate(hashes):
             block = self.cached.get(h)
             if block is None:
                 break
-            parent = hashes[i - 1] if i else _ROOT
+            parent = hashes[i - 1] if i else _root(seq)
             if self.block_keys[block] != (parent, self._block_tokens(seq.token_ids, i)):
                 break  # same digest, other content: never reuse another prefix's KV
             if self.ref_counts[block] == 0:
@@ -120,13 +134,24 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= len(known):
             return
-        hashes = self._chain_hashes(seq.token_ids, full, known)
+        hashes = self._chain_hashes(seq, full, known)
         for i in range(len(known), full):
             block, h = seq.block_table[i], hashes[i]
             self.block_hashes[block] = h
-            self.block_keys[block] = (hashes[i - 1] if i else _ROOT, self._block_tokens(seq.token_ids, i))
+            self.block_keys[block] = (hashes[i - 1] if i else _root(seq), self._block_tokens(seq.token_ids, i))
             self.cached.setdefault(h, block)
         self.seq_hashes[id(seq)] = hashes
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the tail blocks past `num_tokens` tokens (a speculative step's rejected
+        positions). They hold nothing worth caching, so they are the first to be handed out again."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
 
     def free_seq(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # tail blocks are evicted first

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dashchat.engine.types import LogitsProcessorFactory, SamplingParams
 from dashchat.server.config import ServerConfig
 from dashchat.server.plumbing.errors import bad_request, context_length_exceeded
+from dashchat.server.plumbing.tenant import cache_salt
 from dashchat.server.protocol import _SamplingFields
 
 
@@ -77,4 +78,5 @@ def build_params(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         logits_processor_factories=list(factories or []),
+        cache_salt=cache_salt(req.cache_salt),  # the API key's tenant, and the request's own salt
     )

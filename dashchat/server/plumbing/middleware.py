@@ -18,6 +18,7 @@ from dashchat.server.routes.anthropic_errors import error_body_for
 from dashchat.server.plumbing.errors import APIError
 from dashchat.server.plumbing.metrics import Metrics
 from dashchat.server.plumbing.sse import dumps
+from dashchat.server.plumbing.tenant import enter_tenant, leave_tenant, tenant_of_key
 from dashchat.server.plumbing.validation import check_json_body
 
 Scope = dict[str, Any]
@@ -145,22 +146,35 @@ class BodyLimitMiddleware:
                         "invalid_request_error", None, "request_too_large")
 
 
-def _needs_key(path: str) -> bool:
-    # /tokenize and /detokenize sit outside /v1 as in vLLM, but they run the model's template and
-    # tokenizer on client input: with keys set, they need one too (vLLM leaves them open).
-    return path.startswith(("/v1", "/api/")) or path in ("/tokenize", "/detokenize")
+# What answers without a key: the chat page and its assets (a client of the API that asks for the
+# key itself), liveness, version and metrics. Every other path needs one, including paths no route
+# serves yet, so a route added later is guarded from its first line (and an unknown path tells a
+# caller without a key nothing: 401, not 404).
+PUBLIC_PATHS = frozenset({"/", "/health", "/version", "/metrics", "/favicon.ico"})
+PUBLIC_PREFIXES = ("/ui/",)
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json"})  # public with --enable-docs
+
+
+def needs_key(path: str, public_docs: bool = False) -> bool:
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        return False
+    return not (public_docs and path in DOCS_PATHS)
 
 
 class AuthMiddleware:
-    """API keys on /v1/*, Ollama's /api/* and /tokenize, /detokenize, as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic);
-    constant-time compare against every key (no early exit)."""
+    """API keys on every path but the public ones, as `Authorization: Bearer KEY` (OpenAI) or
+    `x-api-key: KEY` (Anthropic); constant-time compare against every key (no early exit). The key
+    that matched names the request's tenant (tenant.py)."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[str], public_docs: bool = False) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.tenants = [tenant_of_key(k) for k in self.keys]
+        self.public_docs = public_docs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _needs_key(scope["path"]) or scope["method"] == "OPTIONS":
+        if (scope["type"] != "http" or not needs_key(scope["path"], self.public_docs)
+                or scope["method"] == "OPTIONS"):
             return await self.app(scope, receive, send)
         bearer = api_key = b""
         for k, v in scope["headers"]:
@@ -170,12 +184,17 @@ class AuthMiddleware:
                     bearer = rest.strip()
             elif k == b"x-api-key" and not api_key:
                 api_key = v.strip()
-        ok = False
-        for key in self.keys:
+        tenant = None
+        for key, name in zip(self.keys, self.tenants):
             # Either header may carry the key; both are compared, so the time does not tell which.
-            ok |= hmac.compare_digest(bearer, key) | hmac.compare_digest(api_key, key)
-        if ok:
-            return await self.app(scope, receive, send)
+            if hmac.compare_digest(bearer, key) | hmac.compare_digest(api_key, key):
+                tenant = name
+        if tenant is not None:
+            token = enter_tenant(tenant)
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                leave_tenant(token)
         msg = ("You didn't provide an API key. Pass it as 'Authorization: Bearer YOUR_KEY' or 'x-api-key: YOUR_KEY'."
                if not (bearer or api_key) else "Incorrect API key provided.")
         await send_error(send, APIError(401, msg, "authentication_error", None, "invalid_api_key"),

@@ -57,7 +57,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
                                     state.max_model_len, "messages")
     top_n = req.top_logprobs or 0
     # Off the event loop: a new schema compiles for up to seconds, and every stream would stall meanwhile.
-    factories = await asyncio.to_thread(_grammar, state, req, plan, prompt)
+    factories = await state.run_grammar(_grammar, state, req, plan, prompt)
     params = build_params(
         req, max_tokens=max_tokens, vocab_size=state.vocab_size, cfg=cfg,
         logprobs=top_n if req.logprobs else None, factories=factories,

@@ -93,6 +93,9 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     ignore_eos: bool | None = None  # dashchat's extension, as on Chat Completions
+    # Prefix-cache salt (vLLM's field): only requests with the same salt (and API key) share cached
+    # prompt blocks, so the time to first token tells nothing about prompts salted otherwise.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 # -- request -> chat ------------------------------------------------------------------------
@@ -338,7 +341,8 @@ async def create_message(state: ServerState, req: MessagesRequest) -> Response:
     model = state.check_model(req.model)
     chat = _chat_request(req, model)
     chat.update(max_completion_tokens=req.max_tokens, stream=req.stream, stop=req.stop_sequences,
-                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, ignore_eos=req.ignore_eos)
+                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, ignore_eos=req.ignore_eos,
+                cache_salt=req.cache_salt)
     if req.stream:
         chat["stream_options"] = {"include_usage": True}
     if req.stop_sequences is not None and len(req.stop_sequences) > state.cfg.max_stop:

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from dashchat.server.routes.chat_bridge import ChatBridge, ChatSink, named_event, to_chat_request
 from dashchat.server.plumbing.errors import APIError, bad_request
+from dashchat.server.plumbing.tenant import current_tenant
 from dashchat.server.routes.response_store import ResponseStore
 from dashchat.server.state import ServerState
 
@@ -139,6 +140,9 @@ class ResponsesRequest(_Model):
     text: TextConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     ignore_eos: bool | None = None  # dashchat's extension, as on Chat Completions
+    # Prefix-cache salt (vLLM's field): only requests with the same salt (and API key) share cached
+    # prompt blocks, so the time to first token tells nothing about prompts salted otherwise.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     reasoning: ReasoningConfig | None = None
@@ -317,6 +321,7 @@ class _Turn:
                  history: list[dict[str, Any]], new_messages: list[dict[str, Any]]) -> None:
         self.state, self.store, self.req, self.model = state, store, req, model
         self.history, self.new_messages = history, new_messages
+        self.owner = current_tenant()  # only the key that made it reads, continues or deletes it
         self.id = _new_id("resp")
         self.created_at = int(time.time())
 
@@ -356,7 +361,7 @@ class _Turn:
             turn["tool_calls"] = calls
         if reasoning:
             turn["reasoning_content"] = reasoning
-        self.store.put(response, [*self.history, *self.new_messages, turn])
+        self.store.put(response, [*self.history, *self.new_messages, turn], self.owner)
 
 
 def _status(finish: str | None) -> str:
@@ -527,7 +532,7 @@ async def create_response(state: ServerState, store: ResponseStore, req: Respons
         raise bad_request("'background' responses are not supported; send the request without it.", "background")
     history: list[dict[str, Any]] = []
     if req.previous_response_id is not None:
-        stored = store.get(req.previous_response_id)
+        stored = store.get(req.previous_response_id, current_tenant())
         if stored is None:
             raise previous_not_found(req.previous_response_id)
         history = stored.conversation
@@ -539,7 +544,7 @@ async def create_response(state: ServerState, store: ResponseStore, req: Respons
         "parallel_tool_calls": req.parallel_tool_calls, "response_format": chat_response_format(req.text),
         "max_completion_tokens": req.max_output_tokens, "ignore_eos": req.ignore_eos, "temperature": req.temperature,
         "top_p": req.top_p,
-        "seed": req.seed, "user": req.user,
+        "seed": req.seed, "user": req.user, "cache_salt": req.cache_salt,
     }
     if req.stream:
         chat["stream_options"] = {"include_usage": True}
@@ -566,13 +571,13 @@ def add_responses_routes(app: Any, state: ServerState) -> None:
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> Response:
-        stored = store.get(response_id)
+        stored = store.get(response_id, current_tenant())
         if stored is None:
             raise response_not_found(response_id)
         return JSONResponse(stored.response)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> Response:
-        if not store.delete(response_id):
+        if not store.delete(response_id, current_tenant()):
             raise response_not_found(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})

@@ -72,18 +72,19 @@ def _chat_tokens(state: ServerState, req: TokenizeRequest) -> list[int]:
             raise bad_request("Only text content parts are supported.", f"messages[{i}].content")
     kwargs = template_kwargs(state, req.chat_template_kwargs)
     prompt = render_prompt(state, messages, tools, kwargs, add_generation_prompt=req.add_generation_prompt)
-    text = prompt.text
+    marked = prompt.marked
     if req.continue_final_message:  # the prompt ends where the last message's text does: the model continues it
         last = messages[-1].get("content")
         last_text = last if isinstance(last, str) else "\n".join(p.get("text", "") for p in last or [])
-        end = text.rfind(last_text) if last_text else -1
+        last_text = state.guard.shield(last_text)
+        end = marked.rfind(last_text) if last_text else -1
         if end < 0:
             raise bad_request("The chat template does not show the final message's text; cannot continue it.",
                               "continue_final_message")
-        text = text[: end + len(last_text)]
+        marked = marked[: end + len(last_text)]
     elif not req.add_special_tokens:
         return prompt.ids
-    return list(state.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens)))
+    return state.guard.encode(marked, add_special_tokens=bool(req.add_special_tokens))
 
 
 def _token_str(state: ServerState, token_id: int) -> str:

@@ -22,6 +22,10 @@ Auto mode, measured (tests/test_grammar.py, bench/grammar_overhead.py): while th
 text the processor only decodes the token and feeds the parser, ~10 us per token at 151k ids; a
 call grammar compiles in ~70-100 ms at 151k for a simple tool (once per tool set and format, in the
 background from when a call region opens, then cached).
+
+Every compile runs on grammar_compile.py's pool (its own threads, lower CPU priority, a deadline on
+each wait, a cache bounded by bytes); xgrammar compiles on that thread alone (max_threads=1), so a
+compile never takes more than the pool's share of the cores from the step.
 """
 
 from __future__ import annotations
@@ -31,10 +35,8 @@ import json
 import logging
 import re
 import sys
-import threading
-from collections import OrderedDict
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 
 from dashchat.engine.types import LogitsProcessorFactory, NotReady
+from dashchat.server.text.grammar_compile import CompileCache, CompileLimits
 from dashchat.server.text.reasoning import ReasoningFormat, ThinkStart
 from dashchat.server.text.tool_parser import (
     DS_CALL_BEGIN,
@@ -64,7 +67,6 @@ TOOL_CALL_BEGIN = "<tool_call>\n"
 TOOL_CALL_END = "\n</tool_call>"
 TOOL_CALL_SEPARATOR = "\n"  # between parallel calls
 _SEPARATORS = (", ", ": ")
-_CACHE_SIZE = 256
 _MAX_WS = 16  # longest whitespace run inside an auto-mode call (free style, but no endless blank lines)
 _MIN_PARALLEL_CALLS, _MAX_CALLS = 4, 16  # parallel calls per answer: max(4, number of tools), at most 16
 _NEG_INF = np.float32(-np.inf)
@@ -231,6 +233,7 @@ class _TriggeredProcessor:
         self._released = False  # a call start the grammar could not take over: free to the end
         self._warm: set[str] = set()
         self._pending: tuple[str, int] | None = None  # a call start whose grammar is still compiling
+        self._pending_since = 0.0
 
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         n = len(output_token_ids)
@@ -254,7 +257,7 @@ class _TriggeredProcessor:
             return logits
         if region not in self._warm:  # a call may be coming: compile its grammar in the background
             self._warm.add(region)
-            self._backend.triggered_grammar(self._spec, region, wait=False)
+            self._backend.triggered_grammar(self._spec, region)
         hit = self._parser.open_call()
         if hit is None:
             return logits
@@ -265,10 +268,16 @@ class _TriggeredProcessor:
         (usually it started when the call region opened); until it is ready this sequence waits
         (NotReady: no token this step) and the rest of the batch goes on decoding."""
         kind, start = hit
-        compiled = self._backend.triggered_grammar(self._spec, kind, wait=False)
+        compiled = self._backend.triggered_grammar(self._spec, kind)
         if compiled is None and not self._backend.triggered_grammar_done(self._spec, kind):
-            self._pending = hit
-            raise NotReady(f"the {kind} tool-call grammar is still compiling")
+            if self._pending is None:
+                self._pending_since = time.monotonic()
+            if time.monotonic() - self._pending_since < self._backend.compiles.limits.timeout_s:
+                self._pending = hit
+                raise NotReady(f"the {kind} tool-call grammar is still compiling")
+            # Past the compile deadline: the call goes on unconstrained (parsed as usual); the
+            # compile finishes in the background and serves the next call.
+            log.info("grammar: the %s tool-call grammar missed its compile deadline; call left free", kind)
         self._pending = None
         self._released = True
         if compiled is None:
@@ -376,7 +385,7 @@ def _canonical(obj: Any) -> str:
 class GrammarBackend:
     """Compiles JSON Schema / tool-call grammars for one tokenizer and hands out processor factories."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, limits: CompileLimits | None = None) -> None:
         import xgrammar as xgr
 
         if sys.byteorder != "little":  # the CPU mask path reads xgrammar's int32 bitmask as bytes
@@ -394,10 +403,8 @@ class GrammarBackend:
         info = xgr.TokenizerInfo(
             encoded, xgr.VocabType.RAW, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
         )
-        self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
-        self._cache: OrderedDict[str, Future[Any]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self.compiles = CompileCache(limits or CompileLimits())
         self._eos_index: dict[torch.device, torch.Tensor] = {}
         self._single: dict[str, int | None] = {}
 
@@ -406,9 +413,11 @@ class GrammarBackend:
         """Output is one JSON value valid against `schema`; None: any JSON object (json_object mode)."""
         if schema is None:
             any_object = {"type": "object"}
-            return self._factory("schema", any_object, lambda: self._compile_schema(any_object, "response_format"))
+            return self._factory("schema", any_object, lambda: self._compile_schema(any_object, "response_format"),
+                                 "The JSON object grammar")
         check_json_schema(schema, "response_format.json_schema.schema")
-        return self._factory("schema", schema, lambda: self._compile_schema(schema, "response_format.json_schema.schema"))
+        return self._factory("schema", schema, lambda: self._compile_schema(schema, "response_format.json_schema.schema"),
+                             "The schema in 'response_format.json_schema.schema'")
 
     def tool_calls(self, tools: list[dict[str, Any]], parallel: bool) -> LogitsProcessorFactory:
         """Output is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, once or (parallel)
@@ -418,7 +427,8 @@ class GrammarBackend:
             raise ValueError("'tools' must name at least one function to call.")
         validate_tools(tools)
         key = {"tools": [t["function"] for t in tools], "parallel": parallel}
-        compiled = self._compiled("tools:" + _canonical(key), lambda: self._compile_tools(tools, parallel))
+        compiled = self.compiles.get("tools:" + _canonical(key), lambda: self._compile_tools(tools, parallel),
+                                     "The tools' parameter schemas")
         return lambda: _Processor(self, compiled, end_check=parallel)
 
     def triggered_tool_calls(self, tools: list[dict[str, Any]], parallel: bool) -> LogitsProcessorFactory:
@@ -456,11 +466,11 @@ class GrammarBackend:
             self._single[text] = ids[0] if len(ids) == 1 else None
         return self._single[text]
 
-    def triggered_grammar(self, spec: _ToolSpec, kind: str, wait: bool) -> Any | None:
-        """The compiled grammar for a call region of `kind`; None when it cannot compile (or, with
-        wait=False, while it is still compiling in the background)."""
-        fut = self._future("trig:" + kind + ":" + spec.key, lambda: self._compile_triggered(spec, kind), wait)
-        if not wait and not fut.done():
+    def triggered_grammar(self, spec: _ToolSpec, kind: str) -> Any | None:
+        """The compiled grammar for a call region of `kind`; None when it cannot compile or while it
+        is still compiling in the background."""
+        fut = self.compiles.future("trig:" + kind + ":" + spec.key, lambda: self._compile_triggered(spec, kind))
+        if not fut.done():
             return None
         try:
             return fut.result()
@@ -470,9 +480,7 @@ class GrammarBackend:
 
     def triggered_grammar_done(self, spec: _ToolSpec, kind: str) -> bool:
         """Whether triggered_grammar(spec, kind) has finished compiling (or failed): it will not wait."""
-        with self._lock:
-            fut = self._cache.get("trig:" + kind + ":" + spec.key)
-        return fut is not None and fut.done()
+        return self.compiles.done("trig:" + kind + ":" + spec.key)
 
     def force_eos(self, logits: torch.Tensor) -> torch.Tensor:
         """Only EOS may follow (finite logit, whatever the model or a later processor thought)."""
@@ -519,42 +527,9 @@ class GrammarBackend:
         return float(p[go_on].sum()) * 2 < float(p.sum())
 
     # -- compiling ----------------------------------------------------------------
-    def _factory(self, kind: str, key: Any, compile_fn: Callable[[], Any]) -> LogitsProcessorFactory:
-        compiled = self._compiled(kind + ":" + _canonical(key), compile_fn)
+    def _factory(self, kind: str, key: Any, compile_fn: Callable[[], Any], what: str) -> LogitsProcessorFactory:
+        compiled = self.compiles.get(kind + ":" + _canonical(key), compile_fn, what)
         return lambda: _Processor(self, compiled)
-
-    def _compiled(self, key: str, compile_fn: Callable[[], Any]) -> Any:
-        return self._future(key, compile_fn, wait=True).result()
-
-    def _future(self, key: str, compile_fn: Callable[[], Any], wait: bool) -> Future[Any]:
-        """The cached compile of `key`; a miss compiles now (wait) or on the background thread."""
-        with self._lock:
-            fut = self._cache.get(key)
-            if fut is not None:
-                self._cache.move_to_end(key)
-                return fut
-            fut = self._cache[key] = Future()
-            while len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
-            if not wait and self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
-        if wait:
-            self._run(key, fut, compile_fn)
-        else:
-            assert self._pool is not None
-            self._pool.submit(self._run, key, fut, compile_fn)
-        return fut
-
-    def _run(self, key: str, fut: Future[Any], compile_fn: Callable[[], Any]) -> None:
-        try:
-            fut.set_result(compile_fn())
-        except ValueError as e:  # a schema xgrammar refuses: remembered, like a result
-            fut.set_exception(e)
-        except Exception as e:  # noqa: BLE001 - anything else: not cached, the next request tries again
-            with self._lock:
-                if self._cache.get(key) is fut:
-                    del self._cache[key]
-            fut.set_exception(e)
 
     def _schema_grammar(self, schema: Any, param: str, compact: bool = True) -> Any:
         try:

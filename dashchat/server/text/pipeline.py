@@ -52,9 +52,10 @@ __all__ = [
 @dataclass
 class ChatPrompt:
     ids: list[int]
-    text: str
+    text: str  # as the client's text reads
     reasoning: ReasoningFormat | None  # the model thinks in this format (None: not a thinking model)
     start: ThinkStart  # where its output starts (OFF when reasoning is None)
+    marked: str = ""  # the render with the client's special-token text as sentinels (ContentGuard)
 
     @property
     def thinks(self) -> bool:
@@ -84,15 +85,17 @@ def render_prompt(state: ServerState, messages: list[dict[str, Any]], tools: lis
     Blocking (template + tokenizer): call it with asyncio.to_thread."""
     from dashchat.server.text.chat_template import ChatTemplateError, render_chat_prompt
 
+    guard = state.guard  # everything the client sent is shielded: its special-token text stays text
     try:
-        text = render_chat_prompt(state.tokenizer, messages, tools=tools or None,
-                                  chat_template=state.cfg.chat_template,
-                                  add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+        marked = render_chat_prompt(state.tokenizer, guard.shield(messages), tools=guard.shield(tools) or None,
+                                    chat_template=state.cfg.chat_template,
+                                    add_generation_prompt=add_generation_prompt, **guard.shield(kwargs or {}))
     except ChatTemplateError as exc:
         raise bad_request(f"Could not apply the chat template: {exc}", param) from None
+    text = guard.text(marked)
     fmt = state.reasoning
     start = think_start(fmt, text) if fmt is not None else ThinkStart.OFF
-    return ChatPrompt(state.tokenizer.encode(text, add_special_tokens=False), text, fmt, start)
+    return ChatPrompt(guard.encode(marked), text, fmt, start, marked)
 
 
 # ---------------------------------------------------------------- grammars

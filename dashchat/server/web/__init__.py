@@ -2,8 +2,9 @@
 
 The page is static: it talks to the server only through the public API (`/v1/models`,
 `/v1/chat/completions` with `stream: true`), like any other client, so it holds no secret and is
-served without auth (AuthMiddleware guards `/v1` only). Everything it loads comes from `static/`:
-no CDN, no external font, so it works offline.
+served without auth (AuthMiddleware's public list). Everything it loads comes from `static/`:
+no CDN, no external font, so it works offline. Every file goes out with the page's policy (CSP, no
+framing): `/ui/index.html` is the same page as `/`, and a frame of it could be clickjacked.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 STATIC_DIR = Path(__file__).parent / "static"
 ASSET_PREFIX = "/ui"
@@ -25,6 +27,7 @@ PAGE_HEADERS = {
         "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
         "form-action 'none'; frame-ancestors 'none'"
     ),
+    "X-Frame-Options": "DENY",  # frame-ancestors 'none' for browsers that predate it
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",  # the page names its assets; a new version must show after an upgrade
@@ -39,4 +42,13 @@ def mount_web_ui(app: FastAPI) -> None:
     async def chat_page() -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
-    app.mount(ASSET_PREFIX, StaticFiles(directory=STATIC_DIR), name="web-ui")
+    app.mount(ASSET_PREFIX, _Assets(directory=STATIC_DIR), name="web-ui")
+
+
+class _Assets(StaticFiles):
+    """The page's files, each with the page's headers."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response

@@ -230,10 +230,11 @@ function fillAssistant(article, msg, streaming) {
 
 function formatMeta(meta) {
   const parts = [];
-  if (meta.ttftMs != null) parts.push(`TTFT ${(meta.ttftMs / 1000).toFixed(2)} s`);
-  if (meta.tokensPerS != null) parts.push(`${meta.tokensPerS.toFixed(1)} tok/s`);
-  if (meta.tokens != null) parts.push(`${meta.estimated ? "≈" : ""}${meta.tokens} tokens`);
-  if (meta.finish) parts.push(meta.finish === "length" ? "hit max tokens" : meta.finish);
+  // store.js checks imported and stored meta; a number test here too costs nothing.
+  if (Number.isFinite(meta.ttftMs)) parts.push(`TTFT ${(meta.ttftMs / 1000).toFixed(2)} s`);
+  if (Number.isFinite(meta.tokensPerS)) parts.push(`${meta.tokensPerS.toFixed(1)} tok/s`);
+  if (Number.isFinite(meta.tokens)) parts.push(`${meta.estimated ? "≈" : ""}${meta.tokens} tokens`);
+  if (typeof meta.finish === "string" && meta.finish) parts.push(meta.finish === "length" ? "hit max tokens" : meta.finish);
   return parts.join(" · ");
 }
 

@@ -18,23 +18,31 @@ export function newConversation(system = "") {
   return { id: newId(), title: "", createdAt: now, updatedAt: now, system, messages: [] };
 }
 
+// What is read back goes through the same checks as an import: an entry written by an older page (or
+// edited by hand) that the page cannot show is skipped, never allowed to break every reload.
+function readStored(key) {
+  try {
+    return cleanConversation(JSON.parse(localStorage.getItem(key)), key.slice(CONVERSATION_PREFIX.length));
+  } catch (err) {
+    console.warn("unreadable conversation", key, err);
+    return null;
+  }
+}
+
 export function listConversations() {
   const all = [];
   for (let i = 0; i < localStorage.length; i++) {
     const key = localStorage.key(i);
     if (!key.startsWith(CONVERSATION_PREFIX)) continue;
-    try {
-      all.push(JSON.parse(localStorage.getItem(key)));
-    } catch (err) {
-      console.warn("unreadable conversation", key, err);
-    }
+    const conv = readStored(key);
+    if (conv) all.push(conv);
   }
   return all.sort((a, b) => b.updatedAt - a.updatedAt);
 }
 
 export function loadConversation(id) {
-  const text = localStorage.getItem(CONVERSATION_PREFIX + id);
-  return text ? JSON.parse(text) : null;
+  const key = CONVERSATION_PREFIX + id;
+  return localStorage.getItem(key) === null ? null : readStored(key);
 }
 
 // Throws (QuotaExceededError) when the browser's storage is full; the caller says so.
@@ -76,21 +84,39 @@ function cleanMessage(m) {
     }));
   }
   if (m.role === "tool" && m.tool_call_id) out.tool_call_id = String(m.tool_call_id);
-  if (m.meta && typeof m.meta === "object") out.meta = m.meta;
+  const meta = cleanMeta(m.meta);
+  if (meta) out.meta = meta;
   if (m.error && typeof m.error === "object") {
     out.error = { title: String(m.error.title ?? ""), detail: String(m.error.detail ?? "") };
   }
   return out;
 }
 
-function cleanConversation(c) {
+// A message's numbers as the page wrote them; anything else (a string where a number goes, an object
+// for the model's name) is dropped, since showing it would throw.
+function cleanMeta(meta) {
+  if (!meta || typeof meta !== "object" || Array.isArray(meta)) return undefined;
+  const out = {};
+  for (const key of ["ttftMs", "tokens", "tokensPerS"]) {
+    if (Number.isFinite(meta[key])) out[key] = meta[key];
+  }
+  if (typeof meta.model === "string") out.model = meta.model;
+  if (typeof meta.finish === "string") out.finish = meta.finish;
+  if (typeof meta.estimated === "boolean") out.estimated = meta.estimated;
+  return Object.keys(out).length ? out : undefined;
+}
+
+// `storedId`: the id of a conversation read back from this browser (kept); an import gets a new one.
+function cleanConversation(c, storedId = null) {
   if (!c || typeof c !== "object" || !Array.isArray(c.messages)) throw new Error("a conversation without messages");
   const now = Date.now();
   const conv = newConversation(typeof c.system === "string" ? c.system : "");
+  if (storedId) conv.id = storedId;
   conv.title = typeof c.title === "string" ? c.title.slice(0, 200) : "";
   conv.createdAt = Number.isFinite(c.createdAt) ? c.createdAt : now;
   conv.updatedAt = Number.isFinite(c.updatedAt) ? c.updatedAt : now;
   conv.messages = c.messages.map(cleanMessage);
+  if (storedId && typeof c.title === "string") conv.title = c.title;
   // An OpenAI-style message list may carry the system prompt as its first message.
   if (conv.messages[0]?.role === "system" && !conv.system) conv.system = conv.messages.shift().content;
   return conv;
