@@ -2,8 +2,7 @@
 
 Tiny random checkpoints (tests/tiny_models.py) through the engine: batches of several shapes, a
 prefix-cache hit, chunked prefill and preemption. GGUF files made from them by llama.cpp's own
-converter (convert_hf_to_gguf.py, pure Python; found through $LLAMA_CPP_SRC or where
-bench/setup_llama_server.sh unpacks it), run as shipped, against transformers on the same
+converter (tests/llama_cpp.py), run as shipped, against transformers on the same
 weights dequantized. (Logits per family and 2/4 ranks: test_model_families.py and
 distributed/test_tp_layers.py take every family of tiny_models.)
 """
@@ -12,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,12 +31,12 @@ from dashchat.models.parallel import ShardPlan
 from dashchat.models.registry import build_model
 from dashchat.models.weights import iter_weights
 from engine_helpers import collect, greedy_tokens
+from llama_cpp import convert_to_gguf
 from tiny_models import FAMILIES, _COMMON, save_tiny, save_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
 MOE_FAMILIES = ["qwen3-moe", "qwen2-moe", "mixtral"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _model(model_dir) -> torch.nn.Module:
@@ -114,25 +110,8 @@ def test_engine_matches_transformers(family, tmp_path):
 # ---------------------------------------------------------------- GGUF through llama.cpp's converter
 
 
-def _converter_source() -> Path | None:
-    for root in (os.environ.get("LLAMA_CPP_SRC"), REPO / "bench/.llama-server/src/llama.cpp",
-                 "/work/llama-build/src/llama.cpp"):  # fmt: skip
-        if root and (Path(root) / "convert_hf_to_gguf.py").is_file():
-            return Path(root)
-    return None
-
-
 # family -> llama.cpp's --outtype: Q8_0 runs through the int8 kernels, F16 through the 16-bit ones
 GGUF_FILES = {"qwen3-moe": "q8_0", "qwen2-moe": "q8_0", "mixtral": "f16"}
-_CONVERT = """
-import sys
-src = sys.argv[1]
-sys.path[:0] = [src + "/gguf-py", src]
-import convert_hf_to_gguf as convert
-for job in sys.argv[2:]:  # one interpreter for every file: the converter's imports take seconds
-    sys.argv = ["convert_hf_to_gguf.py", *job.split(",")]
-    convert.main()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +119,12 @@ def gguf_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """The tiny MoE checkpoints (SmolLM2's tokenizer: the converter needs a real one) as GGUF files
     written by llama.cpp's converter, with dashchat's model folder of each: {family: (file, folder)}.
     Qwen2-MoE without its dense layer: llama.cpp's qwen2moe has none."""
-    src = _converter_source()
-    if src is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set LLAMA_CPP_SRC, or run "
-                    "bench/setup_llama_server.sh)")
     pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports it for Llama-family models (Mixtral)")
     from dashchat.models.resolve import resolve_model
 
     tokenizer = resolve_model("smollm2-135m-instruct").path
     root = tmp_path_factory.mktemp("moe-gguf")
-    jobs, files = [], {}
+    runs, files = [], {}
     for family, outtype in GGUF_FILES.items():
         config_cls, model_cls, extra = FAMILIES[family]
         extra = {**extra, "mlp_only_layers": []} if "mlp_only_layers" in extra else extra
@@ -160,10 +135,8 @@ def gguf_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer / name, hf / name)
         files[family] = root / f"{family}-{outtype}.gguf"
-        jobs.append(f"{hf},--outtype,{outtype},--outfile,{files[family]}")
-    done = subprocess.run([sys.executable, "-c", _CONVERT, str(src), *jobs], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ""}, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+        runs.append((hf, files[family], outtype))
+    convert_to_gguf(runs)
     return {family: (path, convert_gguf(path, root / "cache")) for family, path in files.items()}
 
 
