@@ -61,7 +61,8 @@ class ModelRunner:
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
         self._allocate_kv_cache(num_kv_blocks)
         # Collectives inside captured CUDA graphs are a known source of hangs: several ranks decode eagerly.
-        cuda_graphs = cuda_graphs and self.tp.size == 1
+        # A mixture of experts picks its experts on the host (a sync a layer), which a graph cannot hold.
+        cuda_graphs = cuda_graphs and self.tp.size == 1 and cfg.moe is None
         self._prepare_decode(compile_decode, cuda_graphs, max_num_seqs, max_model_len, num_kv_blocks)
 
     def _load_model(self, model_dir: str, quantization: str) -> torch.nn.Module:
