@@ -119,7 +119,6 @@ def gguf_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """The tiny MoE checkpoints (SmolLM2's tokenizer: the converter needs a real one) as GGUF files
     written by llama.cpp's converter, with dashchat's model folder of each: {family: (file, folder)}.
     Qwen2-MoE without its dense layer: llama.cpp's qwen2moe has none."""
-    pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports it for Llama-family models (Mixtral)")
     from dashchat.models.resolve import resolve_model
 
     tokenizer = resolve_model("smollm2-135m-instruct").path
