@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--enforce-eager", action="store_true",
                    help="Native engine on CUDA: run decode steps eagerly instead of replaying captured "
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
+    e.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
+                        "proposes the tokens that followed the latest earlier occurrence of the text's last "
+                        "2-4 tokens (in the prompt and answer so far), and the model checks up to "
+                        "num_speculative_tokens (default 6) of them in one step. Pays for answers that repeat "
+                        "the prompt (code edits, quotes) where a few extra rows of a step cost little; on "
+                        "a small CPU little or nothing (README: Speculative decoding). Greedy output is "
+                        "unchanged; sampled output keeps the model's distribution. Keys: method, "
+                        "num_speculative_tokens, prompt_lookup_min (2), prompt_lookup_max (4). Default: off.")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, at most 8192.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
@@ -245,12 +254,21 @@ def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
             quantization = "gguf"  # run the file as shipped
         else:
             quantization = "int8" if quantization == "auto" and native_cpu_fp32 else "none"
+    if args.speculative_config is not None:
+        from dashchat.engine.native.speculative import SpeculativeConfig
+
+        if args.engine != "native":
+            raise _ArgError("--speculative-config: only the native engine speculates")
+        try:
+            SpeculativeConfig.parse(args.speculative_config)
+        except ValueError as exc:
+            raise _ArgError(str(exc)) from None
     eargs = EngineArgs(
         model_dir=model_dir, device=device, device_ids=args.device_ids, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory,
         num_threads=args.threads, max_queue=args.max_queue, quantization=quantization, seed=args.seed,
-        compile=args.compile,
+        compile=args.compile, speculative_config=args.speculative_config,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, distributed_timeout_s=args.distributed_timeout,

@@ -360,7 +360,7 @@ def _leftovers(cache: Path) -> list[str]:
 def test_unsupported_architecture_is_a_clear_error(cache: Path, tmp_path: Path) -> None:
     _minimal_gguf(tmp_path / "phi.gguf", "phi2")
     with pytest.raises(GGUFConvertError,
-                       match=r"unsupported GGUF architecture 'phi2'.*supported: llama, qwen2, qwen3, gemma3, phi3"):
+                       match=r"unsupported GGUF architecture 'phi2'.*supported: llama, qwen2, qwen3, qwen2moe, qwen3moe, gemma3, phi3"):
         convert_gguf(tmp_path / "phi.gguf")
     assert _leftovers(cache) == []
 

@@ -24,6 +24,16 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
     # one KV head for four query heads: tensor-parallel ranks replicate it
     "llama-one-kv-head": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=False)),
+    # mixtures of experts: widths of 64 so a tensor-parallel rank's slice of an expert stays on
+    # GGUF's 32-value groups; Qwen2-MoE's second layer is dense (mlp_only_layers)
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        rope_theta=1000000.0, head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64,
+        norm_topk_prob=True, tie_word_embeddings=False)),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        rope_theta=1000000.0, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64,
+        shared_expert_intermediate_size=128, norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=False)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
 }
 
 

@@ -29,6 +29,8 @@ class EngineArgs:
     compile: bool = False  # torch.compile the decode step (slower start, faster tokens)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     seed: int = 0
+    # Speculative decoding, vLLM's JSON (engine/native/speculative.py): None for none.
+    speculative_config: str | None = None
     # Tensor parallelism (dashchat/distributed/): one model over several devices and nodes.
     tensor_parallel_size: int | None = None  # default: nnodes x len(device_ids) (WORLD_SIZE under torchrun)
     nnodes: int = 1

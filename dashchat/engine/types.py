@@ -136,6 +136,10 @@ class EngineStats:
     num_preemptions: int = 0
     tensor_parallel_size: int = 1
     collective_seconds: float = 0.0  # rank 0's time in tensor-parallel collectives
+    # Speculative decoding: steps that verified proposals, tokens proposed, of those accepted.
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class Engine(Protocol):

@@ -12,6 +12,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",  # its text model; the vision tower is not loaded
     "Phi3ForCausalLM": "phi3",
@@ -23,6 +26,9 @@ _MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "gemma3": "Gemma3ForConditionalGeneration",
     "phi3": "Phi3ForCausalLM",
@@ -43,10 +49,42 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class MoeConfig:
+    """A mixture-of-experts MLP: a router scores `num_experts` experts per token and the top
+    `top_k` run, their outputs weighted by the router's softmax (renormalised over the chosen ones
+    when `norm_topk_prob`). Qwen2-MoE adds a shared expert every token runs, scaled by its own
+    sigmoid gate."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # one expert's width
+    norm_topk_prob: bool
+    shared_intermediate_size: int = 0  # 0: no shared expert
+    sparse_step: int = 1  # every sparse_step-th layer is MoE (Qwen2-MoE's decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # layers kept dense (Qwen's mlp_only_layers)
+
+    @classmethod
+    def from_dict(cls, family: str, cfg: dict[str, Any]) -> "MoeConfig | None":
+        if family not in ("qwen2_moe", "qwen3_moe", "mixtral"):
+            return None
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        return cls(
+            num_experts=experts,
+            top_k=cfg["num_experts_per_tok"],
+            # Mixtral's experts are as wide as its intermediate_size; Qwen's have their own width
+            intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+            norm_topk_prob=family == "mixtral" or bool(cfg.get("norm_topk_prob", False)),
+            shared_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+            sparse_step=cfg.get("decoder_sparse_step") or 1,
+            dense_layers=tuple(cfg.get("mlp_only_layers") or ()),
+        )
+
+
 @dataclass
 class ModelConfig:
     architecture: str
-    family: str  # "llama" | "qwen2" | "qwen3" | "gemma3" | "phi3"
+    family: str  # a value of SUPPORTED_ARCHITECTURES
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -62,6 +100,7 @@ class ModelConfig:
     qk_norm: bool
     rope_scaling: dict[str, Any] | None = None
     torch_dtype: str | None = None
+    moe: MoeConfig | None = None  # mixture-of-experts families only
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     # Gemma 3 / Phi-3 (defaults: what every other family has)
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE turns the first 3/4 of each head only
@@ -87,6 +126,11 @@ class ModelConfig:
             return [None] * self.num_layers
         types = self.layer_types or ["sliding_attention"] * self.num_layers
         return [self.sliding_window if t == "sliding_attention" else None for t in types]
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx`'s MLP is a routed mixture of experts (else a dense MLP)."""
+        m = self.moe
+        return m is not None and layer_idx not in m.dense_layers and (layer_idx + 1) % m.sparse_step == 0
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -124,10 +168,11 @@ class ModelConfig:
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
-            qk_norm=family in ("qwen3", "gemma3"),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", family in ("qwen2", "qwen2_moe")))),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
             rope_scaling=rope_scaling,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            moe=MoeConfig.from_dict(family, cfg),
             raw=cfg,
             **_family_fields(family, cfg),
         )

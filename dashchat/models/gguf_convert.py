@@ -42,9 +42,12 @@ SUPPORTED_GGUF_ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
 }
+_MIXTRAL = ("MixtralForCausalLM", "mixtral")  # GGUF "llama" with expert tensors
 SUPPORTED_QUANT_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
@@ -296,6 +299,8 @@ def build_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
     """A standard HF config.json (loadable by transformers and ModelConfig) from GGUF metadata."""
     arch = meta["general.architecture"]
     hf_arch, model_type = SUPPORTED_GGUF_ARCHITECTURES[arch]
+    if arch == "llama" and f"{arch}.expert_count" in meta:
+        hf_arch, model_type = _MIXTRAL
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
@@ -343,17 +348,37 @@ def build_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
     if arch == "llama":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["mlp_bias"] = False
-    elif arch == "qwen2":
+    elif arch in ("qwen2", "qwen2moe"):
         cfg["use_sliding_window"] = False
-    elif arch == "qwen3":
+    elif arch in ("qwen3", "qwen3moe"):
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["use_sliding_window"] = False
     elif arch == "gemma3":
         cfg.update(_gemma3_config(get, cfg))
     elif arch == "phi3":
         cfg.update(_phi3_config(get, cfg, tensors))
+    if model_type in ("qwen2_moe", "qwen3_moe", "mixtral"):
+        cfg.update(_moe_config(meta, arch, model_type, tensors, cfg["num_hidden_layers"]))
     if meta.get("tokenizer.ggml.padding_token_id") is not None:
         cfg["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    return cfg
+
+
+def _moe_config(meta: dict[str, Any], arch: str, model_type: str, tensors: dict[str, Any], layers: int
+                ) -> dict[str, Any]:  # fmt: skip
+    """The mixture-of-experts fields of config.json, named as transformers' config for the family has them."""
+    experts, used = meta.get(f"{arch}.expert_count"), meta.get(f"{arch}.expert_used_count")
+    if not experts or not used:
+        raise GGUFConvertError(f"GGUF metadata lacks {arch}.expert_count / {arch}.expert_used_count")
+    # llama.cpp renormalises the chosen experts' weights for Qwen3-MoE and Mixtral, not Qwen2-MoE
+    norm = meta.get(f"{arch}.expert_weights_norm", model_type != "qwen2_moe")
+    if model_type == "mixtral":
+        return {"num_local_experts": experts, "num_experts_per_tok": used}
+    cfg = {"num_experts": experts, "num_experts_per_tok": used, "norm_topk_prob": bool(norm),
+           "moe_intermediate_size": meta.get(f"{arch}.expert_feed_forward_length"), "decoder_sparse_step": 1,
+           "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors]}
+    if model_type == "qwen2_moe":
+        cfg["shared_expert_intermediate_size"] = meta.get(f"{arch}.expert_shared_feed_forward_length", 0)
     return cfg
 
 
@@ -448,7 +473,16 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # a mixture of experts' router
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
+# 3-D tensors holding every expert's projection of a layer, expert e's rows after expert e - 1's
+_EXPERT_PROJECTIONS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                       "ffn_down_exps.weight": "down_proj"}  # fmt: skip
+_MIXTRAL_NAMES = {"mlp": "block_sparse_moe", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -480,7 +514,24 @@ def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:
     names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch or "", {})}
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
+    if m and m.group(2) in _EXPERT_PROJECTIONS:
+        return None  # one tensor for all experts: see expert_tensor
     raise GGUFConvertError(f"unexpected GGUF tensor {gguf_name!r} (not a {arch or 'llama/qwen2/qwen3'} weight)")
+
+
+def expert_tensor(gguf_name: str) -> tuple[int, str] | None:
+    """(layer, projection) of a 3-D expert tensor (e.g. blk.3.ffn_up_exps.weight -> (3, "up_proj")), else None."""
+    m = _BLK.fullmatch(gguf_name)
+    if m and m.group(2) in _EXPERT_PROJECTIONS:
+        return int(m.group(1)), _EXPERT_PROJECTIONS[m.group(2)]
+    return None
+
+
+def hf_expert_name(layer: int, expert: int, projection: str, model_type: str) -> str:
+    """The HF checkpoint name of one expert's projection (Mixtral names its own way)."""
+    if model_type == "mixtral":
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_MIXTRAL_NAMES[projection]}.weight"
+    return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -493,12 +544,19 @@ def hf_float_tensors(tensors: dict[str, Any], config: dict[str, Any]
     """(hf name, shape, thunk giving the float32 array) per GGUF tensor, as the HF checkpoint has it
     (llama's q/k rows unpermuted): shapes up front, data one tensor at a time. `config`: config.json's
     fields (model_type and the head counts)."""
-    llama = config["model_type"] == "llama"
-    arch = _GGUF_ARCH.get(config["model_type"])
+    model_type = config["model_type"]
+    llama = model_type in ("llama", "mixtral")  # llama.cpp permuted their q/k rows
+    arch = _GGUF_ARCH.get(model_type)
     for name, t in tensors.items():
+        expert = expert_tensor(name)
+        if expert is not None:
+            yield from _expert_float_tensors(t, *expert, model_type)
+            continue
         hf = hf_tensor_name(name, arch)
         if hf is None:
             continue
+        if model_type == "mixtral" and ".mlp.gate." in hf:
+            hf = hf.replace(".mlp.", ".block_sparse_moe.")
         if arch == "gemma3" and hf.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w); HF has w
             yield hf, tuple(int(d) for d in t.shape.tolist()), (lambda t=t: _load(t, (-1,), None) - np.float32(1.0))
             continue
@@ -509,6 +567,16 @@ def hf_float_tensors(tensors: dict[str, Any], config: dict[str, Any]
         elif llama and name.endswith("attn_k.weight"):
             n_head = config["num_key_value_heads"]
         yield hf, shape, (lambda t=t, shape=shape, n_head=n_head: _load(t, shape, n_head))
+
+
+def _expert_float_tensors(t: Any, layer: int, projection: str, model_type: str
+                          ) -> Iterator[tuple[str, tuple[int, ...], Any]]:  # fmt: skip
+    """One (name, shape, thunk) per expert of a 3-D expert tensor; each thunk dequantizes one expert."""
+    experts, rows, cols = (int(d) for d in reversed(t.shape.tolist()))
+    for e in range(experts):
+        yield (hf_expert_name(layer, e, projection, model_type), (rows, cols),
+               lambda e=e: np.ascontiguousarray(dequantize(t.data[e], t.tensor_type).reshape(rows, cols),
+                                                dtype=np.float32))
 
 
 def _load(t: Any, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:

@@ -200,12 +200,14 @@ class SelfAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel = SINGLE, mlp: nn.Module | None = None
+                 ) -> None:  # fmt: skip
+        """`mlp`: the layer's MLP where it is not the dense one (a mixture of experts)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = SelfAttention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size // tp.size, tp)
+        self.mlp = mlp if mlp is not None else GatedMLP(cfg.hidden_size, cfg.intermediate_size // tp.size, tp)
 
     def forward(self, rope: Rope, x: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         x = x + self.self_attn(rope, self.input_layernorm(x), attention)

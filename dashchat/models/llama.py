@@ -31,6 +31,19 @@ SHARD_SPLIT = {
 }
 
 
+def shard_split(module_path: str) -> tuple[str | None, int]:
+    """(slice kind, axis) of the weight of the linear at `module_path` (e.g. layers.3.mlp.down_proj)
+    that a rank holds: an expert's or the shared expert's MLP is cut like a dense one, along its own
+    width; a router and anything not named in SHARD_SPLIT is replicated."""
+    parts = module_path.split(".")
+    kind, dim = SHARD_SPLIT.get(parts[-1], (None, 0))
+    if kind == "mlp" and "experts" in parts:
+        kind = "expert"
+    elif kind == "mlp" and "shared_expert" in parts:
+        kind = "shared"
+    return kind, dim
+
+
 class LlamaForCausalLM(nn.Module):
     layer_class: type[nn.Module] = DecoderLayer  # a family with another block shape names its own
 
@@ -61,11 +74,15 @@ class LlamaForCausalLM(nn.Module):
             logits = self.tp.gather_vocab(logits)[:, : self.config.vocab_size]
         return logits.float()
 
-    def _shard_sizes(self, fused: str) -> list[int]:
+    def _shard_sizes(self, fused: str, param: torch.Tensor) -> list[int]:
         plan, d = self.plan, self.config.head_dim
         if fused == "qkv_proj":
             return [plan.num_heads * d, plan.num_kv_heads * d, plan.num_kv_heads * d]
-        return [plan.intermediate_size, plan.intermediate_size]
+        return [param.shape[0] // 2] * 2  # gate and up: a dense MLP's, an expert's or the shared expert's
+
+    def checkpoint_name(self, name: str) -> str:
+        """Our module path for a checkpoint's weight name (a family with other names renames)."""
+        return name
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
@@ -74,7 +91,7 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
+            name = self.checkpoint_name(hf_name.removeprefix("model."))
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -87,12 +104,12 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise KeyError(f"unexpected weight {hf_name!r} in checkpoint")
             param = params[target]
-            kind, dim = SHARD_SPLIT.get(target.split(".")[-2], (None, 0))
+            kind, dim = shard_split(target.rpartition(".")[0])
             if kind == "q" and shard:
                 kind = "kv"
             tensor = read_slice(tensor, kind, dim, self.plan)
             if shard is not None:
-                sizes = self._shard_sizes(target.split(".")[-2])
+                sizes = self._shard_sizes(target.split(".")[-2], param)
                 param.narrow(0, sum(sizes[:shard]), sizes[shard]).copy_(tensor)
             elif kind == "vocab":  # the last rank's slice may be short: its padding rows score nothing
                 param[: len(tensor)].copy_(tensor)

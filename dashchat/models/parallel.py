@@ -3,7 +3,8 @@ whose outputs must be combined across ranks.
 
 The split is Megatron's: q/k/v and gate/up are split by output columns (each rank owns whole
 attention heads and a slice of the MLP), o_proj and down_proj by input rows followed by a sum over
-ranks, the embedding and the output head by vocabulary rows (the logits are gathered for
+ranks (a mixture of experts likewise: each rank a slice of every expert and of the shared expert,
+one sum over ranks for the whole block; the router is replicated), the embedding and the output head by vocabulary rows (the logits are gathered for
 sampling). KV heads are split too; where there are fewer KV heads than ranks, each KV head is
 replicated on the ranks whose query heads use it. Norms and rotary tables are replicated.
 
@@ -54,6 +55,11 @@ def _misfits(cfg: ModelConfig, size: int) -> list[str]:
         problems.append(f"{cfg.num_kv_heads} KV heads (nor is {size} a multiple of {cfg.num_kv_heads})")
     if cfg.intermediate_size % size:
         problems.append(f"an MLP width of {cfg.intermediate_size}")
+    if cfg.moe is not None:  # every rank holds a slice of every expert
+        for what, width in (("an expert width", cfg.moe.intermediate_size),
+                            ("a shared-expert width", cfg.moe.shared_intermediate_size)):
+            if width % size:
+                problems.append(f"{what} of {width}")
     return problems
 
 
@@ -90,6 +96,14 @@ class ShardPlan:
     def intermediate_size(self) -> int:
         return self.cfg.intermediate_size // self.size
 
+    def mlp_width(self, kind: str) -> int:
+        """This rank's width of the dense MLP ("mlp"), of each expert ("expert") or of the shared
+        expert ("shared")."""
+        if kind == "mlp":
+            return self.intermediate_size
+        moe = self.cfg.moe
+        return (moe.intermediate_size if kind == "expert" else moe.shared_intermediate_size) // self.size
+
     @property
     def vocab_per_rank(self) -> int:
         return -(-self.cfg.vocab_size // self.size)
@@ -112,8 +126,9 @@ class ShardPlan:
             return self.rank * self.num_heads * d, self.num_heads * d
         if kind == "kv":
             return self.kv_head_start() * d, self.num_kv_heads * d
-        if kind == "mlp":
-            return self.rank * self.intermediate_size, self.intermediate_size
+        if kind in ("mlp", "expert", "shared"):
+            width = self.mlp_width(kind)
+            return self.rank * width, width
         if kind == "vocab":
             start = min(self.vocab_start, self.cfg.vocab_size)
             return start, min(self.cfg.vocab_size, start + self.vocab_per_rank) - start

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,6 +51,19 @@ class JSON(Response):
 def _error(err: APIError, path: str = "") -> JSON:
     # Anthropic's routes answer in Anthropic's error shape, everything else in OpenAI's.
     return JSON(error_body_for(path, err), status_code=err.status, headers=err.headers)
+
+
+def model_architecture(engine: Engine) -> str | None:
+    """The Hugging Face architecture the model runs as (e.g. Qwen2ForCausalLM): which family's code
+    serves it. From the native engine's config, else from the model folder's config.json."""
+    config = getattr(engine, "model_config", None)
+    if config is not None:
+        return config.architecture
+    model_dir = getattr(getattr(engine, "args", None), "model_dir", None)
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
+    except (TypeError, OSError, ValueError, KeyError, IndexError):
+        return None
 
 
 def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
@@ -101,9 +116,11 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     add_tokenize_routes(app, state)
     add_ollama_routes(app, state)
 
+    architecture = model_architecture(engine)
+
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "dashchat",
-                "max_model_len": state.max_model_len}
+                "max_model_len": state.max_model_len, "architecture": architecture}
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -126,7 +143,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.get("/version")
     async def version() -> Response:
         return JSON({"version": __version__, "engine": getattr(engine, "name", "unknown"),
-                     "models": cfg.served_model_names,
+                     "models": cfg.served_model_names, "architecture": architecture,
                      "tensor_parallel_size": getattr(engine, "tensor_parallel_size", 1)})
 
     @app.get("/metrics")

@@ -67,18 +67,20 @@ class ByteTokenizer:
 
 
 class ScriptedEngine:
-    """Replies `reply` (tokenized), one token per output; honours max_tokens, n, logprobs."""
+    """Replies `reply` (tokenized), one token per output (or `tokens_per_output`, as speculative
+    decoding gives them); honours max_tokens, n, logprobs."""
 
     name = "scripted"
 
     def __init__(self, reply: str = "Hello world", max_model_len: int = 256, delay: float = 0.0,
-                 max_running: int | None = None) -> None:
+                 max_running: int | None = None, tokens_per_output: int = 1) -> None:
         self.tokenizer = ByteTokenizer()
         self.vocab_size = self.tokenizer.vocab_size
         self.max_model_len = max_model_len
         self.reply = reply
         self.delay = delay
         self.max_running = max_running
+        self.tokens_per_output = tokens_per_output
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.finished: list[str] = []
@@ -95,25 +97,26 @@ class ScriptedEngine:
         self.last_prompt = list(prompt_token_ids)
         self.running.add(request_id)
         ids = self.tokenizer.encode(self.reply) + [EOS]
+        ids = ids[: params.max_tokens]
         try:
-            for step in range(len(ids)):
+            for first in range(0, len(ids), self.tokens_per_output):
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 else:
                     await asyncio.sleep(0)
+                chunk = ids[first : first + self.tokens_per_output]
+                step = first + len(chunk) - 1
                 deltas = []
-                done = step == len(ids) - 1 or step + 1 >= params.max_tokens
+                done = step == len(ids) - 1
                 for i in range(params.n):
                     reason = None
-                    if step == len(ids) - 1:
-                        reason = "stop"
-                    elif step + 1 >= params.max_tokens:
-                        reason = "length"
+                    if done:
+                        reason = "stop" if chunk[-1] == EOS else "length"
                     lps = None
                     if params.logprobs is not None:
-                        top = [(ids[step], -0.5), (65, -1.5), (66, -2.5)][: params.logprobs]
-                        lps = [TokenLogprob(ids[step], -0.5, top)]
-                    deltas.append(CompletionDelta(i, [ids[step]], lps, reason))
+                        lps = [TokenLogprob(t, -0.5, [(t, -0.5), (65, -1.5), (66, -2.5)][: params.logprobs])
+                               for t in chunk]
+                    deltas.append(CompletionDelta(i, chunk, lps, reason))
                 yield RequestOutput(request_id, len(prompt_token_ids), 0, deltas, done)
                 if done:
                     break

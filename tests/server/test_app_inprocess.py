@@ -92,6 +92,19 @@ def test_stop_string_spanning_tokens_never_streams() -> None:
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_stop_string_inside_a_several_token_output_counts_only_up_to_it() -> None:
+    """Speculative decoding hands several tokens per output: a stop string among them ends the
+    choice at its own token (usage and logprobs stop there too)."""
+    body = {"model": "m", "messages": MSG, "stop": [" wor"], "logprobs": True, "max_tokens": 50}
+    one = client(ScriptedEngine("Hello world, again")).post("/v1/chat/completions", json=body).json()
+    four = client(ScriptedEngine("Hello world, again", tokens_per_output=4)).post("/v1/chat/completions",
+                                                                                 json=body).json()
+    assert four["choices"][0]["message"]["content"] == one["choices"][0]["message"]["content"] == "Hello"
+    assert four["usage"]["completion_tokens"] == one["usage"]["completion_tokens"]
+    assert len(four["choices"][0]["logprobs"]["content"]) == len(one["choices"][0]["logprobs"]["content"])
+    assert four["choices"][0]["finish_reason"] == "stop"
+
+
 def test_chinese_and_emoji_intact_in_stream() -> None:
     with client(ScriptedEngine("你好😀")).stream("POST", "/v1/chat/completions",
                                                  json={"messages": MSG, "stream": True}) as r:

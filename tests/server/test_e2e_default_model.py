@@ -23,6 +23,8 @@ def default_server() -> Iterator[ServerProcess]:
 def test_default_model_name(default_server: ServerProcess) -> None:
     models = httpx.get(f"{default_server.base_url}/v1/models").json()["data"]
     assert [m["id"] for m in models] == ["qwen2.5-coder-0.5b-instruct"]
+    assert models[0]["architecture"] == "Qwen2ForCausalLM"
+    assert httpx.get(f"{default_server.base_url}/version").json()["architecture"] == "Qwen2ForCausalLM"
 
 
 def test_seed_script_strict_tool_call(default_server: ServerProcess) -> None:

@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from ...models.layers import DecoderLayer
+from ...models.layers import DecoderLayer, GatedMLP
 from ..quantization.gguf import FLOAT16_TYPES, GGUFLinear
 from .kernels import kernel_library
 from .ops import KernelRMSNorm, kernel_rope_qk, kernel_silu_and_mul
@@ -96,6 +96,8 @@ class FusedDecode:
             if type(layer) is not DecoderLayer:  # Gemma 3's four norms a layer: not the C step's shape
                 return None
             attn, mlp = layer.self_attn, layer.mlp
+            if not isinstance(mlp, GatedMLP):  # a mixture of experts: the step in C has dense MLPs only
+                return None
             if attn.rope_qk is not kernel_rope_qk or mlp.act_and_mul is not kernel_silu_and_mul:
                 return None
             norms = [_norm(m, eps) for m in (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm,

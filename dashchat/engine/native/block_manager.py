@@ -142,6 +142,17 @@ class BlockManager:
             self.cached.setdefault(h, block)
         self.seq_hashes[id(seq)] = hashes
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the tail blocks past `num_tokens` tokens (a speculative step's rejected
+        positions). They hold nothing worth caching, so they are the first to be handed out again."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+
     def free_seq(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # tail blocks are evicted first
             self.ref_counts[block] -= 1

@@ -34,6 +34,7 @@ from .model_runner import build_runner
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SeqStatus
+from .speculative import MAX_VERIFY_ROWS, SpeculativeConfig, Speculator
 from ..types import (
     CompletionDelta,
     EngineDead,
@@ -160,7 +161,13 @@ class AsyncLLMEngine:
         # Decodes take one token each: leave room for prefill chunks beside a full batch.
         step_tokens = args.max_num_batched_tokens or _DEFAULT_STEP_TOKENS[args.device]
         step_budget = max(step_tokens, args.max_num_seqs + args.block_size)
-        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget)
+        self.speculator = None
+        if args.speculative_config:
+            # CUDA graphs hold max_num_seqs decode rows
+            rows = MAX_VERIFY_ROWS if args.device == "cpu" else min(MAX_VERIFY_ROWS, args.max_num_seqs)
+            self.speculator = Speculator(SpeculativeConfig.parse(args.speculative_config), self.max_model_len, rows,
+                                         args.device)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget, self.speculator)
         per_rank = f" per rank, {self.world.size} ranks" if self.world.size > 1 else ""
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB%s)", num_blocks, args.block_size, budget, per_rank)
 
@@ -223,6 +230,7 @@ class AsyncLLMEngine:
             raise EngineDead("the engine stopped after an internal error and serves no more requests")
 
     def stats(self) -> EngineStats:
+        spec = self.speculator
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + len(self._inbox),
@@ -233,6 +241,9 @@ class AsyncLLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             tensor_parallel_size=self.world.size,
             collective_seconds=self.group.collective_seconds if self.group is not None else 0.0,
+            spec_drafts=spec.num_drafts if spec else 0,
+            spec_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_accepted_tokens=spec.num_accepted_tokens if spec else 0,
         )
 
     def shutdown(self) -> None:
@@ -407,7 +418,9 @@ class AsyncLLMEngine:
 
         A sequence whose logits processor is not ready (NotReady: its grammar still compiles) gets
         no token: it stays where it is, and the next step recomputes its last position (the same
-        KV slot, rewritten with the same values) and asks again, while the others go on."""
+        KV slot, rewritten with the same values) and asks again, while the others go on. A decode
+        with proposals (speculative decoding) gets the proposals the model accepts and one token of
+        its own; the KV of the rejected ones is left behind (rewritten before anything reads it)."""
         sampling = list(batch.decodes)
         sampling += [s for s, chunk in batch.prefills if s.num_computed_tokens + chunk == s.num_tokens]
         try:
@@ -423,22 +436,70 @@ class AsyncLLMEngine:
         for seq in batch.decodes + [s for s, _ in batch.prefills]:
             self.blocks.register_full_blocks(seq)
 
-        results = self._sample_safely(sampling, logits)
-        progress = bool(batch.prefills) or any(r is not None for r in results)
+        proposals = {seq: seq.proposal for seq in batch.decodes if seq.proposal}
+        for seq in batch.decodes:
+            seq.proposal = []
+        results = self._sample_all(sampling, logits, proposals)
+        progress = bool(batch.prefills) or any(r is not None and r[0] for r in results)
         touched: dict[str, Request] = {}
         for seq, result in zip(sampling, results):
-            if seq.is_finished:
+            if seq.is_finished or result is None:
                 continue
             request = self._requests.get(seq.request_id)
-            if request is None or result is None:
+            if request is None:
+                continue
+            tokens, accepted = result
+            if seq in proposals:
+                self.speculator.record(seq, len(proposals[seq]), accepted)
+            if not tokens:  # its processor was not ready: the proposals' blocks go back
+                if seq in proposals:
+                    self.blocks.trim(seq, seq.num_tokens)
                 continue
             touched[seq.request_id] = request
-            self._append_token(seq, result.token_id, result.logprob)
-            if seq.index == 0 and seq.num_output_tokens == 1:
+            first = seq.num_output_tokens == 0
+            for sample in tokens:
+                self._append_token(seq, sample.token_id, sample.logprob)
+                if seq.is_finished:
+                    break
+            if seq.index == 0 and first:
                 for child in request.seqs[1:]:  # parent's prompt KV is now cached
                     child.blocked_on = None
+            if seq in proposals and not seq.is_finished:
+                self._keep_accepted(seq, accepted)
         self._publish(touched.values())
         return progress
+
+    def _keep_accepted(self, seq: Sequence, accepted: int) -> None:
+        """The accepted proposals' KV is the sequence's own now (their full blocks cacheable); the
+        blocks past its tokens, which held only rejected positions, go back."""
+        seq.num_computed_tokens += accepted
+        self.blocks.register_full_blocks(seq)
+        self.blocks.trim(seq, seq.num_tokens)
+
+    def _sample_all(self, seqs: list[Sequence], logits: torch.Tensor,
+                    proposals: dict[Sequence, list[int]]) -> list[tuple[list, int] | None]:
+        """Per sequence (tokens to append, proposals accepted), or None (deferred, or failed).
+        Rows: one a sequence, 1 + len(proposal) for one with proposals."""
+        starts, row = [], 0
+        for seq in seqs:
+            starts.append(row)
+            row += 1 + len(proposals.get(seq, ()))
+        plain = [i for i, seq in enumerate(seqs) if seq not in proposals]
+        out: list[tuple[list, int] | None] = [None] * len(seqs)
+        if plain:
+            rows = logits if len(plain) == len(seqs) else logits[[starts[i] for i in plain]]
+            for i, result in zip(plain, self._sample_safely([seqs[i] for i in plain], rows)):
+                out[i] = None if result is None else ([result], 0)
+        for i, seq in enumerate(seqs):
+            if seq in proposals:
+                k = len(proposals[seq])
+                try:
+                    out[i] = self.sampler.verify(seq, logits[starts[i] : starts[i] + k + 1], proposals[seq])
+                except Exception:  # noqa: BLE001 - one request's own processors fail only that request
+                    log.exception("sampling failed for request %s", seq.request_id)
+                    if (request := self._requests.get(seq.request_id)) is not None:
+                        self._fail(request, EngineError("sampling failed for this request"))
+        return out
 
     def _sample_safely(self, seqs: list[Sequence], logits: torch.Tensor) -> list:
         """Sample; a failure caused by one request's own processors fails only that request."""

@@ -61,7 +61,8 @@ class ModelRunner:
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
         self._allocate_kv_cache(num_kv_blocks)
         # Collectives inside captured CUDA graphs are a known source of hangs: several ranks decode eagerly.
-        cuda_graphs = cuda_graphs and self.tp.size == 1
+        # A mixture of experts picks its experts on the host (a sync a layer), which a graph cannot hold.
+        cuda_graphs = cuda_graphs and self.tp.size == 1 and cfg.moe is None
         self._prepare_decode(compile_decode, cuda_graphs, max_num_seqs, max_model_len, num_kv_blocks)
 
     def _load_model(self, model_dir: str, quantization: str) -> torch.nn.Module:
@@ -180,7 +181,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, sampling: list[Sequence]) -> torch.Tensor:
-        """Forward the batch; return logits [len(sampling), vocab] for the sequences that sample.
+        """Forward the batch; return logits [rows, vocab] for the sequences that sample: one row
+        each, 1 + len(proposal) for a decode with proposals.
 
         `sampling` lists, in batch order, the decodes and the prefills that reach their last token.
         Under tensor parallelism this is rank 0: the other ranks get the same inputs and run along.
@@ -215,11 +217,14 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         for seq in batch.decodes:
+            # the last token, then any proposals after it: one decode row each, at consecutive positions
             pos = seq.num_tokens - 1
+            rows = 1 + len(seq.proposal)
             input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.extend(self._slots(seq, pos, pos + 1))
-            logits_rows.append(len(input_ids) - 1)
+            input_ids.extend(seq.proposal)
+            positions.extend(range(pos, pos + rows))
+            slots.extend(self._slots(seq, pos, pos + rows))
+            logits_rows.extend(range(len(input_ids) - rows, len(input_ids)))
         spans: list[PrefillSpan] = []
         for seq, chunk in batch.prefills:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk
@@ -253,11 +258,16 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _decode_tables(self, decodes: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables padded to a common width (at least 2 blocks, so a compiled graph never
-        specializes on a width of 1) and context lengths, the new token included."""
-        width = max(2, -(-max(s.num_tokens for s in decodes) // self.block_size))
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
-        lens = [s.num_tokens for s in decodes]
+        """Per decode row: block tables padded to a common width (at least 2 blocks, so a compiled
+        graph never specializes on a width of 1) and context lengths, the row's token included (a
+        sequence's proposal rows share its table, each seeing one key more than the row before)."""
+        width = max(2, -(-max(s.num_tokens + len(s.proposal) for s in decodes) // self.block_size))
+        tables, lens = [], []
+        for s in decodes:
+            table = s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
+            for j in range(1 + len(s.proposal)):
+                tables.append(table)
+                lens.append(s.num_tokens + j)
         return (torch.tensor(tables, dtype=torch.long, device=self.device),
                 torch.tensor(lens, dtype=torch.long, device=self.device))
 

@@ -43,9 +43,11 @@ class Sampler:
     def __init__(self, eos_token_ids: set[int]) -> None:
         self.eos_token_ids = sorted(eos_token_ids)
 
-    def _process_row(self, seq: Sequence, row: torch.Tensor) -> torch.Tensor:
+    def _process_row(self, seq: Sequence, row: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
+        """`token_ids`: the sequence's tokens this row follows (default: all of them so far)."""
         p = seq.params
-        output = seq.output_token_ids
+        token_ids = seq.token_ids if token_ids is None else token_ids
+        output = token_ids[seq.num_prompt_tokens :]
         dev = row.device
         for processor in seq.logits_processors:
             row = processor(output, row)
@@ -53,7 +55,7 @@ class Sampler:
             ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=dev)
             row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=dev)
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=dev)
+            seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=dev)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and output:
@@ -102,18 +104,70 @@ class Sampler:
             if i in deferred:
                 results.append(None)
                 continue
-            lp = None
-            k = seq.params.logprobs
-            if k is not None:
-                row = logprobs[i]
-                top: list[tuple[int, float]] = []
-                if k > 0:
-                    vals, ids = row.topk(k)
-                    # masked tokens (grammar, bans) have -inf, which JSON cannot carry
-                    top = list(zip(ids.tolist(), vals.clamp(min=_MIN_LOGPROB).tolist()))
-                lp = TokenLogprob(tok, max(float(row[tok]), _MIN_LOGPROB), top)
+            lp = None if seq.params.logprobs is None else _token_logprob(logprobs[i], tok, seq.params.logprobs)
             results.append(SampleResult(tok, lp))
         return results
+
+    def verify(self, seq: Sequence, logits: torch.Tensor, proposal: list[int]) -> tuple[list[SampleResult], int]:
+        """Speculative decoding: logits [len(proposal) + 1, vocab], row j the model's view after the
+        sequence's tokens and proposal[:j]. Returns the tokens to append (the accepted proposals, then
+        the model's own next token) and how many proposals were accepted.
+
+        Row j is processed as sample() would process it with proposal[:j] appended (grammar,
+        penalties and bans see exactly the tokens before it), so a proposal the grammar forbids has
+        probability 0 and is never accepted. Greedy: a proposal is kept while it is the argmax.
+        Sampled: proposal t is kept with probability p(t), else the token is drawn from p without t
+        (renormalised): the rejection rule for a proposal given with certainty, which leaves every
+        token distributed exactly as p. A processor that is not ready stops the walk there (no
+        token for that row; the tokens before it stand)."""
+        tokens = list(seq.token_ids)
+        results: list[SampleResult] = []
+        accepted = 0
+        for j in range(len(proposal) + 1):
+            try:
+                row = self._prepared_row(seq, logits[j], tokens)
+            except NotReady:
+                break
+            draft = proposal[j] if j < len(proposal) else None
+            tok = self._choose(seq, row, draft)
+            k = seq.params.logprobs
+            lp = None if k is None else _token_logprob(torch.log_softmax(row, dim=-1), tok, k)
+            results.append(SampleResult(tok, lp))
+            if tok != draft:
+                break
+            accepted += 1
+            tokens.append(tok)
+            if self._ends(seq, tok):
+                break
+        return results, accepted
+
+    def _prepared_row(self, seq: Sequence, row: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+        """One row as sample() edits it, for a sequence whose tokens are `token_ids`."""
+        row = row.float().clone()
+        if not _is_plain(seq):
+            row = self._process_row(seq, row, token_ids)
+        p = seq.params
+        if (p.ignore_eos or len(token_ids) - seq.num_prompt_tokens < p.min_tokens) and self.eos_token_ids:
+            row[torch.tensor(self.eos_token_ids, dtype=torch.long, device=row.device)] = float("-inf")
+        return row
+
+    def _choose(self, seq: Sequence, row: torch.Tensor, draft: int | None) -> int:
+        if seq.params.greedy:
+            return int(row.argmax())
+        probs = self._filtered_probs(row[None], [seq])
+        if draft is not None:
+            u = torch.rand(1, generator=seq.generator).item()
+            if u < float(probs[0, draft]):
+                return draft
+            probs[0, draft] = 0.0
+            if float(probs.sum()) <= 0.0:  # p(draft) was 1 up to rounding
+                return draft
+        return int(self._draw(probs, [seq])[0])
+
+    def _ends(self, seq: Sequence, token: int) -> bool:
+        """The token ends the sequence (the engine finishes it): nothing after it is verified."""
+        p = seq.params
+        return (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -160,3 +214,13 @@ class Sampler:
                 row = probs[i].cpu()
                 out[i] = torch.multinomial(row, 1, generator=s.generator).item()
         return out
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """The chosen token's logprob and the top k of a row's log-softmax."""
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        vals, ids = logprobs.topk(k)
+        # masked tokens (grammar, bans) have -inf, which JSON cannot carry
+        top = list(zip(ids.tolist(), vals.clamp(min=_MIN_LOGPROB).tolist()))
+    return TokenLogprob(token, max(float(logprobs[token]), _MIN_LOGPROB), top)

@@ -4,6 +4,8 @@ Every step (1) gives each decoding sequence one token, preempting the newest
 sequences when KV blocks run out, then (2) spends the rest of the token budget on
 prefill chunks, continuing sequences first, then admitting waiting ones in arrival
 order. A long prompt is thus split over several steps and never freezes running streams.
+With speculative decoding, (1b) decoding sequences get proposed next tokens to verify, as many
+as the step's rows allow and free blocks hold (proposals never preempt anyone).
 Preempted sequences drop their blocks and are recomputed later (prefix caching
 makes that cheap); none is lost.
 """
@@ -15,11 +17,12 @@ from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SeqStatus
+from .speculative import Speculator
 
 
 @dataclass
 class ScheduledBatch:
-    decodes: list[Sequence]  # one token each, listed first in the flat batch
+    decodes: list[Sequence]  # 1 + len(seq.proposal) tokens each, listed first in the flat batch
     prefills: list[tuple[Sequence, int]]  # (sequence, tokens computed this step)
 
     @property
@@ -28,8 +31,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 speculator: Speculator | None = None) -> None:
         self.blocks = blocks
+        self.speculator = speculator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -65,6 +70,7 @@ class Scheduler:
             else:
                 decodes.append(seq)
                 budget -= 1
+        budget -= self._propose(decodes)
 
         prefills: list[tuple[Sequence, int]] = []
         for seq in self.running:
@@ -93,6 +99,19 @@ class Scheduler:
             prefills.append((seq, chunk))
             budget -= chunk
         return ScheduledBatch(decodes, prefills)
+
+    def _propose(self, decodes: list[Sequence]) -> int:
+        """Attach this step's proposals to the decodes; returns the rows they add."""
+        for seq in decodes:
+            seq.proposal = []
+        if self.speculator is None:
+            return 0
+        added = 0
+        for seq, proposal in self.speculator.plan(decodes):
+            if self.blocks.allocate(seq, seq.num_tokens + len(proposal)):
+                seq.proposal = proposal
+                added += len(proposal)
+        return added
 
     def _fit_chunk(self, seq: Sequence, budget: int) -> int:
         """Largest prefill chunk within budget whose blocks can be had (0 if none)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,6 +38,9 @@ class Sequence:
     # Not yet reported to the client.
     pending_token_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Speculative decoding: this step's proposed next tokens, and the proposer's state (speculative.py).
+    proposal: list[int] = field(default_factory=list)
+    spec: Any = None
 
     @property
     def num_tokens(self) -> int:

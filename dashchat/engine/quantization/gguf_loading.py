@@ -30,12 +30,14 @@ from ...models.config import ModelConfig
 from ...models.gguf_convert import (
     SOURCE_FILE,
     SUPPORTED_QUANT_TYPES,
+    expert_tensor,
+    hf_expert_name,
     hf_float_tensors,
     hf_tensor_name,
     read_tensors,
     unpermute_qk,
 )
-from ...models.llama import FUSED_LINEARS, SHARD_SPLIT
+from ...models.llama import FUSED_LINEARS, SHARD_SPLIT, shard_split
 from ...models.parallel import ShardPlan, VocabParallelEmbedding
 from .gguf import BLOCK_TYPES, GGUFLinear, GGUFPart
 from .gguf_embedding import GGUFEmbedding
@@ -98,10 +100,12 @@ class _Blocks:
     mapped file until `data()` copies them out), or for a type without kernel (`file_type`) those
     blocks dequantized to bf16 rows by `data()`; and where the kernel reads its inputs."""
 
-    def __init__(self, type_name: str, view: np.ndarray, width: int, k_full: int, k0: int, source: str) -> None:
+    def __init__(self, type_name: str, view: np.ndarray, width: int, k_full: int, k0: int, source: str,
+                 copy: Any = None) -> None:
         self.file_type, self.type_name = type_name, held_as(type_name) or type_name
         self.view, self.width, self.k_full, self.k0 = view, width, k_full, k0
         self.source = source  # the GGUF tensor name
+        self.copy = copy  # () -> the rows in memory, where they are part of a bigger copy (an expert's)
 
     @property
     def nbytes(self) -> int:
@@ -109,6 +113,8 @@ class _Blocks:
         return self.view.nbytes if self.type_name == self.file_type else self.view.shape[0] * self.k_full * 2
 
     def data(self) -> torch.Tensor:
+        if self.copy is not None:
+            return self.copy()
         if self.type_name == self.file_type:
             return torch.from_numpy(np.array(self.view, order="C"))
         return _bf16_rows(self.view, self.file_type, self.k_full)
@@ -133,13 +139,79 @@ def _bf16_rows(view: np.ndarray, type_name: str, width: int, chunk_values: int =
     return out.view(torch.uint8)
 
 
+class _ExpertCopy:
+    """This rank's rows of a 3-D expert tensor [experts, rows, bytes], copied out of the file once on
+    first use (as bf16 rows for a type without kernel): expert e's rows are a contiguous run of it,
+    so its GGUFLinear runs the same kernels at an offset pointer."""
+
+    def __init__(self, view: np.ndarray, file_type: str, k_full: int) -> None:
+        self.view, self.file_type, self.k_full, self.tensor = view, file_type, k_full, None
+
+    def expert(self, e: int) -> torch.Tensor:
+        if self.tensor is None:
+            experts, rows = self.view.shape[:2]
+            if held_as(self.file_type) == self.file_type:
+                self.tensor = torch.from_numpy(np.array(self.view, order="C"))
+            else:
+                flat = self.view.reshape(experts * rows, -1)
+                self.tensor = _bf16_rows(flat, self.file_type, self.k_full).view(experts, rows, -1)
+        return self.tensor[e]
+
+
+class _Experts:
+    """Some rows of a 3-D expert tensor standing in for a 2-D one (what `_rank_blocks` reads)."""
+
+    def __init__(self, t: Any, data: np.ndarray, cols: int) -> None:
+        self.tensor_type, self.data = t.tensor_type, data
+        self.shape = np.array([cols, data.shape[0]])
+
+
+def _expert_linear_blocks(t: Any, layer: int, projection: str, cfg: ModelConfig, plan: ShardPlan
+                          ) -> Iterator[tuple[str, int, _Blocks | None, str]]:  # fmt: skip
+    """(module path, part index, blocks or None, HF name) for each expert's projection in a 3-D expert
+    tensor (ggml shape [in, out, experts]: numpy [experts, out, row bytes])."""
+    experts, rows, cols = (int(d) for d in reversed(t.shape.tolist()))
+    module, index = FUSED_LINEARS.get(projection, (projection, 0))
+    kind, dim = shard_split(f"layers.{layer}.mlp.experts.0.{module}")
+    type_name = t.tensor_type.name
+    data = np.asarray(t.data).view(np.uint8).reshape(experts, rows, -1)
+    sliced = view = None
+    if held_as(type_name) is None:
+        log.info("GGUF %s: type %s is kept as float", t.name, type_name)
+    elif dim == 1:  # every expert's rows, this rank's blocks of each
+        flat = _Experts(t, data.reshape(experts * rows, -1), cols)
+        sliced = _rank_blocks(flat, kind, dim, plan, (experts * rows, cols))
+        view = None if sliced is None else sliced[0].reshape(experts, rows, -1)
+    else:  # this rank's rows of every expert
+        sliced = _rank_blocks(_Experts(t, data[0], cols), kind, dim, plan, (rows, cols))
+        start, length = plan.rows(kind) if kind is not None and plan.size > 1 else (0, rows)
+        view = data[:, start : start + length]
+    if held_as(type_name) is not None and sliced is None:
+        log.info("GGUF %s: this rank's input slice is not on 32-value groups; kept as float", t.name)
+    copy = None if sliced is None else _ExpertCopy(view, type_name, sliced[2])
+    for e in range(experts):
+        entry = None
+        if sliced is not None:
+            _, width, k_full, k0 = sliced
+            entry = _Blocks(type_name, view[e], width, k_full, k0, t.name, lambda e=e: copy.expert(e))
+        yield (f"layers.{layer}.mlp.experts.{e}.{module}", index, entry,
+               hf_expert_name(layer, e, projection, cfg.family))
+
+
 def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
                    ) -> dict[str, tuple[dict[int, _Blocks | None], list[str]]]:  # fmt: skip
     """Module path -> ({part index: its blocks, or None where it must stay float}, HF weight names)."""
-    llama = cfg.family == "llama"
+    llama = cfg.family in ("llama", "mixtral")
     found: dict[str, tuple[dict[int, _Blocks | None], list[str]]] = {}
     head_source = "output.weight" if "output.weight" in tensors else EMBEDDING_SOURCE
     for name, whole in tensors.items():
+        expert = expert_tensor(name)
+        if expert is not None:
+            for path, index, entry, hf in _expert_linear_blocks(whole, *expert, cfg, plan):
+                parts_of, names = found.setdefault(path, ({}, []))
+                parts_of[index] = entry
+                names.append(hf)
+            continue
         hf_whole = "lm_head.weight" if name == head_source else hf_tensor_name(name, cfg.family)
         if hf_whole is None or not hf_whole.endswith(".weight"):
             continue
@@ -152,7 +224,7 @@ def _linear_blocks(tensors: dict[str, Any], cfg: ModelConfig, plan: ShardPlan
             if module not in SHARD_SPLIT or module == "embed_tokens":
                 continue  # norms (the embedding was passed over above, or renamed as the tied head)
             path = ".".join(parts[:-2] + [module])
-            kind, dim = SHARD_SPLIT[module]
+            kind, dim = shard_split(path)
             if kind == "q" and index:
                 kind = "kv"
             type_name = t.tensor_type.name
@@ -299,26 +371,30 @@ def held_bytes(tensors: dict[str, Any], found: dict[str, tuple[dict[int, _Blocks
     """Bytes this rank's weights will hold in memory: as shipped (blocks), as bf16 (types without
     kernel; their cost is logged here, once), as float32 (norms, biases, F32 weights). Under tensor
     parallelism a float tensor's share is counted as a 1/size of it (near enough for a check)."""
-    entries = {e.source: e for parts, _ in found.values() for e in parts.values() if e is not None}
+    entries: dict[str, list[_Blocks]] = {}  # source tensor -> its parts (one per expert of a 3-D tensor)
+    for parts, _ in found.values():
+        for e in parts.values():
+            if e is not None:
+                entries.setdefault(e.source, []).append(e)
     if embedding is not None:
-        entries[EMBEDDING_SOURCE] = embedding  # a tied head shares its rows
+        entries[EMBEDDING_SOURCE] = [embedding]  # a tied head shares its rows
     held = {"shipped": 0, "bf16": 0, "float32": 0}
     fallbacks: dict[str, list[int]] = {}  # file type -> [tensors, bytes in the file, bytes as bf16]
     for name, t in tensors.items():
-        if hf_tensor_name(name, family) is None:
+        if hf_tensor_name(name, family) is None and expert_tensor(name) is None:
             continue
-        e = entries.get(name)
-        if e is None:
-            share = plan.size if len(t.shape) == 2 else 1
+        if name not in entries:
+            share = plan.size if len(t.shape) >= 2 else 1
             held["float32"] += 4 * int(t.n_elements) // share
-        elif e.type_name == e.file_type:
-            held["shipped"] += e.nbytes
-        else:
-            held["bf16"] += e.nbytes
-            counts = fallbacks.setdefault(e.file_type, [0, 0, 0])
-            counts[0] += 1
-            counts[1] += e.view.nbytes
-            counts[2] += e.nbytes
+        for e in entries.get(name, []):
+            if e.type_name == e.file_type:
+                held["shipped"] += e.nbytes
+            else:
+                held["bf16"] += e.nbytes
+                counts = fallbacks.setdefault(e.file_type, [0, 0, 0])
+                counts[0] += 1
+                counts[1] += e.view.nbytes
+                counts[2] += e.nbytes
     for type_name, (n, file_bytes, bf16_bytes) in sorted(fallbacks.items()):
         log.warning("GGUF: %d tensors of type %s (%s in the file) have no kernel: held as bf16, %s", n, type_name,
                     _gb(file_bytes), _gb(bf16_bytes))

@@ -57,11 +57,20 @@ def int4_supported(linear: nn.Linear) -> bool:
     return linear.in_features % GROUP == 0 and linear.out_features % 16 == 0
 
 
+def _mlp_parts(mlp: nn.Module) -> list[nn.Module]:
+    """The modules holding an MLP's linears: the MLP, or a mixture's experts and shared expert (its
+    router stays float: rounding there changes which experts run)."""
+    experts = getattr(mlp, "experts", None)
+    if experts is None:
+        return [mlp]
+    return [*experts, *([mlp.shared_expert] if mlp.shared_expert is not None else [])]
+
+
 def quantize_linears_int4(model: nn.Module) -> None:
     """Every decoder-layer nn.Linear to Int4Linear (float kept where the shape does not fit), the
     head to Int8Linear."""
     for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
+        for parent in (layer.self_attn, *_mlp_parts(layer.mlp)):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     if int4_supported(child):

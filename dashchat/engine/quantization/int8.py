@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.layers import GatedMLP
+
 log = logging.getLogger(__name__)
 
 SMOOTH_ALPHA = 0.6
@@ -115,9 +117,14 @@ def smooth_activations(model: nn.Module, input_ids: torch.Tensor) -> None:
     maxima = _input_maxima(model, input_ids)
     pairs = []
     for layer in model.layers:
+        pairs.append((layer.input_layernorm, layer.self_attn.qkv_proj))
+        if not isinstance(layer.mlp, GatedMLP):
+            # a mixture of experts: the norm feeds the router and every expert, some of which the
+            # calibration text never reaches; its experts are quantized unsmoothed
+            continue
         # the norm that feeds the MLP (Gemma 3's post-attention norm feeds the residual instead)
         mlp_norm = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
-        pairs += [(layer.input_layernorm, layer.self_attn.qkv_proj), (mlp_norm, layer.mlp.gate_up_proj)]
+        pairs.append((mlp_norm, layer.mlp.gate_up_proj))
         down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
         inter = down.in_features  # this rank's slice of the MLP under tensor parallelism
         s = _smoothing(maxima[down], [down.weight])

@@ -268,8 +268,17 @@ def _apply(out: RequestOutput, choices: Sequence[Choice]) -> list[Event]:
         c = choices[d.index]
         if c.finish_reason is not None:
             continue  # already cut at a stop string; the engine had not noticed yet
-        c.num_tokens += len(d.token_ids)
-        text = c.text.add(d.token_ids)
+        ids, logprobs = d.token_ids, d.logprobs
+        if len(ids) == 1:
+            text = c.text.add(ids)
+        else:  # several tokens (speculative decoding): a stop string ends the choice at its own token
+            text = ""
+            for n, token in enumerate(ids, 1):
+                text += c.text.add([token])
+                if c.text.stopped:
+                    ids, logprobs = ids[:n], None if logprobs is None else logprobs[:n]
+                    break
+        c.num_tokens += len(ids)
         if c.text.stopped:
             c.finish_reason = "stop"
         elif d.finish_reason is not None:
@@ -279,10 +288,10 @@ def _apply(out: RequestOutput, choices: Sequence[Choice]) -> list[Event]:
             c.finish_reason = "stop" if c.text.stopped else d.finish_reason
         parsed: list[OutputEvent] = []
         if c.output is not None:
-            parsed = c.output.feed(text, len(d.token_ids))
+            parsed = c.output.feed(text, len(ids))
             if c.finish_reason is not None:
                 parsed += c.output.finish(length=c.finish_reason == "length")
-        events.append(Event(c, text, d.logprobs, parsed))
+        events.append(Event(c, text, logprobs, parsed))
     return events
 
 

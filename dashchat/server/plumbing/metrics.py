@@ -43,6 +43,15 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("dashchat_tensor_parallel_size", "Ranks sharing the model.", s.tensor_parallel_size)
         yield CounterMetricFamily("dashchat_tensor_parallel_collective_seconds",
                                   "Rank 0's host time in tensor-parallel collectives.", s.collective_seconds)
+        yield CounterMetricFamily("dashchat_spec_decode_num_drafts",
+                                  "Speculative decoding: sequence steps that verified proposals.", s.spec_drafts)
+        yield CounterMetricFamily("dashchat_spec_decode_num_draft_tokens", "Speculative decoding: tokens proposed.",
+                                  s.spec_draft_tokens)
+        yield CounterMetricFamily("dashchat_spec_decode_num_accepted_tokens",
+                                  "Speculative decoding: proposed tokens the model kept.", s.spec_accepted_tokens)
+        rate = s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0
+        yield GaugeMetricFamily("dashchat_spec_decode_acceptance_rate",
+                                "Speculative decoding: accepted / proposed tokens.", rate)
 
 
 class Metrics:

@@ -1,0 +1,214 @@
+"""Speculative decoding: propose a few next tokens cheaply, let the model check them in one step.
+
+A decoding sequence with proposals d1..dk runs k + 1 rows in the step instead of one: its last
+token and the proposals, at consecutive positions on its own paged KV blocks (each row a decode
+row with its own context length, so row j sees the keys of rows before it). The logits of row j
+decide the token after it (Sampler.verify): the proposals are kept while they match what the
+model itself picks, the first mismatch is replaced by the model's own token, and everything after
+it is dropped (its KV slots are overwritten later, its blocks freed). One step thus yields 1 to
+k + 1 tokens, and the text is the model's own.
+
+Proposals come from n-gram lookup in the sequence's own tokens (prompt and answer so far): the
+longest recent suffix that occurred before is continued as it continued then. Answers that
+repeat their prompt (code edits, quotes, summaries) are mostly such continuations.
+
+On the CPU GGUF path greedy output is bit for bit the output without speculation, because every
+row's sums are formed the same way: activation rows go through per-row tiles when a step has
+fewer than 8 rows and interleaved 8-row blocks from 8 rows on (gguf_kernels.c), and each tile
+regime gives a row the same result whatever its neighbours. So a step with fewer than 8 decoding
+sequences keeps all its rows under 8 (`rows_for`), and steps of 8 or more sequences do not
+speculate (they would be in the 8-row regime either way, but gain little: the weights are
+already read once for many tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+# Rows a decode step may hold while it still takes the kernels' per-row tiles (see above).
+MAX_VERIFY_ROWS = 7
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """`--speculative-config`, as vLLM spells it."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 6  # proposals per step at most (the batch and acceptance shrink it)
+    prompt_lookup_min: int = 2  # shortest suffix n-gram looked up
+    prompt_lookup_max: int = 4  # longest suffix n-gram looked up (longest first)
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SpeculativeConfig":
+        """From the flag's JSON; ValueError with a reader-facing message for anything wrong."""
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--speculative-config: not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError("--speculative-config: must be a JSON object")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"--speculative-config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        method = raw.get("method", "ngram")
+        if method == "draft_model":
+            raise ValueError("--speculative-config: method 'draft_model' is not available yet; use 'ngram'")
+        if method != "ngram":
+            raise ValueError(f"--speculative-config: method {method!r} is not one of: ngram")
+        ints = {k: raw[k] for k in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max") if k in raw}
+        for key, value in ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--speculative-config: {key} must be a positive integer")
+        # vLLM's rule: one bound given means both
+        if "prompt_lookup_min" in ints and "prompt_lookup_max" not in ints:
+            ints["prompt_lookup_max"] = max(ints["prompt_lookup_min"], cls.prompt_lookup_max)
+        if "prompt_lookup_max" in ints and "prompt_lookup_min" not in ints:
+            ints["prompt_lookup_min"] = min(ints["prompt_lookup_max"], cls.prompt_lookup_min)
+        config = cls(method=method, **ints)
+        if config.prompt_lookup_min > config.prompt_lookup_max:
+            raise ValueError("--speculative-config: prompt_lookup_min must not exceed prompt_lookup_max")
+        return config
+
+
+class NgramIndex:
+    """One sequence's n-grams -> where each last ended, grown as its tokens grow."""
+
+    def __init__(self, n_min: int, n_max: int) -> None:
+        self.sizes = range(n_max, n_min - 1, -1)  # longest first
+        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.indexed = 0  # n-grams ending at positions <= this are in `ends`
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
+        last = len(tokens) - 1  # n-grams ending before the suffix's own end
+        for end in range(self.indexed + 1, last + 1):
+            for n in self.sizes:
+                if end >= n:
+                    self.ends[n][tuple(tokens[end - n : end])] = end
+        self.indexed = max(self.indexed, last)
+        for n in self.sizes:
+            if len(tokens) <= n:
+                continue
+            end = self.ends[n].get(tuple(tokens[-n:]))
+            if end is not None:
+                return tokens[end : end + k]
+        return []
+
+
+@dataclass
+class SpecState:
+    """Per sequence: its index and how often its proposals have been right lately."""
+
+    index: NgramIndex
+    hits: float = 0.0  # proposed tokens kept (decayed)
+    trials: float = 0.0  # proposed tokens judged: the kept ones and the first rejected one (decayed)
+    idle: int = 0  # steps since it last proposed
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that the next proposed token is kept (the prior counts as 2 trials)."""
+        return (self.hits + 2 * _PRIOR_ACCEPTANCE) / (self.trials + 2)
+
+
+_PRIOR_ACCEPTANCE = 0.75
+_DECAY = 0.7  # per verification: recent ones count most (an answer copies in runs)
+_PROBE_EVERY = 32  # steps: a sequence that stopped proposing tries one token again
+# Cost of a decode step of m rows over one row's, m = 1..7, on the CPU GGUF path: the per-row tiles
+# grow with the rows (one thread's CPU time, Qwen2.5-Coder-0.5B Q4_K_M: 1, 1.46, -, 2.6, 3.45, -, 5.0).
+_CPU_ROW_COST = (1.0, 1.46, 2.03, 2.6, 3.45, 4.2, 5.0)
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a step yields for a sequence with k proposals: 1 + a + a^2 + ... + a^k."""
+    return sum(acceptance**i for i in range(k + 1))
+
+
+class Speculator:
+    """Chooses each step's proposals and learns from what the model accepted.
+
+    A proposal costs rows; each extra row costs a share of a step (`_CPU_ROW_COST` on CPU, where the
+    kernels are compute-bound; little on a GPU). Per step the proposals are chosen to maximise the
+    expected tokens per unit of step cost, given each sequence's recent acceptance: a sequence whose
+    proposals keep failing stops proposing (probing one token now and then), and one that is copying
+    its prompt proposes several. The choice depends only on the tokens, never on timings, so a seeded
+    request stays reproducible.
+    """
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, max_rows: int = MAX_VERIFY_ROWS,
+                 device: str = "cpu") -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.max_rows = max_rows
+        self.device = device
+        # counters for stats (vLLM's names: drafts, draft tokens, accepted tokens)
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+
+    def _state(self, seq: Sequence) -> SpecState:
+        if seq.spec is None:
+            c = self.config
+            seq.spec = SpecState(NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max))
+        return seq.spec
+
+    def rows_for(self, num_decodes: int) -> int:
+        """Extra rows a step of `num_decodes` decoding sequences may spend on proposals."""
+        if num_decodes >= 8:
+            return 0
+        return max(0, self.max_rows - num_decodes)
+
+    def cost(self, rows: int) -> float:
+        if self.device == "cpu":
+            return _CPU_ROW_COST[rows - 1] if rows <= len(_CPU_ROW_COST) else rows * 0.7
+        return 1.0 + 0.02 * (rows - 1)
+
+    def plan(self, decodes: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """This step's proposals: (sequence, proposed tokens) for those that get any."""
+        room = self.rows_for(len(decodes))
+        if room <= 0:
+            return []
+        rows, tokens = len(decodes), float(len(decodes))
+        plans = []
+        for seq in decodes:
+            state = self._state(seq)
+            p = seq.params
+            # the step's own token comes on top of the proposals
+            left = min(p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+            limit = min(self.config.num_speculative_tokens, len(decodes) + room - rows, left)
+            if limit <= 0:
+                continue
+            k = self._best_k(state.acceptance, rows, tokens, limit)
+            if k == 0:
+                state.idle += 1
+                if state.idle < _PROBE_EVERY:
+                    continue
+                k = 1  # now and then, so that a sequence that starts copying is noticed
+            proposal = state.index.propose(seq.token_ids, k)
+            if not proposal:
+                continue
+            state.idle = 0
+            plans.append((seq, proposal))
+            rows += len(proposal)
+            tokens += expected_tokens(state.acceptance, len(proposal)) - 1
+        return plans
+
+    def _best_k(self, acceptance: float, rows: int, tokens: float, limit: int) -> int:
+        best, best_rate = 0, tokens / self.cost(rows)
+        for k in range(1, limit + 1):
+            rate = (tokens + expected_tokens(acceptance, k) - 1) / self.cost(rows + k)
+            if rate > best_rate * 1.001:
+                best, best_rate = k, rate
+        return best
+
+    def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        state = self._state(seq)
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+        state.hits = _DECAY * state.hits + accepted
+        state.trials = _DECAY * state.trials + accepted + (accepted < proposed)

@@ -1,0 +1,279 @@
+"""Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE, Mixtral) against transformers.
+
+Tiny random checkpoints (tests/tiny_models.py) through the engine: batches of several shapes, a
+prefix-cache hit, chunked prefill and preemption. GGUF files made from them by llama.cpp's own
+converter (tests/llama_cpp.py), run as shipped, against transformers on the same
+weights dequantized. (Logits per family and 2/4 ranks: test_model_families.py and
+distributed/test_tp_layers.py take every family of tiny_models.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dashchat.engine.args import EngineArgs
+from dashchat.engine.native.llm_engine import AsyncLLMEngine
+from dashchat.engine.native.model_runner import ModelRunner
+from dashchat.engine.quantization.gguf import GGUFLinear
+from dashchat.engine.quantization.gguf_loading import load_gguf_model
+from dashchat.engine.quantization.int8 import _causal_attention
+from dashchat.engine.types import SamplingParams
+from dashchat.models.config import ModelConfig
+from dashchat.models.gguf_convert import convert_gguf
+from dashchat.models.moe import SparseMoE
+from dashchat.models.parallel import ShardPlan
+from dashchat.models.registry import build_model
+from dashchat.models.weights import iter_weights
+from engine_helpers import collect, greedy_tokens
+from llama_cpp import convert_to_gguf
+from tiny_models import FAMILIES, _COMMON, save_tiny, save_word_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+MOE_FAMILIES = ["qwen3-moe", "qwen2-moe", "mixtral"]
+
+
+def _model(model_dir) -> torch.nn.Module:
+    model = build_model(ModelConfig.from_dir(model_dir))
+    model.load_weights(iter_weights(model_dir))
+    return model.eval()
+
+
+def test_tokens_grouped_by_expert_and_only_chosen_experts_run(tmp_path):
+    save_tiny("qwen3-moe", tmp_path)
+    moe = _model(tmp_path).layers[0].mlp
+    assert isinstance(moe, SparseMoE)
+    calls: dict[int, list[int]] = {}
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda m, args, out, e=e: calls.setdefault(e, []).append(args[0].shape[0]))
+    x = torch.randn(11, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        weights, chosen = moe.route(x)
+        got = moe(x)
+        # one token at a time, each chosen expert on its own: the sum the grouping must equal
+        want = torch.stack([sum(w * moe.experts[int(e)](x[t : t + 1])[0] for w, e in zip(weights[t], chosen[t]))
+                            for t in range(len(x))])  # fmt: skip
+    used = chosen.unique().tolist()
+    per_expert = torch.bincount(chosen.reshape(-1), minlength=len(moe.experts))
+    # each chosen expert ran once in the batched call (then once per token for `want`), with all its tokens
+    assert sorted(calls) == used
+    assert all(calls[e][0] == per_expert[e] for e in used)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    calls.clear()
+    with torch.inference_mode():  # a decode step of two tokens: at most 6 of the 8 experts are read
+        moe(x[:2])
+    assert sorted(calls) == moe.route(x[:2])[1].unique().tolist() and len(calls) <= 6
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_engine_matches_transformers(family, tmp_path):
+    """Four prompts at once (decode and prefill rows of several lengths in one step), prefill in
+    chunks of 24 tokens, a KV cache that fits their prompts but not their answers (preemption),
+    then a prompt sharing another's first block (a prefix-cache hit)."""
+    ref = save_tiny(family, tmp_path)
+    save_word_tokenizer(tmp_path, eos="t2")
+    ref.generation_config.eos_token_id = 2  # banned by min_new_tokens, as ignore_eos bans it in the engine
+    prompts = [[(7 * i + 3 * j) % 310 + 5 for j in range(n)] for i, n in enumerate([3, 30, 9, 14])]
+    new_tokens = [12, 10, 14, 12]
+    expected = greedy_tokens(ref, prompts, new_tokens)
+    again = prompts[1][:20] + [41, 42, 43]
+    expected += greedy_tokens(ref, [again], [6])
+    block_bytes = 16 * ModelRunner.kv_bytes_per_token(ModelConfig.from_dir(tmp_path), torch.float32)
+    engine = AsyncLLMEngine.from_args(EngineArgs(
+        model_dir=str(tmp_path), max_model_len=64, block_size=16, max_num_batched_tokens=24,
+        kv_cache_memory_gb=6 * block_bytes / 2**30))  # fmt: skip
+    try:
+        assert engine.blocks.num_blocks == 6  # the answers need 8 blocks at once
+
+        def params(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+        async def run() -> list[list[int]]:
+            outs = await asyncio.gather(*(collect(engine, p, params(n)) for p, n in zip(prompts, new_tokens)))
+            hits = engine.blocks.prefix_hits
+            last = await collect(engine, again, params(6))
+            assert engine.blocks.prefix_hits >= hits + 16  # its first block came from the cache
+            return [o[0].token_ids for o in outs] + [last[0].token_ids]
+
+        assert asyncio.run(asyncio.wait_for(run(), timeout=300)) == expected
+        assert engine.stats().num_preemptions > 0
+    finally:
+        engine.shutdown()
+
+
+# ---------------------------------------------------------------- GGUF through llama.cpp's converter
+
+
+# family -> llama.cpp's --outtype: Q8_0 runs through the int8 kernels, F16 through the 16-bit ones
+GGUF_FILES = {"qwen3-moe": "q8_0", "qwen2-moe": "q8_0", "mixtral": "f16"}
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """The tiny MoE checkpoints (SmolLM2's tokenizer: the converter needs a real one) as GGUF files
+    written by llama.cpp's converter, with dashchat's model folder of each: {family: (file, folder)}.
+    Qwen2-MoE without its dense layer: llama.cpp's qwen2moe has none."""
+    from dashchat.models.resolve import resolve_model
+
+    tokenizer = resolve_model("smollm2-135m-instruct").path
+    root = tmp_path_factory.mktemp("moe-gguf")
+    runs, files = [], {}
+    for family, outtype in GGUF_FILES.items():
+        config_cls, model_cls, extra = FAMILIES[family]
+        extra = {**extra, "mlp_only_layers": []} if "mlp_only_layers" in extra else extra
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls)(**{**_COMMON, **extra, "vocab_size": 49152})
+        hf = root / family
+        getattr(transformers, model_cls)(config).eval().save_pretrained(hf)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer / name, hf / name)
+        files[family] = root / f"{family}-{outtype}.gguf"
+        runs.append((hf, files[family], outtype))
+    convert_to_gguf(runs)
+    return {family: (path, convert_gguf(path, root / "cache")) for family, path in files.items()}
+
+
+def _gguf_model(path: Path, cfg: ModelConfig) -> tuple[torch.nn.Module, dict[str, int]]:
+    """The model as `--quantization gguf` loads it: built on the meta device, filled from the file."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    counts = load_gguf_model(model, path, cfg, ShardPlan(cfg, 0, 1))
+    fresh = type(model.rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+    model.rotary.cos, model.rotary.sin = fresh.cos, fresh.sin
+    return model.eval(), counts
+
+
+def _routes(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Record each MoE layer's chosen experts (sorted per token) on the next forward."""
+    seen: list[torch.Tensor] = []
+    for layer in model.layers:
+        if isinstance(layer.mlp, SparseMoE):
+            layer.mlp.register_forward_hook(lambda m, args, out: seen.append(m.route(args[0])[1].sort(-1)[0]))
+    return seen
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_gguf_matches_transformers_on_the_dequantized_weights(family, gguf_files):
+    """F16 experts run through the 16-bit kernels: equal to transformers. Q8_0 experts run through
+    the int8 kernels on their rows of the 3-D tensors: close, and where a token's router scores two
+    experts nearly alike the kernels' rounding may swap them (a near-tie) -- counted here: that
+    token's logits then move as far as the swap does, in this layer's output only."""
+    path, folder = gguf_files[family]
+    cfg = ModelConfig.from_dir(folder)
+    assert cfg.architecture == FAMILIES[family][1] and cfg.moe is not None
+    model, counts = _gguf_model(path, cfg)
+    experts = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) * cfg.moe.num_experts
+    quantized = GGUF_FILES[family] == "q8_0"
+    # every expert's gate/up and down, the attention and the head as shipped (F16: the 16-bit kernels)
+    assert sum(isinstance(m, GGUFLinear) for m in model.modules()) == counts["gguf"]
+    assert counts["gguf"] >= 2 * experts + 2 * cfg.num_layers + 1
+    float_model = _model(folder)  # writes the folder's float32 weights, dequantized, for transformers too
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))
+    routes_gguf, routes_float = _routes(model), _routes(float_model)
+    with torch.inference_mode():
+        want = ref(ids[None]).logits[0]
+        got = model.compute_logits(model(ids, torch.arange(len(ids)), _causal_attention))
+        float_model.compute_logits(float_model(ids, torch.arange(len(ids)), _causal_attention))
+    if not quantized:  # float16 weights exactly, products in float32
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+        return
+    swapped = sum(int((a != b).any(-1).sum()) for a, b in zip(routes_gguf, routes_float))
+    decisions = sum(len(r) for r in routes_float)
+    print(f"{family} Q8_0: {swapped} of {decisions} token-layer routings differ from float32's; "
+          f"max |logit diff| {(got - want).abs().max():.4f}")
+    assert swapped <= 0.1 * decisions
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert (got - want).abs().mean() < 0.02 * want.abs().mean() + 0.01
+
+
+def test_gguf_engine_keeps_the_module_path_for_experts(gguf_files):
+    """--quantization gguf on a MoE model: the fused C decode step (dense MLPs only) stands aside,
+    and the engine's tokens are those of the same GGUF model run without a KV cache."""
+    path, folder = gguf_files["qwen3-moe"]
+    cfg = ModelConfig.from_dir(folder)
+    model, _ = _gguf_model(path, cfg)
+    prompt, n = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 200, 31, 8, 9, 10, 12, 13, 300], 8
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):  # greedy by full recomputation, the module path
+            x = torch.tensor(ids)
+            ids.append(int(model.compute_logits(model(x, torch.arange(len(x)), _causal_attention))[-1].argmax()))
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(folder), max_model_len=64, quantization="gguf"))
+    try:
+        assert engine.runner.fused_decode is None
+        out = asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
+        assert out[0].token_ids == ids[len(prompt):]
+    finally:
+        engine.shutdown()
+
+
+def test_gguf_expert_shards_sum_to_one_rank(gguf_files):
+    """Each of two ranks holds its 32 of every expert's 64 gate/up rows and the blocks of its 32
+    inputs of every expert's down rows (the file's blocks, one copy of the rank's part of each 3-D
+    tensor); their partial block outputs, summed as the all-reduce sums them, are the one-rank output. (The whole
+    model over two gloo ranks, float weights: distributed/test_tp_layers.py.)"""
+    from dashchat.models.parallel import TensorParallel
+
+    path, folder = gguf_files["qwen3-moe"]
+    cfg = ModelConfig.from_dir(folder)
+    one, _ = _gguf_model(path, cfg)
+    x = torch.randn(13, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    partial = []
+    for rank in range(2):
+        with torch.device("meta"):
+            model = build_model(cfg, TensorParallel(rank, 2))  # its all-reduce left out: summed below
+        load_gguf_model(model, path, cfg, ShardPlan(cfg, rank, 2))
+        mlp = model.layers[1].mlp
+        assert all(isinstance(m, GGUFLinear) for m in mlp.experts[5].modules() if m is not mlp.experts[5])
+        assert mlp.experts[5].down_proj.parts[0].k_full == 32  # only the blocks of its 32 inputs
+        with torch.inference_mode():
+            partial.append(mlp(x))
+    with torch.inference_mode():
+        want = one.layers[1].mlp(x)
+    torch.testing.assert_close(partial[0] + partial[1], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_experts(quantization, tmp_path, monkeypatch):
+    """--quantization int8/int4 reach every expert's linears (int8: the norm before a mixture of
+    experts is not smoothed, the calibration text does not reach every expert) and stay close."""
+    monkeypatch.setenv("DASHCHAT_CACHE", str(tmp_path / "cache"))
+    ref = save_tiny("qwen3-moe", tmp_path)
+    save_word_tokenizer(tmp_path, eos="t2")
+    ref.generation_config.eos_token_id = 2
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128]
+    expected = greedy_tokens(ref, [prompt], [8])[0]
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=64, quantization=quantization))
+    try:
+        experts = engine.runner.model.layers[0].mlp.experts
+        assert all(type(e.gate_up_proj).__name__.startswith(quantization.capitalize()) for e in experts)
+        out = asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+        assert out[0].token_ids[:4] == expected[:4]
+    finally:
+        engine.shutdown()
+
+
+def test_grammar_constrains_a_moe_model(gguf_files):
+    """Constrained decoding is a logits processor: a MoE model's output follows a JSON schema too."""
+    pytest.importorskip("xgrammar")
+    from dashchat.server.text.grammar import GrammarBackend
+
+    _, folder = gguf_files["qwen3-moe"]
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(folder), max_model_len=128, quantization="gguf"))
+    try:
+        backend = GrammarBackend(engine.tokenizer, ModelConfig.from_dir(folder).vocab_size)
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        params = SamplingParams(max_tokens=60, temperature=0.0, logits_processor_factories=[backend.json_schema(schema)])
+        out = asyncio.run(collect(engine, engine.tokenizer.encode("Answer in JSON:"), params))[0]
+        assert out.finish_reason == "stop"  # the grammar ended it: its end token is the only one left
+        assert json.loads(engine.tokenizer.decode(out.token_ids)) in ({"ok": True}, {"ok": False})
+    finally:
+        engine.shutdown()
