@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-web-ui", dest="web_ui", action="store_false",
                    help="Do not serve the browser chat page at / (the API is unchanged).")
     s.add_argument("--enable-docs", action="store_true",
-                   help="Serve the OpenAPI description at /openapi.json and Swagger UI at /docs. Off by "
-                        "default: the Swagger page loads its scripts from a CDN, on the same origin as "
-                        "the chat page's remembered key.")
+                   help="Serve Swagger UI at /docs (the OpenAPI description at /openapi.json is always "
+                        "served). Off by default: the Swagger page loads its scripts from a CDN, on the "
+                        "same origin as the chat page's remembered key.")
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="Let chat messages' text become special tokens (a user's '<|im_end|>' ends the "
                         "turn). Off by default: such text is encoded as ordinary tokens.")

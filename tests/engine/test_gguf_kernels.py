@@ -51,19 +51,26 @@ def reference(type_name: str, data: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(gguf_dequantize(data, GGMLQuantizationType[type_name]), dtype=np.float32))
 
 
-def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Largest |error| int8 activations (one scale per 32 values) can cause, per output."""
-    dx = x.abs().reshape(x.shape[0], -1, 32).amax(dim=2) / 127.0
-    half_step = dx.repeat_interleave(32, dim=1) / 2
+def activation_span(type_name: str, cols: int) -> int:
+    """Values an activation scale spans: a super-block for 256-value block types (as llama.cpp's Q8_K),
+    else 32."""
+    return 256 if BLOCK_TYPES[type_name][1] == 256 and cols % 256 == 0 else 32
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor, span: int = 32) -> torch.Tensor:
+    """Largest |error| int8 activations (one scale per `span` values) can cause, per output."""
+    dx = x.abs().reshape(x.shape[0], -1, span).amax(dim=2) / 127.0
+    half_step = dx.repeat_interleave(span, dim=1) / 2
     return half_step @ w.abs().T
 
 
-def error_bound(type_name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What the kernel's rounding of the activations may cost per output, plus float32 sums' slack."""
+def error_bound(type_name: str, x: torch.Tensor, w: torch.Tensor, span: int = 32) -> torch.Tensor:
+    """What the kernel's rounding of the activations (one scale per `span` values) may cost per
+    output, plus float32 sums' slack."""
     products = x.abs() @ w.abs().T
     if type_name in FLOAT16_TYPES:
         return 2.0**-8 * products + 1e-5
-    return activation_bound(x, w) + 1e-4 * products + 1e-5
+    return activation_bound(x, w, span) + 1e-4 * products + 1e-5
 
 
 def check_type(type_name: str, rows: int, cols: int, batch: int, seed: int) -> None:
@@ -76,7 +83,7 @@ def check_type(type_name: str, rows: int, cols: int, batch: int, seed: int) -> N
     layer = GGUFLinear(cols, rows, [GGUFPart(type_name, blocks, cols)], bias)
     y = layer(x)
     expected = x.double() @ w_ref.double().T + bias.double()
-    bound = error_bound(type_name, x.double(), w_ref.double())
+    bound = error_bound(type_name, x.double(), w_ref.double(), activation_span(type_name, cols))
     err = (y.double() - expected).abs()
     assert (err <= bound).all(), f"{type_name} rows={rows} batch={batch}: max excess {(err - bound).max():.3g}"
     # and the error is much smaller than the bound on average (rounding errors cancel)
@@ -157,17 +164,20 @@ def test_fused_parts_of_different_types() -> None:
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0", "Q3_K", "Q2_K", "IQ4_XS", "BF16"])
-def test_input_window_of_whole_rows(type_name: str) -> None:
+@pytest.mark.parametrize("k0, k", [(160, 352), (256, 512)])
+def test_input_window_of_whole_rows(type_name: str, k0: int, k: int) -> None:
     """A tensor-parallel rank's slice of a row-split weight: whole rows, inputs [k0, k0 + k) on
-    32-value groups, cutting through 256-value super-blocks."""
-    cols, k0, k = 768, 160, 352
+    32-value groups, cutting through 256-value super-blocks (or on their boundaries: K-quant
+    activations then take one scale a super-block and the super-block kernels)."""
+    cols = 768
     data = random_blocks(type_name, 21, cols, 3)
     w_ref = reference(type_name, data)[:, k0 : k0 + k]
     layer = GGUFLinear(k, 21, [GGUFPart(type_name, torch.from_numpy(data), k, k_full=cols, k0=k0)])
     torch.testing.assert_close(layer.dequantize(), w_ref, rtol=1e-6, atol=1e-7)
+    span = activation_span(type_name, k) if k0 % 256 == 0 else 32
     for batch in (1, 6, 40):
         x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
-        bound = error_bound(type_name, x, w_ref)
+        bound = error_bound(type_name, x, w_ref, span)
         assert ((layer(x) - x @ w_ref.T).abs() <= bound).all()
 
 

@@ -17,10 +17,11 @@ void dc_rope_neox(float *x, int rows, int heads, int d, int64_t row_stride, cons
 int dc_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                               const int64_t *lens, float *out, int n, int hq, int hkv, int d, int width,
                               int block_size, float scale, int window);
-void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, float *xs);
+int dc_gguf_activation_span(int parts, const int *types, const int *k0, int k);
+void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, float *xs, int span);
 int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, const int *k_full, const int *k0,
                          const int *rows, const float *const *bias, const int8_t *xq, const float *xd,
-                         const float *xs, float *y, int m, int k, int ldy);
+                         const float *xs, float *y, int m, int k, int ldy, int span);
 
 #define DC_MAX_PARTS 4
 
@@ -49,9 +50,10 @@ typedef struct {
 } activations;
 
 static int product(const dc_qlinear *l, const float *x, int m, activations *a, float *y) {
-  dc_gguf_quantize_x(x, m, l->k, a->xq, a->xd, a->xs);
+  int span = dc_gguf_activation_span(l->parts, l->type, NULL, l->k);
+  dc_gguf_quantize_x(x, m, l->k, a->xq, a->xd, a->xs, span);
   return dc_gguf_matmul_parts(l->parts, l->type, l->blocks, NULL, NULL, l->rows, l->bias, a->xq, a->xd, a->xs, y, m,
-                              l->k, l->n);
+                              l->k, l->n, span);
 }
 
 static void add_into(float *x, const float *y, size_t count) {

@@ -270,29 +270,32 @@ INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
 
 // ---------------------------------------------------------------- activations
 
-// x [m, k] float -> xq [m, k] int8; per group g of 32 values of row r: xd[g * m + r] (the scale) and
+// x [m, k] float -> xq [m, k] int8, one scale per `span` values (32, or 256: a K-quant super-block);
+// per group g of 32 values of row r: xd[g * m + r] (the scale of the span holding it) and
 // xs[(2 * g + h) * m + r] (the scale times the sum of half h's int8 values). The per-group arrays are
 // stored group-major so a tile of consecutive rows reads its scales and sums as one vector.
-static void quantize_rows(const float *x, int m, int k, int8_t *xq, float *xd, float *xs) {
-  int groups = k / 32;
+static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, float *xd, float *xs) {
+  int spans = k / span, per_span = span / 32;
   // a decode step's rows take a microsecond or two: less than waking the thread team
-#pragma omp parallel for schedule(static) if (m * groups >= 1024)
-  for (int t = 0; t < m * groups; t++) {
-    int r = t / groups, g = t % groups;
-    const float *v = x + (size_t)t * 32;
+#pragma omp parallel for schedule(static) if (m * (k / 32) >= 1024)
+  for (int t = 0; t < m * spans; t++) {
+    int r = t / spans, s = t % spans;
+    const float *v = x + (size_t)t * span;
     float amax = 0.f;
-    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
+    for (int i = 0; i < span; i++) amax = fmaxf(amax, fabsf(v[i]));
     float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-    int s0 = 0, s1 = 0;
-    int8_t *q = xq + (size_t)t * 32;
-    for (int i = 0; i < 32; i++) {
-      int qi = (int)lrintf(v[i] * id);
-      q[i] = (int8_t)qi;
-      if (i < 16) s0 += qi; else s1 += qi;
+    for (int gi = 0; gi < per_span; gi++) {
+      int g = s * per_span + gi, s0 = 0, s1 = 0;
+      int8_t *q = xq + (size_t)t * span + 32 * gi;
+      for (int i = 0; i < 32; i++) {
+        int qi = (int)lrintf(v[32 * gi + i] * id);
+        q[i] = (int8_t)qi;
+        if (i < 16) s0 += qi; else s1 += qi;
+      }
+      xd[(size_t)g * m + r] = d;
+      xs[(size_t)(2 * g) * m + r] = d * (float)s0;
+      xs[(size_t)(2 * g + 1) * m + r] = d * (float)s1;
     }
-    xd[(size_t)g * m + r] = d;
-    xs[(size_t)(2 * g) * m + r] = d * (float)s0;
-    xs[(size_t)(2 * g + 1) * m + r] = d * (float)s1;
   }
 }
 
@@ -662,6 +665,128 @@ TILE_FN(1)
 TILE_FN(2)
 TILE_FN(4)
 
+// ---------------------------------------------------------------- K-quant super-blocks, few rows
+
+#if defined(__AVX2__)
+// Activations quantized with one scale a super-block (span 256, as llama.cpp's Q8_K) let a K-quant
+// row's whole super-block be summed in integers: each group's byte products are summed in pairs
+// into int16 (vpmaddubsw: at most 2 * 63 * 127, no saturation), those pairs multiplied by the
+// group's integer scale and summed into int32 (vpdpwssd where the CPU has AVX-512 VNNI, else
+// vpmaddwd + add), and the minimums' or offsets' share taken off once a super-block from the
+// activations' integer sums (ks): one float multiply-add a super-block where the per-group path
+// has one a group, and no float conversion a group.
+
+// The integer sums of each row's activations per 16 values (ks16) and per 32 (ks32), k values a row.
+static void activation_sums(const int8_t *xq, int m, int k, int16_t *ks16, int16_t *ks32) {
+  for (int r = 0; r < m; r++)
+    for (int g = 0; g < k / 16; g++) {
+      const int8_t *v = xq + (size_t)r * k + 16 * g;
+      int s = 0;
+      for (int i = 0; i < 16; i++) s += v[i];
+      ks16[(size_t)r * (k / 16) + g] = (int16_t)s;
+      if (g & 1) ks32[(size_t)r * (k / 32) + g / 2] = (int16_t)(s + ks16[(size_t)r * (k / 16) + g - 1]);
+    }
+}
+
+static inline __m256i dpwssd_acc(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+// Byte shuffles that broadcast one int16 of a 128-bit lane: element e to every int16 of the lane.
+#define BCAST16(e) (char)(2 * (e)), (char)(2 * (e) + 1)
+#define LANE_BCAST16(e) BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e)
+
+// One weight row's super-blocks [sb0, sb0 + sbs) against MR activation rows quantized with span 256
+// (row r at xq + r * k; its scale for super-block b at xd[8 * b * ldt + r]; its sums at ks16 + r * (k / 16)
+// and ks32 + r * (k / 32)). Each row's sum is formed in the same order whatever MR is.
+INLINE void ktile_dot(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                      int ldt, const int16_t *ks16, const int16_t *ks32, const int MR, float *out) {
+  __m256 acc[MAX_TILE];
+  __m128 accm[MAX_TILE];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
+  size_t bb = block_bytes(type);
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *blk = wrow + (size_t)(sb0 + b) * bb;
+    __m256i sumi[MAX_TILE];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) sumi[r] = _mm256_setzero_si256();
+    __m256i lo_scales, hi_scales;  // int16 scales of groups 0-3 / 4-7 (Q6_K: 0-7 / 8-15), in both lanes
+    __m256i sc16 = _mm256_setzero_si256();  // Q6_K: its 16 scales as int16, in order
+    __m128i mins = _mm_setzero_si128();     // Q4_K/Q5_K: the 8 minimums as int16
+    float d;
+    if (type == T_Q6_K) {
+      sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+      lo_scales = _mm256_permute2x128_si256(sc16, sc16, 0x00);
+      hi_scales = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+      d = f16(blk + 208);
+    } else {
+      uint32_t u[3];
+      memcpy(u, blk + 4, 12);
+      uint32_t packed[4] = {u[0] & 0x3f3f3f3fu, (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4),
+                            u[1] & 0x3f3f3f3fu, ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)};
+      __m128i sm = _mm_loadu_si128((const __m128i *)packed);  // scales 0-7, then minimums 0-7
+      __m128i s = _mm_cvtepu8_epi16(sm);
+      lo_scales = hi_scales = _mm256_broadcastsi128_si256(s);
+      mins = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+      d = f16(blk);
+    }
+#define KQ_GROUP(j)                                                                                          \
+  {                                                                                                          \
+    __m256i w = group_values_avx2(type, blk, j);                                                             \
+    __m256i scale;                                                                                           \
+    if (type == T_Q6_K)  /* values 0-15 take scale 2j, 16-31 scale 2j + 1 */                                 \
+      scale = _mm256_shuffle_epi8((j) < 4 ? lo_scales : hi_scales,                                           \
+                                  _mm256_setr_epi8(LANE_BCAST16(2 * (j) % 8), LANE_BCAST16((2 * (j) + 1) % 8))); \
+    else                                                                                                     \
+      scale = _mm256_shuffle_epi8(lo_scales, _mm256_setr_epi8(LANE_BCAST16(j), LANE_BCAST16(j)));            \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                   \
+      __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * (j)));      \
+      sumi[r] = dpwssd_acc(sumi[r], _mm256_maddubs_epi16(w, x), scale);                                      \
+    }                                                                                                        \
+  }
+    KQ_GROUP(0) KQ_GROUP(1) KQ_GROUP(2) KQ_GROUP(3) KQ_GROUP(4) KQ_GROUP(5) KQ_GROUP(6) KQ_GROUP(7)
+#undef KQ_GROUP
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+      float dx = xd[(size_t)8 * b * ldt + r];
+      if (type == T_Q6_K) {  // values are d * scale * (q - 32)
+        __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(ks16 + (size_t)r * (k / 16) + 16 * b)));
+        sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 5));
+      } else {  // d * scale * q - dmin * min
+        __m128i mr = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(ks32 + (size_t)r * (k / 32) + 8 * b)));
+        accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(mr), _mm_set1_ps(-f16(blk + 2) * dx), accm[r]);
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) {
+    __m128 s = _mm_add_ps(accm[r], _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[r] = _mm_cvtss_f32(s);
+  }
+}
+
+#define KTILE_CASE(T, MR) \
+  case T: ktile_dot(T, wrow, sb0, sbs, xq, k, xd, ldt, ks16, ks32, MR, out); break;
+#define KTILE_FN(MR)                                                                                      \
+  static void ktile_dot_##MR(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k,     \
+                             const float *xd, int ldt, const int16_t *ks16, const int16_t *ks32, float *out) { \
+    switch (type) { KTILE_CASE(T_Q4_K, MR) KTILE_CASE(T_Q5_K, MR) KTILE_CASE(T_Q6_K, MR) }               \
+  }
+KTILE_FN(1)
+KTILE_FN(2)
+KTILE_FN(4)
+#endif
+
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define HAVE_VNNI 1
 #else
@@ -747,14 +872,80 @@ INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1,
   }
 }
 
+// One K-quant super-block against NB blocks of 8 activation rows whose activations share one scale
+// over it (span 256): each group's integer products are multiplied by the group's integer scale and
+// summed in int32 over the super-block, the minimums (Q4_K/Q5_K) likewise with the rows' group sums,
+// and one float multiply-add a block of rows takes the super-block (rows8_group has three a group).
+INLINE void rows8_superblock(int type, const uint8_t *blk, const int8_t *xi, size_t block_stride, const int NB,
+                             __m256 *acc) {
+  int32_t sc[16], mn[8];
+  float d, dmin = 0.f;
+  if (type == T_Q6_K) {
+    for (int i = 0; i < 16; i++) sc[i] = ((const int8_t *)blk)[192 + i];
+    d = f16(blk + 208);
+  } else {
+    for (int j = 0; j < 8; j++) scale_min_k4(j, blk + 4, &sc[j], &mn[j]);
+    d = f16(blk), dmin = f16(blk + 2);
+  }
+  __m256i lo_sum[2], hi_sum[2], min_sum[2];  // lanes as rows8_group's lo4/hi4; min_sum: rows 0-7
+  for (int nb = 0; nb < NB; nb++) lo_sum[nb] = hi_sum[nb] = min_sum[nb] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; j++) {
+    __m256i wv = group_values_avx2(type, blk, j);
+    // Q6_K: the group's halves have their own scales (lanes 0-3: first half, 4-7: second)
+    __m256i scale = type == T_Q6_K ? _mm256_setr_epi32(sc[2 * j], sc[2 * j], sc[2 * j], sc[2 * j], sc[2 * j + 1],
+                                                       sc[2 * j + 1], sc[2 * j + 1], sc[2 * j + 1])
+                                   : _mm256_set1_epi32(sc[j]);
+#pragma GCC unroll 2
+    for (int nb = 0; nb < NB; nb++) {
+      const int8_t *x = xi + nb * block_stride + (size_t)j * ROWS8_GROUP_BYTES;
+      __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();
+#define SB_CHUNK(c, imm)                                                          \
+  {                                                                               \
+    __m256i wc = _mm256_shuffle_epi32(wv, imm);                                   \
+    lo4 = dpbusd_acc(lo4, wc, _mm256_loadu_si256((const __m256i *)(x + 32 * c)));    \
+    hi4 = dpbusd_acc(hi4, wc, _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c))); \
+  }
+      SB_CHUNK(0, 0x00) SB_CHUNK(1, 0x55) SB_CHUNK(2, 0xAA) SB_CHUNK(3, 0xFF)
+#undef SB_CHUNK
+      if (type == T_Q6_K) {  // values q - 32: 32 times the halves' sums (stored negated) in the integers
+        __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
+        __m256i neg_first = _mm256_loadu_si256((const __m256i *)(x + 384));
+        __m256i neg_second = _mm256_sub_epi32(neg, neg_first);
+        // the rows8 lane order: rows 0-3 (first half | second half), then rows 4-7
+        lo4 = _mm256_add_epi32(lo4, _mm256_slli_epi32(_mm256_permute2x128_si256(neg_first, neg_second, 0x20), 5));
+        hi4 = _mm256_add_epi32(hi4, _mm256_slli_epi32(_mm256_permute2x128_si256(neg_first, neg_second, 0x31), 5));
+      } else {
+        min_sum[nb] = _mm256_add_epi32(min_sum[nb], _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(x + 256)),
+                                                                       _mm256_set1_epi32(mn[j])));
+      }
+      lo_sum[nb] = _mm256_add_epi32(lo_sum[nb], _mm256_mullo_epi32(lo4, scale));
+      hi_sum[nb] = _mm256_add_epi32(hi_sum[nb], _mm256_mullo_epi32(hi4, scale));
+    }
+  }
+  for (int nb = 0; nb < NB; nb++) {
+    const int8_t *x = xi + nb * block_stride;
+    __m256 dx = _mm256_loadu_ps((const float *)(x + 288));  // the 8 rows' scale of this super-block
+    __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x20),
+                                   _mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x31));
+    acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(d), dx), acc[nb]);
+    if (type != T_Q6_K)  // values d * scale * q - dmin * min: + dmin * min * (negated sums)
+      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sum[nb]), _mm256_mul_ps(_mm256_set1_ps(dmin), dx), acc[nb]);
+  }
+}
+
 // One weight row against NB blocks of 8 activation rows interleaved by interleave8 (xi: the first
 // block, the next one block_stride bytes on): out[8 nb + r].
 INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, size_t block_stride,
-                      const int NB, float *out) {
+                      const int NB, int span, float *out) {
   __m256 even[2], odd[2], offs[2];
   for (int nb = 0; nb < NB; nb++) even[nb] = odd[nb] = offs[nb] = _mm256_setzero_ps();
   size_t bb = block_bytes(type);
-  if (super_block(type) && g0 % 8 == 0 && groups % 8 == 0) {
+  if (span == 256 && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) && g0 % 8 == 0 && groups % 8 == 0) {
+    for (int b = 0; b < groups / 8; b++)
+      rows8_superblock(type, wrow + (size_t)(g0 / 8 + b) * bb, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES,
+                       block_stride, NB, even);
+  } else if (super_block(type) && g0 % 8 == 0 && groups % 8 == 0) {
     for (int b = 0; b < groups / 8; b++) {
       const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
       float A0[8], A1[8], B0[8], B1[8];
@@ -789,12 +980,13 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
 
 #define ROWS8_CASE(T)                                                     \
   case T:                                                                 \
-    if (blocks == 2) rows8_dot(T, wrow, g0, groups, xi, block_stride, 2, out); \
-    else rows8_dot(T, wrow, g0, groups, xi, block_stride, 1, out);         \
+    if (blocks == 2) rows8_dot(T, wrow, g0, groups, xi, block_stride, 2, span, out); \
+    else rows8_dot(T, wrow, g0, groups, xi, block_stride, 1, span, out);         \
     break;
-// blocks: 1 or 2 blocks of 8 rows (16 rows share each unpacked weight group)
+// blocks: 1 or 2 blocks of 8 rows (16 rows share each unpacked weight group); span: the activations'
+// scale span (dc_gguf_quantize_x)
 static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, int blocks,
-                          float *out) {
+                          int span, float *out) {
   size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
   switch (type) {
     ROWS8_CASE(T_Q4_0) ROWS8_CASE(T_Q4_1) ROWS8_CASE(T_Q5_0) ROWS8_CASE(T_Q5_1)
@@ -865,14 +1057,25 @@ static void interleave8(const int8_t *xq, const float *xd, const float *xs, int 
 // Weight rows that take each block of activation rows in turn (see dc_gguf_matmul_parts).
 #define ROWS8_WEIGHTS 8
 
-// x [m, k] -> the int8 activations every product with a k-wide weight then reads: xq m*k bytes,
-// xd m*k/32 floats, xs m*k/16 floats. k must be a multiple of 32.
-void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, float *xs) {
-  quantize_rows(x, m, k, xq, xd, xs);
+// The values a scale of the activations spans for a product with these parts: 256 where every part
+// is a 256-value super-block type read from a super-block boundary (k0 NULL: whole rows) and k is
+// whole super-blocks, so the super-block kernels sum each super-block in integers; else 32.
+int dc_gguf_activation_span(int parts, const int *types, const int *k0, int k) {
+  if (k % 256 != 0) return 32;
+  for (int p = 0; p < parts; p++)
+    if (block_values(types[p]) != 256 || block_bytes(types[p]) == 0 || (k0 && k0[p] % 256 != 0)) return 32;
+  return 256;
 }
 
-// y[:, 0:n] = x . W^T (+ bias) with x [m, k] quantized by dc_gguf_quantize_x and W the rows of
-// `parts` source tensors in turn (a fused q/k/v or gate/up layer: each tensor of its own type; n is
+// x [m, k] -> the int8 activations every product with a k-wide weight then reads: xq m*k bytes,
+// xd m*k/32 floats, xs m*k/16 floats; one scale per span values (dc_gguf_activation_span's answer
+// for the weight). k must be a multiple of 32 (and of the span).
+void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, float *xs, int span) {
+  quantize_rows(x, m, k, span == 256 && k % 256 == 0 ? 256 : 32, xq, xd, xs);
+}
+
+// y[:, 0:n] = x . W^T (+ bias) with x [m, k] quantized by dc_gguf_quantize_x with `span` and W the rows
+// of `parts` source tensors in turn (a fused q/k/v or gate/up layer: each tensor of its own type; n is
 // their rows' sum; all parts in one thread team). Part p: type types[p], rows[p] rows of k_full[p]
 // values at w[p], of which inputs [k0[p], k0[p] + k) are read (a tensor-parallel rank's slice of a
 // row-split weight: k0 and k multiples of 32, so a 256-value K-quant block splits along its 32-value
@@ -881,7 +1084,7 @@ void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, flo
 // Returns 0, or -1 for an unknown type or widths that are not whole blocks and groups.
 int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, const int *k_full, const int *k0,
                          const int *rows, const float *const *bias, const int8_t *xq, const float *xd,
-                         const float *xs, float *y, int m, int k, int ldy) {
+                         const float *xs, float *y, int m, int k, int ldy, int span) {
   enum { MAX_PARTS = 8 };
   size_t row_bytes[MAX_PARTS];
   int first_group[MAX_PARTS], n = 0;
@@ -916,13 +1119,24 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
           while (row >= rows[p]) row -= rows[p++];
           float out16[16], b = bias && bias[p] ? bias[p][row] : 0.f;
           rows8_dot_any(types[p], w[p] + (size_t)row * row_bytes[p], first_group[p], groups,
-                        xi + (size_t)(r0 / 8) * block_stride, blocks, out16);
+                        xi + (size_t)(r0 / 8) * block_stride, blocks, span, out16);
           for (int r = 0; r < rows_here; r++) y[(size_t)(r0 + r) * ldy + i] = out16[r] + b;
         }
       }
     }
     free(xi);
     return 0;
+  }
+#endif
+#if defined(__AVX2__)
+  // activations with a scale a super-block, few rows: K-quant rows take the super-block kernels
+  int16_t *ks16 = NULL, *ks32 = NULL;
+  if (span == 256 && k % 256 == 0 && m <= ROW_PASS) {
+    ks16 = malloc(sizeof(int16_t) * (size_t)m * (k / 16 + k / 32));
+    if (ks16) {
+      ks32 = ks16 + (size_t)m * (k / 16);
+      activation_sums(xq, m, k, ks16, ks32);
+    }
   }
 #endif
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
@@ -939,6 +1153,19 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         int left = p1 - r0, mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const int8_t *xr = xq + (size_t)r0 * k;
         const float *dr = xd + r0, *sr = xs + r0;
+#if defined(__AVX2__)
+        if (ks16 && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) && g0 % 8 == 0) {
+          const int16_t *s16 = ks16 + (size_t)r0 * (k / 16), *s32 = ks32 + (size_t)r0 * (k / 32);
+          switch (mr) {
+            case 4: ktile_dot_4(type, wrow, g0 / 8, groups / 8, xr, k, dr, m, s16, s32, out); break;
+            case 2: ktile_dot_2(type, wrow, g0 / 8, groups / 8, xr, k, dr, m, s16, s32, out); break;
+            default: ktile_dot_1(type, wrow, g0 / 8, groups / 8, xr, k, dr, m, s16, s32, out);
+          }
+          for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+          r0 += mr;
+          continue;
+        }
+#endif
         switch (mr) {
           case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
           case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
@@ -949,6 +1176,9 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       }
     }
   }
+#if defined(__AVX2__)
+  free(ks16);
+#endif
   return 0;
 }
 

@@ -110,9 +110,11 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_silu_and_mul.restype = None
     lib.dc_rope_neox.argtypes = [p, i, i, i, ctypes.c_int64, p, p]
     lib.dc_rope_neox.restype = None
-    lib.dc_gguf_quantize_x.argtypes = [p, i, i, p, p, p]
+    lib.dc_gguf_activation_span.argtypes = [i, p, p, i]
+    lib.dc_gguf_activation_span.restype = i
+    lib.dc_gguf_quantize_x.argtypes = [p, i, i, p, p, p, i]
     lib.dc_gguf_quantize_x.restype = None
-    lib.dc_gguf_matmul_parts.argtypes = [i, p, p, p, p, p, p, p, p, p, p, i, i, i]
+    lib.dc_gguf_matmul_parts.argtypes = [i, p, p, p, p, p, p, p, p, p, p, i, i, i, i]
     lib.dc_gguf_matmul_parts.restype = i
     lib.dc_gguf_matmul16_parts.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i]
     lib.dc_gguf_matmul16_parts.restype = i

@@ -4,8 +4,9 @@ A GGUF model's linears keep the quantized blocks the file ships (Q8_0, Q4_0, Q4_
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS): no float32 copy, no re-quantization. Decoding one
 token then reads 4-12x fewer bytes than float32 weights. The products are the C kernels of
 dashchat/engine/cpu/gguf_kernels.c: activations quantized to int8 per 32 values (llama.cpp's Q8_0
-scheme), integer dot products. F16 and BF16 weights stay 16-bit and take float products (bit for bit
-the same in every batch); gguf_loading.py holds a type without kernel as BF16 rows.
+scheme; per 256 when every part is a 256-value super-block type, as its Q8_K, so a K-quant
+super-block sums in integers), integer dot products. F16 and BF16 weights stay 16-bit and take float
+products (bit for bit the same in every batch); gguf_loading.py holds a type without kernel as BF16 rows.
 Fewer than 8 activation rows (decode steps) take per-row tiles that stream each weight group once
 for all of them; whole blocks of 8 rows (prefill, big decode batches) meet each weight group in one
 integer multiply-add a 4-value chunk for all 8 rows (the rows interleaved), with one float
@@ -102,6 +103,12 @@ class GGUFLinear(nn.Module):
         self._lib = kernel_library()
         if self._lib is None:
             raise RuntimeError("GGUF layers need dashchat's C kernels (a C compiler); use --quantization none")
+        # one activation scale a super-block where every integer-product part is a K-quant read from a
+        # super-block boundary (all its runs share one quantization of the activations)
+        quantized = [p for p in parts if p.type_name not in FLOAT16_TYPES]
+        self._span = self._lib.dc_gguf_activation_span(
+            len(quantized), (ctypes.c_int * len(quantized))(*(p.type_id for p in quantized)),
+            (ctypes.c_int * len(quantized))(*(p.k0 for p in quantized)), in_features) if quantized else 32
         self.handle = next(_handles)
         _layers[self.handle] = self
 
@@ -139,13 +146,13 @@ class GGUFLinear(nn.Module):
         lib = self._lib
         if self._quantized:
             xq, xd, xs = _activation_scratch(m * k)
-            lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs)
+            lib.dc_gguf_quantize_x(x.data_ptr(), m, k, xq, xd, xs, self._span)
         for float16, column, args in self._runs:
             out = y.data_ptr() + 4 * column
             if float16:
                 status = lib.dc_gguf_matmul16_parts(*args, x.data_ptr(), out, m, k, n)
             else:
-                status = lib.dc_gguf_matmul_parts(*args, xq, xd, xs, out, m, k, n)
+                status = lib.dc_gguf_matmul_parts(*args, xq, xd, xs, out, m, k, n, self._span)
             if status == -2:
                 raise MemoryError(f"GGUF kernel: no memory for a {self.extra_repr()} product")
             if status:

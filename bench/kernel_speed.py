@@ -1,0 +1,161 @@
+"""GB/s of GGUF blocks the CPU product kernels read, on one matrix of a real model's shape.
+
+    python bench/kernel_speed.py                       # Q4_K and Q6_K, 2048x11008 and 11008x2048
+    python bench/kernel_speed.py --baseline HEAD~3     # also the kernels of another git revision
+    python bench/kernel_speed.py --types Q4_0 --shape 3584x18944 --rows 1 4 --threads 1 2
+
+Random blocks (finite fp16 scales), activations x [m, k]; each measurement is the median of
+--repeats timed products (quantizing x included, as the engine does), the builds alternating within
+each round so both see the same machine load. Prints the blocks' bytes read per second and the
+operations (2 m n k) per second, and the machine's read bandwidth (summing a 1 GiB buffer) measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dashchat.engine.cpu import kernels  # noqa: E402
+from dashchat.engine.quantization.gguf import BLOCK_TYPES  # noqa: E402
+
+_FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+                "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # fmt: skip
+
+
+def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    _, per_block, block_bytes = BLOCK_TYPES[type_name]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(rows, cols // per_block, block_bytes), dtype=np.uint8)
+    for off in _FP16_FIELDS[type_name]:
+        scale = (rng.standard_normal((rows, cols // per_block)) * 0.02).astype(np.float16)
+        data[:, :, off : off + 2] = scale.view(np.uint8).reshape(rows, cols // per_block, 2)
+    return data.reshape(rows, -1)
+
+
+def build_revision(rev: str, out_dir: Path) -> ctypes.CDLL:
+    """The kernel library built from git revision `rev`'s sources (same flags and runtime)."""
+    srcs = []
+    for src in kernels._SOURCES:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{src.relative_to(ROOT)}"], check=True,
+                              capture_output=True, text=True).stdout
+        path = out_dir / src.name
+        path.write_text(text)
+        srcs.append(path)
+    saved = kernels._SOURCES
+    kernels._SOURCES = tuple(srcs)
+    try:
+        lib_path = out_dir / "baseline.so"
+        kernels._build(os.environ.get("CC", "cc"), kernels.torch_openmp(), lib_path)
+    finally:
+        kernels._SOURCES = saved
+    lib = ctypes.CDLL(str(lib_path))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    spans = hasattr(lib, "dc_gguf_activation_span")  # newer kernels take the activations' scale span
+    lib.dc_gguf_quantize_x.argtypes = [p, i, i, p, p, p] + [i] * spans
+    lib.dc_gguf_matmul_parts.argtypes = [i, p, p, p, p, p, p, p, p, p, p, i, i, i] + [i] * spans
+    if spans:
+        lib.dc_gguf_activation_span.argtypes = [i, p, p, i]
+    return lib
+
+
+def read_bandwidth(threads: int, repeats: int = 5) -> float:
+    """GB/s of both (all) cores summing a 1 GiB buffer (far larger than the caches)."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(1 << 28, dtype=torch.float32)
+    buf.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+class Product:
+    def __init__(self, lib: ctypes.CDLL, type_name: str, data: torch.Tensor, n: int, k: int, m: int) -> None:
+        self.lib, self.n, self.k, self.m = lib, n, k, m
+        self.data = data
+        self.x = torch.randn(m, k)
+        self.y = torch.empty(m, n)
+        self.act = torch.empty(m * k + 12 * (m * k // 32) + 64, dtype=torch.uint8)
+        base = self.act.data_ptr()
+        self.xq, self.xd = base, base + m * k
+        self.xs = self.xd + 4 * (m * k // 32)
+        self.args = (1, (ctypes.c_int * 1)(BLOCK_TYPES[type_name][0]), (ctypes.c_void_p * 1)(data.data_ptr()),
+                     None, None, (ctypes.c_int * 1)(n), None)
+        self.span = (lib.dc_gguf_activation_span(1, self.args[1], None, k),) if hasattr(
+            lib, "dc_gguf_activation_span") else ()
+
+    def __call__(self) -> None:
+        self.lib.dc_gguf_quantize_x(self.x.data_ptr(), self.m, self.k, self.xq, self.xd, self.xs, *self.span)
+        if self.lib.dc_gguf_matmul_parts(*self.args, self.xq, self.xd, self.xs, self.y.data_ptr(), self.m, self.k,
+                                         self.n, *self.span):
+            raise RuntimeError("kernel refused the product")
+
+
+def timed(fn, repeats: int, clock=time.perf_counter) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = clock()
+        fn()
+        times.append(clock() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", nargs="+", default=["Q4_K", "Q6_K"])
+    ap.add_argument("--shape", nargs="+", default=["2048x11008", "11008x2048"], help="NxK: N outputs of K inputs")
+    ap.add_argument("--rows", nargs="+", type=int, default=[1], help="activation rows m")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--baseline", help="git revision whose kernels run alongside")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the process's CPU time, not the wall clock (one thread on a loaded machine: "
+                         "time spent waiting for a core is not counted)")
+    args = ap.parse_args()
+    builds = {"this tree": kernels.kernel_library()}
+    tmp = tempfile.TemporaryDirectory()
+    if args.baseline:
+        builds[args.baseline] = build_revision(args.baseline, Path(tmp.name))
+    bw = {t: read_bandwidth(t) for t in args.threads}
+    print("read bandwidth: " + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in args.threads))
+    print(f"| type | NxK | m | threads | {' | '.join(f'{b} GB/s, GOP/s' for b in builds)} |")
+    print(f"|---|---|---|---|{'---|' * len(builds)}")
+    for type_name in args.types:
+        for shape in args.shape:
+            n, k = map(int, shape.split("x"))
+            data = torch.from_numpy(random_blocks(type_name, n, k))
+            for m in args.rows:
+                products = {b: Product(lib, type_name, data, n, k, m) for b, lib in builds.items()}
+                for threads in args.threads:
+                    torch.set_num_threads(threads)
+                    seen: dict[str, list[float]] = {b: [] for b in builds}
+                    for _ in range(args.rounds):
+                        for b, prod in products.items():
+                            clock = time.process_time if args.cpu_time else time.perf_counter
+                            seen[b].append(data.numel() / timed(prod, args.repeats, clock) / 1e9)
+                    # GB/s of blocks; GOP/s: 2 m n k operations over the same time
+                    cells = " | ".join(f"{statistics.median(v):.1f}, {statistics.median(v) * 2 * m * n * k / data.numel():.0f}"
+                                       for v in seen.values())
+                    print(f"| {type_name} | {shape} | {m} | {threads} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
