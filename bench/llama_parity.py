@@ -119,7 +119,8 @@ def main() -> int:
         theirs, their_top = server_greedy(args.llama_server, path, args.tokens, args.port)
         result = compare(ours, our_top, theirs, their_top)
         print(f"{family} ({PARITY_FILES[family]}): greedy tokens agree for {result['agree']} of {len(ours)}; "
-              f"max |top-5 log-prob diff| {result['max_logprob_diff']:.5f}; max top-2 margin diff {result['max_margin_diff']:.5f}; smallest top-2 margin {result['min_margin']:.4f}")
+              f"max |top-5 log-prob diff| {result['max_logprob_diff']:.5f}; max top-2 margin diff "
+              f"{result['max_margin_diff']:.5f}; smallest top-2 margin {result['min_margin']:.4f}")
         fixture["files"][family] = {"outtype": PARITY_FILES[family], "sha256": hashes[family], "tokens": theirs,
                                     "top_logprobs": their_top, "measured": result}  # fmt: skip
     if args.write_fixture:
