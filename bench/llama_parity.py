@@ -90,6 +90,20 @@ def compare(ours: list[int], our_top: list, theirs: list[int], their_top: list) 
             "min_margin": min(margins[: agree + 1])}
 
 
+def dump_fixture(fixture: dict) -> str:
+    """JSON with one line per file's token list and per step of its top log-probs: short, and a
+    rerun's diff reads step by step."""
+    lines = ["{"] + [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in fixture.items() if k != "files"]
+    lines.append(' "files": {')
+    for n, (family, entry) in enumerate(fixture["files"].items()):
+        lines.append(f"  {json.dumps(family)}: {{")
+        lines += [f"   {json.dumps(k)}: {json.dumps(v)}," for k, v in entry.items() if k != "top_logprobs"]
+        steps = [f"    {json.dumps(step)}" for step in entry["top_logprobs"]]
+        lines += ['   "top_logprobs": ['] + [",\n".join(steps)] + ["   ]"]
+        lines.append("  }," if n + 1 < len(fixture["files"]) else "  }")
+    return "\n".join(lines + [" }", "}"]) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=list(PARITY_FILES), choices=list(PARITY_FILES))
@@ -124,7 +138,7 @@ def main() -> int:
         fixture["files"][family] = {"outtype": PARITY_FILES[family], "sha256": hashes[family], "tokens": theirs,
                                     "top_logprobs": their_top, "measured": result}  # fmt: skip
     if args.write_fixture:
-        PARITY_FIXTURE.write_text(json.dumps(fixture, indent=1) + "\n")
+        PARITY_FIXTURE.write_text(dump_fixture(fixture))
         print(f"wrote {PARITY_FIXTURE}")
     return 0
 
