@@ -32,18 +32,11 @@ import torch  # noqa: E402
 from dashchat.engine.cpu import kernels  # noqa: E402
 from dashchat.engine.quantization.gguf import BLOCK_TYPES  # noqa: E402
 
-_FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-                "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # fmt: skip
-
+sys.path.insert(0, str(ROOT / "bench"))
+import gguf_blocks  # noqa: E402
 
 def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    _, per_block, block_bytes = BLOCK_TYPES[type_name]
-    rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, size=(rows, cols // per_block, block_bytes), dtype=np.uint8)
-    for off in _FP16_FIELDS[type_name]:
-        scale = (rng.standard_normal((rows, cols // per_block)) * 0.02).astype(np.float16)
-        data[:, :, off : off + 2] = scale.view(np.uint8).reshape(rows, cols // per_block, 2)
-    return data.reshape(rows, -1)
+    return gguf_blocks.random_blocks(np.random.default_rng(seed), type_name, rows, cols, scale=0.02)
 
 
 def build_revision(rev: str, out_dir: Path) -> ctypes.CDLL:

@@ -36,23 +36,14 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from gguf_blocks import block_layout, random_blocks  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 2048, 32, 4, 128
 EXPERTS, ACTIVE, EXPERT_WIDTH = 128, 8, 768
-Q4_K_BYTES, Q6_K_BYTES, SUPER = 144, 210, 256  # bytes per 256-value super-block
-
-
-def random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: str) -> np.ndarray:
-    """Random K-quant blocks [rows, bytes per row] whose float16 scales are small and finite."""
-    per = Q4_K_BYTES if qtype == "Q4_K" else Q6_K_BYTES
-    blocks = rng.integers(0, 256, size=(rows, cols // SUPER, per), dtype=np.uint8)
-    if qtype == "Q4_K":  # d, dmin first
-        blocks[:, :, 0:2] = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
-        blocks[:, :, 2:4] = np.frombuffer(np.float16(1e-4).tobytes(), np.uint8)
-    else:  # Q6_K: ql[128] qh[64] scales[16] (int8) d last
-        blocks[:, :, 192:208] &= 0x1F
-        blocks[:, :, 208:210] = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
-    return blocks.reshape(rows, -1)
+# the float16 scale of each type's blocks: weights of about the size trained ones have
+SCALES = {"Q4_K": 1.4e-4, "Q6_K": 2e-5}
 
 
 def write_gguf(path: Path, layers: int, seed: int = 0) -> None:
@@ -69,17 +60,17 @@ def write_gguf(path: Path, layers: int, seed: int = 0) -> None:
 
     # (name, ggml shape [cols, rows(, experts)], type, thunk giving the data)
     tensors: list[tuple[str, list[int], GGMLQuantizationType, object]] = [
-        ("token_embd.weight", [HIDDEN, vocab], q4k, lambda: random_blocks(rng, vocab, HIDDEN, "Q4_K")),
+        ("token_embd.weight", [HIDDEN, vocab], q4k, lambda: random_blocks(rng, "Q4_K", vocab, HIDDEN, SCALES["Q4_K"])),
         ("output_norm.weight", [HIDDEN], f32, lambda: np.ones(HIDDEN, np.float32)),
-        ("output.weight", [HIDDEN, vocab], q6k, lambda: random_blocks(rng, vocab, HIDDEN, "Q6_K")),
+        ("output.weight", [HIDDEN, vocab], q6k, lambda: random_blocks(rng, "Q6_K", vocab, HIDDEN, SCALES["Q6_K"])),
     ]
     for i in range(layers):
         def linear(name: str, rows: int, cols: int) -> None:
-            tensors.append((f"blk.{i}.{name}", [cols, rows], q4k, lambda: random_blocks(rng, rows, cols, "Q4_K")))
+            tensors.append((f"blk.{i}.{name}", [cols, rows], q4k, lambda: random_blocks(rng, "Q4_K", rows, cols, SCALES["Q4_K"])))
 
         def experts(name: str, rows: int, cols: int) -> None:
             tensors.append((f"blk.{i}.{name}", [cols, rows, EXPERTS], q4k,
-                            lambda: random_blocks(rng, EXPERTS * rows, cols, "Q4_K")))
+                            lambda: random_blocks(rng, "Q4_K", EXPERTS * rows, cols, SCALES["Q4_K"])))
 
         for name, dim in (("attn_norm", HIDDEN), ("ffn_norm", HIDDEN), ("attn_q_norm", HEAD_DIM),
                           ("attn_k_norm", HEAD_DIM)):
@@ -121,7 +112,7 @@ def write_gguf(path: Path, layers: int, seed: int = 0) -> None:
     w.add_chat_template(meta["tokenizer.chat_template"])
     for name, shape, qtype, _ in tensors:
         n = int(np.prod(shape))
-        nbytes = 4 * n if qtype == f32 else n // SUPER * (Q4_K_BYTES if qtype == q4k else Q6_K_BYTES)
+        nbytes = 4 * n if qtype == f32 else n // block_layout(qtype.name)[0] * block_layout(qtype.name)[1]
         w.add_tensor_info(name, list(reversed(shape)) if qtype == f32 else _byte_shape(shape, qtype),
                           np.float32 if qtype == f32 else np.uint8, nbytes, raw_dtype=qtype)
     w.write_header_to_file()
@@ -134,8 +125,8 @@ def write_gguf(path: Path, layers: int, seed: int = 0) -> None:
 
 def _byte_shape(ggml_shape: list[int], qtype) -> list[int]:
     """numpy byte shape of a quantized tensor (rows first, bytes of a row last)."""
-    per = Q4_K_BYTES if qtype.name == "Q4_K" else Q6_K_BYTES
-    return [*reversed(ggml_shape[1:]), ggml_shape[0] // SUPER * per]
+    per_block, block_bytes = block_layout(qtype.name)
+    return [*reversed(ggml_shape[1:]), ggml_shape[0] // per_block * block_bytes]
 
 
 def layer_time(path: Path, threads: int, repeats: int) -> None:

@@ -56,6 +56,7 @@ sys.path.insert(0, str(HERE.parent))
 import numpy as np  # noqa: E402
 from load_common import ServerProcess, closed_loop, free_port, http_client, loadavg, machine_info, stream_chat  # noqa: E402
 from peers import SERVED_NAME, end_token_ids, llama_server_version, request_body  # noqa: E402
+from gguf_blocks import block_layout, random_blocks  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ SHAPES = {
 DIRECT = ("Q8_0", "Q4_0", "Q6_K", "Q4_K_M")  # written here; the others go through llama-quantize
 FILE_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q6_K": 18, "Q4_K_M": 15}  # general.file_type (llama_ftype)
 # block layout: (values, bytes, offsets of fp16 scales, fp16 scale that gives weights of std ~0.02)
-BLOCKS = {"Q8_0": (32, 34, (0,), 3e-4), "Q4_0": (32, 18, (0,), 4e-3), "Q4_K": (256, 144, (0, 2), 1.4e-4),
-          "Q6_K": (256, 210, (208,), 2e-5)}  # fmt: skip
+# the float16 scale of each type's blocks: weights of about the size trained ones have
+SCALES = {"Q8_0": 3e-4, "Q4_0": 4e-3, "Q4_K": 1.4e-4, "Q6_K": 2e-5}
 
 
 def tensors(shape: Shape, vocab: int) -> list[tuple[str, int, int]]:
@@ -114,15 +115,6 @@ def block_type(ftype: str, name: str, layers: int, tied: bool) -> str:
     return "Q4_K"
 
 
-def random_blocks(rng: np.random.Generator, type_name: str, rows: int, cols: int) -> np.ndarray:
-    per, nbytes, fp16_fields, scale = BLOCKS[type_name]
-    data = rng.integers(0, 256, size=(rows, cols // per, nbytes), dtype=np.uint8)
-    for off in fp16_fields:
-        d = (rng.standard_normal((rows, cols // per), dtype=np.float32) * scale).astype(np.float16)
-        data[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, cols // per, 2)
-    return data.reshape(rows, -1)
-
-
 def write_gguf(path: Path, shape: Shape, ftype: str, source: Path, seed: int = 0) -> int:
     """A random-weight GGUF of `shape` whose weights are `ftype` blocks; metadata and tokenizer from
     `source`. Returns the bytes a decoded token reads (every linear weight and the output head)."""
@@ -151,7 +143,7 @@ def write_gguf(path: Path, shape: Shape, ftype: str, source: Path, seed: int = 0
             writer.add_tensor_info(name, (rows,), np.dtype(np.float32), 4 * rows)
             continue
         t = block_type(ftype, name, shape.layers, shape.tied)
-        per, nbytes, _, _ = BLOCKS[t]
+        per, nbytes = block_layout(t)
         size = rows * cols // per * nbytes
         writer.add_tensor_info(name, (rows, cols // per * nbytes), np.dtype(np.uint8), size,
                                raw_dtype=gguf.GGMLQuantizationType[t])
@@ -166,7 +158,8 @@ def write_gguf(path: Path, shape: Shape, ftype: str, source: Path, seed: int = 0
             writer.write_tensor_data(np.ones(rows, np.float32) if name.endswith("norm.weight")
                                      else np.zeros(rows, np.float32))
         else:
-            writer.write_tensor_data(random_blocks(rng, block_type(ftype, name, shape.layers, shape.tied), rows, cols))
+            t = block_type(ftype, name, shape.layers, shape.tied)
+            writer.write_tensor_data(random_blocks(rng, t, rows, cols, SCALES[t]))
     writer.close()
     return read
 
