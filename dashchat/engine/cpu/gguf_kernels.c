@@ -6,10 +6,10 @@
 // Q5_0, Q5_1, IQ4_NL: 32 values a block; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS: 256 values a
 // super-block). F16 and BF16 rows take float products of their own (dc_gguf_matmul16_parts).
 //
-// As llama.cpp does, the activations are first quantized to int8 per block of 32 (one float scale
-// each, plus the scaled sums of each half, which carry the weights' offsets and minimums), so the
-// inner product is an integer one: every 32 weight values are unpacked into unsigned bytes and
-// multiplied with the signed activation bytes by
+// As llama.cpp does, the activations are first quantized to int8 per block of 32 (or 256) values (one
+// float scale each, plus the integer sums of each 16-value half, which carry the weights' offsets and
+// minimums), so the inner product is an integer one: every 32 weight values are unpacked into bytes
+// and multiplied with the signed activation bytes by
 //   - AVX-512 VNNI `vpdpbusd` on 256-bit vectors where the CPU has AVX512VL+VNNI (or AVX-VNNI),
 //   - AVX2 `vpmaddubsw` + `vpmaddwd` otherwise,
 //   - a plain C loop on anything else.
@@ -17,13 +17,13 @@
 // runs on (the build is keyed by /proc/cpuinfo's flags: a machine without an extension never gets
 // code that uses it).
 //
-// Every 32-value group j of a weight row contributes
-//   dx_j * (a0 * sum(q[0:16] * xq[0:16]) + a1 * sum(q[16:32] * xq[16:32])) + b0 * S0_j + b1 * S1_j
-// where q are the unsigned stored values, (a0, a1) the group's scale for each half, (b0, b1) its
-// offset (-8d for Q4_0, the minimum for Q4_1, -dmin*m for Q4_K, ...) and S0_j, S1_j = dx_j times the
-// sum of each half of the quantized activations. Q6_K, Q3_K and Q2_K have different scales for the
-// two halves. Q8_0, IQ4_NL and IQ4_XS values are signed bytes (IQ4's 4-bit indices looked up in their
-// 16 non-linear values by one byte shuffle), the others unsigned.
+// BATCH INVARIANT: an output's bits do not depend on the number of rows in the product, on the row's
+// place among them, or on which tile computed it. Every path forms the same exact integers per group
+// (or super-block) and then the same float operations in the same order ("one arithmetic for every
+// batch" below states them); each build (AVX-512 VNNI, AVX2, portable C) is invariant on its own. So
+// the fastest tile can be chosen per batch size, and a token's logits are the same in a cold prefill, a
+// prefix-cache hit or a speculative verify. Q8_0, IQ4_NL and IQ4_XS values are signed bytes (IQ4's
+// 4-bit indices looked up in their 16 non-linear values by one byte shuffle), the others unsigned.
 #pragma GCC diagnostic ignored "-Wpsabi" // static helpers only: no ABI crosses the library boundary
 #include <math.h>
 #include <stddef.h>
@@ -271,9 +271,9 @@ INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
 // ---------------------------------------------------------------- activations
 
 // x [m, k] float -> xq [m, k] int8, one scale per `span` values (32, or 256: a K-quant super-block);
-// per group g of 32 values of row r: xd[r * k/32 + g] (the scale of the span holding it) and, in the
-// xs buffer as int16, hs[r * k/16 + 2g + h] (the integer sum of half h's int8 values: at most
-// 16 * 127). Every array is row-major, so a row's result reads the same numbers whatever its batch.
+// xd[r * k/span + s]: row r's scale of span s; in the xs buffer as int16, hs[r * k/16 + 2g + h]: the
+// integer sum of half h of group g's int8 values (at most 16 * 127). Every array is row-major, so a
+// row's result reads the same numbers whatever its batch.
 static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, float *xd, int16_t *hs) {
   int spans = k / span, per_span = span / 32;
   // a decode step's rows take a microsecond or two: less than waking the thread team
@@ -283,6 +283,7 @@ static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, fl
     float amax = 0.f;
     for (int i = 0; i < span; i++) amax = fmaxf(amax, fabsf(v[i]));
     float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    xd[t] = d;
     for (int gi = 0; gi < per_span; gi++) {
       size_t g = (size_t)t * per_span + gi;  // r * (k / 32) + the group's index in its row
       int s0 = 0, s1 = 0;
@@ -292,7 +293,6 @@ static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, fl
         q[i] = (int8_t)qi;
         if (i < 16) s0 += qi; else s1 += qi;
       }
-      xd[g] = d;
       hs[2 * g] = (int16_t)s0, hs[2 * g + 1] = (int16_t)s1;
     }
   }
@@ -439,11 +439,12 @@ INLINE void group_scales(int type, const uint8_t *blk, int j, float *a0, float *
 //   I = sum_h sc_h * (dot_h - off * S_h),   N = -sum_h m_h * S_h.
 // Per-group form (32-value blocks; K-quants whose activations have a scale a group): each group's
 //   p = has_mins ? fmaf(I, dw * dx, N * (bw * dx)) : I * (dw * dx)
-// (ints converted to float), the groups of the row's window taken 8 at a time (the last 8 padded with
-// zeros), acc += ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)).
+// (ints converted to float); group g of the row's window is added to accumulator A[g % 8].
 // Super-block form (K-quants and IQ4_XS whose activations have one scale a super-block, dx): I and N
-// summed over the super-block's 8 groups in integers, then the same p, acc += p.
-// The result is acc (and + bias); integer sums may be formed in any order, float ones never.
+// summed over the super-block's 8 groups in integers, then the same p; super-block b is added to A[b % 8].
+// The result is ((A0 + A1) + (A2 + A3)) + ((A4 + A5) + (A6 + A7)) (and + bias). Integer sums may be
+// formed in any order, float ones never. (The 8 accumulators: one row's path keeps them as the lanes
+// of one vector, 8 groups' terms a vector add; the 8-row blocks as 8 vectors, lane = row.)
 
 // Integer scales of one group: values dw * sc_h * (q - value_offset) - bw * m_h in half h.
 typedef struct {
@@ -519,43 +520,47 @@ INLINE void tile_dot_c(int type, const uint8_t *wrow, int g0, int groups, const 
   float acc[MAX_TILE];
   for (int r = 0; r < MR; r++) acc[r] = 0.f;
   const int sf = super_form(type, span, g0, groups);
-  for (int u0 = 0; u0 < groups; u0 += 8) {
-    int32_t I[MAX_TILE][8], N[MAX_TILE][8];
-    gscale s[8];
-    memset(I, 0, sizeof I), memset(N, 0, sizeof N), memset(s, 0, sizeof s);
-    for (int gi = 0; gi < 8 && u0 + gi < groups; gi++) {
-      unsigned gg = (unsigned)(g0 + u0 + gi), j = gg % per_block;
-      const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
-      group w;
-      unpack(type, blk, (int)j, &w);
-      group_ints(type, blk, (int)j, &s[gi]);
-      for (int r = 0; r < MR; r++) {
-        const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)(u0 + gi);
-        int d0 = 0, d1 = 0;
-        if (signed_values(type)) {
-          for (int i = 0; i < 16; i++) d0 += (int8_t)w.h0[i] * xv[i], d1 += (int8_t)w.h1[i] * xv[16 + i];
-        } else {
-          for (int i = 0; i < 16; i++) d0 += w.h0[i] * xv[i], d1 += w.h1[i] * xv[16 + i];
+  float A[MAX_TILE][8] = {{0}};
+  // the per-group form's unit: 8 groups; the super-block form's: 8 super-blocks (64 groups)
+  const int unit = sf ? 64 : 8;
+  for (int u0 = 0; u0 < groups; u0 += unit) {
+    float p[MAX_TILE][8];
+    memset(p, 0, sizeof p);  // padding: zero terms (adding +0 changes no accumulator: none is ever -0)
+    for (int e = 0; e < 8; e++) {
+      int32_t Is[MAX_TILE] = {0}, Ns[MAX_TILE] = {0};
+      gscale s = {0};
+      const int ge = u0 + e * (sf ? 8 : 1);
+      if (ge >= groups) break;
+      for (int gi = 0; gi < (sf ? 8 : 1); gi++) {
+        int gw = ge + gi;  // the group's index in the window
+        unsigned gg = (unsigned)(g0 + gw), j = gg % per_block;
+        const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
+        group w;
+        unpack(type, blk, (int)j, &w);
+        group_ints(type, blk, (int)j, &s);
+        for (int r = 0; r < MR; r++) {
+          const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)gw;
+          int d0 = 0, d1 = 0;
+          if (signed_values(type)) {
+            for (int i = 0; i < 16; i++) d0 += (int8_t)w.h0[i] * xv[i], d1 += (int8_t)w.h1[i] * xv[16 + i];
+          } else {
+            for (int i = 0; i < 16; i++) d0 += w.h0[i] * xv[i], d1 += w.h1[i] * xv[16 + i];
+          }
+          int S0 = hs[(size_t)r * H + 2 * gw], S1 = hs[(size_t)r * H + 2 * gw + 1];
+          Is[r] += s.sc0 * (d0 - off * S0) + s.sc1 * (d1 - off * S1);
+          Ns[r] -= s.m0 * S0 + s.m1 * S1;
         }
-        int S0 = hs[(size_t)r * H + 2 * (u0 + gi)], S1 = hs[(size_t)r * H + 2 * (u0 + gi) + 1];
-        I[r][gi] = s[gi].sc0 * (d0 - off * S0) + s[gi].sc1 * (d1 - off * S1);
-        N[r][gi] = -(s[gi].m0 * S0 + s[gi].m1 * S1);
+      }
+      // (a super-block's groups share its dw, bw and, with span 256, dx)
+      for (int r = 0; r < MR; r++) {
+        float dx = sf ? xd[(size_t)r * (k / 256) + ge / 8] : xd[(size_t)r * G + ge];  // (a scale a span)
+        p[r][e] = group_term(mins, Is[r], Ns[r], s.dw, s.bw, dx);
       }
     }
-    for (int r = 0; r < MR; r++) {
-      const float *dx = xd + (size_t)r * G + u0;
-      if (sf) {  // a super-block: its integers summed, one term
-        int32_t Is = 0, Ns = 0;
-        for (int gi = 0; gi < 8; gi++) Is += I[r][gi], Ns += N[r][gi];
-        acc[r] += group_term(mins, Is, Ns, s[0].dw, s[0].bw, dx[0]);
-      } else {
-        float p[8];
-        for (int gi = 0; gi < 8; gi++)
-          p[gi] = u0 + gi < groups ? group_term(mins, I[r][gi], N[r][gi], s[gi].dw, s[gi].bw, dx[gi]) : 0.f;
-        acc[r] += tree8(p);
-      }
-    }
+    for (int r = 0; r < MR; r++)
+      for (int e = 0; e < 8; e++) A[r][e] += p[r][e];
   }
+  for (int r = 0; r < MR; r++) acc[r] = tree8(A[r]);
   for (int r = 0; r < MR; r++) out[r] = acc[r];
 }
 
@@ -593,96 +598,150 @@ static inline __m256i dpwssd_acc(__m256i acc, __m256i a, __m256i b) {
 
 // A super-block's 16 half scales and minimums as int16 (group j's halves at 2j, 2j + 1), d and dmin.
 typedef struct {
-  int16_t sc[16], mn[16];
+  __m256i sc, mn;
   float d, dmin;
 } sbscale;
 
 INLINE void super_ints(int type, const uint8_t *blk, sbscale *s) {
+  s->mn = _mm256_setzero_si256(), s->dmin = 0.f;
   switch (type) {
     case T_Q4_K: case T_Q5_K: {  // twelve bytes: eight 6-bit scales and eight 6-bit minimums
       uint32_t u[3];
       memcpy(u, blk + 4, 12);
-      uint32_t packed[4] = {u[0] & 0x3f3f3f3fu, (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4),
-                            u[1] & 0x3f3f3f3fu, ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)};
-      __m128i sm = _mm_loadu_si128((const __m128i *)packed);  // scales 0-7, then minimums 0-7
-      _mm256_storeu_si256((__m256i *)s->sc, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sm, sm)));
-      _mm256_storeu_si256((__m256i *)s->mn, _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm)));
+      __m128i sm = _mm_setr_epi32((int)(u[0] & 0x3f3f3f3fu), (int)((u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4)),
+                                  (int)(u[1] & 0x3f3f3f3fu), (int)(((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)));
+      s->sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sm, sm));  // scales 0-7, each for both halves
+      s->mn = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));  // minimums 0-7 likewise
       s->d = f16(blk), s->dmin = f16(blk + 2);
       break;
     }
     case T_Q6_K:
-      _mm256_storeu_si256((__m256i *)s->sc, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192))));
-      s->d = f16(blk + 208), s->dmin = 0.f;
+      s->sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+      s->d = f16(blk + 208);
       break;
     case T_Q3_K: {  // q3k_scale's 16 values at once, four bytes a step
-      uint32_t a[4], t;
+      uint32_t a[3], t;
       memcpy(a, blk + 96, 12);
       t = a[2];
-      a[2] = ((a[0] >> 4) & 0x0f0f0f0fu) | (((t >> 4) & 0x03030303u) << 4);
-      a[3] = ((a[1] >> 4) & 0x0f0f0f0fu) | (((t >> 6) & 0x03030303u) << 4);
-      a[0] = (a[0] & 0x0f0f0f0fu) | ((t & 0x03030303u) << 4);
-      a[1] = (a[1] & 0x0f0f0f0fu) | (((t >> 2) & 0x03030303u) << 4);
-      __m128i v = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)a), _mm_set1_epi8(32));
-      _mm256_storeu_si256((__m256i *)s->sc, _mm256_cvtepi8_epi16(v));
-      s->d = f16(blk + 108), s->dmin = 0.f;
+      __m128i v = _mm_setr_epi32((int)((a[0] & 0x0f0f0f0fu) | ((t & 0x03030303u) << 4)),
+                                 (int)((a[1] & 0x0f0f0f0fu) | (((t >> 2) & 0x03030303u) << 4)),
+                                 (int)(((a[0] >> 4) & 0x0f0f0f0fu) | (((t >> 4) & 0x03030303u) << 4)),
+                                 (int)(((a[1] >> 4) & 0x0f0f0f0fu) | (((t >> 6) & 0x03030303u) << 4)));
+      s->sc = _mm256_cvtepi8_epi16(_mm_sub_epi8(v, _mm_set1_epi8(32)));
+      s->d = f16(blk + 108);
       break;
     }
     case T_Q2_K: {
       __m128i v = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
-      _mm256_storeu_si256((__m256i *)s->sc, _mm256_cvtepu8_epi16(_mm_and_si128(v, m4)));
-      _mm256_storeu_si256((__m256i *)s->mn, _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+      s->sc = _mm256_cvtepu8_epi16(_mm_and_si128(v, m4));
+      s->mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4));
       s->d = f16(blk + 80), s->dmin = f16(blk + 82);
       break;
     }
     default: {  // T_IQ4_XS
       uint16_t h;
       memcpy(&h, blk + 2, 2);
+      int16_t sc[16];
       for (int j = 0; j < 8; j++)
-        s->sc[2 * j] = s->sc[2 * j + 1] = (int16_t)((((blk[4 + j / 2] >> (4 * (j & 1))) & 15) | (((h >> (2 * j)) & 3) << 4)) - 32);
-      s->d = f16(blk), s->dmin = 0.f;
+        sc[2 * j] = sc[2 * j + 1] = (int16_t)((((blk[4 + j / 2] >> (4 * (j & 1))) & 15) | (((h >> (2 * j)) & 3) << 4)) - 32);
+      s->sc = _mm256_loadu_si256((const __m256i *)sc);
+      s->d = f16(blk);
     }
   }
 }
 
-// Super-block form, one weight row against MR activation rows (row r at xq + r * k).
+// Byte shuffles that broadcast one int16 of a 128-bit lane: element e to every int16 of the lane.
+#define BCAST16(e) (char)(2 * (e)), (char)(2 * (e) + 1)
+#define LANE_BCAST16(e) BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e)
+// Group j's two half values of v (16 int16, half h of group j at 2j + h): the first half's in every
+// int16 of the low 128 bits, the second's in the high ones (j a constant).
+#define HALF_PAIR(v, j)                                                                                         \
+  _mm256_shuffle_epi8(_mm256_permute2x128_si256(v, v, (j) < 4 ? 0x00 : 0x11),                                   \
+                      _mm256_setr_epi8(LANE_BCAST16(2 * (j) % 8), LANE_BCAST16((2 * (j) + 1) % 8)))
+
+// The low 16 bits of each int32 lane, as 8 int16.
+static inline __m128i low_halves(__m256i v) {
+  __m256i p = _mm256_packus_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_setzero_si256());
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08));
+}
+
+// Eight int32 vectors' lane sums, vector i's in lane i (any order of integer adds: exact).
+INLINE __m256i reduce8_i32(const __m256i *v) {
+  __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// Where a super-block type keeps its fp16 d (its dmin follows it). Q6_K's and Q3_K's end their block:
+// read from 2 bytes before (d in the high half), so no read passes the tensor's end.
+static inline int super_d_offset(int type) {
+  return type == T_Q6_K ? 206 : type == T_Q3_K ? 106 : type == T_Q2_K ? 80 : 0;
+}
+static inline int super_d_high(int type) { return type == T_Q6_K || type == T_Q3_K; }
+
+// Super-block form, one weight row against MR activation rows (row r at xq + r * k): 8 super-blocks a
+// unit, each one's integers in one int32 vector per row, the 8 reduced at once (lane = super-block).
 INLINE void tile_super(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                        const int16_t *hs, const int MR, float *out) {
-  const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
+  const int sbs_row = k / 256, H = k / 16, off = value_offset(type), mins = has_mins(type);
   size_t bb = block_bytes(type);
-  float acc[MAX_TILE];
+  __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) acc[r] = 0.f;
-  for (int b = 0; b < sbs; b++) {
-    const uint8_t *blk = wrow + (size_t)(sb0 + b) * bb;
-    sbscale s;
-    super_ints(type, blk, &s);
-    __m256i sumi[MAX_TILE];
+  for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
+  for (int u0 = 0; u0 < sbs; u0 += 8) {
+    const int n8 = sbs - u0 < 8 ? sbs - u0 : 8;
+    __m256i sumi[MAX_TILE][8], sumn[MAX_TILE][8];
+#pragma GCC unroll 1
+    for (int e = 0; e < 8; e++) {
+      if (e >= n8) {  // padding: a zero super-block
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; r++) sumi[r] = _mm256_setzero_si256();
+        for (int r = 0; r < MR; r++) sumi[r][e] = sumn[r][e] = _mm256_setzero_si256();
+        continue;
+      }
+      int b = u0 + e;
+      const uint8_t *blk = wrow + (size_t)(sb0 + b) * bb;
+      sbscale s;
+      super_ints(type, blk, &s);
+      __m256i acc_i[MAX_TILE];
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) acc_i[r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; j++) {
-      __m256i wv = group_values_avx2(type, blk, j);
-      __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
-      __m256i scv = _mm256_set_m128i(_mm_set1_epi16(s.sc[2 * j + 1]), _mm_set1_epi16(s.sc[2 * j]));
+      for (int j = 0; j < 8; j++) {
+        __m256i wv = group_values_avx2(type, blk, j);
+        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+        __m256i scv = HALF_PAIR(s.sc, j);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+          __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * j));
+          if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
+          // pairs of byte products into int16 (at most 2 * 128 * 127: no saturation), times the scales
+          acc_i[r] = dpwssd_acc(acc_i[r], _mm256_maddubs_epi16(wu, x), scv);
+        }
+      }
 #pragma GCC unroll 4
       for (int r = 0; r < MR; r++) {
-        __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * j));
-        if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
-        // pairs of byte products into int16 (at most 2 * 128 * 127: no saturation), times the scales
-        sumi[r] = dpwssd_acc(sumi[r], _mm256_maddubs_epi16(wu, x), scv);
+        __m256i h = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 16 * (size_t)b));
+        if (off) acc_i[r] = _mm256_sub_epi32(acc_i[r], _mm256_slli_epi32(_mm256_madd_epi16(s.sc, h), offset_shift(off)));
+        sumi[r][e] = acc_i[r];
+        sumn[r][e] = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s.mn, h)) : _mm256_setzero_si256();
       }
     }
-    __m256i sc16 = _mm256_loadu_si256((const __m256i *)s.sc), mn16 = _mm256_loadu_si256((const __m256i *)s.mn);
+    // the 8 super-blocks' fp16 d (and dmin after it), and each row's scale of them, gathered at once
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), lanes);
+    __m256i dd = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(wrow + (size_t)(sb0 + u0) * bb + super_d_offset(type)),
+                                             _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bb)), live, 1);
+    __m256 dv = _mm256_cvtph_ps(low_halves(super_d_high(type) ? _mm256_srli_epi32(dd, 16) : dd));
+    __m256 dminv = mins ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dd, 16))) : _mm256_setzero_ps();
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++) {
-      __m256i h = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 16 * (size_t)b));
-      if (off) sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(_mm256_madd_epi16(sc16, h), offset_shift(off)));
-      int32_t N = mins ? -hsum_i32(_mm256_madd_epi16(mn16, h)) : 0;
-      acc[r] += group_term(mins, hsum_i32(sumi[r]), N, s.d, s.dmin, xd[(size_t)r * G + 8 * (size_t)b]);
+      __m256i I = reduce8_i32(sumi[r]), N = mins ? reduce8_i32(sumn[r]) : _mm256_setzero_si256();
+      __m256 dxv = _mm256_maskload_ps(xd + (size_t)r * sbs_row + u0, live);  // (a scale a super-block)
+      accv[r] = _mm256_add_ps(accv[r], group_term_ps(mins, I, N, dv, dminv, dxv));
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) out[r] = acc[r];
+  for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
 }
 
 // Per-group form, one weight row against MR activation rows: each group's integer products reduced
@@ -693,62 +752,67 @@ INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const
   const int scaled = super_block(type);  // integer scales per half: products scaled before the reduction
   const unsigned per_block = super_block(type) ? 8 : 1;
   size_t bb = block_bytes(type);
-  float acc[MAX_TILE];
+  __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) acc[r] = 0.f;
+  for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
   for (int u0 = 0; u0 < groups; u0 += 8) {
     const int n8 = groups - u0 < 8 ? groups - u0 : 8;
-    int16_t sc[16], mn[16];
-    uint16_t dwh[8];
-    float dw[8], bw[8];
-    __m256i red[MAX_TILE][4];  // pairs of groups, hadd-ed
-    for (int gi = 0; gi < 8; gi += 2) {
-      __m256i v[2][MAX_TILE];
-      for (int e = 0; e < 2; e++) {
-        if (gi + e < n8) {
-          unsigned gg = (unsigned)(g0 + u0 + gi + e), j = gg % per_block;
-          const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
-          __m256i wv = group_values_avx2(type, blk, (int)j);
-          __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
-          __m256i scv = _mm256_setzero_si256();
-          if (scaled) {
-            gscale s;
-            group_ints(type, blk, (int)j, &s);
-            sc[2 * (gi + e)] = (int16_t)s.sc0, sc[2 * (gi + e) + 1] = (int16_t)s.sc1;
-            mn[2 * (gi + e)] = (int16_t)s.m0, mn[2 * (gi + e) + 1] = (int16_t)s.m1;
-            dw[gi + e] = s.dw, bw[gi + e] = s.bw;
-            scv = _mm256_set_m128i(_mm_set1_epi16((short)s.sc1), _mm_set1_epi16((short)s.sc0));
-          } else {
-            memcpy(&dwh[gi + e], blk, 2);
-            sc[2 * (gi + e)] = sc[2 * (gi + e) + 1] = 1;
-            mn[2 * (gi + e)] = mn[2 * (gi + e) + 1] = (int16_t)mins;
-            if (mins) bw[gi + e] = -f16(blk + 2);
-          }
-#pragma GCC unroll 4
-          for (int r = 0; r < MR; r++) {
-            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)(u0 + gi + e)));
-            if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
-            v[e][r] = scaled ? _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), scv) : dot_us(wu, x);
-          }
-        } else {  // padding: a zero group
-          sc[2 * (gi + e)] = sc[2 * (gi + e) + 1] = mn[2 * (gi + e)] = mn[2 * (gi + e) + 1] = 0;
-          dwh[gi + e] = 0, dw[gi + e] = bw[gi + e] = 0.f;
-#pragma GCC unroll 4
-          for (int r = 0; r < MR; r++) v[e][r] = _mm256_setzero_si256();
-        }
-      }
-#pragma GCC unroll 4
-      for (int r = 0; r < MR; r++) red[r][gi / 2] = _mm256_hadd_epi32(v[0][r], v[1][r]);
+    {  // the weights a few units on (the unit's work is a chain the prefetcher alone does not run ahead of)
+      unsigned ga = (unsigned)(g0 + u0 + 32);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb), _MM_HINT_T0);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb + 64), _MM_HINT_T0);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb + 128), _MM_HINT_T0);
     }
-    __m256 dwv = scaled ? _mm256_loadu_ps(dw) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dwh));
-    __m256 bwv = mins ? _mm256_loadu_ps(bw) : _mm256_setzero_ps();
-    __m256i sc16 = _mm256_loadu_si256((const __m256i *)sc), mn16 = _mm256_loadu_si256((const __m256i *)mn);
+    int16_t sc[16], mn[16];
+    float dw[8], bw[8];
+    __m256i v[MAX_TILE][8];
+#pragma GCC unroll 8
+    for (int gi = 0; gi < 8; gi++) {
+      if (gi < n8) {
+        unsigned gg = (unsigned)(g0 + u0 + gi), j = gg % per_block;
+        const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
+        __m256i wv = group_values_avx2(type, blk, (int)j);
+        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+        __m256i scv = _mm256_setzero_si256();
+        if (scaled) {  // (a tensor-parallel window's K-quants: rare, kept simple)
+          gscale s;
+          group_ints(type, blk, (int)j, &s);
+          sc[2 * gi] = (int16_t)s.sc0, sc[2 * gi + 1] = (int16_t)s.sc1;
+          mn[2 * gi] = (int16_t)s.m0, mn[2 * gi + 1] = (int16_t)s.m1;
+          dw[gi] = s.dw, bw[gi] = s.bw;
+          scv = _mm256_set_m128i(_mm_set1_epi16((short)s.sc1), _mm_set1_epi16((short)s.sc0));
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+          __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)(u0 + gi)));
+          if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
+          v[r][gi] = scaled ? _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), scv) : dot_us(wu, x);
+        }
+      } else {  // padding: a zero group
+        sc[2 * gi] = sc[2 * gi + 1] = mn[2 * gi] = mn[2 * gi + 1] = 0;
+        dw[gi] = bw[gi] = 0.f;
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) v[r][gi] = _mm256_setzero_si256();
+      }
+    }
+    __m256 dwv, bwv = _mm256_setzero_ps();
+    __m256i sc16, mn16;
+    if (scaled) {
+      dwv = _mm256_loadu_ps(dw), bwv = _mm256_loadu_ps(bw);
+      sc16 = _mm256_loadu_si256((const __m256i *)sc), mn16 = _mm256_loadu_si256((const __m256i *)mn);
+    } else {  // one scale a block; Q4_1/Q5_1: values d * q + min (bw = -min, m = 1)
+      // the 8 blocks' fp16 scale (and Q4_1/Q5_1's minimum) gathered at once, the rest of a short unit 0
+      __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bb));
+      __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const int *base = (const int *)(wrow + (size_t)(g0 + u0) * bb);
+      __m256i both = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), base, idx, live, 1);  // d | min << 16
+      dwv = _mm256_cvtph_ps(low_halves(both));
+      if (mins) bwv = _mm256_xor_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(both, 16))), _mm256_set1_ps(-0.f));
+      sc16 = mn16 = _mm256_set1_epi16(1);
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++) {
-      // red[0..3]: per 128-bit lane, (g0 | g1 | g0 | g1) pair sums; two more hadds give groups 0-3's
-      // first halves in the low lane and their second halves in the high one
-      __m256i lo = _mm256_hadd_epi32(red[r][0], red[r][1]), hi = _mm256_hadd_epi32(red[r][2], red[r][3]);
-      __m256i I = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+      __m256i I = reduce8_i32(v[r]);
       __m256i h;
       __m256 dx;
       if (n8 == 8) {
@@ -763,11 +827,11 @@ INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const
       }
       if (off) I = _mm256_sub_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(sc16, h), offset_shift(off)));
       __m256i N = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(mn16, h)) : _mm256_setzero_si256();
-      acc[r] += tree8_ps(group_term_ps(mins, I, N, dwv, bwv, dx));
+      accv[r] = _mm256_add_ps(accv[r], group_term_ps(mins, I, N, dwv, bwv, dx));
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) out[r] = acc[r];
+  for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
 }
 #endif
 
@@ -870,14 +934,13 @@ INLINE __m256i rows8_mins(int type, const int8_t *x, int m0, int m1) {
                           _mm256_mullo_epi32(_mm256_sub_epi32(neg, neg_first), _mm256_set1_epi32(m1)));
 }
 
-// Per-group form against NB blocks of 8 interleaved rows: acc[nb] += tree8 of the unit's 8 groups'
-// terms (lane r = row r), groups [u0, u0 + n8) of the window (the rest: zeros).
+// Per-group form against NB blocks of 8 interleaved rows: group u0 + gi's terms (lane r = row r) into
+// acc[nb][gi], groups [u0, u0 + n8) of the window.
 INLINE void rows8_unit(int type, const uint8_t *wrow, int g0, int u0, int n8, const int8_t *xi, size_t block_stride,
-                       const int NB, __m256 *acc) {
+                       const int NB, __m256 (*acc)[8]) {
   const int mins = has_mins(type);
   const unsigned per_block = super_block(type) ? 8 : 1;
   size_t bb = block_bytes(type);
-  __m256 q0[2], q1[2], r0[2];
 #pragma GCC unroll 8
   for (int gi = 0; gi < 8; gi++) {
     __m256 p[2];
@@ -903,37 +966,29 @@ INLINE void rows8_unit(int type, const uint8_t *wrow, int g0, int u0, int n8, co
         p[nb] = group_term_ps(mins, I, N, _mm256_set1_ps(s.dw), _mm256_set1_ps(s.bw), _mm256_loadu_ps((const float *)(x + 320)));
       }
     } else {
-      for (int nb = 0; nb < NB; nb++) p[nb] = _mm256_setzero_ps();
+      continue;  // (past the window: adds nothing)
     }
-    // tree8: ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
-    for (int nb = 0; nb < NB; nb++) {
-      switch (gi & 3) {
-        case 0: q0[nb] = p[nb]; break;
-        case 1: q0[nb] = _mm256_add_ps(q0[nb], p[nb]); break;
-        case 2: q1[nb] = p[nb]; break;
-        default:
-          q1[nb] = _mm256_add_ps(q1[nb], p[nb]);
-          if (gi == 3) r0[nb] = _mm256_add_ps(q0[nb], q1[nb]);
-          else acc[nb] = _mm256_add_ps(acc[nb], _mm256_add_ps(r0[nb], _mm256_add_ps(q0[nb], q1[nb])));
-      }
-    }
+    for (int nb = 0; nb < NB; nb++) acc[nb][gi] = _mm256_add_ps(acc[nb][gi], p[nb]);
   }
 }
 
 // Super-block form against NB blocks of 8 interleaved rows: the super-block's integers summed per
 // row (lanes as rows8_halves' lo4/hi4 until the end), then one term.
 INLINE void rows8_superblock(int type, const uint8_t *blk, const int8_t *xi, size_t block_stride, const int NB,
-                             __m256 *acc) {
+                             __m256 *p) {
   const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
   sbscale s;
   super_ints(type, blk, &s);
-  __m256i lo_sum[2], hi_sum[2], min_sum[2];  // lo/hi: rows 0-3 / 4-7 (first half | second half); min_sum: rows 0-7
-  for (int nb = 0; nb < NB; nb++) lo_sum[nb] = hi_sum[nb] = min_sum[nb] = _mm256_setzero_si256();
+  // lo/hi: rows 0-3 / 4-7 (first half | second half); min_lo/min_hi likewise (Q2_K: a minimum per
+  // half), or min_lo rows 0-7 (one minimum a group)
+  __m256i lo_sum[2], hi_sum[2], min_lo[2], min_hi[2];
+  for (int nb = 0; nb < NB; nb++) lo_sum[nb] = hi_sum[nb] = min_lo[nb] = min_hi[nb] = _mm256_setzero_si256();
 #pragma GCC unroll 8
   for (int j = 0; j < 8; j++) {
     __m256i wv = rows8_values(type, blk, j);
-    __m256i scale = _mm256_setr_epi32(s.sc[2 * j], s.sc[2 * j], s.sc[2 * j], s.sc[2 * j], s.sc[2 * j + 1],
-                                      s.sc[2 * j + 1], s.sc[2 * j + 1], s.sc[2 * j + 1]);
+    // the group's scales as int32: first half in lanes 0-3, second in 4-7 (each int16 of HALF_PAIR twice)
+    __m256i scale = _mm256_srai_epi32(HALF_PAIR(s.sc, j), 16);
+    __m256i mscale = mins ? _mm256_srai_epi32(HALF_PAIR(s.mn, j), 16) : _mm256_setzero_si256();
 #pragma GCC unroll 2
     for (int nb = 0; nb < NB; nb++) {
       const int8_t *x = xi + nb * block_stride + (size_t)j * ROWS8_GROUP_BYTES;
@@ -952,14 +1007,22 @@ INLINE void rows8_superblock(int type, const uint8_t *blk, const int8_t *xi, siz
   }
       SB_CHUNK(0, 0x00) SB_CHUNK(1, 0x55) SB_CHUNK(2, 0xAA) SB_CHUNK(3, 0xFF)
 #undef SB_CHUNK
-      if (off) {  // - off * S_h, in rows8's lane order: rows 0-3 (first | second), then rows 4-7
-        __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
+      __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
+      if (off || type == T_Q2_K) {  // the halves' sums in rows8's lane order
         __m256i neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
         __m256i neg_second = _mm256_sub_epi32(neg, neg_first);
-        lo4 = _mm256_add_epi32(lo4, _mm256_slli_epi32(_mm256_permute2x128_si256(neg_first, neg_second, 0x20), offset_shift(off)));
-        hi4 = _mm256_add_epi32(hi4, _mm256_slli_epi32(_mm256_permute2x128_si256(neg_first, neg_second, 0x31), offset_shift(off)));
+        __m256i n_lo = _mm256_permute2x128_si256(neg_first, neg_second, 0x20);
+        __m256i n_hi = _mm256_permute2x128_si256(neg_first, neg_second, 0x31);
+        if (off) {  // - off * S_h
+          lo4 = _mm256_add_epi32(lo4, _mm256_slli_epi32(n_lo, offset_shift(off)));
+          hi4 = _mm256_add_epi32(hi4, _mm256_slli_epi32(n_hi, offset_shift(off)));
+        }
+        if (type == T_Q2_K) {
+          min_lo[nb] = _mm256_add_epi32(min_lo[nb], _mm256_mullo_epi32(n_lo, mscale));
+          min_hi[nb] = _mm256_add_epi32(min_hi[nb], _mm256_mullo_epi32(n_hi, mscale));
+        }
       }
-      if (mins) min_sum[nb] = _mm256_add_epi32(min_sum[nb], rows8_mins(type, x, s.mn[2 * j], s.mn[2 * j + 1]));
+      if (mins && type != T_Q2_K) min_lo[nb] = _mm256_add_epi32(min_lo[nb], _mm256_mullo_epi32(neg, mscale));
       lo_sum[nb] = _mm256_add_epi32(lo_sum[nb], _mm256_mullo_epi32(lo4, scale));
       hi_sum[nb] = _mm256_add_epi32(hi_sum[nb], _mm256_mullo_epi32(hi4, scale));
     }
@@ -968,7 +1031,10 @@ INLINE void rows8_superblock(int type, const uint8_t *blk, const int8_t *xi, siz
     __m256 dx = _mm256_loadu_ps((const float *)(xi + nb * block_stride + 320));  // the 8 rows' scale of this super-block
     __m256i I = _mm256_add_epi32(_mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x20),
                                  _mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x31));
-    acc[nb] = _mm256_add_ps(acc[nb], group_term_ps(mins, I, min_sum[nb], _mm256_set1_ps(s.d), _mm256_set1_ps(s.dmin), dx));
+    __m256i N = type != T_Q2_K ? min_lo[nb]
+                               : _mm256_add_epi32(_mm256_permute2x128_si256(min_lo[nb], min_hi[nb], 0x20),
+                                                  _mm256_permute2x128_si256(min_lo[nb], min_hi[nb], 0x31));
+    p[nb] = group_term_ps(mins, I, N, _mm256_set1_ps(s.d), _mm256_set1_ps(s.dmin), dx);
   }
 }
 
@@ -976,18 +1042,27 @@ INLINE void rows8_superblock(int type, const uint8_t *blk, const int8_t *xi, siz
 // block, the next one block_stride bytes on): out[8 nb + r].
 INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, size_t block_stride,
                       const int NB, int span, float *out) {
-  __m256 acc[2];
-  for (int nb = 0; nb < NB; nb++) acc[nb] = _mm256_setzero_ps();
+  __m256 acc[2][8];  // the 8 accumulators A[e] of each row, lane = row
+  for (int nb = 0; nb < NB; nb++)
+    for (int e = 0; e < 8; e++) acc[nb][e] = _mm256_setzero_ps();
   if (super_form(type, span, g0, groups)) {
     size_t bb = block_bytes(type);
-    for (int b = 0; b < groups / 8; b++)
-      rows8_superblock(type, wrow + (size_t)(g0 / 8 + b) * bb, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES,
-                       block_stride, NB, acc);
+    for (int b = 0; b < groups / 8; b++) {
+      __m256 p[2];
+      rows8_superblock(type, wrow + (size_t)(g0 / 8 + b) * bb, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, block_stride,
+                       NB, p);
+      for (int nb = 0; nb < NB; nb++) acc[nb][b % 8] = _mm256_add_ps(acc[nb][b % 8], p[nb]);
+    }
   } else {
     for (int u0 = 0; u0 < groups; u0 += 8)
       rows8_unit(type, wrow, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, block_stride, NB, acc);
   }
-  for (int nb = 0; nb < NB; nb++) _mm256_storeu_ps(out + 8 * nb, acc[nb]);
+  for (int nb = 0; nb < NB; nb++) {  // tree8, lane by lane
+    __m256 *A = acc[nb];
+    __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[1]), _mm256_add_ps(A[2], A[3])),
+                             _mm256_add_ps(_mm256_add_ps(A[4], A[5]), _mm256_add_ps(A[6], A[7])));
+    _mm256_storeu_ps(out + 8 * nb, t);
+  }
 }
 
 #define ROWS8_CASE(T)                                                     \
@@ -1011,7 +1086,7 @@ static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, con
 // 32 bytes at quad q (rows 4q..4q+3) and chunk c (0-3) hold, in the low 16 bytes, those rows' values
 // 4c..4c+3 and, in the high 16, their values 16+4c..16+4c+3 (4 bytes a row, rows in order); then the
 // 8 rows' negated sums of the group's values and of its first 16 values (int32), and their scales.
-static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, int m, int k, int8_t *xi) {
+static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, int m, int k, int span, int8_t *xi) {
   int groups = k / 32, blocks = (m + 7) / 8;
 #pragma omp parallel for schedule(static) if ((size_t)m * k >= 1 << 16)
   for (int b = 0; b < blocks; b++) {
@@ -1027,7 +1102,7 @@ static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, in
           v[r] = _mm256_loadu_si256((const __m256i *)(xq + row * k + 32 * g));
           int s0 = hs[row * (k / 16) + 2 * g], s1 = hs[row * (k / 16) + 2 * g + 1];
           sums[r] = -(s0 + s1), first_sums[r] = -s0;
-          scales[r] = xd[row * groups + g];
+          scales[r] = xd[row * (k / span) + g / (span / 32)];
         } else {  // padding: a zero row
           v[r] = _mm256_setzero_si256();
           sums[r] = first_sums[r] = 0;
@@ -1059,7 +1134,9 @@ static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, in
 #define ROWS8_WEIGHTS 8
 // Batches from this many rows take the interleaved blocks of 8 (the same results as the per-row
 // tiles: only the speed differs).
-#define ROWS8_MIN 8
+#ifndef ROWS8_MIN
+#define ROWS8_MIN 5
+#endif
 
 // The values a scale of the activations spans for a product with these parts: 256 where every part
 // is a 256-value super-block type read from a super-block boundary (k0 NULL: whole rows) and k is
@@ -1089,6 +1166,7 @@ void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, flo
 int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, const int *k_full, const int *k0,
                          const int *rows, const float *const *bias, const int8_t *xq, const float *xd,
                          const float *xs, float *y, int m, int k, int ldy, int span) {
+  span = span == 256 && k % 256 == 0 ? 256 : 32;  // as dc_gguf_quantize_x took it
   enum { MAX_PARTS = 8 };
   size_t row_bytes[MAX_PARTS];
   int first_group[MAX_PARTS], n = 0;
@@ -1107,7 +1185,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
   int8_t *xi = NULL;  // ROWS8_MIN rows or more: blocks of 8, interleaved for rows8_dot
   if (m >= ROWS8_MIN) {
     xi = malloc((size_t)((m + 7) / 8) * groups * ROWS8_GROUP_BYTES);
-    if (xi) interleave8(xq, xd, hs, m, k, xi);
+    if (xi) interleave8(xq, xd, hs, m, k, span, xi);
   }
   if (xi) {
     // Weight rows in chunks of ROWS8_WEIGHTS, each 16-row block of activations met by the whole chunk
@@ -1146,7 +1224,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       for (int r0 = p0; r0 < p1;) {
         int left = p1 - r0, mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const int8_t *xr = xq + (size_t)r0 * k;
-        const float *dr = xd + (size_t)r0 * groups;
+        const float *dr = xd + (size_t)r0 * (k / span);
         const int16_t *hr = hs + (size_t)r0 * (k / 16);
         switch (mr) {
           case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, hr, span, out); break;
