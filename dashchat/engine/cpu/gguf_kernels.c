@@ -1065,6 +1065,121 @@ INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const i
   }
 }
 
+// Register blocking for prefill: W weight rows against one block of 8 interleaved rows, each chunk of
+// activations loaded once for all W (from L1 or L2: a block of 8 rows is 352 bytes a group, the x
+// traffic of rows8_superblock per multiply-add W times lower). Each (weight row, activation row) gets
+// exactly rows8_superblock's integers and term, so the same bits.
+#if defined(__AVX512VL__)
+#define WTILE 4  // 32 vector registers: 4 rows' 5 accumulators and unpacked values
+#else
+#define WTILE 2
+#endif
+
+INLINE void rows8_superblock_w(int type, const uint8_t *const *blk, const int8_t *x0, const int W, __m256 *p) {
+  const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
+  sbscale s[WTILE];
+  __m256i lo_sum[WTILE], hi_sum[WTILE], min_lo[WTILE], min_hi[WTILE];
+#pragma GCC unroll 4
+  for (int w = 0; w < W; w++) {
+    super_ints(type, blk[w], &s[w]);
+    lo_sum[w] = hi_sum[w] = min_lo[w] = min_hi[w] = _mm256_setzero_si256();
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; j++) {
+    const int8_t *x = x0 + (size_t)j * ROWS8_GROUP_BYTES;
+    __m256i wv[WTILE], lo4[WTILE], hi4[WTILE];
+#pragma GCC unroll 4
+    for (int w = 0; w < W; w++) {
+      wv[w] = rows8_values(type, blk[w], j);
+      lo4[w] = hi4[w] = _mm256_setzero_si256();
+    }
+#define W_CHUNK(c, imm)                                                            \
+  {                                                                                \
+    __m256i xa = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                 \
+    __m256i xb = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));           \
+    _Pragma("GCC unroll 4") for (int w = 0; w < W; w++) {                          \
+      __m256i wc = _mm256_shuffle_epi32(wv[w], imm), x0c = xa, x1c = xb;           \
+      if (signed_values(type) && !HAVE_VNNI) {                                     \
+        x0c = _mm256_sign_epi8(x0c, wc), x1c = _mm256_sign_epi8(x1c, wc);          \
+        wc = _mm256_sign_epi8(wc, wc);                                             \
+      }                                                                            \
+      lo4[w] = dpbusd_acc(lo4[w], wc, x0c);                                        \
+      hi4[w] = dpbusd_acc(hi4[w], wc, x1c);                                        \
+    }                                                                              \
+  }
+    W_CHUNK(0, 0x00) W_CHUNK(1, 0x55) W_CHUNK(2, 0xAA) W_CHUNK(3, 0xFF)
+#undef W_CHUNK
+    __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
+    __m256i n_lo = _mm256_setzero_si256(), n_hi = _mm256_setzero_si256();
+    if (off || type == T_Q2_K) {  // the halves' sums in rows8's lane order
+      __m256i neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
+      __m256i neg_second = _mm256_sub_epi32(neg, neg_first);
+      n_lo = _mm256_permute2x128_si256(neg_first, neg_second, 0x20);
+      n_hi = _mm256_permute2x128_si256(neg_first, neg_second, 0x31);
+    }
+#pragma GCC unroll 4
+    for (int w = 0; w < W; w++) {
+      __m256i scale = _mm256_srai_epi32(HALF_PAIR(s[w].sc, j), 16);
+      __m256i mscale = mins ? _mm256_srai_epi32(HALF_PAIR(s[w].mn, j), 16) : _mm256_setzero_si256();
+      if (off) {
+        lo4[w] = _mm256_add_epi32(lo4[w], _mm256_slli_epi32(n_lo, offset_shift(off)));
+        hi4[w] = _mm256_add_epi32(hi4[w], _mm256_slli_epi32(n_hi, offset_shift(off)));
+      }
+      if (type == T_Q2_K) {
+        min_lo[w] = _mm256_add_epi32(min_lo[w], _mm256_mullo_epi32(n_lo, mscale));
+        min_hi[w] = _mm256_add_epi32(min_hi[w], _mm256_mullo_epi32(n_hi, mscale));
+      } else if (mins) {
+        min_lo[w] = _mm256_add_epi32(min_lo[w], _mm256_mullo_epi32(neg, mscale));
+      }
+      lo_sum[w] = _mm256_add_epi32(lo_sum[w], _mm256_mullo_epi32(lo4[w], scale));
+      hi_sum[w] = _mm256_add_epi32(hi_sum[w], _mm256_mullo_epi32(hi4[w], scale));
+    }
+  }
+  __m256 dx = _mm256_loadu_ps((const float *)(x0 + 320));
+#pragma GCC unroll 4
+  for (int w = 0; w < W; w++) {
+    __m256i I = _mm256_add_epi32(_mm256_permute2x128_si256(lo_sum[w], hi_sum[w], 0x20),
+                                 _mm256_permute2x128_si256(lo_sum[w], hi_sum[w], 0x31));
+    __m256i N = type != T_Q2_K ? min_lo[w]
+                               : _mm256_add_epi32(_mm256_permute2x128_si256(min_lo[w], min_hi[w], 0x20),
+                                                  _mm256_permute2x128_si256(min_lo[w], min_hi[w], 0x31));
+    p[w] = group_term_ps(mins, I, N, _mm256_set1_ps(s[w].d), _mm256_set1_ps(s[w].dmin), dx);
+  }
+}
+
+// WTILE weight rows (wrows: each row's first byte) in the super-block form against one block of 8
+// interleaved rows: out[8 w + r].
+INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, float *out) {
+  __m256 acc[WTILE][8];
+  for (int w = 0; w < WTILE; w++)
+    for (int e = 0; e < 8; e++) acc[w][e] = _mm256_setzero_ps();
+  size_t bb = block_bytes(type);
+  for (int b = 0; b < groups / 8; b++) {
+    const uint8_t *blk[WTILE];
+    __m256 p[WTILE];
+    for (int w = 0; w < WTILE; w++) blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
+    rows8_superblock_w(type, blk, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, WTILE, p);
+    for (int w = 0; w < WTILE; w++) acc[w][b % 8] = _mm256_add_ps(acc[w][b % 8], p[w]);
+  }
+  for (int w = 0; w < WTILE; w++) {  // tree8, lane by lane
+    __m256 *A = acc[w];
+    __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[1]), _mm256_add_ps(A[2], A[3])),
+                             _mm256_add_ps(_mm256_add_ps(A[4], A[5]), _mm256_add_ps(A[6], A[7])));
+    _mm256_storeu_ps(out + 8 * w, t);
+  }
+}
+
+#define ROWS8_W_CASE(T) \
+  case T: rows8_dot_w(T, wrows, g0, groups, xi, out); return 1;
+// rows8_dot_w for the super-block types; 0 for the others (the caller takes rows8_dot_any).
+static int rows8_dot_w_any(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, float *out) {
+  switch (type) {
+    ROWS8_W_CASE(T_Q4_K) ROWS8_W_CASE(T_Q5_K) ROWS8_W_CASE(T_Q6_K) ROWS8_W_CASE(T_Q2_K) ROWS8_W_CASE(T_Q3_K)
+    ROWS8_W_CASE(T_IQ4_XS)
+  }
+  return 0;
+}
+
 #define ROWS8_CASE(T)                                                     \
   case T:                                                                 \
     if (blocks == 2) rows8_dot(T, wrow, g0, groups, xi, block_stride, 2, span, out); \
@@ -1200,6 +1315,21 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         for (int i = i0; i < i1; i++) {
           int p = 0, row = i;
           while (row >= rows[p]) row -= rows[p++];
+          if (i + WTILE <= i1 && row + WTILE <= rows[p] && super_form(types[p], span, first_group[p], groups)) {
+            // WTILE weight rows of one part at once, block by block of 8 activation rows
+            const uint8_t *wrows[WTILE];
+            float outw[8 * WTILE];
+            for (int e = 0; e < WTILE; e++) wrows[e] = w[p] + (size_t)(row + e) * row_bytes[p];
+            for (int nb = 0; nb < blocks; nb++) {
+              rows8_dot_w_any(types[p], wrows, first_group[p], groups, xi + (size_t)(r0 / 8 + nb) * block_stride, outw);
+              for (int w = 0; w < WTILE; w++) {
+                float b = bias && bias[p] ? bias[p][row + w] : 0.f;
+                for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + w] = outw[8 * w + r] + b;
+              }
+            }
+            i += WTILE - 1;
+            continue;
+          }
           float out16[16], b = bias && bias[p] ? bias[p][row] : 0.f;
           rows8_dot_any(types[p], w[p] + (size_t)row * row_bytes[p], first_group[p], groups,
                         xi + (size_t)(r0 / 8) * block_stride, blocks, span, out16);
