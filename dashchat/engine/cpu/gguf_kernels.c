@@ -1147,14 +1147,77 @@ INLINE void rows8_superblock_w(int type, const uint8_t *const *blk, const int8_t
   }
 }
 
-// WTILE weight rows (wrows: each row's first byte) in the super-block form against one block of 8
-// interleaved rows: out[8 w + r].
-INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, float *out) {
+// The per-group form for WTILE weight rows against one block of 8 interleaved rows: rows8_unit's
+// integers and terms for each weight row (the same bits), each chunk of activations loaded once.
+INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, int n8, const int8_t *xi,
+                         __m256 (*acc)[8]) {
+  const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
+  const unsigned per_block = super_block(type) ? 8 : 1;
+  size_t bb = block_bytes(type);
+#pragma GCC unroll 8
+  for (int gi = 0; gi < 8; gi++) {
+    if (gi >= n8) continue;  // past the window: adds nothing
+    unsigned gg = (unsigned)(g0 + u0 + gi), j = gg % per_block;
+    const int8_t *x = xi + (size_t)(u0 + gi) * ROWS8_GROUP_BYTES;
+    gscale s[WTILE];
+    __m256i wv[WTILE], lo4[WTILE], hi4[WTILE];
+#pragma GCC unroll 4
+    for (int w = 0; w < WTILE; w++) {
+      const uint8_t *blk = wrows[w] + (size_t)(gg / per_block) * bb;
+      group_ints(type, blk, (int)j, &s[w]);
+      wv[w] = rows8_values(type, blk, (int)j);
+      lo4[w] = hi4[w] = _mm256_setzero_si256();
+    }
+#define W_CHUNK(c, imm)                                                            \
+  {                                                                                \
+    __m256i xa = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                 \
+    __m256i xb = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));           \
+    _Pragma("GCC unroll 4") for (int w = 0; w < WTILE; w++) {                      \
+      __m256i wc = _mm256_shuffle_epi32(wv[w], imm), x0c = xa, x1c = xb;           \
+      if (signed_values(type) && !HAVE_VNNI) {                                     \
+        x0c = _mm256_sign_epi8(x0c, wc), x1c = _mm256_sign_epi8(x1c, wc);          \
+        wc = _mm256_sign_epi8(wc, wc);                                             \
+      }                                                                            \
+      lo4[w] = dpbusd_acc(lo4[w], wc, x0c);                                        \
+      hi4[w] = dpbusd_acc(hi4[w], wc, x1c);                                        \
+    }                                                                              \
+  }
+    W_CHUNK(0, 0x00) W_CHUNK(1, 0x55) W_CHUNK(2, 0xAA) W_CHUNK(3, 0xFF)
+#undef W_CHUNK
+    __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256)), neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
+    __m256 dx = _mm256_loadu_ps((const float *)(x + 320));
+#pragma GCC unroll 4
+    for (int w = 0; w < WTILE; w++) {
+      // as rows8_halves and rows8_unit
+      __m256i first = _mm256_permute2x128_si256(lo4[w], hi4[w], 0x20), second = _mm256_permute2x128_si256(lo4[w], hi4[w], 0x31);
+      if (off) {
+        first = _mm256_add_epi32(first, _mm256_slli_epi32(neg_first, offset_shift(off)));
+        second = _mm256_add_epi32(second, _mm256_slli_epi32(_mm256_sub_epi32(neg, neg_first), offset_shift(off)));
+      }
+      __m256i I;
+      if (half_scales(type))
+        I = _mm256_add_epi32(_mm256_mullo_epi32(first, _mm256_set1_epi32(s[w].sc0)),
+                             _mm256_mullo_epi32(second, _mm256_set1_epi32(s[w].sc1)));
+      else if (super_block(type))
+        I = _mm256_mullo_epi32(_mm256_add_epi32(first, second), _mm256_set1_epi32(s[w].sc0));
+      else
+        I = _mm256_add_epi32(first, second);
+      __m256i N = mins ? rows8_mins(type, x, s[w].m0, s[w].m1) : _mm256_setzero_si256();
+      acc[w][gi] = _mm256_add_ps(acc[w][gi], group_term_ps(mins, I, N, _mm256_set1_ps(s[w].dw), _mm256_set1_ps(s[w].bw), dx));
+    }
+  }
+}
+
+// WTILE weight rows (wrows: each row's first byte) against one block of 8 interleaved rows: out[8 w + r].
+INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, int span,
+                        float *out) {
   __m256 acc[WTILE][8];
   for (int w = 0; w < WTILE; w++)
     for (int e = 0; e < 8; e++) acc[w][e] = _mm256_setzero_ps();
   size_t bb = block_bytes(type);
-  for (int b = 0; b < groups / 8; b++) {
+  if (!super_form(type, span, g0, groups)) {
+    for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, acc);
+  } else for (int b = 0; b < groups / 8; b++) {
     const uint8_t *blk[WTILE];
     __m256 p[WTILE];
     for (int w = 0; w < WTILE; w++) blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
@@ -1170,14 +1233,14 @@ INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int group
 }
 
 #define ROWS8_W_CASE(T) \
-  case T: rows8_dot_w(T, wrows, g0, groups, xi, out); return 1;
-// rows8_dot_w for the super-block types; 0 for the others (the caller takes rows8_dot_any).
-static int rows8_dot_w_any(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, float *out) {
+  case T: rows8_dot_w(T, wrows, g0, groups, xi, span, out); break;
+static void rows8_dot_w_any(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, int span,
+                            float *out) {
   switch (type) {
-    ROWS8_W_CASE(T_Q4_K) ROWS8_W_CASE(T_Q5_K) ROWS8_W_CASE(T_Q6_K) ROWS8_W_CASE(T_Q2_K) ROWS8_W_CASE(T_Q3_K)
-    ROWS8_W_CASE(T_IQ4_XS)
+    ROWS8_W_CASE(T_Q4_0) ROWS8_W_CASE(T_Q4_1) ROWS8_W_CASE(T_Q5_0) ROWS8_W_CASE(T_Q5_1)
+    ROWS8_W_CASE(T_Q8_0) ROWS8_W_CASE(T_Q4_K) ROWS8_W_CASE(T_Q5_K) ROWS8_W_CASE(T_Q6_K)
+    ROWS8_W_CASE(T_Q2_K) ROWS8_W_CASE(T_Q3_K) ROWS8_W_CASE(T_IQ4_NL) ROWS8_W_CASE(T_IQ4_XS)
   }
-  return 0;
 }
 
 #define ROWS8_CASE(T)                                                     \
@@ -1315,13 +1378,13 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         for (int i = i0; i < i1; i++) {
           int p = 0, row = i;
           while (row >= rows[p]) row -= rows[p++];
-          if (i + WTILE <= i1 && row + WTILE <= rows[p] && super_form(types[p], span, first_group[p], groups)) {
+          if (i + WTILE <= i1 && row + WTILE <= rows[p]) {
             // WTILE weight rows of one part at once, block by block of 8 activation rows
             const uint8_t *wrows[WTILE];
             float outw[8 * WTILE];
             for (int e = 0; e < WTILE; e++) wrows[e] = w[p] + (size_t)(row + e) * row_bytes[p];
             for (int nb = 0; nb < blocks; nb++) {
-              rows8_dot_w_any(types[p], wrows, first_group[p], groups, xi + (size_t)(r0 / 8 + nb) * block_stride, outw);
+              rows8_dot_w_any(types[p], wrows, first_group[p], groups, xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
               for (int w = 0; w < WTILE; w++) {
                 float b = bias && bias[p] ? bias[p][row + w] : 0.f;
                 for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + w] = outw[8 * w + r] + b;
