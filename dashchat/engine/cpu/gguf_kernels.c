@@ -889,35 +889,6 @@ static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
 // into saturating int16 (255 * 127 * 2 would overflow): the signs move onto x instead (|w| <= 128).
 #define ROWS8_BIAS (HAVE_VNNI ? 128 : 0)
 
-// Group values wv (as rows8_values left them) against one block of 8 interleaved rows: the exact
-// integer products of each half, lanes = rows (first: first halves, second: second halves), with
-// the types' offsets (and the signed types' bias) taken off.
-INLINE void rows8_halves(int type, __m256i wv, const int8_t *x, __m256i *first, __m256i *second) {
-  __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();  // rows 0-3, rows 4-7
-#define ROWS8_CHUNK(c, imm)                                                          \
-  {                                                                                  \
-    __m256i wc = _mm256_shuffle_epi32(wv, imm);                                      \
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                    \
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));              \
-    if (signed_values(type) && !HAVE_VNNI) {                                         \
-      x0 = _mm256_sign_epi8(x0, wc), x1 = _mm256_sign_epi8(x1, wc);                  \
-      wc = _mm256_sign_epi8(wc, wc);                                                 \
-    }                                                                                \
-    lo4 = dpbusd_acc(lo4, wc, x0);                                                   \
-    hi4 = dpbusd_acc(hi4, wc, x1);                                                   \
-  }
-  ROWS8_CHUNK(0, 0x00) ROWS8_CHUNK(1, 0x55) ROWS8_CHUNK(2, 0xAA) ROWS8_CHUNK(3, 0xFF)
-#undef ROWS8_CHUNK
-  // lanes: lo4 = rows 0-3 (first half) | rows 0-3 (second half), hi4 likewise rows 4-7
-  *first = _mm256_permute2x128_si256(lo4, hi4, 0x20), *second = _mm256_permute2x128_si256(lo4, hi4, 0x31);
-  const int off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
-  if (off) {  // - off * S_h = + off * (the negated sums stored)
-    __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256)), neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
-    *first = _mm256_add_epi32(*first, _mm256_slli_epi32(neg_first, offset_shift(off)));
-    *second = _mm256_add_epi32(*second, _mm256_slli_epi32(_mm256_sub_epi32(neg, neg_first), offset_shift(off)));
-  }
-}
-
 INLINE __m256i rows8_values(int type, const uint8_t *blk, int j) {
   __m256i wv = group_values_avx2(type, blk, j);
   if (signed_values(type) && HAVE_VNNI) wv = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
@@ -934,147 +905,21 @@ INLINE __m256i rows8_mins(int type, const int8_t *x, int m0, int m1) {
                           _mm256_mullo_epi32(_mm256_sub_epi32(neg, neg_first), _mm256_set1_epi32(m1)));
 }
 
-// Per-group form against NB blocks of 8 interleaved rows: group u0 + gi's terms (lane r = row r) into
-// acc[nb][gi], groups [u0, u0 + n8) of the window.
-INLINE void rows8_unit(int type, const uint8_t *wrow, int g0, int u0, int n8, const int8_t *xi, size_t block_stride,
-                       const int NB, __m256 (*acc)[8]) {
-  const int mins = has_mins(type);
-  const unsigned per_block = super_block(type) ? 8 : 1;
-  size_t bb = block_bytes(type);
-#pragma GCC unroll 8
-  for (int gi = 0; gi < 8; gi++) {
-    __m256 p[2];
-    if (gi < n8) {
-      unsigned gg = (unsigned)(g0 + u0 + gi), j = gg % per_block;
-      const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
-      gscale s;
-      group_ints(type, blk, (int)j, &s);
-      __m256i wv = rows8_values(type, blk, (int)j);
-#pragma GCC unroll 2
-      for (int nb = 0; nb < NB; nb++) {
-        const int8_t *x = xi + nb * block_stride + (size_t)(u0 + gi) * ROWS8_GROUP_BYTES;
-        __m256i first, second, I;
-        rows8_halves(type, wv, x, &first, &second);
-        if (half_scales(type))
-          I = _mm256_add_epi32(_mm256_mullo_epi32(first, _mm256_set1_epi32(s.sc0)),
-                               _mm256_mullo_epi32(second, _mm256_set1_epi32(s.sc1)));
-        else if (super_block(type))
-          I = _mm256_mullo_epi32(_mm256_add_epi32(first, second), _mm256_set1_epi32(s.sc0));
-        else
-          I = _mm256_add_epi32(first, second);
-        __m256i N = mins ? rows8_mins(type, x, s.m0, s.m1) : _mm256_setzero_si256();
-        p[nb] = group_term_ps(mins, I, N, _mm256_set1_ps(s.dw), _mm256_set1_ps(s.bw), _mm256_loadu_ps((const float *)(x + 320)));
-      }
-    } else {
-      continue;  // (past the window: adds nothing)
-    }
-    for (int nb = 0; nb < NB; nb++) acc[nb][gi] = _mm256_add_ps(acc[nb][gi], p[nb]);
-  }
-}
-
-// Super-block form against NB blocks of 8 interleaved rows: the super-block's integers summed per
-// row (lanes as rows8_halves' lo4/hi4 until the end), then one term.
-INLINE void rows8_superblock(int type, const uint8_t *blk, const int8_t *xi, size_t block_stride, const int NB,
-                             __m256 *p) {
-  const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
-  sbscale s;
-  super_ints(type, blk, &s);
-  // lo/hi: rows 0-3 / 4-7 (first half | second half); min_lo/min_hi likewise (Q2_K: a minimum per
-  // half), or min_lo rows 0-7 (one minimum a group)
-  __m256i lo_sum[2], hi_sum[2], min_lo[2], min_hi[2];
-  for (int nb = 0; nb < NB; nb++) lo_sum[nb] = hi_sum[nb] = min_lo[nb] = min_hi[nb] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-  for (int j = 0; j < 8; j++) {
-    __m256i wv = rows8_values(type, blk, j);
-    // the group's scales as int32: first half in lanes 0-3, second in 4-7 (each int16 of HALF_PAIR twice)
-    __m256i scale = _mm256_srai_epi32(HALF_PAIR(s.sc, j), 16);
-    __m256i mscale = mins ? _mm256_srai_epi32(HALF_PAIR(s.mn, j), 16) : _mm256_setzero_si256();
-#pragma GCC unroll 2
-    for (int nb = 0; nb < NB; nb++) {
-      const int8_t *x = xi + nb * block_stride + (size_t)j * ROWS8_GROUP_BYTES;
-      __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();
-#define SB_CHUNK(c, imm)                                                          \
-  {                                                                               \
-    __m256i wc = _mm256_shuffle_epi32(wv, imm);                                   \
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                 \
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));           \
-    if (signed_values(type) && !HAVE_VNNI) {                                      \
-      x0 = _mm256_sign_epi8(x0, wc), x1 = _mm256_sign_epi8(x1, wc);               \
-      wc = _mm256_sign_epi8(wc, wc);                                              \
-    }                                                                             \
-    lo4 = dpbusd_acc(lo4, wc, x0);                                                \
-    hi4 = dpbusd_acc(hi4, wc, x1);                                                \
-  }
-      SB_CHUNK(0, 0x00) SB_CHUNK(1, 0x55) SB_CHUNK(2, 0xAA) SB_CHUNK(3, 0xFF)
-#undef SB_CHUNK
-      __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
-      if (off || type == T_Q2_K) {  // the halves' sums in rows8's lane order
-        __m256i neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
-        __m256i neg_second = _mm256_sub_epi32(neg, neg_first);
-        __m256i n_lo = _mm256_permute2x128_si256(neg_first, neg_second, 0x20);
-        __m256i n_hi = _mm256_permute2x128_si256(neg_first, neg_second, 0x31);
-        if (off) {  // - off * S_h
-          lo4 = _mm256_add_epi32(lo4, _mm256_slli_epi32(n_lo, offset_shift(off)));
-          hi4 = _mm256_add_epi32(hi4, _mm256_slli_epi32(n_hi, offset_shift(off)));
-        }
-        if (type == T_Q2_K) {
-          min_lo[nb] = _mm256_add_epi32(min_lo[nb], _mm256_mullo_epi32(n_lo, mscale));
-          min_hi[nb] = _mm256_add_epi32(min_hi[nb], _mm256_mullo_epi32(n_hi, mscale));
-        }
-      }
-      if (mins && type != T_Q2_K) min_lo[nb] = _mm256_add_epi32(min_lo[nb], _mm256_mullo_epi32(neg, mscale));
-      lo_sum[nb] = _mm256_add_epi32(lo_sum[nb], _mm256_mullo_epi32(lo4, scale));
-      hi_sum[nb] = _mm256_add_epi32(hi_sum[nb], _mm256_mullo_epi32(hi4, scale));
-    }
-  }
-  for (int nb = 0; nb < NB; nb++) {
-    __m256 dx = _mm256_loadu_ps((const float *)(xi + nb * block_stride + 320));  // the 8 rows' scale of this super-block
-    __m256i I = _mm256_add_epi32(_mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x20),
-                                 _mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x31));
-    __m256i N = type != T_Q2_K ? min_lo[nb]
-                               : _mm256_add_epi32(_mm256_permute2x128_si256(min_lo[nb], min_hi[nb], 0x20),
-                                                  _mm256_permute2x128_si256(min_lo[nb], min_hi[nb], 0x31));
-    p[nb] = group_term_ps(mins, I, N, _mm256_set1_ps(s.d), _mm256_set1_ps(s.dmin), dx);
-  }
-}
-
-// One weight row against NB blocks of 8 activation rows interleaved by interleave8 (xi: the first
-// block, the next one block_stride bytes on): out[8 nb + r].
-INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, size_t block_stride,
-                      const int NB, int span, float *out) {
-  __m256 acc[2][8];  // the 8 accumulators A[e] of each row, lane = row
-  for (int nb = 0; nb < NB; nb++)
-    for (int e = 0; e < 8; e++) acc[nb][e] = _mm256_setzero_ps();
-  if (super_form(type, span, g0, groups)) {
-    size_t bb = block_bytes(type);
-    for (int b = 0; b < groups / 8; b++) {
-      __m256 p[2];
-      rows8_superblock(type, wrow + (size_t)(g0 / 8 + b) * bb, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, block_stride,
-                       NB, p);
-      for (int nb = 0; nb < NB; nb++) acc[nb][b % 8] = _mm256_add_ps(acc[nb][b % 8], p[nb]);
-    }
-  } else {
-    for (int u0 = 0; u0 < groups; u0 += 8)
-      rows8_unit(type, wrow, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, block_stride, NB, acc);
-  }
-  for (int nb = 0; nb < NB; nb++) {  // tree8, lane by lane
-    __m256 *A = acc[nb];
-    __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[1]), _mm256_add_ps(A[2], A[3])),
-                             _mm256_add_ps(_mm256_add_ps(A[4], A[5]), _mm256_add_ps(A[6], A[7])));
-    _mm256_storeu_ps(out + 8 * nb, t);
-  }
-}
-
-// Register blocking for prefill: W weight rows against one block of 8 interleaved rows, each chunk of
-// activations loaded once for all W (from L1 or L2: a block of 8 rows is 352 bytes a group, the x
-// traffic of rows8_superblock per multiply-add W times lower). Each (weight row, activation row) gets
-// exactly rows8_superblock's integers and term, so the same bits.
+// Blocks of 8 interleaved rows, register-blocked: W weight rows (WTILE, or 1 for the rows left over)
+// against one block of 8 activation rows, each 32-byte chunk of activations loaded once for all W
+// (a block is 352 bytes a group, from L1 or L2: its traffic per multiply-add is W times lower than
+// one weight row at a time). For each group one in-lane shuffle of a weight row's values serves two
+// chunks of 4 values (c in the low 128 bits, c + 4 in the high ones) and one integer multiply-add meets
+// them with 4 rows each (lane r = row r). Whatever W, each (weight row, activation row) gets the same
+// integers and terms, so the same bits as every other path.
 #if defined(__AVX512VL__)
 #define WTILE 4  // 32 vector registers: 4 rows' 5 accumulators and unpacked values
 #else
 #define WTILE 2
 #endif
 
+// The super-block form: one super-block of W weight rows (blk) against the block's 8 rows, its
+// integers summed per row (lanes as lo4/hi4 until the end), then one term each: p[w].
 INLINE void rows8_superblock_w(int type, const uint8_t *const *blk, const int8_t *x0, const int W, __m256 *p) {
   const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
   sbscale s[WTILE];
@@ -1147,10 +992,10 @@ INLINE void rows8_superblock_w(int type, const uint8_t *const *blk, const int8_t
   }
 }
 
-// The per-group form for WTILE weight rows against one block of 8 interleaved rows: rows8_unit's
-// integers and terms for each weight row (the same bits), each chunk of activations loaded once.
+// The per-group form for W weight rows against one block of 8 interleaved rows: groups [u0, u0 + n8)
+// of the window, group u0 + gi's terms into acc[w][gi].
 INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, int n8, const int8_t *xi,
-                         __m256 (*acc)[8]) {
+                         const int W, __m256 (*acc)[8]) {
   const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
   const unsigned per_block = super_block(type) ? 8 : 1;
   size_t bb = block_bytes(type);
@@ -1162,7 +1007,7 @@ INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, 
     gscale s[WTILE];
     __m256i wv[WTILE], lo4[WTILE], hi4[WTILE];
 #pragma GCC unroll 4
-    for (int w = 0; w < WTILE; w++) {
+    for (int w = 0; w < W; w++) {
       const uint8_t *blk = wrows[w] + (size_t)(gg / per_block) * bb;
       group_ints(type, blk, (int)j, &s[w]);
       wv[w] = rows8_values(type, blk, (int)j);
@@ -1172,7 +1017,7 @@ INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, 
   {                                                                                \
     __m256i xa = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                 \
     __m256i xb = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));           \
-    _Pragma("GCC unroll 4") for (int w = 0; w < WTILE; w++) {                      \
+    _Pragma("GCC unroll 4") for (int w = 0; w < W; w++) {                      \
       __m256i wc = _mm256_shuffle_epi32(wv[w], imm), x0c = xa, x1c = xb;           \
       if (signed_values(type) && !HAVE_VNNI) {                                     \
         x0c = _mm256_sign_epi8(x0c, wc), x1c = _mm256_sign_epi8(x1c, wc);          \
@@ -1187,8 +1032,9 @@ INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, 
     __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256)), neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
     __m256 dx = _mm256_loadu_ps((const float *)(x + 320));
 #pragma GCC unroll 4
-    for (int w = 0; w < WTILE; w++) {
-      // as rows8_halves and rows8_unit
+    for (int w = 0; w < W; w++) {
+      // lanes: lo4 = rows 0-3 (first half) | rows 0-3 (second half), hi4 likewise rows 4-7; the types'
+      // offsets (and the signed types' bias) come off the halves: - off * S_h = + off * the negated sums
       __m256i first = _mm256_permute2x128_si256(lo4[w], hi4[w], 0x20), second = _mm256_permute2x128_si256(lo4[w], hi4[w], 0x31);
       if (off) {
         first = _mm256_add_epi32(first, _mm256_slli_epi32(neg_first, offset_shift(off)));
@@ -1208,23 +1054,24 @@ INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, 
   }
 }
 
-// WTILE weight rows (wrows: each row's first byte) against one block of 8 interleaved rows: out[8 w + r].
+// W weight rows (wrows: each row's first byte; W = WTILE or 1) against one block of 8 interleaved
+// rows: out[8 w + r].
 INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, int span,
-                        float *out) {
+                        const int W, float *out) {
   __m256 acc[WTILE][8];
-  for (int w = 0; w < WTILE; w++)
+  for (int w = 0; w < W; w++)
     for (int e = 0; e < 8; e++) acc[w][e] = _mm256_setzero_ps();
   size_t bb = block_bytes(type);
   if (!super_form(type, span, g0, groups)) {
-    for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, acc);
+    for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, W, acc);
   } else for (int b = 0; b < groups / 8; b++) {
     const uint8_t *blk[WTILE];
     __m256 p[WTILE];
-    for (int w = 0; w < WTILE; w++) blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
-    rows8_superblock_w(type, blk, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, WTILE, p);
-    for (int w = 0; w < WTILE; w++) acc[w][b % 8] = _mm256_add_ps(acc[w][b % 8], p[w]);
+    for (int w = 0; w < W; w++) blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
+    rows8_superblock_w(type, blk, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, W, p);
+    for (int w = 0; w < W; w++) acc[w][b % 8] = _mm256_add_ps(acc[w][b % 8], p[w]);
   }
-  for (int w = 0; w < WTILE; w++) {  // tree8, lane by lane
+  for (int w = 0; w < W; w++) {  // tree8, lane by lane
     __m256 *A = acc[w];
     __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[1]), _mm256_add_ps(A[2], A[3])),
                              _mm256_add_ps(_mm256_add_ps(A[4], A[5]), _mm256_add_ps(A[6], A[7])));
@@ -1232,10 +1079,13 @@ INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int group
   }
 }
 
-#define ROWS8_W_CASE(T) \
-  case T: rows8_dot_w(T, wrows, g0, groups, xi, span, out); break;
-static void rows8_dot_w_any(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, int span,
-                            float *out) {
+#define ROWS8_W_CASE(T)                                                       \
+  case T:                                                                     \
+    if (w == WTILE) rows8_dot_w(T, wrows, g0, groups, xi, span, WTILE, out);   \
+    else rows8_dot_w(T, wrows, g0, groups, xi, span, 1, out);                  \
+    break;
+static void rows8_dot_w_any(int type, const uint8_t *const *wrows, int w, int g0, int groups, const int8_t *xi,
+                            int span, float *out) {
   switch (type) {
     ROWS8_W_CASE(T_Q4_0) ROWS8_W_CASE(T_Q4_1) ROWS8_W_CASE(T_Q5_0) ROWS8_W_CASE(T_Q5_1)
     ROWS8_W_CASE(T_Q8_0) ROWS8_W_CASE(T_Q4_K) ROWS8_W_CASE(T_Q5_K) ROWS8_W_CASE(T_Q6_K)
@@ -1243,24 +1093,7 @@ static void rows8_dot_w_any(int type, const uint8_t *const *wrows, int g0, int g
   }
 }
 
-#define ROWS8_CASE(T)                                                     \
-  case T:                                                                 \
-    if (blocks == 2) rows8_dot(T, wrow, g0, groups, xi, block_stride, 2, span, out); \
-    else rows8_dot(T, wrow, g0, groups, xi, block_stride, 1, span, out);         \
-    break;
-// blocks: 1 or 2 blocks of 8 rows (16 rows share each unpacked weight group); span: the activations'
-// scale span (dc_gguf_quantize_x)
-static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, int blocks,
-                          int span, float *out) {
-  size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
-  switch (type) {
-    ROWS8_CASE(T_Q4_0) ROWS8_CASE(T_Q4_1) ROWS8_CASE(T_Q5_0) ROWS8_CASE(T_Q5_1)
-    ROWS8_CASE(T_Q8_0) ROWS8_CASE(T_Q4_K) ROWS8_CASE(T_Q5_K) ROWS8_CASE(T_Q6_K)
-    ROWS8_CASE(T_Q2_K) ROWS8_CASE(T_Q3_K) ROWS8_CASE(T_IQ4_NL) ROWS8_CASE(T_IQ4_XS)
-  }
-}
-
-// xq's rows in blocks of 8 (the last one padded with zero rows), laid out for rows8_halves: a group's
+// xq's rows in blocks of 8 (the last one padded with zero rows), laid out for the tiles above: a group's
 // 32 bytes at quad q (rows 4q..4q+3) and chunk c (0-3) hold, in the low 16 bytes, those rows' values
 // 4c..4c+3 and, in the high 16, their values 16+4c..16+4c+3 (4 bytes a row, rows in order); then the
 // 8 rows' negated sums of the group's values and of its first 16 values (int32), and their scales.
@@ -1375,28 +1208,22 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       int i1 = n - i0 < ROWS8_WEIGHTS ? n : i0 + ROWS8_WEIGHTS;
       for (int r0 = 0; r0 < m; r0 += 16) {
         int left = m - r0, blocks = left > 8 ? 2 : 1, rows_here = left < 8 * blocks ? left : 8 * blocks;
-        for (int i = i0; i < i1; i++) {
+        for (int i = i0; i < i1;) {
           int p = 0, row = i;
           while (row >= rows[p]) row -= rows[p++];
-          if (i + WTILE <= i1 && row + WTILE <= rows[p]) {
-            // WTILE weight rows of one part at once, block by block of 8 activation rows
-            const uint8_t *wrows[WTILE];
-            float outw[8 * WTILE];
-            for (int e = 0; e < WTILE; e++) wrows[e] = w[p] + (size_t)(row + e) * row_bytes[p];
-            for (int nb = 0; nb < blocks; nb++) {
-              rows8_dot_w_any(types[p], wrows, first_group[p], groups, xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
-              for (int w = 0; w < WTILE; w++) {
-                float b = bias && bias[p] ? bias[p][row + w] : 0.f;
-                for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + w] = outw[8 * w + r] + b;
-              }
+          // WTILE weight rows of one part at once where there are that many, else one
+          int wn = i + WTILE <= i1 && row + WTILE <= rows[p] ? WTILE : 1;
+          const uint8_t *wrows[WTILE];
+          float outw[8 * WTILE];
+          for (int e = 0; e < wn; e++) wrows[e] = w[p] + (size_t)(row + e) * row_bytes[p];
+          for (int nb = 0; nb < blocks; nb++) {
+            rows8_dot_w_any(types[p], wrows, wn, first_group[p], groups, xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
+            for (int e = 0; e < wn; e++) {
+              float b = bias && bias[p] ? bias[p][row + e] : 0.f;
+              for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + e] = outw[8 * e + r] + b;
             }
-            i += WTILE - 1;
-            continue;
           }
-          float out16[16], b = bias && bias[p] ? bias[p][row] : 0.f;
-          rows8_dot_any(types[p], w[p] + (size_t)row * row_bytes[p], first_group[p], groups,
-                        xi + (size_t)(r0 / 8) * block_stride, blocks, span, out16);
-          for (int r = 0; r < rows_here; r++) y[(size_t)(r0 + r) * ldy + i] = out16[r] + b;
+          i += wn;
         }
       }
     }
