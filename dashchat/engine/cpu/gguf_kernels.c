@@ -1061,13 +1061,17 @@ INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int group
   __m256 acc[WTILE][8];
   for (int w = 0; w < W; w++)
     for (int e = 0; e < 8; e++) acc[w][e] = _mm256_setzero_ps();
-  size_t bb = block_bytes(type);
+  size_t bb = block_bytes(type), row_stride = W > 1 ? (size_t)(wrows[1] - wrows[0]) : 0;
   if (!super_form(type, span, g0, groups)) {
     for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, W, acc);
   } else for (int b = 0; b < groups / 8; b++) {
     const uint8_t *blk[WTILE];
     __m256 p[WTILE];
-    for (int w = 0; w < W; w++) blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
+    for (int w = 0; w < W; w++) {
+      blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
+      // the next W rows' block (the next tile's): W short streams train the prefetcher late
+      for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk[w] + row_stride * W + o), _MM_HINT_T0);
+    }
     rows8_superblock_w(type, blk, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, W, p);
     for (int w = 0; w < W; w++) acc[w][b % 8] = _mm256_add_ps(acc[w][b % 8], p[w]);
   }
