@@ -65,7 +65,8 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     @torch.inference_mode()
     def embed_images(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """Run the tower once over several images: each image's embeddings [tokens, hidden]."""
-        patches = torch.cat(pixel_values).to(self.visual.patch_embed.proj.weight.device)
+        like = self.embed_tokens.weight  # the linears may be packed (no .weight): take the model's place
+        patches = torch.cat(pixel_values).to(like.device, like.dtype)
         return self.visual(patches, grids)
 
     def checkpoint_name(self, name: str) -> str:
@@ -115,3 +116,25 @@ def mrope_positions(prompt_len: int, images: Sequence[Any], merge: int) -> tuple
         index = img.offset + img.length
     out[:, index:] = torch.arange(pos, pos + prompt_len - index)
     return out, pos + prompt_len - index - prompt_len
+
+
+def image_problem(cfg: ModelConfig, prompt: Sequence[int], images: Sequence[Any]) -> str | None:
+    """Why a prompt's images cannot be served by this model (None: they can): a model without a
+    vision tower, or images whose placeholder runs, grids or patches do not agree."""
+    if cfg.family != "qwen2_vl":
+        return f"the model ({cfg.architecture}) does not take images"
+    vis = vision_config(cfg)
+    pad = cfg.raw.get("image_token_id", 151655)
+    end = 0
+    for img in images:
+        t, h, w = img.grid
+        if img.offset < end or img.offset + img.length > len(prompt):
+            return "image spans overlap or leave the prompt"
+        if h % vis.merge_size or w % vis.merge_size or t * h * w // vis.merge_size**2 != img.length:
+            return f"an image of grid {img.grid} cannot fill {img.length} tokens"
+        if tuple(img.pixel_values.shape) != (t * h * w, vis.patch_dim):
+            return f"an image's patches have shape {tuple(img.pixel_values.shape)}, not {(t * h * w, vis.patch_dim)}"
+        if any(tok != pad for tok in prompt[img.offset : img.offset + img.length]):
+            return "an image's span is not all image placeholder tokens"
+        end = img.offset + img.length
+    return None

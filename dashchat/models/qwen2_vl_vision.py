@@ -195,11 +195,11 @@ class VisionTower(nn.Module):
         return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, spatial, 2, dtype=torch.float, device=dev) / spatial))
 
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """patches [sum of t * h * w, patch_dim] of several images, grids (t, h, w) in patches ->
+        """patches [sum of t * h * w, patch_dim] of several images (in the tower's dtype), grids (t, h, w) in patches ->
         each image's embeddings [t * h * w / merge^2, out_hidden]."""
         cfg, dev = self.cfg, patches.device
         unit = cfg.merge_size**2
-        x = self.patch_embed(patches.to(self.patch_embed.proj.weight.dtype))
+        x = self.patch_embed(patches)
         cos, sin = self._rope(grids, dev)
         image_bounds = _bounds([t * h * w for t, h, w in grids], dev)
         order = None
