@@ -46,6 +46,9 @@ class ServedModel:
         self.reasoning = choose_format(cfg.reasoning_parser, self.chat_template)
         if self.reasoning is not None:
             log.info("reasoning parser: %s", self.reasoning.name)
+        from dashchat.server.media.images import vision_support
+
+        self.vision = vision_support(engine, cfg)  # None: the model takes no images
         self._grammar: Any = None
         self._grammar_error: str | None = None
         self._grammar_lock = threading.Lock()
