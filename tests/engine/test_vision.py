@@ -12,7 +12,9 @@ import torch
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.native.llm_engine import AsyncLLMEngine
 from dashchat.engine.types import ImageInput, SamplingParams, UnsupportedFeature
+from dashchat.models.config import ModelConfig
 from dashchat.models.image_processing import ImageProcessorConfig, open_image, preprocess
+from dashchat.models.qwen2_vl import image_problem
 from engine_helpers import collect
 from tiny_qwen2_vl import FAMILIES, IMAGE_PAD, VISION_END, VISION_START, png, save_tiny_vl
 
@@ -136,20 +138,20 @@ def test_images_refused_where_they_cannot_go(vl, smollm2_dir):
     _, engine = vl
     prompt, images = build_prompt(engine, ["see", png(56, 56, seed=7)])
 
-    async def refused(eng, ids, imgs):
+    async def refused(ids, imgs):
         with pytest.raises(UnsupportedFeature) as err:
-            await collect(eng, ids, SamplingParams(max_tokens=2, images=imgs))
+            await collect(engine, ids, SamplingParams(max_tokens=2, images=imgs))
         return str(err.value)
 
     # the placeholder run shortened: the image no longer fits its span
-    assert "cannot fill" in asyncio.run(refused(engine, prompt[:-3] + prompt[-2:], [
-        ImageInput(images[0].pixel_values, images[0].grid, images[0].offset, images[0].length - 1,
-                   images[0].digest)]))
-    text_engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=smollm2_dir, max_model_len=128))
-    try:
-        assert "does not take images" in asyncio.run(refused(text_engine, [1, 2, 3], images))
-    finally:
-        text_engine.shutdown()
+    img = images[0]
+    short = ImageInput(img.pixel_values, img.grid, img.offset, img.length - 1, img.digest)
+    assert "cannot fill" in asyncio.run(refused(prompt[:-3] + prompt[-2:], [short]))
+    # placeholders where the prompt has text
+    shifted = ImageInput(img.pixel_values, img.grid, img.offset - 1, img.length, img.digest)
+    assert "placeholder" in asyncio.run(refused(prompt, [shifted]))
+    # a text-only model's engine refuses any image (what the native engine checks at admission)
+    assert "does not take images" in image_problem(ModelConfig.from_dir(smollm2_dir), prompt, images)
 
 
 def test_preprocessing_matches_transformers_pil_processor():
@@ -168,3 +170,29 @@ def test_preprocessing_matches_transformers_pil_processor():
                                                                  return_tensors="np")
         assert list(mine.grid) == ref["image_grid_thw"][0].tolist()
         np.testing.assert_allclose(mine.pixel_values, ref["pixel_values"], atol=1e-6)
+
+
+def test_preemption_recomputes_images(tmp_path):
+    """A KV cache too small for four image requests at once: the newest are preempted and
+    recomputed (the tower runs again for an image whose embeddings were dropped), with the
+    same tokens as transformers."""
+    ref = save_tiny_vl("qwen2.5-vl", tmp_path)
+    engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(tmp_path), max_model_len=192, block_size=16,
+                                                 max_num_seqs=4, max_num_batched_tokens=64,
+                                                 kv_cache_memory_gb=12 * 16 * 512 / 2**30))  # 12 blocks
+    try:
+        prompts = [build_prompt(engine, [" ".join(map(str, range(20 + 5 * i))), png(140, 112, seed=20 + i),
+                                         " tell me more"]) for i in range(4)]
+
+        async def run_all():
+            return await asyncio.gather(*(collect(engine, ids, SamplingParams(
+                max_tokens=16, temperature=0.0, ignore_eos=True, images=images)) for ids, images in prompts))
+
+        outs = asyncio.run(run_all())
+        assert engine.stats().num_preemptions > 0
+        for (ids, images), out in zip(prompts, outs):
+            tokens = out[0].token_ids
+            expected = reference_logprobs(ref, ids + tokens, images)
+            assert tokens == expected[len(ids) - 1 : -1].argmax(-1).tolist()
+    finally:
+        engine.shutdown()
