@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dashchat.engine.types import ImageInput
+from dashchat.models.image_processing import ImageProcessorConfig, open_image, preprocess
 from dashchat.models.resolve import resolve_model
 
 VISION_START, VISION_END, IMAGE_PAD = 151652, 151653, 151655
@@ -49,3 +51,33 @@ def png(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, "PNG")
     return buf.getvalue()
+
+
+# small images: 56 x 84 pixels -> 4 x 6 patches -> 6 tokens; the max keeps tokens few
+PROC = ImageProcessorConfig(min_pixels=28 * 28, max_pixels=28 * 28 * 20)
+
+
+def build_prompt(engine, parts: list) -> tuple[list[int], list[ImageInput]]:
+    """Text pieces and PNG images -> token ids with each image's placeholder run, and the images."""
+    ids: list[int] = []
+    images: list[ImageInput] = []
+    for part in parts:
+        if isinstance(part, str):
+            ids += engine.tokenizer.encode(part)
+            continue
+        img = preprocess(open_image(part, 10**8), PROC)
+        n = img.num_tokens(PROC.merge_size)
+        ids.append(VISION_START)
+        images.append(ImageInput(torch.from_numpy(img.pixel_values), img.grid, len(ids), n, img.digest))
+        ids += [IMAGE_PAD] * n + [VISION_END]
+    return ids, images
+
+
+def reference_logprobs(ref, ids: list[int], images: list[ImageInput]) -> torch.Tensor:
+    kwargs = {}
+    if images:
+        kwargs = dict(pixel_values=torch.cat([i.pixel_values for i in images]),
+                      image_grid_thw=torch.tensor([i.grid for i in images]),
+                      mm_token_type_ids=torch.tensor([[int(t == IMAGE_PAD) for t in ids]]))
+    with torch.inference_mode():
+        return torch.log_softmax(ref(input_ids=torch.tensor([ids]), **kwargs).logits[0].float(), dim=-1)

@@ -16,13 +16,9 @@ from dashchat.models.config import ModelConfig
 from dashchat.models.image_processing import ImageProcessorConfig, open_image, preprocess
 from dashchat.models.qwen2_vl import image_problem
 from engine_helpers import collect
-from tiny_qwen2_vl import FAMILIES, IMAGE_PAD, VISION_END, VISION_START, png, save_tiny_vl
+from tiny_qwen2_vl import FAMILIES, build_prompt, png, reference_logprobs, save_tiny_vl
 
 transformers = pytest.importorskip("transformers")
-
-# small images: 56 x 84 pixels -> 4 x 6 patches -> 6 tokens; the max keeps tokens few
-PROC = ImageProcessorConfig(min_pixels=28 * 28, max_pixels=28 * 28 * 20)
-
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def vl(request, tmp_path_factory):
@@ -33,32 +29,6 @@ def vl(request, tmp_path_factory):
                                                  max_num_seqs=4, max_num_batched_tokens=20))
     yield ref, engine
     engine.shutdown()
-
-
-def build_prompt(engine, parts: list) -> tuple[list[int], list[ImageInput]]:
-    """Text pieces and PNG images -> token ids with each image's placeholder run, and the images."""
-    ids: list[int] = []
-    images: list[ImageInput] = []
-    for part in parts:
-        if isinstance(part, str):
-            ids += engine.tokenizer.encode(part)
-            continue
-        img = preprocess(open_image(part, 10**8), PROC)
-        n = img.num_tokens(PROC.merge_size)
-        ids.append(VISION_START)
-        images.append(ImageInput(torch.from_numpy(img.pixel_values), img.grid, len(ids), n, img.digest))
-        ids += [IMAGE_PAD] * n + [VISION_END]
-    return ids, images
-
-
-def reference_logprobs(ref, ids: list[int], images: list[ImageInput]) -> torch.Tensor:
-    kwargs = {}
-    if images:
-        kwargs = dict(pixel_values=torch.cat([i.pixel_values for i in images]),
-                      image_grid_thw=torch.tensor([i.grid for i in images]),
-                      mm_token_type_ids=torch.tensor([[int(t == IMAGE_PAD) for t in ids]]))
-    with torch.inference_mode():
-        return torch.log_softmax(ref(input_ids=torch.tensor([ids]), **kwargs).logits[0].float(), dim=-1)
 
 
 def check_against_transformers(ref, engine, parts, new_tokens: int = 4, salt: str | None = None) -> int:
