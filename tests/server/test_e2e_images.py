@@ -33,7 +33,8 @@ def vl_server(vl_model):
     path, _ = vl_model
     yield from running("--model-path", str(path), "--device", "cpu", "--kv-cache-memory", "0.1",
                        "--max-model-len", "1024", "--served-model-name", "tiny-vl",
-                       "--limit-mm-per-prompt", '{"image": 2}', "--mm-max-pixels", str(MAX_PIXELS))
+                       "--limit-mm-per-prompt", '{"image": 2}', "--mm-max-pixels", str(MAX_PIXELS),
+                       "--max-image-bytes", "100000")
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +73,10 @@ def test_answer_equals_transformers_and_usage_counts_image_tokens(client, vl_ser
 
     tok = Tokenizer.from_dir(vl_model[0])
     assert r.choices[0].message.content == tok.decode(expected)
-    # the same image again: its blocks come from the prefix cache, the answer is the same
-    again = client.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=6, temperature=0,
-                                           extra_body={"ignore_eos": True})
-    assert again.choices[0].message.content == r.choices[0].message.content
+    # the same image again, streamed: its blocks come from the prefix cache, the answer is the same
+    chunks = client.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=6, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
 
 
 def test_typed_placeholder_text_is_not_an_image(vl_server):
@@ -122,6 +123,29 @@ def test_bad_images_are_400s(client, url, words):
         client.chat.completions.create(model="tiny-vl", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}]}])
     assert words in err.value.message
+
+
+def big_pictures() -> tuple[bytes, bytes]:
+    """A PNG over --max-image-bytes, and a small file of a picture over 8192 x 8192 pixels."""
+    import io
+
+    from PIL import Image
+
+    noisy = png(300, 300, seed=15)  # 270 kB of random pixels
+    buf = io.BytesIO()
+    Image.new("1", (8200, 8200)).save(buf, "PNG")  # one bit a pixel, compresses to a few kB
+    return noisy, buf.getvalue()
+
+
+def test_too_large_images(client):
+    noisy, huge = big_pictures()
+    assert len(noisy) > 100000 and len(huge) < 100000
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="tiny-vl", max_tokens=2, messages=[image_message("big", noisy)])
+    assert err.value.status_code == 413 and "100000 bytes" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-vl", max_tokens=2, messages=[image_message("huge", huge)])
+    assert "8200x8200" in err.value.message
 
 
 def test_too_many_images_and_anthropic_error_shape(client, vl_server):
