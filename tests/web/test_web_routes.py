@@ -40,6 +40,7 @@ def test_root_serves_the_page_with_a_strict_policy() -> None:
     assert "<title>dashchat</title>" in r.text
     csp = r.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "img-src 'self' data: blob:;" in csp  # attached images, from the browser's own store
     assert r.headers["x-content-type-options"] == "nosniff"
     assert client().head("/").status_code == 200
 
