@@ -56,7 +56,7 @@ def test_every_asset_the_page_names_is_served_from_the_package() -> None:
         assert r.status_code == 200 and r.content == (STATIC_DIR / name.removeprefix("/ui/")).read_bytes(), name
     assert c.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
     # the modules app.js imports
-    for module in ("api.js", "render.js", "store.js"):
+    for module in ("api.js", "render.js", "store.js", "images.js"):
         assert c.get(f"/ui/{module}").status_code == 200
 
 
