@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -212,3 +213,21 @@ def test_cli_flags_make_the_policy(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:  # before any model is loaded
         main(["--allowed-media-domains", "http://example.com"])
     assert exit_info.value.code == 2 and "--allowed-media-domains" in capsys.readouterr().err
+
+
+def test_the_checked_address_is_the_one_connected_to(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: a name that answers a public address to the check and loopback a moment later. The
+    fetcher resolves once per hop and connects to what it checked, so the second answer is never used."""
+    answers = iter(["93.184.216.34", "127.0.0.1", "127.0.0.1"])
+    asked: list[str] = []
+
+    def rebinding(host: str, *args: object, **kw: object) -> list[tuple[object, ...]]:
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    seen_headers.clear()
+    policy = ImageFetchPolicy(allowed_hosts=frozenset({"rebind.test"}), timeout_s=1.0)
+    with pytest.raises(ImageFetchError):  # the public address is not reachable from the test machine
+        fetch(f"http://rebind.test:{port}/img.png", policy)
+    assert asked == ["rebind.test"] and seen_headers == []  # loopback never got the request
