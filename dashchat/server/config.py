@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dashchat.server.media.image_fetch import ImageFetchPolicy
+
 
 @dataclass
 class ServerConfig:
@@ -41,15 +43,13 @@ class ServerConfig:
     grammar_compile_timeout_s: float = 10.0
     grammar_compile_nice: int = 10
     grammar_cache_bytes: int = 256 * 1024 * 1024
-    # Images (media/images.py): most per request by modality (vLLM's --limit-mm-per-prompt), the
-    # resized area's bounds (None: the model's preprocessor_config.json), bytes per image, and the
-    # hosts http(s) image URLs may name (empty: remote URLs refused).
+    # Images (media/images.py): most per request by modality (vLLM's --limit-mm-per-prompt) and the
+    # resized area's bounds (None: the model's preprocessor_config.json).
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 4})
     mm_min_pixels: int | None = None
     mm_max_pixels: int | None = None
-    max_image_bytes: int = 10 * 1024 * 1024
-    allowed_media_domains: list[str] = field(default_factory=list)
-    image_fetch_timeout_s: float = 10.0
+    # Which image URLs the server may fetch (media/image_fetch.py); the default fetches none.
+    image_fetch: ImageFetchPolicy = field(default_factory=ImageFetchPolicy)
 
     @property
     def model_name(self) -> str:

@@ -2,8 +2,8 @@
 
   parts   every API's image parts arrive as chat `image_url` parts (Responses' `input_image` and
           Anthropic's `image` blocks are translated to them by their routes)
-  bytes   `data:` URLs decoded here; http(s) URLs only with `--allowed-media-domains`, through the
-          fetcher (`media/image_fetch.py`); everything else a 400
+  bytes   `data:` URLs decoded, http(s) URLs fetched only from `--allowed-media-domains`, both by
+          `media/image_fetch.py` under the operator's policy; everything else a 400
   patches Pillow decodes, the model's processor resizes and cuts (models/image_processing.py), off
           the event loop
   prompt  the template writes one `<|vision_start|><|image_pad|><|vision_end|>` per image part
@@ -11,16 +11,13 @@
           image has tokens. Text a client typed never encodes as `<|image_pad|>` (the control-token
           guard), so only real image parts are expanded.
 
-Every refusal is an APIError (400, or 413 for bytes), which each API answers in its own shape.
+Every refusal is a 400 APIError, which each API answers in its own shape.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +25,13 @@ import torch
 
 from dashchat.engine.types import ImageInput
 from dashchat.models.image_processing import ImageError, ImageProcessorConfig, ProcessedImage, open_image, preprocess
-from dashchat.server.plumbing.errors import APIError, bad_request
+from dashchat.server.media.image_fetch import ImageFetchError, decode_data_url, fetch_image_bytes
+from dashchat.server.plumbing.errors import bad_request
 
 log = logging.getLogger("dashchat.server")
 
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
 MAX_SOURCE_PIXELS = 8192 * 8192  # a decoded picture's pixels before resizing (decompression bombs)
-_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -117,50 +114,21 @@ def _process_all(state: Any, urls: list[tuple[str, str]], datas: list[bytes], pr
 
 
 async def image_bytes(state: Any, param: str, url: str) -> bytes:
-    max_bytes = state.cfg.max_image_bytes
-    if url.startswith("data:"):
-        return decode_data_url(url, param, max_bytes)
-    if url.startswith(("http://", "https://")):
-        return await fetch_remote(state, param, url)
-    raise bad_request("An image URL must be a base64 'data:' URL (or http(s) where the server allows it).", param)
-
-
-def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
-    m = _DATA_URL.match(url)
-    if m is None or not m.group("b64"):
-        raise bad_request("An image 'data:' URL must be base64: data:image/png;base64,...", param)
-    mime = (m.group("mime") or "").lower()
-    if mime and not mime.startswith("image/"):
-        raise bad_request(f"A data URL of type '{mime}' is not an image.", param)
-    payload = url[m.end():]
-    if len(payload) // 4 * 3 > max_bytes + 3:
-        raise APIError(413, f"An image may have at most {max_bytes} bytes.", "invalid_request_error", param)
+    """A `data:` URL decoded, or an http(s) URL fetched under the operator's policy (image_fetch.py:
+    allowed hosts, public addresses only, size and time bounds); anything else is a 400."""
+    policy = state.cfg.image_fetch
     try:
-        data = base64.b64decode(payload.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request("The image data is not valid base64.", param) from None
-    if not data:
-        raise bad_request("The image data is empty.", param)
-    return data
-
-
-async def fetch_remote(state: Any, param: str, url: str) -> bytes:
-    """An http(s) image, through the fetcher and only from the hosts the operator allowed."""
-    cfg = state.cfg
-    if not cfg.allowed_media_domains:
-        raise bad_request("Remote image URLs are not allowed on this server (the operator may allow hosts with "
-                          "--allowed-media-domains); send the image as a base64 data URL.", param)
-    try:
-        from dashchat.server.media.image_fetch import ImageFetchError, ImageFetchPolicy, fetch_image_bytes
-    except ImportError:
-        raise bad_request("Remote image URLs are not supported by this server; send the image as a base64 "
-                          "data URL.", param) from None
-    policy = ImageFetchPolicy(allowed_hosts=tuple(cfg.allowed_media_domains), max_bytes=cfg.max_image_bytes,
-                              timeout_s=cfg.image_fetch_timeout_s, max_redirects=3)
-    try:
+        if url[:5].lower() == "data:":
+            return decode_data_url(url, policy.max_bytes)[1]
+        if not url.lower().startswith(("http://", "https://")):
+            raise bad_request("An image URL must be a base64 'data:' URL (or http(s) where the server allows it).",
+                              param)
+        if not policy.allowed_hosts:
+            raise bad_request("Remote image URLs are not allowed on this server (the operator may allow hosts "
+                              "with --allowed-media-domains); send the image as a base64 data URL.", param)
         return await fetch_image_bytes(url, policy)
     except ImageFetchError as exc:
-        raise bad_request(f"The image URL could not be used: {exc}", param) from None
+        raise bad_request(f"Invalid image URL: {exc}.", param) from None
 
 
 def expand_images(ids: list[int], images: list[ProcessedImage], vision: Vision | None, param: str = "messages"
