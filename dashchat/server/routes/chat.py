@@ -79,7 +79,7 @@ def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
                 continue
             if p.type != "text" or p.text is None:
                 raise bad_request(f"Content parts of type '{p.type}' are not supported; only text and image_url.",
-                                  f"messages[{i}].content[{j}]")
+                                  f"messages[{i}].content")
     return m.model_dump(exclude_none=True)
 
 

@@ -226,6 +226,8 @@ _PARAMS = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences"}
 def _rename_param(err: APIError) -> APIError:
     if err.param in _PARAMS:
         err.param = _PARAMS[err.param]
+    elif err.param and err.param.startswith("messages["):  # chat indices shift (system, tool results)
+        err.param = "messages"
     return err
 
 

@@ -297,6 +297,8 @@ _PARAMS = {"response_format": "text.format", "max_completion_tokens": "max_outpu
 def _rename_param(err: APIError) -> APIError:
     if err.param in _PARAMS:
         err.param = _PARAMS[err.param]
+    elif err.param and err.param.startswith("messages["):  # a chat message's index is not an input item's
+        err.param = "input"
     return err
 
 
