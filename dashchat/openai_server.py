@@ -410,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         template = _read_template(args.chat_template)
         template_kwargs = _template_kwargs(args.default_chat_template_kwargs)
         limit_mm = _limit_mm(args.limit_mm_per_prompt)
+        if any(v is not None and v < 1 for v in (args.mm_min_pixels, args.mm_max_pixels)) or (
+                args.mm_min_pixels and args.mm_max_pixels and args.mm_min_pixels > args.mm_max_pixels):
+            raise _ArgError("--mm-min-pixels and --mm-max-pixels must be positive, the min at most the max")
         reasoning_parser = _reasoning_parser(args.reasoning_parser)
         resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
         log.info("model: %s (%s)", resolved.name, resolved.path)
