@@ -31,7 +31,7 @@ class _Model(BaseModel):
 
 
 class ImageSource(_Model):
-    type: Literal["base64", "url", "file"]
+    type: str | None = None  # base64 or url (checked where it is read, so the error names the image)
     media_type: str | None = None
     data: str | None = None
     url: str | None = None
@@ -135,6 +135,8 @@ def _image_url(block: ContentBlock, where: str) -> str:
         return f"data:{src.media_type};base64,{src.data}"
     if src.type == "url" and src.url:
         return src.url
+    if src.type is None:
+        raise bad_request("An image block's source needs a 'type': base64 (or url).", f"{where}.source.type")
     raise bad_request(f"Image sources of type '{src.type}' are not supported; send base64 data.", f"{where}.source")
 
 
