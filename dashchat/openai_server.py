@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Let chat messages' text become special tokens (a user's '<|im_end|>' ends the "
                         "turn). Off by default: such text is encoded as ordinary tokens.")
     med = p.add_argument_group("media (image URLs in requests)")
-    med.add_argument("--allowed-media-domains", default="", metavar="HOSTS",
+    med.add_argument("--allowed-media-domains", default=None, metavar="HOSTS",
                      help="Comma list of hosts whose http(s) image URLs the server fetches: exact names or "
                           "'*.example.com' for its subdomains. Default: none (only data: URLs).")
     med.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -252,7 +252,7 @@ def _image_fetch_policy(args: argparse.Namespace) -> Any:
     from dashchat.server.media.image_fetch import ImageFetchPolicy, parse_allowed_hosts
 
     try:
-        hosts = parse_allowed_hosts(args.allowed_media_domains)
+        hosts = parse_allowed_hosts(args.allowed_media_domains or "")
     except ValueError as exc:
         raise _ArgError(f"--allowed-media-domains: {exc}") from None
     if args.media_fetch_timeout <= 0 or args.media_max_bytes <= 0:
