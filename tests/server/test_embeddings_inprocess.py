@@ -55,6 +55,7 @@ def test_dimensions_cut_then_normalise(client: TestClient) -> None:
     assert len(r.json()["embeddings"][0]) == 8 and r.json()["prompt_eval_count"] == 3
     assert client.post("/api/embeddings", json={"model": "m", "prompt": ""}).json() == {"embedding": []}
     assert client.post("/api/embed", json={"model": "m", "input": []}).json()["embeddings"] == []
+    assert client.post("/api/show", json={"model": "m"}).json()["capabilities"] == ["embedding"]
     r = client.post("/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "'m'" in r.json()["error"]
 
