@@ -42,7 +42,7 @@ def _finish(vec: torch.Tensor, normalize: bool) -> torch.Tensor:
     return torch.nn.functional.normalize(vec, dim=0) if normalize else vec
 
 
-@pytest.mark.parametrize("layout", ["headless-last", "headless-mean", "causal-last"])
+@pytest.mark.parametrize("layout", ["headless-last", "headless-mean", "causal-cls"])
 def test_embeddings_match_sentence_transformers(layout, tmp_path):
     kind, pooling = layout.split("-")
     path = tmp_path / layout
