@@ -165,3 +165,13 @@ def test_text_only_model_refuses_images(server, model_name):
     r = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60, json={
         "model": model_name, "max_tokens": 2, "messages": [image_message("hi", png(56, 56, seed=1))]})
     assert r.status_code == 400 and model_name in r.json()["error"]["message"]
+
+
+def test_ollama_chat_images(client, vl_server):
+    """Ollama's /api/chat takes bare base64 images on a message: counted like the chat API's."""
+    picture = png(70, 70, seed=16)
+    r = httpx.post(f"{vl_server.base_url}/api/chat", timeout=60, json={
+        "model": "tiny-vl", "stream": False, "options": {"num_predict": 2},
+        "messages": [{"role": "user", "content": "Describe.", "images": [base64.b64encode(picture).decode()]}]})
+    chat = client.chat.completions.create(model="tiny-vl", max_tokens=2, messages=[image_message("Describe.", picture)])
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] == chat.usage.prompt_tokens
