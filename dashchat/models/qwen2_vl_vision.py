@@ -49,10 +49,13 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], qwen25: bool, text_hidden: int) -> "VisionConfig":
         rope = raw.get("rope_parameters") or {}
+        # the hub's original configs spell two of these as spatial_patch_size and in_chans
         common = dict(
-            depth=raw["depth"], heads=raw["num_heads"], patch_size=raw.get("patch_size", 14),
+            depth=raw["depth"], heads=raw["num_heads"],
+            patch_size=raw.get("patch_size") or raw.get("spatial_patch_size") or 14,
             temporal_patch_size=raw.get("temporal_patch_size", 2), merge_size=raw.get("spatial_merge_size", 2),
-            in_channels=raw.get("in_channels", 3), rope_theta=float(rope.get("rope_theta", 10000.0)),
+            in_channels=raw.get("in_channels") or raw.get("in_chans") or 3,
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
         )
         if qwen25:
             return cls(hidden=raw["hidden_size"], out_hidden=raw.get("out_hidden_size", text_hidden), qwen25=True,

@@ -166,3 +166,26 @@ def test_preemption_recomputes_images(tmp_path):
             assert tokens == expected[len(ids) - 1 : -1].argmax(-1).tolist()
     finally:
         engine.shutdown()
+
+
+def test_hub_configs_parse():
+    """The hub's flat config.json (transformers 4.x: text fields at the top, M-RoPE as rope_scaling,
+    the vision config's original names) reads as the nested one transformers 5 writes."""
+    from dashchat.models.qwen2_vl import vision_config
+
+    text = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_hidden_layers=28,
+                num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, vocab_size=151936, tie_word_embeddings=True,
+                max_position_embeddings=32768, image_token_id=151655,
+                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    qwen2 = ModelConfig.from_dict({"architectures": ["Qwen2VLForConditionalGeneration"], **text, "vision_config": {
+        "depth": 32, "embed_dim": 1280, "hidden_size": 1536, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+        "spatial_patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}})
+    assert (qwen2.family, qwen2.rope_scaling, qwen2.raw["mrope_section"], qwen2.attention_bias) == \
+        ("qwen2_vl", None, [16, 24, 24], True)
+    v = vision_config(qwen2)
+    assert (v.hidden, v.out_hidden, v.patch_size, v.in_channels, v.qwen25) == (1280, 1536, 14, 3, False)
+    qwen25 = ModelConfig.from_dict({"architectures": ["Qwen2_5_VLForConditionalGeneration"], **text, "vision_config": {
+        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 1536,
+        "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "in_chans": 3, "patch_size": 14}})
+    v = vision_config(qwen25)
+    assert (v.hidden, v.out_hidden, v.intermediate, v.fullatt_blocks, v.qwen25) == (1280, 1536, 3420, (7, 15, 23, 31), True)
