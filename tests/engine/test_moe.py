@@ -308,3 +308,27 @@ def test_grouped_gguf_experts_equal_the_per_expert_loop(family, gguf_files):
             partial.append(mlp(x))
     with torch.inference_mode():
         torch.testing.assert_close(partial[0] + partial[1], moe(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_stacked_experts_equal_the_per_expert_loop(grouped, tmp_path):
+    """The CUDA runner's arithmetic (engine/cuda/moe.py), run here on the CPU: tokens sorted by expert,
+    torch._grouped_mm over the stacked weights (bfloat16, as on an H100) or one torch.mm a used expert
+    (float32: the fallback) -- the per-expert loop's output; the experts keep views of the stacks."""
+    from dashchat.engine.cuda.moe import GroupedExperts
+
+    save_tiny("qwen3-moe", tmp_path)
+    dtype = torch.bfloat16 if grouped else torch.float32
+    model = _model(tmp_path).to(dtype)
+    moe = model.layers[0].mlp
+    assert GroupedExperts.eligible(moe.experts)
+    runner = GroupedExperts(moe.experts, grouped=grouped)
+    assert moe.experts[3].down_proj.weight.data_ptr() == runner.down[3].data_ptr()
+    gen = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        for rows in (1, 2, 11, 40):
+            x = torch.randn(rows, 64, generator=gen).to(dtype)
+            weights, chosen = moe.route(x)
+            want = moe.run_experts(x, weights, chosen)
+            tol = {"atol": 2e-2, "rtol": 2e-2} if grouped else {"atol": 1e-6, "rtol": 1e-5}
+            torch.testing.assert_close(runner(x, weights, chosen), want, **tol)
