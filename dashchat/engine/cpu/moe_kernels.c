@@ -11,8 +11,8 @@
 // An expert's weights are read once a step for all of its tokens, and the (expert, chunk) tasks keep
 // every thread streaming weights even when one token reads 8 experts. The products themselves are
 // gguf_kernels.c's exported entry points called on a slice of rows: inside this region their own
-// parallel loops run on the calling thread alone (OpenMP's default of one active level). Where the
-// runtime allows nested teams the region runs on one thread and each product keeps its own team.
+// parallel loops run on the calling thread alone (each thread sets its own team size for nested
+// regions to one: torch's runtime has nesting on).
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -95,11 +95,13 @@ int dc_moe_gguf(int used, const int *experts, const int *offsets, const int64_t 
            (f16_down || acts_alloc(&adown, pairs, width));
   int status = ok ? 0 : -2;
   int threads = omp_get_max_threads();
-  int outer = omp_get_max_active_levels() <= 1;  // else the products' own teams take the cores
-  int cw = chunk_rows(width, used, outer ? threads : 1), cd = chunk_rows(hidden, used, outer ? threads : 1);
+  int cw = chunk_rows(width, used, threads), cd = chunk_rows(hidden, used, threads);
   int nw = (width + cw - 1) / cw, nd = (hidden + cd - 1) / cd;
-#pragma omp parallel if (ok && outer && threads > 1)
+#pragma omp parallel if (ok && threads > 1)
   {
+    // The products' own parallel loops run on this thread: torch's OpenMP runtime allows nested
+    // teams, which would start a team per product here. This sets only this implicit task's value.
+    omp_set_num_threads(1);
 #pragma omp for schedule(dynamic, 1)
     for (int j = 0; j < used; j++) {
       if (!ok) continue;
