@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="Name(s) clients pass as 'model'. Default: the last part of the model path, "
                         "e.g. Qwen2.5-7B-Instruct.")
+    m.add_argument("--task", choices=["auto", "generate", "embed", "score"], default="auto",
+                   help="What the model is served for: generate (chat, completions), embed (/v1/embeddings), "
+                   "score (/v1/rerank, /score with a decoder reranker such as Qwen3-Reranker). auto: embed where "
+                   "the folder declares sentence-transformers pooling or has no LM head, score where its config "
+                   "says it is a reranker, else generate.")
     m.add_argument("--chat-template", default=None,
                    help="Jinja chat template: a file path, or the template text itself. "
                         "Default: the model's own (tokenizer_config.json or GGUF metadata).")
@@ -160,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="Let chat messages' text become special tokens (a user's '<|im_end|>' ends the "
                         "turn). Off by default: such text is encoded as ordinary tokens.")
+    med = p.add_argument_group("media (image URLs in requests)")
+    med.add_argument("--allowed-media-domains", default=None, metavar="HOSTS",
+                     help="Comma list of hosts whose http(s) image URLs the server fetches: exact names or "
+                          "'*.example.com' for its subdomains. Default: none (only data: URLs).")
+    med.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="Longest time one image fetch may take, redirects included.")
+    med.add_argument("--media-max-bytes", type=int, default=20 * 1024 * 1024, metavar="BYTES",
+                     help="Largest image the server fetches or decodes.")
+    med.add_argument("--allow-private-media-addresses", action="store_true",
+                     help="Let hosts listed by exact name in --allowed-media-domains resolve to private, "
+                          "loopback or link-local addresses (refused by default: SSRF).")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                      help="Largest request body; bigger ones get 413.")
@@ -235,6 +251,20 @@ def _api_keys(values: list[str] | None) -> list[str]:
             raise _ArgError("DASHCHAT_API_KEY is set but holds no key; unset it or give a real key")
         keys += from_env
     return [k.strip() for k in keys]
+
+
+def _image_fetch_policy(args: argparse.Namespace) -> Any:
+    from dashchat.server.media.image_fetch import ImageFetchPolicy, parse_allowed_hosts
+
+    try:
+        hosts = parse_allowed_hosts(args.allowed_media_domains or "")
+    except ValueError as exc:
+        raise _ArgError(f"--allowed-media-domains: {exc}") from None
+    if args.media_fetch_timeout <= 0 or args.media_max_bytes <= 0:
+        raise _ArgError("--media-fetch-timeout and --media-max-bytes must be positive")
+    return ImageFetchPolicy(allowed_hosts=hosts, max_bytes=args.media_max_bytes,
+                            timeout_s=args.media_fetch_timeout,
+                            allow_private_addresses=args.allow_private_media_addresses)
 
 
 def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
@@ -350,11 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--headless runs ranks of dashchat's native engine; DashInfer runs its own devices")
     try:
         api_keys = _api_keys(args.api_key)
+        image_fetch = _image_fetch_policy(args)
     except _ArgError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "debug"
     try:
+        from dashchat.models.pooling import serving
         from dashchat.models.resolve import resolve_model
         from dashchat.server.app import build_app, server_state
         from dashchat.server.config import ServerConfig
@@ -364,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasoning_parser = _reasoning_parser(args.reasoning_parser)
         resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
         log.info("model: %s (%s)", resolved.name, resolved.path)
+        serving(args.task, resolved.path, None)  # a folder that cannot serve the task fails here, in one line
         eargs = _engine_args(args, str(resolved.path))
         if args.headless:
             from dashchat.distributed.headless import run_headless
@@ -392,11 +425,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasoning_parser=reasoning_parser,
         default_chat_template_kwargs=template_kwargs,
         web_ui=args.web_ui,
+        task=args.task,
         enable_docs=args.enable_docs,
         grammar_compile_timeout_s=args.grammar_compile_timeout,
         grammar_compile_threads=args.grammar_compile_threads,
         grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
         allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+        image_fetch=image_fetch,
     )
     app = build_app(engine, cfg)
     try:
