@@ -60,6 +60,10 @@ class ModelRunner:
         self.vision = hasattr(self.model, "embed_images")  # images and M-RoPE positions (Qwen2-VL)
         self._quantize(quantization, model_dir, tokenizer)
         self._use_cpu_kernels()
+        if self.device.type == "cuda" and cfg.moe is not None:
+            from ..cuda.moe import use_grouped_experts
+
+            use_grouped_experts(self.model)  # sorted tokens, one grouped GEMM for all experts
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
         self._allocate_kv_cache(num_kv_blocks)
         # Collectives inside captured CUDA graphs are a known source of hangs: several ranks decode eagerly.
