@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from .sequence import Sequence
 
@@ -40,7 +41,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 6  # proposals per step at most (the batch and acceptance shrink it)
     prompt_lookup_min: int = 2  # shortest suffix n-gram looked up
     prompt_lookup_max: int = 4  # longest suffix n-gram looked up (longest first)
-    model: str | None = None
+    model: str | None = None  # draft_model: the draft (anything dashchat loads)
+    draft_layers: int | None = None  # draft_model: run only the draft's first layers
 
     @classmethod
     def parse(cls, text: str) -> "SpeculativeConfig":
@@ -51,16 +53,21 @@ class SpeculativeConfig:
             raise ValueError(f"--speculative-config: not JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise ValueError("--speculative-config: must be a JSON object")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model", "draft_layers"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"--speculative-config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        method = raw.get("method", "ngram")
-        if method == "draft_model":
-            raise ValueError("--speculative-config: method 'draft_model' is not available yet; use 'ngram'")
-        if method != "ngram":
-            raise ValueError(f"--speculative-config: method {method!r} is not one of: ngram")
-        ints = {k: raw[k] for k in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max") if k in raw}
+        method = raw.get("method", "ngram" if "model" not in raw else "draft_model")
+        method = {"draft": "draft_model"}.get(method, method)  # vLLM's older name
+        if method not in ("ngram", "draft_model"):
+            raise ValueError(f"--speculative-config: method {method!r} is not one of: ngram, draft_model")
+        model = raw.get("model")
+        if method == "draft_model" and (not isinstance(model, str) or not model.strip()):
+            raise ValueError("--speculative-config: method draft_model needs \"model\": the draft's path or name")
+        if method == "ngram" and ("model" in raw or "draft_layers" in raw):
+            raise ValueError("--speculative-config: model and draft_layers are draft_model keys")
+        ints = {k: raw[k] for k in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "draft_layers")
+                if k in raw}
         for key, value in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--speculative-config: {key} must be a positive integer")
@@ -69,7 +76,7 @@ class SpeculativeConfig:
             ints["prompt_lookup_max"] = max(ints["prompt_lookup_min"], cls.prompt_lookup_max)
         if "prompt_lookup_max" in ints and "prompt_lookup_min" not in ints:
             ints["prompt_lookup_min"] = min(ints["prompt_lookup_max"], cls.prompt_lookup_min)
-        config = cls(method=method, **ints)
+        config = cls(method=method, model=model, **ints)
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError("--speculative-config: prompt_lookup_min must not exceed prompt_lookup_max")
         return config
@@ -102,9 +109,10 @@ class NgramIndex:
 
 @dataclass
 class SpecState:
-    """Per sequence: its index and how often its proposals have been right lately."""
+    """Per sequence: its proposer's state and how often its proposals have been right lately."""
 
-    index: NgramIndex
+    index: NgramIndex | None  # n-gram lookup
+    draft: Any = None  # draft model: draft.DraftState, None until it first proposes
     hits: float = 0.0  # proposed tokens kept (decayed)
     trials: float = 0.0  # proposed tokens judged: the kept ones and the first rejected one (decayed)
     idle: int = 0  # steps since it last proposed
@@ -140,8 +148,12 @@ class Speculator:
     """
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int, max_rows: int = MAX_VERIFY_ROWS,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", draft=None) -> None:
+        """`draft`: a draft.DraftModel that proposes (method draft_model), else n-gram lookup."""
         self.config = config
+        self.draft = draft
+        # a draft forward per proposal position, in one-row target steps (0: proposals cost rows only)
+        self.draft_cost = draft.relative_cost if draft is not None else 0.0
         self.max_model_len = max_model_len
         self.max_rows = max_rows
         self.device = device
@@ -153,8 +165,20 @@ class Speculator:
     def _state(self, seq: Sequence) -> SpecState:
         if seq.spec is None:
             c = self.config
-            seq.spec = SpecState(NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max))
+            seq.spec = SpecState(None if self.draft else NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max))
         return seq.spec
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence left the running batch (finished, aborted, preempted): its draft KV goes."""
+        if self.draft is not None and seq.spec is not None and seq.spec.draft is not None:
+            self.draft.release(seq.spec.draft)
+            seq.spec.draft = None
+
+    def draft_probs(self, seq: Sequence):
+        """The draft's distributions of this step's proposals ([k, vocab]), None for point masses."""
+        if seq.spec is None or seq.spec.draft is None:
+            return None
+        return seq.spec.draft.probs
 
     def rows_for(self, num_decodes: int) -> int:
         """Extra rows a step of `num_decodes` decoding sequences may spend on proposals."""
@@ -172,8 +196,8 @@ class Speculator:
         room = self.rows_for(len(decodes))
         if room <= 0:
             return []
-        rows, tokens = len(decodes), float(len(decodes))
-        plans = []
+        rows, tokens, depth = len(decodes), float(len(decodes)), 0
+        plans, wants = [], []
         for seq in decodes:
             state = self._state(seq)
             p = seq.params
@@ -182,25 +206,38 @@ class Speculator:
             limit = min(self.config.num_speculative_tokens, len(decodes) + room - rows, left)
             if limit <= 0:
                 continue
-            k = self._best_k(state.acceptance, rows, tokens, limit)
+            k = self._best_k(state.acceptance, rows, tokens, limit, depth)
             if k == 0:
                 state.idle += 1
                 if state.idle < _PROBE_EVERY:
                     continue
                 k = 1  # now and then, so that a sequence that starts copying is noticed
-            proposal = state.index.propose(seq.token_ids, k)
-            if not proposal:
-                continue
+            if self.draft is not None:
+                wants.append((seq, k, state.draft))
+                proposed = k
+                depth = max(depth, k)
+            else:
+                proposal = state.index.propose(seq.token_ids, k)
+                if not proposal:
+                    continue
+                plans.append((seq, proposal))
+                proposed = len(proposal)
             state.idle = 0
-            plans.append((seq, proposal))
-            rows += len(proposal)
-            tokens += expected_tokens(state.acceptance, len(proposal)) - 1
+            rows += proposed
+            tokens += expected_tokens(state.acceptance, proposed) - 1
+        if wants:
+            for seq, proposal, draft_state in self.draft.propose(wants):
+                seq.spec.draft = draft_state
+                if proposal:
+                    plans.append((seq, proposal))
         return plans
 
-    def _best_k(self, acceptance: float, rows: int, tokens: float, limit: int) -> int:
-        best, best_rate = 0, tokens / self.cost(rows)
+    def _best_k(self, acceptance: float, rows: int, tokens: float, limit: int, depth: int = 0) -> int:
+        """`depth`: draft forwards the step runs already (they serve every sequence at once)."""
+        best, best_rate = 0, tokens / (self.cost(rows) + self.draft_cost * depth)
         for k in range(1, limit + 1):
-            rate = (tokens + expected_tokens(acceptance, k) - 1) / self.cost(rows + k)
+            cost = self.cost(rows + k) + self.draft_cost * max(depth, k)
+            rate = (tokens + expected_tokens(acceptance, k) - 1) / cost
             if rate > best_rate * 1.001:
                 best, best_rate = k, rate
         return best
