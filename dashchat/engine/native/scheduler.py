@@ -133,7 +133,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free_seq(seq)
         if self.speculator is not None:
-            self.speculator.release(seq)
+            self.speculator.release(seq, finished=True)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         for other in self.waiting:  # children waiting on a parent that ends early start now

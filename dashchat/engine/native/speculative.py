@@ -9,8 +9,11 @@ it is dropped (its KV slots are overwritten later, its blocks freed). One step t
 k + 1 tokens, and the text is the model's own.
 
 Proposals come from n-gram lookup in the sequence's own tokens (prompt and answer so far): the
-longest recent suffix that occurred before is continued as it continued then. Answers that
-repeat their prompt (code edits, quotes, summaries) are mostly such continuations.
+longest suffix that occurred before is continued as it continued then (of several earlier
+occurrences, the one whose preceding tokens match the text's for longest), and failing that, as it
+continued in an earlier sequence's prompt or answer (`AnswerHistory`). Answers that repeat their
+prompt (code edits, quotes, summaries) are mostly such continuations. Or they come from a draft
+model (draft.py).
 
 On the CPU GGUF path greedy output is bit for bit the output without speculation, because every
 row's sums are formed the same way: activation rows go through per-row tiles when a step has
@@ -82,29 +85,97 @@ class SpeculativeConfig:
         return config
 
 
-class NgramIndex:
-    """One sequence's n-grams -> where each last ended, grown as its tokens grow."""
+# Earlier occurrences of an n-gram remembered per sequence (the latest ones), and how far back a
+# candidate's context is compared with the text's own to pick among them.
+_CANDIDATES = 8
+_CONTEXT = 32
 
-    def __init__(self, n_min: int, n_max: int) -> None:
+
+def _context_match(tokens: list[int], end: int, source: list[int], at: int) -> int:
+    """How many tokens before `end` in `tokens` equal those before `at` in `source` (at most _CONTEXT)."""
+    i = 0
+    while i < _CONTEXT and i < end and i < at and tokens[end - 1 - i] == source[at - 1 - i]:
+        i += 1
+    return i
+
+
+class NgramIndex:
+    """One sequence's n-grams -> where each ended (its latest _CANDIDATES times), grown as its
+    tokens grow.
+
+    Of the earlier occurrences of the text's suffix n-gram, the one whose preceding tokens match the
+    text's for longest is continued (the latest among equals): in code a short n-gram such as
+    "    return" occurs many times, and the occurrence in the same function is the one to copy. With
+    no match in the sequence's own text, the answers of earlier sequences (`history`) are looked up.
+    """
+
+    def __init__(self, n_min: int, n_max: int, history: "AnswerHistory | None" = None, salt: str | None = None) -> None:
         self.sizes = range(n_max, n_min - 1, -1)  # longest first
-        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.ends: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in self.sizes}
         self.indexed = 0  # n-grams ending at positions <= this are in `ends`
+        self.history = history
+        self.salt = salt
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
+        """Up to k tokens that followed the best earlier occurrence of the longest suffix n-gram."""
         last = len(tokens) - 1  # n-grams ending before the suffix's own end
         for end in range(self.indexed + 1, last + 1):
             for n in self.sizes:
                 if end >= n:
-                    self.ends[n][tuple(tokens[end - n : end])] = end
+                    ends = self.ends[n].setdefault(tuple(tokens[end - n : end]), [])
+                    ends.append(end)
+                    if len(ends) > _CANDIDATES:
+                        del ends[0]
         self.indexed = max(self.indexed, last)
         for n in self.sizes:
             if len(tokens) <= n:
                 continue
-            end = self.ends[n].get(tuple(tokens[-n:]))
-            if end is not None:
-                return tokens[end : end + k]
+            ends = self.ends[n].get(tuple(tokens[-n:]))
+            if ends:
+                here = len(tokens) - n
+                best = max(reversed(ends), key=lambda e: _context_match(tokens, here, tokens, e - n))
+                return tokens[best : best + k]
+        if self.history is not None:
+            return self.history.propose(self.salt, tokens, k)
         return []
+
+
+class AnswerHistory:
+    """The tokens (prompt and answer) of recently finished sequences, indexed by their n-grams: a
+    new answer that repeats an earlier one (the same file edited again, a question asked twice)
+    gets proposals from it. Bounded to the latest `max_tokens` tokens; sequences with different
+    cache salts never see each other's (as in the prefix cache)."""
+
+    def __init__(self, n: int, max_tokens: int = 1 << 16) -> None:
+        self.n = n
+        self.max_tokens = max_tokens
+        self.held: list[tuple[str | None, list[int]]] = []  # oldest first
+        self.size = 0
+        self.index: dict[tuple, tuple[list[int], int]] = {}  # (salt, n-gram) -> (tokens, end)
+
+    def add(self, salt: str | None, tokens: list[int]) -> None:
+        tokens = tokens[-self.max_tokens :]
+        n = self.n
+        for end in range(n, len(tokens)):
+            self.index[(salt, *tokens[end - n : end])] = (tokens, end)
+        self.held.append((salt, tokens))
+        self.size += len(tokens)
+        while self.size > self.max_tokens:
+            old_salt, old = self.held.pop(0)
+            self.size -= len(old)
+            for end in range(n, len(old)):
+                key = (old_salt, *old[end - n : end])
+                if self.index.get(key, (None,))[0] is old:
+                    del self.index[key]
+
+    def propose(self, salt: str | None, tokens: list[int], k: int) -> list[int]:
+        if len(tokens) < self.n:
+            return []
+        found = self.index.get((salt, *tokens[-self.n :]))
+        if found is None:
+            return []
+        source, end = found
+        return source[end : end + k]
 
 
 @dataclass
@@ -152,6 +223,8 @@ class Speculator:
         """`draft`: a draft.DraftModel that proposes (method draft_model), else n-gram lookup."""
         self.config = config
         self.draft = draft
+        # finished sequences' tokens, for n-gram proposals from earlier answers
+        self.history = AnswerHistory(config.prompt_lookup_max) if draft is None else None
         # a draft forward per proposal position, in one-row target steps (0: proposals cost rows only)
         self.draft_cost = draft.relative_cost if draft is not None else 0.0
         self.max_model_len = max_model_len
@@ -165,11 +238,17 @@ class Speculator:
     def _state(self, seq: Sequence) -> SpecState:
         if seq.spec is None:
             c = self.config
-            seq.spec = SpecState(None if self.draft else NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max))
+            index = None
+            if self.draft is None:
+                index = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max, self.history, seq.params.cache_salt)
+            seq.spec = SpecState(index)
         return seq.spec
 
-    def release(self, seq: Sequence) -> None:
-        """The sequence left the running batch (finished, aborted, preempted): its draft KV goes."""
+    def release(self, seq: Sequence, finished: bool = False) -> None:
+        """The sequence left the running batch (finished, aborted, preempted): its draft KV goes; a
+        finished one's tokens join the history n-gram lookup draws on."""
+        if finished and self.history is not None and seq.num_output_tokens > 0:
+            self.history.add(seq.params.cache_salt, seq.token_ids)
         if self.draft is not None and seq.spec is not None and seq.spec.draft is not None:
             self.draft.release(seq.spec.draft)
             seq.spec.draft = None
