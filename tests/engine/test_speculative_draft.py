@@ -215,3 +215,31 @@ def test_sampled_text_follows_the_target_with_a_different_draft(tiny):
     chi2, dof = _chi2(counts, joint)
     assert dof == top_k * top_k - 1
     assert chi2 < 30.0, counts[joint > 0].tolist()  # 8 degrees of freedom: p ~ 2e-4
+
+
+def test_a_failing_draft_costs_proposals_not_requests(tiny, caplog):
+    """A draft forward that raises (here: its second one) drops that step's proposals and the draft
+    states; the request goes on, same text, and the draft rebuilds its state on the next step."""
+    plain = _engine(tiny, None)
+    try:
+        want = _run(plain, [PROMPT], greedy(30))[0].token_ids
+    finally:
+        plain.shutdown()
+    engine = _engine(tiny, {})
+    try:
+        _always_propose(engine)
+        draft = engine.speculator.draft
+        run, calls = draft.runner.run, []
+
+        def fails_once(*args, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("draft forward failed")
+            return run(*args, **kw)
+
+        draft.runner.run = fails_once
+        assert _run(engine, [PROMPT], greedy(30))[0].token_ids == want
+        assert "the draft model failed" in caplog.text and len(calls) > 3
+        assert engine.stats().spec_accepted_tokens > 0 and draft.blocks.num_used == 0
+    finally:
+        engine.shutdown()

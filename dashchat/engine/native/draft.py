@@ -172,11 +172,25 @@ class DraftModel:
     @torch.inference_mode()
     def propose(self, wants: list[tuple[Sequence, int, DraftState | None]]) -> list[tuple[Sequence, list[int], DraftState | None]]:
         """For each (sequence, k, its draft state): up to k proposed tokens (q rows in the state for
-        sampled requests), and the updated state (None: dropped, the draft's cache is full)."""
+        sampled requests), and the updated state (None: dropped, the draft's cache is full). On an
+        exception every state of `wants` is dropped (its blocks freed) before it propagates."""
+        touched: list[DraftState] = [state for _, _, state in wants if state is not None]
+        try:
+            return self._propose(wants, touched)
+        except BaseException:
+            for state in touched:
+                self.release(state)
+            raise
+
+    def _propose(self, wants, touched: list[DraftState]) -> list[tuple[Sequence, list[int], DraftState | None]]:
         out: list[tuple[Sequence, list[int], DraftState | None]] = []
         active: list[tuple[Sequence, int, DraftState]] = []
         for seq, k, state in wants:
-            state = self._sync(seq, state)
+            if state is None:
+                state = self._sync(seq, None)
+                touched.append(state)
+            else:
+                self._sync(seq, state)
             state.probs = None
             # the KV of every input token: the sequence's own and all proposals but the last
             if not self.blocks.allocate(state.shadow, seq.num_tokens + k - 1):

@@ -27,10 +27,13 @@ already read once for many tokens).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 # Rows a decode step may hold while it still takes the kernels' per-row tiles (see above).
 MAX_VERIFY_ROWS = 7
@@ -305,7 +308,14 @@ class Speculator:
             rows += proposed
             tokens += expected_tokens(state.acceptance, proposed) - 1
         if wants:
-            for seq, proposal, draft_state in self.draft.propose(wants):
+            try:
+                drafted = self.draft.propose(wants)
+            except Exception:  # noqa: BLE001 - a failing draft costs its proposals, never the requests
+                log.exception("the draft model failed; this step decodes without proposals")
+                for seq, _, _ in wants:
+                    seq.spec.draft = None  # the draft freed its blocks: rebuilt next time
+                return []
+            for seq, proposal, draft_state in drafted:
                 seq.spec.draft = draft_state
                 if proposal:
                     plans.append((seq, proposal))
