@@ -110,6 +110,22 @@ def test_greedy_is_identical_on_smollm2(smol):
     assert f"dashchat_spec_decode_acceptance_rate {rate}" in text
 
 
+def test_greedy_is_identical_with_a_gguf_self_draft(smol):
+    """SmolLM2's GGUF drafting for itself (a second copy, its own KV cache), proposing at every
+    step: the target's own text, and nearly every proposal kept."""
+    plain, _ = smol
+    want = run(plain, EDIT, greedy(100))[0].token_ids
+    engine = _engine("smollm2-135m-instruct", '{"method": "draft_model", "model": "smollm2-135m-instruct"}')
+    try:
+        engine.speculator.draft_cost = 0.0  # propose although the draft costs what the target does
+        assert run(engine, EDIT, greedy(100))[0].token_ids == want
+        stats = engine.stats()
+        assert stats.spec_draft_tokens > 30 and stats.spec_accepted_tokens >= 0.9 * stats.spec_draft_tokens
+        assert engine.speculator.draft.blocks.num_used == 0
+    finally:
+        engine.shutdown()
+
+
 def test_prefix_cache_holds_only_kept_tokens(smol):
     """An answer's blocks written by verification steps serve a later prompt that quotes it, as
     the blocks written by plain decode steps do: same hits, same continuation."""
