@@ -109,7 +109,8 @@ class NgramIndex:
     Of the earlier occurrences of the text's suffix n-gram, the one whose preceding tokens match the
     text's for longest is continued (the latest among equals): in code a short n-gram such as
     "    return" occurs many times, and the occurrence in the same function is the one to copy. With
-    no match in the sequence's own text, the answers of earlier sequences (`history`) are looked up.
+    no match of the longest n-gram in the sequence's own text, the earlier sequences' texts
+    (`history`) are looked up for it before shorter n-grams are.
     """
 
     def __init__(self, n_min: int, n_max: int, history: "AnswerHistory | None" = None, salt: str | None = None) -> None:
@@ -138,8 +139,10 @@ class NgramIndex:
                 here = len(tokens) - n
                 best = max(reversed(ends), key=lambda e: _context_match(tokens, here, tokens, e - n))
                 return tokens[best : best + k]
-        if self.history is not None:
-            return self.history.propose(self.salt, tokens, k)
+            if self.history is not None and n == self.history.n:  # a longer match elsewhere beats a short one here
+                proposal = self.history.propose(self.salt, tokens, k)
+                if proposal:
+                    return proposal
         return []
 
 
