@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="Let chat messages' text become special tokens (a user's '<|im_end|>' ends the "
                         "turn). Off by default: such text is encoded as ordinary tokens.")
+    med = p.add_argument_group("media (image URLs in requests)")
+    med.add_argument("--allowed-media-domains", default="", metavar="HOSTS",
+                     help="Comma list of hosts whose http(s) image URLs the server fetches: exact names or "
+                          "'*.example.com' for its subdomains. Default: none (only data: URLs).")
+    med.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="Longest time one image fetch may take, redirects included.")
+    med.add_argument("--media-max-bytes", type=int, default=20 * 1024 * 1024, metavar="BYTES",
+                     help="Largest image the server fetches or decodes.")
+    med.add_argument("--allow-private-media-addresses", action="store_true",
+                     help="Let hosts listed by exact name in --allowed-media-domains resolve to private, "
+                          "loopback or link-local addresses (refused by default: SSRF).")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                      help="Largest request body; bigger ones get 413.")
@@ -238,6 +249,20 @@ def _api_keys(values: list[str] | None) -> list[str]:
             raise _ArgError("DASHCHAT_API_KEY is set but holds no key; unset it or give a real key")
         keys += from_env
     return [k.strip() for k in keys]
+
+
+def _image_fetch_policy(args: argparse.Namespace) -> Any:
+    from dashchat.server.media.image_fetch import ImageFetchPolicy, parse_allowed_hosts
+
+    try:
+        hosts = parse_allowed_hosts(args.allowed_media_domains)
+    except ValueError as exc:
+        raise _ArgError(f"--allowed-media-domains: {exc}") from None
+    if args.media_fetch_timeout <= 0 or args.media_max_bytes <= 0:
+        raise _ArgError("--media-fetch-timeout and --media-max-bytes must be positive")
+    return ImageFetchPolicy(allowed_hosts=hosts, max_bytes=args.media_max_bytes,
+                            timeout_s=args.media_fetch_timeout,
+                            allow_private_addresses=args.allow_private_media_addresses)
 
 
 def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
@@ -353,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--headless runs ranks of dashchat's native engine; DashInfer runs its own devices")
     try:
         api_keys = _api_keys(args.api_key)
+        image_fetch = _image_fetch_policy(args)
     except _ArgError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -400,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grammar_compile_threads=args.grammar_compile_threads,
         grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
         allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+        image_fetch=image_fetch,
     )
     app = build_app(engine, cfg)
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dashchat.server.media.image_fetch import ImageFetchPolicy
+
 
 @dataclass
 class ServerConfig:
@@ -41,6 +43,8 @@ class ServerConfig:
     grammar_compile_timeout_s: float = 10.0
     grammar_compile_nice: int = 10
     grammar_cache_bytes: int = 256 * 1024 * 1024
+    # Which image URLs the server may fetch (media/image_fetch.py); the default fetches none.
+    image_fetch: ImageFetchPolicy = field(default_factory=ImageFetchPolicy)
 
     @property
     def model_name(self) -> str:
