@@ -132,9 +132,9 @@ class NgramIndex:
                         del ends[0]
         self.indexed = max(self.indexed, last)
         for n in self.sizes:
-            if len(tokens) <= n:
+            if len(tokens) < n:
                 continue
-            ends = self.ends[n].get(tuple(tokens[-n:]))
+            ends = self.ends[n].get(tuple(tokens[-n:]))  # the suffix's own occurrence is not indexed
             if ends:
                 here = len(tokens) - n
                 best = max(reversed(ends), key=lambda e: _context_match(tokens, here, tokens, e - n))
