@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
     e.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
-                        "proposes the tokens that followed the latest earlier occurrence of the text's last "
-                        "2-4 tokens (in the prompt and answer so far), and the model checks up to "
+                        "proposes the tokens that followed an earlier occurrence of the text's last "
+                        "2-4 tokens (in the prompt and answer so far, or in recent requests), and the model checks up to "
                         "num_speculative_tokens (default 6) of them in one step. Pays for answers that repeat "
                         "the prompt (code edits, quotes) where a few extra rows of a step cost little; on "
                         "a small CPU little or nothing (README: Speculative decoding). '{\"method\": "
