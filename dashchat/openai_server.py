@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="Name(s) clients pass as 'model'. Default: the last part of the model path, "
                         "e.g. Qwen2.5-7B-Instruct.")
+    m.add_argument("--task", choices=["auto", "generate", "embed", "score"], default="auto",
+                   help="What the model is served for: generate (chat, completions), embed (/v1/embeddings), "
+                   "score (/v1/rerank, /score with a decoder reranker such as Qwen3-Reranker). auto: embed where "
+                   "the folder declares sentence-transformers pooling or has no LM head, score where its config "
+                   "says it is a reranker, else generate.")
     m.add_argument("--chat-template", default=None,
                    help="Jinja chat template: a file path, or the template text itself. "
                         "Default: the model's own (tokenizer_config.json or GGUF metadata).")
@@ -164,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Let chat messages' text become special tokens (a user's '<|im_end|>' ends the "
                         "turn). Off by default: such text is encoded as ordinary tokens.")
     med = p.add_argument_group("media (image URLs in requests)")
-    med.add_argument("--allowed-media-domains", default="", metavar="HOSTS",
+    med.add_argument("--allowed-media-domains", default=None, metavar="HOSTS",
                      help="Comma list of hosts whose http(s) image URLs the server fetches: exact names or "
                           "'*.example.com' for its subdomains. Default: none (only data: URLs).")
     med.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -255,7 +260,7 @@ def _image_fetch_policy(args: argparse.Namespace) -> Any:
     from dashchat.server.media.image_fetch import ImageFetchPolicy, parse_allowed_hosts
 
     try:
-        hosts = parse_allowed_hosts(args.allowed_media_domains)
+        hosts = parse_allowed_hosts(args.allowed_media_domains or "")
     except ValueError as exc:
         raise _ArgError(f"--allowed-media-domains: {exc}") from None
     if args.media_fetch_timeout <= 0 or args.media_max_bytes <= 0:
@@ -384,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "debug"
     try:
+        from dashchat.models.pooling import serving
         from dashchat.models.resolve import resolve_model
         from dashchat.server.app import build_app, server_state
         from dashchat.server.config import ServerConfig
@@ -393,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasoning_parser = _reasoning_parser(args.reasoning_parser)
         resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
         log.info("model: %s (%s)", resolved.name, resolved.path)
+        serving(args.task, resolved.path, None)  # a folder that cannot serve the task fails here, in one line
         eargs = _engine_args(args, str(resolved.path))
         if args.headless:
             from dashchat.distributed.headless import run_headless
@@ -421,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasoning_parser=reasoning_parser,
         default_chat_template_kwargs=template_kwargs,
         web_ui=args.web_ui,
+        task=args.task,
         enable_docs=args.enable_docs,
         grammar_compile_timeout_s=args.grammar_compile_timeout,
         grammar_compile_threads=args.grammar_compile_threads,

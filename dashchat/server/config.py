@@ -33,6 +33,8 @@ class ServerConfig:
     # chat template; template variables every request gets unless it sets them itself.
     reasoning_parser: str | None = None
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # What the model is served for (models/pooling.py TASKS): auto reads its folder.
+    task: str = "auto"
     web_ui: bool = True  # the chat page at / (off: --no-web-ui)
     # Chat messages' text may become special tokens (`<|im_end|>` typed by a user ends the turn): the old,
     # unsafe behaviour, for callers that rely on it (text/control_tokens.py).
