@@ -246,7 +246,11 @@ class Speculator:
             c = self.config
             index = None
             if self.draft is None:
-                index = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max, self.history, seq.params.cache_salt)
+                # A seeded sample depends on the proposals it was verified against (the draws it
+                # took), so a seeded request's proposals come from its own text only: other requests'
+                # would make it depend on what ran before.
+                history = self.history if seq.generator is None else None
+                index = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max, history, seq.params.cache_salt)
             seq.spec = SpecState(index)
         return seq.spec
 
