@@ -202,7 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Once the engine has failed for good (a lost tensor-parallel rank, a dead step "
                           "thread), keep answering 503 this long, then exit with code 1 so a supervisor "
                           "restarts the server.")
+    img = p.add_argument_group("images (vision models: Qwen2-VL, Qwen2.5-VL)")
+    img.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
+                     help='Most items per request by modality, as vLLM: \'{"image": 4}\' (the default).')
+    img.add_argument("--mm-min-pixels", type=int, default=None, metavar="PIXELS",
+                     help="Smallest area an image is resized to (default: the model's preprocessor_config.json, "
+                          "else 3136 = 56x56).")
+    img.add_argument("--mm-max-pixels", type=int, default=None, metavar="PIXELS",
+                     help="Largest area an image is resized to; each 28x28 pixels is one token (default: the "
+                          "model's preprocessor_config.json, else 1003520 = 1280 tokens).")
     return p
+
+
+def _limit_mm(value: str | None) -> dict[str, int]:
+    if value is None:
+        return {"image": 4}
+    try:
+        limits = json.loads(value)
+    except ValueError:
+        raise _ArgError(f"--limit-mm-per-prompt: not JSON: {value!r}") from None
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in limits.values()):
+        raise _ArgError('--limit-mm-per-prompt takes a JSON object of counts, e.g. \'{"image": 4}\'')
+    return {"image": 4, **limits}
 
 
 class _ArgError(Exception):
@@ -396,6 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         template = _read_template(args.chat_template)
         template_kwargs = _template_kwargs(args.default_chat_template_kwargs)
+        limit_mm = _limit_mm(args.limit_mm_per_prompt)
+        if any(v is not None and v < 1 for v in (args.mm_min_pixels, args.mm_max_pixels)) or (
+                args.mm_min_pixels and args.mm_max_pixels and args.mm_min_pixels > args.mm_max_pixels):
+            raise _ArgError("--mm-min-pixels and --mm-max-pixels must be positive, the min at most the max")
         reasoning_parser = _reasoning_parser(args.reasoning_parser)
         resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
         log.info("model: %s (%s)", resolved.name, resolved.path)
@@ -434,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         grammar_compile_threads=args.grammar_compile_threads,
         grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
         allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+        limit_mm_per_prompt=limit_mm,
+        mm_min_pixels=args.mm_min_pixels,
+        mm_max_pixels=args.mm_max_pixels,
         image_fetch=image_fetch,
     )
     app = build_app(engine, cfg)

@@ -26,6 +26,7 @@ import torch
 from ...distributed import launch
 from ...models.config import ModelConfig
 from ...models.parallel import check_tensor_parallel
+from ...models.qwen2_vl import image_problem, mrope_positions, vision_config
 from ...tokenizer import Tokenizer
 from ..args import EngineArgs
 from ..cpu.threads import physical_cores
@@ -242,6 +243,8 @@ class AsyncLLMEngine:
             raise EngineError("the engine is shut down")
         self.check_health()
         check_prompt(prompt, params.max_tokens, self.max_model_len, self.vocab_size)
+        if params.images and (problem := image_problem(self.model_config, prompt, params.images)):
+            raise UnsupportedFeature(problem)
         if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
             raise EngineOverloaded("the server is busy: too many requests are waiting")
         request = self._make_request(prompt, params, request_id)
@@ -315,6 +318,9 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         request = Request(request_id, params, len(prompt), loop, asyncio.Queue())
         now = time.monotonic()
+        mrope, delta = None, 0
+        if params.images:
+            mrope, delta = mrope_positions(len(prompt), params.images, vision_config(self.model_config).merge_size)
         for i in range(params.n):
             gen = None
             if params.seed is not None:
@@ -323,6 +329,7 @@ class AsyncLLMEngine:
                 request_id=request_id, index=i, token_ids=list(prompt), num_prompt_tokens=len(prompt),
                 params=params, arrival=now, generator=gen,
                 logits_processors=[make() for make in params.logits_processor_factories],
+                mrope_positions=mrope, mrope_delta=delta,
             )
             if i > 0:
                 seq.blocked_on = request.seqs[0]

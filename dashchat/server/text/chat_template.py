@@ -120,6 +120,10 @@ def template_supports_tools(chat_template: str) -> bool:
 # ---------------------------------------------------------------- message normalization
 
 
+# An image part, as Qwen2-VL's template writes it (the server then widens the pad to the image's tokens).
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
 def _text_of(content: Any) -> str:
     if content is None:
         return ""
@@ -127,12 +131,16 @@ def _text_of(content: Any) -> str:
         return content
     if isinstance(content, list):
         parts = []
+        images = False
         for part in content:
-            if isinstance(part, dict) and part.get("type", "text") == "text":
+            if isinstance(part, dict) and part.get("type") == "image":
+                parts.append(IMAGE_PLACEHOLDER)
+                images = True
+            elif isinstance(part, dict) and part.get("type", "text") == "text":
                 parts.append(str(part.get("text", "")))
             elif isinstance(part, str):
                 parts.append(part)
-        return "\n".join(parts)
+        return ("" if images else "\n").join(parts)  # Qwen2-VL's template joins parts as they are
     return str(content)
 
 
