@@ -94,13 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
     e.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
-                        "proposes the tokens that followed the latest earlier occurrence of the text's last "
-                        "2-4 tokens (in the prompt and answer so far), and the model checks up to "
+                        "proposes the tokens that followed an earlier occurrence of the text's last "
+                        "2-4 tokens (in the prompt and answer so far, or in recent requests), and the model checks up to "
                         "num_speculative_tokens (default 6) of them in one step. Pays for answers that repeat "
                         "the prompt (code edits, quotes) where a few extra rows of a step cost little; on "
-                        "a small CPU little or nothing (README: Speculative decoding). Greedy output is "
-                        "unchanged; sampled output keeps the model's distribution. Keys: method, "
-                        "num_speculative_tokens, prompt_lookup_min (2), prompt_lookup_max (4). Default: off.")
+                        "a small CPU little or nothing (README: Speculative decoding). '{\"method\": "
+                        "\"draft_model\", \"model\": PATH}' has a smaller model of the same tokenizer (GGUF "
+                        "file, folder or embedded name) propose them instead (draft_layers: N runs only its "
+                        "first N layers). Greedy output is unchanged; sampled output keeps the model's "
+                        "distribution. Keys: method, num_speculative_tokens, prompt_lookup_min (2), "
+                        "prompt_lookup_max (4), model, draft_layers. Default: off.")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, at most 8192.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")

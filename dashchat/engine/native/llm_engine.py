@@ -171,8 +171,16 @@ class AsyncLLMEngine:
         if args.speculative_config:
             # CUDA graphs hold max_num_seqs decode rows
             rows = MAX_VERIFY_ROWS if args.device == "cpu" else min(MAX_VERIFY_ROWS, args.max_num_seqs)
-            self.speculator = Speculator(SpeculativeConfig.parse(args.speculative_config), self.max_model_len, rows,
-                                         args.device)
+            spec_config = SpeculativeConfig.parse(args.speculative_config)
+            draft = None
+            if spec_config.method == "draft_model":
+                from .draft import DraftModel
+
+                if self.world.size > 1:
+                    raise ValueError("--speculative-config: a draft model runs on one device (no tensor parallelism)")
+                draft = DraftModel(spec_config, args, self.tokenizer, cfg, device, self.max_model_len, num_blocks,
+                                   step_budget)
+            self.speculator = Speculator(spec_config, self.max_model_len, rows, args.device, draft)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget, self.speculator)
         per_rank = f" per rank, {self.world.size} ranks" if self.world.size > 1 else ""
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB%s)", num_blocks, args.block_size, budget, per_rank)
@@ -547,7 +555,8 @@ class AsyncLLMEngine:
             if seq in proposals:
                 k = len(proposals[seq])
                 try:
-                    out[i] = self.sampler.verify(seq, logits[starts[i] : starts[i] + k + 1], proposals[seq])
+                    out[i] = self.sampler.verify(seq, logits[starts[i] : starts[i] + k + 1], proposals[seq],
+                                                 self.speculator.draft_probs(seq))
                 except Exception:  # noqa: BLE001 - one request's own processors fail only that request
                     log.exception("sampling failed for request %s", seq.request_id)
                     if (request := self._requests.get(seq.request_id)) is not None:
