@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="Name(s) clients pass as 'model'. Default: the last part of the model path, "
                         "e.g. Qwen2.5-7B-Instruct.")
+    m.add_argument("--task", choices=["auto", "generate", "embed", "score"], default="auto",
+                   help="What the model is served for: generate (chat, completions), embed (/v1/embeddings), "
+                   "score (/v1/rerank, /score with a decoder reranker such as Qwen3-Reranker). auto: embed where "
+                   "the folder declares sentence-transformers pooling or has no LM head, score where its config "
+                   "says it is a reranker, else generate.")
     m.add_argument("--chat-template", default=None,
                    help="Jinja chat template: a file path, or the template text itself. "
                         "Default: the model's own (tokenizer_config.json or GGUF metadata).")
@@ -89,13 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
     e.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
-                        "proposes the tokens that followed the latest earlier occurrence of the text's last "
-                        "2-4 tokens (in the prompt and answer so far), and the model checks up to "
+                        "proposes the tokens that followed an earlier occurrence of the text's last "
+                        "2-4 tokens (in the prompt and answer so far, or in recent requests), and the model checks up to "
                         "num_speculative_tokens (default 6) of them in one step. Pays for answers that repeat "
                         "the prompt (code edits, quotes) where a few extra rows of a step cost little; on "
-                        "a small CPU little or nothing (README: Speculative decoding). Greedy output is "
-                        "unchanged; sampled output keeps the model's distribution. Keys: method, "
-                        "num_speculative_tokens, prompt_lookup_min (2), prompt_lookup_max (4). Default: off.")
+                        "a small CPU little or nothing (README: Speculative decoding). '{\"method\": "
+                        "\"draft_model\", \"model\": PATH}' has a smaller model of the same tokenizer (GGUF "
+                        "file, folder or embedded name) propose them instead (draft_layers: N runs only its "
+                        "first N layers). Greedy output is unchanged; sampled output keeps the model's "
+                        "distribution. Keys: method, num_speculative_tokens, prompt_lookup_min (2), "
+                        "prompt_lookup_max (4), model, draft_layers. Default: off.")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, at most 8192.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
@@ -160,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="Let chat messages' text become special tokens (a user's '<|im_end|>' ends the "
                         "turn). Off by default: such text is encoded as ordinary tokens.")
+    med = p.add_argument_group("media (image URLs in requests)")
+    med.add_argument("--allowed-media-domains", default=None, metavar="HOSTS",
+                     help="Comma list of hosts whose http(s) image URLs the server fetches: exact names or "
+                          "'*.example.com' for its subdomains. Default: none (only data: URLs).")
+    med.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="Longest time one image fetch may take, redirects included.")
+    med.add_argument("--media-max-bytes", type=int, default=20 * 1024 * 1024, metavar="BYTES",
+                     help="Largest image the server fetches or decodes.")
+    med.add_argument("--allow-private-media-addresses", action="store_true",
+                     help="Let hosts listed by exact name in --allowed-media-domains resolve to private, "
+                          "loopback or link-local addresses (refused by default: SSRF).")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                      help="Largest request body; bigger ones get 413.")
@@ -183,7 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Once the engine has failed for good (a lost tensor-parallel rank, a dead step "
                           "thread), keep answering 503 this long, then exit with code 1 so a supervisor "
                           "restarts the server.")
+    img = p.add_argument_group("images (vision models: Qwen2-VL, Qwen2.5-VL)")
+    img.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
+                     help='Most items per request by modality, as vLLM: \'{"image": 4}\' (the default).')
+    img.add_argument("--mm-min-pixels", type=int, default=None, metavar="PIXELS",
+                     help="Smallest area an image is resized to (default: the model's preprocessor_config.json, "
+                          "else 3136 = 56x56).")
+    img.add_argument("--mm-max-pixels", type=int, default=None, metavar="PIXELS",
+                     help="Largest area an image is resized to; each 28x28 pixels is one token (default: the "
+                          "model's preprocessor_config.json, else 1003520 = 1280 tokens).")
     return p
+
+
+def _limit_mm(value: str | None) -> dict[str, int]:
+    if value is None:
+        return {"image": 4}
+    try:
+        limits = json.loads(value)
+    except ValueError:
+        raise _ArgError(f"--limit-mm-per-prompt: not JSON: {value!r}") from None
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in limits.values()):
+        raise _ArgError('--limit-mm-per-prompt takes a JSON object of counts, e.g. \'{"image": 4}\'')
+    return {"image": 4, **limits}
 
 
 class _ArgError(Exception):
@@ -235,6 +276,20 @@ def _api_keys(values: list[str] | None) -> list[str]:
             raise _ArgError("DASHCHAT_API_KEY is set but holds no key; unset it or give a real key")
         keys += from_env
     return [k.strip() for k in keys]
+
+
+def _image_fetch_policy(args: argparse.Namespace) -> Any:
+    from dashchat.server.media.image_fetch import ImageFetchPolicy, parse_allowed_hosts
+
+    try:
+        hosts = parse_allowed_hosts(args.allowed_media_domains or "")
+    except ValueError as exc:
+        raise _ArgError(f"--allowed-media-domains: {exc}") from None
+    if args.media_fetch_timeout <= 0 or args.media_max_bytes <= 0:
+        raise _ArgError("--media-fetch-timeout and --media-max-bytes must be positive")
+    return ImageFetchPolicy(allowed_hosts=hosts, max_bytes=args.media_max_bytes,
+                            timeout_s=args.media_fetch_timeout,
+                            allow_private_addresses=args.allow_private_media_addresses)
 
 
 def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
@@ -350,20 +405,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--headless runs ranks of dashchat's native engine; DashInfer runs its own devices")
     try:
         api_keys = _api_keys(args.api_key)
+        image_fetch = _image_fetch_policy(args)
     except _ArgError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "debug"
     try:
+        from dashchat.models.pooling import serving
         from dashchat.models.resolve import resolve_model
         from dashchat.server.app import build_app, server_state
         from dashchat.server.config import ServerConfig
 
         template = _read_template(args.chat_template)
         template_kwargs = _template_kwargs(args.default_chat_template_kwargs)
+        limit_mm = _limit_mm(args.limit_mm_per_prompt)
+        if any(v is not None and v < 1 for v in (args.mm_min_pixels, args.mm_max_pixels)) or (
+                args.mm_min_pixels and args.mm_max_pixels and args.mm_min_pixels > args.mm_max_pixels):
+            raise _ArgError("--mm-min-pixels and --mm-max-pixels must be positive, the min at most the max")
         reasoning_parser = _reasoning_parser(args.reasoning_parser)
         resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
         log.info("model: %s (%s)", resolved.name, resolved.path)
+        serving(args.task, resolved.path, None)  # a folder that cannot serve the task fails here, in one line
         eargs = _engine_args(args, str(resolved.path))
         if args.headless:
             from dashchat.distributed.headless import run_headless
@@ -392,11 +454,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasoning_parser=reasoning_parser,
         default_chat_template_kwargs=template_kwargs,
         web_ui=args.web_ui,
+        task=args.task,
         enable_docs=args.enable_docs,
         grammar_compile_timeout_s=args.grammar_compile_timeout,
         grammar_compile_threads=args.grammar_compile_threads,
         grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
         allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+        limit_mm_per_prompt=limit_mm,
+        mm_min_pixels=args.mm_min_pixels,
+        mm_max_pixels=args.mm_max_pixels,
+        image_fetch=image_fetch,
     )
     app = build_app(engine, cfg)
     try:

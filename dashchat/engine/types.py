@@ -31,6 +31,18 @@ class NotReady(Exception):
     step with the same tokens. The other sequences of the batch are not held up."""
 
 
+@dataclass(eq=False)
+class ImageInput:
+    """One image of a prompt, preprocessed (dashchat/models/image_processing.py): the patches the
+    vision tower reads and the run of placeholder tokens its embeddings replace."""
+
+    pixel_values: torch.Tensor  # [t * h * w, 3 * temporal * patch * patch] float32
+    grid: tuple[int, int, int]  # (t, h, w) in patches
+    offset: int  # index in the prompt of its first placeholder token
+    length: int  # its placeholder tokens (= its embeddings)
+    digest: bytes  # content hash: the prefix cache keys these tokens by it, never by the placeholder ids
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -55,10 +67,37 @@ class SamplingParams:
     # are equal (None is a salt of its own), so the time to first token cannot tell one tenant
     # what another sent. An engine without a prefix cache may ignore it.
     cache_salt: str | None = None
+    # The prompt's images, in prompt order (a vision model's engine splices their embeddings in; an
+    # engine without vision refuses a request that has any with UnsupportedFeature).
+    images: list[ImageInput] = field(default_factory=list)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5 or self.top_k == 1
+
+
+@dataclass
+class PoolingParams:
+    """A prefill-only request: run the prompt once and hand back its pooled final hidden state
+    (the final norm applied, before the head). It never decodes. Normalising and truncating the
+    vector is the caller's job (the engine returns what the model computed)."""
+
+    pooling: str = "last"  # "last" token, "mean" over every position, or the first token ("cls")
+    # Also return the logits of these token ids at the last position (a decoder reranker reads its
+    # "yes" and "no" there).
+    logit_token_ids: list[int] | None = None
+    cache_salt: str | None = None  # as SamplingParams.cache_salt
+
+    POOLINGS = ("last", "mean", "cls")
+
+
+@dataclass
+class PoolingOutput:
+    request_id: str
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    hidden: torch.Tensor  # [hidden_size] float32 on the CPU
+    logits: torch.Tensor | None = None  # [len(logit_token_ids)] float32, or None
 
 
 @dataclass
@@ -159,6 +198,11 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    # Optional: engines that serve embedding / score models. The server answers 400 where an engine
+    # lacks it.
+    # async def pool(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str)
+    #     -> PoolingOutput: raises as generate() does before its first output; closing early aborts.
 
     def stats(self) -> EngineStats: ...
 

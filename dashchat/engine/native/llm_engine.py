@@ -26,11 +26,14 @@ import torch
 from ...distributed import launch
 from ...models.config import ModelConfig
 from ...models.parallel import check_tensor_parallel
+from ...models.qwen2_vl import image_problem, mrope_positions, vision_config
 from ...tokenizer import Tokenizer
 from ..args import EngineArgs
 from ..cpu.threads import physical_cores
 from .block_manager import BlockManager
+from . import pooling
 from .model_runner import build_runner
+from .pooling import PoolState
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SeqStatus
@@ -41,8 +44,11 @@ from ..types import (
     EngineError,
     EngineOverloaded,
     EngineStats,
+    PoolingOutput,
+    PoolingParams,
     RequestOutput,
     SamplingParams,
+    UnsupportedFeature,
     check_prompt,
 )
 
@@ -165,8 +171,16 @@ class AsyncLLMEngine:
         if args.speculative_config:
             # CUDA graphs hold max_num_seqs decode rows
             rows = MAX_VERIFY_ROWS if args.device == "cpu" else min(MAX_VERIFY_ROWS, args.max_num_seqs)
-            self.speculator = Speculator(SpeculativeConfig.parse(args.speculative_config), self.max_model_len, rows,
-                                         args.device)
+            spec_config = SpeculativeConfig.parse(args.speculative_config)
+            draft = None
+            if spec_config.method == "draft_model":
+                from .draft import DraftModel
+
+                if self.world.size > 1:
+                    raise ValueError("--speculative-config: a draft model runs on one device (no tensor parallelism)")
+                draft = DraftModel(spec_config, args, self.tokenizer, cfg, device, self.max_model_len, num_blocks,
+                                   step_budget)
+            self.speculator = Speculator(spec_config, self.max_model_len, rows, args.device, draft)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget, self.speculator)
         per_rank = f" per rank, {self.world.size} ranks" if self.world.size > 1 else ""
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB%s)", num_blocks, args.block_size, budget, per_rank)
@@ -190,18 +204,7 @@ class AsyncLLMEngine:
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        if self._stopped:
-            raise EngineError("the engine is shut down")
-        self.check_health()
-        check_prompt(prompt_token_ids, params.max_tokens, self.max_model_len, self.vocab_size)
-        if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
-            raise EngineOverloaded("the server is busy: too many requests are waiting")
-        request = self._make_request(prompt_token_ids, params, request_id)
-        with self._lock:  # _die sets `failure` under this lock: a request is failed by it or refused here
-            self.check_health()
-            self._requests[request_id] = request
-            self._inbox.append(request)
-        self._wake.set()
+        request = self._admit(prompt_token_ids, params, request_id)
         finished = False
         try:
             while True:
@@ -215,6 +218,43 @@ class AsyncLLMEngine:
         finally:
             if not finished:  # the consumer left early (client gone) or failed: free the KV now
                 self._abort_soon(request_id)
+
+    async def pool(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str) -> PoolingOutput:
+        """A prefill-only request (pooling.py): the prompt's pooled final hidden state."""
+        if params.pooling not in PoolingParams.POOLINGS:
+            raise UnsupportedFeature(f"pooling must be one of {', '.join(PoolingParams.POOLINGS)}")
+        sampling = SamplingParams(max_tokens=0, cache_salt=params.cache_salt)
+        request = self._admit(prompt_token_ids, sampling, request_id, PoolState(params))
+        finished = False
+        try:
+            item = await request.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            finished = True
+            return item
+        finally:
+            if not finished:
+                self._abort_soon(request_id)
+
+    def _admit(self, prompt: list[int], params: SamplingParams, request_id: str,
+               pooling: PoolState | None = None) -> Request:
+        """The admission checks, then the request joins the step thread's inbox."""
+        if self._stopped:
+            raise EngineError("the engine is shut down")
+        self.check_health()
+        check_prompt(prompt, params.max_tokens, self.max_model_len, self.vocab_size)
+        if params.images and (problem := image_problem(self.model_config, prompt, params.images)):
+            raise UnsupportedFeature(problem)
+        if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
+            raise EngineOverloaded("the server is busy: too many requests are waiting")
+        request = self._make_request(prompt, params, request_id)
+        request.seqs[0].pooling = pooling
+        with self._lock:  # _die sets `failure` under this lock: a request is failed by it or refused here
+            self.check_health()
+            self._requests[request_id] = request
+            self._inbox.append(request)
+        self._wake.set()
+        return request
 
     async def abort(self, request_id: str) -> None:
         self._abort_soon(request_id)
@@ -278,6 +318,9 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         request = Request(request_id, params, len(prompt), loop, asyncio.Queue())
         now = time.monotonic()
+        mrope, delta = None, 0
+        if params.images:
+            mrope, delta = mrope_positions(len(prompt), params.images, vision_config(self.model_config).merge_size)
         for i in range(params.n):
             gen = None
             if params.seed is not None:
@@ -286,6 +329,7 @@ class AsyncLLMEngine:
                 request_id=request_id, index=i, token_ids=list(prompt), num_prompt_tokens=len(prompt),
                 params=params, arrival=now, generator=gen,
                 logits_processors=[make() for make in params.logits_processor_factories],
+                mrope_positions=mrope, mrope_delta=delta,
             )
             if i > 0:
                 seq.blocked_on = request.seqs[0]
@@ -421,20 +465,26 @@ class AsyncLLMEngine:
         KV slot, rewritten with the same values) and asks again, while the others go on. A decode
         with proposals (speculative decoding) gets the proposals the model accepts and one token of
         its own; the KV of the rejected ones is left behind (rewritten before anything reads it)."""
-        sampling = list(batch.decodes)
-        sampling += [s for s, chunk in batch.prefills if s.num_computed_tokens + chunk == s.num_tokens]
+        finishing = [s for s, chunk in batch.prefills if s.num_computed_tokens + chunk == s.num_tokens]
+        sampling = list(batch.decodes) + [s for s in finishing if s.pooling is None]
         try:
             logits = self.runner.run(batch, sampling)
         except Exception as exc:
             if self.group is not None:  # some ranks may be inside a collective of this step
                 raise _RanksOutOfStep() from exc
             raise
+        pooled = [s for s in finishing if s.pooling is not None]
+        if pooled:
+            logits = pooling.take_logits(batch.decodes, finishing, logits)
         for seq in batch.decodes:
             seq.num_computed_tokens = seq.num_tokens
         for seq, chunk in batch.prefills:
             seq.num_computed_tokens += chunk
         for seq in batch.decodes + [s for s, _ in batch.prefills]:
             self.blocks.register_full_blocks(seq)
+
+        for seq in pooled:
+            self._finish_pooling(seq)
 
         proposals = {seq: seq.proposal for seq in batch.decodes if seq.proposal}
         for seq in batch.decodes:
@@ -469,6 +519,17 @@ class AsyncLLMEngine:
         self._publish(touched.values())
         return progress
 
+    def _finish_pooling(self, seq: Sequence) -> None:
+        """Its last position is computed: hand back the pooled state, free its blocks (the full ones
+        stay in the prefix cache)."""
+        self.scheduler.finish(seq, "stop")
+        request = self._requests.pop(seq.request_id, None)
+        if request is None:
+            return
+        output = PoolingOutput(request.request_id, request.num_prompt_tokens, seq.num_cached_tokens,
+                               seq.pooling.result(seq.num_tokens), seq.pooling.logits)
+        self._post(request.loop, request.queue.put_nowait, output)
+
     def _keep_accepted(self, seq: Sequence, accepted: int) -> None:
         """The accepted proposals' KV is the sequence's own now (their full blocks cacheable); the
         blocks past its tokens, which held only rejected positions, go back."""
@@ -494,7 +555,8 @@ class AsyncLLMEngine:
             if seq in proposals:
                 k = len(proposals[seq])
                 try:
-                    out[i] = self.sampler.verify(seq, logits[starts[i] : starts[i] + k + 1], proposals[seq])
+                    out[i] = self.sampler.verify(seq, logits[starts[i] : starts[i] + k + 1], proposals[seq],
+                                                 self.speculator.draft_probs(seq))
                 except Exception:  # noqa: BLE001 - one request's own processors fail only that request
                     log.exception("sampling failed for request %s", seq.request_id)
                     if (request := self._requests.get(seq.request_id)) is not None:

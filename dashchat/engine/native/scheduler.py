@@ -50,6 +50,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_seq(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
@@ -86,7 +88,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.blocked_on is not None:
                 break  # keep arrival order: its parent's prefill finishes first
-            if not seq.block_table:
+            if not seq.block_table and not (seq.pooling is not None and seq.pooling.needs_every_position):
                 seq.num_computed_tokens = seq.num_cached_tokens = self.blocks.reuse_cached_prefix(seq)
             chunk = self._fit_chunk(seq, budget)
             if not chunk:
@@ -130,6 +132,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free_seq(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq, finished=True)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         for other in self.waiting:  # children waiting on a parent that ends early start now

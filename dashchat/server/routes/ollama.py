@@ -33,6 +33,7 @@ from dashchat.server.plumbing.errors import APIError, bad_request
 from dashchat.server.plumbing.validation import check_json_body
 from dashchat.server.protocol import CompletionRequest
 from dashchat.server.routes.chat_bridge import ChatBridge, to_chat_request
+from dashchat.server.routes.embeddings import ollama_embed, ollama_embeddings
 from dashchat.server.routes.ollama_models import (
     ModelFacts,
     now_iso,
@@ -231,7 +232,7 @@ def _arguments_text(args: dict[str, Any] | str) -> str:
     return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
-def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+def chat_messages(req: ChatRequest, vision: bool = False) -> list[dict[str, Any]]:
     """Ollama's messages in Chat Completions' shape. Tool calls get ids (Ollama's often have none);
     a tool result answers the call it names (`tool_call_id`, else the first unanswered call of its
     `tool_name`, else the first unanswered call), as results follow their calls in order."""
@@ -239,11 +240,16 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     pending: list[tuple[str, str]] = []  # (name, id) of the latest assistant turn's unanswered calls
     for i, m in enumerate(req.messages):
         role = m.role.lower()
-        _no_images(req.model, m.images, f"messages[{i}].images")
+        if not vision:
+            _no_images(req.model, m.images, f"messages[{i}].images")
         if role not in ("system", "user", "assistant", "tool"):
             raise bad_request(f"Invalid role '{m.role[:40]}' in messages[{i}]: use system, user, assistant or tool.",
                               f"messages[{i}].role")
         turn: dict[str, Any] = {"role": role, "content": m.content}
+        if m.images:  # a vision model: Ollama's bare base64 images as chat image parts
+            turn["content"] = [{"type": "text", "text": m.content or ""}] + [
+                {"type": "image_url", "image_url": {"url": "data:application/octet-stream;base64," + b64}}
+                for b64 in m.images]
         if role == "assistant":
             if m.thinking:
                 turn["reasoning_content"] = m.thinking
@@ -334,7 +340,8 @@ async def ollama_chat(state: ServerState, req: ChatRequest) -> Response:
     if not req.messages:
         return _loaded(req, "chat")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    return await _run_chat(state, req, "chat", started, chat_messages(req), tools, _renamer())
+    messages = chat_messages(req, vision=state.model.vision is not None)
+    return await _run_chat(state, req, "chat", started, messages, tools, _renamer())
 
 
 async def ollama_generate(state: ServerState, req: GenerateRequest) -> Response:
@@ -359,13 +366,6 @@ async def ollama_generate(state: ServerState, req: GenerateRequest) -> Response:
     messages = ([{"role": "system", "content": req.system}] if req.system else [])
     messages.append({"role": "user", "content": req.prompt})
     return await _run_chat(state, req, "generate", started, messages, None, _renamer({"messages": "prompt"}))
-
-
-def _no_embeddings(state: ServerState, model: str, keep_alive: float | str | None) -> APIError:
-    served_name(state, model)
-    _check_keep_alive(keep_alive)
-    # What Ollama answers for a model without embedding support; this server has no embedding path yet.
-    return bad_request(f'"{model}" does not support embeddings', "model")
 
 
 class _AnyBodyIsJSON(APIRoute):
@@ -428,10 +428,12 @@ def add_ollama_routes(app: Any, state: ServerState) -> None:
 
     @api.post("/api/embed", response_model=None)
     async def api_embed(body: EmbedRequest) -> Response:
-        raise _no_embeddings(state, body.model, body.keep_alive)
+        _check_keep_alive(body.keep_alive)
+        return await ollama_embed(state, served_name(state, body.model), body)
 
     @api.post("/api/embeddings", response_model=None)
     async def api_embeddings(body: EmbeddingsRequest) -> Response:
-        raise _no_embeddings(state, body.model, body.keep_alive)
+        _check_keep_alive(body.keep_alive)
+        return await ollama_embeddings(state, served_name(state, body.model), body)
 
     app.include_router(api)

@@ -158,6 +158,9 @@ def read_model_facts(state: ServerState) -> ModelFacts:
 
 
 def capabilities(state: ServerState) -> list[str]:
+    task = getattr(state.model, "task", "generate")
+    if task != "generate":  # Ollama names embedding models so; it has no word for a reranker
+        return ["embedding"] if task == "embed" else []
     # Every model takes tools: templates without them get dashchat's built-in tool prompt.
     caps = ["completion", "tools"]
     if state.reasoning is not None:
