@@ -15,13 +15,11 @@ continued in an earlier sequence's prompt or answer (`AnswerHistory`). Answers t
 prompt (code edits, quotes, summaries) are mostly such continuations. Or they come from a draft
 model (draft.py).
 
-On the CPU GGUF path greedy output is bit for bit the output without speculation, because every
-row's sums are formed the same way: activation rows go through per-row tiles when a step has
-fewer than 8 rows and interleaved 8-row blocks from 8 rows on (gguf_kernels.c), and each tile
-regime gives a row the same result whatever its neighbours. So a step with fewer than 8 decoding
-sequences keeps all its rows under 8 (`rows_for`), and steps of 8 or more sequences do not
-speculate (they would be in the 8-row regime either way, but gain little: the weights are
-already read once for many tokens).
+On the CPU GGUF path greedy output is bit for bit the output without speculation, because the
+kernels are batch invariant (gguf_kernels.c): a row's sums are formed the same way whatever else is
+in its step, so a verify row gives the logits the row would have given decoded alone. A step holds at
+most `MAX_VERIFY_ROWS` decode rows with proposals; how many each sequence proposes follows the
+step's cost (`Speculator.cost`), so a batch that is already wide proposes little or nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +33,9 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-# Rows a decode step may hold while it still takes the kernels' per-row tiles (see above).
-MAX_VERIFY_ROWS = 7
+# Decode rows (one per sequence plus its proposals) a step may hold when it speculates: two of the
+# kernels' 8-row activation blocks.
+MAX_VERIFY_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class SpeculativeConfig:
     """`--speculative-config`, as vLLM spells it."""
 
     method: str = "ngram"
-    num_speculative_tokens: int = 6  # proposals per step at most (the batch and acceptance shrink it)
+    num_speculative_tokens: int = 7  # at most (the batch and acceptance shrink it); 7 + 1 rows fill a kernel block
     prompt_lookup_min: int = 2  # shortest suffix n-gram looked up
     prompt_lookup_max: int = 4  # longest suffix n-gram looked up (longest first)
     model: str | None = None  # draft_model: the draft (anything dashchat loads)
@@ -203,9 +202,12 @@ class SpecState:
 _PRIOR_ACCEPTANCE = 0.75
 _DECAY = 0.7  # per verification: recent ones count most (an answer copies in runs)
 _PROBE_EVERY = 32  # steps: a sequence that stopped proposing tries one token again
-# Cost of a decode step of m rows over one row's, m = 1..7, on the CPU GGUF path: the per-row tiles
-# grow with the rows (one thread's CPU time, Qwen2.5-Coder-0.5B Q4_K_M: 1, 1.46, -, 2.6, 3.45, -, 5.0).
-_CPU_ROW_COST = (1.0, 1.46, 2.03, 2.6, 3.45, 4.2, 5.0)
+# Cost of a decode step of m rows over one row's, m = 1..8, on the CPU GGUF path (CPU time of a step,
+# Qwen2.5-Coder-0.5B Q4_K_M, 2 threads): 1-4 rows take per-row tiles, 5-8 one interleaved 8-row
+# block (measured 2.45 at 3 rows, above 4 rows' 2.32: taken as 4's). Each further block of 8 rows
+# adds 1.4 (16 rows measured 4.25).
+_CPU_ROW_COST = (1.0, 1.55, 2.32, 2.32, 2.9, 2.9, 2.9, 2.9)
+_CPU_BLOCK_COST = 1.4
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -271,13 +273,13 @@ class Speculator:
 
     def rows_for(self, num_decodes: int) -> int:
         """Extra rows a step of `num_decodes` decoding sequences may spend on proposals."""
-        if num_decodes >= 8:
-            return 0
         return max(0, self.max_rows - num_decodes)
 
     def cost(self, rows: int) -> float:
         if self.device == "cpu":
-            return _CPU_ROW_COST[rows - 1] if rows <= len(_CPU_ROW_COST) else rows * 0.7
+            if rows <= len(_CPU_ROW_COST):
+                return _CPU_ROW_COST[rows - 1]
+            return _CPU_ROW_COST[-1] + _CPU_BLOCK_COST * -(-(rows - len(_CPU_ROW_COST)) // 8)
         return 1.0 + 0.02 * (rows - 1)
 
     def plan(self, decodes: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
