@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass
 class ServerConfig:
-    served_model_names: list[str]
+    served_model_names: list[str]  # this model's (ServerState's own: the first model's)
     chat_template: str | None = None  # template text (file already read), None: the model's own
     api_keys: list[str] = field(default_factory=list)  # empty: no auth
     allowed_origins: list[str] = field(default_factory=list)  # empty: CORS off
@@ -31,6 +31,7 @@ class ServerConfig:
     # chat template; template variables every request gets unless it sets them itself.
     reasoning_parser: str | None = None
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    engine_name: str = "native"  # /version's answer while no model is loaded
     web_ui: bool = True  # the chat page at / (off: --no-web-ui)
     # Chat messages' text may become special tokens (`<|im_end|>` typed by a user ends the turn): the old,
     # unsafe behaviour, for callers that rely on it (text/control_tokens.py).
