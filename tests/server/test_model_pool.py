@@ -1,0 +1,214 @@
+"""The model pool over real engines (tiny random chat models), in process, where a test can hold a
+response's stream open for certain: its `send` waits on the test. And what a models folder or file
+names (projectors skipped, split GGUFs once, bad entries refused).
+
+The end-to-end checks on a real server are in test_e2e_multi_model.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tiny_models import save_tiny_chat_model
+
+from dashchat.engine.args import EngineArgs
+from dashchat.engine.native.llm_engine import AsyncLLMEngine
+from dashchat.models.catalog import CatalogError, read_models_file, scan_models_dir
+from dashchat.server.app import build_app
+from dashchat.server.config import ServerConfig
+from dashchat.server.model_pool import FOREVER, ModelPool, ModelSpec, parse_keep_alive
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-chat")
+    save_tiny_chat_model(d)
+    return d
+
+
+def _pool(tiny: Path, built: list[Any], **kw: Any) -> ModelPool:
+    def build(name: str) -> AsyncLLMEngine:
+        engine = AsyncLLMEngine(EngineArgs(model_dir=str(tiny), device="cpu", kv_cache_memory_gb=0.05, num_threads=1))
+        built.append((name, engine))
+        return engine
+
+    specs = [ModelSpec([n], ServerConfig([n]), functools.partial(build, n), keep_alive=FOREVER) for n in ("alpha", "beta")]
+    return ModelPool(specs, **kw)
+
+
+class _HeldStream:
+    """An ASGI call of one streaming request whose `send` stops after the first chunk until released."""
+
+    def __init__(self, app: Any, body: dict[str, Any]) -> None:
+        self.app, self.body = app, json.dumps(body).encode()
+        self.first = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.chunks: list[bytes] = []
+        self.status = 0
+
+    async def run(self) -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode())]}
+        sent = False
+        hang = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": self.body, "more_body": False}
+            await hang.wait()  # the client never leaves
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+            elif message.get("body"):
+                self.chunks.append(message["body"])
+                if not self.first.is_set():
+                    self.first.set()
+                    await self.gate.wait()
+
+        await self.app(scope, receive, send)
+
+
+def _status(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["id"]: m["status"] for m in models["data"]}
+
+
+async def _until(check: Any, what: str, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_a_held_stream_keeps_its_model_and_unloading_stops_the_engine(tiny: Path) -> None:
+    built: list[Any] = []
+    pool = _pool(tiny, built, max_loaded=1)
+    app = build_app(pool, ServerConfig(["alpha", "beta"]))
+
+    async def scenario() -> None:
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60)
+
+        async def status() -> dict[str, dict[str, Any]]:
+            return _status((await http.get("/v1/models")).json())
+
+        # two requests for an unloaded model share one load
+        chat = {"model": "beta", "messages": MSG, "max_tokens": 2}
+        r1, r2 = await asyncio.gather(http.post("/v1/chat/completions", json=chat),
+                                      http.post("/v1/chat/completions", json=chat))
+        assert r1.status_code == r2.status_code == 200 and [n for n, _ in built] == ["beta"]
+
+        held = _HeldStream(app, {"model": "alpha", "messages": MSG, "max_tokens": 8, "stream": True,
+                                 "ignore_eos": True})
+        task = asyncio.create_task(held.run())
+        await held.first.wait()  # alpha loaded (beta, idle, unloaded for it: one slot) and streaming
+        beta_engine = built[0][1]
+        assert beta_engine._stopped and not beta_engine._thread.is_alive()  # the engine is really down
+        s = await status()
+        assert s["alpha"]["loaded"] and s["alpha"]["in_flight"] == 1 and not s["beta"]["loaded"]
+        busy = await http.post("/v1/chat/completions", json=chat)  # the one slot is in use
+        assert busy.status_code == 503 and int(busy.headers["retry-after"]) > 0
+        assert busy.json()["error"]["code"] == "model_unavailable"
+        unload = await http.post("/api/generate", json={"model": "alpha", "prompt": "", "keep_alive": 0})
+        assert unload.json()["done_reason"] == "unload"
+        assert (await status())["alpha"]["loaded"]  # a request uses it: the client's unload is ignored
+        held.gate.set()
+        await task
+        text = b"".join(held.chunks).decode()
+        assert held.status == 200 and text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in text
+        assert '"error"' not in text
+        s = await status()
+        assert s["alpha"]["loaded"] and s["alpha"]["in_flight"] == 0
+
+        # --allow-client-unload: keep_alive 0 during another's stream unloads once that stream ends
+        pool.allow_client_unload = True
+        held = _HeldStream(app, {"model": "alpha", "messages": MSG, "max_tokens": 4, "stream": True})
+        task = asyncio.create_task(held.run())
+        await held.first.wait()
+        await http.post("/api/generate", json={"model": "alpha", "prompt": "", "keep_alive": 0})
+        assert (await status())["alpha"]["loaded"]
+        held.gate.set()
+        await task
+        alpha_engine = built[1][1]
+
+        async def alpha_down() -> bool:
+            return not (await status())["alpha"]["loaded"] and not alpha_engine._thread.is_alive()
+
+        await _until(alpha_down, "alpha unloads once the stream has ended")
+        metrics = (await http.get("/metrics")).text
+        assert 'dashchat_model_unloads_total{model="alpha",reason="client"} 1.0' in metrics
+        await http.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown()
+
+
+def test_keep_alive_parsing() -> None:
+    assert parse_keep_alive(None) is None and parse_keep_alive(0) == 0 and parse_keep_alive("0") == 0
+    assert parse_keep_alive("5m") == 300 and parse_keep_alive("1h30m") == 5400 and parse_keep_alive(2.5) == 2.5
+    assert parse_keep_alive(-1) == FOREVER and parse_keep_alive("-1s") == FOREVER
+    for bad in ("soon", "5", "-1", "1x"):
+        with pytest.raises(ValueError):
+            parse_keep_alive(bad)
+
+
+def _gguf(path: Path, arch: str) -> None:
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tensor("t.weight", np.zeros((2, 2), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_models_dir_skips_projectors_and_counts_split_ggufs_once(tmp_path: Path) -> None:
+    _gguf(tmp_path / "small.gguf", "llama")
+    _gguf(tmp_path / "mmproj-small-f16.gguf", "clip")
+    _gguf(tmp_path / "adapter.gguf", "clip")
+    for part in (1, 2, 3):
+        _gguf(tmp_path / f"big-0000{part}-of-00003.gguf", "llama")
+    (tmp_path / "vision").mkdir()  # a folder with its model GGUF and its projector: the model
+    _gguf(tmp_path / "vision" / "model-q4.gguf", "gemma3")
+    _gguf(tmp_path / "vision" / "mmproj.gguf", "clip")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    found = {e.names[0]: Path(e.path).name for e in scan_models_dir(tmp_path) if e.names}
+    assert found == {"small": "small.gguf", "big": "big-00001-of-00003.gguf", "vision": "model-q4.gguf"}
+
+
+def test_models_file(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    f = tmp_path / "models.yaml"
+    f.write_text("models:\n  - path: m\n    served_model_name: mine\n    keep_alive: 60\n"
+                 "    args: {quantization: int8}\n  - path: smollm2-135m-instruct\n")
+    a, b = read_models_file(f)
+    assert (a.path, a.names, a.keep_alive, a.args) == (str(tmp_path / "m"), ["mine"], 60.0, {"quantization": "int8"})
+    assert (b.path, b.names) == ("smollm2-135m-instruct", None)
+    j = tmp_path / "models.json"
+    j.write_text(json.dumps({"models": [{"path": "m", "served_model_name": ["x", "y"]}]}))
+    assert read_models_file(j)[0].names == ["x", "y"]
+    for text, said in (("models: []", "expected"), ("models:\n  - {name: x}", "needs a 'path'"),
+                       ("models:\n  - {path: m, port: 1}", "unknown key"), ("models: [", "not valid"),
+                       ("models:\n  - {path: m, keep_alive: soon}", "keep_alive: a number")):
+        f.write_text(text)
+        with pytest.raises(CatalogError, match=said):
+            read_models_file(f)
