@@ -23,6 +23,7 @@ from dashchat.models.catalog import CatalogError, read_models_file, scan_models_
 from dashchat.server.app import build_app
 from dashchat.server.config import ServerConfig
 from dashchat.server.model_pool import FOREVER, ModelPool, ModelSpec, parse_keep_alive
+from dashchat.server.plumbing.errors import APIError
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -34,13 +35,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _pool(tiny: Path, built: list[Any], **kw: Any) -> ModelPool:
+def _pool(tiny: Path, built: list[Any], memory: int = 0, **kw: Any) -> ModelPool:
     def build(name: str) -> AsyncLLMEngine:
         engine = AsyncLLMEngine(EngineArgs(model_dir=str(tiny), device="cpu", kv_cache_memory_gb=0.05, num_threads=1))
         built.append((name, engine))
         return engine
 
-    specs = [ModelSpec([n], ServerConfig([n]), functools.partial(build, n), keep_alive=FOREVER) for n in ("alpha", "beta")]
+    specs = [ModelSpec([n], ServerConfig([n]), functools.partial(build, n), memory_bytes=memory, keep_alive=FOREVER)
+             for n in ("alpha", "beta")]
     return ModelPool(specs, **kw)
 
 
@@ -157,6 +159,31 @@ def test_a_held_stream_keeps_its_model_and_unloading_stops_the_engine(tiny: Path
         asyncio.run(scenario())
     finally:
         pool.shutdown()
+
+
+def test_memory_budget_unloads_the_least_recently_used(tiny: Path) -> None:
+    built: list[Any] = []
+    pool = _pool(tiny, built, memory=600, max_memory_bytes=1000)
+
+    async def scenario() -> None:
+        a = await pool.acquire("alpha")
+        a.release()
+        b = await pool.acquire("beta")  # 600 + 600 > 1000: the idle alpha goes first
+        assert [e.name for e in pool.loaded()] == ["beta"] and not built[0][1]._thread.is_alive()
+        with pytest.raises(APIError) as err:  # beta is in use: no room for alpha
+            await pool.acquire("alpha")
+        assert err.value.status == 503 and "memory budget" in err.value.message and err.value.headers["Retry-After"]
+        b.release()
+        with pytest.raises(APIError) as err:
+            await pool.acquire("gamma")
+        assert err.value.status == 404
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown()
+    with pytest.raises(ValueError, match="more than the memory budget"):
+        _pool(tiny, [], memory=2000, max_memory_bytes=1000)
 
 
 def test_keep_alive_parsing() -> None:
