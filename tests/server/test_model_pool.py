@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tiny_models import save_tiny_chat_model
+from tiny_models import save_stub_gguf, save_tiny_chat_model
 
 from dashchat.engine.args import EngineArgs
 from dashchat.engine.native.llm_engine import AsyncLLMEngine
@@ -195,27 +195,15 @@ def test_keep_alive_parsing() -> None:
             parse_keep_alive(bad)
 
 
-def _gguf(path: Path, arch: str) -> None:
-    import gguf
-    import numpy as np
-
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_tensor("t.weight", np.zeros((2, 2), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_models_dir_skips_projectors_and_counts_split_ggufs_once(tmp_path: Path) -> None:
-    _gguf(tmp_path / "small.gguf", "llama")
-    _gguf(tmp_path / "mmproj-small-f16.gguf", "clip")
-    _gguf(tmp_path / "adapter.gguf", "clip")
+    save_stub_gguf(tmp_path / "small.gguf", "llama")
+    save_stub_gguf(tmp_path / "mmproj-small-f16.gguf", "clip")
+    save_stub_gguf(tmp_path / "adapter.gguf", "clip")
     for part in (1, 2, 3):
-        _gguf(tmp_path / f"big-0000{part}-of-00003.gguf", "llama")
+        save_stub_gguf(tmp_path / f"big-0000{part}-of-00003.gguf", "llama")
     (tmp_path / "vision").mkdir()  # a folder with its model GGUF and its projector: the model
-    _gguf(tmp_path / "vision" / "model-q4.gguf", "gemma3")
-    _gguf(tmp_path / "vision" / "mmproj.gguf", "clip")
+    save_stub_gguf(tmp_path / "vision" / "model-q4.gguf", "gemma3")
+    save_stub_gguf(tmp_path / "vision" / "mmproj.gguf", "clip")
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     found = {e.names[0]: Path(e.path).name for e in scan_models_dir(tmp_path) if e.names}
