@@ -270,6 +270,7 @@ class ModelPool:
 
     @staticmethod
     async def _shutdown(served: Any) -> None:
+        served.close()
         engine = served.engine
         del served
         try:
@@ -294,6 +295,7 @@ class ModelPool:
             if e.served is not None:
                 served, e.served = e.served, None
                 try:
+                    served.close()
                     served.engine.shutdown()
                 except Exception:  # noqa: BLE001 - stop the others all the same
                     log.exception("engine shutdown failed for %s", e.name)

@@ -50,6 +50,11 @@ class ServedModel:
         self._grammar_error: str | None = None
         self._grammar_lock = threading.Lock()
 
+    def close(self) -> None:
+        """Unloading: end the grammar compile threads (the pool shuts the engine down)."""
+        if self._grammar is not None:
+            self._grammar.compiles.pool.close()
+
     # -- structured output ----------------------------------------------------
     def grammar(self, param: str) -> Any:
         """The GrammarBackend, built on first use (it indexes the vocabulary once)."""

@@ -113,6 +113,10 @@ def test_a_held_stream_keeps_its_model_and_unloading_stops_the_engine(tiny: Path
         r1, r2 = await asyncio.gather(http.post("/v1/chat/completions", json=chat),
                                       http.post("/v1/chat/completions", json=chat))
         assert r1.status_code == r2.status_code == 200 and [n for n, _ in built] == ["beta"]
+        json_chat = {**chat, "response_format": {"type": "json_object"}}  # starts beta's grammar threads
+        assert (await http.post("/v1/chat/completions", json=json_chat)).status_code == 200
+        grammar_threads = list(pool.entry("beta").served._grammar.compiles.pool.threads)
+        assert grammar_threads and all(t.is_alive() for t in grammar_threads)
 
         held = _HeldStream(app, {"model": "alpha", "messages": MSG, "max_tokens": 8, "stream": True,
                                  "ignore_eos": True})
@@ -120,6 +124,11 @@ def test_a_held_stream_keeps_its_model_and_unloading_stops_the_engine(tiny: Path
         await held.first.wait()  # alpha loaded (beta, idle, unloaded for it: one slot) and streaming
         beta_engine = built[0][1]
         assert beta_engine._stopped and not beta_engine._thread.is_alive()  # the engine is really down
+
+        async def grammar_threads_ended() -> bool:
+            return not any(t.is_alive() for t in grammar_threads)
+
+        await _until(grammar_threads_ended, "beta's grammar compile threads end")
         s = await status()
         assert s["alpha"]["loaded"] and s["alpha"]["in_flight"] == 1 and not s["beta"]["loaded"]
         busy = await http.post("/v1/chat/completions", json=chat)  # the one slot is in use
