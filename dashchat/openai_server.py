@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="Name(s) clients pass as 'model' (one model only; several: per model in --models-config). "
                         "Default: the last part of the model path, e.g. Qwen2.5-7B-Instruct.")
+    m.add_argument("--task", choices=["auto", "generate", "embed", "score"], default="auto",
+                   help="What the model is served for: generate (chat, completions), embed (/v1/embeddings), "
+                   "score (/v1/rerank, /score with a decoder reranker such as Qwen3-Reranker). auto: embed where "
+                   "the folder declares sentence-transformers pooling or has no LM head, score where its config "
+                   "says it is a reranker, else generate.")
     m.add_argument("--chat-template", default=None,
                    help="Jinja chat template: a file path, or the template text itself. "
                         "Default: the model's own (tokenizer_config.json or GGUF metadata).")
@@ -186,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="Let chat messages' text become special tokens (a user's '<|im_end|>' ends the "
                         "turn). Off by default: such text is encoded as ordinary tokens.")
+    med = p.add_argument_group("media (image URLs in requests)")
+    med.add_argument("--allowed-media-domains", default=None, metavar="HOSTS",
+                     help="Comma list of hosts whose http(s) image URLs the server fetches: exact names or "
+                          "'*.example.com' for its subdomains. Default: none (only data: URLs).")
+    med.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="Longest time one image fetch may take, redirects included.")
+    med.add_argument("--media-max-bytes", type=int, default=20 * 1024 * 1024, metavar="BYTES",
+                     help="Largest image the server fetches or decodes.")
+    med.add_argument("--allow-private-media-addresses", action="store_true",
+                     help="Let hosts listed by exact name in --allowed-media-domains resolve to private, "
+                          "loopback or link-local addresses (refused by default: SSRF).")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                      help="Largest request body; bigger ones get 413.")
@@ -272,6 +288,20 @@ def _api_keys(values: list[str] | None) -> list[str]:
             raise _ArgError("DASHCHAT_API_KEY is set but holds no key; unset it or give a real key")
         keys += from_env
     return [k.strip() for k in keys]
+
+
+def _image_fetch_policy(args: argparse.Namespace) -> Any:
+    from dashchat.server.media.image_fetch import ImageFetchPolicy, parse_allowed_hosts
+
+    try:
+        hosts = parse_allowed_hosts(args.allowed_media_domains or "")
+    except ValueError as exc:
+        raise _ArgError(f"--allowed-media-domains: {exc}") from None
+    if args.media_fetch_timeout <= 0 or args.media_max_bytes <= 0:
+        raise _ArgError("--media-fetch-timeout and --media-max-bytes must be positive")
+    return ImageFetchPolicy(allowed_hosts=hosts, max_bytes=args.media_max_bytes,
+                            timeout_s=args.media_fetch_timeout,
+                            allow_private_addresses=args.allow_private_media_addresses)
 
 
 def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
@@ -387,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--headless runs ranks of dashchat's native engine; DashInfer runs its own devices")
     try:
         api_keys = _api_keys(args.api_key)
+        image_fetch = _image_fetch_policy(args)
     except _ArgError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -414,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grammar_compile_threads=args.grammar_compile_threads,
             grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
             allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+            image_fetch=image_fetch,
         )
         entries, several = _model_entries(args)
         specs = [spec for e in entries if (spec := _model_spec(parser, args, cfg, e, several)) is not None]
@@ -458,7 +490,7 @@ def _model_entries(args: argparse.Namespace) -> tuple[list[Any], bool]:
 
 
 # The flags a models file may set per model (`args`): how a model is read, run and templated.
-_PER_MODEL = ("chat_template", "reasoning_parser", "default_chat_template_kwargs", "engine", "device", "device_list",
+_PER_MODEL = ("task", "chat_template", "reasoning_parser", "default_chat_template_kwargs", "engine", "device", "device_list",
               "dtype", "quantization", "compile", "enforce_eager", "speculative_config", "max_model_len",
               "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "max_queue", "threads", "seed",
               "tensor_parallel_size")
@@ -502,6 +534,7 @@ def _model_spec(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: 
     import dataclasses
     import functools
 
+    from dashchat.models.pooling import serving
     from dashchat.models.resolve import ModelResolveError, resolve_model
     from dashchat.server.model_pool import FOREVER, ModelSpec
     from dashchat.server.model_specs import ModelOutline, outline
@@ -520,12 +553,13 @@ def _model_spec(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: 
             return None
         raise
     log.info("model: %s (%s)", resolved.name, resolved.path)
+    serving(margs.task, resolved.path, None)  # a folder that cannot serve the task fails here, in one line
     names = entry.names or args.served_model_name or [resolved.name]
     eargs = _engine_args(margs, str(resolved.path))
     mcfg = dataclasses.replace(cfg, served_model_names=list(names), chat_template=_read_template(margs.chat_template),
                                reasoning_parser=_reasoning_parser(margs.reasoning_parser),
                                default_chat_template_kwargs=_template_kwargs(margs.default_chat_template_kwargs),
-                               engine_name=margs.engine)
+                               engine_name=margs.engine, task=margs.task)
     facts = outline(eargs) if several and margs.engine == "native" else ModelOutline(None, None, 0)
     keep_alive = next(k for k in (entry.keep_alive, args.keep_alive, 300.0 if several else FOREVER) if k is not None)
     memory = int(entry.memory_gb * 2**30) if entry.memory_gb is not None else facts.memory_bytes

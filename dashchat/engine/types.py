@@ -62,6 +62,30 @@ class SamplingParams:
 
 
 @dataclass
+class PoolingParams:
+    """A prefill-only request: run the prompt once and hand back its pooled final hidden state
+    (the final norm applied, before the head). It never decodes. Normalising and truncating the
+    vector is the caller's job (the engine returns what the model computed)."""
+
+    pooling: str = "last"  # "last" token, "mean" over every position, or the first token ("cls")
+    # Also return the logits of these token ids at the last position (a decoder reranker reads its
+    # "yes" and "no" there).
+    logit_token_ids: list[int] | None = None
+    cache_salt: str | None = None  # as SamplingParams.cache_salt
+
+    POOLINGS = ("last", "mean", "cls")
+
+
+@dataclass
+class PoolingOutput:
+    request_id: str
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    hidden: torch.Tensor  # [hidden_size] float32 on the CPU
+    logits: torch.Tensor | None = None  # [len(logit_token_ids)] float32, or None
+
+
+@dataclass
 class TokenLogprob:
     token_id: int
     logprob: float
@@ -159,6 +183,11 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    # Optional: engines that serve embedding / score models. The server answers 400 where an engine
+    # lacks it.
+    # async def pool(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str)
+    #     -> PoolingOutput: raises as generate() does before its first output; closing early aborts.
 
     def stats(self) -> EngineStats: ...
 

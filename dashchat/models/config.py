@@ -18,6 +18,10 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",  # its text model; the vision tower is not loaded
     "Phi3ForCausalLM": "phi3",
+    # Head-less transformers, as sentence-transformers saves embedding models (models/pooling.py)
+    "LlamaModel": "llama",
+    "Qwen2Model": "qwen2",
+    "Qwen3Model": "qwen3",
 }
 
 
@@ -167,7 +171,8 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # a head-less checkpoint has no lm_head: the embedding stands in (it is never sampled)
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or arch.endswith("Model"),
             attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", family in ("qwen2", "qwen2_moe")))),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
             rope_scaling=rope_scaling,

@@ -30,6 +30,8 @@ from dashchat.server.plumbing.middleware import (
 from dashchat.server.protocol import ChatCompletionRequest, CompletionRequest
 from dashchat.server.routes.chat import create_chat_completion
 from dashchat.server.routes.completions import create_completion
+from dashchat.server.routes.embeddings import add_embedding_routes
+from dashchat.server.routes.rerank import add_rerank_routes
 from dashchat.server.routes.messages import add_messages_routes
 from dashchat.server.routes.ollama import add_ollama_routes
 from dashchat.server.routes.tokenize import add_tokenize_routes
@@ -118,6 +120,8 @@ def build_app(models: Engine | ModelPool, cfg: ServerConfig) -> FastAPI:
     add_messages_routes(app, state)
     add_tokenize_routes(app, state)
     add_ollama_routes(app, state)
+    add_embedding_routes(app, state)
+    add_rerank_routes(app, state)
 
     def model_card(name: str) -> dict[str, Any]:
         entry = pool.entry(name)

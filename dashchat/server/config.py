@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dashchat.server.media.image_fetch import ImageFetchPolicy
+
 
 @dataclass
 class ServerConfig:
@@ -31,6 +33,8 @@ class ServerConfig:
     # chat template; template variables every request gets unless it sets them itself.
     reasoning_parser: str | None = None
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # What the model is served for (models/pooling.py TASKS): auto reads its folder.
+    task: str = "auto"
     engine_name: str = "native"  # /version's answer while no model is loaded
     web_ui: bool = True  # the chat page at / (off: --no-web-ui)
     # Chat messages' text may become special tokens (`<|im_end|>` typed by a user ends the turn): the old,
@@ -42,6 +46,8 @@ class ServerConfig:
     grammar_compile_timeout_s: float = 10.0
     grammar_compile_nice: int = 10
     grammar_cache_bytes: int = 256 * 1024 * 1024
+    # Which image URLs the server may fetch (media/image_fetch.py); the default fetches none.
+    image_fetch: ImageFetchPolicy = field(default_factory=ImageFetchPolicy)
 
     @property
     def model_name(self) -> str:

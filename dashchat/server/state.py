@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from dashchat import __version__
 from dashchat.engine.types import Engine, EngineDead
+from dashchat.models.pooling import serving
 from dashchat.server.config import ServerConfig
 from dashchat.server.model_pool import ModelPool, hold_until_response_ends
 from dashchat.server.text.control_tokens import ContentGuard
@@ -46,6 +47,9 @@ class ServedModel:
         self.reasoning = choose_format(cfg.reasoning_parser, self.chat_template)
         if self.reasoning is not None:
             log.info("reasoning parser: %s", self.reasoning.name)
+        # What it is served for ("generate", "embed", "score") and how it pools (models/pooling.py).
+        self.task, self.pooling = serving(cfg.task, getattr(getattr(engine, "args", None), "model_dir", None),
+                                          getattr(getattr(engine, "model_config", None), "architecture", None))
         self._grammar: Any = None
         self._grammar_error: str | None = None
         self._grammar_lock = threading.Lock()

@@ -12,6 +12,8 @@ from dashchat.engine.types import (
     CompletionDelta,
     EngineOverloaded,
     EngineStats,
+    PoolingOutput,
+    PoolingParams,
     PromptTooLong,
     RequestOutput,
     SamplingParams,
@@ -135,3 +137,28 @@ class ScriptedEngine:
 
     def shutdown(self) -> None:
         pass
+
+
+class PoolingEngine(ScriptedEngine):
+    """ScriptedEngine that also serves pooling requests: the vector is a seeded random one per prompt,
+    the logits of the tokens asked for likewise. Its tokenizer reads a word ("yes", "no") as the
+    token of its first byte and renders `(text, literal)` segments as plain text."""
+
+    def __init__(self, hidden_size: int = 16, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.hidden_size = hidden_size
+        tok = self.tokenizer
+        tok.token_to_id = lambda token: tok.encode(token)[0] if token else None  # type: ignore[attr-defined]
+        tok.encode_segments = lambda segments, add_special_tokens=False: [  # type: ignore[attr-defined]
+            t for text, _ in segments for t in tok.encode(text)]
+
+    async def pool(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str) -> PoolingOutput:
+        import torch
+
+        if not prompt_token_ids or len(prompt_token_ids) > self.max_model_len:
+            raise PromptTooLong("too long")
+        await asyncio.sleep(0)
+        gen = torch.Generator().manual_seed(hash(tuple(prompt_token_ids)) % 2**31)
+        logits = torch.randn(len(params.logit_token_ids), generator=gen) if params.logit_token_ids else None
+        return PoolingOutput(request_id, len(prompt_token_ids), 0, torch.randn(self.hidden_size, generator=gen),
+                             logits)

@@ -1,6 +1,6 @@
-"""Hypothesis on /v1/responses, /v1/messages and Ollama's /api/* (in-process, scripted engine): any body, with the served
-model name so it reaches the translation and the chat run, gets a 2xx or a 4xx in that API's error
-shape, never a 5xx. (The schemathesis run covers the routes too, but its random model names stop
+"""Hypothesis on /v1/responses, /v1/messages, Ollama's /api/*, embeddings, rerank and score (in-process,
+scripted engine): any body, with the served model name so it reaches the translation and the chat
+run, gets a 2xx or a 4xx in that API's error shape, never a 5xx. (The schemathesis run covers the routes too, but its random model names stop
 most Messages requests at the 404.)"""
 
 from __future__ import annotations
@@ -189,3 +189,52 @@ def test_any_json(client: TestClient, body: Any) -> None:
             assert list(shape) == ["error"]
         else:
             assert ("error" in shape) if path == "/v1/responses" else (shape["type"] == "error")
+
+
+ids = st.lists(st.integers(-2, 300), max_size=4)
+POOLING = {
+    "model": st.sampled_from(["m", "other"]),
+    "input": text | st.lists(text, max_size=3) | ids | st.lists(ids, max_size=2),
+    "encoding_format": st.sampled_from(["float", "base64", "hex"]),
+    "dimensions": st.integers(-1, 40),
+    "query": text, "documents": st.lists(text | st.fixed_dictionaries({"text": text}), max_size=3),
+    "top_n": st.integers(-1, 5), "return_documents": st.booleans(), "instruction": text,
+    "text_1": text | st.lists(text, max_size=3), "text_2": text | st.lists(text, max_size=3),
+    "prompt": text, "truncate": st.booleans(), "keep_alive": st.sampled_from(["5m", "soon"]),
+}
+POOLING = {k: mostly(v) for k, v in POOLING.items()}
+POOLING_PATHS = ("/v1/embeddings", "/v1/rerank", "/rerank", "/score", "/api/embed", "/api/embeddings")
+
+
+@pytest.fixture(scope="module", params=["embed", "score"])
+def pooling_client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    from server_fakes import PoolingEngine
+
+    cfg = ServerConfig(["m"], task=request.param)
+    with TestClient(build_app(PoolingEngine(max_model_len=64), cfg)) as c:
+        yield c
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.fixed_dictionaries({"model": st.just("m")}, optional={k: v for k, v in POOLING.items() if k != "model"})
+       | json_values)
+def test_pooling_bodies(pooling_client: TestClient, body: Any) -> None:
+    """Embeddings, rerank and score (embedding and reranker models), Ollama's embed: 2xx or a 4xx in the
+    API's error shape."""
+    for path in POOLING_PATHS:
+        r = _post(pooling_client, path, body)
+        if r.status_code >= 400:
+            err = r.json()
+            if path.startswith("/api/"):
+                assert list(err) == ["error"] and err["error"]
+            else:
+                assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
+        elif path == "/v1/embeddings":
+            assert r.json()["object"] == "list" and r.json()["usage"]["total_tokens"] > 0
+        elif path == "/score":
+            assert all(0 <= d["score"] <= 1 or abs(d["score"]) <= 1 + 1e-6 for d in r.json()["data"])
+        elif path.endswith("rerank"):
+            scores = [x["relevance_score"] for x in r.json()["results"]]
+            assert scores == sorted(scores, reverse=True)
+        else:
+            assert "embeddings" in r.json() or "embedding" in r.json()

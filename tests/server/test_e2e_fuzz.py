@@ -29,7 +29,8 @@ def test_schemathesis_no_server_errors(small: ServerProcess, tmp_path: Path) -> 
     exe = shutil.which("schemathesis") or shutil.which("st")
     paths = httpx.get(f"{small.base_url}/openapi.json").json()["paths"]
     assert {"/v1/responses", "/v1/responses/{response_id}", "/v1/messages", "/v1/messages/count_tokens",
-            "/api/chat", "/api/generate", "/api/show", "/api/embed"} <= set(paths)
+            "/api/chat", "/api/generate", "/api/show", "/api/embed", "/v1/embeddings", "/v1/rerank", "/rerank",
+            "/score"} <= set(paths)
     r = subprocess.run(
         [str(exe), "run", f"{small.base_url}/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "60",

@@ -376,13 +376,15 @@ def test_system_prompt_and_sampling_settings_reach_the_request(page_factory: Any
 
 
 def test_context_too_long_is_explained(page_factory: Any, web_server: ServerProcess) -> None:
+    """A new message the server refuses (400) is explained above the composer and given back to it."""
     page = page_factory(web_server.base_url)
     set_extra_json(page, {"max_tokens": 5000})  # the server's context is 1024
     send(page, "Hi")
-    answer = wait_answer_done(page)
-    card = answer.locator(".error-card").inner_text()
+    page.wait_for_selector("body[data-state='idle'] #composer-error:not([hidden])")
+    card = page.locator("#composer-error").inner_text()
     assert "too long for the model" in card and "1024" in card, card
-    assert answer.locator(".error-card .btn").count() == 0  # no Retry: the same request would fail again
+    assert page.locator("#composer-error .btn").count() == 0  # no Retry: the same request would fail again
+    assert page.locator("#prompt").input_value() == "Hi" and page.locator("#messages article").count() == 0
     screenshot(page, "05-context-too-long")
 
 

@@ -40,6 +40,7 @@ def test_root_serves_the_page_with_a_strict_policy() -> None:
     assert "<title>dashchat</title>" in r.text
     csp = r.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "img-src 'self' data: blob:;" in csp  # attached images, from the browser's own store
     assert r.headers["x-content-type-options"] == "nosniff"
     assert client().head("/").status_code == 200
 
@@ -55,7 +56,7 @@ def test_every_asset_the_page_names_is_served_from_the_package() -> None:
         assert r.status_code == 200 and r.content == (STATIC_DIR / name.removeprefix("/ui/")).read_bytes(), name
     assert c.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
     # the modules app.js imports
-    for module in ("api.js", "render.js", "store.js"):
+    for module in ("api.js", "render.js", "store.js", "images.js"):
         assert c.get(f"/ui/{module}").status_code == 200
 
 

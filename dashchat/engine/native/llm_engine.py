@@ -30,7 +30,9 @@ from ...tokenizer import Tokenizer
 from ..args import EngineArgs
 from ..cpu.threads import physical_cores
 from .block_manager import BlockManager
+from . import pooling
 from .model_runner import build_runner
+from .pooling import PoolState
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SeqStatus
@@ -41,8 +43,11 @@ from ..types import (
     EngineError,
     EngineOverloaded,
     EngineStats,
+    PoolingOutput,
+    PoolingParams,
     RequestOutput,
     SamplingParams,
+    UnsupportedFeature,
     check_prompt,
 )
 
@@ -190,18 +195,7 @@ class AsyncLLMEngine:
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        if self._stopped:
-            raise EngineError("the engine is shut down")
-        self.check_health()
-        check_prompt(prompt_token_ids, params.max_tokens, self.max_model_len, self.vocab_size)
-        if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
-            raise EngineOverloaded("the server is busy: too many requests are waiting")
-        request = self._make_request(prompt_token_ids, params, request_id)
-        with self._lock:  # _die sets `failure` under this lock: a request is failed by it or refused here
-            self.check_health()
-            self._requests[request_id] = request
-            self._inbox.append(request)
-        self._wake.set()
+        request = self._admit(prompt_token_ids, params, request_id)
         finished = False
         try:
             while True:
@@ -215,6 +209,41 @@ class AsyncLLMEngine:
         finally:
             if not finished:  # the consumer left early (client gone) or failed: free the KV now
                 self._abort_soon(request_id)
+
+    async def pool(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str) -> PoolingOutput:
+        """A prefill-only request (pooling.py): the prompt's pooled final hidden state."""
+        if params.pooling not in PoolingParams.POOLINGS:
+            raise UnsupportedFeature(f"pooling must be one of {', '.join(PoolingParams.POOLINGS)}")
+        sampling = SamplingParams(max_tokens=0, cache_salt=params.cache_salt)
+        request = self._admit(prompt_token_ids, sampling, request_id, PoolState(params))
+        finished = False
+        try:
+            item = await request.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            finished = True
+            return item
+        finally:
+            if not finished:
+                self._abort_soon(request_id)
+
+    def _admit(self, prompt: list[int], params: SamplingParams, request_id: str,
+               pooling: PoolState | None = None) -> Request:
+        """The admission checks, then the request joins the step thread's inbox."""
+        if self._stopped:
+            raise EngineError("the engine is shut down")
+        self.check_health()
+        check_prompt(prompt, params.max_tokens, self.max_model_len, self.vocab_size)
+        if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
+            raise EngineOverloaded("the server is busy: too many requests are waiting")
+        request = self._make_request(prompt, params, request_id)
+        request.seqs[0].pooling = pooling
+        with self._lock:  # _die sets `failure` under this lock: a request is failed by it or refused here
+            self.check_health()
+            self._requests[request_id] = request
+            self._inbox.append(request)
+        self._wake.set()
+        return request
 
     async def abort(self, request_id: str) -> None:
         self._abort_soon(request_id)
@@ -421,20 +450,26 @@ class AsyncLLMEngine:
         KV slot, rewritten with the same values) and asks again, while the others go on. A decode
         with proposals (speculative decoding) gets the proposals the model accepts and one token of
         its own; the KV of the rejected ones is left behind (rewritten before anything reads it)."""
-        sampling = list(batch.decodes)
-        sampling += [s for s, chunk in batch.prefills if s.num_computed_tokens + chunk == s.num_tokens]
+        finishing = [s for s, chunk in batch.prefills if s.num_computed_tokens + chunk == s.num_tokens]
+        sampling = list(batch.decodes) + [s for s in finishing if s.pooling is None]
         try:
             logits = self.runner.run(batch, sampling)
         except Exception as exc:
             if self.group is not None:  # some ranks may be inside a collective of this step
                 raise _RanksOutOfStep() from exc
             raise
+        pooled = [s for s in finishing if s.pooling is not None]
+        if pooled:
+            logits = pooling.take_logits(batch.decodes, finishing, logits)
         for seq in batch.decodes:
             seq.num_computed_tokens = seq.num_tokens
         for seq, chunk in batch.prefills:
             seq.num_computed_tokens += chunk
         for seq in batch.decodes + [s for s, _ in batch.prefills]:
             self.blocks.register_full_blocks(seq)
+
+        for seq in pooled:
+            self._finish_pooling(seq)
 
         proposals = {seq: seq.proposal for seq in batch.decodes if seq.proposal}
         for seq in batch.decodes:
@@ -468,6 +503,17 @@ class AsyncLLMEngine:
                 self._keep_accepted(seq, accepted)
         self._publish(touched.values())
         return progress
+
+    def _finish_pooling(self, seq: Sequence) -> None:
+        """Its last position is computed: hand back the pooled state, free its blocks (the full ones
+        stay in the prefix cache)."""
+        self.scheduler.finish(seq, "stop")
+        request = self._requests.pop(seq.request_id, None)
+        if request is None:
+            return
+        output = PoolingOutput(request.request_id, request.num_prompt_tokens, seq.num_cached_tokens,
+                               seq.pooling.result(seq.num_tokens), seq.pooling.logits)
+        self._post(request.loop, request.queue.put_nowait, output)
 
     def _keep_accepted(self, seq: Sequence, accepted: int) -> None:
         """The accepted proposals' KV is the sequence's own now (their full blocks cacheable); the

@@ -15,6 +15,7 @@ from ...models.layers import materialize_rotary
 from ...models.parallel import SINGLE, ShardPlan, TensorParallel
 from ...models.weights import iter_weight_slices
 from ...tokenizer import Tokenizer
+from . import pooling
 from .attention import PagedAttention, PrefillSpan, StepAttentionMetadata
 from ..cpu.linear import pack_linears
 from ..cpu.ops import use_cpu_kernels
@@ -190,7 +191,11 @@ class ModelRunner:
         step = self._prepare(batch)
         if self.group is not None:
             send_step(self.group, step)
-        return self._execute(step)
+        logits = self._execute(step)
+        if self._hidden is not None and any(seq.pooling is not None for seq, _ in batch.prefills):
+            pooling.collect(batch.prefills, step.spans, self._hidden)
+        self._hidden = None
+        return logits
 
     @torch.inference_mode()
     def serve_steps(self) -> None:
@@ -234,7 +239,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slots(seq, start, end))
-            if end == seq.num_tokens:
+            if end == seq.num_tokens and (seq.pooling is None or seq.pooling.wants_logits):
                 logits_rows.append(len(input_ids) - 1)
 
         decode_tables = decode_lens = None
@@ -246,12 +251,14 @@ class ModelRunner:
         )
 
     def _execute(self, step: StepInputs) -> torch.Tensor:
+        self._hidden = None
         if not step.spans:
             self.compiled_decode_steps += self.compile_decode
             return self._decode(step.input_ids, step.positions, step.slots, step.decode_tables, step.decode_lens)
         self.attention.begin_step(StepAttentionMetadata(
             step.slots, step.num_decodes, step.decode_tables, step.decode_lens, step.spans))
         hidden = self.model(step.input_ids, step.positions, self.attention)
+        self._hidden = hidden  # the final hidden states: pooling requests read their rows (run())
         if not step.logits_rows:
             return torch.empty(0, self.cfg.vocab_size)
         hidden = hidden[torch.tensor(step.logits_rows, dtype=torch.long, device=self.device)]

@@ -86,7 +86,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.blocked_on is not None:
                 break  # keep arrival order: its parent's prefill finishes first
-            if not seq.block_table:
+            if not seq.block_table and not (seq.pooling is not None and seq.pooling.needs_every_position):
                 seq.num_computed_tokens = seq.num_cached_tokens = self.blocks.reuse_cached_prefix(seq)
             chunk = self._fit_chunk(seq, budget)
             if not chunk:

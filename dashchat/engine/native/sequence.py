@@ -41,6 +41,8 @@ class Sequence:
     # Speculative decoding: this step's proposed next tokens, and the proposer's state (speculative.py).
     proposal: list[int] = field(default_factory=list)
     spec: Any = None
+    # A pooling request (pooling.PoolState): prefill only, finished by the step that computes its end.
+    pooling: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -56,8 +58,9 @@ class Sequence:
 
     @property
     def is_prefilling(self) -> bool:
-        """More than the last token still lacks KV (prompt, or everything after a preemption)."""
-        return self.num_tokens - self.num_computed_tokens > 1
+        """More than the last token still lacks KV (prompt, or everything after a preemption). A
+        pooling sequence prefills to its end: it never takes a decode row."""
+        return self.num_tokens - self.num_computed_tokens > (0 if self.pooling is not None else 1)
 
     @property
     def is_finished(self) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 from dashchat.server.text.detokenizer import TextStream
 from dashchat.server.plumbing.errors import bad_request
+from dashchat.server.routes.embeddings import require_task
 from dashchat.server.generation.runner import (
     Choice,
     EngineResponse,
@@ -44,6 +45,7 @@ log = logging.getLogger("dashchat.server")
 async def create_chat_completion(server: ServerState | ModelView, req: ChatCompletionRequest) -> EngineResponse:
     state = await server.use_model(req.model)
     cfg, model = state.cfg, state.name
+    require_task(state, model, "generate", state.served)
     if len(req.messages) > cfg.max_messages:
         raise bad_request(f"'messages' takes at most {cfg.max_messages} entries.", "messages")
     plan = plan_tools(req, cfg)

@@ -11,6 +11,7 @@ from typing import Any
 
 from dashchat.server.text.detokenizer import TextStream
 from dashchat.server.plumbing.errors import bad_request
+from dashchat.server.routes.embeddings import require_task
 from dashchat.server.generation.runner import (
     Choice,
     EngineResponse,
@@ -32,6 +33,7 @@ _MAX_PROMPTS = 16
 async def create_completion(server: ServerState | ModelView, req: CompletionRequest) -> EngineResponse:
     state = await server.use_model(req.model)
     cfg, model = state.cfg, state.name
+    require_task(state, model, "generate", state.served)
     if req.suffix:
         raise bad_request("'suffix' is not supported.", "suffix")
     if req.best_of is not None and req.best_of != req.n:

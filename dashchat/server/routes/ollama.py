@@ -34,6 +34,7 @@ from dashchat.server.plumbing.errors import APIError, bad_request
 from dashchat.server.plumbing.validation import check_json_body
 from dashchat.server.protocol import CompletionRequest
 from dashchat.server.routes.chat_bridge import ChatBridge, to_chat_request
+from dashchat.server.routes.embeddings import ollama_embed, ollama_embeddings
 from dashchat.server.routes.ollama_models import (
     ModelFacts,
     now_iso,
@@ -371,13 +372,6 @@ async def ollama_generate(state: ServerState, req: GenerateRequest) -> Response:
     return await _run_chat(view, req, "generate", started, messages, None, _renamer({"messages": "prompt"}))
 
 
-def _no_embeddings(state: ServerState, model: str, keep_alive: float | str | None) -> APIError:
-    served_name(state, model)
-    _keep_alive(keep_alive)
-    # What Ollama answers for a model without embedding support; this server has no embedding path yet.
-    return bad_request(f'"{model}" does not support embeddings', "model")
-
-
 class _AnyBodyIsJSON(APIRoute):
     """Ollama reads every body as JSON whatever its content type, and its documented commands
     (`curl URL -d '{...}'`) send form-encoded ones: read them as JSON too, with the checks the body
@@ -439,10 +433,10 @@ def add_ollama_routes(app: Any, state: ServerState) -> None:
 
     @api.post("/api/embed", response_model=None)
     async def api_embed(body: EmbedRequest) -> Response:
-        raise _no_embeddings(state, body.model, body.keep_alive)
+        return await ollama_embed(state, served_name(state, body.model), body)
 
     @api.post("/api/embeddings", response_model=None)
     async def api_embeddings(body: EmbeddingsRequest) -> Response:
-        raise _no_embeddings(state, body.model, body.keep_alive)
+        return await ollama_embeddings(state, served_name(state, body.model), body)
 
     app.include_router(api)

@@ -56,6 +56,7 @@ class ModelFacts:
     model_info: dict[str, Any] = field(default_factory=dict)
     template: str = ""
     thinking: bool = False
+    task: str = "generate"  # what it is served for (models/pooling.py)
 
 
 def _iso(ts: float) -> str:
@@ -132,6 +133,12 @@ def read_model_facts(state: ServerState, name: str) -> ModelFacts:
     else:
         facts.template, thinking = _template_and_thinking(entry.spec.cfg, model_dir)
     facts.thinking = thinking
+    if served is not None:
+        facts.task = getattr(served, "task", "generate")
+    else:
+        from dashchat.models.pooling import serving
+
+        facts.task = serving(entry.spec.cfg.task, model_dir, getattr(cfg, "architecture", None))[0]
     max_model_len = served.max_model_len if served is not None else entry.spec.max_model_len
     files: list[Path] = []
     try:
@@ -193,6 +200,8 @@ def _template_and_thinking(cfg: Any, model_dir: str | None) -> tuple[str, bool]:
 
 
 def capabilities(facts: ModelFacts) -> list[str]:
+    if facts.task != "generate":  # Ollama names embedding models so; it has no word for a reranker
+        return ["embedding"] if facts.task == "embed" else []
     # Every model takes tools: templates without them get dashchat's built-in tool prompt.
     caps = ["completion", "tools"]
     if facts.thinking:

@@ -21,9 +21,10 @@ ASSET_PREFIX = "/ui"
 
 # Defence in depth behind the page's sanitiser: even if model output slipped through as HTML, no inline
 # script or event handler would run, and nothing could be fetched from anywhere but this server.
+# Images may also be data: and blob: URLs: the person's own attachments, shown from the browser's store.
 PAGE_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
         "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
         "form-action 'none'; frame-ancestors 'none'"
     ),

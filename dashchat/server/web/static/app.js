@@ -2,6 +2,7 @@
 // (store.js); the server is reached only through the public API (api.js).
 
 import { APIError, describeError, listModels, streamChat } from "./api.js";
+import * as images from "./images.js";
 import { copyText, markdownToSafeHtml, renderMarkdown, renderToolCall, splitThinking } from "./render.js";
 import * as store from "./store.js";
 
@@ -19,12 +20,15 @@ const ui = {
   temperature: $("temperature"), temperatureValue: $("temperature-value"), topP: $("top-p"),
   topPValue: $("top-p-value"), maxTokens: $("max-tokens"), extraJson: $("extra-json"),
   extraJsonError: $("extra-json-error"), apiKey: $("api-key"), rememberKey: $("remember-key"),
+  composer: $("composer"), attachInput: $("attach-file"), attachments: $("attachments"),
+  composerError: $("composer-error"),
 };
 
 let settings = store.loadSettings();
 let apiKey = store.loadApiKey();
 let conv = null; // the open conversation
 let generation = null; // {controller, index} while an answer streams
+let draftImages = []; // [{ref, mime, dataUrl}] attached to the message being written
 
 // ---- conversations -----------------------------------------------------------------------------
 
@@ -48,6 +52,7 @@ function openConversation(next) {
   settings.lastConversation = conv.id;
   store.saveSettings(settings);
   ui.system.value = conv.system || "";
+  hideComposerError();
   renderSidebar();
   renderMessages();
   closeDrawers();
@@ -121,12 +126,13 @@ function confirmDelete(button, item) {
     return;
   }
   store.deleteConversation(item.id);
+  images.keepOnly(store.referencedImages());
   if (item.id === conv.id) startNewConversation();
   else renderSidebar();
 }
 
-function exportConversations() {
-  const blob = new Blob([JSON.stringify(store.exportAll(), null, 2)], { type: "application/json" });
+async function exportConversations() {
+  const blob = new Blob([JSON.stringify(await store.exportAll(), null, 2)], { type: "application/json" });
   const a = el("a");
   a.href = URL.createObjectURL(blob);
   a.download = `dashchat-conversations-${new Date().toISOString().slice(0, 10)}.json`;
@@ -138,7 +144,7 @@ function exportConversations() {
 
 async function importFile(file) {
   try {
-    const added = store.importConversations(await file.text());
+    const added = await store.importConversations(await file.text());
     openConversation(added[0]);
     showBanner(`Imported ${added.length} conversation${added.length === 1 ? "" : "s"}.`, "info");
   } catch (err) {
@@ -175,10 +181,35 @@ function messageElement(msg, index) {
                    el("div", "msg-error"), el("div", "msg-meta"));
     fillAssistant(article, msg, false);
   } else {
+    if (msg.images?.length) article.append(imageStrip(msg.images));
     article.append(el("div", "user-text content", msg.content));
   }
   article.append(actionsFor(msg, index));
   return article;
+}
+
+// A message's images as thumbnails (a click shows one larger); the data comes from IndexedDB.
+function imageStrip(refs) {
+  const strip = el("div", "msg-images");
+  refs.forEach(({ ref }, i) => {
+    const img = el("img", "thumb");
+    img.alt = `Image ${i + 1}`;
+    img.dataset.ref = ref;
+    const known = images.cachedImage(ref);
+    if (known) img.src = known;
+    else {
+      images.getImage(ref).then((url) => {
+        if (url) img.src = url;
+        else {
+          img.alt = "Image no longer stored in this browser";
+          img.classList.add("missing");
+        }
+      });
+    }
+    img.addEventListener("click", () => img.classList.toggle("zoomed"));
+    strip.append(img);
+  });
+  return strip;
 }
 
 function actionsFor(msg, index) {
@@ -296,9 +327,10 @@ function startEdit(index) {
   cancel.addEventListener("click", () => renderMessages());
   const submit = () => {
     const text = area.value.trim();
-    if (!text) return;
+    const kept = conv.messages[index].images; // editing changes the text; the images stay
+    if (!text && !kept?.length) return;
     conv.messages = conv.messages.slice(0, index);
-    conv.messages.push({ role: "user", content: text });
+    conv.messages.push(kept?.length ? { role: "user", content: text, images: kept } : { role: "user", content: text });
     answer();
   };
   save.addEventListener("click", submit);
@@ -312,15 +344,28 @@ function startEdit(index) {
 
 function sendPrompt() {
   const text = ui.prompt.value.trim();
-  if (!text || generation) return;
+  if ((!text && !draftImages.length) || generation) return;
   if (!settings.model) {
     showBanner("No model to talk to: the model list could not be loaded.");
     return;
   }
-  conv.messages.push({ role: "user", content: text });
+  const draft = { text: ui.prompt.value, images: draftImages };
+  const msg = { role: "user", content: text };
+  if (draftImages.length) {
+    msg.images = draftImages.map(({ ref, mime }) => ({ ref, mime }));
+    // This tab keeps the data in memory for the request; the store is for reloads and other tabs.
+    Promise.all(draftImages.map((i) => images.putImage(i.ref, i.dataUrl))).catch((err) => {
+      console.warn(err);
+      showBanner("This browser did not let the page store images: they will be gone after a reload.");
+    });
+  }
+  conv.messages.push(msg);
   ui.prompt.value = "";
+  draftImages = [];
+  renderAttachments();
+  hideComposerError();
   autoGrow();
-  answer();
+  answer(draft);
 }
 
 function regenerate() {
@@ -329,8 +374,9 @@ function regenerate() {
   if (conv.messages.length) answer();
 }
 
-// The request's messages: the system prompt, then the conversation without the page's own fields.
-function requestMessages(history) {
+// The request's messages: the system prompt, then the conversation without the page's own fields,
+// a message's images as OpenAI `image_url` parts with data: URLs.
+async function requestMessages(history) {
   const out = [];
   if (conv.system?.trim()) out.push({ role: "system", content: conv.system });
   for (const m of history) {
@@ -341,6 +387,11 @@ function requestMessages(history) {
       out.push(a);
     } else if (m.role === "tool") {
       out.push({ role: "tool", tool_call_id: m.tool_call_id || "", content: m.content });
+    } else if (m.images?.length) {
+      const urls = await Promise.all(m.images.map((i) => images.getImage(i.ref)));
+      if (!urls.every(Boolean)) throw new Error("An image in this conversation is no longer stored in this browser.");
+      const parts = m.content ? [{ type: "text", text: m.content }] : [];
+      out.push({ role: m.role, content: [...parts, ...urls.map((url) => ({ type: "image_url", image_url: { url } }))] });
     } else {
       out.push({ role: m.role, content: m.content });
     }
@@ -363,12 +414,11 @@ function parseExtraJson() {
   }
 }
 
-function requestBody(history) {
-  const extra = parseExtraJson();
-  if (extra === null) return null;
+// The request without its messages (they need the images' data: answer() adds them).
+function requestBody(extra) {
   const body = {
     model: settings.model,
-    messages: requestMessages(history),
+    messages: null,
     temperature: settings.temperature,
     top_p: settings.topP,
     stream_options: { include_usage: true },
@@ -387,15 +437,18 @@ function mergeToolCalls(calls, deltas) {
   }
 }
 
-async function answer() {
+// `draft`: the composer's text and images when this answers a message just sent; a request the server
+// refuses outright (400) gives them back to the composer.
+async function answer(draft = null) {
   const target = conv; // the person may open another conversation while this answer streams
   const history = target.messages.slice();
-  const body = requestBody(history);
-  if (!body) {
+  const extra = parseExtraJson();
+  if (extra === null) {
     openSettings();
     renderMessages();
     return;
   }
+  const body = requestBody(extra);
   const msg = { role: "assistant", content: "", meta: { model: body.model } };
   target.messages.push(msg);
   const index = target.messages.length - 1;
@@ -420,7 +473,9 @@ async function answer() {
     scrollToEnd();
   };
   const schedule = () => { if (!frame) frame = requestAnimationFrame(paint); };
+  let refused = null;
   try {
+    body.messages ??= await requestMessages(history);
     for await (const chunk of streamChat(body, { apiKey, signal: controller.signal })) {
       if (chunk.usage) usage = chunk.usage;
       const choice = chunk.choices?.find((c) => (c.index ?? 0) === 0); // the page shows one choice
@@ -440,6 +495,8 @@ async function answer() {
   } catch (err) {
     if (err.name === "AbortError") {
       finish = "stopped";
+    } else if (draft && err instanceof APIError && err.status === 400 && !err.midStream) {
+      refused = describeError(err);
     } else {
       const told = describeError(err);
       msg.error = told;
@@ -461,9 +518,31 @@ async function answer() {
     };
     generation = null;
     setGenerating(false);
-    persist(target);
-    if (conv === target) renderMessages();
+    if (refused) takeBack(target, index, draft, refused);
+    else {
+      persist(target);
+      if (conv === target) renderMessages();
+    }
   }
+}
+
+// The server refused a new message outright (400: an image for a model without vision, a conversation
+// too long): nothing was generated, so the turn is taken back and the message returns to the composer,
+// to change (another model, fewer images) and send again.
+function takeBack(target, index, draft, told) {
+  target.messages.splice(index - 1, 2); // the message and its failed answer
+  if (target.messages.length) persist(target);
+  else store.deleteConversation(target.id);
+  if (conv !== target) return;
+  renderSidebar();
+  renderMessages();
+  if (!ui.prompt.value.trim() && !draftImages.length) { // unless something new was written meanwhile
+    ui.prompt.value = draft.text;
+    draftImages = draft.images;
+    renderAttachments();
+    autoGrow();
+  }
+  showComposerError(told);
 }
 
 function stopGeneration() {
@@ -532,6 +611,95 @@ function showBanner(text, kind = "error") {
 
 function hideBanner() {
   ui.banner.hidden = true;
+}
+
+// ---- attachments -------------------------------------------------------------------------------
+
+async function attachFiles(fileList) {
+  const files = [...fileList]; // before any await: a file input's list is cleared once this returns
+  hideComposerError();
+  for (const file of files) {
+    if (draftImages.length >= images.MAX_ATTACHMENTS) {
+      showComposerError({ title: "Too many images", detail: `One message takes at most ${images.MAX_ATTACHMENTS}.` });
+      break;
+    }
+    try {
+      const image = await images.prepareImage(file);
+      if (!draftImages.some((d) => d.ref === image.ref)) draftImages.push(image);
+    } catch (err) {
+      showComposerError({ title: "Image not attached", detail: err.message });
+    }
+    renderAttachments();
+  }
+}
+
+function renderAttachments() {
+  ui.attachments.replaceChildren(...draftImages.map((image, i) => {
+    const item = el("div", "attachment");
+    const img = el("img", "thumb");
+    img.src = image.dataUrl;
+    img.alt = `Attached image ${i + 1}`;
+    const remove = el("button", "remove-attachment", "×");
+    remove.type = "button";
+    remove.title = "Remove";
+    remove.setAttribute("aria-label", `Remove image ${i + 1}`);
+    remove.addEventListener("click", () => {
+      draftImages = draftImages.filter((d) => d !== image);
+      renderAttachments();
+      ui.prompt.focus();
+    });
+    item.append(img, remove);
+    return item;
+  }));
+  ui.attachments.hidden = !draftImages.length;
+}
+
+// An error about the message being written (not an answer's): shown above the composer.
+function showComposerError(told) {
+  const close = el("button", "icon-btn small", "×");
+  close.type = "button";
+  close.setAttribute("aria-label", "Dismiss");
+  close.addEventListener("click", hideComposerError);
+  const text = el("div", "composer-error-text");
+  text.append(el("strong", null, told.title), el("p", null, told.detail));
+  ui.composerError.replaceChildren(text, close);
+  ui.composerError.hidden = false;
+}
+
+function hideComposerError() {
+  ui.composerError.hidden = true;
+}
+
+const hasFiles = (e) => !!e.dataTransfer?.types?.includes("Files");
+
+function bindAttachments() {
+  $("attach").addEventListener("click", () => ui.attachInput.click());
+  ui.attachInput.addEventListener("change", (e) => {
+    attachFiles(e.target.files);
+    e.target.value = "";
+  });
+  ui.composer.addEventListener("paste", (e) => {
+    const files = [...(e.clipboardData?.files || [])].filter((f) => f.type.startsWith("image/"));
+    if (!files.length) return;
+    // Copied from a web page, an image may come with its text: that still pastes as text.
+    if (!e.clipboardData.types.includes("text/plain")) e.preventDefault();
+    attachFiles(files);
+  });
+  ui.composer.addEventListener("dragover", (e) => {
+    if (!hasFiles(e)) return;
+    e.preventDefault();
+    ui.composer.classList.add("dropping");
+  });
+  ui.composer.addEventListener("dragleave", () => ui.composer.classList.remove("dropping"));
+  ui.composer.addEventListener("drop", (e) => {
+    ui.composer.classList.remove("dropping");
+    if (!hasFiles(e)) return;
+    e.preventDefault();
+    attachFiles(e.dataTransfer.files);
+  });
+  // A file dropped beside the composer must not make the browser leave the page to show it.
+  window.addEventListener("dragover", (e) => { if (hasFiles(e)) e.preventDefault(); });
+  window.addEventListener("drop", (e) => { if (hasFiles(e)) e.preventDefault(); });
 }
 
 function showSettings() {
@@ -649,15 +817,17 @@ function bindLayout() {
 function init() {
   bindLayout();
   bindSettings();
+  bindAttachments();
   showSettings();
   const last = settings.lastConversation && store.loadConversation(settings.lastConversation);
   openConversation(last || store.newConversation(settings.system || ""));
   setGenerating(false);
   loadModels().finally(() => { document.body.dataset.ready = "1"; });
+  images.keepOnly(store.referencedImages()); // images of conversations deleted in another tab
   ui.prompt.focus();
 }
 
 // For the browser tests: the renderer that every model answer goes through.
-window.dashchat = { markdownToSafeHtml, renderMarkdown, APIError };
+window.dashchat = { markdownToSafeHtml, renderMarkdown, APIError, images };
 
 init();
