@@ -236,3 +236,23 @@ def test_models_file(tmp_path: Path) -> None:
         f.write_text(text)
         with pytest.raises(CatalogError, match=said):
             read_models_file(f)
+
+
+def test_command_line_several_models_and_per_model_settings() -> None:
+    from dashchat.openai_server import _ArgError, _model_args, _model_entries, build_parser
+
+    parser = build_parser()
+    entries, several = _model_entries(parser.parse_args(["--model-path", "a", "--model-path", "b"]))
+    assert [e.path for e in entries] == ["a", "b"] and several  # each one served, not the last alone
+    assert _model_entries(parser.parse_args(["--model-path", "a"]))[1] is False
+    with pytest.raises(_ArgError, match="--served-model-name"):
+        _model_entries(parser.parse_args(["--model-path", "a", "--model-path", "b", "--served-model-name", "x"]))
+    base = parser.parse_args(["--max-model-len", "4096"])
+    ns = _model_args(parser, base, {"max_model_len": 512, "compile": True, "device-list": [0, 1],
+                                    "speculative_config": {"method": "ngram"}}, "model m")
+    assert (ns.max_model_len, ns.compile, ns.device_list) == (512, True, ["0", "1"])
+    assert json.loads(ns.speculative_config) == {"method": "ngram"} and base.max_model_len == 4096
+    for bad, said in (({"quantization": "int3"}, "invalid choice"), ({"port": 1}, "not a per-model setting"),
+                      ({"compile": "yes"}, "true or false")):
+        with pytest.raises(_ArgError, match=said):
+            _model_args(parser, base, bad, "model m")
