@@ -8,16 +8,19 @@ small scales (Q4_K_M would put Q6_K in some attn_v/ffn_down tensors; the head is
 9 GB at 24 layers: written in a couple of minutes, no quantizer run.
 
 Then:
-  1. the MoE layers' time per token alone: one SparseMoE block (router, grouped experts) of the
-     loaded dashchat model, batch 1 and 8 tokens, against its whole decoder layer (module path);
+  1. the MoE layers' time per token alone: one SparseMoE block (router, experts) of the loaded
+     dashchat model at 1, 8 and 128 rows, its experts run by the one-call kernel and by the Python
+     loop over experts, against the same layer's attention block (module path);
   2. bench/peers.py on the file: dashchat and llama-server, TTFT, one stream, --concurrency streams,
      --rounds alternating (medians). The issue's targets: one stream >= 1.0x, 8 streams >= 1.5x,
      TTFT <= 1.0x.
-The file is deleted at the end unless --keep.
+The file is kept (--delete removes it at the end) and a rerun with the same --layers and --out
+reuses it: it is written under a `.partial` name and renamed when complete, so an interrupted run
+just starts again. Each phase can be skipped (--skip-layer-time, --skip-peers).
 
-    python bench/moe_shapes.py                       # 24 layers, write, measure, delete
-    python bench/moe_shapes.py --layers 2 --keep --out /tmp/moe-2l.gguf --skip-peers   # a quick check
-    python bench/moe_shapes.py --gguf /tmp/moe-2l.gguf --skip-layer-time   # reuse a file
+    python bench/moe_shapes.py --llama-server /path/to/llama-server       # 24 layers
+    python bench/moe_shapes.py --layers 4 --skip-peers                     # a quick check
+    python bench/moe_shapes.py --gguf /tmp/moe-4l.gguf --skip-layer-time   # reuse a file
 
 Numbers on a machine shared with other work are not reliable: the script prints the load average
 beside them.
@@ -129,8 +132,8 @@ def _byte_shape(ggml_shape: list[int], qtype) -> list[int]:
     return [*reversed(ggml_shape[1:]), ggml_shape[0] // per_block * block_bytes]
 
 
-def layer_time(path: Path, threads: int, repeats: int) -> None:
-    """Per-token time of one MoE block and of its whole decoder layer, dashchat's module path."""
+def _load(path: Path, threads: int):
+    """The model as `--quantization gguf` serves it on the CPU (kernels swapped in)."""
     import torch
 
     from dashchat.engine.cpu.ops import use_cpu_kernels
@@ -145,58 +148,129 @@ def layer_time(path: Path, threads: int, repeats: int) -> None:
     with torch.device("meta"):
         model = build_model(cfg)
     load_gguf_model(model, path, cfg, ShardPlan(cfg, 0, 1))
+    fresh = type(model.rotary)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+    model.rotary.cos, model.rotary.sin = fresh.cos, fresh.sin  # built on the meta device above
     use_cpu_kernels(model)
-    moe = model.layers[0].mlp
-    for batch in (1, 8):
-        x = torch.randn(batch, cfg.hidden_size)
+    return model.eval(), cfg
+
+
+def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...]) -> list[dict]:
+    """Per-layer time of the MoE blocks (router + experts) and of the attention blocks, on dashchat's
+    module path, every layer in turn (so weights come from memory as in a real step, not from a cache
+    that one layer fits): the experts run by the one-call kernel ("grouped") and by the Python loop
+    over experts ("loop"), alternating, each repeat a fresh random batch (so other experts are read),
+    medians. 1 and 8 rows are decode steps, 128 a prefill chunk (attention: causal over the rows, no
+    KV cache: its projections and its attention over the chunk)."""
+    import torch
+
+    from dashchat.engine.quantization.int8 import _causal_attention
+
+    model, cfg = _load(path, threads)
+    layers = list(model.layers)
+    grouped = [layer.mlp.expert_runner for layer in layers]
+    if any(g is None for g in grouped):
+        raise SystemExit("the experts did not get the one-call kernel (no C compiler?)")
+
+    def run(name: str, x: torch.Tensor, rope) -> None:
+        for layer, runner in zip(layers, grouped):  # every layer in turn: weights come from memory, as in a step
+            if name == "attention":
+                layer.self_attn(rope, layer.input_layernorm(x), _causal_attention)
+            else:
+                layer.mlp.expert_runner = runner if name == "grouped" else None
+                layer.mlp(x)
+
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for rows in rows_list:
+        n = max(3, repeats if rows <= 8 else repeats // 4)
+        xs = [torch.randn(rows, cfg.hidden_size, generator=gen) for _ in range(n + 2)]
+        rope = model.rotary(torch.arange(rows), torch.float32)
+        times: dict[str, list[float]] = {"attention": [], "grouped": [], "loop": []}
         with torch.inference_mode():
-            moe(x)  # warm: first touch of the pages
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                moe(x)
-                times.append(time.perf_counter() - t0)
-        ms = statistics.median(times) * 1e3
-        chosen = len(moe.route(x)[1].unique())
-        print(f"MoE block, {batch} token(s) ({chosen} experts read): {ms:.2f} ms a step, {ms / batch:.2f} ms a token; "
-              f"x {cfg.num_layers} layers = {ms * cfg.num_layers:.0f} ms a step")
+            for i, x in enumerate(xs):
+                for name in ("grouped", "loop", "attention"):
+                    t0 = time.perf_counter()
+                    run(name, x, rope)
+                    if i >= 2:  # two warm-up batches
+                        times[name].append((time.perf_counter() - t0) / len(layers))
+        for layer, runner in zip(layers, grouped):
+            layer.mlp.expert_runner = runner
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        experts = len(layers[0].mlp.route(xs[0])[1].unique())
+        row = {"rows": rows, "experts_read": experts, **{f"{k}_ms": round(v, 3) for k, v in ms.items()}}
+        results.append(row)
+        print(f"{rows:4d} row(s), {experts:3d} experts read a layer: MoE block {ms['grouped']:.2f} ms a layer "
+              f"({ms['grouped'] / rows:.3f} ms a token; Python loop over experts {ms['loop']:.2f} ms, "
+              f"{ms['loop'] / ms['grouped']:.2f}x), attention block {ms['attention']:.2f} ms; "
+              f"x {cfg.num_layers} layers: MoE {ms['grouped'] * cfg.num_layers:.0f} ms, "
+              f"attention {ms['attention'] * cfg.num_layers:.0f} ms a step", flush=True)
+    return results
+
+
+def _complete(path: Path, layers: int) -> bool:
+    """A file an earlier run wrote completely for this layer count (written under another name and
+    renamed when done, so a killed write never looks complete)."""
+    if not path.is_file():
+        return False
+    try:
+        from dashchat.models.gguf_convert import open_gguf, read_metadata
+
+        return read_metadata(open_gguf(path)).get("qwen3moe.block_count") == layers
+    except Exception:  # noqa: BLE001 -- anything unreadable is rewritten
+        return False
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/dashchat-moe-shapes.gguf"))
-    ap.add_argument("--gguf", type=Path, help="use this file (written by an earlier --keep run) instead")
-    ap.add_argument("--keep", action="store_true", help="keep the file written")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the GGUF to write, or to reuse when an earlier run wrote it for --layers "
+                         "(default: /tmp/dashchat-moe-shapes-<layers>l.gguf)")
+    ap.add_argument("--gguf", type=Path, help="use this file (written by an earlier run) instead")
+    ap.add_argument("--delete", action="store_true", help="delete the file at the end (default: keep it)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=20, help="batches timed for 1 and 8 rows (a quarter at 128)")
+    ap.add_argument("--rows", default="1,8,128", help="batch sizes of the MoE/attention timing")
+    ap.add_argument("--json", type=Path, help="write the MoE/attention timings here")
     ap.add_argument("--skip-layer-time", action="store_true")
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--llama-server", type=Path, help="the llama-server binary (passed to bench/peers.py)")
     ap.add_argument("--peers-args", default="--requests 3 --max-tokens 64 --concurrency 8 --rounds 2 --skip-llamacpp",
                     help="flags for bench/peers.py (default: %(default)s)")
     args = ap.parse_args()
+    import json
     import os
     import shlex
 
     threads = args.threads or os.cpu_count()
     path = args.gguf
-    written = False
     if path is None:
-        path = args.out
-        t0 = time.perf_counter()
-        write_gguf(path, args.layers)
-        written = True
-        print(f"wrote {path} ({path.stat().st_size / 2**30:.1f} GiB) in {time.perf_counter() - t0:.0f} s", flush=True)
+        path = args.out or Path(f"/tmp/dashchat-moe-shapes-{args.layers}l.gguf")
+        if _complete(path, args.layers):
+            print(f"reusing {path} ({path.stat().st_size / 2**30:.1f} GiB, {args.layers} layers)", flush=True)
+        else:
+            t0 = time.perf_counter()
+            partial = path.with_name(path.name + ".partial")
+            write_gguf(partial, args.layers)
+            partial.replace(path)
+            print(f"wrote {path} ({path.stat().st_size / 2**30:.1f} GiB) in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
     try:
-        print(f"load average {os.getloadavg()}", flush=True)
+        print(f"load average {os.getloadavg()}, {threads} threads", flush=True)
         if not args.skip_layer_time:
-            layer_time(path, threads, args.repeats)
+            rows = tuple(int(r) for r in args.rows.split(",") if r)
+            results = layer_time(path, threads, args.repeats, rows)
+            if args.json:
+                args.json.write_text(json.dumps({"gguf": str(path), "threads": threads, "load": os.getloadavg(),
+                                                 "layer_time": results}, indent=2))
         if not args.skip_peers:
             cmd = [sys.executable, str(HERE / "peers.py"), "--gguf", str(path), "--threads", str(threads),
+                   *(["--llama-server", str(args.llama_server)] if args.llama_server else []),
                    *shlex.split(args.peers_args)]
+            print("$", shlex.join(cmd), flush=True)
             subprocess.run(cmd, check=True)
     finally:
-        if written and not args.keep:
+        if args.delete and args.gguf is None:
             path.unlink(missing_ok=True)
     return 0
 

@@ -120,13 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
     e.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
-                        "proposes the tokens that followed the latest earlier occurrence of the text's last "
-                        "2-4 tokens (in the prompt and answer so far), and the model checks up to "
+                        "proposes the tokens that followed an earlier occurrence of the text's last "
+                        "2-4 tokens (in the prompt and answer so far, or in recent requests), and the model checks up to "
                         "num_speculative_tokens (default 6) of them in one step. Pays for answers that repeat "
                         "the prompt (code edits, quotes) where a few extra rows of a step cost little; on "
-                        "a small CPU little or nothing (README: Speculative decoding). Greedy output is "
-                        "unchanged; sampled output keeps the model's distribution. Keys: method, "
-                        "num_speculative_tokens, prompt_lookup_min (2), prompt_lookup_max (4). Default: off.")
+                        "a small CPU little or nothing (README: Speculative decoding). '{\"method\": "
+                        "\"draft_model\", \"model\": PATH}' has a smaller model of the same tokenizer (GGUF "
+                        "file, folder or embedded name) propose them instead (draft_layers: N runs only its "
+                        "first N layers). Greedy output is unchanged; sampled output keeps the model's "
+                        "distribution. Keys: method, num_speculative_tokens, prompt_lookup_min (2), "
+                        "prompt_lookup_max (4), model, draft_layers. Default: off.")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, at most 8192.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
@@ -225,7 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Once the engine has failed for good (a lost tensor-parallel rank, a dead step "
                           "thread), keep answering 503 this long, then exit with code 1 so a supervisor "
                           "restarts the server.")
+    img = p.add_argument_group("images (vision models: Qwen2-VL, Qwen2.5-VL)")
+    img.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
+                     help='Most items per request by modality, as vLLM: \'{"image": 4}\' (the default).')
+    img.add_argument("--mm-min-pixels", type=int, default=None, metavar="PIXELS",
+                     help="Smallest area an image is resized to (default: the model's preprocessor_config.json, "
+                          "else 3136 = 56x56).")
+    img.add_argument("--mm-max-pixels", type=int, default=None, metavar="PIXELS",
+                     help="Largest area an image is resized to; each 28x28 pixels is one token (default: the "
+                          "model's preprocessor_config.json, else 1003520 = 1280 tokens).")
     return p
+
+
+def _limit_mm(value: str | None) -> dict[str, int]:
+    if value is None:
+        return {"image": 4}
+    try:
+        limits = json.loads(value)
+    except ValueError:
+        raise _ArgError(f"--limit-mm-per-prompt: not JSON: {value!r}") from None
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in limits.values()):
+        raise _ArgError('--limit-mm-per-prompt takes a JSON object of counts, e.g. \'{"image": 4}\'')
+    return {"image": 4, **limits}
 
 
 class _ArgError(Exception):
@@ -427,6 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dashchat.server.config import ServerConfig
         from dashchat.server.model_pool import ModelPool
 
+        limit_mm = _limit_mm(args.limit_mm_per_prompt)
+        if any(v is not None and v < 1 for v in (args.mm_min_pixels, args.mm_max_pixels)) or (
+                args.mm_min_pixels and args.mm_max_pixels and args.mm_min_pixels > args.mm_max_pixels):
+            raise _ArgError("--mm-min-pixels and --mm-max-pixels must be positive, the min at most the max")
         cfg = ServerConfig(
             served_model_names=["-"],  # each model's own, below
             api_keys=api_keys,
@@ -445,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grammar_compile_threads=args.grammar_compile_threads,
             grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
             allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+            limit_mm_per_prompt=limit_mm,
+            mm_min_pixels=args.mm_min_pixels,
+            mm_max_pixels=args.mm_max_pixels,
             image_fetch=image_fetch,
         )
         entries, several = _model_entries(args)

@@ -206,3 +206,27 @@ def test_template_compiled_once(smol: str) -> None:
     for _ in range(3):
         render_chat_prompt(None, [{"role": "user", "content": "x"}], chat_template=smol)
     assert ct._compile.cache_info().misses == 1
+
+
+# Phi-4-mini-instruct's template as shipped: the tools are a JSON string on the system message.
+PHI4_MINI = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] "
+    "is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + "
+    "'<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_phi4_mini_gets_tools_on_its_system_message() -> None:
+    assert template_supports_tools(PHI4_MINI)
+    msgs = [*TOOL_HISTORY, {"role": "user", "content": "thanks"}]
+    out = render_chat_prompt(None, msgs, TOOLS, chat_template=PHI4_MINI)
+    listing = json.dumps([TOOLS[0]["function"]], ensure_ascii=False)
+    assert out.startswith("<|system|>You are a helpful assistant with some tools.<|tool|>" + listing + "<|/tool|><|end|>")
+    assert '<|assistant|>functools[{"name": "get_weather", "arguments": {"city": "北京"}}]<|end|>' in out
+    assert "<tool_call>" not in out and out.endswith("<|assistant|>")
+    out = render_chat_prompt(None, [{"role": "system", "content": "S."}, *msgs], TOOLS, chat_template=PHI4_MINI)
+    assert out.startswith("<|system|>S.<|tool|>" + listing + "<|/tool|><|end|>")
+    # Without tools the template renders the conversation as is.
+    assert render_chat_prompt(None, [{"role": "user", "content": "hi"}], chat_template=PHI4_MINI) == (
+        "<|user|>hi<|end|><|assistant|>")

@@ -395,6 +395,7 @@ def _schema_of(name: str) -> dict[str, Any]:
         ('I will call it.\n```\n{ "name" : "get_weather"', "I will call it."),
         ('{"name": "search_web", "parameters"', None),  # Llama 3.x's key for the arguments
         ("Let me look.<｜tool▁calls▁begin｜>", "Let me look."),  # DeepSeek's markers
+        ('Sure. functools[{"name": "get', "Sure."),  # Phi-4-mini
     ],
 )
 def test_auto_completes_the_call_the_model_started(model: tuple[Any, GrammarBackend], prefix: str,

@@ -104,6 +104,23 @@ CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
         None,
         [("get_weather", '{"city": "Rome"}'), ("search_web", '{"query": "colosseum", "max_results": 3}')],
     ),
+    # Phi-4-mini: `functools` then one JSON array, no closing marker; the word alone is no marker.
+    (
+        ('functools[{"name": "get_weather", "arguments": {"city": "Rome"}}, '
+        '{"name": "search_web", "arguments": {"query": "colosseum", "max_results": 3}}]'),
+        None,
+        [("get_weather", '{"city": "Rome"}'), ("search_web", '{"query": "colosseum", "max_results": 3}')],
+    ),
+    (
+        'I will translate it. functools[{"name": "translate", "arguments": {"text": "hi", "target_lang": "fr"}}]',
+        "I will translate it.",
+        [("translate", '{"text": "hi", "target_lang": "fr"}')],
+    ),
+    (
+        "import functools\nx = functools[0] or functools.partial(f)\nfunctools[{\"a\": 1}] functools",
+        "import functools\nx = functools[0] or functools.partial(f)\nfunctools[{\"a\": 1}] functools",
+        [],
+    ),
     # Double-encoded arguments, pretty JSON, text after the call.
     (
         '\n{"name": "get_weather",\n "arguments": "{\\"city\\": \\"Nice\\"}"}\n\nI asked for the weather.',
@@ -197,7 +214,7 @@ CASES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
     ("", None, []),
 ]
 
-_MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<｜tool▁calls▁begin｜>")
+_MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<｜tool▁calls▁begin｜>", "functools[")
 
 
 def _stream(text: str, cuts: list[int]) -> list:
@@ -304,6 +321,7 @@ def test_json_answer_with_a_name_is_released_at_the_name() -> None:
         ('  {"name": "search_web"', "bare", '{"name": "search_web"'),
         ('[{ "name" : "tr', "bare", '[{ "name" : "tr'),
         ('[TOOL_CALLS][{"name": "g', "line", '[{"name": "g'),
+        ('Ok. functools[{"name": "tr', "line", '[{"name": "tr'),
         ("<tool_call>\n<function=get_", "tag", "\n<function=get_"),
         ("Ok.<｜tool▁calls▁begin｜>", "deepseek", ""),
     ],
@@ -349,6 +367,8 @@ CUT_CASES: list[tuple[str, str | None, list[str], bool]] = [
      "<tool_call>\n<function=get_weather>\n<param", None, ["translate"], True),
     ('Ok.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"ci', "Ok.", [], True),
     ("Ok.<｜tool▁calls▁begin｜>", "Ok.", [], True),
+    ('functools[{"name": "translate", "arguments": {}}, {"name": "get_we', None, [], True),  # one array: all or none
+    ("Use functools", "Use", [], False),
     ("Ok.<｜tool▁calls▁be", "Ok.", [], False),
 ]
 

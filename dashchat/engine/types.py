@@ -31,6 +31,18 @@ class NotReady(Exception):
     step with the same tokens. The other sequences of the batch are not held up."""
 
 
+@dataclass(eq=False)
+class ImageInput:
+    """One image of a prompt, preprocessed (dashchat/models/image_processing.py): the patches the
+    vision tower reads and the run of placeholder tokens its embeddings replace."""
+
+    pixel_values: torch.Tensor  # [t * h * w, 3 * temporal * patch * patch] float32
+    grid: tuple[int, int, int]  # (t, h, w) in patches
+    offset: int  # index in the prompt of its first placeholder token
+    length: int  # its placeholder tokens (= its embeddings)
+    digest: bytes  # content hash: the prefix cache keys these tokens by it, never by the placeholder ids
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -55,6 +67,9 @@ class SamplingParams:
     # are equal (None is a salt of its own), so the time to first token cannot tell one tenant
     # what another sent. An engine without a prefix cache may ignore it.
     cache_salt: str | None = None
+    # The prompt's images, in prompt order (a vision model's engine splices their embeddings in; an
+    # engine without vision refuses a request that has any with UnsupportedFeature).
+    images: list[ImageInput] = field(default_factory=list)
 
     @property
     def greedy(self) -> bool:

@@ -18,6 +18,8 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",  # its text model; the vision tower is not loaded
     "Phi3ForCausalLM": "phi3",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",  # with its vision tower
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     # Head-less transformers, as sentence-transformers saves embedding models (models/pooling.py)
     "LlamaModel": "llama",
     "Qwen2Model": "qwen2",
@@ -36,6 +38,8 @@ _MODEL_TYPES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "gemma3": "Gemma3ForConditionalGeneration",
     "phi3": "Phi3ForCausalLM",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
 
 # What a Gemma 3 config.json may leave out: transformers' Gemma3TextConfig defaults (the 4B+
@@ -148,6 +152,8 @@ class ModelConfig:
         family = SUPPORTED_ARCHITECTURES[arch]
         if family == "gemma3":
             cfg = _gemma3_text_config(cfg)
+        elif family == "qwen2_vl":
+            cfg = _qwen2_vl_text_config(cfg)
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         rope_scaling = cfg.get("rope_scaling") or None
@@ -173,7 +179,7 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             # a head-less checkpoint has no lm_head: the embedding stands in (it is never sampled)
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or arch.endswith("Model"),
-            attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", family in ("qwen2", "qwen2_moe")))),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", family in ("qwen2", "qwen2_moe", "qwen2_vl")))),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
             rope_scaling=rope_scaling,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
@@ -206,6 +212,22 @@ def _gemma3_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
         if text.get(key) is None and not (key == "sliding_window" and "sliding_window" in text):
             text[key] = value
     text["architectures"] = cfg.get("architectures") or ["Gemma3ForCausalLM"]
+    return text
+
+
+def _qwen2_vl_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2-VL's text fields at the top level (transformers >= 5 nests them under text_config), its
+    M-RoPE sections as `mrope_section` and plain RoPE otherwise ("mrope" is not a scaling)."""
+    text = {**cfg, **(cfg.get("text_config") or {})}
+    text["architectures"] = cfg.get("architectures") or [_MODEL_TYPES[cfg["model_type"]]]
+    text["vision_config"] = cfg.get("vision_config") or {}
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if key in cfg:
+            text[key] = cfg[key]
+    rope = dict(text.get("rope_scaling") or text.get("rope_parameters") or {})
+    text["mrope_section"] = rope.get("mrope_section")
+    text["rope_theta"] = text.get("rope_theta") or rope.get("rope_theta")
+    text["rope_scaling"] = text["rope_parameters"] = None
     return text
 
 

@@ -37,6 +37,8 @@ class SparseMoE(nn.Module):
         if moe.shared_intermediate_size:
             self.shared_expert = GatedMLP(hidden, plan.mlp_width("shared"))
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+        # an engine may set a callable (x, weights, chosen) -> out that runs the routed experts its way
+        self.expert_runner = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [N, k] in x's dtype, expert ids [N, k]): softmax over all experts in float32, the
@@ -49,10 +51,16 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)
-        out = self.run_experts(x, weights, chosen)
+        runner = self.expert_runner
+        out = self.run_experts(x, weights, chosen) if runner is None else self._run(runner, x, weights, chosen)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.tp.all_reduce(out)
+
+    @staticmethod
+    @torch.compiler.disable
+    def _run(runner, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        return runner(x, weights, chosen)
 
     # The loop's trip count and slices come from the routing: under torch.compile (--compile) it runs
     # eagerly between the compiled parts instead of recompiling for every pattern of expert counts.

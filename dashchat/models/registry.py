@@ -12,6 +12,7 @@ from .parallel import SINGLE, TensorParallel
 from .phi3 import Phi3ForCausalLM
 from .qwen2 import Qwen2ForCausalLM
 from .qwen2_moe import Qwen2MoeForCausalLM
+from .qwen2_vl import Qwen2VLForConditionalGeneration
 from .qwen3 import Qwen3ForCausalLM
 from .qwen3_moe import Qwen3MoeForCausalLM
 
@@ -24,6 +25,7 @@ _FAMILIES: dict[str, type[LlamaForCausalLM]] = {
     "mixtral": MixtralForCausalLM,
     "gemma3": Gemma3ForCausalLM,
     "phi3": Phi3ForCausalLM,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
 }
 
 

@@ -46,6 +46,11 @@ class ServerConfig:
     grammar_compile_timeout_s: float = 10.0
     grammar_compile_nice: int = 10
     grammar_cache_bytes: int = 256 * 1024 * 1024
+    # Images (media/images.py): most per request by modality (vLLM's --limit-mm-per-prompt) and the
+    # resized area's bounds (None: the model's preprocessor_config.json).
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 4})
+    mm_min_pixels: int | None = None
+    mm_max_pixels: int | None = None
     # Which image URLs the server may fetch (media/image_fetch.py); the default fetches none.
     image_fetch: ImageFetchPolicy = field(default_factory=ImageFetchPolicy)
 

@@ -16,9 +16,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
 
 
+class ImageURL(_Model):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's processor decides the size
+
+
 class ContentPart(_Model):
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = None  # type "image_url": a base64 data URL (or http(s) where allowed)
 
 
 class FunctionCallIn(_Model):

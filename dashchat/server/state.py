@@ -50,6 +50,9 @@ class ServedModel:
         # What it is served for ("generate", "embed", "score") and how it pools (models/pooling.py).
         self.task, self.pooling = serving(cfg.task, getattr(getattr(engine, "args", None), "model_dir", None),
                                           getattr(getattr(engine, "model_config", None), "architecture", None))
+        from dashchat.server.media.images import vision_support
+
+        self.vision = vision_support(engine, cfg)  # None: the model takes no images
         self._grammar: Any = None
         self._grammar_error: str | None = None
         self._grammar_lock = threading.Lock()
@@ -208,6 +211,7 @@ class ModelView:
     def end(self) -> None:
         self.server.end()
 
+    model = property(lambda self: self.served)  # the ServedModel, as ServerState.model is the first one
     cfg = property(lambda self: self.served.cfg)  # per-model settings over the server's
     engine = property(lambda self: self.served.engine)
     tokenizer = property(lambda self: self.served.tokenizer)

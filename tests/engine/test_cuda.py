@@ -172,3 +172,33 @@ def engine_kv_bytes(model_dir) -> int:
     from dashchat.engine.native.model_runner import ModelRunner
 
     return ModelRunner.kv_bytes_per_token(ModelConfig.from_dir(model_dir), torch.float32)
+
+
+def test_moe_grouped_gemm_matches_the_cpu_reference(tmp_path):
+    """A Qwen3-MoE layer on CUDA: bfloat16 through the grouped GEMM (sm90+, else the per-expert
+    torch.mm fallback) and float32 through the fallback, against the float32 CPU module path."""
+    from dashchat.engine.cuda.moe import GroupedExperts, grouped_mm_available, use_grouped_experts
+    from dashchat.models.moe import SparseMoE
+    from tiny_models import save_tiny
+
+    save_tiny("qwen3-moe", tmp_path)
+    ref = build_model(ModelConfig.from_dir(tmp_path))
+    ref.load_weights(iter_weights(tmp_path))
+    ref_moe = ref.eval().layers[0].mlp
+    x = torch.randn(37, ref.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        want = ref_moe(x)
+    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float32, 1e-4)):
+        model = build_model(ModelConfig.from_dir(tmp_path))
+        model.load_weights(iter_weights(tmp_path))
+        model = model.eval().to("cuda", dtype)
+        assert use_grouped_experts(model) == sum(isinstance(m, SparseMoE) for m in model.modules())
+        moe = model.layers[0].mlp
+        runner = moe.expert_runner
+        assert isinstance(runner, GroupedExperts)
+        assert runner.grouped == grouped_mm_available(runner.gate_up)
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0):
+            assert runner.grouped  # the H100 path: one launch a projection
+        with torch.inference_mode():
+            got = moe(x.to("cuda", dtype)).float().cpu()
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)

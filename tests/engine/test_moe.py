@@ -269,3 +269,66 @@ def test_grammar_constrains_a_moe_model(gguf_files):
         assert json.loads(engine.tokenizer.decode(out.token_ids)) in ({"ok": True}, {"ok": False})
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_grouped_gguf_experts_equal_the_per_expert_loop(family, gguf_files):
+    """The one-call expert kernel (gguf_moe.py) gives the Python loop's output bit for bit: the same
+    int8 activations and products (Q8_0), the same 16-bit products (Mixtral's F16), decode-sized and
+    prefill-sized batches; and on each of two ranks, so their sum is still the one-rank output."""
+    from dashchat.engine.cpu.ops import use_cpu_kernels
+    from dashchat.engine.quantization.gguf_moe import grouped_gguf_experts
+    from dashchat.models.parallel import TensorParallel
+
+    path, folder = gguf_files[family]
+    cfg = ModelConfig.from_dir(folder)
+    model, _ = _gguf_model(path, cfg)
+    assert use_cpu_kernels(model)  # the loop's SiLU then is the kernel's, as the engine runs it
+    moe = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoE))
+    runner = moe.expert_runner
+    assert runner is not None
+    gen = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for rows in (1, 3, 8, 40):
+            x = torch.randn(rows, cfg.hidden_size, generator=gen)
+            weights, chosen = moe.route(x)
+            torch.testing.assert_close(runner(x, weights, chosen), moe.run_experts(x, weights, chosen), atol=0, rtol=0)
+    if family != "qwen3-moe":
+        return
+    x = torch.randn(13, cfg.hidden_size, generator=gen)
+    partial = []
+    for rank in range(2):
+        with torch.device("meta"):
+            sharded = build_model(cfg, TensorParallel(rank, 2))
+        load_gguf_model(sharded, path, cfg, ShardPlan(cfg, rank, 2))
+        mlp = next(layer.mlp for layer in sharded.layers if isinstance(layer.mlp, SparseMoE))
+        mlp.expert_runner = grouped_gguf_experts(mlp.experts)
+        assert mlp.expert_runner is not None
+        with torch.inference_mode():
+            partial.append(mlp(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(partial[0] + partial[1], moe(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_stacked_experts_equal_the_per_expert_loop(grouped, tmp_path):
+    """The CUDA runner's arithmetic (engine/cuda/moe.py), run here on the CPU: tokens sorted by expert,
+    torch._grouped_mm over the stacked weights (bfloat16, as on an H100) or one torch.mm a used expert
+    (float32: the fallback) -- the per-expert loop's output; the experts keep views of the stacks."""
+    from dashchat.engine.cuda.moe import GroupedExperts
+
+    save_tiny("qwen3-moe", tmp_path)
+    dtype = torch.bfloat16 if grouped else torch.float32
+    model = _model(tmp_path).to(dtype)
+    moe = model.layers[0].mlp
+    assert GroupedExperts.eligible(moe.experts)
+    runner = GroupedExperts(moe.experts, grouped=grouped)
+    assert moe.experts[3].down_proj.weight.data_ptr() == runner.down[3].data_ptr()
+    gen = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        for rows in (1, 2, 11, 40):
+            x = torch.randn(rows, 64, generator=gen).to(dtype)
+            weights, chosen = moe.route(x)
+            want = moe.run_experts(x, weights, chosen)
+            tol = {"atol": 2e-2, "rtol": 2e-2} if grouped else {"atol": 1e-6, "rtol": 1e-5}
+            torch.testing.assert_close(runner(x, weights, chosen), want, **tol)

@@ -17,7 +17,7 @@ from dashchat.engine.cpu.kernels import kernel_library
 from dashchat.engine.native.llm_engine import AsyncLLMEngine
 from dashchat.engine.native.sampler import Sampler
 from dashchat.engine.native.sequence import Sequence
-from dashchat.engine.native.speculative import NgramIndex, SpeculativeConfig
+from dashchat.engine.native.speculative import AnswerHistory, NgramIndex, SpeculativeConfig
 from dashchat.engine.types import SamplingParams
 from dashchat.models.resolve import resolve_model
 from dashchat.server.plumbing.metrics import Metrics
@@ -64,19 +64,32 @@ def test_config_defaults_and_errors():
     assert (c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max) == (3, 2, 5)
     for bad, says in (("[1]", "JSON object"), ("{", "not JSON"), ('{"method": "eagle"}', "not one of"),
                       ('{"k": 1}', "unknown key"), ('{"num_speculative_tokens": 0}', "positive"),
-                      ('{"prompt_lookup_min": 5, "prompt_lookup_max": 3}', "must not exceed"),
-                      ('{"method": "draft_model", "model": "x"}', "not available")):
+                      ('{"prompt_lookup_min": 5, "prompt_lookup_max": 3}', "must not exceed")):
         with pytest.raises(ValueError, match=says):
             SpeculativeConfig.parse(bad)
 
 
-def test_ngram_lookup_continues_the_latest_longest_match():
+def test_ngram_lookup_continues_the_longest_match():
     index = NgramIndex(2, 3)
     tokens = [1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 1, 2, 3]
     assert index.propose(tokens, 3) == [4, 9, 2]  # "1 2 3" continued with 4: longer than "2 3"
-    assert NgramIndex(2, 2).propose(tokens, 3) == [5, 6, 7]  # "2 3" last continued with 5
+    # of the two "2 3", the one after "1" (as the text's own) is continued, though not the latest
+    assert NgramIndex(2, 2).propose(tokens, 3) == [4, 9, 2]
+    assert NgramIndex(2, 2).propose([8, 2, 3, 4, 8, 2, 3, 5, 8, 2, 3], 2) == [5, 8]  # equal context: the latest
     assert index.propose(tokens + [8], 3) == []  # "3 8" never occurred
     assert NgramIndex(2, 2).propose([5, 5, 5], 4) == [5]  # the suffix itself is no match
+
+
+def test_ngram_lookup_falls_back_on_earlier_answers_of_the_same_salt():
+    history = AnswerHistory(3, max_tokens=20)
+    history.add(None, [40, 41, 42, 43, 44, 45, 46])
+    history.add("alice", [50, 51, 52, 53, 54])
+    assert NgramIndex(2, 3, history).propose([7, 41, 42, 43], 3) == [44, 45, 46]
+    assert NgramIndex(2, 3, history, "bob").propose([7, 41, 42, 43], 3) == []  # another salt's answers
+    assert NgramIndex(2, 3, history, "alice").propose([51, 52, 53], 3) == [54]
+    history.add(None, list(range(100, 115)))  # 26 tokens held > 20: the oldest answer goes
+    assert NgramIndex(2, 3, history).propose([7, 41, 42, 43], 3) == []
+    assert NgramIndex(2, 3, history).propose([101, 102, 103], 2) == [104, 105]
 
 
 # ---- greedy: token for token what decoding without speculation gives ------------------
@@ -95,6 +108,22 @@ def test_greedy_is_identical_on_smollm2(smol):
     assert f"dashchat_spec_decode_num_accepted_tokens_total {float(stats.spec_accepted_tokens)}" in text
     rate = stats.spec_accepted_tokens / stats.spec_draft_tokens
     assert f"dashchat_spec_decode_acceptance_rate {rate}" in text
+
+
+def test_greedy_is_identical_with_a_gguf_self_draft(smol):
+    """SmolLM2's GGUF drafting for itself (a second copy, its own KV cache), proposing at every
+    step: the target's own text, and nearly every proposal kept."""
+    plain, _ = smol
+    want = run(plain, EDIT, greedy(100))[0].token_ids
+    engine = _engine("smollm2-135m-instruct", '{"method": "draft_model", "model": "smollm2-135m-instruct"}')
+    try:
+        engine.speculator.draft_cost = 0.0  # propose although the draft costs what the target does
+        assert run(engine, EDIT, greedy(100))[0].token_ids == want
+        stats = engine.stats()
+        assert stats.spec_draft_tokens > 30 and stats.spec_accepted_tokens >= 0.9 * stats.spec_draft_tokens
+        assert engine.speculator.draft.blocks.num_used == 0
+    finally:
+        engine.shutdown()
 
 
 def test_prefix_cache_holds_only_kept_tokens(smol):

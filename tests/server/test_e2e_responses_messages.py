@@ -163,8 +163,8 @@ def test_responses_stream_is_stored(oai: openai.OpenAI, model_name: str) -> None
     ({"input": "x", "tool_choice": {"type": "web_search_preview"}, "tools": [WEATHER_FN]}, "tool_choice"),
     ({"input": [{"type": "bogus"}]}, "input[0]"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
-     "input[0].content[0].type"),
+    # a text-only model: the image is refused, naming the model
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
     ({"input": 5}, "input"),
     ({}, "input"),
     ({"input": "x", "max_output_tokens": "many"}, "max_output_tokens"),

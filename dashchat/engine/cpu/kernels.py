@@ -24,7 +24,7 @@ import torch  # loads torch's OpenMP runtime before the kernel library links to 
 
 log = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "gguf_kernels.c", "decode_step.c"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "gguf_kernels.c", "decode_step.c", "moe_kernels.c"))
 # DASHCHAT_CPU_MARCH builds for an older CPU than this one (tests run the AVX2 and portable paths
 # with it on an AVX-512 machine); the default is this CPU's own instruction set.
 _CFLAGS = ["-O3", f"-march={os.environ.get('DASHCHAT_CPU_MARCH', 'native')}", "-fPIC", "-fopenmp", "-std=c11",
@@ -124,6 +124,8 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gguf_decode_layers.restype = i
     lib.dc_gguf_dequantize_rows.argtypes = [i, p, p, i, i, p]
     lib.dc_gguf_dequantize_rows.restype = i
+    lib.dc_moe_gguf.argtypes = [i, p, p, p, p, p, i, i, p, p, p, p, p, p, p, p]
+    lib.dc_moe_gguf.restype = i
     return lib
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...models.layers import GatedMLP, RMSNorm, Rope, SelfAttention, apply_rope_qk, silu_and_mul
+from ...models.moe import SparseMoE
 from .kernels import kernel_library
 
 
@@ -67,9 +68,11 @@ def _rows_of_heads(x: torch.Tensor) -> bool:
 
 
 def use_cpu_kernels(model: nn.Module) -> bool:
-    """Swap the model's norms, MLP activations and rotary embedding for the kernels' (False: no library)."""
+    """Swap the model's norms, MLP activations and rotary embedding for the kernels' (False: no library);
+    a mixture of experts over GGUF blocks runs its routed experts in one kernel call a step."""
     if kernel_library() is None:
         return False
+    from ..quantization.gguf_moe import grouped_gguf_experts  # it imports this module
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, RMSNorm):
@@ -78,4 +81,7 @@ def use_cpu_kernels(model: nn.Module) -> bool:
             module.act_and_mul = kernel_silu_and_mul
         if isinstance(module, SelfAttention):
             module.rope_qk = kernel_rope_qk
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            module.expert_runner = grouped_gguf_experts(module.experts)
     return True

@@ -9,6 +9,10 @@ A wrong hit would hand one request another request's keys and values, so a diges
 never trusted alone: it is a 256-bit BLAKE2b over the parent's digest and the block's
 token ids (collision-resistant, unlike Python's 64-bit `hash` of a tuple), and every hit
 is checked against the block's stored tokens and parent digest before it is reused.
+
+Image tokens are placeholders (the same id for every image), so a block that covers any part of
+an image's span also folds in that image's content digest (`fold_images`): two different images
+never share KV, and the same image in a later turn (same pixels, same place) does.
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ def block_digest(parent: bytes, tokens: list[int]) -> bytes:
     return h.digest()
 
 
+def fold_images(digest: bytes, images: bytes) -> bytes:
+    """A block digest with the content digests of the images its tokens belong to folded in."""
+    return hashlib.blake2b(digest + b"images\0" + images, digest_size=32).digest()
+
+
+def _block_images(seq: Sequence, i: int, block_size: int) -> bytes:
+    """The content digests of the images overlapping block i of the sequence (empty: none)."""
+    lo, hi = i * block_size, (i + 1) * block_size
+    return b"".join(img.digest for img in seq.params.images if img.offset < hi and img.offset + img.length > lo)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
@@ -51,7 +66,7 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
         # What a cached block holds, checked on every hit: (parent digest, token ids).
-        self.block_keys: list[tuple[bytes, tuple[int, ...]] | None] = [None] * num_blocks
+        self.block_keys: list[tuple[bytes, tuple[int, ...], bytes] | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # digest -> block id
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.seq_hashes: dict[int, list[bytes]] = {}  # id(seq) -> digests of its full blocks
@@ -93,11 +108,16 @@ class BlockManager:
         bs, token_ids = self.block_size, seq.token_ids
         for i in range(len(hashes), num_blocks):
             parent = hashes[i - 1] if i else _root(seq)
-            hashes.append(block_digest(parent, token_ids[i * bs : (i + 1) * bs]))
+            digest = block_digest(parent, token_ids[i * bs : (i + 1) * bs])
+            images = _block_images(seq, i, bs) if seq.params.images else b""
+            hashes.append(fold_images(digest, images) if images else digest)
         return hashes
 
-    def _block_tokens(self, token_ids: list[int], i: int) -> tuple[int, ...]:
-        return tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
+    def _block_key(self, seq: Sequence, parent: bytes, i: int) -> tuple[bytes, tuple[int, ...], bytes]:
+        """What a cached block must hold to serve block i of the sequence."""
+        bs = self.block_size
+        images = _block_images(seq, i, bs) if seq.params.images else b""
+        return parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]), images
 
     def reuse_cached_prefix(self, seq: Sequence) -> int:
         """At admission: take the cached blocks matching the prompt's prefix. Returns tokens covered.
@@ -115,7 +135,7 @@ class BlockManager:
             if block is None:
                 break
             parent = hashes[i - 1] if i else _root(seq)
-            if self.block_keys[block] != (parent, self._block_tokens(seq.token_ids, i)):
+            if self.block_keys[block] != self._block_key(seq, parent, i):
                 break  # same digest, other content: never reuse another prefix's KV
             if self.ref_counts[block] == 0:
                 del self.free[block]
@@ -138,7 +158,7 @@ class BlockManager:
         for i in range(len(known), full):
             block, h = seq.block_table[i], hashes[i]
             self.block_hashes[block] = h
-            self.block_keys[block] = (hashes[i - 1] if i else _root(seq), self._block_tokens(seq.token_ids, i))
+            self.block_keys[block] = self._block_key(seq, hashes[i - 1] if i else _root(seq), i)
             self.cached.setdefault(h, block)
         self.seq_hashes[id(seq)] = hashes
 

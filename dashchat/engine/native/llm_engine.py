@@ -26,6 +26,7 @@ import torch
 from ...distributed import launch
 from ...models.config import ModelConfig
 from ...models.parallel import check_tensor_parallel
+from ...models.qwen2_vl import image_problem, mrope_positions, vision_config
 from ...tokenizer import Tokenizer
 from ..args import EngineArgs
 from ..cpu.threads import physical_cores
@@ -170,8 +171,16 @@ class AsyncLLMEngine:
         if args.speculative_config:
             # CUDA graphs hold max_num_seqs decode rows
             rows = MAX_VERIFY_ROWS if args.device == "cpu" else min(MAX_VERIFY_ROWS, args.max_num_seqs)
-            self.speculator = Speculator(SpeculativeConfig.parse(args.speculative_config), self.max_model_len, rows,
-                                         args.device)
+            spec_config = SpeculativeConfig.parse(args.speculative_config)
+            draft = None
+            if spec_config.method == "draft_model":
+                from .draft import DraftModel
+
+                if self.world.size > 1:
+                    raise ValueError("--speculative-config: a draft model runs on one device (no tensor parallelism)")
+                draft = DraftModel(spec_config, args, self.tokenizer, cfg, device, self.max_model_len, num_blocks,
+                                   step_budget)
+            self.speculator = Speculator(spec_config, self.max_model_len, rows, args.device, draft)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, step_budget, self.speculator)
         per_rank = f" per rank, {self.world.size} ranks" if self.world.size > 1 else ""
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB%s)", num_blocks, args.block_size, budget, per_rank)
@@ -234,6 +243,8 @@ class AsyncLLMEngine:
             raise EngineError("the engine is shut down")
         self.check_health()
         check_prompt(prompt, params.max_tokens, self.max_model_len, self.vocab_size)
+        if params.images and (problem := image_problem(self.model_config, prompt, params.images)):
+            raise UnsupportedFeature(problem)
         if len(self.scheduler.waiting) + len(self._inbox) >= self.args.max_queue:
             raise EngineOverloaded("the server is busy: too many requests are waiting")
         request = self._make_request(prompt, params, request_id)
@@ -307,6 +318,9 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         request = Request(request_id, params, len(prompt), loop, asyncio.Queue())
         now = time.monotonic()
+        mrope, delta = None, 0
+        if params.images:
+            mrope, delta = mrope_positions(len(prompt), params.images, vision_config(self.model_config).merge_size)
         for i in range(params.n):
             gen = None
             if params.seed is not None:
@@ -315,6 +329,7 @@ class AsyncLLMEngine:
                 request_id=request_id, index=i, token_ids=list(prompt), num_prompt_tokens=len(prompt),
                 params=params, arrival=now, generator=gen,
                 logits_processors=[make() for make in params.logits_processor_factories],
+                mrope_positions=mrope, mrope_delta=delta,
             )
             if i > 0:
                 seq.blocked_on = request.seqs[0]
@@ -540,7 +555,8 @@ class AsyncLLMEngine:
             if seq in proposals:
                 k = len(proposals[seq])
                 try:
-                    out[i] = self.sampler.verify(seq, logits[starts[i] : starts[i] + k + 1], proposals[seq])
+                    out[i] = self.sampler.verify(seq, logits[starts[i] : starts[i] + k + 1], proposals[seq],
+                                                 self.speculator.draft_probs(seq))
                 except Exception:  # noqa: BLE001 - one request's own processors fail only that request
                     log.exception("sampling failed for request %s", seq.request_id)
                     if (request := self._requests.get(seq.request_id)) is not None:

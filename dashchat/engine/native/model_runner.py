@@ -57,8 +57,13 @@ class ModelRunner:
         # what the KV cache will take once the weights are in: a GGUF load checks both fit the memory
         self._kv_bytes = num_kv_blocks * block_size * self.kv_bytes_per_token(cfg, dtype, self.tp.size)
         self.model = self._load_model(model_dir, quantization)
+        self.vision = hasattr(self.model, "embed_images")  # images and M-RoPE positions (Qwen2-VL)
         self._quantize(quantization, model_dir, tokenizer)
         self._use_cpu_kernels()
+        if self.device.type == "cuda" and cfg.moe is not None:
+            from ..cuda.moe import use_grouped_experts
+
+            use_grouped_experts(self.model)  # sorted tokens, one grouped GEMM for all experts
         log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
         self._allocate_kv_cache(num_kv_blocks)
         # Collectives inside captured CUDA graphs are a known source of hangs: several ranks decode eagerly.
@@ -201,7 +206,7 @@ class ModelRunner:
     def serve_steps(self) -> None:
         """A tensor-parallel rank other than 0: run every step rank 0 sends, until it says stop."""
         while True:
-            step = receive_step(self.group, self.device)
+            step = receive_step(self.group, self.device, self.cfg.hidden_size, self.dtype)
             if step == STOP:
                 self.group.acknowledge_stop()
                 return
@@ -218,26 +223,33 @@ class ModelRunner:
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         dev = self.device
         input_ids: list[int] = []
-        positions: list[int] = []
+        positions: list[torch.Tensor] = []  # [3, n] each on a vision model (t, h, w), else [n]
         slots: list[int] = []
         logits_rows: list[int] = []
+        mrope = self.vision
         for seq in batch.decodes:
             # the last token, then any proposals after it: one decode row each, at consecutive positions
             pos = seq.num_tokens - 1
             rows = 1 + len(seq.proposal)
             input_ids.append(seq.token_ids[pos])
             input_ids.extend(seq.proposal)
-            positions.extend(range(pos, pos + rows))
+            positions.append(_text_positions(pos + seq.mrope_delta, rows, mrope))
             slots.extend(self._slots(seq, pos, pos + rows))
             logits_rows.extend(range(len(input_ids) - rows, len(input_ids)))
         spans: list[PrefillSpan] = []
+        mm_rows: list[int] = []
+        mm_embeds: list[torch.Tensor] = []
+        if mrope:
+            self._embed_images(batch.prefills)
         for seq, chunk in batch.prefills:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk
             spans.append(
                 PrefillSpan(len(input_ids), chunk, end, torch.tensor(seq.block_table, dtype=torch.long, device=dev))
             )
+            if seq.image_embeds:
+                _splice_images(seq, start, end, len(input_ids), mm_rows, mm_embeds)
             input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            positions.append(_prefill_positions(seq, start, end) if mrope else _text_positions(start, chunk, False))
             slots.extend(self._slots(seq, start, end))
             if end == seq.num_tokens and (seq.pooling is None or seq.pooling.wants_logits):
                 logits_rows.append(len(input_ids) - 1)
@@ -245,10 +257,34 @@ class ModelRunner:
         decode_tables = decode_lens = None
         if batch.decodes:
             decode_tables, decode_lens = self._decode_tables(batch.decodes)
-        return StepInputs(
-            torch.tensor(input_ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
+        pos = torch.cat(positions, dim=-1)
+        if mrope and bool((pos == pos[0]).all()):
+            pos = pos[0]  # text only: t = h = w, ordinary RoPE (the decode paths take one row)
+        step = StepInputs(
+            torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev),
             torch.tensor(slots, dtype=torch.long, device=dev), decode_tables, decode_lens, spans, logits_rows,
         )
+        if mm_rows:
+            step.mm_rows = torch.tensor(mm_rows, dtype=torch.long, device=dev)
+            step.mm_embeds = torch.cat(mm_embeds).to(dev)
+        return step
+
+    def _embed_images(self, prefills: list[tuple[Sequence, int]]) -> None:
+        """Run the vision tower, once per image and in one call for the step, on the images whose
+        span a prefill chunk of this step reaches and whose embeddings are not at hand yet (a
+        chunk may cover part of an image: the rest waits on the sequence for the next chunks)."""
+        wanted: list[tuple[Sequence, int]] = []
+        for seq, chunk in prefills:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk
+            for i, img in enumerate(seq.params.images):
+                if img.offset < end and img.offset + img.length > start and i not in seq.image_embeds:
+                    wanted.append((seq, i))
+        if not wanted:
+            return
+        images = [seq.params.images[i] for seq, i in wanted]
+        embeds = self.model.embed_images([img.pixel_values for img in images], [img.grid for img in images])
+        for (seq, i), emb in zip(wanted, embeds):
+            seq.image_embeds[i] = emb
 
     def _execute(self, step: StepInputs) -> torch.Tensor:
         self._hidden = None
@@ -257,7 +293,10 @@ class ModelRunner:
             return self._decode(step.input_ids, step.positions, step.slots, step.decode_tables, step.decode_lens)
         self.attention.begin_step(StepAttentionMetadata(
             step.slots, step.num_decodes, step.decode_tables, step.decode_lens, step.spans))
-        hidden = self.model(step.input_ids, step.positions, self.attention)
+        if step.mm_rows is not None:
+            hidden = self.model(step.input_ids, step.positions, self.attention, step.mm_rows, step.mm_embeds)
+        else:
+            hidden = self.model(step.input_ids, step.positions, self.attention)
         self._hidden = hidden  # the final hidden states: pooling requests read their rows (run())
         if not step.logits_rows:
             return torch.empty(0, self.cfg.vocab_size)
@@ -311,6 +350,35 @@ class ModelRunner:
             # Block 0 is scratch here: nothing is allocated before the engine starts serving.
             self._decode(*flat, tables, lens)
         log.info("decode step compiled in %.1fs", time.perf_counter() - start)
+
+
+def _text_positions(start: int, n: int, mrope: bool) -> torch.Tensor:
+    pos = torch.arange(start, start + n, dtype=torch.long)
+    return pos.expand(3, n) if mrope else pos
+
+
+def _prefill_positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
+    """[3, end - start] M-RoPE positions of a chunk: the prompt's own, then index + delta."""
+    table = seq.mrope_positions
+    if table is None:
+        return _text_positions(start, end - start, True)
+    inside = table[:, start : min(end, table.shape[1])]
+    after = max(start, table.shape[1])  # generated tokens (recomputed after a preemption)
+    return torch.cat((inside, _text_positions(after + seq.mrope_delta, max(0, end - after), True)), dim=1)
+
+
+def _splice_images(seq: Sequence, start: int, end: int, row0: int, rows: list[int], embeds: list[torch.Tensor]
+                   ) -> None:  # fmt: skip
+    """The image embedding rows of chunk [start, end), placed at flat-batch row row0 on; an image
+    whose span ends within the chunk is done with and dropped from the sequence."""
+    for i, img in enumerate(seq.params.images):
+        lo, hi = max(start, img.offset), min(end, img.offset + img.length)
+        if lo >= hi or i not in seq.image_embeds:
+            continue
+        embeds.append(seq.image_embeds[i][lo - img.offset : hi - img.offset])
+        rows.extend(range(row0 + lo - start, row0 + hi - start))
+        if img.offset + img.length <= end:
+            del seq.image_embeds[i]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -108,17 +108,21 @@ class Sampler:
             results.append(SampleResult(tok, lp))
         return results
 
-    def verify(self, seq: Sequence, logits: torch.Tensor, proposal: list[int]) -> tuple[list[SampleResult], int]:
+    def verify(self, seq: Sequence, logits: torch.Tensor, proposal: list[int],
+               draft_probs: torch.Tensor | None = None) -> tuple[list[SampleResult], int]:
         """Speculative decoding: logits [len(proposal) + 1, vocab], row j the model's view after the
         sequence's tokens and proposal[:j]. Returns the tokens to append (the accepted proposals, then
-        the model's own next token) and how many proposals were accepted.
+        the model's own next token) and how many proposals were accepted. `draft_probs` [len(proposal),
+        vocab]: the distributions the proposals were drawn from (a draft model's); None: each proposal
+        was given with certainty (n-gram lookup, or a greedy draft).
 
         Row j is processed as sample() would process it with proposal[:j] appended (grammar,
         penalties and bans see exactly the tokens before it), so a proposal the grammar forbids has
         probability 0 and is never accepted. Greedy: a proposal is kept while it is the argmax.
-        Sampled: proposal t is kept with probability p(t), else the token is drawn from p without t
-        (renormalised): the rejection rule for a proposal given with certainty, which leaves every
-        token distributed exactly as p. A processor that is not ready stops the walk there (no
+        Sampled: proposal t drawn from q is kept with probability min(1, p(t) / q(t)), else the token
+        is drawn from max(0, p - q) renormalised (for a certain proposal, q one-hot: kept with
+        probability p(t), else drawn from p without t): the rejection rule, which leaves every token
+        distributed exactly as p. A processor that is not ready stops the walk there (no
         token for that row; the tokens before it stand)."""
         tokens = list(seq.token_ids)
         results: list[SampleResult] = []
@@ -129,7 +133,8 @@ class Sampler:
             except NotReady:
                 break
             draft = proposal[j] if j < len(proposal) else None
-            tok = self._choose(seq, row, draft)
+            q = draft_probs[j] if draft_probs is not None and draft is not None else None
+            tok = self._choose(seq, row, draft, q)
             k = seq.params.logprobs
             lp = None if k is None else _token_logprob(torch.log_softmax(row, dim=-1), tok, k)
             results.append(SampleResult(tok, lp))
@@ -151,16 +156,19 @@ class Sampler:
             row[torch.tensor(self.eos_token_ids, dtype=torch.long, device=row.device)] = float("-inf")
         return row
 
-    def _choose(self, seq: Sequence, row: torch.Tensor, draft: int | None) -> int:
+    def _choose(self, seq: Sequence, row: torch.Tensor, draft: int | None, q: torch.Tensor | None = None) -> int:
         if seq.params.greedy:
             return int(row.argmax())
         probs = self._filtered_probs(row[None], [seq])
         if draft is not None:
             u = torch.rand(1, generator=seq.generator).item()
-            if u < float(probs[0, draft]):
+            if u * (1.0 if q is None else float(q[draft])) < float(probs[0, draft]):
                 return draft
-            probs[0, draft] = 0.0
-            if float(probs.sum()) <= 0.0:  # p(draft) was 1 up to rounding
+            if q is None:
+                probs[0, draft] = 0.0
+            else:
+                probs = (probs - q.to(probs.device, probs.dtype)[None]).clamp_(min=0.0)
+            if float(probs.sum()) <= 0.0:  # p was q (or p(draft) was 1) up to rounding
                 return draft
         return int(self._draw(probs, [seq])[0])
 

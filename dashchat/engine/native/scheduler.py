@@ -50,6 +50,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_seq(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
@@ -130,6 +132,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free_seq(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq, finished=True)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         for other in self.waiting:  # children waiting on a parent that ends early start now

@@ -41,6 +41,12 @@ class Sequence:
     # Speculative decoding: this step's proposed next tokens, and the proposer's state (speculative.py).
     proposal: list[int] = field(default_factory=list)
     spec: Any = None
+    # Vision models: the prompt's M-RoPE position ids [3, prompt length] (None: a position is the
+    # token's index), the delta a later token adds to its index, and the embeddings of the images
+    # (by index in params.images) computed for a prefill, kept until their span's KV is written.
+    mrope_positions: torch.Tensor | None = None
+    mrope_delta: int = 0
+    image_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
     # A pooling request (pooling.PoolState): prefill only, finished by the step that computes its end.
     pooling: Any = None
 

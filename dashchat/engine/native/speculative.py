@@ -9,8 +9,11 @@ it is dropped (its KV slots are overwritten later, its blocks freed). One step t
 k + 1 tokens, and the text is the model's own.
 
 Proposals come from n-gram lookup in the sequence's own tokens (prompt and answer so far): the
-longest recent suffix that occurred before is continued as it continued then. Answers that
-repeat their prompt (code edits, quotes, summaries) are mostly such continuations.
+longest suffix that occurred before is continued as it continued then (of several earlier
+occurrences, the one whose preceding tokens match the text's for longest), and failing that, as it
+continued in an earlier sequence's prompt or answer (`AnswerHistory`). Answers that repeat their
+prompt (code edits, quotes, summaries) are mostly such continuations. Or they come from a draft
+model (draft.py).
 
 On the CPU GGUF path greedy output is bit for bit the output without speculation, because every
 row's sums are formed the same way: activation rows go through per-row tiles when a step has
@@ -24,9 +27,13 @@ already read once for many tokens).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 # Rows a decode step may hold while it still takes the kernels' per-row tiles (see above).
 MAX_VERIFY_ROWS = 7
@@ -40,7 +47,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 6  # proposals per step at most (the batch and acceptance shrink it)
     prompt_lookup_min: int = 2  # shortest suffix n-gram looked up
     prompt_lookup_max: int = 4  # longest suffix n-gram looked up (longest first)
-    model: str | None = None
+    model: str | None = None  # draft_model: the draft (anything dashchat loads)
+    draft_layers: int | None = None  # draft_model: run only the draft's first layers
 
     @classmethod
     def parse(cls, text: str) -> "SpeculativeConfig":
@@ -51,16 +59,21 @@ class SpeculativeConfig:
             raise ValueError(f"--speculative-config: not JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise ValueError("--speculative-config: must be a JSON object")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model", "draft_layers"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"--speculative-config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        method = raw.get("method", "ngram")
-        if method == "draft_model":
-            raise ValueError("--speculative-config: method 'draft_model' is not available yet; use 'ngram'")
-        if method != "ngram":
-            raise ValueError(f"--speculative-config: method {method!r} is not one of: ngram")
-        ints = {k: raw[k] for k in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max") if k in raw}
+        method = raw.get("method", "ngram" if "model" not in raw else "draft_model")
+        method = {"draft": "draft_model"}.get(method, method)  # vLLM's older name
+        if method not in ("ngram", "draft_model"):
+            raise ValueError(f"--speculative-config: method {method!r} is not one of: ngram, draft_model")
+        model = raw.get("model")
+        if method == "draft_model" and (not isinstance(model, str) or not model.strip()):
+            raise ValueError("--speculative-config: method draft_model needs \"model\": the draft's path or name")
+        if method == "ngram" and ("model" in raw or "draft_layers" in raw):
+            raise ValueError("--speculative-config: model and draft_layers are draft_model keys")
+        ints = {k: raw[k] for k in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "draft_layers")
+                if k in raw}
         for key, value in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--speculative-config: {key} must be a positive integer")
@@ -69,42 +82,114 @@ class SpeculativeConfig:
             ints["prompt_lookup_max"] = max(ints["prompt_lookup_min"], cls.prompt_lookup_max)
         if "prompt_lookup_max" in ints and "prompt_lookup_min" not in ints:
             ints["prompt_lookup_min"] = min(ints["prompt_lookup_max"], cls.prompt_lookup_min)
-        config = cls(method=method, **ints)
+        config = cls(method=method, model=model, **ints)
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError("--speculative-config: prompt_lookup_min must not exceed prompt_lookup_max")
         return config
 
 
-class NgramIndex:
-    """One sequence's n-grams -> where each last ended, grown as its tokens grow."""
+# Earlier occurrences of an n-gram remembered per sequence (the latest ones), and how far back a
+# candidate's context is compared with the text's own to pick among them.
+_CANDIDATES = 8
+_CONTEXT = 32
 
-    def __init__(self, n_min: int, n_max: int) -> None:
+
+def _context_match(tokens: list[int], end: int, source: list[int], at: int) -> int:
+    """How many tokens before `end` in `tokens` equal those before `at` in `source` (at most _CONTEXT)."""
+    i = 0
+    while i < _CONTEXT and i < end and i < at and tokens[end - 1 - i] == source[at - 1 - i]:
+        i += 1
+    return i
+
+
+class NgramIndex:
+    """One sequence's n-grams -> where each ended (its latest _CANDIDATES times), grown as its
+    tokens grow.
+
+    Of the earlier occurrences of the text's suffix n-gram, the one whose preceding tokens match the
+    text's for longest is continued (the latest among equals): in code a short n-gram such as
+    "    return" occurs many times, and the occurrence in the same function is the one to copy. With
+    no match of the longest n-gram in the sequence's own text, the earlier sequences' texts
+    (`history`) are looked up for it before shorter n-grams are.
+    """
+
+    def __init__(self, n_min: int, n_max: int, history: "AnswerHistory | None" = None, salt: str | None = None) -> None:
         self.sizes = range(n_max, n_min - 1, -1)  # longest first
-        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.ends: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in self.sizes}
         self.indexed = 0  # n-grams ending at positions <= this are in `ends`
+        self.history = history
+        self.salt = salt
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
+        """Up to k tokens that followed the best earlier occurrence of the longest suffix n-gram."""
         last = len(tokens) - 1  # n-grams ending before the suffix's own end
         for end in range(self.indexed + 1, last + 1):
             for n in self.sizes:
                 if end >= n:
-                    self.ends[n][tuple(tokens[end - n : end])] = end
+                    ends = self.ends[n].setdefault(tuple(tokens[end - n : end]), [])
+                    ends.append(end)
+                    if len(ends) > _CANDIDATES:
+                        del ends[0]
         self.indexed = max(self.indexed, last)
         for n in self.sizes:
-            if len(tokens) <= n:
+            if len(tokens) < n:
                 continue
-            end = self.ends[n].get(tuple(tokens[-n:]))
-            if end is not None:
-                return tokens[end : end + k]
+            ends = self.ends[n].get(tuple(tokens[-n:]))  # the suffix's own occurrence is not indexed
+            if ends:
+                here = len(tokens) - n
+                best = max(reversed(ends), key=lambda e: _context_match(tokens, here, tokens, e - n))
+                return tokens[best : best + k]
+            if self.history is not None and n == self.history.n:  # a longer match elsewhere beats a short one here
+                proposal = self.history.propose(self.salt, tokens, k)
+                if proposal:
+                    return proposal
         return []
+
+
+class AnswerHistory:
+    """The tokens (prompt and answer) of recently finished sequences, indexed by their n-grams: a
+    new answer that repeats an earlier one (the same file edited again, a question asked twice)
+    gets proposals from it. Bounded to the latest `max_tokens` tokens; sequences with different
+    cache salts never see each other's (as in the prefix cache)."""
+
+    def __init__(self, n: int, max_tokens: int = 1 << 16) -> None:
+        self.n = n
+        self.max_tokens = max_tokens
+        self.held: list[tuple[str | None, list[int]]] = []  # oldest first
+        self.size = 0
+        self.index: dict[tuple, tuple[list[int], int]] = {}  # (salt, n-gram) -> (tokens, end)
+
+    def add(self, salt: str | None, tokens: list[int]) -> None:
+        tokens = tokens[-self.max_tokens :]
+        n = self.n
+        for end in range(n, len(tokens)):
+            self.index[(salt, *tokens[end - n : end])] = (tokens, end)
+        self.held.append((salt, tokens))
+        self.size += len(tokens)
+        while self.size > self.max_tokens:
+            old_salt, old = self.held.pop(0)
+            self.size -= len(old)
+            for end in range(n, len(old)):
+                key = (old_salt, *old[end - n : end])
+                if self.index.get(key, (None,))[0] is old:
+                    del self.index[key]
+
+    def propose(self, salt: str | None, tokens: list[int], k: int) -> list[int]:
+        if len(tokens) < self.n:
+            return []
+        found = self.index.get((salt, *tokens[-self.n :]))
+        if found is None:
+            return []
+        source, end = found
+        return source[end : end + k]
 
 
 @dataclass
 class SpecState:
-    """Per sequence: its index and how often its proposals have been right lately."""
+    """Per sequence: its proposer's state and how often its proposals have been right lately."""
 
-    index: NgramIndex
+    index: NgramIndex | None  # n-gram lookup
+    draft: Any = None  # draft model: draft.DraftState, None until it first proposes
     hits: float = 0.0  # proposed tokens kept (decayed)
     trials: float = 0.0  # proposed tokens judged: the kept ones and the first rejected one (decayed)
     idle: int = 0  # steps since it last proposed
@@ -140,8 +225,14 @@ class Speculator:
     """
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int, max_rows: int = MAX_VERIFY_ROWS,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", draft=None) -> None:
+        """`draft`: a draft.DraftModel that proposes (method draft_model), else n-gram lookup."""
         self.config = config
+        self.draft = draft
+        # finished sequences' tokens, for n-gram proposals from earlier answers
+        self.history = AnswerHistory(config.prompt_lookup_max) if draft is None else None
+        # a draft forward per proposal position, in one-row target steps (0: proposals cost rows only)
+        self.draft_cost = draft.relative_cost if draft is not None else 0.0
         self.max_model_len = max_model_len
         self.max_rows = max_rows
         self.device = device
@@ -153,8 +244,30 @@ class Speculator:
     def _state(self, seq: Sequence) -> SpecState:
         if seq.spec is None:
             c = self.config
-            seq.spec = SpecState(NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max))
+            index = None
+            if self.draft is None:
+                # A seeded sample depends on the proposals it was verified against (the draws it
+                # took), so a seeded request's proposals come from its own text only: other requests'
+                # would make it depend on what ran before.
+                history = self.history if seq.generator is None else None
+                index = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max, history, seq.params.cache_salt)
+            seq.spec = SpecState(index)
         return seq.spec
+
+    def release(self, seq: Sequence, finished: bool = False) -> None:
+        """The sequence left the running batch (finished, aborted, preempted): its draft KV goes; a
+        finished one's tokens join the history n-gram lookup draws on."""
+        if finished and self.history is not None and seq.num_output_tokens > 0:
+            self.history.add(seq.params.cache_salt, seq.token_ids)
+        if self.draft is not None and seq.spec is not None and seq.spec.draft is not None:
+            self.draft.release(seq.spec.draft)
+            seq.spec.draft = None
+
+    def draft_probs(self, seq: Sequence):
+        """The draft's distributions of this step's proposals ([k, vocab]), None for point masses."""
+        if seq.spec is None or seq.spec.draft is None:
+            return None
+        return seq.spec.draft.probs
 
     def rows_for(self, num_decodes: int) -> int:
         """Extra rows a step of `num_decodes` decoding sequences may spend on proposals."""
@@ -172,8 +285,8 @@ class Speculator:
         room = self.rows_for(len(decodes))
         if room <= 0:
             return []
-        rows, tokens = len(decodes), float(len(decodes))
-        plans = []
+        rows, tokens, depth = len(decodes), float(len(decodes)), 0
+        plans, wants = [], []
         for seq in decodes:
             state = self._state(seq)
             p = seq.params
@@ -182,25 +295,45 @@ class Speculator:
             limit = min(self.config.num_speculative_tokens, len(decodes) + room - rows, left)
             if limit <= 0:
                 continue
-            k = self._best_k(state.acceptance, rows, tokens, limit)
+            k = self._best_k(state.acceptance, rows, tokens, limit, depth)
             if k == 0:
                 state.idle += 1
                 if state.idle < _PROBE_EVERY:
                     continue
                 k = 1  # now and then, so that a sequence that starts copying is noticed
-            proposal = state.index.propose(seq.token_ids, k)
-            if not proposal:
-                continue
+            if self.draft is not None:
+                wants.append((seq, k, state.draft))
+                proposed = k
+                depth = max(depth, k)
+            else:
+                proposal = state.index.propose(seq.token_ids, k)
+                if not proposal:
+                    continue
+                plans.append((seq, proposal))
+                proposed = len(proposal)
             state.idle = 0
-            plans.append((seq, proposal))
-            rows += len(proposal)
-            tokens += expected_tokens(state.acceptance, len(proposal)) - 1
+            rows += proposed
+            tokens += expected_tokens(state.acceptance, proposed) - 1
+        if wants:
+            try:
+                drafted = self.draft.propose(wants)
+            except Exception:  # noqa: BLE001 - a failing draft costs its proposals, never the requests
+                log.exception("the draft model failed; this step decodes without proposals")
+                for seq, _, _ in wants:
+                    seq.spec.draft = None  # the draft freed its blocks: rebuilt next time
+                return []
+            for seq, proposal, draft_state in drafted:
+                seq.spec.draft = draft_state
+                if proposal:
+                    plans.append((seq, proposal))
         return plans
 
-    def _best_k(self, acceptance: float, rows: int, tokens: float, limit: int) -> int:
-        best, best_rate = 0, tokens / self.cost(rows)
+    def _best_k(self, acceptance: float, rows: int, tokens: float, limit: int, depth: int = 0) -> int:
+        """`depth`: draft forwards the step runs already (they serve every sequence at once)."""
+        best, best_rate = 0, tokens / (self.cost(rows) + self.draft_cost * depth)
         for k in range(1, limit + 1):
-            rate = (tokens + expected_tokens(acceptance, k) - 1) / self.cost(rows + k)
+            cost = self.cost(rows + k) + self.draft_cost * max(depth, k)
+            rate = (tokens + expected_tokens(acceptance, k) - 1) / cost
             if rate > best_rate * 1.001:
                 best, best_rate = k, rate
         return best

@@ -38,6 +38,7 @@ from dashchat.server.text.pipeline import (
     template_kwargs,
 )
 from dashchat.server.text.tool_request import ToolPlan, plan_tools
+from dashchat.server.media.images import expand_images, for_template, load_images
 
 log = logging.getLogger("dashchat.server")
 
@@ -49,10 +50,12 @@ async def create_chat_completion(server: ServerState | ModelView, req: ChatCompl
     if len(req.messages) > cfg.max_messages:
         raise bad_request(f"'messages' takes at most {cfg.max_messages} entries.", "messages")
     plan = plan_tools(req, cfg)
-    messages = [_template_message(i, m) for i, m in enumerate(req.messages)]
+    messages, image_urls = for_template([_template_message(i, m) for i, m in enumerate(req.messages)])
     stops = stop_list(req.stop, cfg)
     kwargs = template_kwargs(state, req.chat_template_kwargs)
+    images = await load_images(state, model, image_urls)
     prompt = await asyncio.to_thread(render_prompt, state, messages, plan.tools if plan.parse else None, kwargs)
+    prompt.ids, image_inputs = expand_images(prompt.ids, images, state.model.vision)
     if cfg.log_prompts:
         log.info("prompt (%d tokens): %r", len(prompt.ids), prompt.text)
     max_tokens = resolve_max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt.ids),
@@ -64,17 +67,20 @@ async def create_chat_completion(server: ServerState | ModelView, req: ChatCompl
         req, max_tokens=max_tokens, vocab_size=state.vocab_size, cfg=cfg,
         logprobs=top_n if req.logprobs else None, factories=factories,
     )
+    params.images = image_inputs
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     run = _ChatRun(state, req, plan, model, request_id, prompt, params, stops, top_n)
     return EngineResponse(state, run.stream if req.stream else run.full, request_id, prompt_tokens=len(prompt.ids))
 
 
 def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
-    """Text-only check; roles, parts and legacy calls are normalized by render_chat_prompt."""
+    """Text and image parts only; roles, parts and legacy calls are normalized by render_chat_prompt."""
     if isinstance(m.content, list):
-        for p in m.content:
+        for j, p in enumerate(m.content):
+            if p.type == "image_url" and p.image_url is not None:
+                continue
             if p.type != "text" or p.text is None:
-                raise bad_request(f"Content parts of type '{p.type}' are not supported; only text.",
+                raise bad_request(f"Content parts of type '{p.type}' are not supported; only text and image_url.",
                                   f"messages[{i}].content")
     return m.model_dump(exclude_none=True)
 

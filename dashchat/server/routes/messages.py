@@ -30,6 +30,13 @@ class _Model(BaseModel):
 # -- request -----------------------------------------------------------------------------
 
 
+class ImageSource(_Model):
+    type: str | None = None  # base64 or url (checked where it is read, so the error names the image)
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+
 class ContentBlock(_Model):
     type: Literal["text", "tool_use", "tool_result", "thinking", "redacted_thinking", "image", "document",
                   "search_result", "server_tool_use", "web_search_tool_result"]
@@ -45,6 +52,8 @@ class ContentBlock(_Model):
     # thinking
     thinking: str | None = None
     signature: str | None = None
+    # image
+    source: ImageSource | None = None
 
 
 class InputMessage(_Model):
@@ -115,6 +124,22 @@ def _block_text(blocks: str | list[ContentBlock] | None, param: str) -> str:
     return "".join(out)
 
 
+def _image_url(block: ContentBlock, where: str) -> str:
+    """An image block's source as a URL the chat path takes (base64 -> a data URL)."""
+    src = block.source
+    if src is None:
+        raise bad_request("An image block needs a 'source'.", f"{where}.source")
+    if src.type == "base64":
+        if not src.data or not src.media_type:
+            raise bad_request("A base64 image source needs 'media_type' and 'data'.", f"{where}.source")
+        return f"data:{src.media_type};base64,{src.data}"
+    if src.type == "url" and src.url:
+        return src.url
+    if src.type is None:
+        raise bad_request("An image block's source needs a 'type': base64 (or url).", f"{where}.source.type")
+    raise bad_request(f"Image sources of type '{src.type}' are not supported; send base64 data.", f"{where}.source")
+
+
 def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system:
@@ -126,6 +151,7 @@ def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
             out.append({"role": m.role, "content": m.content})
             continue
         text: list[str] = []
+        parts: list[dict[str, Any]] = []  # text and images in order, where the user turn has images
         calls: list[dict[str, Any]] = []
         thinking: list[str] = []
         for j, b in enumerate(m.content):
@@ -134,6 +160,9 @@ def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
                 if b.text is None:
                     raise bad_request("Missing required parameter: 'text'.", f"{where}.text")
                 text.append(b.text)
+                parts.append({"type": "text", "text": b.text})
+            elif b.type == "image" and m.role == "user":
+                parts.append({"type": "image_url", "image_url": {"url": _image_url(b, where)}})
             elif b.type == "tool_use" and m.role == "assistant":
                 if not b.id or not b.name:
                     raise bad_request("A tool_use block needs 'id' and 'name'.", where)
@@ -160,6 +189,8 @@ def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
             if thinking:
                 turn["reasoning_content"] = "".join(thinking)
             out.append(turn)
+        elif any(p["type"] == "image_url" for p in parts):
+            out.append({"role": "user", "content": parts})
         elif text or not any(b.type == "tool_result" for b in m.content):
             out.append({"role": "user", "content": "".join(text)})
     return out
@@ -197,6 +228,8 @@ _PARAMS = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences"}
 def _rename_param(err: APIError) -> APIError:
     if err.param in _PARAMS:
         err.param = _PARAMS[err.param]
+    elif err.param and err.param.startswith("messages["):  # chat indices shift (system, tool results)
+        err.param = "messages"
     return err
 
 
@@ -359,6 +392,7 @@ async def create_message(server: ServerState, req: MessagesRequest) -> Response:
 async def count_tokens(server: ServerState, req: CountTokensRequest) -> Response:
     import asyncio
 
+    from dashchat.server.media.images import expand_images, for_template, load_images
     from dashchat.server.text.pipeline import render_prompt, template_kwargs
     from dashchat.server.text.tool_request import plan_tools
 
@@ -368,12 +402,14 @@ async def count_tokens(server: ServerState, req: CountTokensRequest) -> Response
     try:
         # The same render as generation (text_pipeline.py): the count is what /v1/messages would use.
         plan = plan_tools(chat_req, state.cfg)
-        messages = [m.model_dump(exclude_none=True) for m in chat_req.messages]
+        messages, urls = for_template([m.model_dump(exclude_none=True) for m in chat_req.messages])
         kwargs = template_kwargs(state, chat_req.chat_template_kwargs)
+        images = await load_images(state, model, urls)  # an image counts as the tokens it becomes
         prompt = await asyncio.to_thread(render_prompt, state, messages, plan.tools if plan.parse else None, kwargs)
+        ids, _ = expand_images(prompt.ids, images, state.model.vision)
     except APIError as err:
         raise _rename_param(err) from None
-    return JSONResponse({"input_tokens": len(prompt.ids)})
+    return JSONResponse({"input_tokens": len(ids)})
 
 
 def add_messages_routes(app: Any, state: ServerState) -> None:

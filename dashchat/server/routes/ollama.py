@@ -242,7 +242,7 @@ def _arguments_text(args: dict[str, Any] | str) -> str:
     return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
-def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+def chat_messages(req: ChatRequest, vision: bool = False) -> list[dict[str, Any]]:
     """Ollama's messages in Chat Completions' shape. Tool calls get ids (Ollama's often have none);
     a tool result answers the call it names (`tool_call_id`, else the first unanswered call of its
     `tool_name`, else the first unanswered call), as results follow their calls in order."""
@@ -250,11 +250,16 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     pending: list[tuple[str, str]] = []  # (name, id) of the latest assistant turn's unanswered calls
     for i, m in enumerate(req.messages):
         role = m.role.lower()
-        _no_images(req.model, m.images, f"messages[{i}].images")
+        if not vision:
+            _no_images(req.model, m.images, f"messages[{i}].images")
         if role not in ("system", "user", "assistant", "tool"):
             raise bad_request(f"Invalid role '{m.role[:40]}' in messages[{i}]: use system, user, assistant or tool.",
                               f"messages[{i}].role")
         turn: dict[str, Any] = {"role": role, "content": m.content}
+        if m.images:  # a vision model: Ollama's bare base64 images as chat image parts
+            turn["content"] = [{"type": "text", "text": m.content or ""}] + [
+                {"type": "image_url", "image_url": {"url": "data:application/octet-stream;base64," + b64}}
+                for b64 in m.images]
         if role == "assistant":
             if m.thinking:
                 turn["reasoning_content"] = m.thinking
@@ -345,7 +350,8 @@ async def ollama_chat(state: ServerState, req: ChatRequest) -> Response:
     if not req.messages:
         return _loaded(req, "chat", keep_alive)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    return await _run_chat(view, req, "chat", started, chat_messages(req), tools, _renamer())
+    messages = chat_messages(req, vision=view.model.vision is not None)
+    return await _run_chat(view, req, "chat", started, messages, tools, _renamer())
 
 
 async def ollama_generate(state: ServerState, req: GenerateRequest) -> Response:

@@ -39,6 +39,9 @@ class InputContentPart(_Model):
                   "reasoning_text", "summary_text"]
     text: str | None = None
     refusal: str | None = None
+    image_url: str | None = None  # input_image: a base64 data URL (or http(s) where the server allows it)
+    file_id: str | None = None
+    detail: str | None = None
 
 
 class MessageItem(_Model):
@@ -178,6 +181,23 @@ def _text(parts: str | list[InputContentPart], param: str, allowed: tuple[str, .
     return "".join(out)
 
 
+def _parts_with_images(parts: list[InputContentPart], param: str) -> list[dict[str, Any]]:
+    """A message's text and input_image parts -> chat content parts (text, image_url)."""
+    out: list[dict[str, Any]] = []
+    for i, p in enumerate(parts):
+        if p.type == "input_image":
+            if not p.image_url:
+                raise bad_request("An input_image needs 'image_url' (a data URL); 'file_id' is not supported.",
+                                  f"{param}[{i}].image_url")
+            out.append({"type": "image_url", "image_url": {"url": p.image_url}})
+        elif p.type in ("input_text", "text", "output_text"):
+            out.append({"type": "text", "text": p.text or ""})
+        else:
+            raise bad_request(f"Content of type '{p.type}' is not supported here; only input_text and input_image.",
+                              f"{param}[{i}].type")
+    return out
+
+
 def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
     """Input items -> chat messages. Consecutive function calls become one assistant turn (with the
     text before them, if any); reasoning items go with the assistant turn that follows."""
@@ -203,6 +223,8 @@ def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
                 turn = assistant_turn()
                 turn["content"] += _text(item.content, f"{param}.content",
                                          ("output_text", "input_text", "text", "refusal"))
+            elif isinstance(item.content, list) and any(p.type == "input_image" for p in item.content):
+                messages.append({"role": item.role, "content": _parts_with_images(item.content, f"{param}.content")})
             else:
                 text = _text(item.content, f"{param}.content", ("input_text", "text", "output_text"))
                 messages.append({"role": item.role, "content": text})
@@ -275,6 +297,8 @@ _PARAMS = {"response_format": "text.format", "max_completion_tokens": "max_outpu
 def _rename_param(err: APIError) -> APIError:
     if err.param in _PARAMS:
         err.param = _PARAMS[err.param]
+    elif err.param and err.param.startswith("messages["):  # a chat message's index is not an input item's
+        err.param = "input"
     return err
 
 

@@ -18,6 +18,7 @@ from dashchat.server.protocol import DetokenizeRequest, TokenizeRequest
 from dashchat.server.plumbing.sse import dumps
 from dashchat.server.state import ModelView, ServerState
 from dashchat.server.text.pipeline import render_prompt, template_kwargs
+from dashchat.server.media.images import expand_images, for_template, load_images
 
 
 class _JSON(Response):
@@ -30,14 +31,19 @@ class _JSON(Response):
 def add_tokenize_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize", response_model=None)
     async def tokenize(body: TokenizeRequest) -> Response:
-        return _JSON(await asyncio.to_thread(_tokenize, await state.use_model(body.model), body))
+        view = await state.use_model(body.model)
+        images = []
+        if body.messages is not None:  # image parts count as the tokens they become
+            _, urls = for_template([m.model_dump(exclude_none=True) for m in body.messages])
+            images = await load_images(view, view.name, urls)
+        return _JSON(await asyncio.to_thread(_tokenize, view, body, images))
 
     @app.post("/detokenize", response_model=None)
     async def detokenize(body: DetokenizeRequest) -> Response:
         return _JSON(await asyncio.to_thread(_detokenize, await state.use_model(body.model), body))
 
 
-def _tokenize(state: ModelView, req: TokenizeRequest) -> dict[str, Any]:
+def _tokenize(state: ModelView, req: TokenizeRequest, images: list[Any] = ()) -> dict[str, Any]:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("Send exactly one of 'prompt' or 'messages'.", "prompt" if req.prompt is None else "messages")
     if req.prompt is not None:
@@ -47,7 +53,7 @@ def _tokenize(state: ModelView, req: TokenizeRequest) -> dict[str, Any]:
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
         ids = state.tokenizer.encode(req.prompt, add_special_tokens=add_special)
     else:
-        ids = _chat_tokens(state, req)
+        ids, _ = expand_images(_chat_tokens(state, req), list(images), state.model.vision)
     body: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
                             "token_strs": None}
     if req.return_token_strs:
@@ -65,10 +71,11 @@ def _chat_tokens(state: ModelView, req: TokenizeRequest) -> list[int]:
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     if len(tools) > cfg.max_tools:
         raise bad_request(f"'tools' takes at most {cfg.max_tools} entries.", "tools")
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    messages, _ = for_template([m.model_dump(exclude_none=True) for m in req.messages])
     for i, m in enumerate(req.messages):
-        if isinstance(m.content, list) and any(p.type != "text" or p.text is None for p in m.content):
-            raise bad_request("Only text content parts are supported.", f"messages[{i}].content")
+        if isinstance(m.content, list) and any((p.type != "text" or p.text is None) and p.type != "image_url"
+                                               for p in m.content):
+            raise bad_request("Only text and image_url content parts are supported.", f"messages[{i}].content")
     kwargs = template_kwargs(state, req.chat_template_kwargs)
     prompt = render_prompt(state, messages, tools, kwargs, add_generation_prompt=req.add_generation_prompt)
     marked = prompt.marked

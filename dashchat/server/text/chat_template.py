@@ -113,11 +113,15 @@ def _compile(source: str) -> tuple[jinja2.Template, frozenset[str]]:
 
 
 def template_supports_tools(chat_template: str) -> bool:
-    """A template that never reads `tools` cannot show them to the model."""
-    return "tools" in _compile(chat_template)[1]
+    """A template that never reads `tools` (nor a message's) cannot show them to the model."""
+    return "tools" in _compile(chat_template)[1] or template_reads_message_tools(chat_template)
 
 
 # ---------------------------------------------------------------- message normalization
+
+
+# An image part, as Qwen2-VL's template writes it (the server then widens the pad to the image's tokens).
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def _text_of(content: Any) -> str:
@@ -127,12 +131,16 @@ def _text_of(content: Any) -> str:
         return content
     if isinstance(content, list):
         parts = []
+        images = False
         for part in content:
-            if isinstance(part, dict) and part.get("type", "text") == "text":
+            if isinstance(part, dict) and part.get("type") == "image":
+                parts.append(IMAGE_PLACEHOLDER)
+                images = True
+            elif isinstance(part, dict) and part.get("type", "text") == "text":
                 parts.append(str(part.get("text", "")))
             elif isinstance(part, str):
                 parts.append(part)
-        return "\n".join(parts)
+        return ("" if images else "\n").join(parts)  # Qwen2-VL's template joins parts as they are
     return str(content)
 
 
@@ -208,14 +216,45 @@ def builtin_tool_prompt(tools: list[dict[str, Any]]) -> str:
     return _TOOL_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
 
 
-def _call_text(call: dict[str, Any]) -> str:
+def _call_body(call: dict[str, Any]) -> dict[str, Any]:
     fn = call.get("function") or {}
-    body = {"name": fn.get("name", ""), "arguments": fn.get("arguments", {})}
-    return "<tool_call>\n" + json.dumps(body, ensure_ascii=False) + "\n</tool_call>"
+    return {"name": fn.get("name", ""), "arguments": fn.get("arguments", {})}
 
 
-def _tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """For tool-unaware templates: tool prompt into the system message, tool history as plain text."""
+def _call_text(call: dict[str, Any]) -> str:
+    return "<tool_call>\n" + json.dumps(_call_body(call), ensure_ascii=False) + "\n</tool_call>"
+
+
+def _functools_text(calls: list[dict[str, Any]]) -> str:
+    return "functools" + json.dumps([_call_body(c) for c in calls], ensure_ascii=False)
+
+
+def template_reads_message_tools(chat_template: str) -> bool:
+    """Phi-4-mini's template takes the tools from the system message (`message['tools']`, a JSON
+    string it writes between `<|tool|>` and `<|/tool|>`) rather than from a `tools` variable."""
+    return any(k in chat_template for k in ("['tools']", '["tools"]', ".tools"))
+
+
+_PHI_SYSTEM = "You are a helpful assistant with some tools."  # the system text of Phi-4-mini's tool examples
+
+
+def _tools_in_system_message(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Phi-4-mini style: the tools' function objects as JSON on the system message, earlier calls as
+    the `functools[...]` text the model writes, results as plain text."""
+    out = _tools_as_text(messages, None, call_text=_functools_text)
+    if tools:
+        listing = json.dumps([t.get("function", t) for t in tools], ensure_ascii=False)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "tools": listing}
+        else:
+            out.insert(0, {"role": "system", "content": _PHI_SYSTEM, "tools": listing})
+    return out
+
+
+def _tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                   call_text: Any = None) -> list[dict[str, Any]]:
+    """For tool-unaware templates: tool prompt into the system message, tool history as plain text
+    (`call_text` writes an assistant turn's calls; default one Hermes tag each)."""
     out: list[dict[str, Any]] = []
     pending: list[str] = []  # tool results waiting to become one user turn
     for m in messages:
@@ -230,7 +269,8 @@ def _tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] |
             else:
                 out.append({"role": "user", "content": text})
         if m["role"] == "assistant" and m.get("tool_calls"):
-            texts = ([m["content"]] if m["content"] else []) + [_call_text(c) for c in m["tool_calls"]]
+            calls = [call_text(m["tool_calls"])] if call_text else [_call_text(c) for c in m["tool_calls"]]
+            texts = ([m["content"]] if m["content"] else []) + calls
             m = {k: v for k, v in m.items() if k != "tool_calls"}
             m["content"] = "\n".join(texts)
         out.append(m)
@@ -263,7 +303,7 @@ def render_chat_prompt(
     tools = list(tools) if tools else None
     msgs = _normalize(messages, keep_developer="developer" in source, keep_reasoning="reasoning_content" in source)
     if "tools" not in names:
-        msgs = _tools_as_text(msgs, tools)
+        msgs = (_tools_in_system_message if template_reads_message_tools(source) else _tools_as_text)(msgs, tools)
         tools = None
     context: dict[str, Any] = {
         "bos_token": getattr(tokenizer, "bos_token", None) or "",

@@ -6,6 +6,7 @@ Formats models really emit:
   {"name": ..., "arguments"|"parameters": {...}}             bare JSON (object or array) at the start of the message (Llama 3.x)
   <|python_tag|>{...}                                        Llama 3.x, when the tag survives detokenizing
   [TOOL_CALLS][{...}, ...]                                   Mistral
+  functools[{...}, ...]                                      Phi-4-mini (no closing marker)
   <tool_call><function=NAME><parameter=K>V</parameter>...</function></tool_call>
                                                              Qwen3-Coder / GLM XML (values typed by the tool's schema)
   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
@@ -30,12 +31,15 @@ _ALNUM = string.ascii_letters + string.digits
 TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
 FENCE = "```"
 MISTRAL = "[TOOL_CALLS]"
+# Phi-4-mini's marker is plain text (the Python module's name), so it counts only right before its
+# array's `[`, and if what follows is no call the word goes back into the content.
+FUNCTOOLS = "functools["
 PYTHON_TAG = "<|python_tag|>"
 XML_FUNCTION, XML_FUNCTION_END = "<function=", "</function>"
 XML_PARAMETER, XML_PARAMETER_END = "<parameter=", "</parameter>"
 DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
-_MARKERS = (TAG_OPEN, FENCE, MISTRAL, PYTHON_TAG, DS_CALLS_BEGIN)
+_MARKERS = (TAG_OPEN, FENCE, MISTRAL, PYTHON_TAG, DS_CALLS_BEGIN, FUNCTOOLS)
 # Calls written as delimited blocks rather than JSON values: region kind -> (block opener, block end).
 _BLOCKS = {"tag": (XML_FUNCTION, XML_FUNCTION_END), "deepseek": (DS_CALL_BEGIN, DS_CALL_END)}
 # Fence info strings whose body may be a call; anything else (```python ...) is code and stays content.
@@ -485,6 +489,9 @@ class ToolCallStreamParser:
                 self._enter_seq("deepseek", DS_CALLS_END)
             elif marker == FENCE:
                 self._mode = "fence_info"
+            elif marker == FUNCTOOLS:
+                self._buf = "[" + self._buf  # the array is the call list; the word is the marker
+                self._enter_seq("line", None, raw=FUNCTOOLS[:-1])
             else:
                 self._enter_seq("line", None)
             return
@@ -643,7 +650,8 @@ class ToolCallStreamParser:
             self._content(text)
             self._mode = "tag_text"
         else:
-            self._content(text)
+            self._content(self._raw + text if self._region_calls == 0 else text)  # `functools` was words
+            self._raw = ""
             self._mode = "text"
 
     def _drop_cut_call(self) -> None:

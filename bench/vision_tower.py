@@ -1,0 +1,99 @@
+"""Vision tower time per image: dashchat's Qwen2.5-VL tower against transformers' (same random weights).
+
+The tower at Qwen2.5-VL-3B's vision shape (depth 32, width 1280, 16 heads, MLP 3420, output 2048,
+windows of 112 pixels, full attention in blocks 7/15/23/31), random weights, one image at a time,
+preprocessed as the server does (448x448 -> 256 tokens; 1024x1024 -> the default max of 1280 tokens).
+Rounds alternate between the two implementations; medians are reported.
+
+    python bench/vision_tower.py [--rounds 3] [--device cpu|cuda] [--sizes 448 1024] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dashchat.models.image_processing import ImageProcessorConfig, open_image, preprocess  # noqa: E402
+from dashchat.models.qwen2_vl_vision import VisionConfig, VisionTower  # noqa: E402
+
+SHAPE = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=2048,
+             window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+
+
+def picture(side: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def build(device: torch.device, dtype: torch.dtype):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+        Qwen2_5_VLVisionConfig,
+    )
+
+    torch.manual_seed(0)
+    ref = Qwen2_5_VisionTransformerPretrainedModel._from_config(Qwen2_5_VLVisionConfig(**SHAPE), dtype=dtype)
+    ref = ref.to(device).eval()
+    ours = VisionTower(VisionConfig.from_dict(SHAPE, qwen25=True, text_hidden=2048)).to(device, dtype).eval()
+    ours.load_weights(ref.state_dict().items())
+    return ours, ref
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[448, 1024])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    ours, ref = build(device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = {}
+    print(f"device {device} {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    for side in args.sizes:
+        img = preprocess(open_image(picture(side), 10**8), ImageProcessorConfig())
+        patches = torch.from_numpy(img.pixel_values).to(device, dtype)
+        grid = torch.tensor([img.grid], device=device)
+        times: dict[str, list[float]] = {"dashchat": [], "transformers": []}
+        with torch.inference_mode():
+            got = ours(patches, [img.grid])[0]
+            want = ref(patches, grid_thw=grid).pooler_output
+            err = (got.float() - want.float()).abs().max().item()
+            for _ in range(args.rounds):  # alternating rounds
+                for name, run in (("dashchat", lambda: ours(patches, [img.grid])),
+                                  ("transformers", lambda: ref(patches, grid_thw=grid))):
+                    sync()
+                    start = time.perf_counter()
+                    run()
+                    sync()
+                    times[name].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        tokens = img.num_tokens(2)
+        results[side] = {"tokens": tokens, "patches": len(patches), "max_abs_diff": err, **med}
+        print(f"{side}x{side}: {len(patches)} patches -> {tokens} tokens; dashchat {med['dashchat'] * 1e3:.0f} ms, "
+              f"transformers {med['transformers'] * 1e3:.0f} ms (ratio {med['transformers'] / med['dashchat']:.2f}x); "
+              f"max |diff| {err:.2e}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
