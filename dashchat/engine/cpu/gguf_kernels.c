@@ -6,10 +6,10 @@
 // Q5_0, Q5_1, IQ4_NL: 32 values a block; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS: 256 values a
 // super-block). F16 and BF16 rows take float products of their own (dc_gguf_matmul16_parts).
 //
-// As llama.cpp does, the activations are first quantized to int8 per block of 32 (one float scale
-// each, plus the scaled sums of each half, which carry the weights' offsets and minimums), so the
-// inner product is an integer one: every 32 weight values are unpacked into unsigned bytes and
-// multiplied with the signed activation bytes by
+// As llama.cpp does, the activations are first quantized to int8 per block of 32 (or 256) values (one
+// float scale each, plus the integer sums of each 16-value half, which carry the weights' offsets and
+// minimums), so the inner product is an integer one: every 32 weight values are unpacked into bytes
+// and multiplied with the signed activation bytes by
 //   - AVX-512 VNNI `vpdpbusd` on 256-bit vectors where the CPU has AVX512VL+VNNI (or AVX-VNNI),
 //   - AVX2 `vpmaddubsw` + `vpmaddwd` otherwise,
 //   - a plain C loop on anything else.
@@ -17,13 +17,13 @@
 // runs on (the build is keyed by /proc/cpuinfo's flags: a machine without an extension never gets
 // code that uses it).
 //
-// Every 32-value group j of a weight row contributes
-//   dx_j * (a0 * sum(q[0:16] * xq[0:16]) + a1 * sum(q[16:32] * xq[16:32])) + b0 * S0_j + b1 * S1_j
-// where q are the unsigned stored values, (a0, a1) the group's scale for each half, (b0, b1) its
-// offset (-8d for Q4_0, the minimum for Q4_1, -dmin*m for Q4_K, ...) and S0_j, S1_j = dx_j times the
-// sum of each half of the quantized activations. Q6_K, Q3_K and Q2_K have different scales for the
-// two halves. Q8_0, IQ4_NL and IQ4_XS values are signed bytes (IQ4's 4-bit indices looked up in their
-// 16 non-linear values by one byte shuffle), the others unsigned.
+// BATCH INVARIANT: an output's bits do not depend on the number of rows in the product, on the row's
+// place among them, or on which tile computed it. Every path forms the same exact integers per group
+// (or super-block) and then the same float operations in the same order ("one arithmetic for every
+// batch" below states them); each build (AVX-512 VNNI, AVX2, portable C) is invariant on its own. So
+// the fastest tile can be chosen per batch size, and a token's logits are the same in a cold prefill, a
+// prefix-cache hit or a speculative verify. Q8_0, IQ4_NL and IQ4_XS values are signed bytes (IQ4's
+// 4-bit indices looked up in their 16 non-linear values by one byte shuffle), the others unsigned.
 #pragma GCC diagnostic ignored "-Wpsabi" // static helpers only: no ABI crosses the library boundary
 #include <math.h>
 #include <stddef.h>
@@ -271,30 +271,29 @@ INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
 // ---------------------------------------------------------------- activations
 
 // x [m, k] float -> xq [m, k] int8, one scale per `span` values (32, or 256: a K-quant super-block);
-// per group g of 32 values of row r: xd[g * m + r] (the scale of the span holding it) and
-// xs[(2 * g + h) * m + r] (the scale times the sum of half h's int8 values). The per-group arrays are
-// stored group-major so a tile of consecutive rows reads its scales and sums as one vector.
-static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, float *xd, float *xs) {
+// xd[r * k/span + s]: row r's scale of span s; in the xs buffer as int16, hs[r * k/16 + 2g + h]: the
+// integer sum of half h of group g's int8 values (at most 16 * 127). Every array is row-major, so a
+// row's result reads the same numbers whatever its batch.
+static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, float *xd, int16_t *hs) {
   int spans = k / span, per_span = span / 32;
   // a decode step's rows take a microsecond or two: less than waking the thread team
 #pragma omp parallel for schedule(static) if (m * (k / 32) >= 1024)
   for (int t = 0; t < m * spans; t++) {
-    int r = t / spans, s = t % spans;
     const float *v = x + (size_t)t * span;
     float amax = 0.f;
     for (int i = 0; i < span; i++) amax = fmaxf(amax, fabsf(v[i]));
     float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    xd[t] = d;
     for (int gi = 0; gi < per_span; gi++) {
-      int g = s * per_span + gi, s0 = 0, s1 = 0;
+      size_t g = (size_t)t * per_span + gi;  // r * (k / 32) + the group's index in its row
+      int s0 = 0, s1 = 0;
       int8_t *q = xq + (size_t)t * span + 32 * gi;
       for (int i = 0; i < 32; i++) {
         int qi = (int)lrintf(v[32 * gi + i] * id);
         q[i] = (int8_t)qi;
         if (i < 16) s0 += qi; else s1 += qi;
       }
-      xd[(size_t)g * m + r] = d;
-      xs[(size_t)(2 * g) * m + r] = d * (float)s0;
-      xs[(size_t)(2 * g + 1) * m + r] = d * (float)s1;
+      hs[2 * g] = (int16_t)s0, hs[2 * g + 1] = (int16_t)s1;
     }
   }
 }
@@ -426,266 +425,165 @@ INLINE void group_scales(int type, const uint8_t *blk, int j, float *a0, float *
   }
 }
 
-// group_scales of all 8 groups of a K-quant super-block at once (the same products, so the same values).
-// super_block_scales of Q2_K, Q3_K and IQ4_XS: low_bit_scales' values, the block's fp16 scales and
-// packed bits taken apart once for its 8 groups (per group, they cost more than the group's products).
-#if defined(__AVX2__)
-// d times 16 signed bytes: the even ones (the groups' first halves) to A0, the odd ones to A1.
-INLINE void split_scales(__m128i s, float d, float *A0, float *A1) {
-  __m128i both = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-  _mm256_storeu_ps(A0, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(both))));
-  _mm256_storeu_ps(A1, _mm256_mul_ps(_mm256_set1_ps(d),
-                                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(both, 8)))));
-}
-#endif
+// ---------------------------------------------------------------- one arithmetic for every batch
+//
+// A weight row's dot product with an activation row is formed from exact integers and then a fixed
+// sequence of float operations that depends on neither the number of rows in the batch, nor the row's
+// place in it, nor the tile that computes it: every path below (one row at a time, 2 and 4 rows, the
+// interleaved blocks of 8, the portable C) computes, for each row, the same numbers in the same order.
+//
+// Half h (16 values) of group j (32 values) of a block holds values dw * sc_h * (q - off) - bw * m_h
+// (integer scales sc_h and minimums m_h; off a constant of the type; gscale below). With the
+// activations' int8 values over a group (scale dx, half sums S_h, products with q dot_h), the group
+// contributes dx * dw * I + dx * bw * N with the exact integers
+//   I = sum_h sc_h * (dot_h - off * S_h),   N = -sum_h m_h * S_h.
+// Per-group form (32-value blocks; K-quants whose activations have a scale a group): each group's
+//   p = has_mins ? fmaf(I, dw * dx, N * (bw * dx)) : I * (dw * dx)
+// (ints converted to float); group g of the row's window is added to accumulator A[g % 8].
+// Super-block form (K-quants and IQ4_XS whose activations have one scale a super-block, dx): I and N
+// summed over the super-block's 8 groups in integers, then the same p; super-block b is added to A[b % 8].
+// The result is ((A0 + A1) + (A2 + A3)) + ((A4 + A5) + (A6 + A7)) (and + bias). Integer sums may be
+// formed in any order, float ones never. (The 8 accumulators: one row's path keeps them as the lanes
+// of one vector, 8 groups' terms a vector add; the 8-row blocks as 8 vectors, lane = row.)
 
-INLINE void low_bit_super_scales(int type, const uint8_t *blk, float *A0, float *A1, float *B0, float *B1) {
-  if (type == T_Q2_K) {
-    float d = f16(blk + 80), dmin = f16(blk + 82);
-#if defined(__AVX2__)
-    __m128i s = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
-    split_scales(_mm_and_si128(s, m4), d, A0, A1);
-    split_scales(_mm_and_si128(_mm_srli_epi16(s, 4), m4), -dmin, B0, B1);
-#else
-    for (int j = 0; j < 8; j++) {
-      int s0 = blk[2 * j], s1 = blk[2 * j + 1];
-      A0[j] = d * (float)(s0 & 15), A1[j] = d * (float)(s1 & 15);
-      B0[j] = -dmin * (float)(s0 >> 4), B1[j] = -dmin * (float)(s1 >> 4);
+// Integer scales of one group: values dw * sc_h * (q - value_offset) - bw * m_h in half h.
+typedef struct {
+  int sc0, sc1, m0, m1;
+  float dw, bw;
+} gscale;
+
+// The constant subtracted from a type's unsigned stored values (0: none, or signed values).
+static inline int value_offset(int type) {
+  return type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : type == T_Q3_K ? 4 : type == T_Q6_K ? 32 : 0;
+}
+static inline int offset_shift(int off) { return off == 4 ? 2 : off == 8 ? 3 : off == 16 ? 4 : off == 32 ? 5 : 7; }
+// Types with minimums (a float offset per group or half: the N term).
+static inline int has_mins(int type) {
+  return type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K || type == T_Q2_K;
+}
+
+INLINE void group_ints(int type, const uint8_t *blk, int j, gscale *s) {
+  s->sc0 = s->sc1 = 1, s->m0 = s->m1 = 0, s->bw = 0.f;
+  switch (type) {
+    case T_Q4_1: case T_Q5_1:  // d * q + min
+      s->dw = f16(blk), s->m0 = s->m1 = 1, s->bw = -f16(blk + 2);
+      break;
+    case T_Q4_K: case T_Q5_K: {
+      int sc, m;
+      scale_min_k4(j, blk + 4, &sc, &m);
+      s->sc0 = s->sc1 = sc, s->m0 = s->m1 = m, s->dw = f16(blk), s->bw = f16(blk + 2);
+      break;
     }
-#endif
-  } else if (type == T_Q3_K) {  // q3k_scale's 16 values at once, four bytes a step
-    uint32_t a[4], t;
-    memcpy(a, blk + 96, 12);
-    t = a[2];
-    a[2] = ((a[0] >> 4) & 0x0f0f0f0fu) | (((t >> 4) & 0x03030303u) << 4);
-    a[3] = ((a[1] >> 4) & 0x0f0f0f0fu) | (((t >> 6) & 0x03030303u) << 4);
-    a[0] = (a[0] & 0x0f0f0f0fu) | ((t & 0x03030303u) << 4);
-    a[1] = (a[1] & 0x0f0f0f0fu) | (((t >> 2) & 0x03030303u) << 4);
-    float d = f16(blk + 108);
-#if defined(__AVX2__)
-    split_scales(_mm_sub_epi8(_mm_loadu_si128((const __m128i *)a), _mm_set1_epi8(32)), d, A0, A1);
-    _mm256_storeu_ps(B0, _mm256_mul_ps(_mm256_set1_ps(-4.f), _mm256_loadu_ps(A0)));
-    _mm256_storeu_ps(B1, _mm256_mul_ps(_mm256_set1_ps(-4.f), _mm256_loadu_ps(A1)));
-#else
-    uint8_t sc[16];
-    memcpy(sc, a, 16);
-    for (int j = 0; j < 8; j++) {
-      A0[j] = d * (float)(sc[2 * j] - 32), A1[j] = d * (float)(sc[2 * j + 1] - 32);
-      B0[j] = -4.f * A0[j], B1[j] = -4.f * A1[j];
-    }
-#endif
-  } else {  // T_IQ4_XS
-    uint16_t h;
-    memcpy(&h, blk + 2, 2);
-    float d = f16(blk);
-    for (int j = 0; j < 8; j++) {
+    case T_Q6_K:
+      s->sc0 = ((const int8_t *)blk)[192 + 2 * j], s->sc1 = ((const int8_t *)blk)[193 + 2 * j], s->dw = f16(blk + 208);
+      break;
+    case T_Q3_K:
+      s->sc0 = q3k_scale(blk + 96, 2 * j), s->sc1 = q3k_scale(blk + 96, 2 * j + 1), s->dw = f16(blk + 108);
+      break;
+    case T_Q2_K:
+      s->sc0 = blk[2 * j] & 15, s->sc1 = blk[2 * j + 1] & 15, s->m0 = blk[2 * j] >> 4, s->m1 = blk[2 * j + 1] >> 4;
+      s->dw = f16(blk + 80), s->bw = f16(blk + 82);
+      break;
+    case T_IQ4_XS: {
+      uint16_t h;
+      memcpy(&h, blk + 2, 2);
       int ls = ((blk[4 + j / 2] >> (4 * (j & 1))) & 15) | (((h >> (2 * j)) & 3) << 4);
-      A0[j] = A1[j] = d * (float)(ls - 32);
-      B0[j] = B1[j] = 0.f;
+      s->sc0 = s->sc1 = ls - 32, s->dw = f16(blk);
+      break;
     }
+    default:  // Q4_0, Q5_0, Q8_0, IQ4_NL: one scale a block
+      s->dw = f16(blk);
   }
 }
 
-INLINE void super_block_scales(int type, const uint8_t *blk, float *A0, float *A1, float *B0, float *B1) {
-  if (type == T_Q2_K || type == T_Q3_K || type == T_IQ4_XS) {
-    low_bit_super_scales(type, blk, A0, A1, B0, B1);
-    return;
-  }
-  if (type == T_Q6_K) {
-    const int8_t *sc = (const int8_t *)(blk + 192);
-    float d = f16(blk + 208);
-#if defined(__AVX2__)
-    // even scales (first halves) to the low 8 bytes, odd ones (second halves) to the high 8
-    __m128i both = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)sc),
-                                    _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-    __m256 a0 = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(both)));
-    __m256 a1 = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(both, 8))));
-    _mm256_storeu_ps(A0, a0), _mm256_storeu_ps(A1, a1);
-    _mm256_storeu_ps(B0, _mm256_mul_ps(_mm256_set1_ps(-32.f), a0));
-    _mm256_storeu_ps(B1, _mm256_mul_ps(_mm256_set1_ps(-32.f), a1));
-#else
-    for (int j = 0; j < 8; j++) {
-      A0[j] = d * (float)sc[2 * j], A1[j] = d * (float)sc[2 * j + 1];
-      B0[j] = -32.f * A0[j], B1[j] = -32.f * A1[j];
-    }
-#endif
-    return;
-  }
-  // Q4_K/Q5_K: twelve bytes hold eight 6-bit scales and eight 6-bit minimums (scale_min_k4's layout)
-  uint32_t u[3];
-  memcpy(u, blk + 4, 12);
-  uint32_t packed[4] = {u[0] & 0x3f3f3f3fu, (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4),
-                        u[1] & 0x3f3f3f3fu, ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)};
-  float d = f16(blk), dmin = f16(blk + 2);
-#if defined(__AVX2__)
-  __m128i sm = _mm_loadu_si128((const __m128i *)packed);  // scales 0-7, then minimums 0-7
-  __m256 a = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
-  __m256 b = _mm256_mul_ps(_mm256_set1_ps(-dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))));
-  _mm256_storeu_ps(A0, a), _mm256_storeu_ps(A1, a), _mm256_storeu_ps(B0, b), _mm256_storeu_ps(B1, b);
-#else
-  uint8_t sm[16];  // scales 0-7, then minimums 0-7
-  memcpy(sm, packed, 16);
-  for (int j = 0; j < 8; j++) {
-    A0[j] = A1[j] = d * (float)sm[j];
-    B0[j] = B1[j] = -dmin * (float)sm[8 + j];
-  }
-#endif
+// A group's (or super-block's) float term, from its exact integers (see above).
+static inline float group_term(int mins, int32_t I, int32_t N, float dw, float bw, float dx) {
+  return mins ? fmaf((float)I, dw * dx, (float)N * (bw * dx)) : (float)I * (dw * dx);
+}
+static inline float tree8(const float *p) { return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7])); }
+
+// The super-block form applies where the activations have one scale a super-block and the window
+// holds whole super-blocks.
+static inline int super_form(int type, int span, int g0, int groups) {
+  return span == 256 && super_block(type) && g0 % 8 == 0 && groups % 8 == 0;
 }
 
-// Rows per tile, up to 7 rows (8 or more take the interleaved 8-row blocks on AVX2; this path is
-// then the portable build's and a fallback): two accumulators a row fit AVX2's 16 vector registers.
+// Rows per tile of the per-row paths (1, 2 or 4).
 #define MAX_TILE 4
 
-#if defined(__AVX2__)
-typedef __m256 accum;
-#else
-typedef float accum;
-#endif
-
-// Group j of block blk (group g of the row's window), its scales given, against the tile's MR
-// activation rows, into one of the two accumulator sets.
-INLINE void group_step(int type, const uint8_t *blk, int j, int g, float a0, float a1, float b0, float b1,
-                       const int8_t *xq, int k, const float *xd, const float *xs, int ldt, const int MR, accum *acc,
-                       float *offs) {
-  const float *dg = xd + (size_t)g * ldt, *s0 = xs + (size_t)(2 * g) * ldt, *s1 = s0 + ldt;
-#if defined(__AVX2__)
-  __m256i wv = group_values_avx2(type, blk, j);
-  __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;  // |w| for the signed types
-  __m256 a = half_scales(type) ? _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0)) : _mm256_set1_ps(a0);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++) {
-    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)g));
-    if (signed_values(type)) xv = _mm256_sign_epi8(xv, wv);  // move w's sign onto x
-    __m256 p = _mm256_cvtepi32_ps(dot_us(wu, xv));
-    acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(a, _mm256_set1_ps(dg[r])), acc[r]);
-  }
-#else
-  group w;
-  unpack(type, blk, j, &w);
-  for (int r = 0; r < MR; r++) {
-    const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)g;
-    int p0 = 0, p1 = 0;
-    if (signed_values(type)) {
-      for (int i = 0; i < 16; i++) p0 += (int8_t)w.h0[i] * xv[i], p1 += (int8_t)w.h1[i] * xv[16 + i];
-    } else {
-      for (int i = 0; i < 16; i++) p0 += w.h0[i] * xv[i], p1 += w.h1[i] * xv[16 + i];
-    }
-    acc[r] = fmaf(dg[r], a0 * (float)p0 + a1 * (float)p1, acc[r]);
-  }
-#endif
-  // off the accumulator's dependency chain: one add joins it
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++) offs[r] += fmaf(b1, s1[r], b0 * s0[r]);
-}
-
-// One weight row against MR activation rows (MR a constant at every call site, so the tile's
-// accumulators live in registers): out[r] = the row's dot product with activation row r.
-// xq: the tile's first activation row (rows k bytes apart); xd, xs: that row's entry of group 0 in
-// the group-major scale and sum arrays (ldt entries a group). Even and odd groups go to two
-// accumulator sets, so one row (a single stream's decode) is not bound by the latency of one chain of
-// adds. Each row's sum is formed in the same order whatever MR is, so a token's result is the same
-// bits in every batch of 1-7 rows (and, in the portable build, which takes these tiles at every size,
-// in every batch). Batches of 8 rows or more take rows8_dot on AVX2 instead, which forms a row's sum in
-// an order of its own, the same for every batch of 8 or more wherever the row sits: from the same
-// integer products, scaled and summed in another order, so across the 7/8-row boundary a token's
-// result moves by float rounding only (a prefix-cache hit turns a long prefill into a short one;
-// greedy answers must not change with it). test_gguf_kernels pins all three statements.
-INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
-                     const float *xd, const float *xs, int ldt, const int MR, float *out) {
-  accum even[MAX_TILE], odd[MAX_TILE];
-  float offs_even[MAX_TILE], offs_odd[MAX_TILE];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++) {
-#if defined(__AVX2__)
-    even[r] = odd[r] = _mm256_setzero_ps();
-#else
-    even[r] = odd[r] = 0.f;
-#endif
-    offs_even[r] = offs_odd[r] = 0.f;
-  }
+// The plain C path (the portable build's, at every batch size): the definition above, written out.
+INLINE void tile_dot_c(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
+                       const float *xd, const int16_t *hs, int span, const int MR, float *out) {
+  const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
+  const unsigned per_block = super_block(type) ? 8 : 1;
   size_t bb = block_bytes(type);
-  if (super_block(type) && g0 % 8 == 0 && groups % 8 == 0) {
-    // whole super-blocks (always, but for a tensor-parallel rank's window): their 8 groups' scales
-    // taken apart at once, the groups unrolled (each group's bit positions become constants)
-    for (int b = 0; b < groups / 8; b++) {
-      const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
-      float A0[8], A1[8], B0[8], B1[8];
-      super_block_scales(type, blk, A0, A1, B0, B1);
-      // written out: a set chosen at run time would live in memory (see below)
-#define SB_GROUP(j, acc, offs) \
-  group_step(type, blk, j, 8 * b + j, A0[j], A1[j], B0[j], B1[j], xq, k, xd, xs, ldt, MR, acc, offs);
-      SB_GROUP(0, even, offs_even) SB_GROUP(1, odd, offs_odd) SB_GROUP(2, even, offs_even) SB_GROUP(3, odd, offs_odd)
-      SB_GROUP(4, even, offs_even) SB_GROUP(5, odd, offs_odd) SB_GROUP(6, even, offs_even) SB_GROUP(7, odd, offs_odd)
-#undef SB_GROUP
+  float acc[MAX_TILE];
+  for (int r = 0; r < MR; r++) acc[r] = 0.f;
+  const int sf = super_form(type, span, g0, groups);
+  float A[MAX_TILE][8] = {{0}};
+  // the per-group form's unit: 8 groups; the super-block form's: 8 super-blocks (64 groups)
+  const int unit = sf ? 64 : 8;
+  for (int u0 = 0; u0 < groups; u0 += unit) {
+    float p[MAX_TILE][8];
+    memset(p, 0, sizeof p);  // padding: zero terms (adding +0 changes no accumulator: none is ever -0)
+    for (int e = 0; e < 8; e++) {
+      int32_t Is[MAX_TILE] = {0}, Ns[MAX_TILE] = {0};
+      gscale s = {0};
+      const int ge = u0 + e * (sf ? 8 : 1);
+      if (ge >= groups) break;
+      for (int gi = 0; gi < (sf ? 8 : 1); gi++) {
+        int gw = ge + gi;  // the group's index in the window
+        unsigned gg = (unsigned)(g0 + gw), j = gg % per_block;
+        const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
+        group w;
+        unpack(type, blk, (int)j, &w);
+        group_ints(type, blk, (int)j, &s);
+        for (int r = 0; r < MR; r++) {
+          const int8_t *xv = xq + (size_t)r * k + 32 * (size_t)gw;
+          int d0 = 0, d1 = 0;
+          if (signed_values(type)) {
+            for (int i = 0; i < 16; i++) d0 += (int8_t)w.h0[i] * xv[i], d1 += (int8_t)w.h1[i] * xv[16 + i];
+          } else {
+            for (int i = 0; i < 16; i++) d0 += w.h0[i] * xv[i], d1 += w.h1[i] * xv[16 + i];
+          }
+          int S0 = hs[(size_t)r * H + 2 * gw], S1 = hs[(size_t)r * H + 2 * gw + 1];
+          Is[r] += s.sc0 * (d0 - off * S0) + s.sc1 * (d1 - off * S1);
+          Ns[r] -= s.m0 * S0 + s.m1 * S1;
+        }
+      }
+      // (a super-block's groups share its dw, bw and, with span 256, dx)
+      for (int r = 0; r < MR; r++) {
+        float dx = sf ? xd[(size_t)r * (k / 256) + ge / 8] : xd[(size_t)r * G + ge];  // (a scale a span)
+        p[r][e] = group_term(mins, Is[r], Ns[r], s.dw, s.bw, dx);
+      }
     }
-  } else {
-    // two groups an iteration, each into its own set: a set chosen at run time would live in memory
-    // (the compiler cannot keep an indexed choice of registers), and the loads and stores would then
-    // be the loop's critical path
-#define TILE_GROUP(g, acc, offs)                                                                    \
-  {                                                                                               \
-    unsigned gg = (unsigned)(g0 + (g)), j = gg % per_block;                                        \
-    const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;                                    \
-    float a0, a1, b0, b1;                                                                         \
-    group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);                                          \
-    group_step(type, blk, (int)j, (g), a0, a1, b0, b1, xq, k, xd, xs, ldt, MR, acc, offs);        \
+    for (int r = 0; r < MR; r++)
+      for (int e = 0; e < 8; e++) A[r][e] += p[r][e];
   }
-    const unsigned per_block = super_block(type) ? 8 : 1;  // a constant: no division
-    int g = 0;
-    for (; g + 1 < groups; g += 2) {
-      TILE_GROUP(g, even, offs_even)
-      TILE_GROUP(g + 1, odd, offs_odd)
-    }
-    if (g < groups) TILE_GROUP(g, even, offs_even)
-#undef TILE_GROUP
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++) {
-#if defined(__AVX2__)
-    out[r] = hsum(_mm256_add_ps(even[r], odd[r])) + (offs_even[r] + offs_odd[r]);
-#else
-    out[r] = (even[r] + odd[r]) + (offs_even[r] + offs_odd[r]);
-#endif
-  }
+  for (int r = 0; r < MR; r++) acc[r] = tree8(A[r]);
+  for (int r = 0; r < MR; r++) out[r] = acc[r];
 }
 
-// Specialized per type and tile height: the unpacking's switch and the row loop compile away.
-#define TILE_CASE(T, MR) \
-  case T: tile_dot(T, wrow, g0, groups, xq, k, xd, xs, ldt, MR, out); break;
-#define TILE_FN(MR)                                                                                       \
-  static void tile_dot_##MR(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq,            \
-                            int k, const float *xd, const float *xs, int ldt, float *out) {               \
-    switch (type) {                                                                                       \
-      TILE_CASE(T_Q4_0, MR) TILE_CASE(T_Q4_1, MR) TILE_CASE(T_Q5_0, MR) TILE_CASE(T_Q5_1, MR)             \
-      TILE_CASE(T_Q8_0, MR) TILE_CASE(T_Q4_K, MR) TILE_CASE(T_Q5_K, MR) TILE_CASE(T_Q6_K, MR)             \
-      TILE_CASE(T_Q2_K, MR) TILE_CASE(T_Q3_K, MR) TILE_CASE(T_IQ4_NL, MR) TILE_CASE(T_IQ4_XS, MR)         \
-    }                                                                                                     \
-  }
-TILE_FN(1)
-TILE_FN(2)
-TILE_FN(4)
-
-// ---------------------------------------------------------------- K-quant super-blocks, few rows
-
 #if defined(__AVX2__)
-// Activations quantized with one scale a super-block (span 256, as llama.cpp's Q8_K) let a K-quant
-// row's whole super-block be summed in integers: each group's byte products are summed in pairs
-// into int16 (vpmaddubsw: at most 2 * 63 * 127, no saturation), those pairs multiplied by the
-// group's integer scale and summed into int32 (vpdpwssd where the CPU has AVX-512 VNNI, else
-// vpmaddwd + add), and the minimums' or offsets' share taken off once a super-block from the
-// activations' integer sums (ks): one float multiply-add a super-block where the per-group path
-// has one a group, and no float conversion a group.
+static inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
 
-// The integer sums of each row's activations per 16 values (ks16) and per 32 (ks32), k values a row.
-static void activation_sums(const int8_t *xq, int m, int k, int16_t *ks16, int16_t *ks32) {
-  for (int r = 0; r < m; r++)
-    for (int g = 0; g < k / 16; g++) {
-      const int8_t *v = xq + (size_t)r * k + 16 * g;
-      int s = 0;
-      for (int i = 0; i < 16; i++) s += v[i];
-      ks16[(size_t)r * (k / 16) + g] = (int16_t)s;
-      if (g & 1) ks32[(size_t)r * (k / 32) + g / 2] = (int16_t)(s + ks16[(size_t)r * (k / 16) + g - 1]);
-    }
+// tree8 of a vector's lanes: ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)), as the scalar one.
+static inline float tree8_ps(__m256 p) {
+  __m256 s = _mm256_add_ps(p, _mm256_permute_ps(p, 0xB1));  // lane 2i: p2i + p2i+1
+  s = _mm256_add_ps(s, _mm256_permute_ps(s, 0x4E));         // lane 0: (p0 + p1) + (p2 + p3); lane 4 likewise
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+}
+
+// group_term on 8 lanes.
+static inline __m256 group_term_ps(int mins, __m256i I, __m256i N, __m256 dw, __m256 bw, __m256 dx) {
+  __m256 p = _mm256_cvtepi32_ps(I);
+  if (mins) return _mm256_fmadd_ps(p, _mm256_mul_ps(dw, dx), _mm256_mul_ps(_mm256_cvtepi32_ps(N), _mm256_mul_ps(bw, dx)));
+  return _mm256_mul_ps(p, _mm256_mul_ps(dw, dx));
 }
 
 static inline __m256i dpwssd_acc(__m256i acc, __m256i a, __m256i b) {
@@ -698,94 +596,274 @@ static inline __m256i dpwssd_acc(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-// Byte shuffles that broadcast one int16 of a 128-bit lane: element e to every int16 of the lane.
-#define BCAST16(e) (char)(2 * (e)), (char)(2 * (e) + 1)
-#define LANE_BCAST16(e) BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e)
+// A super-block's 16 half scales and minimums as int16 (group j's halves at 2j, 2j + 1), d and dmin.
+typedef struct {
+  __m256i sc, mn;
+  float d, dmin;
+} sbscale;
 
-// One weight row's super-blocks [sb0, sb0 + sbs) against MR activation rows quantized with span 256
-// (row r at xq + r * k; its scale for super-block b at xd[8 * b * ldt + r]; its sums at ks16 + r * (k / 16)
-// and ks32 + r * (k / 32)). Each row's sum is formed in the same order whatever MR is.
-INLINE void ktile_dot(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                      int ldt, const int16_t *ks16, const int16_t *ks32, const int MR, float *out) {
-  __m256 acc[MAX_TILE];
-  __m128 accm[MAX_TILE];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
-  size_t bb = block_bytes(type);
-  for (int b = 0; b < sbs; b++) {
-    const uint8_t *blk = wrow + (size_t)(sb0 + b) * bb;
-    __m256i sumi[MAX_TILE];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) sumi[r] = _mm256_setzero_si256();
-    __m256i lo_scales, hi_scales;  // int16 scales of groups 0-3 / 4-7 (Q6_K: 0-7 / 8-15), in both lanes
-    __m256i sc16 = _mm256_setzero_si256();  // Q6_K: its 16 scales as int16, in order
-    __m128i mins = _mm_setzero_si128();     // Q4_K/Q5_K: the 8 minimums as int16
-    float d;
-    if (type == T_Q6_K) {
-      sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-      lo_scales = _mm256_permute2x128_si256(sc16, sc16, 0x00);
-      hi_scales = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-      d = f16(blk + 208);
-    } else {
+INLINE void super_ints(int type, const uint8_t *blk, sbscale *s) {
+  s->mn = _mm256_setzero_si256(), s->dmin = 0.f;
+  switch (type) {
+    case T_Q4_K: case T_Q5_K: {  // twelve bytes: eight 6-bit scales and eight 6-bit minimums
       uint32_t u[3];
       memcpy(u, blk + 4, 12);
-      uint32_t packed[4] = {u[0] & 0x3f3f3f3fu, (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4),
-                            u[1] & 0x3f3f3f3fu, ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)};
-      __m128i sm = _mm_loadu_si128((const __m128i *)packed);  // scales 0-7, then minimums 0-7
-      __m128i s = _mm_cvtepu8_epi16(sm);
-      lo_scales = hi_scales = _mm256_broadcastsi128_si256(s);
-      mins = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
-      d = f16(blk);
+      __m128i sm = _mm_setr_epi32((int)(u[0] & 0x3f3f3f3fu), (int)((u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4)),
+                                  (int)(u[1] & 0x3f3f3f3fu), (int)(((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)));
+      s->sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sm, sm));  // scales 0-7, each for both halves
+      s->mn = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));  // minimums 0-7 likewise
+      s->d = f16(blk), s->dmin = f16(blk + 2);
+      break;
     }
-#define KQ_GROUP(j)                                                                                          \
-  {                                                                                                          \
-    __m256i w = group_values_avx2(type, blk, j);                                                             \
-    __m256i scale;                                                                                           \
-    if (type == T_Q6_K)  /* values 0-15 take scale 2j, 16-31 scale 2j + 1 */                                 \
-      scale = _mm256_shuffle_epi8((j) < 4 ? lo_scales : hi_scales,                                           \
-                                  _mm256_setr_epi8(LANE_BCAST16(2 * (j) % 8), LANE_BCAST16((2 * (j) + 1) % 8))); \
-    else                                                                                                     \
-      scale = _mm256_shuffle_epi8(lo_scales, _mm256_setr_epi8(LANE_BCAST16(j), LANE_BCAST16(j)));            \
-    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                   \
-      __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * (j)));      \
-      sumi[r] = dpwssd_acc(sumi[r], _mm256_maddubs_epi16(w, x), scale);                                      \
-    }                                                                                                        \
-  }
-    KQ_GROUP(0) KQ_GROUP(1) KQ_GROUP(2) KQ_GROUP(3) KQ_GROUP(4) KQ_GROUP(5) KQ_GROUP(6) KQ_GROUP(7)
-#undef KQ_GROUP
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) {
-      float dx = xd[(size_t)8 * b * ldt + r];
-      if (type == T_Q6_K) {  // values are d * scale * (q - 32)
-        __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(ks16 + (size_t)r * (k / 16) + 16 * b)));
-        sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 5));
-      } else {  // d * scale * q - dmin * min
-        __m128i mr = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(ks32 + (size_t)r * (k / 32) + 8 * b)));
-        accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(mr), _mm_set1_ps(-f16(blk + 2) * dx), accm[r]);
-      }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
+    case T_Q6_K:
+      s->sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+      s->d = f16(blk + 208);
+      break;
+    case T_Q3_K: {  // q3k_scale's 16 values at once, four bytes a step
+      uint32_t a[3], t;
+      memcpy(a, blk + 96, 12);
+      t = a[2];
+      __m128i v = _mm_setr_epi32((int)((a[0] & 0x0f0f0f0fu) | ((t & 0x03030303u) << 4)),
+                                 (int)((a[1] & 0x0f0f0f0fu) | (((t >> 2) & 0x03030303u) << 4)),
+                                 (int)(((a[0] >> 4) & 0x0f0f0f0fu) | (((t >> 4) & 0x03030303u) << 4)),
+                                 (int)(((a[1] >> 4) & 0x0f0f0f0fu) | (((t >> 6) & 0x03030303u) << 4)));
+      s->sc = _mm256_cvtepi8_epi16(_mm_sub_epi8(v, _mm_set1_epi8(32)));
+      s->d = f16(blk + 108);
+      break;
     }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++) {
-    __m128 s = _mm_add_ps(accm[r], _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[r] = _mm_cvtss_f32(s);
+    case T_Q2_K: {
+      __m128i v = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
+      s->sc = _mm256_cvtepu8_epi16(_mm_and_si128(v, m4));
+      s->mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4));
+      s->d = f16(blk + 80), s->dmin = f16(blk + 82);
+      break;
+    }
+    default: {  // T_IQ4_XS
+      uint16_t h;
+      memcpy(&h, blk + 2, 2);
+      int16_t sc[16];
+      for (int j = 0; j < 8; j++)
+        sc[2 * j] = sc[2 * j + 1] = (int16_t)((((blk[4 + j / 2] >> (4 * (j & 1))) & 15) | (((h >> (2 * j)) & 3) << 4)) - 32);
+      s->sc = _mm256_loadu_si256((const __m256i *)sc);
+      s->d = f16(blk);
+    }
   }
 }
 
-#define KTILE_CASE(T, MR) \
-  case T: ktile_dot(T, wrow, sb0, sbs, xq, k, xd, ldt, ks16, ks32, MR, out); break;
-#define KTILE_FN(MR)                                                                                      \
-  static void ktile_dot_##MR(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k,     \
-                             const float *xd, int ldt, const int16_t *ks16, const int16_t *ks32, float *out) { \
-    switch (type) { KTILE_CASE(T_Q4_K, MR) KTILE_CASE(T_Q5_K, MR) KTILE_CASE(T_Q6_K, MR) }               \
+// Byte shuffles that broadcast one int16 of a 128-bit lane: element e to every int16 of the lane.
+#define BCAST16(e) (char)(2 * (e)), (char)(2 * (e) + 1)
+#define LANE_BCAST16(e) BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e), BCAST16(e)
+// Group j's two half values of v (16 int16, half h of group j at 2j + h): the first half's in every
+// int16 of the low 128 bits, the second's in the high ones (j a constant).
+#define HALF_PAIR(v, j)                                                                                         \
+  _mm256_shuffle_epi8(_mm256_permute2x128_si256(v, v, (j) < 4 ? 0x00 : 0x11),                                   \
+                      _mm256_setr_epi8(LANE_BCAST16(2 * (j) % 8), LANE_BCAST16((2 * (j) + 1) % 8)))
+
+// The low 16 bits of each int32 lane, as 8 int16.
+static inline __m128i low_halves(__m256i v) {
+  __m256i p = _mm256_packus_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_setzero_si256());
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08));
+}
+
+// Eight int32 vectors' lane sums, vector i's in lane i (any order of integer adds: exact).
+INLINE __m256i reduce8_i32(const __m256i *v) {
+  __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// Where a super-block type keeps its fp16 d (its dmin follows it). Q6_K's and Q3_K's end their block:
+// read from 2 bytes before (d in the high half), so no read passes the tensor's end.
+static inline int super_d_offset(int type) {
+  return type == T_Q6_K ? 206 : type == T_Q3_K ? 106 : type == T_Q2_K ? 80 : 0;
+}
+static inline int super_d_high(int type) { return type == T_Q6_K || type == T_Q3_K; }
+
+// Super-block form, one weight row against MR activation rows (row r at xq + r * k): 8 super-blocks a
+// unit, each one's integers in one int32 vector per row, the 8 reduced at once (lane = super-block).
+INLINE void tile_super(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                       const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16, off = value_offset(type), mins = has_mins(type);
+  size_t bb = block_bytes(type);
+  __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
+  for (int u0 = 0; u0 < sbs; u0 += 8) {
+    const int n8 = sbs - u0 < 8 ? sbs - u0 : 8;
+    __m256i sumi[MAX_TILE][8], sumn[MAX_TILE][8];
+#pragma GCC unroll 1
+    for (int e = 0; e < 8; e++) {
+      if (e >= n8) {  // padding: a zero super-block
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) sumi[r][e] = sumn[r][e] = _mm256_setzero_si256();
+        continue;
+      }
+      int b = u0 + e;
+      const uint8_t *blk = wrow + (size_t)(sb0 + b) * bb;
+      sbscale s;
+      super_ints(type, blk, &s);
+      __m256i acc_i[MAX_TILE];
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) acc_i[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j++) {
+        __m256i wv = group_values_avx2(type, blk, j);
+        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+        __m256i scv = HALF_PAIR(s.sc, j);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+          __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * j));
+          if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
+          // pairs of byte products into int16 (at most 2 * 128 * 127: no saturation), times the scales
+          acc_i[r] = dpwssd_acc(acc_i[r], _mm256_maddubs_epi16(wu, x), scv);
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 16 * (size_t)b));
+        if (off) acc_i[r] = _mm256_sub_epi32(acc_i[r], _mm256_slli_epi32(_mm256_madd_epi16(s.sc, h), offset_shift(off)));
+        sumi[r][e] = acc_i[r];
+        sumn[r][e] = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s.mn, h)) : _mm256_setzero_si256();
+      }
+    }
+    // the 8 super-blocks' fp16 d (and dmin after it), and each row's scale of them, gathered at once
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), lanes);
+    __m256i dd = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(wrow + (size_t)(sb0 + u0) * bb + super_d_offset(type)),
+                                             _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bb)), live, 1);
+    __m256 dv = _mm256_cvtph_ps(low_halves(super_d_high(type) ? _mm256_srli_epi32(dd, 16) : dd));
+    __m256 dminv = mins ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dd, 16))) : _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) {
+      __m256i I = reduce8_i32(sumi[r]), N = mins ? reduce8_i32(sumn[r]) : _mm256_setzero_si256();
+      __m256 dxv = _mm256_maskload_ps(xd + (size_t)r * sbs_row + u0, live);  // (a scale a super-block)
+      accv[r] = _mm256_add_ps(accv[r], group_term_ps(mins, I, N, dv, dminv, dxv));
+    }
   }
-KTILE_FN(1)
-KTILE_FN(2)
-KTILE_FN(4)
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
+}
+
+// Per-group form, one weight row against MR activation rows: each group's integer products reduced
+// to one int32 a group (8 groups a vector, lane = group), then group_term and tree8 on the lanes.
+INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
+                        const float *xd, const int16_t *hs, const int MR, float *out) {
+  const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
+  const int scaled = super_block(type);  // integer scales per half: products scaled before the reduction
+  const unsigned per_block = super_block(type) ? 8 : 1;
+  size_t bb = block_bytes(type);
+  __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
+  for (int u0 = 0; u0 < groups; u0 += 8) {
+    const int n8 = groups - u0 < 8 ? groups - u0 : 8;
+    {  // the weights a few units on (the unit's work is a chain the prefetcher alone does not run ahead of)
+      unsigned ga = (unsigned)(g0 + u0 + 32);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb), _MM_HINT_T0);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb + 64), _MM_HINT_T0);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb + 128), _MM_HINT_T0);
+    }
+    int16_t sc[16], mn[16];
+    float dw[8], bw[8];
+    __m256i v[MAX_TILE][8];
+#pragma GCC unroll 8
+    for (int gi = 0; gi < 8; gi++) {
+      if (gi < n8) {
+        unsigned gg = (unsigned)(g0 + u0 + gi), j = gg % per_block;
+        const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
+        __m256i wv = group_values_avx2(type, blk, (int)j);
+        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+        __m256i scv = _mm256_setzero_si256();
+        if (scaled) {  // (a tensor-parallel window's K-quants: rare, kept simple)
+          gscale s;
+          group_ints(type, blk, (int)j, &s);
+          sc[2 * gi] = (int16_t)s.sc0, sc[2 * gi + 1] = (int16_t)s.sc1;
+          mn[2 * gi] = (int16_t)s.m0, mn[2 * gi + 1] = (int16_t)s.m1;
+          dw[gi] = s.dw, bw[gi] = s.bw;
+          scv = _mm256_set_m128i(_mm_set1_epi16((short)s.sc1), _mm_set1_epi16((short)s.sc0));
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+          __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)(u0 + gi)));
+          if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
+          v[r][gi] = scaled ? _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), scv) : dot_us(wu, x);
+        }
+      } else {  // padding: a zero group
+        sc[2 * gi] = sc[2 * gi + 1] = mn[2 * gi] = mn[2 * gi + 1] = 0;
+        dw[gi] = bw[gi] = 0.f;
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) v[r][gi] = _mm256_setzero_si256();
+      }
+    }
+    __m256 dwv, bwv = _mm256_setzero_ps();
+    __m256i sc16, mn16;
+    if (scaled) {
+      dwv = _mm256_loadu_ps(dw), bwv = _mm256_loadu_ps(bw);
+      sc16 = _mm256_loadu_si256((const __m256i *)sc), mn16 = _mm256_loadu_si256((const __m256i *)mn);
+    } else {  // one scale a block; Q4_1/Q5_1: values d * q + min (bw = -min, m = 1)
+      // the 8 blocks' fp16 scale (and Q4_1/Q5_1's minimum) gathered at once, the rest of a short unit 0
+      __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bb));
+      __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const int *base = (const int *)(wrow + (size_t)(g0 + u0) * bb);
+      __m256i both = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), base, idx, live, 1);  // d | min << 16
+      dwv = _mm256_cvtph_ps(low_halves(both));
+      if (mins) bwv = _mm256_xor_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(both, 16))), _mm256_set1_ps(-0.f));
+      sc16 = mn16 = _mm256_set1_epi16(1);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) {
+      __m256i I = reduce8_i32(v[r]);
+      __m256i h;
+      __m256 dx;
+      if (n8 == 8) {
+        h = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 2 * (size_t)u0));
+        dx = _mm256_loadu_ps(xd + (size_t)r * G + u0);
+      } else {  // the last groups of the row: zeros past them
+        int16_t ht[16] = {0};
+        float dt[8] = {0};
+        memcpy(ht, hs + (size_t)r * H + 2 * (size_t)u0, 4 * (size_t)n8);
+        memcpy(dt, xd + (size_t)r * G + u0, 4 * (size_t)n8);
+        h = _mm256_loadu_si256((const __m256i *)ht), dx = _mm256_loadu_ps(dt);
+      }
+      if (off) I = _mm256_sub_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(sc16, h), offset_shift(off)));
+      __m256i N = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(mn16, h)) : _mm256_setzero_si256();
+      accv[r] = _mm256_add_ps(accv[r], group_term_ps(mins, I, N, dwv, bwv, dx));
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
+}
 #endif
+
+// One weight row (its window's groups [g0, g0 + groups)) against MR activation rows; xd, hs: the
+// first row's scales and half sums (row-major).
+INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k, const float *xd,
+                     const int16_t *hs, int span, const int MR, float *out) {
+#if defined(__AVX2__)
+  if (super_form(type, span, g0, groups)) tile_super(type, wrow, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
+  else tile_groups(type, wrow, g0, groups, xq, k, xd, hs, MR, out);
+#else
+  tile_dot_c(type, wrow, g0, groups, xq, k, xd, hs, span, MR, out);
+#endif
+}
+
+// Specialized per type and tile height: the unpacking's switch and the row loop compile away.
+#define TILE_CASE(T, MR) \
+  case T: tile_dot(T, wrow, g0, groups, xq, k, xd, hs, span, MR, out); break;
+#define TILE_FN(MR)                                                                                       \
+  static void tile_dot_##MR(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq,            \
+                            int k, const float *xd, const int16_t *hs, int span, float *out) {            \
+    switch (type) {                                                                                       \
+      TILE_CASE(T_Q4_0, MR) TILE_CASE(T_Q4_1, MR) TILE_CASE(T_Q5_0, MR) TILE_CASE(T_Q5_1, MR)             \
+      TILE_CASE(T_Q8_0, MR) TILE_CASE(T_Q4_K, MR) TILE_CASE(T_Q5_K, MR) TILE_CASE(T_Q6_K, MR)             \
+      TILE_CASE(T_Q2_K, MR) TILE_CASE(T_Q3_K, MR) TILE_CASE(T_IQ4_NL, MR) TILE_CASE(T_IQ4_XS, MR)         \
+    }                                                                                                     \
+  }
+TILE_FN(1)
+TILE_FN(2)
+TILE_FN(4)
+
+// ---------------------------------------------------------------- interleaved blocks of 8 rows
 
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define HAVE_VNNI 1
@@ -804,233 +882,246 @@ static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-#define ROWS8_GROUP_BYTES 416  // interleave8's bytes a group: 8 rows' 32 values, sums, scales, half sums
+#define ROWS8_GROUP_BYTES 352  // interleave8's bytes a group: 8 rows' 32 values, sums, first-half sums, scales
 
-// Group j of block blk (group g of the window) against 8 activation rows at once. interleave8 laid
-// the rows out so that one in-lane shuffle of the group's values serves two chunks of 4 values (c in
-// the low 128 bits, c + 4 in the high ones) and one integer multiply-add meets them with 4 rows each:
-// per group 4 shuffles and 8 multiply-adds give the 8 rows' integer dot products of both halves, and
-// one float multiply-add serves all 8 rows (lane r = row r).
-INLINE void rows8_group(int type, const uint8_t *blk, int j, float a0, float a1, float b0, float b1,
-                        const int8_t *xi, size_t block_stride, const int NB, __m256 *acc, __m256 *offs) {
+// The signed types' values as unsigned ones (w + 128) where the CPU has VNNI; the 128 * sum(x) this
+// adds is taken off with the types' own offsets. Without VNNI the byte products are summed in pairs
+// into saturating int16 (255 * 127 * 2 would overflow): the signs move onto x instead (|w| <= 128).
+#define ROWS8_BIAS (HAVE_VNNI ? 128 : 0)
+
+INLINE __m256i rows8_values(int type, const uint8_t *blk, int j) {
   __m256i wv = group_values_avx2(type, blk, j);
-#if HAVE_VNNI
-  // Q8_0's signed values as unsigned ones (w + 128); the 128 * sum(x) this adds is taken off below
-  const int offset_q8 = 1;
-  if (signed_values(type)) wv = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
-#else
-  // without VNNI the byte products are summed in pairs into saturating int16: 255 * 127 * 2 would
-  // overflow, so Q8_0 moves its signs onto x instead (|w| <= 128)
-  const int offset_q8 = 0;
-#endif
-  // the NB blocks of 8 rows share the unpacked values
-#pragma GCC unroll 2
-  for (int nb = 0; nb < NB; nb++) {
-    const int8_t *x = xi + nb * block_stride;
-    const float *xd = (const float *)(x + 288), *s0 = xd + 8, *s1 = xd + 16;
-    __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();  // rows 0-3, rows 4-7
-#define ROWS8_CHUNK(c, imm)                                                          \
-  {                                                                                  \
-    __m256i wc = _mm256_shuffle_epi32(wv, imm);                                      \
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                    \
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));              \
-    if (signed_values(type) && !offset_q8) {                                         \
-      x0 = _mm256_sign_epi8(x0, wc), x1 = _mm256_sign_epi8(x1, wc);                  \
-      wc = _mm256_sign_epi8(wc, wc);                                                 \
-    }                                                                                \
-    lo4 = dpbusd_acc(lo4, wc, x0);                                                   \
-    hi4 = dpbusd_acc(hi4, wc, x1);                                                   \
-  }
-    ROWS8_CHUNK(0, 0x00) ROWS8_CHUNK(1, 0x55) ROWS8_CHUNK(2, 0xAA) ROWS8_CHUNK(3, 0xFF)
-#undef ROWS8_CHUNK
-    // lanes: lo4 = rows 0-3 (first half of the values) | rows 0-3 (second half), hi4 likewise rows 4-7
-    __m256i first = _mm256_permute2x128_si256(lo4, hi4, 0x20), second = _mm256_permute2x128_si256(lo4, hi4, 0x31);
-    __m256 dx = _mm256_loadu_ps(xd);
-    // Types whose values are a * (q - c) take their offset in the integers, exactly: the dot product
-    // less c times the rows' sums (stored negated); the others add b * the half sums in floats.
-    const __m256i *neg_sums = (const __m256i *)(x + 256), *neg_first_sums = (const __m256i *)(x + 384);
-    if (half_scales(type)) {  // a scale per half
-      if (type != T_Q2_K) {  // Q6_K's offset 32, Q3_K's 4 (Q2_K has minimums)
-        const int shift = type == T_Q6_K ? 5 : 2;
-        __m256i s_first = _mm256_loadu_si256(neg_first_sums);
-        __m256i s_second = _mm256_sub_epi32(_mm256_loadu_si256(neg_sums), s_first);
-        first = _mm256_add_epi32(first, _mm256_slli_epi32(s_first, shift));
-        second = _mm256_add_epi32(second, _mm256_slli_epi32(s_second, shift));
-      }
-      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(_mm256_set1_ps(a0), dx), acc[nb]);
-      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(_mm256_set1_ps(a1), dx), acc[nb]);
-    } else {
-      __m256i dot = _mm256_add_epi32(first, second);
-      if (signed_values(type) && offset_q8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256(neg_sums), 7));
-      if (type == T_Q5_0) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256(neg_sums), 4));
-      if (type == T_Q4_0) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256(neg_sums), 3));
-      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(a0), dx), acc[nb]);
-    }
-    if (type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K || type == T_Q2_K)  // minimums
-      offs[nb] = _mm256_fmadd_ps(_mm256_set1_ps(b1), _mm256_loadu_ps(s1),
-                                 _mm256_fmadd_ps(_mm256_set1_ps(b0), _mm256_loadu_ps(s0), offs[nb]));
-  }
+  if (signed_values(type) && HAVE_VNNI) wv = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
+  return wv;
 }
 
-// One K-quant super-block against NB blocks of 8 activation rows whose activations share one scale
-// over it (span 256): each group's integer products are multiplied by the group's integer scale and
-// summed in int32 over the super-block, the minimums (Q4_K/Q5_K) likewise with the rows' group sums,
-// and one float multiply-add a block of rows takes the super-block (rows8_group has three a group).
-INLINE void rows8_superblock(int type, const uint8_t *blk, const int8_t *xi, size_t block_stride, const int NB,
-                             __m256 *acc) {
-  int32_t sc[16], mn[8];
-  float d, dmin = 0.f;
-  if (type == T_Q6_K) {
-    for (int i = 0; i < 16; i++) sc[i] = ((const int8_t *)blk)[192 + i];
-    d = f16(blk + 208);
-  } else {
-    for (int j = 0; j < 8; j++) scale_min_k4(j, blk + 4, &sc[j], &mn[j]);
-    d = f16(blk), dmin = f16(blk + 2);
+// N of a group for 8 rows: -(m0 * S0 + m1 * S1) from the negated sums.
+INLINE __m256i rows8_mins(int type, const int8_t *x, int m0, int m1) {
+  __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
+  if (type == T_Q4_1 || type == T_Q5_1) return neg;
+  if (type != T_Q2_K) return _mm256_mullo_epi32(neg, _mm256_set1_epi32(m0));
+  __m256i neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
+  return _mm256_add_epi32(_mm256_mullo_epi32(neg_first, _mm256_set1_epi32(m0)),
+                          _mm256_mullo_epi32(_mm256_sub_epi32(neg, neg_first), _mm256_set1_epi32(m1)));
+}
+
+// Blocks of 8 interleaved rows, register-blocked: W weight rows (WTILE, or 1 for the rows left over)
+// against one block of 8 activation rows, each 32-byte chunk of activations loaded once for all W
+// (a block is 352 bytes a group, from L1 or L2: its traffic per multiply-add is W times lower than
+// one weight row at a time). For each group one in-lane shuffle of a weight row's values serves two
+// chunks of 4 values (c in the low 128 bits, c + 4 in the high ones) and one integer multiply-add meets
+// them with 4 rows each (lane r = row r). Whatever W, each (weight row, activation row) gets the same
+// integers and terms, so the same bits as every other path.
+#if defined(__AVX512VL__)
+#define WTILE 4  // 32 vector registers: 4 rows' 5 accumulators and unpacked values
+#else
+#define WTILE 2
+#endif
+
+// The super-block form: one super-block of W weight rows (blk) against the block's 8 rows, its
+// integers summed per row (lanes as lo4/hi4 until the end), then one term each: p[w].
+INLINE void rows8_superblock_w(int type, const uint8_t *const *blk, const int8_t *x0, const int W, __m256 *p) {
+  const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
+  sbscale s[WTILE];
+  __m256i lo_sum[WTILE], hi_sum[WTILE], min_lo[WTILE], min_hi[WTILE];
+#pragma GCC unroll 4
+  for (int w = 0; w < W; w++) {
+    super_ints(type, blk[w], &s[w]);
+    lo_sum[w] = hi_sum[w] = min_lo[w] = min_hi[w] = _mm256_setzero_si256();
   }
-  __m256i lo_sum[2], hi_sum[2], min_sum[2];  // lanes as rows8_group's lo4/hi4; min_sum: rows 0-7
-  for (int nb = 0; nb < NB; nb++) lo_sum[nb] = hi_sum[nb] = min_sum[nb] = _mm256_setzero_si256();
 #pragma GCC unroll 8
   for (int j = 0; j < 8; j++) {
-    __m256i wv = group_values_avx2(type, blk, j);
-    // Q6_K: the group's halves have their own scales (lanes 0-3: first half, 4-7: second)
-    __m256i scale = type == T_Q6_K ? _mm256_setr_epi32(sc[2 * j], sc[2 * j], sc[2 * j], sc[2 * j], sc[2 * j + 1],
-                                                       sc[2 * j + 1], sc[2 * j + 1], sc[2 * j + 1])
-                                   : _mm256_set1_epi32(sc[j]);
-#pragma GCC unroll 2
-    for (int nb = 0; nb < NB; nb++) {
-      const int8_t *x = xi + nb * block_stride + (size_t)j * ROWS8_GROUP_BYTES;
-      __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();
-#define SB_CHUNK(c, imm)                                                          \
-  {                                                                               \
-    __m256i wc = _mm256_shuffle_epi32(wv, imm);                                   \
-    lo4 = dpbusd_acc(lo4, wc, _mm256_loadu_si256((const __m256i *)(x + 32 * c)));    \
-    hi4 = dpbusd_acc(hi4, wc, _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c))); \
+    const int8_t *x = x0 + (size_t)j * ROWS8_GROUP_BYTES;
+    __m256i wv[WTILE], lo4[WTILE], hi4[WTILE];
+#pragma GCC unroll 4
+    for (int w = 0; w < W; w++) {
+      wv[w] = rows8_values(type, blk[w], j);
+      lo4[w] = hi4[w] = _mm256_setzero_si256();
+    }
+#define W_CHUNK(c, imm)                                                            \
+  {                                                                                \
+    __m256i xa = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                 \
+    __m256i xb = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));           \
+    _Pragma("GCC unroll 4") for (int w = 0; w < W; w++) {                          \
+      __m256i wc = _mm256_shuffle_epi32(wv[w], imm), x0c = xa, x1c = xb;           \
+      if (signed_values(type) && !HAVE_VNNI) {                                     \
+        x0c = _mm256_sign_epi8(x0c, wc), x1c = _mm256_sign_epi8(x1c, wc);          \
+        wc = _mm256_sign_epi8(wc, wc);                                             \
+      }                                                                            \
+      lo4[w] = dpbusd_acc(lo4[w], wc, x0c);                                        \
+      hi4[w] = dpbusd_acc(hi4[w], wc, x1c);                                        \
+    }                                                                              \
   }
-      SB_CHUNK(0, 0x00) SB_CHUNK(1, 0x55) SB_CHUNK(2, 0xAA) SB_CHUNK(3, 0xFF)
-#undef SB_CHUNK
-      if (type == T_Q6_K) {  // values q - 32: 32 times the halves' sums (stored negated) in the integers
-        __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
-        __m256i neg_first = _mm256_loadu_si256((const __m256i *)(x + 384));
-        __m256i neg_second = _mm256_sub_epi32(neg, neg_first);
-        // the rows8 lane order: rows 0-3 (first half | second half), then rows 4-7
-        lo4 = _mm256_add_epi32(lo4, _mm256_slli_epi32(_mm256_permute2x128_si256(neg_first, neg_second, 0x20), 5));
-        hi4 = _mm256_add_epi32(hi4, _mm256_slli_epi32(_mm256_permute2x128_si256(neg_first, neg_second, 0x31), 5));
-      } else {
-        min_sum[nb] = _mm256_add_epi32(min_sum[nb], _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(x + 256)),
-                                                                       _mm256_set1_epi32(mn[j])));
+    W_CHUNK(0, 0x00) W_CHUNK(1, 0x55) W_CHUNK(2, 0xAA) W_CHUNK(3, 0xFF)
+#undef W_CHUNK
+    __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256));
+    __m256i n_lo = _mm256_setzero_si256(), n_hi = _mm256_setzero_si256();
+    if (off || type == T_Q2_K) {  // the halves' sums in rows8's lane order
+      __m256i neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
+      __m256i neg_second = _mm256_sub_epi32(neg, neg_first);
+      n_lo = _mm256_permute2x128_si256(neg_first, neg_second, 0x20);
+      n_hi = _mm256_permute2x128_si256(neg_first, neg_second, 0x31);
+    }
+#pragma GCC unroll 4
+    for (int w = 0; w < W; w++) {
+      __m256i scale = _mm256_srai_epi32(HALF_PAIR(s[w].sc, j), 16);
+      __m256i mscale = mins ? _mm256_srai_epi32(HALF_PAIR(s[w].mn, j), 16) : _mm256_setzero_si256();
+      if (off) {
+        lo4[w] = _mm256_add_epi32(lo4[w], _mm256_slli_epi32(n_lo, offset_shift(off)));
+        hi4[w] = _mm256_add_epi32(hi4[w], _mm256_slli_epi32(n_hi, offset_shift(off)));
       }
-      lo_sum[nb] = _mm256_add_epi32(lo_sum[nb], _mm256_mullo_epi32(lo4, scale));
-      hi_sum[nb] = _mm256_add_epi32(hi_sum[nb], _mm256_mullo_epi32(hi4, scale));
+      if (type == T_Q2_K) {
+        min_lo[w] = _mm256_add_epi32(min_lo[w], _mm256_mullo_epi32(n_lo, mscale));
+        min_hi[w] = _mm256_add_epi32(min_hi[w], _mm256_mullo_epi32(n_hi, mscale));
+      } else if (mins) {
+        min_lo[w] = _mm256_add_epi32(min_lo[w], _mm256_mullo_epi32(neg, mscale));
+      }
+      lo_sum[w] = _mm256_add_epi32(lo_sum[w], _mm256_mullo_epi32(lo4[w], scale));
+      hi_sum[w] = _mm256_add_epi32(hi_sum[w], _mm256_mullo_epi32(hi4[w], scale));
     }
   }
-  for (int nb = 0; nb < NB; nb++) {
-    const int8_t *x = xi + nb * block_stride;
-    __m256 dx = _mm256_loadu_ps((const float *)(x + 288));  // the 8 rows' scale of this super-block
-    __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x20),
-                                   _mm256_permute2x128_si256(lo_sum[nb], hi_sum[nb], 0x31));
-    acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(d), dx), acc[nb]);
-    if (type != T_Q6_K)  // values d * scale * q - dmin * min: + dmin * min * (negated sums)
-      acc[nb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sum[nb]), _mm256_mul_ps(_mm256_set1_ps(dmin), dx), acc[nb]);
+  __m256 dx = _mm256_loadu_ps((const float *)(x0 + 320));
+#pragma GCC unroll 4
+  for (int w = 0; w < W; w++) {
+    __m256i I = _mm256_add_epi32(_mm256_permute2x128_si256(lo_sum[w], hi_sum[w], 0x20),
+                                 _mm256_permute2x128_si256(lo_sum[w], hi_sum[w], 0x31));
+    __m256i N = type != T_Q2_K ? min_lo[w]
+                               : _mm256_add_epi32(_mm256_permute2x128_si256(min_lo[w], min_hi[w], 0x20),
+                                                  _mm256_permute2x128_si256(min_lo[w], min_hi[w], 0x31));
+    p[w] = group_term_ps(mins, I, N, _mm256_set1_ps(s[w].d), _mm256_set1_ps(s[w].dmin), dx);
   }
 }
 
-// One weight row against NB blocks of 8 activation rows interleaved by interleave8 (xi: the first
-// block, the next one block_stride bytes on): out[8 nb + r].
-INLINE void rows8_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, size_t block_stride,
-                      const int NB, int span, float *out) {
-  __m256 even[2], odd[2], offs[2];
-  for (int nb = 0; nb < NB; nb++) even[nb] = odd[nb] = offs[nb] = _mm256_setzero_ps();
+// The per-group form for W weight rows against one block of 8 interleaved rows: groups [u0, u0 + n8)
+// of the window, group u0 + gi's terms into acc[w][gi].
+INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, int n8, const int8_t *xi,
+                         const int W, __m256 (*acc)[8]) {
+  const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
+  const unsigned per_block = super_block(type) ? 8 : 1;
   size_t bb = block_bytes(type);
-  if (span == 256 && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) && g0 % 8 == 0 && groups % 8 == 0) {
-    for (int b = 0; b < groups / 8; b++)
-      rows8_superblock(type, wrow + (size_t)(g0 / 8 + b) * bb, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES,
-                       block_stride, NB, even);
-  } else if (super_block(type) && g0 % 8 == 0 && groups % 8 == 0) {
-    for (int b = 0; b < groups / 8; b++) {
-      const uint8_t *blk = wrow + (size_t)(g0 / 8 + b) * bb;
-      float A0[8], A1[8], B0[8], B1[8];
-      super_block_scales(type, blk, A0, A1, B0, B1);
-#define SB_GROUP(j, acc)                                                                                     \
-  rows8_group(type, blk, j, A0[j], A1[j], B0[j], B1[j], xi + (size_t)(8 * b + j) * ROWS8_GROUP_BYTES, block_stride, \
-              NB, acc, offs);
-      SB_GROUP(0, even) SB_GROUP(1, odd) SB_GROUP(2, even) SB_GROUP(3, odd)
-      SB_GROUP(4, even) SB_GROUP(5, odd) SB_GROUP(6, even) SB_GROUP(7, odd)
-#undef SB_GROUP
+#pragma GCC unroll 8
+  for (int gi = 0; gi < 8; gi++) {
+    if (gi >= n8) continue;  // past the window: adds nothing
+    unsigned gg = (unsigned)(g0 + u0 + gi), j = gg % per_block;
+    const int8_t *x = xi + (size_t)(u0 + gi) * ROWS8_GROUP_BYTES;
+    gscale s[WTILE];
+    __m256i wv[WTILE], lo4[WTILE], hi4[WTILE];
+#pragma GCC unroll 4
+    for (int w = 0; w < W; w++) {
+      const uint8_t *blk = wrows[w] + (size_t)(gg / per_block) * bb;
+      group_ints(type, blk, (int)j, &s[w]);
+      wv[w] = rows8_values(type, blk, (int)j);
+      lo4[w] = hi4[w] = _mm256_setzero_si256();
     }
-  } else {
-    const unsigned per_block = super_block(type) ? 8 : 1;
-#define ROWS8_GROUP(g, acc)                                                                                  \
-  {                                                                                                        \
-    unsigned gg = (unsigned)(g0 + (g)), j = gg % per_block;                                                 \
-    const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;                                             \
-    float a0, a1, b0, b1;                                                                                  \
-    group_scales(type, blk, (int)j, &a0, &a1, &b0, &b1);                                                   \
-    rows8_group(type, blk, (int)j, a0, a1, b0, b1, xi + (size_t)(g) * ROWS8_GROUP_BYTES, block_stride, NB, acc, offs); \
+#define W_CHUNK(c, imm)                                                            \
+  {                                                                                \
+    __m256i xa = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                 \
+    __m256i xb = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));           \
+    _Pragma("GCC unroll 4") for (int w = 0; w < W; w++) {                      \
+      __m256i wc = _mm256_shuffle_epi32(wv[w], imm), x0c = xa, x1c = xb;           \
+      if (signed_values(type) && !HAVE_VNNI) {                                     \
+        x0c = _mm256_sign_epi8(x0c, wc), x1c = _mm256_sign_epi8(x1c, wc);          \
+        wc = _mm256_sign_epi8(wc, wc);                                             \
+      }                                                                            \
+      lo4[w] = dpbusd_acc(lo4[w], wc, x0c);                                        \
+      hi4[w] = dpbusd_acc(hi4[w], wc, x1c);                                        \
+    }                                                                              \
   }
-    int g = 0;
-    for (; g + 1 < groups; g += 2) {  // even and odd groups into their own accumulators (in registers)
-      ROWS8_GROUP(g, even)
-      ROWS8_GROUP(g + 1, odd)
+    W_CHUNK(0, 0x00) W_CHUNK(1, 0x55) W_CHUNK(2, 0xAA) W_CHUNK(3, 0xFF)
+#undef W_CHUNK
+    __m256i neg = _mm256_loadu_si256((const __m256i *)(x + 256)), neg_first = _mm256_loadu_si256((const __m256i *)(x + 288));
+    __m256 dx = _mm256_loadu_ps((const float *)(x + 320));
+#pragma GCC unroll 4
+    for (int w = 0; w < W; w++) {
+      // lanes: lo4 = rows 0-3 (first half) | rows 0-3 (second half), hi4 likewise rows 4-7; the types'
+      // offsets (and the signed types' bias) come off the halves: - off * S_h = + off * the negated sums
+      __m256i first = _mm256_permute2x128_si256(lo4[w], hi4[w], 0x20), second = _mm256_permute2x128_si256(lo4[w], hi4[w], 0x31);
+      if (off) {
+        first = _mm256_add_epi32(first, _mm256_slli_epi32(neg_first, offset_shift(off)));
+        second = _mm256_add_epi32(second, _mm256_slli_epi32(_mm256_sub_epi32(neg, neg_first), offset_shift(off)));
+      }
+      __m256i I;
+      if (half_scales(type))
+        I = _mm256_add_epi32(_mm256_mullo_epi32(first, _mm256_set1_epi32(s[w].sc0)),
+                             _mm256_mullo_epi32(second, _mm256_set1_epi32(s[w].sc1)));
+      else if (super_block(type))
+        I = _mm256_mullo_epi32(_mm256_add_epi32(first, second), _mm256_set1_epi32(s[w].sc0));
+      else
+        I = _mm256_add_epi32(first, second);
+      __m256i N = mins ? rows8_mins(type, x, s[w].m0, s[w].m1) : _mm256_setzero_si256();
+      acc[w][gi] = _mm256_add_ps(acc[w][gi], group_term_ps(mins, I, N, _mm256_set1_ps(s[w].dw), _mm256_set1_ps(s[w].bw), dx));
     }
-    if (g < groups) ROWS8_GROUP(g, even)
-#undef ROWS8_GROUP
   }
-  for (int nb = 0; nb < NB; nb++) _mm256_storeu_ps(out + 8 * nb, _mm256_add_ps(_mm256_add_ps(even[nb], odd[nb]), offs[nb]));
 }
 
-#define ROWS8_CASE(T)                                                     \
-  case T:                                                                 \
-    if (blocks == 2) rows8_dot(T, wrow, g0, groups, xi, block_stride, 2, span, out); \
-    else rows8_dot(T, wrow, g0, groups, xi, block_stride, 1, span, out);         \
+// W weight rows (wrows: each row's first byte; W = WTILE or 1) against one block of 8 interleaved
+// rows: out[8 w + r].
+INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, int span,
+                        const int W, float *out) {
+  __m256 acc[WTILE][8];
+  for (int w = 0; w < W; w++)
+    for (int e = 0; e < 8; e++) acc[w][e] = _mm256_setzero_ps();
+  size_t bb = block_bytes(type), row_stride = W > 1 ? (size_t)(wrows[1] - wrows[0]) : 0;
+  if (!super_form(type, span, g0, groups)) {
+    for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, W, acc);
+  } else for (int b = 0; b < groups / 8; b++) {
+    const uint8_t *blk[WTILE];
+    __m256 p[WTILE];
+    for (int w = 0; w < W; w++) {
+      blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
+      // the next W rows' block (the next tile's): W short streams train the prefetcher late
+      for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk[w] + row_stride * W + o), _MM_HINT_T0);
+    }
+    rows8_superblock_w(type, blk, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, W, p);
+    for (int w = 0; w < W; w++) acc[w][b % 8] = _mm256_add_ps(acc[w][b % 8], p[w]);
+  }
+  for (int w = 0; w < W; w++) {  // tree8, lane by lane
+    __m256 *A = acc[w];
+    __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[1]), _mm256_add_ps(A[2], A[3])),
+                             _mm256_add_ps(_mm256_add_ps(A[4], A[5]), _mm256_add_ps(A[6], A[7])));
+    _mm256_storeu_ps(out + 8 * w, t);
+  }
+}
+
+#define ROWS8_W_CASE(T)                                                       \
+  case T:                                                                     \
+    if (w == WTILE) rows8_dot_w(T, wrows, g0, groups, xi, span, WTILE, out);   \
+    else rows8_dot_w(T, wrows, g0, groups, xi, span, 1, out);                  \
     break;
-// blocks: 1 or 2 blocks of 8 rows (16 rows share each unpacked weight group); span: the activations'
-// scale span (dc_gguf_quantize_x)
-static void rows8_dot_any(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xi, int blocks,
-                          int span, float *out) {
-  size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
+static void rows8_dot_w_any(int type, const uint8_t *const *wrows, int w, int g0, int groups, const int8_t *xi,
+                            int span, float *out) {
   switch (type) {
-    ROWS8_CASE(T_Q4_0) ROWS8_CASE(T_Q4_1) ROWS8_CASE(T_Q5_0) ROWS8_CASE(T_Q5_1)
-    ROWS8_CASE(T_Q8_0) ROWS8_CASE(T_Q4_K) ROWS8_CASE(T_Q5_K) ROWS8_CASE(T_Q6_K)
-    ROWS8_CASE(T_Q2_K) ROWS8_CASE(T_Q3_K) ROWS8_CASE(T_IQ4_NL) ROWS8_CASE(T_IQ4_XS)
+    ROWS8_W_CASE(T_Q4_0) ROWS8_W_CASE(T_Q4_1) ROWS8_W_CASE(T_Q5_0) ROWS8_W_CASE(T_Q5_1)
+    ROWS8_W_CASE(T_Q8_0) ROWS8_W_CASE(T_Q4_K) ROWS8_W_CASE(T_Q5_K) ROWS8_W_CASE(T_Q6_K)
+    ROWS8_W_CASE(T_Q2_K) ROWS8_W_CASE(T_Q3_K) ROWS8_W_CASE(T_IQ4_NL) ROWS8_W_CASE(T_IQ4_XS)
   }
 }
 
-// xq's rows in blocks of 8 (the last one padded with zero rows), laid out for rows8_group: a group's
+// xq's rows in blocks of 8 (the last one padded with zero rows), laid out for the tiles above: a group's
 // 32 bytes at quad q (rows 4q..4q+3) and chunk c (0-3) hold, in the low 16 bytes, those rows' values
 // 4c..4c+3 and, in the high 16, their values 16+4c..16+4c+3 (4 bytes a row, rows in order); then the
-// 8 rows' negated sums of the group's values (int32), their scales xd and half sums xs (float), and
-// the negated sums of the group's first 16 values (int32).
-static void interleave8(const int8_t *xq, const float *xd, const float *xs, int m, int k, int8_t *xi) {
+// 8 rows' negated sums of the group's values and of its first 16 values (int32), and their scales.
+static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, int m, int k, int span, int8_t *xi) {
   int groups = k / 32, blocks = (m + 7) / 8;
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
 #pragma omp parallel for schedule(static) if ((size_t)m * k >= 1 << 16)
   for (int b = 0; b < blocks; b++) {
     int rows = m - 8 * b < 8 ? m - 8 * b : 8;
     for (int g = 0; g < groups; g++) {
       int8_t *out = xi + ((size_t)b * groups + g) * ROWS8_GROUP_BYTES;
       __m256i v[8];
-      int32_t sums[8], first_sums[8];  // negated: of the group's values, of its first 16
-      float scales[24];  // xd, then the halves' sums
+      int32_t sums[8], first_sums[8];
+      float scales[8];
       for (int r = 0; r < 8; r++) {
         if (r < rows) {
           size_t row = (size_t)(8 * b + r);
           v[r] = _mm256_loadu_si256((const __m256i *)(xq + row * k + 32 * g));
-          __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v[r]), ones16);
-          __m128i s_first = _mm256_castsi256_si128(pairs);
-          __m128i s4 = _mm_add_epi32(s_first, _mm256_extracti128_si256(pairs, 1));
-          s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-          s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-          s_first = _mm_add_epi32(s_first, _mm_shuffle_epi32(s_first, 0x4E));
-          s_first = _mm_add_epi32(s_first, _mm_shuffle_epi32(s_first, 0xB1));
-          sums[r] = -_mm_cvtsi128_si32(s4);
-          first_sums[r] = -_mm_cvtsi128_si32(s_first);
-          scales[r] = xd[(size_t)g * m + row];
-          scales[8 + r] = xs[(size_t)(2 * g) * m + row];
-          scales[16 + r] = xs[(size_t)(2 * g + 1) * m + row];
+          int s0 = hs[row * (k / 16) + 2 * g], s1 = hs[row * (k / 16) + 2 * g + 1];
+          sums[r] = -(s0 + s1), first_sums[r] = -s0;
+          scales[r] = xd[row * (k / span) + g / (span / 32)];
         } else {  // padding: a zero row
           v[r] = _mm256_setzero_si256();
           sums[r] = first_sums[r] = 0;
-          scales[r] = scales[8 + r] = scales[16 + r] = 0.f;
+          scales[r] = 0.f;
         }
       }
       // a 4x4 transpose of 4-byte chunks within each 128-bit lane, per quad of rows
@@ -1044,8 +1135,8 @@ static void interleave8(const int8_t *xq, const float *xd, const float *xs, int 
         _mm256_storeu_si256(o + 3, _mm256_unpackhi_epi64(t1, t3));
       }
       memcpy(out + 256, sums, 32);
-      memcpy(out + 288, scales, 96);
-      memcpy(out + 384, first_sums, 32);
+      memcpy(out + 288, first_sums, 32);
+      memcpy(out + 320, scales, 32);
     }
   }
 }
@@ -1056,6 +1147,11 @@ static void interleave8(const int8_t *xq, const float *xd, const float *xs, int 
 #define ROW_PASS 64
 // Weight rows that take each block of activation rows in turn (see dc_gguf_matmul_parts).
 #define ROWS8_WEIGHTS 8
+// Batches from this many rows take the interleaved blocks of 8 (the same results as the per-row
+// tiles: only the speed differs).
+#ifndef ROWS8_MIN
+#define ROWS8_MIN 5
+#endif
 
 // The values a scale of the activations spans for a product with these parts: 256 where every part
 // is a 256-value super-block type read from a super-block boundary (k0 NULL: whole rows) and k is
@@ -1068,10 +1164,10 @@ int dc_gguf_activation_span(int parts, const int *types, const int *k0, int k) {
 }
 
 // x [m, k] -> the int8 activations every product with a k-wide weight then reads: xq m*k bytes,
-// xd m*k/32 floats, xs m*k/16 floats; one scale per span values (dc_gguf_activation_span's answer
-// for the weight). k must be a multiple of 32 (and of the span).
+// xd m*k/32 floats, xs m*k/16 floats (room for the int16 half sums); one scale per span values
+// (dc_gguf_activation_span's answer for the weight). k must be a multiple of 32 (and of the span).
 void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, float *xs, int span) {
-  quantize_rows(x, m, k, span == 256 && k % 256 == 0 ? 256 : 32, xq, xd, xs);
+  quantize_rows(x, m, k, span == 256 && k % 256 == 0 ? 256 : 32, xq, xd, (int16_t *)xs);
 }
 
 // y[:, 0:n] = x . W^T (+ bias) with x [m, k] quantized by dc_gguf_quantize_x with `span` and W the rows
@@ -1085,9 +1181,11 @@ void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, flo
 int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, const int *k_full, const int *k0,
                          const int *rows, const float *const *bias, const int8_t *xq, const float *xd,
                          const float *xs, float *y, int m, int k, int ldy, int span) {
+  span = span == 256 && k % 256 == 0 ? 256 : 32;  // as dc_gguf_quantize_x took it
   enum { MAX_PARTS = 8 };
   size_t row_bytes[MAX_PARTS];
   int first_group[MAX_PARTS], n = 0;
+  const int16_t *hs = (const int16_t *)xs;
   if (parts < 1 || parts > MAX_PARTS || k % 32 != 0) return -1;
   for (int p = 0; p < parts; p++) {
     int qk = block_values(types[p]), full = k_full ? k_full[p] : k, start = k0 ? k0[p] : 0;
@@ -1099,14 +1197,14 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
   }
   int groups = k / 32;
 #if defined(__AVX2__)
-  int8_t *xi = NULL;  // 8 rows or more: blocks of 8, interleaved for rows8_dot
-  if (m >= 8) {
+  int8_t *xi = NULL;  // ROWS8_MIN rows or more: blocks of 8, interleaved for rows8_dot
+  if (m >= ROWS8_MIN) {
     xi = malloc((size_t)((m + 7) / 8) * groups * ROWS8_GROUP_BYTES);
-    if (xi) interleave8(xq, xd, xs, m, k, xi);
+    if (xi) interleave8(xq, xd, hs, m, k, span, xi);
   }
   if (xi) {
     // Weight rows in chunks of ROWS8_WEIGHTS, each 16-row block of activations met by the whole chunk
-    // in turn: a block (k/32 groups x 416 bytes each: 12 KB at k = 896) is then read from L1 by every
+    // in turn: a block (k/32 groups x 352 bytes each: 10 KB at k = 896) is then read from L1 by every
     // row of the chunk, not from L2 once a weight row.
     size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
 #pragma omp parallel for schedule(static)
@@ -1114,29 +1212,27 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       int i1 = n - i0 < ROWS8_WEIGHTS ? n : i0 + ROWS8_WEIGHTS;
       for (int r0 = 0; r0 < m; r0 += 16) {
         int left = m - r0, blocks = left > 8 ? 2 : 1, rows_here = left < 8 * blocks ? left : 8 * blocks;
-        for (int i = i0; i < i1; i++) {
+        for (int i = i0; i < i1;) {
           int p = 0, row = i;
           while (row >= rows[p]) row -= rows[p++];
-          float out16[16], b = bias && bias[p] ? bias[p][row] : 0.f;
-          rows8_dot_any(types[p], w[p] + (size_t)row * row_bytes[p], first_group[p], groups,
-                        xi + (size_t)(r0 / 8) * block_stride, blocks, span, out16);
-          for (int r = 0; r < rows_here; r++) y[(size_t)(r0 + r) * ldy + i] = out16[r] + b;
+          // WTILE weight rows of one part at once where there are that many, else one
+          int wn = i + WTILE <= i1 && row + WTILE <= rows[p] ? WTILE : 1;
+          const uint8_t *wrows[WTILE];
+          float outw[8 * WTILE];
+          for (int e = 0; e < wn; e++) wrows[e] = w[p] + (size_t)(row + e) * row_bytes[p];
+          for (int nb = 0; nb < blocks; nb++) {
+            rows8_dot_w_any(types[p], wrows, wn, first_group[p], groups, xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
+            for (int e = 0; e < wn; e++) {
+              float b = bias && bias[p] ? bias[p][row + e] : 0.f;
+              for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + e] = outw[8 * e + r] + b;
+            }
+          }
+          i += wn;
         }
       }
     }
     free(xi);
     return 0;
-  }
-#endif
-#if defined(__AVX2__)
-  // activations with a scale a super-block, few rows: K-quant rows take the super-block kernels
-  int16_t *ks16 = NULL, *ks32 = NULL;
-  if (span == 256 && k % 256 == 0 && m <= ROW_PASS) {
-    ks16 = malloc(sizeof(int16_t) * (size_t)m * (k / 16 + k / 32));
-    if (ks16) {
-      ks32 = ks16 + (size_t)m * (k / 16);
-      activation_sums(xq, m, k, ks16, ks32);
-    }
   }
 #endif
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
@@ -1152,33 +1248,18 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       for (int r0 = p0; r0 < p1;) {
         int left = p1 - r0, mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const int8_t *xr = xq + (size_t)r0 * k;
-        const float *dr = xd + r0, *sr = xs + r0;
-#if defined(__AVX2__)
-        if (ks16 && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) && g0 % 8 == 0) {
-          const int16_t *s16 = ks16 + (size_t)r0 * (k / 16), *s32 = ks32 + (size_t)r0 * (k / 32);
-          switch (mr) {
-            case 4: ktile_dot_4(type, wrow, g0 / 8, groups / 8, xr, k, dr, m, s16, s32, out); break;
-            case 2: ktile_dot_2(type, wrow, g0 / 8, groups / 8, xr, k, dr, m, s16, s32, out); break;
-            default: ktile_dot_1(type, wrow, g0 / 8, groups / 8, xr, k, dr, m, s16, s32, out);
-          }
-          for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
-          r0 += mr;
-          continue;
-        }
-#endif
+        const float *dr = xd + (size_t)r0 * (k / span);
+        const int16_t *hr = hs + (size_t)r0 * (k / 16);
         switch (mr) {
-          case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
-          case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, sr, m, out); break;
-          default: tile_dot_1(type, wrow, g0, groups, xr, k, dr, sr, m, out);
+          case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, hr, span, out); break;
+          case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, hr, span, out); break;
+          default: tile_dot_1(type, wrow, g0, groups, xr, k, dr, hr, span, out);
         }
         for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
         r0 += mr;
       }
     }
   }
-#if defined(__AVX2__)
-  free(ks16);
-#endif
   return 0;
 }
 

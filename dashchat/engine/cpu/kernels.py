@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "gguf_kernels.c", "decode_step.c", "moe_kernels.c"))
 # DASHCHAT_CPU_MARCH builds for an older CPU than this one (tests run the AVX2 and portable paths
 # with it on an AVX-512 machine); the default is this CPU's own instruction set.
+# -ffp-contract=off: no a * b + c is fused behind the code's back (the GGUF kernels' float steps are
+# written out, the same in every path, so a row's result does not depend on its batch).
 _CFLAGS = ["-O3", f"-march={os.environ.get('DASHCHAT_CPU_MARCH', 'native')}", "-fPIC", "-fopenmp", "-std=c11",
-           "-Wall"]
+           "-ffp-contract=off", "-Wall"]
 
 
 class _DlInfo(ctypes.Structure):
