@@ -39,16 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     m = p.add_argument_group("model")
-    m.add_argument("--model-path", default=None,
+    m.add_argument("--model-path", action="append", default=None,
                    help="Local Hugging Face-style folder, a .gguf file, a hub id (e.g. Qwen/Qwen2.5-7B-Instruct), "
                         "or an embedded name (qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct). "
-                        "Omitted: the embedded default, qwen2.5-coder-0.5b-instruct.")
+                        "Give it several times to serve several models (loaded on first use). "
+                        "Omitted (and no --models-dir / --models-config): the embedded default, "
+                        "qwen2.5-coder-0.5b-instruct.")
     m.add_argument("--use-modelscope", action="store_true",
                    help="Download hub ids through ModelScope (honours its cache and offline mode) "
                         "instead of Hugging Face.")
     m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="Name(s) clients pass as 'model'. Default: the last part of the model path, "
-                        "e.g. Qwen2.5-7B-Instruct.")
+                   help="Name(s) clients pass as 'model' (one model only; several: per model in --models-config). "
+                        "Default: the last part of the model path, e.g. Qwen2.5-7B-Instruct.")
     m.add_argument("--task", choices=["auto", "generate", "embed", "score"], default="auto",
                    help="What the model is served for: generate (chat, completions), embed (/v1/embeddings), "
                    "score (/v1/rerank, /score with a decoder reranker such as Qwen3-Reranker). auto: embed where "
@@ -63,6 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
                    help='Chat template variables for every request, e.g. \'{"enable_thinking": false}\'; '
                         "a request's chat_template_kwargs override them.")
+    mm = p.add_argument_group("several models (README: Several models)")
+    mm.add_argument("--models-dir", default=None, metavar="DIR",
+                    help="Serve every model in DIR: each folder with config.json and weights (or one GGUF model) "
+                         "and each .gguf file (not mmproj projectors; a split GGUF once), named after the "
+                         "folder or file.")
+    mm.add_argument("--models-config", default=None, metavar="FILE",
+                    help="A YAML or JSON file listing models with their own settings: {\"models\": [{\"path\": "
+                         "..., \"served_model_name\": [...], \"keep_alive\": SECONDS, \"args\": {flag: value}}]}; "
+                         "args are this group's flags spelled with underscores (quantization, max_model_len, "
+                         "chat_template, device_list, speculative_config, ...).")
+    mm.add_argument("--keep-alive", type=_seconds, default=None, metavar="SECONDS",
+                    help="How long a model stays loaded once idle (a number of seconds or a duration such as 5m; "
+                         "negative: forever). Default: forever with one model, 300 with several. An Ollama "
+                         "request's keep_alive sets it for that model.")
+    mm.add_argument("--max-loaded-models", type=int, default=0, metavar="N",
+                    help="Models loaded at once; loading one more unloads the least recently used idle one. "
+                         "0: no limit.")
+    mm.add_argument("--max-memory-gb", type=float, default=0.0, metavar="GB",
+                    help="Memory the loaded models may take, by their estimate (weight files as served plus "
+                         "the KV cache budget); past it the least recently used idle ones unload. 0: no limit.")
+    mm.add_argument("--allow-client-unload", action="store_true",
+                    help="Let an Ollama client's keep_alive 0 unload a model that other requests use (it "
+                         "unloads once they end). Without it, such a request unloads the model only when no "
+                         "other uses it.")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", choices=["native", "dashinfer"], default="native",
                    help="Inference engine: dashchat's own PyTorch engine, or DashInfer (needs the "
@@ -229,6 +255,17 @@ def _limit_mm(value: str | None) -> dict[str, int]:
 
 class _ArgError(Exception):
     pass
+
+
+def _seconds(value: str) -> float:
+    from dashchat.server.model_pool import parse_keep_alive
+
+    try:
+        seconds = parse_keep_alive(float(value) if value.lstrip("+-").replace(".", "", 1).isdigit() else value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    assert seconds is not None
+    return seconds
 
 
 def _read_template(value: str | None) -> str | None:
@@ -411,27 +448,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "debug"
     try:
-        from dashchat.models.pooling import serving
-        from dashchat.models.resolve import resolve_model
         from dashchat.server.app import build_app, server_state
         from dashchat.server.config import ServerConfig
+        from dashchat.server.model_pool import ModelPool
 
-        template = _read_template(args.chat_template)
-        template_kwargs = _template_kwargs(args.default_chat_template_kwargs)
         limit_mm = _limit_mm(args.limit_mm_per_prompt)
         if any(v is not None and v < 1 for v in (args.mm_min_pixels, args.mm_max_pixels)) or (
                 args.mm_min_pixels and args.mm_max_pixels and args.mm_min_pixels > args.mm_max_pixels):
             raise _ArgError("--mm-min-pixels and --mm-max-pixels must be positive, the min at most the max")
-        reasoning_parser = _reasoning_parser(args.reasoning_parser)
-        resolved = resolve_model(args.model_path, use_modelscope=args.use_modelscope)
-        log.info("model: %s (%s)", resolved.name, resolved.path)
-        serving(args.task, resolved.path, None)  # a folder that cannot serve the task fails here, in one line
-        eargs = _engine_args(args, str(resolved.path))
+        cfg = ServerConfig(
+            served_model_names=["-"],  # each model's own, below
+            api_keys=api_keys,
+            allowed_origins=args.allowed_origins or [],
+            max_request_bytes=args.max_request_bytes,
+            max_messages=args.max_messages,
+            max_tools=args.max_tools,
+            max_n=args.max_n,
+            request_timeout_s=args.request_timeout,
+            shutdown_grace_s=args.shutdown_grace,
+            log_prompts=args.log_prompts,
+            web_ui=args.web_ui,
+            enable_docs=args.enable_docs,
+            engine_name=args.engine,
+            grammar_compile_timeout_s=args.grammar_compile_timeout,
+            grammar_compile_threads=args.grammar_compile_threads,
+            grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
+            allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+            limit_mm_per_prompt=limit_mm,
+            mm_min_pixels=args.mm_min_pixels,
+            mm_max_pixels=args.mm_max_pixels,
+            image_fetch=image_fetch,
+        )
+        entries, several = _model_entries(args)
+        specs = [spec for e in entries if (spec := _model_spec(parser, args, cfg, e, several)) is not None]
+        _check_several(args, specs, several)
         if args.headless:
             from dashchat.distributed.headless import run_headless
 
-            return run_headless(eargs)
-        engine = _build_engine(args, eargs)
+            return run_headless(specs[0].engine_args)
+        pool = ModelPool(specs, max_loaded=args.max_loaded_models,
+                         max_memory_bytes=int(args.max_memory_gb * 2**30), allow_client_unload=args.allow_client_unload)
+        if not several:  # one model: loaded before serving, as a server of one model always was
+            pool.load_now(specs[0].names[0])
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line, not a traceback wall (unless --log-level debug)
@@ -439,38 +497,121 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("start-up failed")
         print(f"dashchat: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 1
-    cfg = ServerConfig(
-        served_model_names=args.served_model_name or [resolved.name],
-        chat_template=template,
-        api_keys=api_keys,
-        allowed_origins=args.allowed_origins or [],
-        max_request_bytes=args.max_request_bytes,
-        max_messages=args.max_messages,
-        max_tools=args.max_tools,
-        max_n=args.max_n,
-        request_timeout_s=args.request_timeout,
-        shutdown_grace_s=args.shutdown_grace,
-        log_prompts=args.log_prompts,
-        reasoning_parser=reasoning_parser,
-        default_chat_template_kwargs=template_kwargs,
-        web_ui=args.web_ui,
-        task=args.task,
-        enable_docs=args.enable_docs,
-        grammar_compile_timeout_s=args.grammar_compile_timeout,
-        grammar_compile_threads=args.grammar_compile_threads,
-        grammar_cache_bytes=args.grammar_cache_mb * 1024 * 1024,
-        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
-        limit_mm_per_prompt=limit_mm,
-        mm_min_pixels=args.mm_min_pixels,
-        mm_max_pixels=args.mm_max_pixels,
-        image_fetch=image_fetch,
-    )
-    app = build_app(engine, cfg)
+    cfg.served_model_names = pool.names
+    app = build_app(pool, cfg)
     try:
         return _serve(app, server_state(app), args)
     finally:
-        engine.shutdown()
+        pool.shutdown()
 
+
+def _model_entries(args: argparse.Namespace) -> tuple[list[Any], bool]:
+    """The models to serve, and whether they are several (served from a pool, loaded on first use)."""
+    from dashchat.models.catalog import ModelEntry, read_models_file, scan_models_dir
+
+    entries = [ModelEntry(p) for p in args.model_path or []]
+    if args.models_config:
+        entries += read_models_file(args.models_config)
+    if args.models_dir:
+        entries += [ModelEntry(e.path, e.names, from_dir=True) for e in scan_models_dir(args.models_dir)]
+    several = bool(args.models_dir or args.models_config or len(entries) > 1)
+    if several and args.served_model_name:
+        raise _ArgError("--served-model-name names the one model; with several, name them in --models-config "
+                        "(served_model_name); each is otherwise served as its folder's or file's name")
+    return entries or [ModelEntry(None)], several
+
+
+# The flags a models file may set per model (`args`): how a model is read, run and templated.
+_PER_MODEL = ("task", "chat_template", "reasoning_parser", "default_chat_template_kwargs", "engine", "device", "device_list",
+              "dtype", "quantization", "compile", "enforce_eager", "speculative_config", "max_model_len",
+              "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "max_queue", "threads", "seed",
+              "tensor_parallel_size")
+
+
+def _model_args(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: dict[str, Any],
+                where: str) -> argparse.Namespace:
+    """The server's flags with one model's `args` from the models file over them, checked as the
+    command line checks them."""
+    import copy
+
+    actions = {a.dest: a for a in parser._actions if a.dest in _PER_MODEL}
+    ns = copy.copy(args)
+    argv: list[str] = []
+    for key, value in overrides.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None:
+            raise _ArgError(f"{where}: {key!r} is not a per-model setting; those are: {', '.join(_PER_MODEL)}")
+        if action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise _ArgError(f"{where}: {key} is true or false")
+            setattr(ns, action.dest, value if action.const is True else not value)
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv += [action.option_strings[0], *(json.dumps(v) if isinstance(v, dict) else str(v) for v in values)]
+
+    def error(message: str) -> None:
+        raise _ArgError(f"{where}: {message}")
+
+    sub = build_parser()
+    sub.error = error  # type: ignore[method-assign]
+    sub.parse_args(argv, namespace=ns)
+    return ns
+
+
+def _model_spec(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: Any, entry: Any,
+                several: bool) -> Any:
+    """One model's ModelSpec: resolved (downloaded, GGUF converted), its engine arguments and settings
+    checked, its memory estimated; the engine is built when the pool loads it. None: a models-folder
+    entry that cannot be served (logged)."""
+    import dataclasses
+    import functools
+
+    from dashchat.models.pooling import serving
+    from dashchat.models.resolve import ModelResolveError, resolve_model
+    from dashchat.server.model_pool import FOREVER, ModelSpec
+    from dashchat.server.model_specs import ModelOutline, outline
+
+    where = f"model {entry.path}" if several else "model"
+    margs = _model_args(parser, args, entry.args, where) if entry.args else args
+    try:
+        margs.device_ids = _device_ids(margs.device_list)
+    except argparse.ArgumentTypeError as exc:
+        raise _ArgError(f"{where}: --device-list: {exc}") from None
+    try:
+        resolved = resolve_model(entry.path, use_modelscope=args.use_modelscope)
+    except ModelResolveError as exc:
+        if entry.from_dir:  # one unusable file in a models folder does not stop the others
+            log.warning("skipping %s: %s", entry.path, exc)
+            return None
+        raise
+    log.info("model: %s (%s)", resolved.name, resolved.path)
+    serving(margs.task, resolved.path, None)  # a folder that cannot serve the task fails here, in one line
+    names = entry.names or args.served_model_name or [resolved.name]
+    eargs = _engine_args(margs, str(resolved.path))
+    mcfg = dataclasses.replace(cfg, served_model_names=list(names), chat_template=_read_template(margs.chat_template),
+                               reasoning_parser=_reasoning_parser(margs.reasoning_parser),
+                               default_chat_template_kwargs=_template_kwargs(margs.default_chat_template_kwargs),
+                               engine_name=margs.engine, task=margs.task)
+    facts = outline(eargs) if several and margs.engine == "native" else ModelOutline(None, None, 0)
+    keep_alive = next(k for k in (entry.keep_alive, args.keep_alive, 300.0 if several else FOREVER) if k is not None)
+    memory = int(entry.memory_gb * 2**30) if entry.memory_gb is not None else facts.memory_bytes
+    return ModelSpec(list(names), mcfg, functools.partial(_build_engine, margs, eargs), memory_bytes=memory,
+                     keep_alive=keep_alive, max_model_len=facts.max_model_len, architecture=facts.architecture,
+                     path=str(resolved.path), engine_args=eargs)
+
+
+def _check_several(args: argparse.Namespace, specs: list[Any], several: bool) -> None:
+    if not specs:
+        raise _ArgError(f"--models-dir {args.models_dir}: none of its models can be served (see the warnings)")
+    if not several:
+        return
+    if args.headless or args.nnodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise _ArgError("several models are served from one machine: tensor parallelism over several nodes "
+                        "(--nnodes, --headless, torchrun) serves one model")
+    ranked = [s.names[0] for s in specs if (s.engine_args.tensor_parallel_size or len(s.engine_args.device_ids)) > 1]
+    if len(ranked) > 1 and args.master_port is not None:
+        raise _ArgError(f"--master-port: the tensor-parallel models ({', '.join(ranked)}) each meet at their own "
+                        "rendezvous port; leave --master-port out and each takes a free one")
 
 if __name__ == "__main__":
     sys.exit(main())

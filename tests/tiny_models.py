@@ -94,3 +94,17 @@ def save_tiny_chat_model(path) -> None:
     config = transformers.LlamaConfig(**{**_COMMON, "vocab_size": vocab, "max_position_embeddings": 2048,
                                          "tie_word_embeddings": True})
     transformers.LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
+
+
+def save_stub_gguf(path, architecture: str) -> None:
+    """A GGUF file with one small tensor and `general.architecture` set, for code that sorts GGUF
+    files by their header (a `clip` one is a multimodal projector, not a model)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), architecture)
+    w.add_tensor("t.weight", np.zeros((2, 2), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -223,6 +223,22 @@ def read_header_int(path: str | os.PathLike[str], key: str) -> int | None:
     return None
 
 
+def read_header_str(path: str | os.PathLike[str], key: str) -> str | None:
+    """One string of a GGUF header's key/values (e.g. general.architecture); None when it has none."""
+    buf = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    if magic != b"GGUF" or version not in (2, 3):
+        return None
+    off = 24
+    for _ in range(n_kv):
+        name, off = _string(buf, off)
+        (vtype,) = struct.unpack_from("<I", buf, off)
+        if name == key and vtype == _STRING:
+            return _string(buf, off + 4)[0]
+        off = _skip_value(buf, off + 4, vtype, path)
+    return None
+
+
 def _string(buf: np.ndarray, off: int) -> tuple[str, int]:
     (n,) = struct.unpack_from("<Q", buf, off)
     return bytes(buf[off + 8 : off + 8 + n]).decode("utf-8"), off + 8 + n

@@ -19,7 +19,8 @@ from dashchat import __version__
 from dashchat.engine.types import Engine
 from dashchat.server.routes.anthropic_errors import error_body_for
 from dashchat.server.config import ServerConfig
-from dashchat.server.plumbing.errors import APIError, internal_error, model_not_found
+from dashchat.server.model_pool import ModelPool, ReleaseLeases, model_status
+from dashchat.server.plumbing.errors import APIError, internal_error
 from dashchat.server.plumbing.metrics import CONTENT_TYPE
 from dashchat.server.plumbing.middleware import (
     AuthMiddleware,
@@ -68,15 +69,17 @@ def model_architecture(engine: Engine) -> str | None:
         return None
 
 
-def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
+def build_app(models: Engine | ModelPool, cfg: ServerConfig) -> FastAPI:
+    """`models`: the pool of models to serve, or one engine (served for the app's whole life)."""
     if any(not k.strip() for k in cfg.api_keys):
         raise ValueError("API keys must be non-empty strings (an empty key would match an empty header)")
-    state = ServerState(engine, cfg)
+    state = ServerState(models, cfg)
+    pool = state.pool
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.shutdown()
+        pool.shutdown()
 
     # The OpenAPI description is always there (clients and fuzzers read it); Swagger UI loads its
     # scripts from a CDN, so /docs only on request (--enable-docs), never ReDoc.
@@ -120,34 +123,39 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     add_embedding_routes(app, state)
     add_rerank_routes(app, state)
 
-    architecture = model_architecture(engine)
-
     def model_card(name: str) -> dict[str, Any]:
+        entry = pool.entry(name)
+        engine = entry.served.engine if entry.served is not None else None
         return {"id": name, "object": "model", "created": state.created, "owned_by": "dashchat",
-                "max_model_len": state.max_model_len, "architecture": architecture}
+                "max_model_len": entry.served.max_model_len if engine is not None else entry.spec.max_model_len,
+                "architecture": model_architecture(engine) if engine is not None else entry.spec.architecture,
+                "status": model_status(entry)}
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        return JSON({"object": "list", "data": [model_card(n) for n in cfg.served_model_names]})
+        return JSON({"object": "list", "data": [model_card(n) for n in pool.names]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
-        if model_id not in cfg.served_model_names:
-            raise model_not_found(model_id)
-        return JSON(model_card(model_id))
+        return JSON(model_card(model_id))  # an unknown id: 404 model_not_found
 
     @app.get("/health")
     async def health() -> Response:
+        # 200 while the server serves; the body says which models are loaded. An engine that died
+        # (or lost a tensor-parallel rank) cannot serve again: 503, and the server exits.
         if state.draining:
             return JSON({"status": "shutting_down"}, status_code=503)
-        if not state.engine_healthy():  # the engine died (or lost a tensor-parallel rank)
+        if not state.engine_healthy():
             return JSON({"status": "engine_failed"}, status_code=503)
-        return JSON({"status": "ok"})
+        return JSON({"status": "ok", "models": {e.name: model_status(e)["value"] for e in pool.entries}})
 
     @app.get("/version")
     async def version() -> Response:
-        return JSON({"version": __version__, "engine": getattr(engine, "name", "unknown"),
-                     "models": cfg.served_model_names, "architecture": architecture,
+        loaded = [e.served.engine for e in pool.loaded()]
+        engine = loaded[0] if loaded else None
+        return JSON({"version": __version__, "engine": getattr(engine, "name", cfg.engine_name),
+                     "models": pool.names,
+                     "architecture": model_architecture(engine) if engine is not None else None,
                      "tensor_parallel_size": getattr(engine, "tensor_parallel_size", 1)})
 
     @app.get("/metrics")
@@ -158,6 +166,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         mount_web_ui(app)
 
     # -- middleware (last added = outermost) -------------------------------------------
+    app.add_middleware(ReleaseLeases)  # innermost: a request's model leases end with its response
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)
     if cfg.api_keys:
         app.add_middleware(AuthMiddleware, keys=cfg.api_keys, public_docs=cfg.enable_docs)

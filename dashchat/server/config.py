@@ -10,7 +10,7 @@ from dashchat.server.media.image_fetch import ImageFetchPolicy
 
 @dataclass
 class ServerConfig:
-    served_model_names: list[str]
+    served_model_names: list[str]  # this model's (ServerState's own: the first model's)
     chat_template: str | None = None  # template text (file already read), None: the model's own
     api_keys: list[str] = field(default_factory=list)  # empty: no auth
     allowed_origins: list[str] = field(default_factory=list)  # empty: CORS off
@@ -35,6 +35,7 @@ class ServerConfig:
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # What the model is served for (models/pooling.py TASKS): auto reads its folder.
     task: str = "auto"
+    engine_name: str = "native"  # /version's answer while no model is loaded
     web_ui: bool = True  # the chat page at / (off: --no-web-ui)
     # Chat messages' text may become special tokens (`<|im_end|>` typed by a user ends the turn): the old,
     # unsafe behaviour, for callers that rely on it (text/control_tokens.py).

@@ -16,10 +16,11 @@ from dashchat import __version__
 from dashchat.engine.types import Engine, EngineDead
 from dashchat.models.pooling import serving
 from dashchat.server.config import ServerConfig
+from dashchat.server.model_pool import ModelPool, hold_until_response_ends
 from dashchat.server.text.control_tokens import ContentGuard
 from dashchat.server.text.grammar_compile import CompileLimits
 from dashchat.server.text.detokenizer import TokenPieces
-from dashchat.server.plumbing.errors import bad_request, model_not_found
+from dashchat.server.plumbing.errors import bad_request
 from dashchat.server.plumbing.metrics import Metrics
 from dashchat.server.text.reasoning import choose_format
 
@@ -29,8 +30,7 @@ T = TypeVar("T")
 
 class ServedModel:
     """One model the server serves: its engine and everything that depends on its tokenizer and chat
-    template. The server holds one today; ServerState keeps them by served name so that serving
-    several is a change of how they are built, not of what a route asks for."""
+    template. The model pool builds one when it loads the model and drops it when it unloads it."""
 
     def __init__(self, engine: Engine, cfg: ServerConfig) -> None:
         self.engine = engine
@@ -56,6 +56,11 @@ class ServedModel:
         self._grammar: Any = None
         self._grammar_error: str | None = None
         self._grammar_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Unloading: end the grammar compile threads (the pool shuts the engine down)."""
+        if self._grammar is not None:
+            self._grammar.compiles.pool.close()
 
     # -- structured output ----------------------------------------------------
     def grammar(self, param: str) -> Any:
@@ -83,15 +88,15 @@ class ServedModel:
 
 
 class ServerState:
-    """What every route shares: the served models (by served name), config, metrics, shutdown signals.
-    Routes read the one model through the properties below; a route for several models would call
-    `model_for(name)` instead."""
+    """What every route shares: the model pool (models by served name, loaded on demand), config,
+    metrics, shutdown signals. A route names its model with `await use_model(name)` and works with
+    the ModelView it gets for the rest of the request."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, models: Engine | ModelPool, cfg: ServerConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
-        self.model = ServedModel(engine, cfg)
-        self.models: dict[str, ServedModel] = {name: self.model for name in cfg.served_model_names}
-        self.metrics = metrics or Metrics(engine)
+        # An engine: the one model, loaded for the server's whole life (in-process tests, DashInfer).
+        self.pool = models if isinstance(models, ModelPool) else ModelPool.single(ServedModel(models, cfg))
+        self.metrics = metrics or Metrics(self.pool)
         self.created = int(time.time())
         # Shutdown: draining refuses new generations; abort_all ends the ones still running.
         self.draining = False
@@ -112,16 +117,28 @@ class ServerState:
     def check_model(self, model: str | None) -> str:
         """The served name a request asked for (missing: the first one), else 404."""
         if model is None:
-            return self.cfg.model_name
-        if model not in self.models:
-            raise model_not_found(model)
+            return self.pool.names[0]
+        self.pool.entry(model)
         return model
 
-    def model_for(self, name: str | None) -> ServedModel:
-        """The model a request names (missing: the first one), else 404."""
-        return self.models[self.check_model(name)]
+    async def use_model(self, model: str | None, keep_alive: float | None = None) -> ModelView:
+        """The one lookup every route makes: the model a request names (missing: the first one; unknown:
+        404), loaded first if it is not (the request waits; 503 with Retry-After if it cannot be). The
+        model stays loaded until the request's response has ended (the lease is released then)."""
+        name = self.check_model(model)
+        lease = await self.pool.acquire(name, keep_alive)
+        hold_until_response_ends(lease)
+        return ModelView(self, lease.served, name)
 
-    # The one model's parts, as routes use them.
+    @property
+    def model(self) -> ServedModel:
+        """The first model, which must be loaded: for code that serves one model only."""
+        served = self.pool.entries[0].served
+        if served is None:
+            raise RuntimeError("the first model is not loaded: call `await state.use_model(name)`")
+        return served  # type: ignore[no-any-return]
+
+    # The first model's parts, as single-model code reads them.
     engine = property(lambda self: self.model.engine)
     tokenizer = property(lambda self: self.model.tokenizer)
     max_model_len = property(lambda self: self.model.max_model_len)
@@ -137,8 +154,8 @@ class ServerState:
 
     def engine_healthy(self) -> bool:
         """False once any model's engine has died (engines without `check_health` are taken as alive)."""
-        for model in set(self.models.values()):
-            check = getattr(model.engine, "check_health", None)
+        for entry in self.pool.loaded():
+            check = getattr(entry.served.engine, "check_health", None)
             if check is None:
                 continue
             try:
@@ -163,3 +180,50 @@ class ServerState:
             return True
         except asyncio.TimeoutError:
             return False
+
+
+class ModelView:
+    """What a route works with once it has named its model: that model's parts (engine, tokenizer,
+    template, its own config) and the server's shared ones (metrics, shutdown signals, grammar
+    threads). Routes, the text pipeline and the generation runner take it where they took the state."""
+
+    def __init__(self, server: ServerState, served: ServedModel, name: str) -> None:
+        self.server, self.served, self.name = server, served, name
+
+    async def use_model(self, model: str | None, keep_alive: float | None = None) -> ModelView:
+        # A request translated into another API's (Ollama -> chat) names the model again: same lease.
+        if model is None or model == self.name or model in self.served.cfg.served_model_names:
+            return self if model in (None, self.name) else ModelView(self.server, self.served, model)
+        return await self.server.use_model(model, keep_alive)
+
+    def check_model(self, model: str | None) -> str:
+        return self.server.check_model(model)
+
+    def grammar(self, param: str) -> Any:
+        return self.served.grammar(param)
+
+    async def run_grammar(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.server.run_grammar(fn, *args)
+
+    def begin(self) -> None:
+        self.server.begin()
+
+    def end(self) -> None:
+        self.server.end()
+
+    model = property(lambda self: self.served)  # the ServedModel, as ServerState.model is the first one
+    cfg = property(lambda self: self.served.cfg)  # per-model settings over the server's
+    engine = property(lambda self: self.served.engine)
+    tokenizer = property(lambda self: self.served.tokenizer)
+    max_model_len = property(lambda self: self.served.max_model_len)
+    vocab_size = property(lambda self: self.served.vocab_size)
+    pieces = property(lambda self: self.served.pieces)
+    guard = property(lambda self: self.served.guard)
+    fingerprint = property(lambda self: self.served.fingerprint)
+    chat_template = property(lambda self: self.served.chat_template)
+    reasoning = property(lambda self: self.served.reasoning)
+    metrics = property(lambda self: self.server.metrics)
+    draining = property(lambda self: self.server.draining)
+    abort_all = property(lambda self: self.server.abort_all)
+    created = property(lambda self: self.server.created)
+    pool = property(lambda self: self.server.pool)

@@ -34,7 +34,8 @@ def test_sse_framing(server: ServerProcess, model_name: str) -> None:
 
 
 def test_health_version_and_errors(server: ServerProcess) -> None:
-    assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server.base_url}/health").json()  # and each model's state
+    assert health["status"] == "ok" and set(health["models"].values()) == {"loaded"}
     assert httpx.get(f"{server.base_url}/version").json()["engine"] == "native"
     r = httpx.post(f"{server.base_url}/v1/chat/completions", content=b'{"messages": [',
                    headers={"content-type": "application/json"})

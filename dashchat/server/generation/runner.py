@@ -36,7 +36,7 @@ from dashchat.server.plumbing.errors import (
     shutting_down,
 )
 from dashchat.server.plumbing.sse import DONE, JSON_HEADERS, SSE_HEADERS, dumps, event
-from dashchat.server.state import ServerState
+from dashchat.server.state import ModelView, ServerState
 
 if TYPE_CHECKING:
     from dashchat.server.text.pipeline import OutputEvent, OutputParser
@@ -92,7 +92,7 @@ Producer = Callable[[Sender], Awaitable[None]]
 
 class EngineResponse(Response):
     # A Response subclass only so FastAPI passes it through untouched; it sends its own headers.
-    def __init__(self, state: ServerState, produce: Producer, request_id: str,
+    def __init__(self, state: ServerState | ModelView, produce: Producer, request_id: str,
                  prompt_tokens: int | None = None) -> None:
         super().__init__()
         self.state = state
@@ -206,7 +206,7 @@ class Event:
 
 
 async def run_choices(
-    state: ServerState,
+    state: ModelView,
     prompt_ids: list[int],
     params: SamplingParams,
     request_id: str,
@@ -247,6 +247,8 @@ async def run_choices(
         if any(c.output is not None for c in choices):
             usage.reasoning_tokens = sum(c.output.reasoning_tokens for c in choices if c.output is not None)
         metrics.generation_tokens.inc(n)
+        if isinstance(state, ModelView):
+            metrics.model_generation_tokens.labels(state.name).inc(n)
         metrics.e2e.observe(time.perf_counter() - start)
         if not finished:
             await _close(gen)

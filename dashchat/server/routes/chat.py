@@ -24,7 +24,7 @@ from dashchat.server.generation.logprobs import chat_entries
 from dashchat.server.protocol import ChatCompletionRequest, ChatMessage
 from dashchat.server.generation.sampling import build_params, resolve_max_tokens, stop_list
 from dashchat.server.plumbing.sse import DONE, event
-from dashchat.server.state import ServerState
+from dashchat.server.state import ModelView, ServerState
 from dashchat.server.text.pipeline import (
     ChatPrompt,
     ContentEvent,
@@ -43,10 +43,10 @@ from dashchat.server.media.images import expand_images, for_template, load_image
 log = logging.getLogger("dashchat.server")
 
 
-async def create_chat_completion(state: ServerState, req: ChatCompletionRequest) -> EngineResponse:
-    cfg = state.cfg
-    model = state.check_model(req.model)
-    require_task(state, model, "generate")
+async def create_chat_completion(server: ServerState | ModelView, req: ChatCompletionRequest) -> EngineResponse:
+    state = await server.use_model(req.model)
+    cfg, model = state.cfg, state.name
+    require_task(state, model, "generate", state.served)
     if len(req.messages) > cfg.max_messages:
         raise bad_request(f"'messages' takes at most {cfg.max_messages} entries.", "messages")
     plan = plan_tools(req, cfg)
@@ -85,7 +85,7 @@ def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
     return m.model_dump(exclude_none=True)
 
 
-def _grammar(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan, prompt: ChatPrompt) -> list[Any]:
+def _grammar(state: ModelView, req: ChatCompletionRequest, plan: ToolPlan, prompt: ChatPrompt) -> list[Any]:
     rf = req.response_format
     json_output = rf is not None and rf.type != "text"
     schema = None
@@ -112,7 +112,7 @@ def _finish(c: Choice, plan: ToolPlan, called: bool, cut: bool = False) -> str:
 
 
 class _ChatRun:
-    def __init__(self, state: ServerState, req: ChatCompletionRequest, plan: ToolPlan, model: str,
+    def __init__(self, state: ModelView, req: ChatCompletionRequest, plan: ToolPlan, model: str,
                  request_id: str, prompt: ChatPrompt, params: Any, stops: list[str], top_n: int) -> None:
         self.state, self.req, self.plan = state, req, plan
         self.request_id, self.prompt, self.params, self.top_n = request_id, prompt, params, top_n

@@ -25,15 +25,15 @@ from dashchat.server.generation.logprobs import completion_logprobs
 from dashchat.server.protocol import CompletionRequest
 from dashchat.server.generation.sampling import build_params, resolve_max_tokens, stop_list
 from dashchat.server.plumbing.sse import DONE, event
-from dashchat.server.state import ServerState
+from dashchat.server.state import ModelView, ServerState
 
 _MAX_PROMPTS = 16
 
 
-async def create_completion(state: ServerState, req: CompletionRequest) -> EngineResponse:
-    cfg = state.cfg
-    model = state.check_model(req.model)
-    require_task(state, model, "generate")
+async def create_completion(server: ServerState | ModelView, req: CompletionRequest) -> EngineResponse:
+    state = await server.use_model(req.model)
+    cfg, model = state.cfg, state.name
+    require_task(state, model, "generate", state.served)
     if req.suffix:
         raise bad_request("'suffix' is not supported.", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -53,7 +53,7 @@ async def create_completion(state: ServerState, req: CompletionRequest) -> Engin
     return EngineResponse(state, run.stream if req.stream else run.full, request_id)
 
 
-def _tokenize(state: ServerState, prompt: Any) -> list[list[int]]:
+def _tokenize(state: ModelView, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
         batch: list[Any] = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -76,7 +76,7 @@ def _tokenize(state: ServerState, prompt: Any) -> list[list[int]]:
 
 
 class _CompletionRun:
-    def __init__(self, state: ServerState, req: CompletionRequest, model: str, request_id: str,
+    def __init__(self, state: ModelView, req: CompletionRequest, model: str, request_id: str,
                  jobs: list[tuple[list[int], Any]], stops: list[str]) -> None:
         self.state, self.req, self.model, self.request_id, self.jobs = state, req, model, request_id, jobs
         self.created = int(time.time())

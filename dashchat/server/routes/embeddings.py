@@ -25,7 +25,7 @@ from dashchat.server.plumbing.errors import APIError, bad_request, from_engine_e
 from dashchat.server.plumbing.tenant import cache_salt
 from dashchat.server.protocol import _Model
 from dashchat.server.routes.anthropic_errors import error_body_for
-from dashchat.server.state import ServedModel, ServerState
+from dashchat.server.state import ModelView, ServedModel, ServerState
 
 MAX_INPUTS = 2048  # OpenAI's bound on inputs per embeddings request
 _IN_FLIGHT = 64  # a request's inputs the engine holds at once (its admission queue is bounded)
@@ -42,9 +42,9 @@ class EmbeddingRequest(_Model):
     cache_salt: str | None = None
 
 
-def require_task(state: ServerState, name: str, task: str, served: ServedModel | None = None) -> ServedModel:
-    """The served model `name`, or a 400 naming it where it is served for another task."""
-    served = served or state.models[name]
+def require_task(state: ServerState | ModelView, name: str, task: str, served: ServedModel) -> ServedModel:
+    """The served model `name` (`served`, from `state.use_model`), or a 400 naming it where it is served
+    for another task."""
     have = getattr(served, "task", "generate")
     if have != task and not (task == "score" and have == "embed"):  # embedding models score by cosine
         raise bad_request(
@@ -169,8 +169,9 @@ def json_response(state: ServerState, path: str, request_id: str,
 
 
 async def create_embedding(state: ServerState, req: EmbeddingRequest) -> EngineResponse:
-    name = state.check_model(req.model)
-    served = require_task(state, name, "embed")
+    view = await state.use_model(req.model)
+    name = view.name
+    served = require_task(state, name, "embed", view.served)
     spec = embedding_spec(served)
     check_dimensions(spec, req.dimensions, hidden_size(served))
     prompts = await asyncio.to_thread(_prompts, served, req.input)
@@ -189,8 +190,15 @@ async def create_embedding(state: ServerState, req: EmbeddingRequest) -> EngineR
 # -- Ollama -------------------------------------------------------------------------------------
 
 
-def _ollama_served(state: ServerState, name: str, asked: str) -> ServedModel:
-    served = state.models[name]
+async def _ollama_served(state: ServerState, name: str, req: Any) -> ServedModel:
+    from dashchat.server.model_pool import parse_keep_alive
+
+    try:
+        keep_alive = parse_keep_alive(req.keep_alive)
+    except ValueError:
+        raise bad_request(f'time: invalid duration "{str(req.keep_alive)[:40]}"', "keep_alive") from None
+    served = (await state.use_model(name, keep_alive)).served
+    asked = req.model
     if getattr(served, "task", "generate") != "embed":
         # Ollama's words for a model without embedding support
         raise bad_request(f'"{asked}" does not support embeddings', "model")
@@ -212,7 +220,7 @@ def _ollama_prompts(served: ServedModel, texts: list[str], truncate: bool) -> li
 
 async def ollama_embed(state: ServerState, name: str, req: Any) -> EngineResponse:
     """/api/embed: `input` a string or strings -> `embeddings`, in the model's own vector form."""
-    served = _ollama_served(state, name, req.model)
+    served = await _ollama_served(state, name, req)
     texts = [req.input] if isinstance(req.input, str) else list(req.input or [])
     if len(texts) > MAX_INPUTS:
         raise bad_request(f"'input' takes at most {MAX_INPUTS} entries.", "input")
@@ -231,7 +239,7 @@ async def ollama_embed(state: ServerState, name: str, req: Any) -> EngineRespons
 
 async def ollama_embeddings(state: ServerState, name: str, req: Any) -> EngineResponse:
     """/api/embeddings (the older route): one `prompt` -> `embedding`; an empty prompt, an empty one."""
-    served = _ollama_served(state, name, req.model)
+    served = await _ollama_served(state, name, req)
     prompts = await asyncio.to_thread(_ollama_prompts, served, [req.prompt] if req.prompt else [], True)
     request_id = f"embed-{uuid.uuid4().hex}"
 

@@ -368,10 +368,11 @@ class MessagesSink(ChatSink):
 # -- routes ---------------------------------------------------------------------------------
 
 
-async def create_message(state: ServerState, req: MessagesRequest) -> Response:
+async def create_message(server: ServerState, req: MessagesRequest) -> Response:
     from dashchat.server.routes.chat import create_chat_completion
 
-    model = state.check_model(req.model)
+    state = await server.use_model(req.model)
+    model = state.name
     chat = _chat_request(req, model)
     chat.update(max_completion_tokens=req.max_tokens, stream=req.stream, stop=req.stop_sequences,
                 temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, ignore_eos=req.ignore_eos,
@@ -388,14 +389,15 @@ async def create_message(state: ServerState, req: MessagesRequest) -> Response:
     return ChatBridge(inner, MessagesSink(model, getattr(inner, "prompt_tokens", None)))
 
 
-async def count_tokens(state: ServerState, req: CountTokensRequest) -> Response:
+async def count_tokens(server: ServerState, req: CountTokensRequest) -> Response:
     import asyncio
 
     from dashchat.server.media.images import expand_images, for_template, load_images
     from dashchat.server.text.pipeline import render_prompt, template_kwargs
     from dashchat.server.text.tool_request import plan_tools
 
-    model = state.check_model(req.model)
+    state = await server.use_model(req.model)
+    model = state.name
     chat_req = to_chat_request(_chat_request(req, model), _rename_param)
     try:
         # The same render as generation (text_pipeline.py): the count is what /v1/messages would use.

@@ -10,8 +10,9 @@ as follows: `options` (num_predict, temperature, top_p, top_k, min_p, seed, stop
 presence/frequency_penalty) to the sampling fields, `format` ("json" or a JSON schema) to
 response_format, `tools` to tools (calls come back with arguments as an object), `think` to the
 template's enable_thinking and the `thinking` field. Options that tune llama.cpp's runner
-(num_ctx, num_thread, num_gpu, ...) are accepted and have no effect here; `keep_alive` is checked
-and accepted, and the model stays loaded (this server holds one model for its whole life).
+(num_ctx, num_thread, num_gpu, ...) are accepted and have no effect here. `keep_alive` is Ollama's:
+how long the model stays loaded once idle after this request (the model pool, model_pool.py; 0:
+unload it now, unless other requests use it).
 Errors have Ollama's shape, `{"error": "..."}` (ollama_errors.py).
 """
 
@@ -46,7 +47,8 @@ from dashchat.server.routes.ollama_models import (
 )
 from dashchat.server.routes.ollama_stream import OllamaSink
 from dashchat.server.routes.ollama_template import render_go_template
-from dashchat.server.state import ServerState
+from dashchat.server.model_pool import parse_keep_alive
+from dashchat.server.state import ModelView, ServerState
 
 
 class _Model(BaseModel):
@@ -153,22 +155,30 @@ class EmbeddingsRequest(_Model):
 
 # -- checks -----------------------------------------------------------------------------------
 
-# Go's time.ParseDuration, which Ollama parses keep_alive with ("5m", "1h30m", "-1s", "0").
-_DURATION = re.compile(r"[-+]?(0|((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)")
+def _keep_alive(value: float | str | None) -> float | None:
+    """Seconds (negative: forever), or None when not given; Ollama's error for text that is no duration."""
+    try:
+        return parse_keep_alive(value)
+    except ValueError:
+        raise bad_request(f'time: invalid duration "{str(value)[:40]}"', "keep_alive") from None
 
 
-def _check_keep_alive(value: float | str | None) -> None:
-    if isinstance(value, str) and not _DURATION.fullmatch(value):
-        raise bad_request(f'time: invalid duration "{value[:40]}"', "keep_alive")
-
-
-def _check_request(state: ServerState, req: _Request) -> None:
-    _check_keep_alive(req.keep_alive)
-    if req.think not in (None, False) and state.reasoning is None:
-        raise bad_request(f'"{req.model}" does not support thinking', "think")
+def _check_request(state: ServerState, req: _Request) -> tuple[str, float | None]:
+    """The checks that need no loaded model; returns the served name and the keep-alive."""
+    name = served_name(state, req.model)
+    keep_alive = _keep_alive(req.keep_alive)
     if req.logprobs:
         raise bad_request("'logprobs' is not supported on Ollama's API here; /v1/chat/completions returns them.",
                           "logprobs")
+    return name, keep_alive
+
+
+async def _use_model(state: ServerState, req: _Request, name: str, keep_alive: float | None) -> ModelView:
+    """The model (loaded if it is not), then the checks that need it."""
+    view = await state.use_model(name, keep_alive)
+    if req.think not in (None, False) and view.reasoning is None:
+        raise bad_request(f'"{req.model}" does not support thinking', "think")
+    return view
 
 
 def _no_images(model: str, images: list[str] | None, param: str) -> None:
@@ -279,28 +289,28 @@ def _thinking_kwargs(think: bool | str | None) -> dict[str, Any] | None:
     return None if think is None else {"enable_thinking": think is not False}
 
 
-def _loaded(req: _Request, kind: str) -> JSONResponse:
-    """A request without a prompt loads the model in Ollama (and with keep_alive 0 unloads it):
-    here the model is always loaded, and stays so."""
+def _loaded(req: _Request, kind: str, keep_alive: float | None) -> JSONResponse:
+    """A request without a prompt loads the model (done by now), and with keep_alive 0 unloads it
+    (once this request has ended, if no other uses it), as in Ollama."""
     body: dict[str, Any] = {"model": req.model, "created_at": now_iso()}
     if kind == "chat":
         body["message"] = {"role": "assistant", "content": ""}
     else:
         body["response"] = ""
-    return JSONResponse({**body, "done": True, "done_reason": "load"})
+    return JSONResponse({**body, "done": True, "done_reason": "unload" if keep_alive == 0 else "load"})
 
 
 def _without_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
-async def _run_chat(state: ServerState, req: _Request, kind: str, started: int, messages: list[dict[str, Any]],
+async def _run_chat(state: ModelView, req: _Request, kind: str, started: int, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None, rename: Callable[[APIError], APIError]) -> Response:
     from dashchat.server.routes.chat import create_chat_completion
 
     sampling = _sampling(req.options)
     sampling["max_completion_tokens"] = sampling.pop("max_tokens", None)
-    body = {"model": served_name(state, req.model), "messages": messages, "tools": tools, **sampling,
+    body = {"model": state.name, "messages": messages, "tools": tools, **sampling,
             "response_format": _response_format(req.format), "chat_template_kwargs": _thinking_kwargs(req.think),
             "stream": True, "stream_options": {"include_usage": True}}
     chat_req = to_chat_request(_without_none(body), rename)
@@ -311,12 +321,12 @@ async def _run_chat(state: ServerState, req: _Request, kind: str, started: int, 
     return ChatBridge(inner, OllamaSink(req.model, kind, req.stream, started, req.think is not False, rename))
 
 
-async def _run_completion(state: ServerState, req: GenerateRequest, started: int, prompt: str) -> Response:
+async def _run_completion(state: ModelView, req: GenerateRequest, started: int, prompt: str) -> Response:
     from dashchat.server.plumbing.validation import from_validation_errors
     from dashchat.server.routes.completions import create_completion
 
     rename = _renamer()
-    body = {"model": served_name(state, req.model), "prompt": prompt, **_without_none(_sampling(req.options)),
+    body = {"model": state.name, "prompt": prompt, **_without_none(_sampling(req.options)),
             "stream": True, "stream_options": {"include_usage": True}}
     body.setdefault("max_tokens", None)  # Ollama's default: to the end of the context, not 16 tokens
     try:
@@ -335,19 +345,18 @@ async def _run_completion(state: ServerState, req: GenerateRequest, started: int
 
 async def ollama_chat(state: ServerState, req: ChatRequest) -> Response:
     started = time.perf_counter_ns()
-    served_name(state, req.model)
-    _check_request(state, req)
+    name, keep_alive = _check_request(state, req)
+    view = await _use_model(state, req, name, keep_alive)
     if not req.messages:
-        return _loaded(req, "chat")
+        return _loaded(req, "chat", keep_alive)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    messages = chat_messages(req, vision=state.model.vision is not None)
-    return await _run_chat(state, req, "chat", started, messages, tools, _renamer())
+    messages = chat_messages(req, vision=view.model.vision is not None)
+    return await _run_chat(view, req, "chat", started, messages, tools, _renamer())
 
 
 async def ollama_generate(state: ServerState, req: GenerateRequest) -> Response:
     started = time.perf_counter_ns()
-    served_name(state, req.model)
-    _check_request(state, req)
+    name, keep_alive = _check_request(state, req)
     _no_images(req.model, req.images, "images")
     if req.raw and (req.template or req.system or req.context):
         raise bad_request("raw mode does not support template, system, or context", "raw")
@@ -356,16 +365,17 @@ async def ollama_generate(state: ServerState, req: GenerateRequest) -> Response:
                           "/api/chat.", "context")
     if req.suffix:
         raise bad_request(f'"{req.model}" does not support insert', "suffix")
+    view = await _use_model(state, req, name, keep_alive)
     if not req.prompt:
-        return _loaded(req, "generate")
+        return _loaded(req, "generate", keep_alive)
     if req.raw or req.template:
         if req.format:
             raise bad_request("'format' with 'raw' or 'template' is not supported by this server.", "format")
         prompt = req.prompt if req.raw else render_go_template(req.template or "", req.system or "", req.prompt)
-        return await _run_completion(state, req, started, prompt)
+        return await _run_completion(view, req, started, prompt)
     messages = ([{"role": "system", "content": req.system}] if req.system else [])
     messages.append({"role": "user", "content": req.prompt})
-    return await _run_chat(state, req, "generate", started, messages, None, _renamer({"messages": "prompt"}))
+    return await _run_chat(view, req, "generate", started, messages, None, _renamer({"messages": "prompt"}))
 
 
 class _AnyBodyIsJSON(APIRoute):
@@ -392,13 +402,14 @@ class _AnyBodyIsJSON(APIRoute):
 
 
 def add_ollama_routes(app: Any, state: ServerState) -> None:
-    facts: list[ModelFacts] = []
+    facts: dict[str, ModelFacts] = {}  # by model (its first served name)
     api = APIRouter(route_class=_AnyBodyIsJSON)
 
-    async def model_facts() -> ModelFacts:
-        if not facts:  # read once: the served files do not change while they are served
-            facts.append(await asyncio.to_thread(read_model_facts, state))
-        return facts[0]
+    async def model_facts() -> dict[str, ModelFacts]:
+        for entry in state.pool.entries:  # read once: the served files do not change while they are served
+            if entry.name not in facts:
+                facts[entry.name] = await asyncio.to_thread(read_model_facts, state, entry.name)
+        return facts
 
     @api.post("/api/chat", response_model=None)
     async def api_chat(body: ChatRequest) -> Response:
@@ -415,8 +426,8 @@ def add_ollama_routes(app: Any, state: ServerState) -> None:
     @api.post("/api/show", response_model=None)
     async def api_show(body: ShowRequest) -> Response:
         name = body.model or body.name
-        served_name(state, name)
-        return JSONResponse(show_body(state, await model_facts(), name))
+        entry = state.pool.entry(served_name(state, name))
+        return JSONResponse(show_body((await model_facts())[entry.name], name))
 
     @api.get("/api/ps", response_model=None)
     async def api_ps() -> Response:
@@ -428,12 +439,10 @@ def add_ollama_routes(app: Any, state: ServerState) -> None:
 
     @api.post("/api/embed", response_model=None)
     async def api_embed(body: EmbedRequest) -> Response:
-        _check_keep_alive(body.keep_alive)
         return await ollama_embed(state, served_name(state, body.model), body)
 
     @api.post("/api/embeddings", response_model=None)
     async def api_embeddings(body: EmbeddingsRequest) -> Response:
-        _check_keep_alive(body.keep_alive)
         return await ollama_embeddings(state, served_name(state, body.model), body)
 
     app.include_router(api)

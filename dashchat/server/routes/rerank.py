@@ -119,8 +119,9 @@ async def _cosine_scores(served: ServedModel, pairs: list[tuple[str, str]], salt
 
 
 async def create_rerank(state: ServerState, req: RerankRequest, path: str) -> Any:
-    name = state.check_model(req.model)
-    served = require_task(state, name, "score")
+    view = await state.use_model(req.model)
+    name = view.name
+    served = require_task(state, name, "score", view.served)
     docs = [d if isinstance(d, str) else d.text for d in req.documents]
     request_id = f"rerank-{uuid.uuid4().hex}"
 
@@ -161,8 +162,9 @@ def _score_pairs(req: ScoreRequest) -> list[tuple[str, str]]:
 
 
 async def create_score(state: ServerState, req: ScoreRequest) -> Any:
-    name = state.check_model(req.model)
-    served = require_task(state, name, "score")
+    view = await state.use_model(req.model)
+    name = view.name
+    served = require_task(state, name, "score", view.served)
     pairs = _score_pairs(req)
     request_id = f"score-{uuid.uuid4().hex}"
     created = int(time.time())

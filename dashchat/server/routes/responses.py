@@ -551,7 +551,8 @@ def response_not_found(rid: str) -> APIError:
 async def create_response(state: ServerState, store: ResponseStore, req: ResponsesRequest) -> Response:
     from dashchat.server.routes.chat import create_chat_completion
 
-    model = state.check_model(req.model)
+    view = await state.use_model(req.model)
+    model = view.name
     if req.background:
         raise bad_request("'background' responses are not supported; send the request without it.", "background")
     history: list[dict[str, Any]] = []
@@ -579,7 +580,7 @@ async def create_response(state: ServerState, store: ResponseStore, req: Respons
         raise bad_request("'input' must hold at least one message.", "input")
     chat_req = to_chat_request({k: v for k, v in chat.items() if v is not None}, _rename_param)
     try:
-        inner = await create_chat_completion(state, chat_req)
+        inner = await create_chat_completion(view, chat_req)
     except APIError as err:
         raise _rename_param(err) from None
     return ChatBridge(inner, ResponsesSink(_Turn(state, store, req, model, history, new_messages)))

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from dashchat.server.plumbing.errors import bad_request
 from dashchat.server.protocol import DetokenizeRequest, TokenizeRequest
 from dashchat.server.plumbing.sse import dumps
-from dashchat.server.state import ServerState
+from dashchat.server.state import ModelView, ServerState
 from dashchat.server.text.pipeline import render_prompt, template_kwargs
 from dashchat.server.media.images import expand_images, for_template, load_images
 
@@ -31,19 +31,19 @@ class _JSON(Response):
 def add_tokenize_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize", response_model=None)
     async def tokenize(body: TokenizeRequest) -> Response:
+        view = await state.use_model(body.model)
         images = []
         if body.messages is not None:  # image parts count as the tokens they become
             _, urls = for_template([m.model_dump(exclude_none=True) for m in body.messages])
-            images = await load_images(state, state.check_model(body.model), urls)
-        return _JSON(await asyncio.to_thread(_tokenize, state, body, images))
+            images = await load_images(view, view.name, urls)
+        return _JSON(await asyncio.to_thread(_tokenize, view, body, images))
 
     @app.post("/detokenize", response_model=None)
     async def detokenize(body: DetokenizeRequest) -> Response:
-        return _JSON(await asyncio.to_thread(_detokenize, state, body))
+        return _JSON(await asyncio.to_thread(_detokenize, await state.use_model(body.model), body))
 
 
-def _tokenize(state: ServerState, req: TokenizeRequest, images: list[Any] = ()) -> dict[str, Any]:
-    state.check_model(req.model)
+def _tokenize(state: ModelView, req: TokenizeRequest, images: list[Any] = ()) -> dict[str, Any]:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("Send exactly one of 'prompt' or 'messages'.", "prompt" if req.prompt is None else "messages")
     if req.prompt is not None:
@@ -61,7 +61,7 @@ def _tokenize(state: ServerState, req: TokenizeRequest, images: list[Any] = ()) 
     return body
 
 
-def _chat_tokens(state: ServerState, req: TokenizeRequest) -> list[int]:
+def _chat_tokens(state: ModelView, req: TokenizeRequest) -> list[int]:
     cfg = state.cfg
     assert req.messages is not None
     if len(req.messages) > cfg.max_messages:
@@ -93,14 +93,13 @@ def _chat_tokens(state: ServerState, req: TokenizeRequest) -> list[int]:
     return state.guard.encode(marked, add_special_tokens=bool(req.add_special_tokens))
 
 
-def _token_str(state: ServerState, token_id: int) -> str:
+def _token_str(state: ModelView, token_id: int) -> str:
     piece = getattr(state.tokenizer, "id_to_token", None)
     text = piece(token_id) if piece is not None else None
     return text if isinstance(text, str) else state.pieces.text(token_id)
 
 
-def _detokenize(state: ServerState, req: DetokenizeRequest) -> dict[str, Any]:
-    state.check_model(req.model)
+def _detokenize(state: ModelView, req: DetokenizeRequest) -> dict[str, Any]:
     bad = next((t for t in req.tokens if not 0 <= t < state.vocab_size), None)
     if bad is not None:
         raise bad_request(f"Token id {bad} in 'tokens' is outside the vocabulary [0, {state.vocab_size}).", "tokens")

@@ -75,10 +75,18 @@ class CompilePool:
                 t.start()
         return fut
 
+    def close(self) -> None:
+        """Let the threads end once the calls queued before have run (a model being unloaded)."""
+        with self._lock:
+            for _ in self.threads:
+                self._queue.put((None, None))  # type: ignore[arg-type]
+
     def _work(self) -> None:
         lower_thread_priority(self._nice)
         while True:
             fut, fn = self._queue.get()
+            if fut is None:
+                return
             if not fut.set_running_or_notify_cancel():
                 continue  # dropped before it started
             with self._lock:

@@ -36,12 +36,13 @@ async function send(path, init) {
   }
 }
 
-// [{id, max_model_len}] of the served models.
+// [{id, maxModelLen, loaded}] of the served models (loaded: null where the server does not say).
 export async function listModels(apiKey) {
   const response = await send("/v1/models", { headers: headers(apiKey) });
   if (!response.ok) throw await errorFrom(response);
   const body = await response.json();
-  return (body.data || []).map((m) => ({ id: m.id, maxModelLen: m.max_model_len ?? null }));
+  return (body.data || []).map((m) => ({ id: m.id, maxModelLen: m.max_model_len ?? null,
+                                         loaded: m.status?.loaded ?? null }));
 }
 
 // POST /v1/chat/completions with stream: true; yields each chunk object. Aborting `signal` closes the

@@ -561,9 +561,12 @@ async function loadModels() {
   try {
     const models = await listModels(apiKey);
     ui.model.replaceChildren(...models.map((m) => {
-      const option = el("option", null, m.id);
+      // ● marks a loaded model; another loads on its first message (which waits for it).
+      const option = el("option", null, m.loaded ? `● ${m.id}` : m.id);
       option.value = m.id;
-      if (m.maxModelLen) option.title = `context: ${m.maxModelLen} tokens`;
+      option.title = [m.maxModelLen && `context: ${m.maxModelLen} tokens`,
+                      m.loaded !== null && (m.loaded ? "loaded" : "not loaded: loads on first use")]
+        .filter(Boolean).join("; ");
       return option;
     }));
     if (!models.some((m) => m.id === settings.model)) settings.model = models[0]?.id || "";
