@@ -200,9 +200,11 @@ def test_required_and_named_give_schema_valid_calls(sc: OpenAI, model_name: str,
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_response_format(sc: OpenAI, model_name: str, stream: bool) -> None:
-    # maxItems: without a bound this 135M model repeats one tag until max_tokens (valid so far, but cut)
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                               "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+    # maxItems, maxLength: without bounds this 135M model repeats a tag, or a word inside one, until
+    # max_tokens (valid so far, but cut)
+    tag = {"type": "string", "maxLength": 24}
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
+                                               "tags": {"type": "array", "items": tag, "maxItems": 3}},
               "required": ["name", "age", "tags"], "additionalProperties": False}
     kw: dict[str, Any] = {"model": model_name, "messages": [{"role": "user", "content": "Describe a cat as JSON."}],
                           "max_tokens": 96, "temperature": 0,
