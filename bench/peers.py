@@ -308,7 +308,8 @@ def main() -> int:
                    "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", "{port}",
                    "--device", "cpu", "--threads", str(args.threads), "--max-model-len",
                    str(args.max_model_len), "--max-num-seqs", str(max(32, *args.concurrency)),
-                   "--log-level", "warning", *shlex.split(extra)]
+                   "--log-level", "warning", "--speculative-config", "off",  # as the peer: none unless asked
+                   *shlex.split(extra)]
             runs.append((name, cmd, "/health", "dashchat"))
     if not args.skip_llama_server:
         server = ensure_llama_server(args.llama_server, not args.no_setup)

@@ -255,7 +255,8 @@ def serve_and_measure(peer: str, gguf: Path, threads: int, args: argparse.Namesp
     if peer == "dashchat":
         cmd = [sys.executable, "-m", "dashchat.openai_server", "--model-path", str(gguf), "--served-model-name",
                SERVED_NAME, "--host", "127.0.0.1", "--port", "{port}", "--threads", str(threads),
-               "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(slots), "--log-level", "warning"]
+               "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(slots), "--log-level", "warning",
+               "--speculative-config", "off"]  # compared without speculation, as llama-server runs here
     else:
         cmd = [str(args.llama_bin / "llama-server"), "-m", str(gguf), "--alias", SERVED_NAME, "--host", "127.0.0.1",
                "--port", "{port}", "-t", str(threads), "-tb", str(threads), "-np", str(slots),

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--enforce-eager", action="store_true",
                    help="Native engine on CUDA: run decode steps eagerly instead of replaying captured "
                         "CUDA graphs (graphs are captured per batch-size and context bucket on first use).")
-    e.add_argument("--speculative-config", default=None, metavar="JSON",
+    e.add_argument("--speculative-config", default="auto", metavar="JSON",
                    help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
                         "proposes the tokens that followed an earlier occurrence of the text's last "
                         "2-4 tokens (in the prompt and answer so far, or in recent requests), and the model checks up to "
@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "file, folder or embedded name) propose them instead (draft_layers: N runs only its "
                         "first N layers). Greedy output is unchanged; sampled output keeps the model's "
                         "distribution. Keys: method, num_speculative_tokens, prompt_lookup_min (2), "
-                        "prompt_lookup_max (4), model, draft_layers. Default: off.")
+                        "prompt_lookup_max (4), model, draft_layers. 'off' for none. Default: auto = n-gram "
+                        "lookup where greedy output stays bit for bit (a GGUF run as shipped on one CPU "
+                        "rank, without --compile), else off.")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + completion). Default: the model's, at most 8192.")
     e.add_argument("--max-num-seqs", type=int, default=32, help="Sequences generated at once.")
@@ -329,6 +331,21 @@ def _image_fetch_policy(args: argparse.Namespace) -> Any:
                             allow_private_addresses=args.allow_private_media_addresses)
 
 
+def _speculative_config(args: argparse.Namespace, device: str, quantization: str) -> str | None:
+    """The engine's speculative config: 'auto' is n-gram lookup where the kernels make verification
+    exact and a measured win (bench/README.md: never below 0.97x at 1-32 streams), else none."""
+    value = args.speculative_config
+    if value is None or value.strip().lower() in ("off", "none", ""):
+        return None
+    if value.strip().lower() != "auto":
+        return value
+    one_rank = (args.tensor_parallel_size or int(os.environ.get("WORLD_SIZE", 0))
+                or args.nnodes * len(args.device_ids or (0,))) == 1
+    exact = (args.engine == "native" and device == "cpu" and quantization == "gguf" and not args.compile
+             and one_rank)
+    return '{"method": "ngram"}' if exact else None
+
+
 def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
     from dashchat.engine.args import EngineArgs
 
@@ -346,13 +363,14 @@ def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
             quantization = "gguf"  # run the file as shipped
         else:
             quantization = "int8" if quantization == "auto" and native_cpu_fp32 else "none"
-    if args.speculative_config is not None:
+    speculative_config = _speculative_config(args, device, quantization)
+    if speculative_config is not None:
         from dashchat.engine.native.speculative import SpeculativeConfig
 
         if args.engine != "native":
             raise _ArgError("--speculative-config: only the native engine speculates")
         try:
-            SpeculativeConfig.parse(args.speculative_config)
+            SpeculativeConfig.parse(speculative_config)
         except ValueError as exc:
             raise _ArgError(str(exc)) from None
     eargs = EngineArgs(
@@ -360,7 +378,7 @@ def _engine_args(args: argparse.Namespace, model_dir: str) -> Any:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory,
         num_threads=args.threads, max_queue=args.max_queue, quantization=quantization, seed=args.seed,
-        compile=args.compile, speculative_config=args.speculative_config,
+        compile=args.compile, speculative_config=speculative_config,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, distributed_timeout_s=args.distributed_timeout,
