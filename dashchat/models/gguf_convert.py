@@ -206,9 +206,9 @@ def read_tensors(path: str | os.PathLike[str]) -> list[Any]:
 _INT_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}  # GGUFValueType -> struct
 
 
-def read_header_int(path: str | os.PathLike[str], key: str) -> int | None:
-    """One integer of a GGUF header's key/values (e.g. general.file_type), stepping over the rest
-    undecoded as read_tensors does; None when the file has no such integer."""
+def _read_header_value(path: str | os.PathLike[str], key: str, read) -> Any:
+    """`read(buf, offset, value_type)` of the key's value, stepping over the other key/values
+    undecoded as read_tensors does; None when the file is no GGUF or has no such key."""
     buf = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
     magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
     if magic != b"GGUF" or version not in (2, 3):
@@ -217,26 +217,21 @@ def read_header_int(path: str | os.PathLike[str], key: str) -> int | None:
     for _ in range(n_kv):
         name, off = _string(buf, off)
         (vtype,) = struct.unpack_from("<I", buf, off)
-        if name == key and vtype in _INT_FORMATS:
-            return int(struct.unpack_from(_INT_FORMATS[vtype], buf, off + 4)[0])
+        if name == key:  # keys are unique
+            return read(buf, off + 4, vtype)
         off = _skip_value(buf, off + 4, vtype, path)
     return None
+
+
+def read_header_int(path: str | os.PathLike[str], key: str) -> int | None:
+    """One integer of a GGUF header's key/values (e.g. general.file_type); None when it has none."""
+    return _read_header_value(path, key, lambda buf, off, vtype: int(struct.unpack_from(_INT_FORMATS[vtype], buf, off)[0])
+                              if vtype in _INT_FORMATS else None)
 
 
 def read_header_str(path: str | os.PathLike[str], key: str) -> str | None:
     """One string of a GGUF header's key/values (e.g. general.architecture); None when it has none."""
-    buf = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
-    magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
-    if magic != b"GGUF" or version not in (2, 3):
-        return None
-    off = 24
-    for _ in range(n_kv):
-        name, off = _string(buf, off)
-        (vtype,) = struct.unpack_from("<I", buf, off)
-        if name == key and vtype == _STRING:
-            return _string(buf, off + 4)[0]
-        off = _skip_value(buf, off + 4, vtype, path)
-    return None
+    return _read_header_value(path, key, lambda buf, off, vtype: _string(buf, off)[0] if vtype == _STRING else None)
 
 
 def _string(buf: np.ndarray, off: int) -> tuple[str, int]:
