@@ -221,16 +221,15 @@ def main() -> int:
                                                                 args.max_tokens)))
                 except (RuntimeError, httpx.HTTPError) as exc:  # one server failing leaves the others' rows
                     print(f"   FAILED: {exc}", flush=True)
+                if args.json:  # after every server: a run cut short keeps what it measured
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps({
+                        "date": dt.datetime.now().isoformat(), "machine": machine, "llama_server": version,
+                        "model": str(gguf), "args": {k: str(v) for k, v in vars(args).items()},
+                        "load": loadavg(), "results": summarise(runs, requests), "runs": runs}, indent=2, default=str))
     finally:
         ServerProcess.stop_all()
-    results = summarise(runs, requests)
-    print(f"\nload average at end {loadavg()}\n\n" + table(results, [n for n, _ in requests]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"date": dt.datetime.now().isoformat(), "machine": machine,
-                                         "llama_server": version, "model": str(gguf), "args": {
-                                             k: str(v) for k, v in vars(args).items()}, "results": results,
-                                         "runs": runs}, indent=2, default=str))
+    print(f"\nload average at end {loadavg()}\n\n" + table(summarise(runs, requests), [n for n, _ in requests]))
     return 0
 
 
