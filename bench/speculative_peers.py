@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -196,6 +197,11 @@ def main() -> int:
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/speculative-peers"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+
+    def on_term(*_: Any) -> None:  # a timeout's SIGTERM unwinds through the finally that stops the servers
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     if args.gguf is None:
         from dashchat.models.embedded import embedded_gguf
 
