@@ -103,6 +103,15 @@ def cases(names: list[str]) -> list[tuple[str, str]]:
 
 
 async def stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    """`stream_once`, sent again once on a kept-alive connection the server had closed (llama-server
+    closes them now and then: the request never reached it)."""
+    try:
+        return await stream_once(client, body)
+    except httpx.RemoteProtocolError:
+        return await stream_once(client, body)
+
+
+async def stream_once(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
     """One streamed chat completion: times of the first and last content chunk, usage, timings."""
     t0 = time.perf_counter()
     first = last = None
