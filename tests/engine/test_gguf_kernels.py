@@ -151,6 +151,28 @@ def test_fused_parts_of_different_types() -> None:
     torch.testing.assert_close(layer.dequantize(), w_ref, rtol=1e-6, atol=1e-7)
 
 
+def test_one_row_pairs_across_parts() -> None:
+    """One activation row (a decode step) takes weight rows in pairs; parts with odd row counts put
+    a pair's rows in two parts (each then alone) and a part of one row between: every output keeps
+    the bits it gets in a batch and in a layer of its part alone (K-quants only: one activation scale
+    a super-block for all; with a Q8_0 part, 32-value scales: the batch check alone)."""
+    cols = 512
+    for types, sizes in ((("Q4_K", "Q6_K", "Q4_K", "Q5_K", "Q6_K"), (5, 1, 3, 4, 2)), (("Q4_K", "Q8_0", "Q6_K"), (3, 3, 2))):
+        datas = [torch.from_numpy(random_blocks(t, n, cols, 20 + i)) for i, (t, n) in enumerate(zip(types, sizes))]
+        biases = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(sizes)]
+        layer = GGUFLinear(cols, sum(sizes), [GGUFPart(t, d, cols) for t, d in zip(types, datas)], torch.cat(biases))
+        x = torch.randn(7, cols, generator=torch.Generator().manual_seed(5))
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+        assert torch.equal(layer(x), alone) and torch.equal(layer(x[2:5]), alone[2:5]), types
+        if "Q8_0" in types:
+            continue
+        start = 0
+        for t, d, b, n in zip(types, datas, biases, sizes):
+            part = GGUFLinear(cols, n, [GGUFPart(t, d, cols)], b)
+            assert torch.equal(part(x[:1]), alone[:1, start : start + n]), t
+            start += n
+
+
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0", "Q3_K", "Q2_K", "IQ4_XS", "BF16"])
 @pytest.mark.parametrize("k0, k", [(160, 352), (256, 512)])
 def test_input_window_of_whole_rows(type_name: str, k0: int, k: int) -> None:

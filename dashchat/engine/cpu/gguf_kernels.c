@@ -659,6 +659,16 @@ INLINE void super_ints(int type, const uint8_t *blk, sbscale *s) {
   _mm256_shuffle_epi8(_mm256_permute2x128_si256(v, v, (j) < 4 ? 0x00 : 0x11),                                   \
                       _mm256_setr_epi8(LANE_BCAST16(2 * (j) % 8), LANE_BCAST16((2 * (j) + 1) % 8)))
 
+// v's 16 int16 (half h of group j at 2j + h) with the first halves' in the low 128 bits (group j's
+// at element j) and the second halves' in the high ones: LANE_PAIR(v, j) is then one shuffle.
+static inline __m256i halves_apart(__m256i v) {
+  const __m256i evens_odds = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                              0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, evens_odds), 0xD8);  // qwords 0, 2, 1, 3
+}
+// HALF_PAIR(v, j) from halves_apart(v).
+#define LANE_PAIR(a, j) _mm256_shuffle_epi8(a, _mm256_setr_epi8(LANE_BCAST16(j), LANE_BCAST16(j)))
+
 // The low 16 bits of each int32 lane, as 8 int16.
 static inline __m128i low_halves(__m256i v) {
   __m256i p = _mm256_packus_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_setzero_si256());
@@ -679,15 +689,24 @@ static inline int super_d_offset(int type) {
 }
 static inline int super_d_high(int type) { return type == T_Q6_K || type == T_Q3_K; }
 
-// Super-block form, one weight row against MR activation rows (row r at xq + r * k): 8 super-blocks a
-// unit, each one's integers in one int32 vector per row, the 8 reduced at once (lane = super-block).
-INLINE void tile_super(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                       const int16_t *hs, const int MR, float *out) {
+// Super-blocks ahead the one-row tiles prefetch (the hardware prefetcher alone, on a stream whose
+// every super-block is a long dependent chain of work, starts late).
+#ifndef SUPER_PREFETCH
+#define SUPER_PREFETCH 4
+#endif
+
+// Super-block form, NW weight rows (wstride bytes apart; NW * MR <= MAX_TILE) against MR activation
+// rows (row r at xq + r * k): 8 super-blocks a unit, each one's integers in one int32 vector per
+// (weight row, activation row), the 8 reduced at once (lane = super-block); out[w * MR + r]. Each
+// pair's integers and float steps are the same whatever NW and MR: more rows at once only share the
+// loads (a decode step's one activation row meets two weight rows: two independent chains).
+INLINE void tile_super(int type, const uint8_t *wrow, size_t wstride, const int NW, int sb0, int sbs, const int8_t *xq,
+                       int k, const float *xd, const int16_t *hs, const int MR, float *out) {
   const int sbs_row = k / 256, H = k / 16, off = value_offset(type), mins = has_mins(type);
   size_t bb = block_bytes(type);
-  __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
+  __m256 accv[MAX_TILE];  // the 8 accumulators of each (weight row, activation row), lane e = A[e]
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
+  for (int t = 0; t < NW * MR; t++) accv[t] = _mm256_setzero_ps();
   for (int u0 = 0; u0 < sbs; u0 += 8) {
     const int n8 = sbs - u0 < 8 ? sbs - u0 : 8;
     __m256i sumi[MAX_TILE][8], sumn[MAX_TILE][8];
@@ -695,53 +714,81 @@ INLINE void tile_super(int type, const uint8_t *wrow, int sb0, int sbs, const in
     for (int e = 0; e < 8; e++) {
       if (e >= n8) {  // padding: a zero super-block
 #pragma GCC unroll 4
-        for (int r = 0; r < MR; r++) sumi[r][e] = sumn[r][e] = _mm256_setzero_si256();
+        for (int t = 0; t < NW * MR; t++) sumi[t][e] = sumn[t][e] = _mm256_setzero_si256();
         continue;
       }
       int b = u0 + e;
-      const uint8_t *blk = wrow + (size_t)(sb0 + b) * bb;
-      sbscale s;
-      super_ints(type, blk, &s);
-      __m256i acc_i[MAX_TILE];
+      const uint8_t *blk[MAX_TILE];
+      sbscale s[MAX_TILE];
+      __m256i sc_apart[MAX_TILE];
 #pragma GCC unroll 4
-      for (int r = 0; r < MR; r++) acc_i[r] = _mm256_setzero_si256();
+      for (int w = 0; w < NW; w++) {
+        blk[w] = wrow + (size_t)w * wstride + (size_t)(sb0 + b) * bb;
+        super_ints(type, blk[w], &s[w]);
+        sc_apart[w] = halves_apart(s[w].sc);
+        // the super-blocks SUPER_PREFETCH on (past the row's end: the next row's, read next)
+        for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk[w] + SUPER_PREFETCH * bb + o), _MM_HINT_T0);
+      }
+      // two integer chains each (even and odd groups; integer sums in any order are exact): one
+      // would wait on the multiply-add's latency 8 times a super-block
+      __m256i acc_i[MAX_TILE], acc_j[MAX_TILE];
+#pragma GCC unroll 4
+      for (int t = 0; t < NW * MR; t++) acc_i[t] = acc_j[t] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int j = 0; j < 8; j++) {
-        __m256i wv = group_values_avx2(type, blk, j);
-        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
-        __m256i scv = HALF_PAIR(s.sc, j);
+        __m256i x[MAX_TILE];
 #pragma GCC unroll 4
-        for (int r = 0; r < MR; r++) {
-          __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * j));
-          if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
-          // pairs of byte products into int16 (at most 2 * 128 * 127: no saturation), times the scales
-          acc_i[r] = dpwssd_acc(acc_i[r], _mm256_maddubs_epi16(wu, x), scv);
+        for (int r = 0; r < MR; r++) x[r] = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * j));
+#pragma GCC unroll 4
+        for (int w = 0; w < NW; w++) {
+          __m256i wv = group_values_avx2(type, blk[w], j);
+          __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+          __m256i scv = LANE_PAIR(sc_apart[w], j);
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; r++) {
+            __m256i xs = signed_values(type) ? _mm256_sign_epi8(x[r], wv) : x[r];
+            // pairs of byte products into int16 (at most 2 * 128 * 127: no saturation), times the scales
+            if (j & 1) acc_j[w * MR + r] = dpwssd_acc(acc_j[w * MR + r], _mm256_maddubs_epi16(wu, xs), scv);
+            else acc_i[w * MR + r] = dpwssd_acc(acc_i[w * MR + r], _mm256_maddubs_epi16(wu, xs), scv);
+          }
         }
       }
 #pragma GCC unroll 4
       for (int r = 0; r < MR; r++) {
         __m256i h = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 16 * (size_t)b));
-        if (off) acc_i[r] = _mm256_sub_epi32(acc_i[r], _mm256_slli_epi32(_mm256_madd_epi16(s.sc, h), offset_shift(off)));
-        sumi[r][e] = acc_i[r];
-        sumn[r][e] = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s.mn, h)) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int w = 0; w < NW; w++) {
+          const int t = w * MR + r;
+          __m256i I = _mm256_add_epi32(acc_i[t], acc_j[t]);
+          if (off) I = _mm256_sub_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(s[w].sc, h), offset_shift(off)));
+          sumi[t][e] = I;
+          sumn[t][e] = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s[w].mn, h)) : _mm256_setzero_si256();
+        }
       }
     }
     // the 8 super-blocks' fp16 d (and dmin after it), and each row's scale of them, gathered at once
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), lanes);
-    __m256i dd = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(wrow + (size_t)(sb0 + u0) * bb + super_d_offset(type)),
-                                             _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bb)), live, 1);
-    __m256 dv = _mm256_cvtph_ps(low_halves(super_d_high(type) ? _mm256_srli_epi32(dd, 16) : dd));
-    __m256 dminv = mins ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dd, 16))) : _mm256_setzero_ps();
+    __m256 dxv[MAX_TILE];
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; r++) {
-      __m256i I = reduce8_i32(sumi[r]), N = mins ? reduce8_i32(sumn[r]) : _mm256_setzero_si256();
-      __m256 dxv = _mm256_maskload_ps(xd + (size_t)r * sbs_row + u0, live);  // (a scale a super-block)
-      accv[r] = _mm256_add_ps(accv[r], group_term_ps(mins, I, N, dv, dminv, dxv));
+    for (int r = 0; r < MR; r++) dxv[r] = _mm256_maskload_ps(xd + (size_t)r * sbs_row + u0, live);  // (a scale a super-block)
+#pragma GCC unroll 4
+    for (int w = 0; w < NW; w++) {
+      __m256i dd = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
+                                               (const int *)(wrow + (size_t)w * wstride + (size_t)(sb0 + u0) * bb + super_d_offset(type)),
+                                               _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bb)), live, 1);
+      __m256 dv = _mm256_cvtph_ps(low_halves(super_d_high(type) ? _mm256_srli_epi32(dd, 16) : dd));
+      __m256 dminv = mins ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dd, 16))) : _mm256_setzero_ps();
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) {
+        const int t = w * MR + r;
+        __m256i I = reduce8_i32(sumi[t]), N = mins ? reduce8_i32(sumn[t]) : _mm256_setzero_si256();
+        accv[t] = _mm256_add_ps(accv[t], group_term_ps(mins, I, N, dv, dminv, dxv[r]));
+      }
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
+  for (int t = 0; t < NW * MR; t++) out[t] = tree8_ps(accv[t]);
 }
 
 // Per-group form, one weight row against MR activation rows: each group's integer products reduced
@@ -840,7 +887,7 @@ INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const
 INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k, const float *xd,
                      const int16_t *hs, int span, const int MR, float *out) {
 #if defined(__AVX2__)
-  if (super_form(type, span, g0, groups)) tile_super(type, wrow, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
+  if (super_form(type, span, g0, groups)) tile_super(type, wrow, 0, 1, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
   else tile_groups(type, wrow, g0, groups, xq, k, xd, hs, MR, out);
 #else
   tile_dot_c(type, wrow, g0, groups, xq, k, xd, hs, span, MR, out);
@@ -862,6 +909,31 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
 TILE_FN(1)
 TILE_FN(2)
 TILE_FN(4)
+
+// Two weight rows of one part (wstride bytes apart) against one activation row: out[0], out[1], the
+// same bits as tile_dot_1 on each (the super-block form takes both rows at once).
+#if defined(__AVX2__)
+#define PAIR_CASE(T)                                                                                             \
+  case T:                                                                                                      \
+    if (super_form(T, span, g0, groups)) tile_super(T, wrow, wstride, 2, g0 / 8, groups / 8, xq, k, xd, hs, 1, out); \
+    else tile_dot_1(T, wrow, g0, groups, xq, k, xd, hs, span, out), tile_dot_1(T, wrow + wstride, g0, groups, xq, k, xd, hs, span, out + 1); \
+    break;
+static void tile_pair_1(int type, const uint8_t *wrow, size_t wstride, int g0, int groups, const int8_t *xq, int k,
+                        const float *xd, const int16_t *hs, int span, float *out) {
+  switch (type) {
+    PAIR_CASE(T_Q2_K) PAIR_CASE(T_Q3_K) PAIR_CASE(T_Q4_K) PAIR_CASE(T_Q5_K) PAIR_CASE(T_Q6_K) PAIR_CASE(T_IQ4_XS)
+    default:
+      tile_dot_1(type, wrow, g0, groups, xq, k, xd, hs, span, out);
+      tile_dot_1(type, wrow + wstride, g0, groups, xq, k, xd, hs, span, out + 1);
+  }
+}
+#else
+static void tile_pair_1(int type, const uint8_t *wrow, size_t wstride, int g0, int groups, const int8_t *xq, int k,
+                        const float *xd, const int16_t *hs, int span, float *out) {
+  tile_dot_1(type, wrow, g0, groups, xq, k, xd, hs, span, out);
+  tile_dot_1(type, wrow + wstride, g0, groups, xq, k, xd, hs, span, out + 1);
+}
+#endif
 
 // ---------------------------------------------------------------- interleaved blocks of 8 rows
 
@@ -1235,6 +1307,26 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     return 0;
   }
 #endif
+  if (m == 1) {  // a decode step's one row: weight rows in pairs (two chains, one load of x for both)
+#pragma omp parallel for schedule(static)
+    for (int i2 = 0; i2 < (n + 1) / 2; i2++) {
+      int i = 2 * i2, p = 0, row = i;
+      while (row >= rows[p]) row -= rows[p++];
+      const uint8_t *wrow = w[p] + (size_t)row * row_bytes[p];
+      float out[2];
+      if (row + 1 < rows[p]) {
+        tile_pair_1(types[p], wrow, row_bytes[p], first_group[p], groups, xq, k, xd, hs, span, out);
+        for (int e = 0; e < 2; e++) y[i + e] = out[e] + (bias && bias[p] ? bias[p][row + e] : 0.f);
+        continue;
+      }
+      for (int e = 0; e < 2 && i + e < n; e++, row++) {  // a part's last row, then the next part's first
+        while (row >= rows[p]) row -= rows[p++];
+        tile_dot_1(types[p], w[p] + (size_t)row * row_bytes[p], first_group[p], groups, xq, k, xd, hs, span, out);
+        y[i + e] = out[0] + (bias && bias[p] ? bias[p][row] : 0.f);
+      }
+    }
+    return 0;
+  }
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
 #pragma omp parallel for schedule(static)
