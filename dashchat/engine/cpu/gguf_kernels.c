@@ -791,94 +791,112 @@ INLINE void tile_super(int type, const uint8_t *wrow, size_t wstride, const int 
   for (int t = 0; t < NW * MR; t++) out[t] = tree8_ps(accv[t]);
 }
 
-// Per-group form, one weight row against MR activation rows: each group's integer products reduced
-// to one int32 a group (8 groups a vector, lane = group), then group_term and tree8 on the lanes.
-INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
-                        const float *xd, const int16_t *hs, const int MR, float *out) {
+// Per-group form, NW weight rows (wstride bytes apart; NW * MR <= MAX_TILE) against MR activation
+// rows: each group's integer products reduced to one int32 a group (8 groups a vector, lane =
+// group), then group_term and tree8 on the lanes; out[w * MR + r] (as tile_super's).
+INLINE void tile_groups(int type, const uint8_t *wrow, size_t wstride, const int NW, int g0, int groups,
+                        const int8_t *xq, int k, const float *xd, const int16_t *hs, const int MR, float *out) {
   const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
   const int scaled = super_block(type);  // integer scales per half: products scaled before the reduction
   const unsigned per_block = super_block(type) ? 8 : 1;
   size_t bb = block_bytes(type);
-  __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
+  __m256 accv[MAX_TILE];  // the 8 accumulators of each (weight row, activation row), lane e = A[e]
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
+  for (int t = 0; t < NW * MR; t++) accv[t] = _mm256_setzero_ps();
   for (int u0 = 0; u0 < groups; u0 += 8) {
     const int n8 = groups - u0 < 8 ? groups - u0 : 8;
-    {  // the weights a few units on (the unit's work is a chain the prefetcher alone does not run ahead of)
+#pragma GCC unroll 4
+    for (int w = 0; w < NW; w++) {  // the weights a few units on (the unit's work is a chain the prefetcher alone does not run ahead of)
       unsigned ga = (unsigned)(g0 + u0 + 32);
-      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb), _MM_HINT_T0);
-      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb + 64), _MM_HINT_T0);
-      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb + 128), _MM_HINT_T0);
+      const uint8_t *pa = wrow + (size_t)w * wstride + (size_t)(ga / per_block) * bb;
+      _mm_prefetch((const char *)pa, _MM_HINT_T0);
+      _mm_prefetch((const char *)(pa + 64), _MM_HINT_T0);
+      _mm_prefetch((const char *)(pa + 128), _MM_HINT_T0);
     }
-    int16_t sc[16], mn[16];
-    float dw[8], bw[8];
+    int16_t sc[MAX_TILE][16], mn[MAX_TILE][16];
+    float dw[MAX_TILE][8], bw[MAX_TILE][8];
     __m256i v[MAX_TILE][8];
 #pragma GCC unroll 8
     for (int gi = 0; gi < 8; gi++) {
       if (gi < n8) {
         unsigned gg = (unsigned)(g0 + u0 + gi), j = gg % per_block;
-        const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
-        __m256i wv = group_values_avx2(type, blk, (int)j);
-        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
-        __m256i scv = _mm256_setzero_si256();
-        if (scaled) {  // (a tensor-parallel window's K-quants: rare, kept simple)
-          gscale s;
-          group_ints(type, blk, (int)j, &s);
-          sc[2 * gi] = (int16_t)s.sc0, sc[2 * gi + 1] = (int16_t)s.sc1;
-          mn[2 * gi] = (int16_t)s.m0, mn[2 * gi + 1] = (int16_t)s.m1;
-          dw[gi] = s.dw, bw[gi] = s.bw;
-          scv = _mm256_set_m128i(_mm_set1_epi16((short)s.sc1), _mm_set1_epi16((short)s.sc0));
-        }
+        __m256i x[MAX_TILE];
 #pragma GCC unroll 4
-        for (int r = 0; r < MR; r++) {
-          __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)(u0 + gi)));
-          if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
-          v[r][gi] = scaled ? _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), scv) : dot_us(wu, x);
+        for (int r = 0; r < MR; r++) x[r] = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)(u0 + gi)));
+#pragma GCC unroll 4
+        for (int w = 0; w < NW; w++) {
+          const uint8_t *blk = wrow + (size_t)w * wstride + (size_t)(gg / per_block) * bb;
+          __m256i wv = group_values_avx2(type, blk, (int)j);
+          __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+          __m256i scv = _mm256_setzero_si256();
+          if (scaled) {  // (a tensor-parallel window's K-quants: rare, kept simple)
+            gscale s;
+            group_ints(type, blk, (int)j, &s);
+            sc[w][2 * gi] = (int16_t)s.sc0, sc[w][2 * gi + 1] = (int16_t)s.sc1;
+            mn[w][2 * gi] = (int16_t)s.m0, mn[w][2 * gi + 1] = (int16_t)s.m1;
+            dw[w][gi] = s.dw, bw[w][gi] = s.bw;
+            scv = _mm256_set_m128i(_mm_set1_epi16((short)s.sc1), _mm_set1_epi16((short)s.sc0));
+          }
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; r++) {
+            __m256i xs = signed_values(type) ? _mm256_sign_epi8(x[r], wv) : x[r];
+            v[w * MR + r][gi] = scaled ? _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), scv) : dot_us(wu, xs);
+          }
         }
       } else {  // padding: a zero group
-        sc[2 * gi] = sc[2 * gi + 1] = mn[2 * gi] = mn[2 * gi + 1] = 0;
-        dw[gi] = bw[gi] = 0.f;
 #pragma GCC unroll 4
-        for (int r = 0; r < MR; r++) v[r][gi] = _mm256_setzero_si256();
+        for (int w = 0; w < NW; w++) {
+          sc[w][2 * gi] = sc[w][2 * gi + 1] = mn[w][2 * gi] = mn[w][2 * gi + 1] = 0;
+          dw[w][gi] = bw[w][gi] = 0.f;
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NW * MR; t++) v[t][gi] = _mm256_setzero_si256();
       }
     }
-    __m256 dwv, bwv = _mm256_setzero_ps();
-    __m256i sc16, mn16;
-    if (scaled) {
-      dwv = _mm256_loadu_ps(dw), bwv = _mm256_loadu_ps(bw);
-      sc16 = _mm256_loadu_si256((const __m256i *)sc), mn16 = _mm256_loadu_si256((const __m256i *)mn);
-    } else {  // one scale a block; Q4_1/Q5_1: values d * q + min (bw = -min, m = 1)
-      // the 8 blocks' fp16 scale (and Q4_1/Q5_1's minimum) gathered at once, the rest of a short unit 0
-      __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bb));
-      __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      const int *base = (const int *)(wrow + (size_t)(g0 + u0) * bb);
-      __m256i both = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), base, idx, live, 1);  // d | min << 16
-      dwv = _mm256_cvtph_ps(low_halves(both));
-      if (mins) bwv = _mm256_xor_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(both, 16))), _mm256_set1_ps(-0.f));
-      sc16 = mn16 = _mm256_set1_epi16(1);
-    }
+    __m256i h[MAX_TILE];
+    __m256 dx[MAX_TILE];
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++) {
-      __m256i I = reduce8_i32(v[r]);
-      __m256i h;
-      __m256 dx;
       if (n8 == 8) {
-        h = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 2 * (size_t)u0));
-        dx = _mm256_loadu_ps(xd + (size_t)r * G + u0);
+        h[r] = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 2 * (size_t)u0));
+        dx[r] = _mm256_loadu_ps(xd + (size_t)r * G + u0);
       } else {  // the last groups of the row: zeros past them
         int16_t ht[16] = {0};
         float dt[8] = {0};
         memcpy(ht, hs + (size_t)r * H + 2 * (size_t)u0, 4 * (size_t)n8);
         memcpy(dt, xd + (size_t)r * G + u0, 4 * (size_t)n8);
-        h = _mm256_loadu_si256((const __m256i *)ht), dx = _mm256_loadu_ps(dt);
+        h[r] = _mm256_loadu_si256((const __m256i *)ht), dx[r] = _mm256_loadu_ps(dt);
       }
-      if (off) I = _mm256_sub_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(sc16, h), offset_shift(off)));
-      __m256i N = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(mn16, h)) : _mm256_setzero_si256();
-      accv[r] = _mm256_add_ps(accv[r], group_term_ps(mins, I, N, dwv, bwv, dx));
+    }
+#pragma GCC unroll 4
+    for (int w = 0; w < NW; w++) {
+      __m256 dwv, bwv = _mm256_setzero_ps();
+      __m256i sc16, mn16;
+      if (scaled) {
+        dwv = _mm256_loadu_ps(dw[w]), bwv = _mm256_loadu_ps(bw[w]);
+        sc16 = _mm256_loadu_si256((const __m256i *)sc[w]), mn16 = _mm256_loadu_si256((const __m256i *)mn[w]);
+      } else {  // one scale a block; Q4_1/Q5_1: values d * q + min (bw = -min, m = 1)
+        // the 8 blocks' fp16 scale (and Q4_1/Q5_1's minimum) gathered at once, the rest of a short unit 0
+        __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bb));
+        __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const int *base = (const int *)(wrow + (size_t)w * wstride + (size_t)(g0 + u0) * bb);
+        __m256i both = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), base, idx, live, 1);  // d | min << 16
+        dwv = _mm256_cvtph_ps(low_halves(both));
+        if (mins) bwv = _mm256_xor_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(both, 16))), _mm256_set1_ps(-0.f));
+        sc16 = mn16 = _mm256_set1_epi16(1);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) {
+        const int t = w * MR + r;
+        __m256i I = reduce8_i32(v[t]);
+        if (off) I = _mm256_sub_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(sc16, h[r]), offset_shift(off)));
+        __m256i N = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(mn16, h[r])) : _mm256_setzero_si256();
+        accv[t] = _mm256_add_ps(accv[t], group_term_ps(mins, I, N, dwv, bwv, dx[r]));
+      }
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
+  for (int t = 0; t < NW * MR; t++) out[t] = tree8_ps(accv[t]);
 }
 #endif
 
@@ -888,7 +906,7 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
                      const int16_t *hs, int span, const int MR, float *out) {
 #if defined(__AVX2__)
   if (super_form(type, span, g0, groups)) tile_super(type, wrow, 0, 1, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
-  else tile_groups(type, wrow, g0, groups, xq, k, xd, hs, MR, out);
+  else tile_groups(type, wrow, 0, 1, g0, groups, xq, k, xd, hs, MR, out);
 #else
   tile_dot_c(type, wrow, g0, groups, xq, k, xd, hs, span, MR, out);
 #endif
@@ -916,15 +934,13 @@ TILE_FN(4)
 #define PAIR_CASE(T)                                                                                             \
   case T:                                                                                                      \
     if (super_form(T, span, g0, groups)) tile_super(T, wrow, wstride, 2, g0 / 8, groups / 8, xq, k, xd, hs, 1, out); \
-    else tile_dot_1(T, wrow, g0, groups, xq, k, xd, hs, span, out), tile_dot_1(T, wrow + wstride, g0, groups, xq, k, xd, hs, span, out + 1); \
+    else tile_groups(T, wrow, wstride, 2, g0, groups, xq, k, xd, hs, 1, out);                                  \
     break;
 static void tile_pair_1(int type, const uint8_t *wrow, size_t wstride, int g0, int groups, const int8_t *xq, int k,
                         const float *xd, const int16_t *hs, int span, float *out) {
   switch (type) {
-    PAIR_CASE(T_Q2_K) PAIR_CASE(T_Q3_K) PAIR_CASE(T_Q4_K) PAIR_CASE(T_Q5_K) PAIR_CASE(T_Q6_K) PAIR_CASE(T_IQ4_XS)
-    default:
-      tile_dot_1(type, wrow, g0, groups, xq, k, xd, hs, span, out);
-      tile_dot_1(type, wrow + wstride, g0, groups, xq, k, xd, hs, span, out + 1);
+    PAIR_CASE(T_Q4_0) PAIR_CASE(T_Q4_1) PAIR_CASE(T_Q5_0) PAIR_CASE(T_Q5_1) PAIR_CASE(T_Q8_0) PAIR_CASE(T_Q4_K)
+    PAIR_CASE(T_Q5_K) PAIR_CASE(T_Q6_K) PAIR_CASE(T_Q2_K) PAIR_CASE(T_Q3_K) PAIR_CASE(T_IQ4_NL) PAIR_CASE(T_IQ4_XS)
   }
 }
 #else
