@@ -191,6 +191,34 @@ def test_input_window_of_whole_rows(type_name: str, k0: int, k: int) -> None:
         assert ((layer(x) - x @ w_ref.T).abs() <= bound).all()
 
 
+def check_activation_quantization() -> None:
+    """dc_gguf_quantize_x against its definition in numpy, bit for bit: per span of 32 or 256 values
+    d = amax / 127, q = rint(x / d) (x times 1/d in float32, ties to even), and each 16 values' sum."""
+    lib = kernel_library()
+    rng = np.random.default_rng(0)
+    m, k = 3, 512
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32)
+    x[1, 32:64] = 0.0  # an all-zero group (one of 256: the span's scale still non-zero)
+    x[2, :] = np.round(x[2, :] * 4) / 4  # values on quarter steps: exact ties (x.5) after scaling more often
+    for span in (32, 256):
+        xq = np.zeros(m * k, np.int8)
+        xd = np.zeros(m * k // 32, np.float32)
+        xs = np.zeros(m * k // 16, np.float32)  # room for the int16 half sums
+        lib.dc_gguf_quantize_x(x.ctypes.data, m, k, xq.ctypes.data, xd.ctypes.data, xs.ctypes.data, span)
+        spans = x.reshape(-1, span)
+        d = np.abs(spans).max(axis=1) / np.float32(127)
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
+        q = np.rint(spans * inv[:, None]).astype(np.int32)
+        assert np.array_equal(xd[: len(d)], d), span
+        assert np.array_equal(xq.reshape(-1, span), q.astype(np.int8)), span
+        sums = xs.view(np.int16)[: m * k // 16]
+        assert np.array_equal(sums, q.reshape(-1, 16).sum(axis=1).astype(np.int16)), span
+
+
+def test_activation_quantization() -> None:
+    check_activation_quantization()
+
+
 def test_padding_rows_score_zero() -> None:
     """A vocabulary-parallel head's last rank has fewer rows than outputs: the rest are zeros."""
     data = random_blocks("Q8_0", 10, 64, 0)
@@ -211,7 +239,8 @@ sys.path.insert(0, {tests!r})
 from engine.test_gguf_kernels import check_type, TYPES
 from dashchat.engine.cpu.kernels import kernel_library
 assert kernel_library() is not None
-from engine.test_gguf_kernels import batch_invariance
+from engine.test_gguf_kernels import batch_invariance, check_activation_quantization
+check_activation_quantization()
 for t in TYPES:
     for batch in (1, 5, 20):
         check_type(t, rows=19, cols=256, batch=batch, seed=batch)
