@@ -290,8 +290,8 @@ static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, fl
   for (int t = 0; t < m * spans; t++) {
     const float *v = x + (size_t)t * span;
 #if defined(__AVX2__)
-    // the same numbers as the C below for finite inputs (max_ps keeps the running maximum where
-    // fmaxf would skip a NaN; cvtps rounds to nearest even as lrintf does in the default mode)
+    // the same numbers as the C below (a NaN leaves the running maximum, as with fmaxf; cvtps rounds
+    // to nearest even as lrintf does in the default mode; finite values stay within +-127)
     __m256 mx = _mm256_setzero_ps();
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int i = 0; i < span; i += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask), mx);
@@ -715,8 +715,8 @@ static inline int super_d_offset(int type) {
 }
 static inline int super_d_high(int type) { return type == T_Q6_K || type == T_Q3_K; }
 
-// Super-blocks ahead the one-row tiles prefetch (the hardware prefetcher alone, on a stream whose
-// every super-block is a long dependent chain of work, starts late).
+// Super-blocks ahead the super-block tiles prefetch each weight row (not tuned: a sweep of the
+// distance on a quiet machine is still to do).
 #ifndef SUPER_PREFETCH
 #define SUPER_PREFETCH 4
 #endif
