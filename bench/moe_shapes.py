@@ -291,6 +291,7 @@ def main() -> int:
     ap.add_argument("--peers-args", default="--requests 3 --max-tokens 64 --concurrency 8 --rounds 2 --skip-llamacpp",
                     help="flags for bench/peers.py (default: %(default)s)")
     args = ap.parse_args()
+    import gc
     import json
     import os
     import shlex
@@ -313,12 +314,14 @@ def main() -> int:
         if not args.skip_layer_time:
             rows = tuple(int(r) for r in args.rows.split(",") if r)
             results = layer_time(path, threads, args.repeats, rows)
+            gc.collect()
             if args.json:
                 args.json.write_text(json.dumps({"gguf": str(path), "threads": threads, "load": os.getloadavg(),
                                                  "layer_time": results}, indent=2))
         if not args.skip_step_time:
             rows = tuple(int(r) for r in args.step_rows.split(",") if r)
             steps = decode_step_time(path, threads, args.repeats, rows)
+            gc.collect()  # the runner's ~9 GB must be gone before the servers start
             if args.json:
                 done = json.loads(args.json.read_text()) if args.json.is_file() else {}
                 args.json.write_text(json.dumps({**done, "decode_step": steps, "step_load": os.getloadavg()}, indent=2))
@@ -326,7 +329,8 @@ def main() -> int:
             cmd = [sys.executable, str(HERE / "peers.py"), "--gguf", str(path), "--threads", str(threads),
                    *(["--llama-server", str(args.llama_server)] if args.llama_server else []),
                    *shlex.split(args.peers_args)]
-            print("$", shlex.join(cmd), flush=True)
+            rss = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))
+            print(f"(this process holds {int(rss) / 2**20:.1f} GiB)\n$", shlex.join(cmd), flush=True)
             subprocess.run(cmd, check=True)
     finally:
         if args.delete and args.gguf is None:
