@@ -206,17 +206,30 @@ def test_gguf_engine_runs_the_fused_decode_step(gguf_files):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("family", ["qwen3-moe", "qwen2-moe"])  # Mixtral's file is F16: the modules run it
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_fused_decode_step_equals_the_modules(family, gguf_files):
     """The fused decode step (decode_step.c) on a MoE GGUF -- router, softmax and top k, the routed
     experts, Qwen2-MoE's gated shared expert -- gives the module path's logits bit for bit, at 1, 5
     and 16 rows; past 16 rows (where the float router's module product leaves the C kernel) the
-    modules run the step."""
+    modules run the step. Mixtral's file is F16 throughout, whose attention the step declines (16-bit
+    products): its q/k/v and o become random Q8_0 blocks, its experts stay F16 (the 16-bit kernels)."""
+    from dashchat.engine.cpu.decode_step import FusedDecode
+    from dashchat.engine.quantization.gguf import GGUFPart
     from engine.test_fused_decode import BLOCK, decode_both_ways
+    from engine.test_gguf_kernels import random_blocks
 
     _, folder = gguf_files[family]
     cfg = ModelConfig.from_dir(folder)
     runner = ModelRunner(str(folder), cfg, torch.device("cpu"), torch.float32, 64, BLOCK, "gguf")
+    if family == "mixtral":
+        assert runner.fused_decode is None
+        for layer in runner.model.layers:
+            for name in ("qkv_proj", "o_proj"):
+                old = getattr(layer.self_attn, name)
+                data = random_blocks("Q8_0", old.out_features, old.in_features, 7)
+                setattr(layer.self_attn, name, GGUFLinear(old.in_features, old.out_features,
+                                                          [GGUFPart("Q8_0", torch.from_numpy(data), old.in_features)]))
+        runner.fused_decode = FusedDecode.build(runner.model, runner.kv_cache, BLOCK, cfg.attention_scale)
     fused = runner.fused_decode
     assert fused is not None and fused.runs(16) and not fused.runs(17)
     for batch, context in ((1, 20), (5, 40), (16, 23)):
