@@ -43,8 +43,8 @@ typedef struct {
   const float *bias[DC_MAX_PARTS];  // this part's slice of the layer's bias, or NULL
 } dc_qlinear;
 
-// A float32 linear layer held in oneDNN's Ab64a layout, as PackedLinear runs it up to 16 rows
-// (kernels.c's dc_linear_ab64a): the routers, which GGUF files keep in F32.
+// A float32 linear layer held in oneDNN's Ab64a layout, as PackedLinear runs it up to 16 rows and
+// PanelGate at any (kernels.c's dc_linear_ab64a): the routers, which GGUF files keep in F32.
 typedef struct {
   const float *weight, *bias;  // weight NULL: none
   int n, k;
