@@ -3,14 +3,17 @@
 The tower at Qwen2.5-VL-3B's vision shape (depth 32, width 1280, 16 heads, MLP 3420, output 2048,
 windows of 112 pixels, full attention in blocks 7/15/23/31), random weights, one image at a time,
 preprocessed as the server does (448x448 -> 256 tokens; 1024x1024 -> the default max of 1280 tokens).
-Rounds alternate between the two implementations; medians are reported.
+Rounds alternate between the implementations; medians are reported. `--bf16` (CPU) also times
+dashchat's tower in bfloat16 (oneDNN's bf16 matmul; fast where the CPU has AVX-512 BF16 or AMX) and
+reports its drift from transformers' float32 output.
 
-    python bench/vision_tower.py [--rounds 3] [--device cpu|cuda] [--sizes 448 1024] [--json PATH]
+    python bench/vision_tower.py [--rounds 3] [--device cpu|cuda] [--sizes 448 1024] [--bf16] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -58,11 +61,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", type=int, nargs="+", default=[448, 1024])
+    ap.add_argument("--bf16", action="store_true", help="also time dashchat's tower in bfloat16 (CPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     ours, ref = build(device, dtype)
+    runs = {"dashchat": lambda p, g, grid: ours(p, g), "transformers": lambda p, g, grid: ref(p, grid_thw=grid)}
+    if args.bf16 and dtype == torch.float32:
+        half = copy.deepcopy(ours).to(torch.bfloat16)
+        runs["dashchat bf16"] = lambda p, g, grid: half(p.to(torch.bfloat16), g)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results = {}
     print(f"device {device} {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -71,25 +79,27 @@ def main() -> None:
         img = preprocess(open_image(picture(side), 10**8), ImageProcessorConfig())
         patches = torch.from_numpy(img.pixel_values).to(device, dtype)
         grid = torch.tensor([img.grid], device=device)
-        times: dict[str, list[float]] = {"dashchat": [], "transformers": []}
+        times: dict[str, list[float]] = {name: [] for name in runs}
         with torch.inference_mode():
-            got = ours(patches, [img.grid])[0]
-            want = ref(patches, grid_thw=grid).pooler_output
-            err = (got.float() - want.float()).abs().max().item()
+            want = ref(patches, grid_thw=grid).pooler_output.float()
+            err = {name: (run(patches, [img.grid], grid)[0].float() - want).abs().max().item()
+                   for name, run in runs.items() if name != "transformers"}
             for _ in range(args.rounds):  # alternating rounds
-                for name, run in (("dashchat", lambda: ours(patches, [img.grid])),
-                                  ("transformers", lambda: ref(patches, grid_thw=grid))):
+                for name, run in runs.items():
                     sync()
                     start = time.perf_counter()
-                    run()
+                    run(patches, [img.grid], grid)
                     sync()
                     times[name].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
         tokens = img.num_tokens(2)
-        results[side] = {"tokens": tokens, "patches": len(patches), "max_abs_diff": err, **med}
-        print(f"{side}x{side}: {len(patches)} patches -> {tokens} tokens; dashchat {med['dashchat'] * 1e3:.0f} ms, "
-              f"transformers {med['transformers'] * 1e3:.0f} ms (ratio {med['transformers'] / med['dashchat']:.2f}x); "
-              f"max |diff| {err:.2e}")
+        results[side] = {"tokens": tokens, "patches": len(patches), "max_abs_diff": err, "seconds": med,
+                         "load": os.getloadavg()[0]}
+        line = ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in med.items())
+        ratios = ", ".join(f"{name} {med['transformers'] / sec:.2f}x" for name, sec in med.items() if name != "transformers")
+        diffs = ", ".join(f"{name} {e:.2e}" for name, e in err.items())
+        print(f"{side}x{side}: {len(patches)} patches -> {tokens} tokens; {line}; faster than transformers: {ratios}; "
+              f"max |diff| from transformers: {diffs}; load {os.getloadavg()[0]:.1f}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
