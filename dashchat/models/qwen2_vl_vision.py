@@ -10,7 +10,7 @@ two equal frames), already in 2x2 merge-block order. The tower:
                     with biases, and windowed attention except in `fullatt_block_indexes`
   merger            each 2x2 block of patches -> one token: norm, concat, Linear-GELU-Linear
 
-Attention is over one image at a time (or one window). Segments of equal length that sit side by side
+Attention is over one image (one frame of a video) at a time, or one window. Segments of equal length that sit side by side
 (the windows of an image are ordered so that they do) run as one batched scaled_dot_product_attention
 over a view of the packed rows: no padding, no mask, a handful of calls per block.
 """
@@ -202,7 +202,7 @@ class VisionTower(nn.Module):
         unit = cfg.merge_size**2
         x = self.patch_embed(patches)
         cos, sin = self._rope(grids, dev)
-        image_runs = _runs([t * h * w for t, h, w in grids])
+        image_runs = _runs([h * w for t, h, w in grids for _ in range(t)])  # full attention is per frame
         order = None
         window_runs = image_runs
         if cfg.qwen25:
@@ -233,7 +233,7 @@ class VisionTower(nn.Module):
     def _windows(self, grids: list[tuple[int, int, int]], dev: torch.device) -> tuple[torch.Tensor, Runs]:
         """Qwen2.5-VL's windows: merge units reordered window by window (windows of
         window_size / patch_size patches a side, cut from the top left; the last ones smaller),
-        and the windows' runs in patches. Within each image the windows go full ones first, then the
+        and the windows' runs in patches. Within each frame the windows go full ones first, then the
         smaller edge ones by size, so that equal windows sit side by side and attend in one call
         (attention never crosses a window, and the merged tokens are put back in image order)."""
         cfg = self.cfg
@@ -245,10 +245,11 @@ class VisionTower(nn.Module):
             ph, pw = -gh % side, -gw % side
             padded = F.pad(index, (0, pw, 0, ph), value=-1)
             nh, nw = (gh + ph) // side, (gw + pw) // side
-            padded = padded.view(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(-1, side * side)
-            sizes = (padded >= 0).sum(1)
-            by_size = torch.argsort(sizes, descending=True, stable=True)
-            padded, sizes = padded[by_size], sizes[by_size]
+            padded = padded.view(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, side * side)
+            sizes = (padded >= 0).sum(-1)  # [t, windows]: sorted within each frame, which stays whole
+            by_size = torch.argsort(sizes, dim=1, descending=True, stable=True)
+            padded = padded.gather(1, by_size[..., None].expand_as(padded)).flatten(0, 1)
+            sizes = sizes.gather(1, by_size).flatten()
             order.append(padded[padded >= 0] + base)
             lens += sizes[sizes > 0].tolist()
             base += t * gh * gw
