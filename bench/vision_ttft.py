@@ -150,8 +150,8 @@ def main() -> None:
     path = Path(args.workdir) / "model"
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load {loadavg()}",
-          flush=True)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"cpus {os.cpu_count()}, load {loadavg()}", flush=True)
     try:
         start = time.perf_counter()
         make_folder(path, args.tiny)
