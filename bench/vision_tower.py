@@ -70,9 +70,9 @@ def greedy_drift(steps: int = 16) -> dict:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     torch.manual_seed(0)
-    text = dict(vocab_size=2048, bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                        "mrope_section": [2, 3, 3]})
+    text = dict(vocab_size=2048, bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
     vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, window_size=56,
                   fullatt_block_indexes=[1])
     cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=2000,
@@ -149,13 +149,15 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         tokens = img.num_tokens(2)
         scale = want.abs().max().item()
-        results[side] = {"tokens": tokens, "patches": len(patches), "max_abs_diff": err, "max_abs": scale, "seconds": med,
-                         "load": os.getloadavg()[0]}
+        results[side] = {"tokens": tokens, "patches": len(patches), "max_abs_diff": err, "max_abs": scale,
+                         "seconds": med, "load": os.getloadavg()[0]}
         line = ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in med.items())
-        ratios = ", ".join(f"{name} {med['transformers'] / sec:.2f}x" for name, sec in med.items() if name != "transformers")
+        ratios = ", ".join(f"{name} {med['transformers'] / sec:.2f}x" for name, sec in med.items()
+                           if name != "transformers")
         diffs = ", ".join(f"{name} {e:.2e}" for name, e in err.items())
         print(f"{side}x{side}: {len(patches)} patches -> {tokens} tokens; {line}; faster than transformers: {ratios}; "
-              f"max |diff| from transformers: {diffs} (its largest |value| {scale:.2f}); load {os.getloadavg()[0]:.1f}", flush=True)
+              f"max |diff| from transformers: {diffs} (its largest |value| {scale:.2f}); "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -10,8 +10,8 @@ two equal frames), already in 2x2 merge-block order. The tower:
                     with biases, and windowed attention except in `fullatt_block_indexes`
   merger            each 2x2 block of patches -> one token: norm, concat, Linear-GELU-Linear
 
-Attention is over one image (one frame of a video) at a time, or one window. Segments of equal length that sit side by side
-(the windows of an image are ordered so that they do) run as one batched scaled_dot_product_attention
+Attention is over one image (one frame of a video) at a time, or one window. Segments of equal length
+that sit side by side (the windows of a frame are ordered so that they do) run as one batched scaled_dot_product_attention
 over a view of the packed rows: no padding, no mask, a handful of calls per block.
 """
 

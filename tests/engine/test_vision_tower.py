@@ -36,7 +36,8 @@ def _pair(family: str) -> tuple[VisionTower, torch.nn.Module]:
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
 def test_tower_equals_transformers(family):
     ours, ref = _pair(family)
-    patches = torch.randn(sum(t * h * w for t, h, w in GRIDS), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    rows = sum(t * h * w for t, h, w in GRIDS)
+    patches = torch.randn(rows, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         got = ours(patches, GRIDS)
         want = ref(patches, grid_thw=torch.tensor(GRIDS))
