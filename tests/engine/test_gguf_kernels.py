@@ -151,11 +151,11 @@ def test_fused_parts_of_different_types() -> None:
     torch.testing.assert_close(layer.dequantize(), w_ref, rtol=1e-6, atol=1e-7)
 
 
-def test_one_row_pairs_across_parts() -> None:
-    """One activation row (a decode step) takes weight rows in pairs; parts with odd row counts put
-    a pair's rows in two parts (each then alone) and a part of one row between: every output keeps
-    the bits it gets in a batch and in a layer of its part alone (K-quants only: one activation scale
-    a super-block for all; with a Q8_0 part, 32-value scales: the batch check alone)."""
+def test_one_row_across_parts() -> None:
+    """One activation row (a decode step) against a fused layer whose parts have odd row counts and a
+    part of one row between: every output keeps the bits it gets in a batch and in a layer of its part
+    alone (K-quants only: one activation scale a super-block for all; with a Q8_0 part, 32-value
+    scales: the batch check alone)."""
     cols = 512
     for types, sizes in ((("Q4_K", "Q6_K", "Q4_K", "Q5_K", "Q6_K"), (5, 1, 3, 4, 2)), (("Q4_K", "Q8_0", "Q6_K"), (3, 3, 2))):
         datas = [torch.from_numpy(random_blocks(t, n, cols, 20 + i)) for i, (t, n) in enumerate(zip(types, sizes))]

@@ -290,8 +290,8 @@ static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, fl
   for (int t = 0; t < m * spans; t++) {
     const float *v = x + (size_t)t * span;
 #if defined(__AVX2__)
-    // the same numbers as the C below (a NaN leaves the running maximum, as with fmaxf; cvtps rounds
-    // to nearest even as lrintf does in the default mode; finite values stay within +-127)
+    // the same numbers as the C below for finite inputs (max_ps keeps the running maximum where
+    // fmaxf would skip a NaN; cvtps rounds to nearest even as lrintf does in the default mode)
     __m256 mx = _mm256_setzero_ps();
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int i = 0; i < span; i += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask), mx);
@@ -685,16 +685,6 @@ INLINE void super_ints(int type, const uint8_t *blk, sbscale *s) {
   _mm256_shuffle_epi8(_mm256_permute2x128_si256(v, v, (j) < 4 ? 0x00 : 0x11),                                   \
                       _mm256_setr_epi8(LANE_BCAST16(2 * (j) % 8), LANE_BCAST16((2 * (j) + 1) % 8)))
 
-// v's 16 int16 (half h of group j at 2j + h) with the first halves' in the low 128 bits (group j's
-// at element j) and the second halves' in the high ones: LANE_PAIR(v, j) is then one shuffle.
-static inline __m256i halves_apart(__m256i v) {
-  const __m256i evens_odds = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-                                              0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-  return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, evens_odds), 0xD8);  // qwords 0, 2, 1, 3
-}
-// HALF_PAIR(v, j) from halves_apart(v).
-#define LANE_PAIR(a, j) _mm256_shuffle_epi8(a, _mm256_setr_epi8(LANE_BCAST16(j), LANE_BCAST16(j)))
-
 // The low 16 bits of each int32 lane, as 8 int16.
 static inline __m128i low_halves(__m256i v) {
   __m256i p = _mm256_packus_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_setzero_si256());
@@ -715,24 +705,15 @@ static inline int super_d_offset(int type) {
 }
 static inline int super_d_high(int type) { return type == T_Q6_K || type == T_Q3_K; }
 
-// Super-blocks ahead the super-block tiles prefetch each weight row (not tuned: a sweep of the
-// distance on a quiet machine is still to do).
-#ifndef SUPER_PREFETCH
-#define SUPER_PREFETCH 4
-#endif
-
-// Super-block form, NW weight rows (wstride bytes apart; NW * MR <= MAX_TILE) against MR activation
-// rows (row r at xq + r * k): 8 super-blocks a unit, each one's integers in one int32 vector per
-// (weight row, activation row), the 8 reduced at once (lane = super-block); out[w * MR + r]. Each
-// pair's integers and float steps are the same whatever NW and MR: more rows at once only share the
-// loads (a decode step's one activation row meets two weight rows: two independent chains).
-INLINE void tile_super(int type, const uint8_t *wrow, size_t wstride, const int NW, int sb0, int sbs, const int8_t *xq,
-                       int k, const float *xd, const int16_t *hs, const int MR, float *out) {
+// Super-block form, one weight row against MR activation rows (row r at xq + r * k): 8 super-blocks a
+// unit, each one's integers in one int32 vector per row, the 8 reduced at once (lane = super-block).
+INLINE void tile_super(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                       const int16_t *hs, const int MR, float *out) {
   const int sbs_row = k / 256, H = k / 16, off = value_offset(type), mins = has_mins(type);
   size_t bb = block_bytes(type);
-  __m256 accv[MAX_TILE];  // the 8 accumulators of each (weight row, activation row), lane e = A[e]
+  __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
 #pragma GCC unroll 4
-  for (int t = 0; t < NW * MR; t++) accv[t] = _mm256_setzero_ps();
+  for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
   for (int u0 = 0; u0 < sbs; u0 += 8) {
     const int n8 = sbs - u0 < 8 ? sbs - u0 : 8;
     __m256i sumi[MAX_TILE][8], sumn[MAX_TILE][8];
@@ -740,189 +721,143 @@ INLINE void tile_super(int type, const uint8_t *wrow, size_t wstride, const int 
     for (int e = 0; e < 8; e++) {
       if (e >= n8) {  // padding: a zero super-block
 #pragma GCC unroll 4
-        for (int t = 0; t < NW * MR; t++) sumi[t][e] = sumn[t][e] = _mm256_setzero_si256();
+        for (int r = 0; r < MR; r++) sumi[r][e] = sumn[r][e] = _mm256_setzero_si256();
         continue;
       }
       int b = u0 + e;
-      const uint8_t *blk[MAX_TILE];
-      sbscale s[MAX_TILE];
-      __m256i sc_apart[MAX_TILE];
+      const uint8_t *blk = wrow + (size_t)(sb0 + b) * bb;
+      sbscale s;
+      super_ints(type, blk, &s);
+      __m256i acc_i[MAX_TILE];
 #pragma GCC unroll 4
-      for (int w = 0; w < NW; w++) {
-        blk[w] = wrow + (size_t)w * wstride + (size_t)(sb0 + b) * bb;
-        super_ints(type, blk[w], &s[w]);
-        sc_apart[w] = halves_apart(s[w].sc);
-        // the super-blocks SUPER_PREFETCH on (past the row's end: the next row's, read next)
-        for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk[w] + SUPER_PREFETCH * bb + o), _MM_HINT_T0);
-      }
-      // two integer chains each (even and odd groups; integer sums in any order are exact): one
-      // would wait on the multiply-add's latency 8 times a super-block
-      __m256i acc_i[MAX_TILE], acc_j[MAX_TILE];
-#pragma GCC unroll 4
-      for (int t = 0; t < NW * MR; t++) acc_i[t] = acc_j[t] = _mm256_setzero_si256();
+      for (int r = 0; r < MR; r++) acc_i[r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int j = 0; j < 8; j++) {
-        __m256i x[MAX_TILE];
+        __m256i wv = group_values_avx2(type, blk, j);
+        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+        __m256i scv = HALF_PAIR(s.sc, j);
 #pragma GCC unroll 4
-        for (int r = 0; r < MR; r++) x[r] = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * j));
-#pragma GCC unroll 4
-        for (int w = 0; w < NW; w++) {
-          __m256i wv = group_values_avx2(type, blk[w], j);
-          __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
-          __m256i scv = LANE_PAIR(sc_apart[w], j);
-#pragma GCC unroll 4
-          for (int r = 0; r < MR; r++) {
-            __m256i xs = signed_values(type) ? _mm256_sign_epi8(x[r], wv) : x[r];
-            // pairs of byte products into int16 (at most 2 * 128 * 127: no saturation), times the scales
-            if (j & 1) acc_j[w * MR + r] = dpwssd_acc(acc_j[w * MR + r], _mm256_maddubs_epi16(wu, xs), scv);
-            else acc_i[w * MR + r] = dpwssd_acc(acc_i[w * MR + r], _mm256_maddubs_epi16(wu, xs), scv);
-          }
+        for (int r = 0; r < MR; r++) {
+          __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 256 * (size_t)b + 32 * j));
+          if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
+          // pairs of byte products into int16 (at most 2 * 128 * 127: no saturation), times the scales
+          acc_i[r] = dpwssd_acc(acc_i[r], _mm256_maddubs_epi16(wu, x), scv);
         }
       }
 #pragma GCC unroll 4
       for (int r = 0; r < MR; r++) {
         __m256i h = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 16 * (size_t)b));
-#pragma GCC unroll 4
-        for (int w = 0; w < NW; w++) {
-          const int t = w * MR + r;
-          __m256i I = _mm256_add_epi32(acc_i[t], acc_j[t]);
-          if (off) I = _mm256_sub_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(s[w].sc, h), offset_shift(off)));
-          sumi[t][e] = I;
-          sumn[t][e] = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s[w].mn, h)) : _mm256_setzero_si256();
-        }
+        if (off) acc_i[r] = _mm256_sub_epi32(acc_i[r], _mm256_slli_epi32(_mm256_madd_epi16(s.sc, h), offset_shift(off)));
+        sumi[r][e] = acc_i[r];
+        sumn[r][e] = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s.mn, h)) : _mm256_setzero_si256();
       }
     }
     // the 8 super-blocks' fp16 d (and dmin after it), and each row's scale of them, gathered at once
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), lanes);
-    __m256 dxv[MAX_TILE];
+    __m256i dd = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(wrow + (size_t)(sb0 + u0) * bb + super_d_offset(type)),
+                                             _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bb)), live, 1);
+    __m256 dv = _mm256_cvtph_ps(low_halves(super_d_high(type) ? _mm256_srli_epi32(dd, 16) : dd));
+    __m256 dminv = mins ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dd, 16))) : _mm256_setzero_ps();
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; r++) dxv[r] = _mm256_maskload_ps(xd + (size_t)r * sbs_row + u0, live);  // (a scale a super-block)
-#pragma GCC unroll 4
-    for (int w = 0; w < NW; w++) {
-      __m256i dd = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
-                                               (const int *)(wrow + (size_t)w * wstride + (size_t)(sb0 + u0) * bb + super_d_offset(type)),
-                                               _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)bb)), live, 1);
-      __m256 dv = _mm256_cvtph_ps(low_halves(super_d_high(type) ? _mm256_srli_epi32(dd, 16) : dd));
-      __m256 dminv = mins ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dd, 16))) : _mm256_setzero_ps();
-#pragma GCC unroll 4
-      for (int r = 0; r < MR; r++) {
-        const int t = w * MR + r;
-        __m256i I = reduce8_i32(sumi[t]), N = mins ? reduce8_i32(sumn[t]) : _mm256_setzero_si256();
-        accv[t] = _mm256_add_ps(accv[t], group_term_ps(mins, I, N, dv, dminv, dxv[r]));
-      }
+    for (int r = 0; r < MR; r++) {
+      __m256i I = reduce8_i32(sumi[r]), N = mins ? reduce8_i32(sumn[r]) : _mm256_setzero_si256();
+      __m256 dxv = _mm256_maskload_ps(xd + (size_t)r * sbs_row + u0, live);  // (a scale a super-block)
+      accv[r] = _mm256_add_ps(accv[r], group_term_ps(mins, I, N, dv, dminv, dxv));
     }
   }
 #pragma GCC unroll 4
-  for (int t = 0; t < NW * MR; t++) out[t] = tree8_ps(accv[t]);
+  for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
 }
 
-// Per-group form, NW weight rows (wstride bytes apart; NW * MR <= MAX_TILE) against MR activation
-// rows: each group's integer products reduced to one int32 a group (8 groups a vector, lane =
-// group), then group_term and tree8 on the lanes; out[w * MR + r] (as tile_super's).
-INLINE void tile_groups(int type, const uint8_t *wrow, size_t wstride, const int NW, int g0, int groups,
-                        const int8_t *xq, int k, const float *xd, const int16_t *hs, const int MR, float *out) {
+// Per-group form, one weight row against MR activation rows: each group's integer products reduced
+// to one int32 a group (8 groups a vector, lane = group), then group_term and tree8 on the lanes.
+INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
+                        const float *xd, const int16_t *hs, const int MR, float *out) {
   const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
   const int scaled = super_block(type);  // integer scales per half: products scaled before the reduction
   const unsigned per_block = super_block(type) ? 8 : 1;
   size_t bb = block_bytes(type);
-  __m256 accv[MAX_TILE];  // the 8 accumulators of each (weight row, activation row), lane e = A[e]
+  __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
 #pragma GCC unroll 4
-  for (int t = 0; t < NW * MR; t++) accv[t] = _mm256_setzero_ps();
+  for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
   for (int u0 = 0; u0 < groups; u0 += 8) {
     const int n8 = groups - u0 < 8 ? groups - u0 : 8;
-#pragma GCC unroll 4
-    for (int w = 0; w < NW; w++) {  // the weights a few units on (the unit's work is a chain the prefetcher alone does not run ahead of)
+    {  // the weights a few units on (the unit's work is a chain the prefetcher alone does not run ahead of)
       unsigned ga = (unsigned)(g0 + u0 + 32);
-      const uint8_t *pa = wrow + (size_t)w * wstride + (size_t)(ga / per_block) * bb;
-      _mm_prefetch((const char *)pa, _MM_HINT_T0);
-      _mm_prefetch((const char *)(pa + 64), _MM_HINT_T0);
-      _mm_prefetch((const char *)(pa + 128), _MM_HINT_T0);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb), _MM_HINT_T0);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb + 64), _MM_HINT_T0);
+      _mm_prefetch((const char *)(wrow + (size_t)(ga / per_block) * bb + 128), _MM_HINT_T0);
     }
-    int16_t sc[MAX_TILE][16], mn[MAX_TILE][16];
-    float dw[MAX_TILE][8], bw[MAX_TILE][8];
+    int16_t sc[16], mn[16];
+    float dw[8], bw[8];
     __m256i v[MAX_TILE][8];
 #pragma GCC unroll 8
     for (int gi = 0; gi < 8; gi++) {
       if (gi < n8) {
         unsigned gg = (unsigned)(g0 + u0 + gi), j = gg % per_block;
-        __m256i x[MAX_TILE];
+        const uint8_t *blk = wrow + (size_t)(gg / per_block) * bb;
+        __m256i wv = group_values_avx2(type, blk, (int)j);
+        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+        __m256i scv = _mm256_setzero_si256();
+        if (scaled) {  // (a tensor-parallel window's K-quants: rare, kept simple)
+          gscale s;
+          group_ints(type, blk, (int)j, &s);
+          sc[2 * gi] = (int16_t)s.sc0, sc[2 * gi + 1] = (int16_t)s.sc1;
+          mn[2 * gi] = (int16_t)s.m0, mn[2 * gi + 1] = (int16_t)s.m1;
+          dw[gi] = s.dw, bw[gi] = s.bw;
+          scv = _mm256_set_m128i(_mm_set1_epi16((short)s.sc1), _mm_set1_epi16((short)s.sc0));
+        }
 #pragma GCC unroll 4
-        for (int r = 0; r < MR; r++) x[r] = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)(u0 + gi)));
-#pragma GCC unroll 4
-        for (int w = 0; w < NW; w++) {
-          const uint8_t *blk = wrow + (size_t)w * wstride + (size_t)(gg / per_block) * bb;
-          __m256i wv = group_values_avx2(type, blk, (int)j);
-          __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
-          __m256i scv = _mm256_setzero_si256();
-          if (scaled) {  // (a tensor-parallel window's K-quants: rare, kept simple)
-            gscale s;
-            group_ints(type, blk, (int)j, &s);
-            sc[w][2 * gi] = (int16_t)s.sc0, sc[w][2 * gi + 1] = (int16_t)s.sc1;
-            mn[w][2 * gi] = (int16_t)s.m0, mn[w][2 * gi + 1] = (int16_t)s.m1;
-            dw[w][gi] = s.dw, bw[w][gi] = s.bw;
-            scv = _mm256_set_m128i(_mm_set1_epi16((short)s.sc1), _mm_set1_epi16((short)s.sc0));
-          }
-#pragma GCC unroll 4
-          for (int r = 0; r < MR; r++) {
-            __m256i xs = signed_values(type) ? _mm256_sign_epi8(x[r], wv) : x[r];
-            v[w * MR + r][gi] = scaled ? _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), scv) : dot_us(wu, xs);
-          }
+        for (int r = 0; r < MR; r++) {
+          __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + 32 * (size_t)(u0 + gi)));
+          if (signed_values(type)) x = _mm256_sign_epi8(x, wv);
+          v[r][gi] = scaled ? _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), scv) : dot_us(wu, x);
         }
       } else {  // padding: a zero group
+        sc[2 * gi] = sc[2 * gi + 1] = mn[2 * gi] = mn[2 * gi + 1] = 0;
+        dw[gi] = bw[gi] = 0.f;
 #pragma GCC unroll 4
-        for (int w = 0; w < NW; w++) {
-          sc[w][2 * gi] = sc[w][2 * gi + 1] = mn[w][2 * gi] = mn[w][2 * gi + 1] = 0;
-          dw[w][gi] = bw[w][gi] = 0.f;
-        }
-#pragma GCC unroll 4
-        for (int t = 0; t < NW * MR; t++) v[t][gi] = _mm256_setzero_si256();
+        for (int r = 0; r < MR; r++) v[r][gi] = _mm256_setzero_si256();
       }
     }
-    __m256i h[MAX_TILE];
-    __m256 dx[MAX_TILE];
+    __m256 dwv, bwv = _mm256_setzero_ps();
+    __m256i sc16, mn16;
+    if (scaled) {
+      dwv = _mm256_loadu_ps(dw), bwv = _mm256_loadu_ps(bw);
+      sc16 = _mm256_loadu_si256((const __m256i *)sc), mn16 = _mm256_loadu_si256((const __m256i *)mn);
+    } else {  // one scale a block; Q4_1/Q5_1: values d * q + min (bw = -min, m = 1)
+      // the 8 blocks' fp16 scale (and Q4_1/Q5_1's minimum) gathered at once, the rest of a short unit 0
+      __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bb));
+      __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const int *base = (const int *)(wrow + (size_t)(g0 + u0) * bb);
+      __m256i both = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), base, idx, live, 1);  // d | min << 16
+      dwv = _mm256_cvtph_ps(low_halves(both));
+      if (mins) bwv = _mm256_xor_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(both, 16))), _mm256_set1_ps(-0.f));
+      sc16 = mn16 = _mm256_set1_epi16(1);
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++) {
+      __m256i I = reduce8_i32(v[r]);
+      __m256i h;
+      __m256 dx;
       if (n8 == 8) {
-        h[r] = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 2 * (size_t)u0));
-        dx[r] = _mm256_loadu_ps(xd + (size_t)r * G + u0);
+        h = _mm256_loadu_si256((const __m256i *)(hs + (size_t)r * H + 2 * (size_t)u0));
+        dx = _mm256_loadu_ps(xd + (size_t)r * G + u0);
       } else {  // the last groups of the row: zeros past them
         int16_t ht[16] = {0};
         float dt[8] = {0};
         memcpy(ht, hs + (size_t)r * H + 2 * (size_t)u0, 4 * (size_t)n8);
         memcpy(dt, xd + (size_t)r * G + u0, 4 * (size_t)n8);
-        h[r] = _mm256_loadu_si256((const __m256i *)ht), dx[r] = _mm256_loadu_ps(dt);
+        h = _mm256_loadu_si256((const __m256i *)ht), dx = _mm256_loadu_ps(dt);
       }
-    }
-#pragma GCC unroll 4
-    for (int w = 0; w < NW; w++) {
-      __m256 dwv, bwv = _mm256_setzero_ps();
-      __m256i sc16, mn16;
-      if (scaled) {
-        dwv = _mm256_loadu_ps(dw[w]), bwv = _mm256_loadu_ps(bw[w]);
-        sc16 = _mm256_loadu_si256((const __m256i *)sc[w]), mn16 = _mm256_loadu_si256((const __m256i *)mn[w]);
-      } else {  // one scale a block; Q4_1/Q5_1: values d * q + min (bw = -min, m = 1)
-        // the 8 blocks' fp16 scale (and Q4_1/Q5_1's minimum) gathered at once, the rest of a short unit 0
-        __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bb));
-        __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const int *base = (const int *)(wrow + (size_t)w * wstride + (size_t)(g0 + u0) * bb);
-        __m256i both = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), base, idx, live, 1);  // d | min << 16
-        dwv = _mm256_cvtph_ps(low_halves(both));
-        if (mins) bwv = _mm256_xor_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(both, 16))), _mm256_set1_ps(-0.f));
-        sc16 = mn16 = _mm256_set1_epi16(1);
-      }
-#pragma GCC unroll 4
-      for (int r = 0; r < MR; r++) {
-        const int t = w * MR + r;
-        __m256i I = reduce8_i32(v[t]);
-        if (off) I = _mm256_sub_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(sc16, h[r]), offset_shift(off)));
-        __m256i N = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(mn16, h[r])) : _mm256_setzero_si256();
-        accv[t] = _mm256_add_ps(accv[t], group_term_ps(mins, I, N, dwv, bwv, dx[r]));
-      }
+      if (off) I = _mm256_sub_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(sc16, h), offset_shift(off)));
+      __m256i N = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(mn16, h)) : _mm256_setzero_si256();
+      accv[r] = _mm256_add_ps(accv[r], group_term_ps(mins, I, N, dwv, bwv, dx));
     }
   }
 #pragma GCC unroll 4
-  for (int t = 0; t < NW * MR; t++) out[t] = tree8_ps(accv[t]);
+  for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
 }
 #endif
 
@@ -931,8 +866,8 @@ INLINE void tile_groups(int type, const uint8_t *wrow, size_t wstride, const int
 INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k, const float *xd,
                      const int16_t *hs, int span, const int MR, float *out) {
 #if defined(__AVX2__)
-  if (super_form(type, span, g0, groups)) tile_super(type, wrow, 0, 1, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
-  else tile_groups(type, wrow, 0, 1, g0, groups, xq, k, xd, hs, MR, out);
+  if (super_form(type, span, g0, groups)) tile_super(type, wrow, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
+  else tile_groups(type, wrow, g0, groups, xq, k, xd, hs, MR, out);
 #else
   tile_dot_c(type, wrow, g0, groups, xq, k, xd, hs, span, MR, out);
 #endif
@@ -953,29 +888,6 @@ INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const in
 TILE_FN(1)
 TILE_FN(2)
 TILE_FN(4)
-
-// Two weight rows of one part (wstride bytes apart) against one activation row: out[0], out[1], the
-// same bits as tile_dot_1 on each (the super-block form takes both rows at once).
-#if defined(__AVX2__)
-#define PAIR_CASE(T)                                                                                             \
-  case T:                                                                                                      \
-    if (super_form(T, span, g0, groups)) tile_super(T, wrow, wstride, 2, g0 / 8, groups / 8, xq, k, xd, hs, 1, out); \
-    else tile_groups(T, wrow, wstride, 2, g0, groups, xq, k, xd, hs, 1, out);                                  \
-    break;
-static void tile_pair_1(int type, const uint8_t *wrow, size_t wstride, int g0, int groups, const int8_t *xq, int k,
-                        const float *xd, const int16_t *hs, int span, float *out) {
-  switch (type) {
-    PAIR_CASE(T_Q4_0) PAIR_CASE(T_Q4_1) PAIR_CASE(T_Q5_0) PAIR_CASE(T_Q5_1) PAIR_CASE(T_Q8_0) PAIR_CASE(T_Q4_K)
-    PAIR_CASE(T_Q5_K) PAIR_CASE(T_Q6_K) PAIR_CASE(T_Q2_K) PAIR_CASE(T_Q3_K) PAIR_CASE(T_IQ4_NL) PAIR_CASE(T_IQ4_XS)
-  }
-}
-#else
-static void tile_pair_1(int type, const uint8_t *wrow, size_t wstride, int g0, int groups, const int8_t *xq, int k,
-                        const float *xd, const int16_t *hs, int span, float *out) {
-  tile_dot_1(type, wrow, g0, groups, xq, k, xd, hs, span, out);
-  tile_dot_1(type, wrow + wstride, g0, groups, xq, k, xd, hs, span, out + 1);
-}
-#endif
 
 // ---------------------------------------------------------------- interleaved blocks of 8 rows
 
@@ -1349,26 +1261,6 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     return 0;
   }
 #endif
-  if (m == 1) {  // a decode step's one row: weight rows in pairs (two chains, one load of x for both)
-#pragma omp parallel for schedule(static)
-    for (int i2 = 0; i2 < (n + 1) / 2; i2++) {
-      int i = 2 * i2, p = 0, row = i;
-      while (row >= rows[p]) row -= rows[p++];
-      const uint8_t *wrow = w[p] + (size_t)row * row_bytes[p];
-      float out[2];
-      if (row + 1 < rows[p]) {
-        tile_pair_1(types[p], wrow, row_bytes[p], first_group[p], groups, xq, k, xd, hs, span, out);
-        for (int e = 0; e < 2; e++) y[i + e] = out[e] + (bias && bias[p] ? bias[p][row + e] : 0.f);
-        continue;
-      }
-      for (int e = 0; e < 2 && i + e < n; e++, row++) {  // a part's last row, then the next part's first
-        while (row >= rows[p]) row -= rows[p++];
-        tile_dot_1(types[p], w[p] + (size_t)row * row_bytes[p], first_group[p], groups, xq, k, xd, hs, span, out);
-        y[i + e] = out[0] + (bias && bias[p] ? bias[p][row] : 0.f);
-      }
-    }
-    return 0;
-  }
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
 #pragma omp parallel for schedule(static)
