@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import statistics
 import subprocess
@@ -81,21 +82,28 @@ def read_bandwidth(threads: int, repeats: int = 5) -> float:
 
 
 class Product:
-    def __init__(self, lib: ctypes.CDLL, type_name: str, data: torch.Tensor, n: int, k: int, m: int) -> None:
+    """One product x . W^T a call; with several copies of W, each call takes the next (a working set
+    larger than the last-level cache makes every call read its blocks from memory, as a decode step
+    reading a whole model does)."""
+
+    def __init__(self, lib: ctypes.CDLL, type_name: str, copies: list[torch.Tensor], n: int, k: int, m: int) -> None:
         self.lib, self.n, self.k, self.m = lib, n, k, m
-        self.data = data
+        self.copies, self.turn = copies, 0
         self.x = torch.randn(m, k)
         self.y = torch.empty(m, n)
         self.act = torch.empty(m * k + 12 * (m * k // 32) + 64, dtype=torch.uint8)
         base = self.act.data_ptr()
         self.xq, self.xd = base, base + m * k
         self.xs = self.xd + 4 * (m * k // 32)
-        self.args = (1, (ctypes.c_int * 1)(BLOCK_TYPES[type_name][0]), (ctypes.c_void_p * 1)(data.data_ptr()),
-                     None, None, (ctypes.c_int * 1)(n), None)
+        self.weights = [(ctypes.c_void_p * 1)(c.data_ptr()) for c in copies]
+        self.args = [1, (ctypes.c_int * 1)(BLOCK_TYPES[type_name][0]), self.weights[0],
+                     None, None, (ctypes.c_int * 1)(n), None]
         self.span = (lib.dc_gguf_activation_span(1, self.args[1], None, k),) if hasattr(
             lib, "dc_gguf_activation_span") else ()
 
     def __call__(self) -> None:
+        self.turn = (self.turn + 1) % len(self.weights)
+        self.args[2] = self.weights[self.turn]
         self.lib.dc_gguf_quantize_x(self.x.data_ptr(), self.m, self.k, self.xq, self.xd, self.xs, *self.span)
         if self.lib.dc_gguf_matmul_parts(*self.args, self.xq, self.xd, self.xs, self.y.data_ptr(), self.m, self.k,
                                          self.n, *self.span):
@@ -125,6 +133,10 @@ def main() -> None:
                     help="time by the process's CPU time, not the wall clock (one thread on a loaded machine: "
                          "time spent waiting for a core is not counted)")
     ap.add_argument("--best", action="store_true", help="the fastest product of all rounds, not the median")
+    ap.add_argument("--working-set", type=float, default=0.0, metavar="MB",
+                    help="cycle through copies of the matrix adding up to at least this many MB (e.g. 256: "
+                         "more than the last-level cache, so the blocks come from memory as in a decode step; "
+                         "default one copy, which a large L3 may hold)")
     args = ap.parse_args()
     builds = {"this tree": kernels.kernel_library()}
     tmp = tempfile.TemporaryDirectory()
@@ -138,8 +150,9 @@ def main() -> None:
         for shape in args.shape:
             n, k = map(int, shape.split("x"))
             data = torch.from_numpy(random_blocks(type_name, n, k))
+            copies = [data] + [data.clone() for _ in range(1, max(1, math.ceil(args.working_set * 1e6 / data.numel())))]
             for m in args.rows:
-                products = {b: Product(lib, type_name, data, n, k, m) for b, lib in builds.items()}
+                products = {b: Product(lib, type_name, copies, n, k, m) for b, lib in builds.items()}
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     seen: dict[str, list[float]] = {b: [] for b in builds}

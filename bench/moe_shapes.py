@@ -11,12 +11,13 @@ Then:
   1. the MoE layers' time per token alone: one SparseMoE block (router, experts) of the loaded
      dashchat model at 1, 8 and 128 rows, its experts run by the one-call kernel and by the Python
      loop over experts, against the same layer's attention block (module path);
-  2. bench/peers.py on the file: dashchat and llama-server, TTFT, one stream, --concurrency streams,
+  2. whole decode steps at 1 and 8 rows: the fused C step against the module path, same runner;
+  3. bench/peers.py on the file: dashchat and llama-server, TTFT, one stream, --concurrency streams,
      --rounds alternating (medians). The issue's targets: one stream >= 1.0x, 8 streams >= 1.5x,
      TTFT <= 1.0x.
 The file is kept (--delete removes it at the end) and a rerun with the same --layers and --out
 reuses it: it is written under a `.partial` name and renamed when complete, so an interrupted run
-just starts again. Each phase can be skipped (--skip-layer-time, --skip-peers).
+just starts again. Each phase can be skipped (--skip-layer-time, --skip-step-time, --skip-peers).
 
     python bench/moe_shapes.py --llama-server /path/to/llama-server       # 24 layers
     python bench/moe_shapes.py --layers 4 --skip-peers                     # a quick check
@@ -207,6 +208,55 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
     return results
 
 
+def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...], context: int = 100) -> list[dict]:
+    """A whole decode step (embedding, every layer, final norm, head) of `rows` sequences `context`
+    tokens long, as the engine runs it: the fused C step (decode_step.c, one call for every layer)
+    against the module path (a Python call per layer, attention and routing through torch ops), on
+    the same runner and cache, alternating, medians. Checks the two give equal logits."""
+    import torch
+
+    from dashchat.engine.native.model_runner import ModelRunner
+    from dashchat.models.config import ModelConfig
+    from dashchat.models.gguf_convert import convert_gguf
+
+    torch.set_num_threads(threads)
+    folder = convert_gguf(path)
+    block = 16
+    width = -(-context // block) + 1
+    runner = ModelRunner(str(folder), ModelConfig.from_dir(folder), torch.device("cpu"), torch.float32,
+                         max(rows_list) * width + 1, block, "gguf")
+    fused = runner.fused_decode
+    if fused is None:
+        raise SystemExit("the fused decode step declined this model")
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for rows in rows_list:
+        tables = torch.stack([torch.arange(i * width, (i + 1) * width) for i in range(rows)])
+        lens = torch.full((rows,), context)
+        positions = lens - 1
+        slots = tables[torch.arange(rows), positions // block] * block + positions % block
+        times: dict[str, list[float]] = {"fused": [], "modules": []}
+        with torch.inference_mode():
+            for i in range(repeats + 2):
+                ids = torch.randint(0, runner.cfg.vocab_size, (rows,), generator=gen)
+                logits = {}
+                for name in ("fused", "modules"):
+                    runner.fused_decode = fused if name == "fused" else None
+                    t0 = time.perf_counter()
+                    logits[name] = runner._decode_eager(ids, positions, slots, tables, lens)
+                    if i >= 2:
+                        times[name].append(time.perf_counter() - t0)
+                if not torch.equal(logits["fused"], logits["modules"]):
+                    raise SystemExit(f"fused and module decode steps differ at {rows} rows")
+        runner.fused_decode = fused
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        results.append({"rows": rows, **{f"{k}_ms": round(v, 2) for k, v in ms.items()}})
+        print(f"{rows:4d} row(s): decode step fused {ms['fused']:.1f} ms ({rows * 1e3 / ms['fused']:.1f} tok/s), "
+              f"modules {ms['modules']:.1f} ms ({rows * 1e3 / ms['modules']:.1f} tok/s): "
+              f"{ms['modules'] / ms['fused']:.2f}x", flush=True)
+    return results
+
+
 def _complete(path: Path, layers: int) -> bool:
     """A file an earlier run wrote completely for this layer count (written under another name and
     renamed when done, so a killed write never looks complete)."""
@@ -233,11 +283,15 @@ def main() -> int:
     ap.add_argument("--rows", default="1,8,128", help="batch sizes of the MoE/attention timing")
     ap.add_argument("--json", type=Path, help="write the MoE/attention timings here")
     ap.add_argument("--skip-layer-time", action="store_true")
+    ap.add_argument("--skip-step-time", action="store_true",
+                    help="skip timing whole decode steps, fused C step against the module path")
+    ap.add_argument("--step-rows", default="1,8", help="batch sizes of the decode-step timing")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--llama-server", type=Path, help="the llama-server binary (passed to bench/peers.py)")
     ap.add_argument("--peers-args", default="--requests 3 --max-tokens 64 --concurrency 8 --rounds 2 --skip-llamacpp",
                     help="flags for bench/peers.py (default: %(default)s)")
     args = ap.parse_args()
+    import gc
     import json
     import os
     import shlex
@@ -260,14 +314,23 @@ def main() -> int:
         if not args.skip_layer_time:
             rows = tuple(int(r) for r in args.rows.split(",") if r)
             results = layer_time(path, threads, args.repeats, rows)
+            gc.collect()
             if args.json:
                 args.json.write_text(json.dumps({"gguf": str(path), "threads": threads, "load": os.getloadavg(),
                                                  "layer_time": results}, indent=2))
+        if not args.skip_step_time:
+            rows = tuple(int(r) for r in args.step_rows.split(",") if r)
+            steps = decode_step_time(path, threads, args.repeats, rows)
+            gc.collect()  # the runner's ~9 GB must be gone before the servers start
+            if args.json:
+                done = json.loads(args.json.read_text()) if args.json.is_file() else {}
+                args.json.write_text(json.dumps({**done, "decode_step": steps, "step_load": os.getloadavg()}, indent=2))
         if not args.skip_peers:
             cmd = [sys.executable, str(HERE / "peers.py"), "--gguf", str(path), "--threads", str(threads),
                    *(["--llama-server", str(args.llama_server)] if args.llama_server else []),
                    *shlex.split(args.peers_args)]
-            print("$", shlex.join(cmd), flush=True)
+            rss = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))
+            print(f"(this process holds {int(rss) / 2**20:.1f} GiB)\n$", shlex.join(cmd), flush=True)
             subprocess.run(cmd, check=True)
     finally:
         if args.delete and args.gguf is None:

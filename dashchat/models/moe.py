@@ -22,6 +22,16 @@ from .layers import DecoderLayer, GatedMLP
 from .parallel import SINGLE, ShardPlan, TensorParallel
 
 
+def softmax_top_k(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [N, k] float32, expert ids [N, k]): softmax over all experts in float32, the top k
+    kept, renormalised over them when `normalize`."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, chosen = torch.topk(probs, k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, chosen
+
+
 class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
@@ -37,16 +47,16 @@ class SparseMoE(nn.Module):
         if moe.shared_intermediate_size:
             self.shared_expert = GatedMLP(hidden, plan.mlp_width("shared"))
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
-        # an engine may set a callable (x, weights, chosen) -> out that runs the routed experts its way
+        # an engine may set a callable (x, weights, chosen) -> out that runs the routed experts its way,
+        # and its own forms of the routing (softmax_top_k's contract) and of the shared expert's gate
         self.expert_runner = None
+        self.softmax_top_k = softmax_top_k
+        self.shared_gate_act = torch.sigmoid
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [N, k] in x's dtype, expert ids [N, k]): softmax over all experts in float32, the
         top k kept, renormalised over them where the model does."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, chosen = self.softmax_top_k(self.gate(x).float(), self.top_k, self.norm_topk_prob)
         return weights.to(x.dtype), chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +64,7 @@ class SparseMoE(nn.Module):
         runner = self.expert_runner
         out = self.run_experts(x, weights, chosen) if runner is None else self._run(runner, x, weights, chosen)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out = out + self.shared_gate_act(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.tp.all_reduce(out)
 
     @staticmethod

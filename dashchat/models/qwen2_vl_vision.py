@@ -10,8 +10,9 @@ two equal frames), already in 2x2 merge-block order. The tower:
                     with biases, and windowed attention except in `fullatt_block_indexes`
   merger            each 2x2 block of patches -> one token: norm, concat, Linear-GELU-Linear
 
-Attention is over one image at a time (or one window); every segment of a call runs in one batched
-scaled_dot_product_attention, padded to the longest segment with its padding keys masked.
+Attention is over one image (one frame of a video) at a time, or one window. Segments of equal length
+that sit side by side (the windows of a frame are ordered so that they do) run as one batched scaled_dot_product_attention
+over a view of the packed rows: no padding, no mask, a handful of calls per block.
 """
 
 from __future__ import annotations
@@ -79,27 +80,24 @@ _ACTS = {"quick_gelu": _quick_gelu, "gelu": F.gelu, "silu": F.silu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention within each segment [bounds[i], bounds[i + 1]) of a packed sequence.
-    q/k/v [S, H, D] -> [S, H * D]. One SDPA call: the segments are gathered into a padded batch
-    [segments, H, longest, D] whose padding keys are masked (no loop over segments or patches)."""
+Runs = list[tuple[int, int, int]]  # (first row, segments, rows per segment): equal segments side by side
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: Runs) -> torch.Tensor:
+    """Bidirectional attention within each segment of a packed sequence. q/k/v [S, H, D] -> [S, H * D].
+    A run of n equal segments of L rows is one SDPA call over a [n, H, L, D] view: no padding, no mask,
+    no gather. Inputs are 4-D so that CPU SDPA takes its flash kernel (3-D inputs fall back to the
+    math path, which materialises every [L, L] score matrix)."""
     s, h, d = q.shape
-    starts, lens = bounds[:-1], bounds[1:] - bounds[:-1]
-    if len(lens) == 1:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
-        return out.transpose(0, 1).reshape(s, h * d)
-    longest = int(lens.max())
-    offsets = torch.arange(longest, device=q.device)
-    valid = offsets[None, :] < lens[:, None]  # [W, L]
-    index = (starts[:, None] + offsets[None, :]).clamp(max=s - 1)  # padding rows read some real row
-
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        return x[index].permute(0, 2, 1, 3)  # [W, H, L, D]
-
-    mask = valid[:, None, None, :]  # padding keys never attended
-    out = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), attn_mask=mask)
-    out = out.permute(0, 2, 1, 3)[valid]  # [S, H, D] in segment order = sequence order
-    return out.reshape(s, h * d)
+    if len(runs) == 1 and runs[0][1] == 1:
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
+        return out[0].transpose(0, 1).reshape(s, h * d)
+    out = q.new_empty(s, h, d)
+    for start, n, length in runs:
+        rows = slice(start, start + n * length)
+        part = F.scaled_dot_product_attention(*(x[rows].view(n, length, h, d).transpose(1, 2) for x in (q, k, v)))
+        out[rows] = part.transpose(1, 2).reshape(n * length, h, d)
+    return out.view(s, h * d)
 
 
 class VisionAttention(nn.Module):
@@ -109,11 +107,11 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=True)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], bounds: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], runs: Runs) -> torch.Tensor:
         s = x.shape[0]
-        q, k, v = self.qkv(x).view(s, 3, self.heads, self.head_dim).unbind(1)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.proj(segment_attention(q, k, v, bounds))
+        qkv = self.qkv(x).view(s, 3, self.heads, self.head_dim)
+        q, k = apply_rope(qkv[:, :2], rope).unbind(1)  # q and k rotated in one pass
+        return self.proj(segment_attention(q, k, qkv[:, 2], runs))
 
 
 class VisionMlp(nn.Module):
@@ -156,8 +154,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionGatedMlp(cfg) if cfg.qwen25 else VisionMlp(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], bounds: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, bounds)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], runs: Runs) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, runs)
         return x + self.mlp(self.norm2(x))
 
 
@@ -204,16 +202,16 @@ class VisionTower(nn.Module):
         unit = cfg.merge_size**2
         x = self.patch_embed(patches)
         cos, sin = self._rope(grids, dev)
-        image_bounds = _bounds([t * h * w for t, h, w in grids], dev)
+        image_runs = _runs([h * w for t, h, w in grids for _ in range(t)])  # full attention is per frame
         order = None
-        window_bounds = image_bounds
+        window_runs = image_runs
         if cfg.qwen25:
-            order, window_bounds = self._windows(grids, dev)
+            order, window_runs = self._windows(grids, dev)
             x, cos, sin = (_by_unit(t, order, unit) for t in (x, cos, sin))
-        rope = (cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))
+        rope = (cos[:, None, None].to(x.dtype), sin[:, None, None].to(x.dtype))  # over [S, q/k, H, D / 2]
         for i, block in enumerate(self.blocks):
             full = not cfg.qwen25 or i in cfg.fullatt_blocks
-            x = block(x, rope, image_bounds if full else window_bounds)
+            x = block(x, rope, image_runs if full else window_runs)
         merged = self.merger(x)
         if order is not None:
             merged = merged[torch.argsort(order)]
@@ -232,27 +230,30 @@ class VisionTower(nn.Module):
         angles = torch.cat((torch.cat(rows)[:, None] * inv, torch.cat(cols)[:, None] * inv), dim=-1)
         return angles.cos(), angles.sin()
 
-    def _windows(self, grids: list[tuple[int, int, int]], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, grids: list[tuple[int, int, int]], dev: torch.device) -> tuple[torch.Tensor, Runs]:
         """Qwen2.5-VL's windows: merge units reordered window by window (windows of
         window_size / patch_size patches a side, cut from the top left; the last ones smaller),
-        and the windows' bounds in patches."""
+        and the windows' runs in patches. Within each frame the windows go full ones first, then the
+        smaller edge ones by size, so that equal windows sit side by side and attend in one call
+        (attention never crosses a window, and the merged tokens are put back in image order)."""
         cfg = self.cfg
         m, side = cfg.merge_size, cfg.window_size // cfg.merge_size // cfg.patch_size
         order, lens, base = [], [], 0
         for t, h, w in grids:
             gh, gw = h // m, w // m
-            index = torch.arange(t * gh * gw, device=dev).view(t, gh, gw)
+            index = torch.arange(t * gh * gw).view(t, gh, gw)
             ph, pw = -gh % side, -gw % side
             padded = F.pad(index, (0, pw, 0, ph), value=-1)
             nh, nw = (gh + ph) // side, (gw + pw) // side
-            padded = padded.view(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(-1, side * side)
-            keep = padded >= 0
-            order.append(padded[keep] + base)
-            lens.append(keep.sum(1))
+            padded = padded.view(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, side * side)
+            sizes = (padded >= 0).sum(-1)  # [t, windows]: sorted within each frame, which stays whole
+            by_size = torch.argsort(sizes, dim=1, descending=True, stable=True)
+            padded = padded.gather(1, by_size[..., None].expand_as(padded)).flatten(0, 1)
+            sizes = sizes.gather(1, by_size).flatten()
+            order.append(padded[padded >= 0] + base)
+            lens += sizes[sizes > 0].tolist()
             base += t * gh * gw
-        lens_all = torch.cat(lens)
-        lens_all = lens_all[lens_all > 0] * m * m
-        return torch.cat(order), _bounds(lens_all, dev)
+        return torch.cat(order).to(dev), _runs([n * m * m for n in lens])
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
@@ -270,9 +271,18 @@ class VisionTower(nn.Module):
             raise ValueError(f"checkpoint lacks vision weights: {missing[:5]}")
 
 
-def _bounds(lengths: Any, dev: torch.device) -> torch.Tensor:
-    lengths = torch.as_tensor(lengths, dtype=torch.long, device=dev)
-    return F.pad(lengths.cumsum(0), (1, 0))
+def _runs(lengths: list[int]) -> Runs:
+    """Consecutive segments of these lengths as runs of equal ones."""
+    runs: Runs = []
+    start = 0
+    for length in lengths:
+        if runs and runs[-1][2] == length:
+            first, n, _ = runs[-1]
+            runs[-1] = (first, n + 1, length)
+        else:
+            runs.append((start, 1, length))
+        start += length
+    return runs
 
 
 def _by_unit(x: torch.Tensor, order: torch.Tensor, unit: int) -> torch.Tensor:

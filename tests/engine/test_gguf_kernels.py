@@ -151,6 +151,28 @@ def test_fused_parts_of_different_types() -> None:
     torch.testing.assert_close(layer.dequantize(), w_ref, rtol=1e-6, atol=1e-7)
 
 
+def test_one_row_across_parts() -> None:
+    """One activation row (a decode step) against a fused layer whose parts have odd row counts and a
+    part of one row between: every output keeps the bits it gets in a batch and in a layer of its part
+    alone (K-quants only: one activation scale a super-block for all; with a Q8_0 part, 32-value
+    scales: the batch check alone)."""
+    cols = 512
+    for types, sizes in ((("Q4_K", "Q6_K", "Q4_K", "Q5_K", "Q6_K"), (5, 1, 3, 4, 2)), (("Q4_K", "Q8_0", "Q6_K"), (3, 3, 2))):
+        datas = [torch.from_numpy(random_blocks(t, n, cols, 20 + i)) for i, (t, n) in enumerate(zip(types, sizes))]
+        biases = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(sizes)]
+        layer = GGUFLinear(cols, sum(sizes), [GGUFPart(t, d, cols) for t, d in zip(types, datas)], torch.cat(biases))
+        x = torch.randn(7, cols, generator=torch.Generator().manual_seed(5))
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+        assert torch.equal(layer(x), alone) and torch.equal(layer(x[2:5]), alone[2:5]), types
+        if "Q8_0" in types:
+            continue
+        start = 0
+        for t, d, b, n in zip(types, datas, biases, sizes):
+            part = GGUFLinear(cols, n, [GGUFPart(t, d, cols)], b)
+            assert torch.equal(part(x[:1]), alone[:1, start : start + n]), t
+            start += n
+
+
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0", "Q3_K", "Q2_K", "IQ4_XS", "BF16"])
 @pytest.mark.parametrize("k0, k", [(160, 352), (256, 512)])
 def test_input_window_of_whole_rows(type_name: str, k0: int, k: int) -> None:
@@ -167,6 +189,34 @@ def test_input_window_of_whole_rows(type_name: str, k0: int, k: int) -> None:
         x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
         bound = error_bound(type_name, x, w_ref, span)
         assert ((layer(x) - x @ w_ref.T).abs() <= bound).all()
+
+
+def check_activation_quantization() -> None:
+    """dc_gguf_quantize_x against its definition in numpy, bit for bit: per span of 32 or 256 values
+    d = amax / 127, q = rint(x / d) (x times 1/d in float32, ties to even), and each 16 values' sum."""
+    lib = kernel_library()
+    rng = np.random.default_rng(0)
+    m, k = 3, 512
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32)
+    x[1, 32:64] = 0.0  # an all-zero group (one of 256: the span's scale still non-zero)
+    x[2, :] = np.round(x[2, :] * 4) / 4  # values on quarter steps: exact ties (x.5) after scaling more often
+    for span in (32, 256):
+        xq = np.zeros(m * k, np.int8)
+        xd = np.zeros(m * k // 32, np.float32)
+        xs = np.zeros(m * k // 16, np.float32)  # room for the int16 half sums
+        lib.dc_gguf_quantize_x(x.ctypes.data, m, k, xq.ctypes.data, xd.ctypes.data, xs.ctypes.data, span)
+        spans = x.reshape(-1, span)
+        d = np.abs(spans).max(axis=1) / np.float32(127)
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
+        q = np.rint(spans * inv[:, None]).astype(np.int32)
+        assert np.array_equal(xd[: len(d)], d), span
+        assert np.array_equal(xq.reshape(-1, span), q.astype(np.int8)), span
+        sums = xs.view(np.int16)[: m * k // 16]
+        assert np.array_equal(sums, q.reshape(-1, 16).sum(axis=1).astype(np.int16)), span
+
+
+def test_activation_quantization() -> None:
+    check_activation_quantization()
 
 
 def test_padding_rows_score_zero() -> None:
@@ -189,7 +239,8 @@ sys.path.insert(0, {tests!r})
 from engine.test_gguf_kernels import check_type, TYPES
 from dashchat.engine.cpu.kernels import kernel_library
 assert kernel_library() is not None
-from engine.test_gguf_kernels import batch_invariance
+from engine.test_gguf_kernels import batch_invariance, check_activation_quantization
+check_activation_quantization()
 for t in TYPES:
     for batch in (1, 5, 20):
         check_type(t, rows=19, cols=256, batch=batch, seed=batch)

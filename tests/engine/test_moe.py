@@ -185,9 +185,9 @@ def test_gguf_matches_transformers_on_the_dequantized_weights(family, gguf_files
     assert (got - want).abs().mean() < 0.02 * want.abs().mean() + 0.01
 
 
-def test_gguf_engine_keeps_the_module_path_for_experts(gguf_files):
-    """--quantization gguf on a MoE model: the fused C decode step (dense MLPs only) stands aside,
-    and the engine's tokens are those of the same GGUF model run without a KV cache."""
+def test_gguf_engine_runs_the_fused_decode_step(gguf_files):
+    """--quantization gguf on a MoE model: decode steps run the fused C step (experts included), and
+    the engine's tokens are those of the same GGUF model run without a KV cache."""
     path, folder = gguf_files["qwen3-moe"]
     cfg = ModelConfig.from_dir(folder)
     model, _ = _gguf_model(path, cfg)
@@ -199,11 +199,42 @@ def test_gguf_engine_keeps_the_module_path_for_experts(gguf_files):
             ids.append(int(model.compute_logits(model(x, torch.arange(len(x)), _causal_attention))[-1].argmax()))
     engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=str(folder), max_model_len=64, quantization="gguf"))
     try:
-        assert engine.runner.fused_decode is None
+        assert engine.runner.fused_decode is not None
         out = asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
         assert out[0].token_ids == ids[len(prompt):]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_fused_decode_step_equals_the_modules(family, gguf_files):
+    """The fused decode step (decode_step.c) on a MoE GGUF -- router, softmax and top k, the routed
+    experts, Qwen2-MoE's gated shared expert -- gives the module path's logits bit for bit, at 1, 5
+    and 16 rows; past 16 rows (where the float router's module product leaves the C kernel) the
+    modules run the step. Mixtral's file is F16 throughout, whose attention the step declines (16-bit
+    products): its q/k/v and o become random Q8_0 blocks, its experts stay F16 (the 16-bit kernels)."""
+    from dashchat.engine.cpu.decode_step import FusedDecode
+    from dashchat.engine.quantization.gguf import GGUFPart
+    from engine.test_fused_decode import BLOCK, decode_both_ways
+    from engine.test_gguf_kernels import random_blocks
+
+    _, folder = gguf_files[family]
+    cfg = ModelConfig.from_dir(folder)
+    runner = ModelRunner(str(folder), cfg, torch.device("cpu"), torch.float32, 64, BLOCK, "gguf")
+    if family == "mixtral":
+        assert runner.fused_decode is None
+        for layer in runner.model.layers:
+            for name in ("qkv_proj", "o_proj"):
+                old = getattr(layer.self_attn, name)
+                data = random_blocks("Q8_0", old.out_features, old.in_features, 7)
+                setattr(layer.self_attn, name, GGUFLinear(old.in_features, old.out_features,
+                                                          [GGUFPart("Q8_0", torch.from_numpy(data), old.in_features)]))
+        runner.fused_decode = FusedDecode.build(runner.model, runner.kv_cache, BLOCK, cfg.attention_scale)
+    fused = runner.fused_decode
+    assert fused is not None and fused.runs(16) and not fused.runs(17)
+    for batch, context in ((1, 20), (5, 40), (16, 23)):
+        reference, got = decode_both_ways(runner, batch, context, seed=batch)
+        assert torch.equal(got, reference), (family, batch)
 
 
 def test_gguf_expert_shards_sum_to_one_rank(gguf_files):

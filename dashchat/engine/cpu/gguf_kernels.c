@@ -270,6 +270,15 @@ INLINE void unpack(int type, const uint8_t *blk, int j, group *o) {
 
 // ---------------------------------------------------------------- activations
 
+#if defined(__AVX2__)
+static inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
 // x [m, k] float -> xq [m, k] int8, one scale per `span` values (32, or 256: a K-quant super-block);
 // xd[r * k/span + s]: row r's scale of span s; in the xs buffer as int16, hs[r * k/16 + 2g + h]: the
 // integer sum of half h of group g's int8 values (at most 16 * 127). Every array is row-major, so a
@@ -280,20 +289,43 @@ static void quantize_rows(const float *x, int m, int k, int span, int8_t *xq, fl
 #pragma omp parallel for schedule(static) if (m * (k / 32) >= 1024)
   for (int t = 0; t < m * spans; t++) {
     const float *v = x + (size_t)t * span;
+#if defined(__AVX2__)
+    // the same numbers as the C below for finite inputs (max_ps keeps the running maximum where
+    // fmaxf would skip a NaN; cvtps rounds to nearest even as lrintf does in the default mode)
+    __m256 mx = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int i = 0; i < span; i += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask), mx);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#else
     float amax = 0.f;
     for (int i = 0; i < span; i++) amax = fmaxf(amax, fabsf(v[i]));
+#endif
     float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
     xd[t] = d;
     for (int gi = 0; gi < per_span; gi++) {
       size_t g = (size_t)t * per_span + gi;  // r * (k / 32) + the group's index in its row
-      int s0 = 0, s1 = 0;
       int8_t *q = xq + (size_t)t * span + 32 * gi;
+#if defined(__AVX2__)
+      const __m256 idv = _mm256_set1_ps(id);
+      __m256i qi[4];
+      for (int c = 0; c < 4; c++) qi[c] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 32 * gi + 8 * c), idv));
+      // int32 -> int8 in order (the packs interleave 128-bit lanes; one permute restores them)
+      __m256i p16 = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
+      __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256((__m256i *)q, p8);
+      hs[2 * g] = (int16_t)hsum_i32(_mm256_add_epi32(qi[0], qi[1]));
+      hs[2 * g + 1] = (int16_t)hsum_i32(_mm256_add_epi32(qi[2], qi[3]));
+#else
+      int s0 = 0, s1 = 0;
       for (int i = 0; i < 32; i++) {
         int qi = (int)lrintf(v[32 * gi + i] * id);
         q[i] = (int8_t)qi;
         if (i < 16) s0 += qi; else s1 += qi;
       }
       hs[2 * g] = (int16_t)s0, hs[2 * g + 1] = (int16_t)s1;
+#endif
     }
   }
 }
@@ -565,12 +597,6 @@ INLINE void tile_dot_c(int type, const uint8_t *wrow, int g0, int groups, const 
 }
 
 #if defined(__AVX2__)
-static inline int hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 // tree8 of a vector's lanes: ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)), as the scalar one.
 static inline float tree8_ps(__m256 p) {

@@ -13,6 +13,7 @@
 // gguf_kernels.c's exported entry points called on a slice of rows: inside this region their own
 // parallel loops run on the calling thread alone (each thread sets its own team size for nested
 // regions to one: torch's runtime has nesting on).
+#include <math.h>
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -59,6 +60,43 @@ static int project(int type, const uint8_t *w, size_t row_bytes, int k_full, int
   if (float16_type(type)) return dc_gguf_matmul16_parts(1, t, wp, kf, ks, r, NULL, x, y, m, k, ldy);
   return dc_gguf_matmul_parts(1, t, wp, kf, ks, r, NULL, a->q + first * k, a->d + first * k / 32,
                               a->s + first * k / 16, y, m, k, ldy, span);
+}
+
+// The router's choice for m tokens: softmax over each row's n logits (float32, in index order), the k
+// largest probabilities in descending order (a tie: the lower expert id first), divided by their sum
+// (taken in that order) where `norm` is set. The module path (SparseMoE.route on the CPU kernels) and
+// the fused decode step both route here, so they pick the same experts with the same weights.
+// Returns 0, -2 (no memory).
+int dc_moe_route(const float *logits, int m, int n, int k, int norm, float *weights, int64_t *chosen) {
+  float *p = malloc(sizeof(float) * (n > 0 ? n : 1));
+  if (!p) return -2;
+  for (int t = 0; t < m; t++) {
+    const float *l = logits + (size_t)t * n;
+    float *w = weights + (size_t)t * k;
+    int64_t *c = chosen + (size_t)t * k;
+    float max = l[0], sum = 0.f;
+    for (int j = 1; j < n; j++) max = l[j] > max ? l[j] : max;
+    for (int j = 0; j < n; j++) sum += p[j] = expf(l[j] - max);
+    for (int j = 0; j < n; j++) p[j] = p[j] / sum;
+    for (int s = 0; s < k; s++) {
+      int best = -1;
+      for (int j = 0; j < n; j++)  // a probability is >= 0: -1 marks an expert already chosen
+        if (p[j] != -1.f && (best < 0 || p[j] > p[best])) best = j;
+      w[s] = p[best], c[s] = best, p[best] = -1.f;
+    }
+    if (norm) {
+      float total = 0.f;
+      for (int s = 0; s < k; s++) total += w[s];
+      for (int s = 0; s < k; s++) w[s] = w[s] / total;
+    }
+  }
+  free(p);
+  return 0;
+}
+
+// Qwen2-MoE's shared-expert gate, 1 / (1 + e^-x), on the module path and in the fused step alike.
+void dc_sigmoid(const float *x, float *out, int count) {
+  for (int i = 0; i < count; i++) out[i] = 1.f / (1.f + expf(-x[i]));
 }
 
 static int round_up(int v, int to) { return (v + to - 1) / to * to; }
@@ -166,5 +204,45 @@ int dc_moe_gguf(int used, const int *experts, const int *offsets, const int64_t 
   free(xg), free(h), free(act), free(y);
   if (!f16_in) acts_free(&ain);
   if (!f16_down) acts_free(&adown);
+  return status;
+}
+
+// dc_moe_gguf for routed tokens: token t's k choices chosen[t * k + s] (expert ids < n_experts) with
+// weights[t * k + s], turned into (token, expert) pairs grouped by expert -- the experts in id order, an
+// expert's pairs in token order (a stable sort of the choices by expert) -- then run. out += as there.
+int dc_moe_gguf_routed(int m, int k, int n_experts, const float *weights, const int64_t *chosen, const float *x,
+                       int hidden, int width, const int *types, const int64_t *row_bytes, const int *k_full,
+                       const int *k0, const uint8_t *const *gate_w, const uint8_t *const *up_w,
+                       const uint8_t *const *down_w, float *out) {
+  size_t pairs = (size_t)m * k;
+  int *count = calloc(n_experts + 1, sizeof(int)), *experts = malloc(sizeof(int) * (n_experts + 1));
+  int *offsets = malloc(sizeof(int) * (n_experts + 2));
+  int64_t *pair_tokens = malloc(sizeof(int64_t) * (pairs + 1));
+  float *pair_weights = malloc(sizeof(float) * (pairs + 1));
+  int status = count && experts && offsets && pair_tokens && pair_weights ? 0 : -2;
+  if (!status) {
+    for (size_t p = 0; p < pairs; p++) {
+      if (chosen[p] < 0 || chosen[p] >= n_experts) { status = -1; break; }
+      count[chosen[p]]++;
+    }
+  }
+  if (!status) {
+    int used = 0;
+    offsets[0] = 0;
+    for (int e = 0; e < n_experts; e++)
+      if (count[e]) {
+        experts[used] = e;
+        offsets[used + 1] = offsets[used] + count[e];
+        count[e] = offsets[used];  // from here: the next free pair of expert e
+        used++;
+      }
+    for (size_t p = 0; p < pairs; p++) {
+      int at = count[chosen[p]]++;
+      pair_tokens[at] = (int64_t)(p / k), pair_weights[at] = weights[p];
+    }
+    status = dc_moe_gguf(used, experts, offsets, pair_tokens, pair_weights, x, hidden, width, types, row_bytes,
+                         k_full, k0, gate_w, up_w, down_w, out);
+  }
+  free(count), free(experts), free(offsets), free(pair_tokens), free(pair_weights);
   return status;
 }

@@ -69,10 +69,10 @@ def _rows_of_heads(x: torch.Tensor) -> bool:
 
 def use_cpu_kernels(model: nn.Module) -> bool:
     """Swap the model's norms, MLP activations and rotary embedding for the kernels' (False: no library);
-    a mixture of experts over GGUF blocks runs its routed experts in one kernel call a step."""
+    a mixture of experts routes in C and, over GGUF blocks, runs its routed experts in one kernel call."""
     if kernel_library() is None:
         return False
-    from ..quantization.gguf_moe import grouped_gguf_experts  # it imports this module
+    from ..quantization.gguf_moe import use_moe_kernels  # it imports this module
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, RMSNorm):
@@ -83,5 +83,5 @@ def use_cpu_kernels(model: nn.Module) -> bool:
             module.rope_qk = kernel_rope_qk
     for module in model.modules():
         if isinstance(module, SparseMoE):
-            module.expert_runner = grouped_gguf_experts(module.experts)
+            use_moe_kernels(module)
     return True

@@ -323,11 +323,12 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One token per sequence: logits [N, vocab]. Everything here is a tensor shape, so one
         compiled graph serves every batch size (beyond 1) and context length."""
-        if self.fused_decode is not None and not torch.compiler.is_compiling():
+        fused = self.fused_decode
+        if fused is not None and fused.runs(len(input_ids)) and not torch.compiler.is_compiling():
             model = self.model
             x = model.embed_tokens(input_ids).contiguous()  # a fresh tensor: the layers write into it
             cos, sin = model.rotary(positions, x.dtype)
-            self.fused_decode(x, slots, cos, sin, block_tables, context_lens)
+            fused(x, slots, cos, sin, block_tables, context_lens)
             return model.compute_logits(model.norm(x))
         self.attention.begin_step(StepAttentionMetadata(slots, len(input_ids), block_tables, context_lens, []))
         return self.model.compute_logits(self.model(input_ids, positions, self.attention))
