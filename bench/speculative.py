@@ -8,8 +8,12 @@ Through the engine directly (AsyncLLMEngine, GGUF as shipped, greedy):
   chat  plain chat (a story, nothing to copy), 1, 8 and 32 streams at once, end tokens banned:
         aggregate tok/s both ways. The ratio must stay >= 0.97x for n-gram speculation to be worth
         turning on by default.
+  rows  the cost of a decode step by its rows (one sequence, m - 1 proposals), over one row's: the
+        step cost table speculative.py plans with (`_CPU_ROW_COST`). During a code edit, every
+        --rows-every-th step of the one sequence is re-run with m rows for each m (the proposals
+        are filler tokens; a re-run rewrites the same KV slots, and the real step runs last).
 
-    python bench/speculative.py [--model qwen2.5-coder-0.5b-instruct] [--rounds 3] [--edits 3] [--only edit|chat]
+    python bench/speculative.py [--model qwen2.5-coder-0.5b-instruct] [--rounds 3] [--edits 3] [--only edit|chat|rows]
         [--streams 1 8 32] [--chat-tokens 128] [--threads N] [--json PATH]
 """
 
@@ -190,11 +194,46 @@ def bench_chat(engines: dict[str, Counted], rounds: int, streams: list[int], new
     return out
 
 
+def bench_rows(engine: AsyncLLMEngine, sizes: list[int], every: int) -> dict:
+    """Median seconds of a one-sequence decode step of m rows, over one row's."""
+    runner, blocks = engine.runner, engine.blocks
+    run = runner.run
+    times: dict[int, list[float]] = {m: [] for m in sizes}
+    count = iter(range(10**9))
+
+    def timed(batch, sampling):
+        if len(batch.decodes) == 1 and not batch.prefills and next(count) % every == 0:
+            seq = batch.decodes[0]
+            real = seq.proposal
+            if blocks.allocate(seq, seq.num_tokens + max(sizes)):
+                for m in sizes:
+                    seq.proposal = [seq.token_ids[-1]] * (m - 1)
+                    start = time.perf_counter()
+                    run(batch, sampling)
+                    times[m].append(time.perf_counter() - start)
+                seq.proposal = real
+                blocks.trim(seq, seq.num_tokens + len(real))
+        return run(batch, sampling)
+
+    runner.run = timed
+    try:
+        params = SamplingParams(max_tokens=400, temperature=0.0)
+        for change in EDITS:
+            asyncio.run(_batch(engine, [edit_prompt(change)], params))
+    finally:
+        runner.run = run
+    one = statistics.median(times[1])
+    return {m: statistics.median(t) / one for m, t in times.items() if t}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", choices=["edit", "chat"], default=None)
+    ap.add_argument("--only", choices=["edit", "chat", "rows"], default=None)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 12, 16, 24, 32, 48],
+                    help="rows mode: step widths measured")
+    ap.add_argument("--rows-every", type=int, default=8, help="rows mode: measure every n-th step")
     ap.add_argument("--edits", type=int, default=len(EDITS), help="code-edit requests a round (at most 3)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--chat-tokens", type=int, default=128)
@@ -202,6 +241,17 @@ def main() -> None:
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args()
     path = str(resolve_model(args.model).path)
+    if args.only == "rows":
+        engine = AsyncLLMEngine.from_args(EngineArgs(model_dir=path, quantization="gguf", max_model_len=4096,
+                                                     num_threads=args.threads))
+        try:
+            costs = bench_rows(engine, args.rows, args.rows_every)
+        finally:
+            engine.shutdown()
+        print("step cost by rows (one row = 1): " + ", ".join(f"{m}: {c:.2f}" for m, c in costs.items()))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": costs, "load": os.getloadavg()}, indent=2))
+        return
     engines = {}
     for name, spec in (("off", None), ("ngram", NGRAM)):
         engines[name] = Counted(AsyncLLMEngine.from_args(EngineArgs(

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Native engine: speculative decoding, as vLLM spells it. '{\"method\": \"ngram\"}' "
                         "proposes the tokens that followed an earlier occurrence of the text's last "
                         "2-4 tokens (in the prompt and answer so far, or in recent requests), and the model checks up to "
-                        "num_speculative_tokens (default 7) of them in one step. Pays for answers that repeat "
+                        "num_speculative_tokens (at most; default 47, fewer unless the text is being copied) of them in one step. Pays for answers that repeat "
                         "the prompt (code edits, quotes) where a few extra rows of a step cost little; on "
                         "a small CPU little or nothing (README: Speculative decoding). '{\"method\": "
                         "\"draft_model\", \"model\": PATH}' has a smaller model of the same tokenizer (GGUF "

@@ -17,7 +17,7 @@ from dashchat.engine.cpu.kernels import kernel_library
 from dashchat.engine.native.llm_engine import AsyncLLMEngine
 from dashchat.engine.native.sampler import Sampler
 from dashchat.engine.native.sequence import Sequence
-from dashchat.engine.native.speculative import AnswerHistory, NgramIndex, SpeculativeConfig
+from dashchat.engine.native.speculative import AnswerHistory, NgramIndex, SpeculativeConfig, Speculator
 from dashchat.engine.types import SamplingParams
 from dashchat.models.resolve import resolve_model
 from dashchat.server.plumbing.metrics import Metrics
@@ -92,15 +92,43 @@ def test_ngram_lookup_falls_back_on_earlier_answers_of_the_same_salt():
     assert NgramIndex(2, 3, history).propose([101, 102, 103], 2) == [104, 105]
 
 
+def test_a_long_copied_match_gets_a_long_proposal_a_fresh_one_a_short_one():
+    """The proposal length follows how long the text has been copying its source: one sequence
+    copying a long run proposes more than two 8-row blocks' worth at once (up to 48 rows); the same
+    source matched only by its last few tokens proposes a few; a batch of 48 proposes nothing."""
+    source = list(range(1000, 1200))  # 200 distinct tokens
+    speculator = Speculator(SpeculativeConfig(), max_model_len=4096)
+
+    def planned(tokens: list[int], streams: int = 1) -> list[int]:
+        seqs = [Sequence(f"r{i}", 0, list(tokens), len(tokens), greedy(500), 0.0) for i in range(streams)]
+        plans = speculator.plan(seqs)
+        return plans[0][1] if plans else []
+
+    copying = source + [7] + source[:100]  # the answer has copied 100 tokens of the prompt so far
+    long = planned(copying)
+    assert 16 < len(long) <= 47 and long == source[100 : 100 + len(long)]
+    fresh = source + [7, 8, 9] + source[100:104]  # only its last 4 tokens match the source
+    assert 1 <= len(planned(fresh)) <= 7 and planned(fresh) == source[104 : 104 + len(planned(fresh))]
+    assert planned(copying, streams=48) == []  # 48 rows already: nothing left for proposals
+    assert 0 < len(planned(copying, streams=8)) <= 40
+
+
 # ---- greedy: token for token what decoding without speculation gives ------------------
 
 
 def test_greedy_is_identical_on_smollm2(smol):
     plain, spec = smol
-    for text, n in ((EDIT, 300), (CHAT, 200)):
-        want, got = run(plain, text, greedy(n))[0], run(spec, text, greedy(n))[0]
-        assert got.token_ids == want.token_ids
-        assert got.finish_reason == want.finish_reason
+    proposed = []
+    record = spec.speculator.record
+    spec.speculator.record = lambda seq, k, accepted: (proposed.append(k), record(seq, k, accepted))
+    try:
+        for text, n in ((EDIT, 300), (CHAT, 200)):
+            want, got = run(plain, text, greedy(n))[0], run(spec, text, greedy(n))[0]
+            assert got.token_ids == want.token_ids
+            assert got.finish_reason == want.finish_reason
+    finally:
+        spec.speculator.record = record
+    assert max(proposed) > 16  # steps of more than two 8-row blocks were verified too
     stats = spec.stats()
     assert stats.spec_accepted_tokens > 50 and stats.spec_drafts > 0
     assert stats.kv_blocks_used == 0  # rejected positions' blocks all came back

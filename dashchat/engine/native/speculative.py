@@ -33,9 +33,10 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-# Decode rows (one per sequence plus its proposals) a step may hold when it speculates: two of the
-# kernels' 8-row activation blocks.
-MAX_VERIFY_ROWS = 16
+# Decode rows (one per sequence plus its proposals) a step may hold when it speculates: six of the
+# kernels' 8-row activation blocks. A copied text keeps most of a long proposal, and each further
+# block costs well under its rows' worth of one-row steps.
+MAX_VERIFY_ROWS = 48
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class SpeculativeConfig:
     """`--speculative-config`, as vLLM spells it."""
 
     method: str = "ngram"
-    num_speculative_tokens: int = 7  # at most (the batch and acceptance shrink it); 7 + 1 rows fill a kernel block
+    num_speculative_tokens: int = 47  # at most (the batch and acceptance shrink it): 47 + 1 rows fill 6 kernel blocks
     prompt_lookup_min: int = 2  # shortest suffix n-gram looked up
     prompt_lookup_max: int = 4  # longest suffix n-gram looked up (longest first)
     model: str | None = None  # draft_model: the draft (anything dashchat loads)
@@ -90,7 +91,7 @@ class SpeculativeConfig:
 # Earlier occurrences of an n-gram remembered per sequence (the latest ones), and how far back a
 # candidate's context is compared with the text's own to pick among them.
 _CANDIDATES = 8
-_CONTEXT = 32
+_CONTEXT = 64
 
 
 def _context_match(tokens: list[int], end: int, source: list[int], at: int) -> int:
@@ -121,6 +122,11 @@ class NgramIndex:
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the best earlier occurrence of the longest suffix n-gram."""
+        return self.lookup(tokens, k)[0]
+
+    def lookup(self, tokens: list[int], k: int) -> tuple[list[int], int]:
+        """`propose`'s tokens, and how many tokens before them match where they came from (the
+        n-gram and the context before it): a long match is a text being copied."""
         last = len(tokens) - 1  # n-grams ending before the suffix's own end
         for end in range(self.indexed + 1, last + 1):
             for n in self.sizes:
@@ -136,13 +142,14 @@ class NgramIndex:
             ends = self.ends[n].get(tuple(tokens[-n:]))  # the suffix's own occurrence is not indexed
             if ends:
                 here = len(tokens) - n
-                best = max(reversed(ends), key=lambda e: _context_match(tokens, here, tokens, e - n))
-                return tokens[best : best + k]
+                best, context = max(((e, _context_match(tokens, here, tokens, e - n)) for e in reversed(ends)),
+                                    key=lambda c: c[1])
+                return tokens[best : best + k], n + context
             if self.history is not None and n == self.history.n:  # a longer match elsewhere beats a short one here
-                proposal = self.history.propose(self.salt, tokens, k)
+                proposal, match = self.history.lookup(self.salt, tokens, k)
                 if proposal:
-                    return proposal
-        return []
+                    return proposal, match
+        return [], 0
 
 
 class AnswerHistory:
@@ -174,13 +181,17 @@ class AnswerHistory:
                     del self.index[key]
 
     def propose(self, salt: str | None, tokens: list[int], k: int) -> list[int]:
+        return self.lookup(salt, tokens, k)[0]
+
+    def lookup(self, salt: str | None, tokens: list[int], k: int) -> tuple[list[int], int]:
+        """Proposed tokens and the length of the match behind them (as NgramIndex.lookup)."""
         if len(tokens) < self.n:
-            return []
+            return [], 0
         found = self.index.get((salt, *tokens[-self.n :]))
         if found is None:
-            return []
+            return [], 0
         source, end = found
-        return source[end : end + k]
+        return source[end : end + k], self.n + _context_match(tokens, len(tokens) - self.n, source, end - self.n)
 
 
 @dataclass
@@ -202,12 +213,23 @@ class SpecState:
 _PRIOR_ACCEPTANCE = 0.75
 _DECAY = 0.7  # per verification: recent ones count most (an answer copies in runs)
 _PROBE_EVERY = 32  # steps: a sequence that stopped proposing tries one token again
+# A proposal whose n-gram and the context before it match for `match` tokens counts as kept with
+# chance at least 1 - _MATCH_SCALE / match, from _MATCH_MIN tokens on (0.875 at 12, 0.97 at 50).
+_MATCH_MIN = 12
+_MATCH_SCALE = 1.5
+_SHORT_MATCH_ACCEPTANCE = 0.9  # at most, for a shorter match: proposals of up to 7 tokens
 # Cost of a decode step of m rows over one row's, m = 1..8, on the CPU GGUF path (CPU time of a step,
 # Qwen2.5-Coder-0.5B Q4_K_M, 2 threads): 1-4 rows take per-row tiles, 5-8 one interleaved 8-row
 # block (measured 2.45 at 3 rows, above 4 rows' 2.32: taken as 4's). Each further block of 8 rows
 # adds 1.4 (16 rows measured 4.25).
 _CPU_ROW_COST = (1.0, 1.55, 2.32, 2.32, 2.9, 2.9, 2.9, 2.9)
 _CPU_BLOCK_COST = 1.4
+
+
+def match_acceptance(match: int) -> float:
+    """The chance that a proposal is kept token after token when the `match` tokens before it agree
+    with the text it continues (0: no telling): llama.cpp looks 12 tokens up before it proposes."""
+    return 0.0 if match < _MATCH_MIN else 1.0 - _MATCH_SCALE / match
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -297,25 +319,30 @@ class Speculator:
             limit = min(self.config.num_speculative_tokens, len(decodes) + room - rows, left)
             if limit <= 0:
                 continue
-            k = self._best_k(state.acceptance, rows, tokens, limit, depth)
+            acceptance, proposal = state.acceptance, None
+            if self.draft is None:
+                proposal, match = state.index.lookup(seq.token_ids, limit)
+                if not proposal:
+                    continue
+                # A text being copied for many tokens goes on being copied, whatever came before; a
+                # short match (the answer just left the text it copied) is no long run yet.
+                acceptance = (max(acceptance, match_acceptance(match)) if match >= _MATCH_MIN
+                              else min(acceptance, _SHORT_MATCH_ACCEPTANCE))
+                limit = len(proposal)
+            k = self._best_k(acceptance, rows, tokens, limit, depth)
             if k == 0:
                 state.idle += 1
                 if state.idle < _PROBE_EVERY:
                     continue
                 k = 1  # now and then, so that a sequence that starts copying is noticed
-            if self.draft is not None:
+            if proposal is None:
                 wants.append((seq, k, state.draft))
-                proposed = k
                 depth = max(depth, k)
             else:
-                proposal = state.index.propose(seq.token_ids, k)
-                if not proposal:
-                    continue
-                plans.append((seq, proposal))
-                proposed = len(proposal)
+                plans.append((seq, proposal[:k]))
             state.idle = 0
-            rows += proposed
-            tokens += expected_tokens(state.acceptance, proposed) - 1
+            rows += k
+            tokens += expected_tokens(acceptance, k) - 1
         if wants:
             try:
                 drafted = self.draft.propose(wants)
