@@ -12,8 +12,12 @@ Through the engine directly (AsyncLLMEngine, GGUF as shipped, greedy):
         step cost table speculative.py plans with (`_CPU_ROW_COST`). During a code edit, every
         --rows-every-th step of the one sequence is re-run with m rows for each m (the proposals
         are filler tokens; a re-run rewrites the same KV slots, and the real step runs last).
+  agreement  where speculation is not bit exact (`--dtype bfloat16` on the dequantized weights,
+        `--compile`): the greedy answers of the code edits and chat prompts with and without it, how
+        many are the same token for token, and at each first difference the top-2 log-prob margin
+        the plain run saw there (a near-tie: the verify step's rows are summed in another order).
 
-    python bench/speculative.py [--model qwen2.5-coder-0.5b-instruct] [--rounds 3] [--edits 3] [--only edit|chat|rows]
+    python bench/speculative.py [--model qwen2.5-coder-0.5b-instruct] [--rounds 3] [--edits 3] [--only edit|chat|rows|agreement]
         [--streams 1 8 32] [--chat-tokens 128] [--threads N] [--json PATH]
 """
 
@@ -226,11 +230,39 @@ def bench_rows(engine: AsyncLLMEngine, sizes: list[int], every: int) -> dict:
     return {m: statistics.median(t) / one for m, t in times.items() if t}
 
 
+def bench_agreement(engines: dict[str, Counted], new_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    async def answer(engine: AsyncLLMEngine, text: str):
+        tokens, logprobs = [], []
+        async for out in engine.generate(engine.tokenizer.encode(text), params, f"a{next(_ids)}"):
+            for d in out.deltas:
+                tokens += d.token_ids
+                logprobs += d.logprobs or []
+        return tokens, logprobs
+
+    prompts = [edit_prompt(change) for change in EDITS] + CHAT
+    same, differences = 0, []
+    for text in prompts:
+        plain, plain_lp = asyncio.run(answer(engines["off"].engine, text))
+        spec, _ = asyncio.run(answer(engines["ngram"].engine, text))
+        if plain == spec:
+            same += 1
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(plain, spec)) if a != b), min(len(plain), len(spec)))
+        top = plain_lp[at].top if at < len(plain_lp) else []
+        margin = top[0][1] - top[1][1] if len(top) > 1 else float("nan")
+        differences.append({"position": at, "top2_margin": margin})
+    return {"requests": len(prompts), "identical": same, "differences": differences}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", choices=["edit", "chat", "rows"], default=None)
+    ap.add_argument("--only", choices=["edit", "chat", "rows", "agreement"], default=None)
+    ap.add_argument("--dtype", default=None, help="agreement mode: run the dequantized weights in this dtype")
+    ap.add_argument("--compile", action="store_true", help="agreement mode: torch.compile the decode step")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 12, 16, 24, 32, 48],
                     help="rows mode: step widths measured")
     ap.add_argument("--rows-every", type=int, default=8, help="rows mode: measure every n-th step")
@@ -252,13 +284,21 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": costs, "load": os.getloadavg()}, indent=2))
         return
+    weights = {"quantization": "gguf"}
+    if args.only == "agreement":
+        weights = {"quantization": "none", "dtype": args.dtype or "auto", "compile": args.compile}
     engines = {}
     for name, spec in (("off", None), ("ngram", NGRAM)):
         engines[name] = Counted(AsyncLLMEngine.from_args(EngineArgs(
-            model_dir=path, quantization="gguf", max_model_len=4096, num_threads=args.threads,
-            speculative_config=spec)))
+            model_dir=path, max_model_len=4096, num_threads=args.threads, speculative_config=spec, **weights)))
     results: dict = {"model": args.model, "load_before": os.getloadavg()}
     try:
+        if args.only == "agreement":
+            results["agreement"] = a = bench_agreement(engines, args.chat_tokens)
+            print(f"{args.dtype or 'auto'}{' compiled' if args.compile else ''}: {a['identical']} of "
+                  f"{a['requests']} greedy answers identical with and without speculation; first differences "
+                  f"(position, plain run's top-2 margin): "
+                  + ", ".join(f"{d['position']} ({d['top2_margin']:.3f})" for d in a["differences"]), flush=True)
         if args.only in (None, "edit"):
             results["edit"] = e = bench_edit(engines, args.rounds, args.edits)
             print(f"code edit, one stream: {e['tok_s_off']:.1f} -> {e['tok_s_ngram']:.1f} tok/s "
