@@ -126,8 +126,12 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gguf_decode_layers.restype = i
     lib.dc_gguf_dequantize_rows.argtypes = [i, p, p, i, i, p]
     lib.dc_gguf_dequantize_rows.restype = i
-    lib.dc_moe_gguf.argtypes = [i, p, p, p, p, p, i, i, p, p, p, p, p, p, p, p]
-    lib.dc_moe_gguf.restype = i
+    lib.dc_moe_gguf_routed.argtypes = [i, i, i, p, p, p, i, i, p, p, p, p, p, p, p, p]
+    lib.dc_moe_gguf_routed.restype = i
+    lib.dc_moe_route.argtypes = [p, i, i, i, i, p, p]
+    lib.dc_moe_route.restype = i
+    lib.dc_sigmoid.argtypes = [p, p, i]
+    lib.dc_sigmoid.restype = None
     return lib
 
 

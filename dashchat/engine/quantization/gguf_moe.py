@@ -27,19 +27,6 @@ from ..cpu.ops import kernel_silu_and_mul
 from .gguf import FLOAT16_TYPES, GGUFLinear
 
 
-def _routing_library() -> ctypes.CDLL | None:
-    lib = kernel_library()
-    if lib is not None and lib.dc_moe_route.argtypes is None:
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.dc_moe_route.argtypes = [p, i, i, i, i, p, p]
-        lib.dc_moe_route.restype = i
-        lib.dc_sigmoid.argtypes = [p, p, i]
-        lib.dc_sigmoid.restype = None
-        lib.dc_moe_gguf_routed.argtypes = [i, i, i, p, p, p, i, i, p, p, p, p, p, p, p, p]
-        lib.dc_moe_gguf_routed.restype = i
-    return lib
-
-
 def _on_kernels(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
@@ -51,7 +38,7 @@ def kernel_softmax_top_k(logits: torch.Tensor, k: int, normalize: bool) -> tuple
     logits = logits.contiguous()
     m, n = logits.shape
     weights, chosen = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
-    if _routing_library().dc_moe_route(logits.data_ptr(), m, n, k, int(normalize), weights.data_ptr(),
+    if kernel_library().dc_moe_route(logits.data_ptr(), m, n, k, int(normalize), weights.data_ptr(),
                                        chosen.data_ptr()):
         raise MemoryError("mixture-of-experts routing: no memory")
     return weights, chosen
@@ -62,7 +49,7 @@ def kernel_sigmoid(x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
     x = x.contiguous()
     out = torch.empty_like(x)
-    _routing_library().dc_sigmoid(x.data_ptr(), out.data_ptr(), x.numel())
+    kernel_library().dc_sigmoid(x.data_ptr(), out.data_ptr(), x.numel())
     return out
 
 
@@ -130,7 +117,7 @@ class GroupedGGUFExperts:
 
 def grouped_gguf_experts(experts: nn.ModuleList) -> GroupedGGUFExperts | None:
     """The one-call runner for these experts, or None (not all GGUF on the CPU, or no kernels)."""
-    lib = _routing_library()
+    lib = kernel_library()
     if lib is None or not len(experts) or not GroupedGGUFExperts.eligible(experts):
         return None
     return GroupedGGUFExperts(experts, lib)
