@@ -39,6 +39,14 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
+// A type id with this bit: the tensor's rows are interleaved in groups of 8, block by block (a group's
+// 8 rows hold, in turn, the 8 rows' block 0, the 8 rows' block 1, ...; each block's bytes as the file
+// has them; rows past the last whole group form a last, shorter group the same way). A group occupies
+// the bytes its 8 rows did, so dc_gguf_interleave rearranges a tensor in place. Decode's one-row
+// products then read each group as one sequential stream, 8 output rows at once (group8_super).
+#define ROWS8_LAYOUT 0x100
+static inline int base_type(int type) { return type & 0xff; }
+
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
 static inline int super_block(int type) {
   return type == T_Q2_K || type == T_Q3_K || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K || type == T_IQ4_XS;
@@ -544,11 +552,10 @@ static inline int super_form(int type, int span, int g0, int groups) {
 #define MAX_TILE 4
 
 // The plain C path (the portable build's, at every batch size): the definition above, written out.
-INLINE void tile_dot_c(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
+INLINE void tile_dot_c(int type, const uint8_t *wrow, size_t bb, int g0, int groups, const int8_t *xq, int k,
                        const float *xd, const int16_t *hs, int span, const int MR, float *out) {
   const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
   const unsigned per_block = super_block(type) ? 8 : 1;
-  size_t bb = block_bytes(type);
   float acc[MAX_TILE];
   for (int r = 0; r < MR; r++) acc[r] = 0.f;
   const int sf = super_form(type, span, g0, groups);
@@ -707,10 +714,9 @@ static inline int super_d_high(int type) { return type == T_Q6_K || type == T_Q3
 
 // Super-block form, one weight row against MR activation rows (row r at xq + r * k): 8 super-blocks a
 // unit, each one's integers in one int32 vector per row, the 8 reduced at once (lane = super-block).
-INLINE void tile_super(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+INLINE void tile_super(int type, const uint8_t *wrow, size_t bb, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                        const int16_t *hs, const int MR, float *out) {
   const int sbs_row = k / 256, H = k / 16, off = value_offset(type), mins = has_mins(type);
-  size_t bb = block_bytes(type);
   __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
 #pragma GCC unroll 4
   for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
@@ -772,12 +778,11 @@ INLINE void tile_super(int type, const uint8_t *wrow, int sb0, int sbs, const in
 
 // Per-group form, one weight row against MR activation rows: each group's integer products reduced
 // to one int32 a group (8 groups a vector, lane = group), then group_term and tree8 on the lanes.
-INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
+INLINE void tile_groups(int type, const uint8_t *wrow, size_t bb, int g0, int groups, const int8_t *xq, int k,
                         const float *xd, const int16_t *hs, const int MR, float *out) {
   const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
   const int scaled = super_block(type);  // integer scales per half: products scaled before the reduction
   const unsigned per_block = super_block(type) ? 8 : 1;
-  size_t bb = block_bytes(type);
   __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
 #pragma GCC unroll 4
   for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
@@ -859,25 +864,89 @@ INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const
 #pragma GCC unroll 4
   for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
 }
+
+#ifndef GROUP8_UNROLL  // the 8 rows' loop in group8_super (a build option for measuring)
+#define GROUP8_UNROLL 1
+#endif
+#define DC_PRAGMA(x) _Pragma(#x)
+#define DC_UNROLL(n) DC_PRAGMA(GCC unroll n)
+
+// Super-block form, one activation row against a group of 8 interleaved weight rows (ROWS8_LAYOUT:
+// run b, the 8 rows' super-block sb0 + b in row order, at gw + (sb0 + b) * 8 * bb): the weights are
+// one sequential stream and each 32 activation values are loaded once for the 8 rows. Row r's
+// integers are tile_super's (lane r here, lane b % 8 there), and its float steps the same: super-block
+// b's term is added to accumulator A[b % 8] (lane r), the result tree8 of the 8. So the same bits.
+INLINE void group8_super(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, const float *xd,
+                         const int16_t *hs, float *out) {
+  const int off = value_offset(type), mins = has_mins(type);
+  const size_t bb = block_bytes(type);
+  const __m256i row_offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bb));
+  __m256 A[8];
+#pragma GCC unroll 8
+  for (int e = 0; e < 8; e++) A[e] = _mm256_setzero_ps();
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *run = gw + (size_t)(sb0 + b) * 8 * bb;
+    __m256i xv[8], sumi[8], sumn[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) xv[j] = _mm256_loadu_si256((const __m256i *)(xq + 256 * (size_t)b + 32 * j));
+    __m256i h = _mm256_loadu_si256((const __m256i *)(hs + 16 * (size_t)b));
+    DC_UNROLL(GROUP8_UNROLL)
+    for (int r = 0; r < 8; r++) {
+      const uint8_t *blk = run + (size_t)r * bb;
+      sbscale s;
+      super_ints(type, blk, &s);
+      __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j++) {
+        __m256i wv = group_values_avx2(type, blk, j);
+        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
+        __m256i x = signed_values(type) ? _mm256_sign_epi8(xv[j], wv) : xv[j];
+        acc = dpwssd_acc(acc, _mm256_maddubs_epi16(wu, x), HALF_PAIR(s.sc, j));
+      }
+      if (off) acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(_mm256_madd_epi16(s.sc, h), offset_shift(off)));
+      sumi[r] = acc;
+      sumn[r] = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s.mn, h)) : _mm256_setzero_si256();
+    }
+    __m256i I = reduce8_i32(sumi), N = mins ? reduce8_i32(sumn) : _mm256_setzero_si256();
+    __m256i dd = _mm256_i32gather_epi32((const int *)(run + super_d_offset(type)), row_offsets, 1);
+    __m256 dv = _mm256_cvtph_ps(low_halves(super_d_high(type) ? _mm256_srli_epi32(dd, 16) : dd));
+    __m256 dminv = mins ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dd, 16))) : _mm256_setzero_ps();
+    A[b % 8] = _mm256_add_ps(A[b % 8], group_term_ps(mins, I, N, dv, dminv, _mm256_set1_ps(xd[b])));
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[1]), _mm256_add_ps(A[2], A[3])),
+                                      _mm256_add_ps(_mm256_add_ps(A[4], A[5]), _mm256_add_ps(A[6], A[7]))));
+}
+
+#define GROUP8_CASE(T) \
+  case T: group8_super(T, gw, sb0, sbs, xq, xd, hs, out); return 1;
+// group8_super specialized per type; 0 where a type has no such kernel.
+static int group8_super_any(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, const float *xd,
+                            const int16_t *hs, float *out) {
+  switch (type) {
+    GROUP8_CASE(T_Q2_K) GROUP8_CASE(T_Q3_K) GROUP8_CASE(T_Q4_K) GROUP8_CASE(T_Q5_K) GROUP8_CASE(T_Q6_K)
+    GROUP8_CASE(T_IQ4_XS)
+  }
+  return 0;
+}
 #endif
 
 // One weight row (its window's groups [g0, g0 + groups)) against MR activation rows; xd, hs: the
 // first row's scales and half sums (row-major).
-INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k, const float *xd,
+INLINE void tile_dot(int type, const uint8_t *wrow, size_t bb, int g0, int groups, const int8_t *xq, int k, const float *xd,
                      const int16_t *hs, int span, const int MR, float *out) {
 #if defined(__AVX2__)
-  if (super_form(type, span, g0, groups)) tile_super(type, wrow, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
-  else tile_groups(type, wrow, g0, groups, xq, k, xd, hs, MR, out);
+  if (super_form(type, span, g0, groups)) tile_super(type, wrow, bb, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
+  else tile_groups(type, wrow, bb, g0, groups, xq, k, xd, hs, MR, out);
 #else
-  tile_dot_c(type, wrow, g0, groups, xq, k, xd, hs, span, MR, out);
+  tile_dot_c(type, wrow, bb, g0, groups, xq, k, xd, hs, span, MR, out);
 #endif
 }
 
 // Specialized per type and tile height: the unpacking's switch and the row loop compile away.
 #define TILE_CASE(T, MR) \
-  case T: tile_dot(T, wrow, g0, groups, xq, k, xd, hs, span, MR, out); break;
+  case T: tile_dot(T, wrow, bb, g0, groups, xq, k, xd, hs, span, MR, out); break;
 #define TILE_FN(MR)                                                                                       \
-  static void tile_dot_##MR(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq,            \
+  static void tile_dot_##MR(int type, const uint8_t *wrow, size_t bb, int g0, int groups, const int8_t *xq, \
                             int k, const float *xd, const int16_t *hs, int span, float *out) {            \
     switch (type) {                                                                                       \
       TILE_CASE(T_Q4_0, MR) TILE_CASE(T_Q4_1, MR) TILE_CASE(T_Q5_0, MR) TILE_CASE(T_Q5_1, MR)             \
@@ -1020,11 +1089,10 @@ INLINE void rows8_superblock_w(int type, const uint8_t *const *blk, const int8_t
 
 // The per-group form for W weight rows against one block of 8 interleaved rows: groups [u0, u0 + n8)
 // of the window, group u0 + gi's terms into acc[w][gi].
-INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, int n8, const int8_t *xi,
+INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, size_t bb, int g0, int u0, int n8, const int8_t *xi,
                          const int W, __m256 (*acc)[8]) {
   const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
   const unsigned per_block = super_block(type) ? 8 : 1;
-  size_t bb = block_bytes(type);
 #pragma GCC unroll 8
   for (int gi = 0; gi < 8; gi++) {
     if (gi >= n8) continue;  // past the window: adds nothing
@@ -1082,21 +1150,21 @@ INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, 
 
 // W weight rows (wrows: each row's first byte; W = WTILE or 1) against one block of 8 interleaved
 // rows: out[8 w + r].
-INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, int span,
+INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, size_t bb, int g0, int groups, const int8_t *xi, int span,
                         const int W, float *out) {
   __m256 acc[WTILE][8];
   for (int w = 0; w < W; w++)
     for (int e = 0; e < 8; e++) acc[w][e] = _mm256_setzero_ps();
-  size_t bb = block_bytes(type), row_stride = W > 1 ? (size_t)(wrows[1] - wrows[0]) : 0;
+  size_t row_stride = W > 1 ? (size_t)(wrows[1] - wrows[0]) : 0;
   if (!super_form(type, span, g0, groups)) {
-    for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, W, acc);
+    for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, bb, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, W, acc);
   } else for (int b = 0; b < groups / 8; b++) {
     const uint8_t *blk[WTILE];
     __m256 p[WTILE];
     for (int w = 0; w < W; w++) {
       blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
       // the next W rows' block (the next tile's): W short streams train the prefetcher late
-      for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk[w] + row_stride * W + o), _MM_HINT_T0);
+      for (size_t o = 0; o < block_bytes(type); o += 64) _mm_prefetch((const char *)(blk[w] + row_stride * W + o), _MM_HINT_T0);
     }
     rows8_superblock_w(type, blk, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, W, p);
     for (int w = 0; w < W; w++) acc[w][b % 8] = _mm256_add_ps(acc[w][b % 8], p[w]);
@@ -1111,10 +1179,10 @@ INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int group
 
 #define ROWS8_W_CASE(T)                                                       \
   case T:                                                                     \
-    if (w == WTILE) rows8_dot_w(T, wrows, g0, groups, xi, span, WTILE, out);   \
-    else rows8_dot_w(T, wrows, g0, groups, xi, span, 1, out);                  \
+    if (w == WTILE) rows8_dot_w(T, wrows, bb, g0, groups, xi, span, WTILE, out);   \
+    else rows8_dot_w(T, wrows, bb, g0, groups, xi, span, 1, out);                  \
     break;
-static void rows8_dot_w_any(int type, const uint8_t *const *wrows, int w, int g0, int groups, const int8_t *xi,
+static void rows8_dot_w_any(int type, const uint8_t *const *wrows, size_t bb, int w, int g0, int groups, const int8_t *xi,
                             int span, float *out) {
   switch (type) {
     ROWS8_W_CASE(T_Q4_0) ROWS8_W_CASE(T_Q4_1) ROWS8_W_CASE(T_Q5_0) ROWS8_W_CASE(T_Q5_1)
@@ -1179,13 +1247,63 @@ static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, in
 #define ROWS8_MIN 5
 #endif
 
+// One weight tensor as the kernels address it: `rows` rows of row_bytes, blocks of bb bytes, in the
+// file's row-major layout or interleaved (ROWS8_LAYOUT).
+typedef struct {
+  const uint8_t *w;
+  size_t row_bytes, bb;
+  int rows, type, interleaved;
+} wtensor;
+
+static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, int k_full) {
+  wtensor t = {w, 0, 0, rows, base_type(type_flags), (type_flags & ROWS8_LAYOUT) != 0};
+  t.bb = block_bytes(t.type);
+  t.row_bytes = t.bb ? (size_t)(k_full / block_values(t.type)) * t.bb : 0;
+  return t;
+}
+
+// Row `row`'s first block, and the bytes from one of its blocks to the next (*stride).
+static inline const uint8_t *weight_row(const wtensor *t, int row, size_t *stride) {
+  if (!t->interleaved) {
+    *stride = t->bb;
+    return t->w + (size_t)row * t->row_bytes;
+  }
+  int group = row / 8, in_group = t->rows - 8 * group < 8 ? t->rows - 8 * group : 8;
+  *stride = (size_t)in_group * t->bb;
+  return t->w + (size_t)group * 8 * t->row_bytes + (size_t)(row % 8) * t->bb;
+}
+
+// Rearranges a tensor of `rows` rows of k values of `type` (no layout bit) in place into ROWS8_LAYOUT,
+// one group of 8 rows at a time (scratch: one group). Returns 0, -1 for a type or width it does not
+// take, -2 without memory.
+int dc_gguf_interleave(int type, uint8_t *w, int rows, int k) {
+  int qk = block_values(type);
+  size_t bb = block_bytes(type);
+  if (bb == 0 || float16_type(type) || k % qk != 0 || rows < 0) return -1;
+  size_t blocks = (size_t)(k / qk), row_bytes = blocks * bb;
+  uint8_t *scratch = malloc(8 * row_bytes);
+  if (!scratch) return -2;
+  for (int g = 0; 8 * g < rows; g++) {
+    int in_group = rows - 8 * g < 8 ? rows - 8 * g : 8;
+    uint8_t *group = w + (size_t)g * 8 * row_bytes;
+    memcpy(scratch, group, (size_t)in_group * row_bytes);
+    for (size_t b = 0; b < blocks; b++)
+      for (int r = 0; r < in_group; r++)
+        memcpy(group + (b * in_group + r) * bb, scratch + r * row_bytes + b * bb, bb);
+  }
+  free(scratch);
+  return 0;
+}
+
 // The values a scale of the activations spans for a product with these parts: 256 where every part
 // is a 256-value super-block type read from a super-block boundary (k0 NULL: whole rows) and k is
 // whole super-blocks, so the super-block kernels sum each super-block in integers; else 32.
 int dc_gguf_activation_span(int parts, const int *types, const int *k0, int k) {
   if (k % 256 != 0) return 32;
-  for (int p = 0; p < parts; p++)
-    if (block_values(types[p]) != 256 || block_bytes(types[p]) == 0 || (k0 && k0[p] % 256 != 0)) return 32;
+  for (int p = 0; p < parts; p++) {
+    int type = base_type(types[p]);
+    if (block_values(type) != 256 || block_bytes(type) == 0 || (k0 && k0[p] % 256 != 0)) return 32;
+  }
   return 256;
 }
 
@@ -1209,15 +1327,17 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
                          const float *xs, float *y, int m, int k, int ldy, int span) {
   span = span == 256 && k % 256 == 0 ? 256 : 32;  // as dc_gguf_quantize_x took it
   enum { MAX_PARTS = 8 };
-  size_t row_bytes[MAX_PARTS];
+  wtensor wt[MAX_PARTS];
   int first_group[MAX_PARTS], n = 0;
   const int16_t *hs = (const int16_t *)xs;
   if (parts < 1 || parts > MAX_PARTS || k % 32 != 0) return -1;
   for (int p = 0; p < parts; p++) {
-    int qk = block_values(types[p]), full = k_full ? k_full[p] : k, start = k0 ? k0[p] : 0;
-    size_t bb = block_bytes(types[p]);
-    if (bb == 0 || float16_type(types[p]) || full % qk != 0 || start % 32 != 0 || start + k > full || rows[p] < 0) return -1;
-    row_bytes[p] = (size_t)(full / qk) * bb;
+    int full = k_full ? k_full[p] : k, start = k0 ? k0[p] : 0;
+    wt[p] = weight_tensor(types[p], w[p], rows[p], full);
+    int type = wt[p].type;
+    if (wt[p].bb == 0 || float16_type(type) || full % block_values(type) != 0 || start % 32 != 0 || start + k > full ||
+        rows[p] < 0)
+      return -1;
     first_group[p] = start / 32;
     n += rows[p];
   }
@@ -1241,13 +1361,19 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         for (int i = i0; i < i1;) {
           int p = 0, row = i;
           while (row >= rows[p]) row -= rows[p++];
-          // WTILE weight rows of one part at once where there are that many, else one
-          int wn = i + WTILE <= i1 && row + WTILE <= rows[p] ? WTILE : 1;
+          // WTILE weight rows of one part at once where there are that many (and their blocks equally
+          // far apart: not across an interleaved tensor's last, shorter group), else one
           const uint8_t *wrows[WTILE];
+          size_t stride, last_stride = 0;
+          wrows[0] = weight_row(&wt[p], row, &stride);
+          int wn = i + WTILE <= i1 && row + WTILE <= rows[p] ? WTILE : 1;
+          if (wn > 1) weight_row(&wt[p], row + WTILE - 1, &last_stride);
+          if (last_stride != stride) wn = 1;
+          for (int e = 1; e < wn; e++) wrows[e] = weight_row(&wt[p], row + e, &last_stride);
           float outw[8 * WTILE];
-          for (int e = 0; e < wn; e++) wrows[e] = w[p] + (size_t)(row + e) * row_bytes[p];
           for (int nb = 0; nb < blocks; nb++) {
-            rows8_dot_w_any(types[p], wrows, wn, first_group[p], groups, xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
+            rows8_dot_w_any(wt[p].type, wrows, stride, wn, first_group[p], groups,
+                            xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
             for (int e = 0; e < wn; e++) {
               float b = bias && bias[p] ? bias[p][row + e] : 0.f;
               for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + e] = outw[8 * e + r] + b;
@@ -1260,6 +1386,32 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     free(xi);
     return 0;
   }
+  int grouped = 0;  // an interleaved part the one-stream kernel reads
+  for (int p = 0; p < parts; p++) grouped |= wt[p].interleaved && super_form(wt[p].type, span, first_group[p], groups);
+  if (m == 1 && grouped) {
+    // one activation row: units of 8 weight rows (a part's rows from a multiple of 8), an interleaved
+    // group of 8 as one stream (group8_super), any other unit row by row
+    int units = 0;
+    for (int p = 0; p < parts; p++) units += (rows[p] + 7) / 8;
+#pragma omp parallel for schedule(static)
+    for (int u = 0; u < units; u++) {
+      int p = 0, unit = u, i = 0;
+      while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
+      int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
+      float out[8];
+      size_t stride;
+      const uint8_t *gw = weight_row(&wt[p], row0, &stride);
+      if (!(count == 8 && wt[p].interleaved && super_form(wt[p].type, span, g0, groups) &&
+            group8_super_any(wt[p].type, gw, g0 / 8, groups / 8, xq, xd, hs, out))) {
+        for (int r = 0; r < count; r++) {
+          const uint8_t *wrow = weight_row(&wt[p], row0 + r, &stride);
+          tile_dot_1(wt[p].type, wrow, stride, g0, groups, xq, k, xd, hs, span, out + r);
+        }
+      }
+      for (int r = 0; r < count; r++) y[i + row0 + r] = out[r] + (bias && bias[p] ? bias[p][row0 + r] : 0.f);
+    }
+    return 0;
+  }
 #endif
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
@@ -1267,8 +1419,9 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     for (int i = 0; i < n; i++) {
       int p = 0, row = i;
       while (row >= rows[p]) row -= rows[p++];
-      int type = types[p], g0 = first_group[p];
-      const uint8_t *wrow = w[p] + (size_t)row * row_bytes[p];
+      int type = wt[p].type, g0 = first_group[p];
+      size_t stride;
+      const uint8_t *wrow = weight_row(&wt[p], row, &stride);
       float b = bias && bias[p] ? bias[p][row] : 0.f;
       float out[MAX_TILE];
       for (int r0 = p0; r0 < p1;) {
@@ -1277,9 +1430,9 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         const float *dr = xd + (size_t)r0 * (k / span);
         const int16_t *hr = hs + (size_t)r0 * (k / 16);
         switch (mr) {
-          case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, hr, span, out); break;
-          case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, hr, span, out); break;
-          default: tile_dot_1(type, wrow, g0, groups, xr, k, dr, hr, span, out);
+          case 4: tile_dot_4(type, wrow, stride, g0, groups, xr, k, dr, hr, span, out); break;
+          case 2: tile_dot_2(type, wrow, stride, g0, groups, xr, k, dr, hr, span, out); break;
+          default: tile_dot_1(type, wrow, stride, g0, groups, xr, k, dr, hr, span, out);
         }
         for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
         r0 += mr;
@@ -1501,13 +1654,12 @@ INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *
 
 // One weight row of k values as float32: the reference dequantization (the same as gguf-py's and
 // llama.cpp's).
-static void dequantize_row(int type, const uint8_t *wrow, int k, float *out) {
+static void dequantize_row(int type, const uint8_t *wrow, size_t bb, int k, float *out) {
   if (float16_type(type)) {
     for (int i = 0; i < k; i++) out[i] = half_value(type, wrow + 2 * (size_t)i);
     return;
   }
   int gpb = block_values(type) / 32;
-  size_t bb = block_bytes(type);
   for (int g = 0; g < k / 32; g++) {
     f32x16 v0, v1;
     unpack_f32(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &v0, &v1);
@@ -1516,14 +1668,17 @@ static void dequantize_row(int type, const uint8_t *wrow, int k, float *out) {
   }
 }
 
-// Weight rows [row0, row0 + rows) as float32 into out [rows, k] (float fallbacks, tests).
-int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int k, float *out) {
-  int qk = block_values(type);
-  size_t bb = block_bytes(type);
-  if (bb == 0 || k % qk != 0) return -1;
-  size_t row_bytes = (size_t)(k / qk) * bb;
+// Weight rows [row0, row0 + rows) of a tensor of `total` rows as float32 into out [rows, k] (float
+// fallbacks, tests; type may carry ROWS8_LAYOUT).
+int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int total, int k, float *out) {
+  wtensor t = weight_tensor(type, w, total, k);
+  if (t.bb == 0 || k % block_values(t.type) != 0 || row0 < 0 || row0 + rows > total) return -1;
 #pragma omp parallel for schedule(static)
-  for (int i = 0; i < rows; i++) dequantize_row(type, w + (size_t)(row0 + i) * row_bytes, k, out + (size_t)i * k);
+  for (int i = 0; i < rows; i++) {
+    size_t stride;
+    const uint8_t *wrow = weight_row(&t, row0 + i, &stride);
+    dequantize_row(t.type, wrow, stride, k, out + (size_t)i * k);
+  }
   return 0;
 }
 
@@ -1535,6 +1690,6 @@ int dc_gguf_dequantize_rows(int type, const uint8_t *w, const int64_t *ids, int 
   if (bb == 0 || k % qk != 0) return -1;
   size_t row_bytes = (size_t)(k / qk) * bb;
 #pragma omp parallel for schedule(static) if (n >= 64)
-  for (int i = 0; i < n; i++) dequantize_row(type, w + (size_t)ids[i] * row_bytes, k, out + (size_t)i * k);
+  for (int i = 0; i < n; i++) dequantize_row(type, w + (size_t)ids[i] * row_bytes, bb, k, out + (size_t)i * k);
   return 0;
 }
