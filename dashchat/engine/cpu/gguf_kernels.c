@@ -39,12 +39,15 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit: the tensor's rows are interleaved in groups of 8, block by block (a group's
-// 8 rows hold, in turn, the 8 rows' block 0, the 8 rows' block 1, ...; each block's bytes as the file
-// has them; rows past the last whole group form a last, shorter group the same way). A group occupies
-// the bytes its 8 rows did, so dc_gguf_interleave rearranges a tensor in place. Decode's one-row
-// products then read each group as one sequential stream, 8 output rows at once (group8_super).
+// A type id with this bit: the tensor's rows are interleaved in groups of 8 (rows past the last whole
+// group keep the file's layout). Q4_K's groups byte by byte (q4k_x8_copy: 4 values of 8 rows a vector,
+// lane = row), the other types' block by block (the 8 rows' block 0, then their block 1, ...; each
+// block's bytes as the file has them). A group occupies the bytes its 8 rows did, so
+// dc_gguf_interleave rearranges a tensor in place. Decode's products then read each group as one
+// sequential stream, 8 output rows at once (q4k_x8_tile, group8_super); the other paths read a group
+// through unit_rows.
 #define ROWS8_LAYOUT 0x100
+#define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
 static inline int base_type(int type) { return type & 0xff; }
 
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
@@ -984,6 +987,92 @@ static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
 // into saturating int16 (255 * 127 * 2 would overflow): the signs move onto x instead (|w| <= 128).
 #define ROWS8_BIAS (HAVE_VNNI ? 128 : 0)
 
+// Q4_K in groups of 8 rows byte by byte (q4k_x8_pack): MR activation rows against one group's
+// super-blocks [sb0, sb0 + sbs) (the window; xq, xd, hs: the first activation row's, window-relative).
+// Lane r = weight row r throughout: each 4 values of 8 rows are one vector, met by one multiply-add
+// with the activation row's 4 values broadcast, so a group of 32 values leaves row r's exact dot
+// product in lane r with no horizontal sum; its integer scale (lane r) multiplies it. Row r's
+// integers I and N are tile_super's, and its float steps (group_term, A[b % 8], tree8) the same: so
+// the same bits as every other path.
+INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16;
+  const __m256i m4 = _mm256_set1_epi8(15), m6 = _mm256_set1_epi8(63), m2 = _mm256_set1_epi8(3);
+  __m256 A[MAX_TILE][8];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q4K_X8_BYTES;
+    // the 8 rows' scales and minimums, lane = row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j
+    __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
+            u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
+    __m256i sc03 = _mm256_and_si256(u0, m6), mn03 = _mm256_and_si256(u1, m6);
+    __m256i sc47 = _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
+    __m256i mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
+                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
+    __m256i I[MAX_TILE], N[MAX_TILE];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) I[r] = N[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {  // groups 2i (low nibbles) and 2i + 1 (high nibbles)
+      __m256i lo[MAX_TILE], hi[MAX_TILE];
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; c++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + 128 + 256 * i + 32 * c));
+        __m256i wl = _mm256_and_si256(w, m4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+          const int8_t *x = xq + (size_t)r * k + 256 * (size_t)b + 64 * i + 4 * c;
+          int32_t xa, xb;
+          memcpy(&xa, x, 4), memcpy(&xb, x + 32, 4);
+          lo[r] = dpbusd_acc(lo[r], wl, _mm256_set1_epi32(xa));
+          hi[r] = dpbusd_acc(hi[r], wh, _mm256_set1_epi32(xb));
+        }
+      }
+      const __m256i byte = _mm256_set1_epi32(0xff);
+      __m256i sa = _mm256_and_si256(_mm256_srli_epi32(i < 2 ? sc03 : sc47, 16 * (i % 2)), byte);
+      __m256i sbv = _mm256_and_si256(_mm256_srli_epi32(i < 2 ? sc03 : sc47, 16 * (i % 2) + 8), byte);
+      __m256i ma = _mm256_and_si256(_mm256_srli_epi32(i < 2 ? mn03 : mn47, 16 * (i % 2)), byte);
+      __m256i mb = _mm256_and_si256(_mm256_srli_epi32(i < 2 ? mn03 : mn47, 16 * (i % 2) + 8), byte);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) {
+        const int16_t *h = hs + (size_t)r * H + 16 * (size_t)b + 4 * i;  // halves of groups 2i, 2i + 1
+        I[r] = _mm256_add_epi32(I[r], _mm256_add_epi32(_mm256_mullo_epi32(lo[r], sa), _mm256_mullo_epi32(hi[r], sbv)));
+        N[r] = _mm256_sub_epi32(N[r], _mm256_add_epi32(_mm256_mullo_epi32(ma, _mm256_set1_epi32(h[0] + h[1])),
+                                                       _mm256_mullo_epi32(mb, _mm256_set1_epi32(h[2] + h[3]))));
+      }
+    }
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
+    __m256 dminv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + 16)));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++)
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(1, I[r], N[r], dv, dminv, _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) {
+    __m256 *a = A[r];
+    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
+  }
+}
+
+static void q4k_x8_tile_1(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                          const int16_t *hs, float *out) {
+  q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, 1, out);
+}
+static void q4k_x8_tile_2(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                          const int16_t *hs, float *out) {
+  q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, 2, out);
+}
+static void q4k_x8_tile_4(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                          const int16_t *hs, float *out) {
+  q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, 4, out);
+}
+
 INLINE __m256i rows8_values(int type, const uint8_t *blk, int j) {
   __m256i wv = group_values_avx2(type, blk, j);
   if (signed_values(type) && HAVE_VNNI) wv = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
@@ -1262,15 +1351,49 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
   return t;
 }
 
-// Row `row`'s first block, and the bytes from one of its blocks to the next (*stride).
-static inline const uint8_t *weight_row(const wtensor *t, int row, size_t *stride) {
-  if (!t->interleaved) {
-    *stride = t->bb;
-    return t->w + (size_t)row * t->row_bytes;
+// Q4_K's ROWS8_LAYOUT, byte by byte rather than block by block: super-block b of a group of 8 rows is
+// Q4K_X8_BYTES (8 blocks' worth) holding the 8 rows' fp16 d, then their fp16 dmin, then the three
+// 4-byte words of their packed scales (word 0 of rows 0-7, word 1, word 2), then their 4-bit values:
+// for each 32-byte run i (0-3) of a block's values (groups 2i and 2i + 1 as low and high nibbles),
+// its 8 4-byte chunks c, each the 8 rows' bytes 4c..4c+3 in row order (q4k_x8_tile reads them so).
+// One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * 144) and
+// the byte layout (x8), either way (pack: file to x8).
+static void q4k_x8_copy(uint8_t *rows, size_t row_bytes, size_t blocks, uint8_t *x8, int pack) {
+  for (size_t b = 0; b < blocks; b++) {
+    uint8_t *sb = x8 + b * Q4K_X8_BYTES;
+    for (int r = 0; r < 8; r++) {
+      uint8_t *blk = rows + r * row_bytes + b * 144;
+      // (d, dmin), the 3 scale words, the 32 chunks of 4 values: offsets in the block and in x8
+      for (int f = 0; f < 2 + 3 + 32; f++) {
+        size_t size = f < 2 ? 2 : 4, in_block = f < 2 ? 2 * (size_t)f : f < 5 ? 4 + 4 * (size_t)(f - 2) : 16 + 4 * (size_t)(f - 5);
+        size_t in_x8 = f < 2 ? 16 * (size_t)f + 2 * r
+                       : f < 5 ? 32 + 32 * (size_t)(f - 2) + 4 * r
+                               : 128 + 32 * (size_t)(f - 5) + 4 * r;  // chunk f - 5: run (f-5)/8, chunk (f-5)%8
+        if (pack) memcpy(sb + in_x8, blk + in_block, size);
+        else memcpy(blk + in_block, sb + in_x8, size);
+      }
+    }
   }
-  int group = row / 8, in_group = t->rows - 8 * group < 8 ? t->rows - 8 * group : 8;
-  *stride = (size_t)in_group * t->bb;
-  return t->w + (size_t)group * 8 * t->row_bytes + (size_t)(row % 8) * t->bb;
+}
+
+// Types whose ROWS8_LAYOUT is byte by byte (the others': block by block).
+static inline int x8_type(int type) { return type == T_Q4_K; }
+
+// Unit g (rows 8g.. of at most 8) of a tensor as the per-row kernels read it: row r's first block at
+// the result + r * *row_step, its blocks *stride apart. An x8 group is first unpacked into *scratch
+// (8 row_bytes, allocated on first use; NULL result: no memory).
+static const uint8_t *unit_rows(const wtensor *t, int g, uint8_t **scratch, size_t *row_step, size_t *stride) {
+  const uint8_t *base = t->w + (size_t)g * 8 * t->row_bytes;
+  *row_step = t->row_bytes, *stride = t->bb;
+  if (!t->interleaved || t->rows - 8 * g < 8) return base;  // the file's layout (a last group of fewer rows too)
+  if (!x8_type(t->type)) {
+    *row_step = t->bb, *stride = 8 * t->bb;
+    return base;
+  }
+  if (!*scratch) *scratch = malloc(8 * t->row_bytes);
+  if (!*scratch) return NULL;
+  q4k_x8_copy(*scratch, t->row_bytes, t->row_bytes / t->bb, (uint8_t *)base, 0);
+  return *scratch;
 }
 
 // Rearranges a tensor of `rows` rows of k values of `type` (no layout bit) in place into ROWS8_LAYOUT,
@@ -1283,13 +1406,15 @@ int dc_gguf_interleave(int type, uint8_t *w, int rows, int k) {
   size_t blocks = (size_t)(k / qk), row_bytes = blocks * bb;
   uint8_t *scratch = malloc(8 * row_bytes);
   if (!scratch) return -2;
-  for (int g = 0; 8 * g < rows; g++) {
-    int in_group = rows - 8 * g < 8 ? rows - 8 * g : 8;
+  for (int g = 0; 8 * g + 8 <= rows; g++) {  // whole groups; the rows after them keep the file's layout
     uint8_t *group = w + (size_t)g * 8 * row_bytes;
-    memcpy(scratch, group, (size_t)in_group * row_bytes);
+    memcpy(scratch, group, 8 * row_bytes);
+    if (x8_type(type)) {
+      q4k_x8_copy(scratch, row_bytes, blocks, group, 1);
+      continue;
+    }
     for (size_t b = 0; b < blocks; b++)
-      for (int r = 0; r < in_group; r++)
-        memcpy(group + (b * in_group + r) * bb, scratch + r * row_bytes + b * bb, bb);
+      for (int r = 0; r < 8; r++) memcpy(group + (b * 8 + r) * bb, scratch + r * row_bytes + b * bb, bb);
   }
   free(scratch);
   return 0;
@@ -1341,7 +1466,8 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     first_group[p] = start / 32;
     n += rows[p];
   }
-  int groups = k / 32;
+  int groups = k / 32, units = 0;
+  for (int p = 0; p < parts; p++) units += (rows[p] + 7) / 8;
 #if defined(__AVX2__)
   int8_t *xi = NULL;  // ROWS8_MIN rows or more: blocks of 8, interleaved for rows8_dot
   if (m >= ROWS8_MIN) {
@@ -1349,97 +1475,104 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     if (xi) interleave8(xq, xd, hs, m, k, span, xi);
   }
   if (xi) {
-    // Weight rows in chunks of ROWS8_WEIGHTS, each 16-row block of activations met by the whole chunk
+    // Units of up to 8 weight rows of one part, each 16-row block of activations met by the whole unit
     // in turn: a block (k/32 groups x 352 bytes each: 10 KB at k = 896) is then read from L1 by every
-    // row of the chunk, not from L2 once a weight row.
+    // row of the unit, not from L2 once a weight row.
     size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
-#pragma omp parallel for schedule(static)
-    for (int i0 = 0; i0 < n; i0 += ROWS8_WEIGHTS) {
-      int i1 = n - i0 < ROWS8_WEIGHTS ? n : i0 + ROWS8_WEIGHTS;
-      for (int r0 = 0; r0 < m; r0 += 16) {
-        int left = m - r0, blocks = left > 8 ? 2 : 1, rows_here = left < 8 * blocks ? left : 8 * blocks;
-        for (int i = i0; i < i1;) {
-          int p = 0, row = i;
-          while (row >= rows[p]) row -= rows[p++];
-          // WTILE weight rows of one part at once where there are that many (and their blocks equally
-          // far apart: not across an interleaved tensor's last, shorter group), else one
-          const uint8_t *wrows[WTILE];
-          size_t stride, last_stride = 0;
-          wrows[0] = weight_row(&wt[p], row, &stride);
-          int wn = i + WTILE <= i1 && row + WTILE <= rows[p] ? WTILE : 1;
-          if (wn > 1) weight_row(&wt[p], row + WTILE - 1, &last_stride);
-          if (last_stride != stride) wn = 1;
-          for (int e = 1; e < wn; e++) wrows[e] = weight_row(&wt[p], row + e, &last_stride);
-          float outw[8 * WTILE];
-          for (int nb = 0; nb < blocks; nb++) {
-            rows8_dot_w_any(wt[p].type, wrows, stride, wn, first_group[p], groups,
-                            xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
-            for (int e = 0; e < wn; e++) {
-              float b = bias && bias[p] ? bias[p][row + e] : 0.f;
-              for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + e] = outw[8 * e + r] + b;
-            }
-          }
-          i += wn;
-        }
-      }
-    }
-    free(xi);
-    return 0;
-  }
-  int grouped = 0;  // an interleaved part the one-stream kernel reads
-  for (int p = 0; p < parts; p++) grouped |= wt[p].interleaved && super_form(wt[p].type, span, first_group[p], groups);
-  if (m == 1 && grouped) {
-    // one activation row: units of 8 weight rows (a part's rows from a multiple of 8), an interleaved
-    // group of 8 as one stream (group8_super), any other unit row by row
-    int units = 0;
-    for (int p = 0; p < parts; p++) units += (rows[p] + 7) / 8;
+    int failed = 0;
 #pragma omp parallel for schedule(static)
     for (int u = 0; u < units; u++) {
       int p = 0, unit = u, i = 0;
       while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
-      int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
-      float out[8];
-      size_t stride;
-      const uint8_t *gw = weight_row(&wt[p], row0, &stride);
-      if (!(count == 8 && wt[p].interleaved && super_form(wt[p].type, span, g0, groups) &&
-            group8_super_any(wt[p].type, gw, g0 / 8, groups / 8, xq, xd, hs, out))) {
-        for (int r = 0; r < count; r++) {
-          const uint8_t *wrow = weight_row(&wt[p], row0 + r, &stride);
-          tile_dot_1(wt[p].type, wrow, stride, g0, groups, xq, k, xd, hs, span, out + r);
+      int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8;
+      uint8_t *scratch = NULL;
+      size_t row_step, stride;
+      const uint8_t *first = unit_rows(&wt[p], unit, &scratch, &row_step, &stride);
+      if (!first) {
+        failed = 1;
+        continue;
+      }
+      for (int r0 = 0; r0 < m; r0 += 16) {
+        int left = m - r0, blocks = left > 8 ? 2 : 1, rows_here = left < 8 * blocks ? left : 8 * blocks;
+        for (int e0 = 0; e0 < count;) {
+          int wn = e0 + WTILE <= count ? WTILE : 1;  // WTILE weight rows at once where there are that many
+          const uint8_t *wrows[WTILE];
+          float outw[8 * WTILE];
+          for (int e = 0; e < wn; e++) wrows[e] = first + (size_t)(e0 + e) * row_step;
+          for (int nb = 0; nb < blocks; nb++) {
+            rows8_dot_w_any(wt[p].type, wrows, stride, wn, first_group[p], groups,
+                            xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
+            for (int e = 0; e < wn; e++) {
+              int row = row0 + e0 + e;
+              float b = bias && bias[p] ? bias[p][row] : 0.f;
+              for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + row] = outw[8 * e + r] + b;
+            }
+          }
+          e0 += wn;
         }
       }
-      for (int r = 0; r < count; r++) y[i + row0 + r] = out[r] + (bias && bias[p] ? bias[p][row0 + r] : 0.f);
+      free(scratch);
     }
-    return 0;
+    free(xi);
+    return failed ? -2 : 0;
   }
 #endif
+  int failed = 0;
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
+    // units of up to 8 weight rows of one part: an interleaved group read as one stream where a kernel
+    // takes it (q4k_x8_tile, group8_super), any other unit row by row
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-      int p = 0, row = i;
-      while (row >= rows[p]) row -= rows[p++];
-      int type = wt[p].type, g0 = first_group[p];
-      size_t stride;
-      const uint8_t *wrow = weight_row(&wt[p], row, &stride);
-      float b = bias && bias[p] ? bias[p][row] : 0.f;
-      float out[MAX_TILE];
+    for (int u = 0; u < units; u++) {
+      int p = 0, unit = u, i = 0;
+      while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
+      const wtensor *t = &wt[p];
+      int type = t->type, row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
+      int whole = t->interleaved && count == 8 && super_form(type, span, g0, groups);
+      const uint8_t *gw = t->w + (size_t)row0 * t->row_bytes;
+      float out[8 * MAX_TILE];
       for (int r0 = p0; r0 < p1;) {
         int left = p1 - r0, mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const int8_t *xr = xq + (size_t)r0 * k;
         const float *dr = xd + (size_t)r0 * (k / span);
         const int16_t *hr = hs + (size_t)r0 * (k / 16);
-        switch (mr) {
-          case 4: tile_dot_4(type, wrow, stride, g0, groups, xr, k, dr, hr, span, out); break;
-          case 2: tile_dot_2(type, wrow, stride, g0, groups, xr, k, dr, hr, span, out); break;
-          default: tile_dot_1(type, wrow, stride, g0, groups, xr, k, dr, hr, span, out);
+#if defined(__AVX2__)
+        if (whole && x8_type(type)) {  // out[8 r + e]: activation row r, weight row e
+          switch (mr) {
+            case 4: q4k_x8_tile_4(gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
+            case 2: q4k_x8_tile_2(gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
+            default: q4k_x8_tile_1(gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
+          }
+        } else if (!(whole && mr == 1 && group8_super_any(type, gw, g0 / 8, groups / 8, xr, dr, hr, out)))
+#endif
+        {
+          uint8_t *scratch = NULL;
+          size_t row_step, stride;
+          const uint8_t *first = unit_rows(t, unit, &scratch, &row_step, &stride);
+          if (!first) {
+            failed = 1;
+            break;
+          }
+          for (int e = 0; e < count; e++) {
+            float o[MAX_TILE];
+            const uint8_t *wrow = first + (size_t)e * row_step;
+            switch (mr) {
+              case 4: tile_dot_4(type, wrow, stride, g0, groups, xr, k, dr, hr, span, o); break;
+              case 2: tile_dot_2(type, wrow, stride, g0, groups, xr, k, dr, hr, span, o); break;
+              default: tile_dot_1(type, wrow, stride, g0, groups, xr, k, dr, hr, span, o);
+            }
+            for (int r = 0; r < mr; r++) out[8 * r + e] = o[r];
+          }
+          free(scratch);
         }
-        for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+        for (int r = 0; r < mr; r++)
+          for (int e = 0; e < count; e++)
+            y[(size_t)(r0 + r) * ldy + i + row0 + e] = out[8 * r + e] + (bias && bias[p] ? bias[p][row0 + e] : 0.f);
         r0 += mr;
       }
     }
   }
-  return 0;
+  return failed ? -2 : 0;
 }
 
 // ---------------------------------------------------------------- 16-bit float weights (F16, BF16)
@@ -1672,14 +1805,24 @@ static void dequantize_row(int type, const uint8_t *wrow, size_t bb, int k, floa
 // fallbacks, tests; type may carry ROWS8_LAYOUT).
 int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int total, int k, float *out) {
   wtensor t = weight_tensor(type, w, total, k);
-  if (t.bb == 0 || k % block_values(t.type) != 0 || row0 < 0 || row0 + rows > total) return -1;
+  if (t.bb == 0 || k % block_values(t.type) != 0 || row0 < 0 || rows < 0 || row0 + rows > total) return -1;
+  int failed = 0, u0 = row0 / 8, u1 = (row0 + rows + 7) / 8;
 #pragma omp parallel for schedule(static)
-  for (int i = 0; i < rows; i++) {
-    size_t stride;
-    const uint8_t *wrow = weight_row(&t, row0 + i, &stride);
-    dequantize_row(t.type, wrow, stride, k, out + (size_t)i * k);
+  for (int u = u0; u < u1; u++) {  // units of 8 rows (an interleaved group read through unit_rows)
+    uint8_t *scratch = NULL;
+    size_t row_step, stride;
+    const uint8_t *first = unit_rows(&t, u, &scratch, &row_step, &stride);
+    if (!first) {
+      failed = 1;
+      continue;
+    }
+    for (int e = 0; e < 8; e++) {
+      int row = 8 * u + e;
+      if (row >= row0 && row < row0 + rows) dequantize_row(t.type, first + (size_t)e * row_step, stride, k, out + (size_t)(row - row0) * k);
+    }
+    free(scratch);
   }
-  return 0;
+  return failed ? -2 : 0;
 }
 
 // Rows ids[0..n) of a GGUF weight [*, k] as float32 out [n, k]: an embedding lookup that dequantizes
