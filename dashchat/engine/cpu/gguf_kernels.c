@@ -40,14 +40,15 @@ enum {
 };
 
 // A type id with this bit: the tensor's rows are interleaved in groups of 8 (rows past the last whole
-// group keep the file's layout). Q4_K's groups byte by byte (q4k_x8_copy: 4 values of 8 rows a vector,
-// lane = row), the other types' block by block (the 8 rows' block 0, then their block 1, ...; each
+// group keep the file's layout). Q4_K's and Q6_K's groups byte by byte (x8_copy: 4 values of 8 rows
+// a vector, lane = row), the other types' block by block (the 8 rows' block 0, then their block 1, ...; each
 // block's bytes as the file has them). A group occupies the bytes its 8 rows did, so
 // dc_gguf_interleave rearranges a tensor in place. Decode's products then read each group as one
-// sequential stream, 8 output rows at once (q4k_x8_tile, group8_super); the other paths read a group
+// sequential stream, 8 output rows at once (x8_tile_*, group8_super); the other paths read a group
 // through unit_rows.
 #define ROWS8_LAYOUT 0x100
 #define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
+#define Q6K_X8_BYTES (8 * 210)
 static inline int base_type(int type) { return type & 0xff; }
 
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
@@ -1060,18 +1061,88 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
   }
 }
 
-static void q4k_x8_tile_1(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                          const int16_t *hs, float *out) {
-  q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, 1, out);
+// Q6_K's byte layout (x8_copy), as q4k_x8_tile: MR activation rows against one group's super-blocks,
+// lane = weight row; each half (16 values) of a group leaves its exact dot product in lane r, less 32
+// times the activations' half sum (the values' offset), times its int8 scale. The integers and float
+// steps of tile_super, so the same bits.
+INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16;
+  const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+  __m256 A[MAX_TILE][8];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q6K_X8_BYTES, *ql = sb + 144, *qh = sb + 1168;
+    __m256i I[MAX_TILE];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; half++) {    // groups 4 half .. 4 half + 3
+#pragma GCC unroll 2
+      for (int vh = 0; vh < 2; vh++) {        // their first or second 16 values
+        __m256i acc[4][MAX_TILE];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++)
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; r++) acc[q][r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 4 * vh; c < 4 * vh + 4; c++) {
+          __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 256 * half + 32 * c));
+          __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 256 * (2 * half) + 32 * c));
+          __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 256 * (2 * half + 1) + 32 * c));
+          __m256i v[4] = {
+              _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30)),
+              _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30)),
+              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30)),
+              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m30))};
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; q++)
+#pragma GCC unroll 4
+            for (int r = 0; r < MR; r++) {
+              int32_t xv;
+              memcpy(&xv, xq + (size_t)r * k + 256 * (size_t)b + 32 * (4 * half + q) + 4 * c, 4);
+              acc[q][r] = dpbusd_acc(acc[q][r], v[q], _mm256_set1_epi32(xv));
+            }
+        }
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+          int si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4, lane = row
+          __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * (si / 4)));
+          __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(words, 24 - 8 * (si % 4)), 24);
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; r++) {
+            int S = hs[(size_t)r * H + 16 * (size_t)b + si];
+            I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(_mm256_sub_epi32(acc[q][r], _mm256_set1_epi32(32 * S)), sc));
+          }
+        }
+      }
+    }
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++)
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], I[r], dv, dv, _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) {
+    __m256 *a = A[r];
+    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
+  }
 }
-static void q4k_x8_tile_2(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                          const int16_t *hs, float *out) {
-  q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, 2, out);
-}
-static void q4k_x8_tile_4(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                          const int16_t *hs, float *out) {
-  q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, 4, out);
-}
+
+// The byte layouts' tiles per type and height (out[8 r + e]: activation row r, weight row e).
+#define X8_TILE_FN(MR)                                                                                      \
+  static void x8_tile_##MR(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,           \
+                           const float *xd, const int16_t *hs, float *out) {                                 \
+    if (type == T_Q4_K) q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                  \
+    else q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                                 \
+  }
+X8_TILE_FN(1)
+X8_TILE_FN(2)
+X8_TILE_FN(4)
 
 INLINE __m256i rows8_values(int type, const uint8_t *blk, int j) {
   __m256i wv = group_values_avx2(type, blk, j);
@@ -1356,28 +1427,40 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
 // 4-byte words of their packed scales (word 0 of rows 0-7, word 1, word 2), then their 4-bit values:
 // for each 32-byte run i (0-3) of a block's values (groups 2i and 2i + 1 as low and high nibbles),
 // its 8 4-byte chunks c, each the 8 rows' bytes 4c..4c+3 in row order (q4k_x8_tile reads them so).
-// One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * 144) and
-// the byte layout (x8), either way (pack: file to x8).
-static void q4k_x8_copy(uint8_t *rows, size_t row_bytes, size_t blocks, uint8_t *x8, int pack) {
-  for (size_t b = 0; b < blocks; b++) {
-    uint8_t *sb = x8 + b * Q4K_X8_BYTES;
-    for (int r = 0; r < 8; r++) {
-      uint8_t *blk = rows + r * row_bytes + b * 144;
-      // (d, dmin), the 3 scale words, the 32 chunks of 4 values: offsets in the block and in x8
-      for (int f = 0; f < 2 + 3 + 32; f++) {
-        size_t size = f < 2 ? 2 : 4, in_block = f < 2 ? 2 * (size_t)f : f < 5 ? 4 + 4 * (size_t)(f - 2) : 16 + 4 * (size_t)(f - 5);
-        size_t in_x8 = f < 2 ? 16 * (size_t)f + 2 * r
-                       : f < 5 ? 32 + 32 * (size_t)(f - 2) + 4 * r
-                               : 128 + 32 * (size_t)(f - 5) + 4 * r;  // chunk f - 5: run (f-5)/8, chunk (f-5)%8
-        if (pack) memcpy(sb + in_x8, blk + in_block, size);
-        else memcpy(blk + in_block, sb + in_x8, size);
-      }
-    }
-  }
-}
+// The byte layouts (x8) of a super-block of a group of 8 rows, as runs of a block's bytes: field f
+// holds `count` pieces of `size` bytes from block offset `at`; piece i of row r lands at
+// x8 + 8 * size * i + size * r, the fields one after another. Q4_K: d, dmin, the three words of packed
+// scales, then the 32 4-byte chunks of its values (run i = chunks 8i..8i+7: groups 2i and 2i + 1 as
+// low and high nibbles). Q6_K: d, its 16 int8 scales as 4 words, the 32 chunks of its low 4 bits
+// (run s = chunks 8s..: groups 4 (s / 2) + s % 2 and + 2 as low and high nibbles), the 16 chunks of
+// its high 2 bits (run h: groups 4h..4h+3, two bits each).
+typedef struct {
+  int at, size, count;
+} x8_field;
+static const x8_field q4k_x8_fields[] = {{0, 2, 1}, {2, 2, 1}, {4, 4, 3}, {16, 4, 32}, {0, 0, 0}};
+static const x8_field q6k_x8_fields[] = {{208, 2, 1}, {192, 4, 4}, {0, 4, 32}, {128, 4, 16}, {0, 0, 0}};
 
 // Types whose ROWS8_LAYOUT is byte by byte (the others': block by block).
-static inline int x8_type(int type) { return type == T_Q4_K; }
+static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K; }
+
+// One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
+// the byte layout, either way (pack: file to x8).
+static void x8_copy(int type, uint8_t *rows, size_t row_bytes, size_t blocks, uint8_t *x8, int pack) {
+  const x8_field *fields = type == T_Q4_K ? q4k_x8_fields : q6k_x8_fields;
+  size_t bb = block_bytes(type);
+  for (size_t b = 0; b < blocks; b++) {
+    uint8_t *out = x8 + b * 8 * bb;
+    for (const x8_field *f = fields; f->size; out += 8 * (size_t)f->size * f->count, f++)
+      for (int r = 0; r < 8; r++) {
+        uint8_t *blk = rows + r * row_bytes + b * bb + f->at;
+        for (int i = 0; i < f->count; i++) {
+          uint8_t *there = out + 8 * (size_t)f->size * i + (size_t)f->size * r;
+          if (pack) memcpy(there, blk + f->size * i, f->size);
+          else memcpy(blk + f->size * i, there, f->size);
+        }
+      }
+  }
+}
 
 // Unit g (rows 8g.. of at most 8) of a tensor as the per-row kernels read it: row r's first block at
 // the result + r * *row_step, its blocks *stride apart. An x8 group is first unpacked into *scratch
@@ -1392,7 +1475,7 @@ static const uint8_t *unit_rows(const wtensor *t, int g, uint8_t **scratch, size
   }
   if (!*scratch) *scratch = malloc(8 * t->row_bytes);
   if (!*scratch) return NULL;
-  q4k_x8_copy(*scratch, t->row_bytes, t->row_bytes / t->bb, (uint8_t *)base, 0);
+  x8_copy(t->type, *scratch, t->row_bytes, t->row_bytes / t->bb, (uint8_t *)base, 0);
   return *scratch;
 }
 
@@ -1410,7 +1493,7 @@ int dc_gguf_interleave(int type, uint8_t *w, int rows, int k) {
     uint8_t *group = w + (size_t)g * 8 * row_bytes;
     memcpy(scratch, group, 8 * row_bytes);
     if (x8_type(type)) {
-      q4k_x8_copy(scratch, row_bytes, blocks, group, 1);
+      x8_copy(type, scratch, row_bytes, blocks, group, 1);
       continue;
     }
     for (size_t b = 0; b < blocks; b++)
@@ -1539,9 +1622,9 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
 #if defined(__AVX2__)
         if (whole && x8_type(type)) {  // out[8 r + e]: activation row r, weight row e
           switch (mr) {
-            case 4: q4k_x8_tile_4(gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
-            case 2: q4k_x8_tile_2(gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
-            default: q4k_x8_tile_1(gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
+            case 4: x8_tile_4(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
+            case 2: x8_tile_2(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
+            default: x8_tile_1(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
           }
         } else if (!(whole && mr == 1 && group8_super_any(type, gw, g0 / 8, groups / 8, xr, dr, hr, out)))
 #endif
