@@ -200,11 +200,9 @@ def test_input_window_of_whole_rows(type_name: str, k0: int, k: int) -> None:
 
 
 def interleaved_part(type_name: str, data: torch.Tensor, cols: int, **window) -> GGUFPart:
-    """A part of a copy of `data` with its rows interleaved in groups of 8 (ROWS8_LAYOUT), for any
-    integer-product type: the engine interleaves INTERLEAVED_TYPES, the kernels read the layout for all."""
-    part = GGUFPart(type_name, data.clone(), cols, **window)
-    assert kernel_library().dc_gguf_interleave(part.type_id, part.data.data_ptr(), part.rows, part.k_full) == 0
-    part.type_id |= ROWS8_LAYOUT
+    """A part of a copy of `data` with its rows interleaved in groups of 8 (ROWS8_LAYOUT)."""
+    part = GGUFPart(type_name, data.clone(), cols, interleave=True, **window)
+    assert part.interleaved and part.type_id & ROWS8_LAYOUT
     return part
 
 
@@ -212,12 +210,10 @@ def layout_invariance(type_name: str, seed: int, counts=(1, 2, 3, 4, 5, 8, 9, 17
     """Rows interleaved in groups of 8 give every output the bits of the file's row-major layout, at
     every batch size (one row: an interleaved group as one stream; 2-4: the per-row tiles; 5 and up:
     the 8-row blocks), for whole rows and for a rank's input window (on super-block boundaries and
-    not), in a fused layer with a part in the file's layout; 21 rows: two whole groups and one of 5."""
-    per_block = BLOCK_TYPES[type_name][1]
-    cols, rows = (768, 21) if per_block == 256 else (800, 21)
+    not), in a fused layer with a part in the file's layout; 21 rows: two whole groups and 5 more."""
+    cols, rows, other_type = 768, 21, "Q5_K"
     data = torch.from_numpy(random_blocks(type_name, rows, cols, seed))
-    other = torch.from_numpy(random_blocks("Q4_K" if per_block == 256 else "Q8_0", 6, cols, seed + 1))
-    other_type = "Q4_K" if per_block == 256 else "Q8_0"
+    other = torch.from_numpy(random_blocks(other_type, 6, cols, seed + 1))
     bias = torch.randn(rows + 6, generator=torch.Generator().manual_seed(seed))
     x = torch.randn(17, cols, generator=torch.Generator().manual_seed(seed))
     for k0, k in ((0, cols), (256, 512), (32, 256)):
@@ -232,7 +228,7 @@ def layout_invariance(type_name: str, seed: int, counts=(1, 2, 3, 4, 5, 8, 9, 17
             assert torch.equal(inter(xs), file(xs)), f"{type_name} k0={k0} m={m}"
 
 
-@pytest.mark.parametrize("type_name", [t for t in TYPES if t not in FLOAT16_TYPES])
+@pytest.mark.parametrize("type_name", sorted(INTERLEAVED_TYPES))
 def test_interleaved_rows_give_the_same_bits(type_name: str) -> None:
     layout_invariance(type_name, seed=7)
 
@@ -301,14 +297,14 @@ from engine.test_gguf_kernels import check_type, TYPES
 from dashchat.engine.cpu.kernels import kernel_library
 assert kernel_library() is not None
 from engine.test_gguf_kernels import batch_invariance, check_activation_quantization, layout_invariance
-from dashchat.engine.quantization.gguf import FLOAT16_TYPES
+from dashchat.engine.quantization.gguf import INTERLEAVED_TYPES
 check_activation_quantization()
 for t in TYPES:
     for batch in (1, 5, 20):
         check_type(t, rows=19, cols=256, batch=batch, seed=batch)
     batch_invariance(t, seed=1, counts=(1, 2, 3, 5, 8, 9, 17))
-    if t not in FLOAT16_TYPES:
-        layout_invariance(t, seed=2, counts=(1, 3, 9))
+    if t in INTERLEAVED_TYPES:
+        layout_invariance(t, seed=2, counts=(1, 2, 3, 4, 9))
 print("ok", len(TYPES))
 """
 

@@ -39,13 +39,13 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit: the tensor's rows are interleaved in groups of 8 (rows past the last whole
-// group keep the file's layout). Q4_K's and Q6_K's groups byte by byte (x8_copy: 4 values of 8 rows
-// a vector, lane = row), the other types' block by block (the 8 rows' block 0, then their block 1, ...; each
-// block's bytes as the file has them). A group occupies the bytes its 8 rows did, so
-// dc_gguf_interleave rearranges a tensor in place. Decode's products then read each group as one
-// sequential stream, 8 output rows at once (x8_tile_*, group8_super); the other paths read a group
-// through unit_rows.
+// A type id with this bit (Q4_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
+// byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
+// last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
+// dc_gguf_interleave rearranges a tensor in place. Decode's products (1-4 activation rows) read each
+// group as one sequential stream, 8 output rows at once (x8_tile_*); the other paths (5 or more rows,
+// a rank's window off super-block boundaries, dequantization) unpack a group to the file's layout
+// first (unit_rows).
 #define ROWS8_LAYOUT 0x100
 #define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
 #define Q6K_X8_BYTES (8 * 210)
@@ -556,10 +556,11 @@ static inline int super_form(int type, int span, int g0, int groups) {
 #define MAX_TILE 4
 
 // The plain C path (the portable build's, at every batch size): the definition above, written out.
-INLINE void tile_dot_c(int type, const uint8_t *wrow, size_t bb, int g0, int groups, const int8_t *xq, int k,
+INLINE void tile_dot_c(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
                        const float *xd, const int16_t *hs, int span, const int MR, float *out) {
   const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
   const unsigned per_block = super_block(type) ? 8 : 1;
+  size_t bb = block_bytes(type);
   float acc[MAX_TILE];
   for (int r = 0; r < MR; r++) acc[r] = 0.f;
   const int sf = super_form(type, span, g0, groups);
@@ -718,9 +719,10 @@ static inline int super_d_high(int type) { return type == T_Q6_K || type == T_Q3
 
 // Super-block form, one weight row against MR activation rows (row r at xq + r * k): 8 super-blocks a
 // unit, each one's integers in one int32 vector per row, the 8 reduced at once (lane = super-block).
-INLINE void tile_super(int type, const uint8_t *wrow, size_t bb, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+INLINE void tile_super(int type, const uint8_t *wrow, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                        const int16_t *hs, const int MR, float *out) {
   const int sbs_row = k / 256, H = k / 16, off = value_offset(type), mins = has_mins(type);
+  size_t bb = block_bytes(type);
   __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
 #pragma GCC unroll 4
   for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
@@ -782,11 +784,12 @@ INLINE void tile_super(int type, const uint8_t *wrow, size_t bb, int sb0, int sb
 
 // Per-group form, one weight row against MR activation rows: each group's integer products reduced
 // to one int32 a group (8 groups a vector, lane = group), then group_term and tree8 on the lanes.
-INLINE void tile_groups(int type, const uint8_t *wrow, size_t bb, int g0, int groups, const int8_t *xq, int k,
+INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k,
                         const float *xd, const int16_t *hs, const int MR, float *out) {
   const int G = k / 32, H = k / 16, off = value_offset(type), mins = has_mins(type);
   const int scaled = super_block(type);  // integer scales per half: products scaled before the reduction
   const unsigned per_block = super_block(type) ? 8 : 1;
+  size_t bb = block_bytes(type);
   __m256 accv[MAX_TILE];  // the 8 accumulators of each row, lane e = A[e]
 #pragma GCC unroll 4
   for (int r = 0; r < MR; r++) accv[r] = _mm256_setzero_ps();
@@ -869,88 +872,25 @@ INLINE void tile_groups(int type, const uint8_t *wrow, size_t bb, int g0, int gr
   for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
 }
 
-#ifndef GROUP8_UNROLL  // the 8 rows' loop in group8_super (a build option for measuring)
-#define GROUP8_UNROLL 1
-#endif
-#define DC_PRAGMA(x) _Pragma(#x)
-#define DC_UNROLL(n) DC_PRAGMA(GCC unroll n)
-
-// Super-block form, one activation row against a group of 8 interleaved weight rows (ROWS8_LAYOUT:
-// run b, the 8 rows' super-block sb0 + b in row order, at gw + (sb0 + b) * 8 * bb): the weights are
-// one sequential stream and each 32 activation values are loaded once for the 8 rows. Row r's
-// integers are tile_super's (lane r here, lane b % 8 there), and its float steps the same: super-block
-// b's term is added to accumulator A[b % 8] (lane r), the result tree8 of the 8. So the same bits.
-INLINE void group8_super(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, const float *xd,
-                         const int16_t *hs, float *out) {
-  const int off = value_offset(type), mins = has_mins(type);
-  const size_t bb = block_bytes(type);
-  const __m256i row_offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bb));
-  __m256 A[8];
-#pragma GCC unroll 8
-  for (int e = 0; e < 8; e++) A[e] = _mm256_setzero_ps();
-  for (int b = 0; b < sbs; b++) {
-    const uint8_t *run = gw + (size_t)(sb0 + b) * 8 * bb;
-    __m256i xv[8], sumi[8], sumn[8];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; j++) xv[j] = _mm256_loadu_si256((const __m256i *)(xq + 256 * (size_t)b + 32 * j));
-    __m256i h = _mm256_loadu_si256((const __m256i *)(hs + 16 * (size_t)b));
-    DC_UNROLL(GROUP8_UNROLL)
-    for (int r = 0; r < 8; r++) {
-      const uint8_t *blk = run + (size_t)r * bb;
-      sbscale s;
-      super_ints(type, blk, &s);
-      __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; j++) {
-        __m256i wv = group_values_avx2(type, blk, j);
-        __m256i wu = signed_values(type) ? _mm256_sign_epi8(wv, wv) : wv;
-        __m256i x = signed_values(type) ? _mm256_sign_epi8(xv[j], wv) : xv[j];
-        acc = dpwssd_acc(acc, _mm256_maddubs_epi16(wu, x), HALF_PAIR(s.sc, j));
-      }
-      if (off) acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(_mm256_madd_epi16(s.sc, h), offset_shift(off)));
-      sumi[r] = acc;
-      sumn[r] = mins ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s.mn, h)) : _mm256_setzero_si256();
-    }
-    __m256i I = reduce8_i32(sumi), N = mins ? reduce8_i32(sumn) : _mm256_setzero_si256();
-    __m256i dd = _mm256_i32gather_epi32((const int *)(run + super_d_offset(type)), row_offsets, 1);
-    __m256 dv = _mm256_cvtph_ps(low_halves(super_d_high(type) ? _mm256_srli_epi32(dd, 16) : dd));
-    __m256 dminv = mins ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dd, 16))) : _mm256_setzero_ps();
-    A[b % 8] = _mm256_add_ps(A[b % 8], group_term_ps(mins, I, N, dv, dminv, _mm256_set1_ps(xd[b])));
-  }
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[1]), _mm256_add_ps(A[2], A[3])),
-                                      _mm256_add_ps(_mm256_add_ps(A[4], A[5]), _mm256_add_ps(A[6], A[7]))));
-}
-
-#define GROUP8_CASE(T) \
-  case T: group8_super(T, gw, sb0, sbs, xq, xd, hs, out); return 1;
-// group8_super specialized per type; 0 where a type has no such kernel.
-static int group8_super_any(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, const float *xd,
-                            const int16_t *hs, float *out) {
-  switch (type) {
-    GROUP8_CASE(T_Q2_K) GROUP8_CASE(T_Q3_K) GROUP8_CASE(T_Q4_K) GROUP8_CASE(T_Q5_K) GROUP8_CASE(T_Q6_K)
-    GROUP8_CASE(T_IQ4_XS)
-  }
-  return 0;
-}
 #endif
 
 // One weight row (its window's groups [g0, g0 + groups)) against MR activation rows; xd, hs: the
 // first row's scales and half sums (row-major).
-INLINE void tile_dot(int type, const uint8_t *wrow, size_t bb, int g0, int groups, const int8_t *xq, int k, const float *xd,
+INLINE void tile_dot(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq, int k, const float *xd,
                      const int16_t *hs, int span, const int MR, float *out) {
 #if defined(__AVX2__)
-  if (super_form(type, span, g0, groups)) tile_super(type, wrow, bb, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
-  else tile_groups(type, wrow, bb, g0, groups, xq, k, xd, hs, MR, out);
+  if (super_form(type, span, g0, groups)) tile_super(type, wrow, g0 / 8, groups / 8, xq, k, xd, hs, MR, out);
+  else tile_groups(type, wrow, g0, groups, xq, k, xd, hs, MR, out);
 #else
-  tile_dot_c(type, wrow, bb, g0, groups, xq, k, xd, hs, span, MR, out);
+  tile_dot_c(type, wrow, g0, groups, xq, k, xd, hs, span, MR, out);
 #endif
 }
 
 // Specialized per type and tile height: the unpacking's switch and the row loop compile away.
 #define TILE_CASE(T, MR) \
-  case T: tile_dot(T, wrow, bb, g0, groups, xq, k, xd, hs, span, MR, out); break;
+  case T: tile_dot(T, wrow, g0, groups, xq, k, xd, hs, span, MR, out); break;
 #define TILE_FN(MR)                                                                                       \
-  static void tile_dot_##MR(int type, const uint8_t *wrow, size_t bb, int g0, int groups, const int8_t *xq, \
+  static void tile_dot_##MR(int type, const uint8_t *wrow, int g0, int groups, const int8_t *xq,            \
                             int k, const float *xd, const int16_t *hs, int span, float *out) {            \
     switch (type) {                                                                                       \
       TILE_CASE(T_Q4_0, MR) TILE_CASE(T_Q4_1, MR) TILE_CASE(T_Q5_0, MR) TILE_CASE(T_Q5_1, MR)             \
@@ -1249,10 +1189,11 @@ INLINE void rows8_superblock_w(int type, const uint8_t *const *blk, const int8_t
 
 // The per-group form for W weight rows against one block of 8 interleaved rows: groups [u0, u0 + n8)
 // of the window, group u0 + gi's terms into acc[w][gi].
-INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, size_t bb, int g0, int u0, int n8, const int8_t *xi,
+INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, int g0, int u0, int n8, const int8_t *xi,
                          const int W, __m256 (*acc)[8]) {
   const int mins = has_mins(type), off = value_offset(type) + (signed_values(type) ? ROWS8_BIAS : 0);
   const unsigned per_block = super_block(type) ? 8 : 1;
+  size_t bb = block_bytes(type);
 #pragma GCC unroll 8
   for (int gi = 0; gi < 8; gi++) {
     if (gi >= n8) continue;  // past the window: adds nothing
@@ -1310,21 +1251,21 @@ INLINE void rows8_unit_w(int type, const uint8_t *const *wrows, size_t bb, int g
 
 // W weight rows (wrows: each row's first byte; W = WTILE or 1) against one block of 8 interleaved
 // rows: out[8 w + r].
-INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, size_t bb, int g0, int groups, const int8_t *xi, int span,
+INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, int g0, int groups, const int8_t *xi, int span,
                         const int W, float *out) {
   __m256 acc[WTILE][8];
   for (int w = 0; w < W; w++)
     for (int e = 0; e < 8; e++) acc[w][e] = _mm256_setzero_ps();
-  size_t row_stride = W > 1 ? (size_t)(wrows[1] - wrows[0]) : 0;
+  size_t bb = block_bytes(type), row_stride = W > 1 ? (size_t)(wrows[1] - wrows[0]) : 0;
   if (!super_form(type, span, g0, groups)) {
-    for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, bb, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, W, acc);
+    for (int u0 = 0; u0 < groups; u0 += 8) rows8_unit_w(type, wrows, g0, u0, groups - u0 < 8 ? groups - u0 : 8, xi, W, acc);
   } else for (int b = 0; b < groups / 8; b++) {
     const uint8_t *blk[WTILE];
     __m256 p[WTILE];
     for (int w = 0; w < W; w++) {
       blk[w] = wrows[w] + (size_t)(g0 / 8 + b) * bb;
       // the next W rows' block (the next tile's): W short streams train the prefetcher late
-      for (size_t o = 0; o < block_bytes(type); o += 64) _mm_prefetch((const char *)(blk[w] + row_stride * W + o), _MM_HINT_T0);
+      for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk[w] + row_stride * W + o), _MM_HINT_T0);
     }
     rows8_superblock_w(type, blk, xi + (size_t)(8 * b) * ROWS8_GROUP_BYTES, W, p);
     for (int w = 0; w < W; w++) acc[w][b % 8] = _mm256_add_ps(acc[w][b % 8], p[w]);
@@ -1339,10 +1280,10 @@ INLINE void rows8_dot_w(int type, const uint8_t *const *wrows, size_t bb, int g0
 
 #define ROWS8_W_CASE(T)                                                       \
   case T:                                                                     \
-    if (w == WTILE) rows8_dot_w(T, wrows, bb, g0, groups, xi, span, WTILE, out);   \
-    else rows8_dot_w(T, wrows, bb, g0, groups, xi, span, 1, out);                  \
+    if (w == WTILE) rows8_dot_w(T, wrows, g0, groups, xi, span, WTILE, out);   \
+    else rows8_dot_w(T, wrows, g0, groups, xi, span, 1, out);                  \
     break;
-static void rows8_dot_w_any(int type, const uint8_t *const *wrows, size_t bb, int w, int g0, int groups, const int8_t *xi,
+static void rows8_dot_w_any(int type, const uint8_t *const *wrows, int w, int g0, int groups, const int8_t *xi,
                             int span, float *out) {
   switch (type) {
     ROWS8_W_CASE(T_Q4_0) ROWS8_W_CASE(T_Q4_1) ROWS8_W_CASE(T_Q5_0) ROWS8_W_CASE(T_Q5_1)
@@ -1440,7 +1381,7 @@ typedef struct {
 static const x8_field q4k_x8_fields[] = {{0, 2, 1}, {2, 2, 1}, {4, 4, 3}, {16, 4, 32}, {0, 0, 0}};
 static const x8_field q6k_x8_fields[] = {{208, 2, 1}, {192, 4, 4}, {0, 4, 32}, {128, 4, 16}, {0, 0, 0}};
 
-// Types whose ROWS8_LAYOUT is byte by byte (the others': block by block).
+// The types with a ROWS8_LAYOUT.
 static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K; }
 
 // One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
@@ -1463,42 +1404,30 @@ static void x8_copy(int type, uint8_t *rows, size_t row_bytes, size_t blocks, ui
   }
 }
 
-// Unit g (rows 8g.. of at most 8) of a tensor as the per-row kernels read it: row r's first block at
-// the result + r * *row_step, its blocks *stride apart. An x8 group is first unpacked into *scratch
-// (8 row_bytes, allocated on first use; NULL result: no memory).
-static const uint8_t *unit_rows(const wtensor *t, int g, uint8_t **scratch, size_t *row_step, size_t *stride) {
+// Unit g (rows 8g.. of at most 8) of a tensor in the file's layout, as the per-row kernels read it
+// (its rows row_bytes apart): an interleaved group is first unpacked into *scratch (8 rows, allocated
+// on first use; NULL result: no memory).
+static const uint8_t *unit_rows(const wtensor *t, int g, uint8_t **scratch) {
   const uint8_t *base = t->w + (size_t)g * 8 * t->row_bytes;
-  *row_step = t->row_bytes, *stride = t->bb;
-  if (!t->interleaved || t->rows - 8 * g < 8) return base;  // the file's layout (a last group of fewer rows too)
-  if (!x8_type(t->type)) {
-    *row_step = t->bb, *stride = 8 * t->bb;
-    return base;
-  }
+  if (!t->interleaved || t->rows - 8 * g < 8) return base;  // (rows after the last whole group too)
   if (!*scratch) *scratch = malloc(8 * t->row_bytes);
   if (!*scratch) return NULL;
   x8_copy(t->type, *scratch, t->row_bytes, t->row_bytes / t->bb, (uint8_t *)base, 0);
   return *scratch;
 }
 
-// Rearranges a tensor of `rows` rows of k values of `type` (no layout bit) in place into ROWS8_LAYOUT,
-// one group of 8 rows at a time (scratch: one group). Returns 0, -1 for a type or width it does not
-// take, -2 without memory.
+// Rearranges a tensor of `rows` rows of k values of `type` (Q4_K or Q6_K, no layout bit) in place into
+// ROWS8_LAYOUT, one group of 8 rows at a time (scratch: one group). Returns 0, -1 for a type or width it
+// does not take, -2 without memory.
 int dc_gguf_interleave(int type, uint8_t *w, int rows, int k) {
-  int qk = block_values(type);
-  size_t bb = block_bytes(type);
-  if (bb == 0 || float16_type(type) || k % qk != 0 || rows < 0) return -1;
-  size_t blocks = (size_t)(k / qk), row_bytes = blocks * bb;
+  if (!x8_type(type) || k % 256 != 0 || rows < 0) return -1;
+  size_t bb = block_bytes(type), blocks = (size_t)(k / 256), row_bytes = blocks * bb;
   uint8_t *scratch = malloc(8 * row_bytes);
   if (!scratch) return -2;
   for (int g = 0; 8 * g + 8 <= rows; g++) {  // whole groups; the rows after them keep the file's layout
     uint8_t *group = w + (size_t)g * 8 * row_bytes;
     memcpy(scratch, group, 8 * row_bytes);
-    if (x8_type(type)) {
-      x8_copy(type, scratch, row_bytes, blocks, group, 1);
-      continue;
-    }
-    for (size_t b = 0; b < blocks; b++)
-      for (int r = 0; r < 8; r++) memcpy(group + (b * 8 + r) * bb, scratch + r * row_bytes + b * bb, bb);
+    x8_copy(type, scratch, row_bytes, blocks, group, 1);
   }
   free(scratch);
   return 0;
@@ -1570,8 +1499,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
       int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8;
       uint8_t *scratch = NULL;
-      size_t row_step, stride;
-      const uint8_t *first = unit_rows(&wt[p], unit, &scratch, &row_step, &stride);
+      const uint8_t *first = unit_rows(&wt[p], unit, &scratch);
       if (!first) {
         failed = 1;
         continue;
@@ -1582,9 +1510,9 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
           int wn = e0 + WTILE <= count ? WTILE : 1;  // WTILE weight rows at once where there are that many
           const uint8_t *wrows[WTILE];
           float outw[8 * WTILE];
-          for (int e = 0; e < wn; e++) wrows[e] = first + (size_t)(e0 + e) * row_step;
+          for (int e = 0; e < wn; e++) wrows[e] = first + (size_t)(e0 + e) * wt[p].row_bytes;
           for (int nb = 0; nb < blocks; nb++) {
-            rows8_dot_w_any(wt[p].type, wrows, stride, wn, first_group[p], groups,
+            rows8_dot_w_any(wt[p].type, wrows, wn, first_group[p], groups,
                             xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
             for (int e = 0; e < wn; e++) {
               int row = row0 + e0 + e;
@@ -1605,7 +1533,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
     // units of up to 8 weight rows of one part: an interleaved group read as one stream where a kernel
-    // takes it (q4k_x8_tile, group8_super), any other unit row by row
+    // takes it (x8_tile_*), any other unit row by row
 #pragma omp parallel for schedule(static)
     for (int u = 0; u < units; u++) {
       int p = 0, unit = u, i = 0;
@@ -1627,23 +1555,22 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
             case 2: x8_tile_2(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
             default: x8_tile_1(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
           }
-        } else if (!(whole && mr == 1 && group8_super_any(type, gw, g0 / 8, groups / 8, xr, dr, hr, out)))
+        } else
 #endif
         {
           uint8_t *scratch = NULL;
-          size_t row_step, stride;
-          const uint8_t *first = unit_rows(t, unit, &scratch, &row_step, &stride);
+          const uint8_t *first = unit_rows(t, unit, &scratch);
           if (!first) {
             failed = 1;
             break;
           }
           for (int e = 0; e < count; e++) {
             float o[MAX_TILE];
-            const uint8_t *wrow = first + (size_t)e * row_step;
+            const uint8_t *wrow = first + (size_t)e * t->row_bytes;
             switch (mr) {
-              case 4: tile_dot_4(type, wrow, stride, g0, groups, xr, k, dr, hr, span, o); break;
-              case 2: tile_dot_2(type, wrow, stride, g0, groups, xr, k, dr, hr, span, o); break;
-              default: tile_dot_1(type, wrow, stride, g0, groups, xr, k, dr, hr, span, o);
+              case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, hr, span, o); break;
+              case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, hr, span, o); break;
+              default: tile_dot_1(type, wrow, g0, groups, xr, k, dr, hr, span, o);
             }
             for (int r = 0; r < mr; r++) out[8 * r + e] = o[r];
           }
@@ -1871,12 +1798,13 @@ INLINE void unpack_f32(int type, const uint8_t *blk, int j, f32x16 *v0, f32x16 *
 
 // One weight row of k values as float32: the reference dequantization (the same as gguf-py's and
 // llama.cpp's).
-static void dequantize_row(int type, const uint8_t *wrow, size_t bb, int k, float *out) {
+static void dequantize_row(int type, const uint8_t *wrow, int k, float *out) {
   if (float16_type(type)) {
     for (int i = 0; i < k; i++) out[i] = half_value(type, wrow + 2 * (size_t)i);
     return;
   }
   int gpb = block_values(type) / 32;
+  size_t bb = block_bytes(type);
   for (int g = 0; g < k / 32; g++) {
     f32x16 v0, v1;
     unpack_f32(type, wrow + (size_t)(g / gpb) * bb, g % gpb, &v0, &v1);
@@ -1894,15 +1822,14 @@ int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int total
 #pragma omp parallel for schedule(static)
   for (int u = u0; u < u1; u++) {  // units of 8 rows (an interleaved group read through unit_rows)
     uint8_t *scratch = NULL;
-    size_t row_step, stride;
-    const uint8_t *first = unit_rows(&t, u, &scratch, &row_step, &stride);
+    const uint8_t *first = unit_rows(&t, u, &scratch);
     if (!first) {
       failed = 1;
       continue;
     }
     for (int e = 0; e < 8; e++) {
       int row = 8 * u + e;
-      if (row >= row0 && row < row0 + rows) dequantize_row(t.type, first + (size_t)e * row_step, stride, k, out + (size_t)(row - row0) * k);
+      if (row >= row0 && row < row0 + rows) dequantize_row(t.type, first + (size_t)e * t.row_bytes, k, out + (size_t)(row - row0) * k);
     }
     free(scratch);
   }
@@ -1917,6 +1844,6 @@ int dc_gguf_dequantize_rows(int type, const uint8_t *w, const int64_t *ids, int 
   if (bb == 0 || k % qk != 0) return -1;
   size_t row_bytes = (size_t)(k / qk) * bb;
 #pragma omp parallel for schedule(static) if (n >= 64)
-  for (int i = 0; i < n; i++) dequantize_row(type, w + (size_t)ids[i] * row_bytes, bb, k, out + (size_t)i * k);
+  for (int i = 0; i < n; i++) dequantize_row(type, w + (size_t)ids[i] * row_bytes, k, out + (size_t)i * k);
   return 0;
 }
