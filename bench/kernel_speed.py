@@ -170,7 +170,7 @@ def main() -> None:
             copies = [data] + [data.clone() for _ in range(1, max(1, math.ceil(args.working_set * 1e6 / data.numel())))]
             held = {b: layout(lib, type_name, copies, n, k) for b, lib in builds.items()}
             for m in args.rows:
-                products = {b: Product(lib, type_name, *held[b], n, k, m) for b, lib in builds.items()}
+                products = {b: Product(lib, type_name, held[b][0], n, k, m, held[b][1]) for b, lib in builds.items()}
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     seen: dict[str, list[float]] = {b: [] for b in builds}
