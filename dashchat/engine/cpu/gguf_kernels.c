@@ -1015,7 +1015,7 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
 #pragma GCC unroll 8
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
-    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q6K_X8_BYTES, *ql = sb + 144, *qh = sb + 1168;
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q6K_X8_BYTES;
     __m256i I[MAX_TILE];
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
@@ -1030,9 +1030,10 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
           for (int r = 0; r < MR; r++) acc[q][r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 4 * vh; c < 4 * vh + 4; c++) {
-          __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 256 * half + 32 * c));
-          __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 256 * (2 * half) + 32 * c));
-          __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 256 * (2 * half + 1) + 32 * c));
+          const uint8_t *step = sb + 144 + 96 * (8 * half + c);  // high bits, then the two runs of low bits
+          __m256i h = _mm256_loadu_si256((const __m256i *)step);
+          __m256i l0 = _mm256_loadu_si256((const __m256i *)(step + 32));
+          __m256i l1 = _mm256_loadu_si256((const __m256i *)(step + 64));
           __m256i v[4] = {
               _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30)),
               _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30)),
@@ -1083,6 +1084,20 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
 X8_TILE_FN(1)
 X8_TILE_FN(2)
 X8_TILE_FN(4)
+
+// Activation rows [r0, r0 + mr) (mr 1, 2 or 4) against an interleaved group (gw) of `type` whose
+// window is on super-block boundaries: out[8 r + e], activation row r0 + r, weight row e.
+static void x8_tiles(int type, const uint8_t *gw, int g0, int groups, const int8_t *xq, const float *xd,
+                     const int16_t *hs, int k, int span, int r0, int mr, float *out) {
+  const int8_t *xr = xq + (size_t)r0 * k;
+  const float *dr = xd + (size_t)r0 * (k / span);
+  const int16_t *hr = hs + (size_t)r0 * (k / 16);
+  switch (mr) {
+    case 4: x8_tile_4(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
+    case 2: x8_tile_2(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
+    default: x8_tile_1(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
+  }
+}
 
 INLINE __m256i rows8_values(int type, const uint8_t *blk, int j) {
   __m256i wv = group_values_avx2(type, blk, j);
@@ -1363,23 +1378,34 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
   return t;
 }
 
-// Q4_K's ROWS8_LAYOUT, byte by byte rather than block by block: super-block b of a group of 8 rows is
-// Q4K_X8_BYTES (8 blocks' worth) holding the 8 rows' fp16 d, then their fp16 dmin, then the three
-// 4-byte words of their packed scales (word 0 of rows 0-7, word 1, word 2), then their 4-bit values:
-// for each 32-byte run i (0-3) of a block's values (groups 2i and 2i + 1 as low and high nibbles),
-// its 8 4-byte chunks c, each the 8 rows' bytes 4c..4c+3 in row order (q4k_x8_tile reads them so).
-// The byte layouts (x8) of a super-block of a group of 8 rows, as runs of a block's bytes: field f
-// holds `count` pieces of `size` bytes from block offset `at`; piece i of row r lands at
-// x8 + 8 * size * i + size * r, the fields one after another. Q4_K: d, dmin, the three words of packed
-// scales, then the 32 4-byte chunks of its values (run i = chunks 8i..8i+7: groups 2i and 2i + 1 as
-// low and high nibbles). Q6_K: d, its 16 int8 scales as 4 words, the 32 chunks of its low 4 bits
-// (run s = chunks 8s..: groups 4 (s / 2) + s % 2 and + 2 as low and high nibbles), the 16 chunks of
-// its high 2 bits (run h: groups 4h..4h+3, two bits each).
-typedef struct {
-  int at, size, count;
-} x8_field;
-static const x8_field q4k_x8_fields[] = {{0, 2, 1}, {2, 2, 1}, {4, 4, 3}, {16, 4, 32}, {0, 0, 0}};
-static const x8_field q6k_x8_fields[] = {{208, 2, 1}, {192, 4, 4}, {0, 4, 32}, {128, 4, 16}, {0, 0, 0}};
+// The byte layouts (x8) of a super-block of a group of 8 rows (Q4K_X8_BYTES, Q6K_X8_BYTES: 8 blocks'
+// worth): a block's bytes in pieces of 2 or 4 bytes, piece p of row r at x8 + (its offset) + size * r,
+// so the 8 rows' copies of a piece lie side by side. Q4_K: d (8 x 2 bytes), dmin, the three words of
+// packed scales, then the values' 32 4-byte chunks in order (chunk 8i + c: values 4c..4c+3 of groups 2i
+// and 2i + 1 as low and high nibbles). Q6_K: d, its 16 int8 scales as 4 words, then 16 steps of 96
+// bytes in the order q6k_x8_tile reads them: step 8h + c holds chunk c of the high 2 bits of groups
+// 4h..4h+3, then chunk c of the two 32-byte runs of low 4 bits that go with them (a sequential read:
+// three interleaved runs read side by side measured 2x slower from memory).
+// Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
+static int x8_piece(int type, int p, int *at, int *x8_at) {
+  if (type == T_Q4_K) {
+    if (p < 2) return *at = 2 * p, *x8_at = 16 * p, 2;
+    if (p < 5) return *at = 4 + 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
+    if (p < 37) return *at = 16 + 4 * (p - 5), *x8_at = 128 + 32 * (p - 5), 4;
+    return 0;
+  }
+  if (p == 0) return *at = 208, *x8_at = 0, 2;
+  if (p < 5) return *at = 192 + 4 * (p - 1), *x8_at = 16 + 32 * (p - 1), 4;
+  if (p < 37) {  // low bits: run `span` (32 bytes), chunk c
+    int i = p - 5, span = i / 8, c = i % 8;
+    return *at = 4 * i, *x8_at = 144 + 96 * (8 * (span / 2) + c) + 32 + 32 * (span % 2), 4;
+  }
+  if (p < 53) {  // high bits: run `half`, chunk c
+    int i = p - 37, half = i / 8, c = i % 8;
+    return *at = 128 + 4 * i, *x8_at = 144 + 96 * (8 * half + c), 4;
+  }
+  return 0;
+}
 
 // The types with a ROWS8_LAYOUT.
 static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K; }
@@ -1387,21 +1413,16 @@ static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K; }
 // One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
 // the byte layout, either way (pack: file to x8).
 static void x8_copy(int type, uint8_t *rows, size_t row_bytes, size_t blocks, uint8_t *x8, int pack) {
-  const x8_field *fields = type == T_Q4_K ? q4k_x8_fields : q6k_x8_fields;
   size_t bb = block_bytes(type);
-  for (size_t b = 0; b < blocks; b++) {
-    uint8_t *out = x8 + b * 8 * bb;
-    for (const x8_field *f = fields; f->size; out += 8 * (size_t)f->size * f->count, f++)
+  int at, x8_at, size;
+  for (int p = 0; (size = x8_piece(type, p, &at, &x8_at)); p++)
+    for (size_t b = 0; b < blocks; b++)
       for (int r = 0; r < 8; r++) {
-        uint8_t *blk = rows + r * row_bytes + b * bb + f->at;
-        for (int i = 0; i < f->count; i++) {
-          uint8_t *there = out + 8 * (size_t)f->size * i + (size_t)f->size * r;
-          uint8_t *from = pack ? blk + f->size * i : there, *to = pack ? there : blk + f->size * i;
-          if (f->size == 4) memcpy(to, from, 4);  // (constant sizes: moves, not calls)
-          else memcpy(to, from, 2);
-        }
+        uint8_t *blk = rows + r * row_bytes + b * bb + at, *there = x8 + b * 8 * bb + x8_at + size * r;
+        uint8_t *from = pack ? blk : there, *to = pack ? there : blk;
+        if (size == 4) memcpy(to, from, 4);  // (constant sizes: moves, not calls)
+        else memcpy(to, from, 2);
       }
-  }
 }
 
 // Unit g (rows 8g.. of at most 8) of a tensor in the file's layout, as the per-row kernels read it
@@ -1497,7 +1518,22 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     for (int u = 0; u < units; u++) {
       int p = 0, unit = u, i = 0;
       while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
-      int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8;
+      int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
+      if (wt[p].interleaved && count == 8 && super_form(wt[p].type, span, g0, groups)) {
+        // an interleaved group: its tiles over the activation rows 4 at a time (the group stays in
+        // L1/L2 meanwhile; faster than unpacking it for the 8-row blocks)
+        const uint8_t *gw = wt[p].w + (size_t)row0 * wt[p].row_bytes;
+        for (int r0 = 0; r0 < m;) {
+          int mr = m - r0 >= 4 ? 4 : m - r0 >= 2 ? 2 : 1;
+          float out[8 * MAX_TILE];
+          x8_tiles(wt[p].type, gw, g0, groups, xq, xd, hs, k, span, r0, mr, out);
+          for (int r = 0; r < mr; r++)
+            for (int e = 0; e < 8; e++)
+              y[(size_t)(r0 + r) * ldy + i + row0 + e] = out[8 * r + e] + (bias && bias[p] ? bias[p][row0 + e] : 0.f);
+          r0 += mr;
+        }
+        continue;
+      }
       uint8_t *scratch = NULL;
       const uint8_t *first = unit_rows(&wt[p], unit, &scratch);
       if (!first) {
@@ -1549,13 +1585,10 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         const float *dr = xd + (size_t)r0 * (k / span);
         const int16_t *hr = hs + (size_t)r0 * (k / 16);
 #if defined(__AVX2__)
-        if (whole && x8_type(type)) {  // out[8 r + e]: activation row r, weight row e
-          switch (mr) {
-            case 4: x8_tile_4(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
-            case 2: x8_tile_2(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
-            default: x8_tile_1(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
-          }
-        } else
+        if (whole) x8_tiles(type, gw, g0, groups, xq, xd, hs, k, span, r0, mr, out);
+        else
+#else
+        (void)whole, (void)gw;
 #endif
         {
           uint8_t *scratch = NULL;
