@@ -928,6 +928,18 @@ static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
 // into saturating int16 (255 * 127 * 2 would overflow): the signs move onto x instead (|w| <= 128).
 #define ROWS8_BIAS (HAVE_VNNI ? 128 : 0)
 
+// Bytes ahead of the super-block being read that the x8 tiles prefetch (0: none, the hardware's own).
+#ifndef X8_PREFETCH
+#define X8_PREFETCH 0
+#endif
+static inline void x8_prefetch(const uint8_t *sb, size_t bytes) {
+#if X8_PREFETCH
+  for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(sb + X8_PREFETCH + o), _MM_HINT_T0);
+#else
+  (void)sb, (void)bytes;
+#endif
+}
+
 // Q4_K in groups of 8 rows byte by byte (q4k_x8_pack): MR activation rows against one group's
 // super-blocks [sb0, sb0 + sbs) (the window; xq, xd, hs: the first activation row's, window-relative).
 // Lane r = weight row r throughout: each 4 values of 8 rows are one vector, met by one multiply-add
@@ -946,6 +958,7 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
     const uint8_t *sb = gw + (size_t)(sb0 + b) * Q4K_X8_BYTES;
+    x8_prefetch(sb, Q4K_X8_BYTES);
     // the 8 rows' scales and minimums, lane = row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j
     __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
             u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
@@ -1016,6 +1029,7 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
     const uint8_t *sb = gw + (size_t)(sb0 + b) * Q6K_X8_BYTES;
+    x8_prefetch(sb, Q6K_X8_BYTES);
     __m256i I[MAX_TILE];
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
