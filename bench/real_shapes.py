@@ -328,6 +328,8 @@ def main() -> int:
     ap.add_argument("--long-prompt", type=int, default=1500, help="~tokens of the long TTFT prompt")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-thread-sweep", action="store_true", help="skip the one-thread one-stream runs")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="measure one-stream decode and RSS only (no TTFT, no concurrency): a quick sweep of types")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--peers", nargs="+", default=["dashchat", "llama-server"])
     ap.add_argument("--llama-bin", type=Path,
@@ -376,7 +378,8 @@ def main() -> int:
                 for rnd, peer, threads in todo:
                     state["bandwidth"].append(round(read_bandwidth(), 2))
                     print(f"{fname} round {rnd + 1} {peer} -t {threads} (load avg {loadavg()})", flush=True)
-                    res = serve_and_measure(peer, path, threads, args, ban, full=threads == args.threads)
+                    res = serve_and_measure(peer, path, threads, args, ban,
+                                            full=threads == args.threads and not args.decode_only)
                     if threads != args.threads:
                         res = {"decode_t1": res["decode"]}
                     res.update(round=rnd, threads=threads, load=loadavg())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -27,12 +28,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_LOGS: list[Path] = []
+
+
+@atexit.register
+def _remove_logs() -> None:
+    # A failing test already carries the log's tail in its message; the files would pile up in /tmp.
+    for path in _LOGS:
+        path.unlink(missing_ok=True)
+
+
 class ServerProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None, new_session: bool = False) -> None:
         """new_session: the server leads its own process group (a test can signal the whole group)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="dashchat-server-", suffix=".log")[1])
+        _LOGS.append(self.log_path)
         # DASHCHAT_TEST_ENTRY: run another entry script instead (e.g. a wrapper under a profiler).
         entry = os.environ.get("DASHCHAT_TEST_ENTRY")
         prog = [entry] if entry else ["-m", "dashchat.openai_server"]
