@@ -42,10 +42,10 @@ enum {
 // A type id with this bit (Q4_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
 // byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
 // last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
-// dc_gguf_interleave rearranges a tensor in place. Decode's products (1-4 activation rows) read each
-// group as one sequential stream, 8 output rows at once (x8_tile_*); the other paths (5 or more rows,
-// a rank's window off super-block boundaries, dequantization) unpack a group to the file's layout
-// first (unit_rows).
+// dc_gguf_interleave rearranges a tensor in place. Products read each group as one sequential stream,
+// 8 output rows at once, 1, 2 or 4 activation rows at a time (x8_tile_*); the other readers (a rank's
+// window off super-block boundaries, dequantization, the portable build) unpack a group to the file's
+// layout first (unit_rows).
 #define ROWS8_LAYOUT 0x100
 #define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
 #define Q6K_X8_BYTES (8 * 210)
@@ -871,7 +871,6 @@ INLINE void tile_groups(int type, const uint8_t *wrow, int g0, int groups, const
 #pragma GCC unroll 4
   for (int r = 0; r < MR; r++) out[r] = tree8_ps(accv[r]);
 }
-
 #endif
 
 // One weight row (its window's groups [g0, g0 + groups)) against MR activation rows; xd, hs: the
@@ -940,7 +939,7 @@ static inline void x8_prefetch(const uint8_t *sb, size_t bytes) {
 #endif
 }
 
-// Q4_K in groups of 8 rows byte by byte (q4k_x8_pack): MR activation rows against one group's
+// Q4_K in groups of 8 rows byte by byte (x8_copy): MR activation rows against one group's
 // super-blocks [sb0, sb0 + sbs) (the window; xq, xd, hs: the first activation row's, window-relative).
 // Lane r = weight row r throughout: each 4 values of 8 rows are one vector, met by one multiply-add
 // with the activation row's 4 values broadcast, so a group of 32 values leaves row r's exact dot
@@ -1078,7 +1077,7 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
     __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++)
-      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], I[r], dv, dv, _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], _mm256_setzero_si256(), dv, _mm256_setzero_ps(), _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
   }
 #pragma GCC unroll 4
   for (int r = 0; r < MR; r++) {
