@@ -1370,6 +1370,12 @@ static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, in
 #define ROW_PASS 64
 // Weight rows that take each block of activation rows in turn (see dc_gguf_matmul_parts).
 #define ROWS8_WEIGHTS 8
+// Batches below this many rows meet an interleaved group (ROWS8_LAYOUT) through its own tiles, 4 rows
+// at a time; from it, the group is unpacked for the 8-row blocks (a real prefill of 118-1,490 tokens
+// took 2.4-3.5x longer through the group's tiles; the same results either way).
+#ifndef X8_MAX_ROWS
+#define X8_MAX_ROWS 16
+#endif
 // Batches from this many rows take the interleaved blocks of 8 (the same results as the per-row
 // tiles: only the speed differs).
 #ifndef ROWS8_MIN
@@ -1532,9 +1538,9 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       int p = 0, unit = u, i = 0;
       while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
       int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
-      if (wt[p].interleaved && count == 8 && super_form(wt[p].type, span, g0, groups)) {
+      if (m < X8_MAX_ROWS && wt[p].interleaved && count == 8 && super_form(wt[p].type, span, g0, groups)) {
         // an interleaved group: its tiles over the activation rows 4 at a time (the group stays in
-        // L1/L2 meanwhile; faster than unpacking it for the 8-row blocks)
+        // L1/L2 meanwhile; faster than unpacking it for the 8-row blocks at a few rows)
         const uint8_t *gw = wt[p].w + (size_t)row0 * wt[p].row_bytes;
         for (int r0 = 0; r0 < m;) {
           int mr = m - r0 >= 4 ? 4 : m - r0 >= 2 ? 2 : 1;
