@@ -42,10 +42,11 @@ enum {
 // A type id with this bit (Q4_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
 // byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
 // last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
-// dc_gguf_interleave rearranges a tensor in place. Products read each group as one sequential stream,
-// 8 output rows at once, 1, 2 or 4 activation rows at a time (x8_tile_*); the other readers (a rank's
-// window off super-block boundaries, dequantization, the portable build) unpack a group to the file's
-// layout first (unit_rows).
+// dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS activation rows
+// read each group as one sequential stream, 8 output rows at once, 1, 2 or 4 activation rows at a time
+// (x8_tile_*); the other readers (bigger batches: the 8-row blocks, a rank's window off super-block
+// boundaries, dequantization, the portable build) unpack a group to the file's layout first
+// (unit_rows).
 #define ROWS8_LAYOUT 0x100
 #define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
 #define Q6K_X8_BYTES (8 * 210)
