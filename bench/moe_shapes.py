@@ -155,13 +155,29 @@ def _load(path: Path, threads: int):
     return model.eval(), cfg
 
 
-def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...]) -> list[dict]:
+def baseline_library(rev: str, out_dir: Path):
+    """The kernel library of git revision `rev` (built as bench/kernel_speed.py --baseline builds it),
+    with the entry points these timings swap in declared."""
+    import ctypes
+
+    from kernel_speed import build_revision
+
+    lib = build_revision(rev, out_dir)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.dc_moe_gguf_routed.argtypes = [i, i, i, p, p, p, i, i, p, p, p, p, p, p, p, p]
+    lib.dc_gguf_decode_layers.argtypes = [p, p, p, i, p, p, p, p, p, i]
+    lib.dc_moe_gguf_routed.restype = lib.dc_gguf_decode_layers.restype = i
+    return lib
+
+
+def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...], baseline=None) -> list[dict]:
     """Per-layer time of the MoE blocks (router + experts) and of the attention blocks, on dashchat's
     module path, every layer in turn (so weights come from memory as in a real step, not from a cache
     that one layer fits): the experts run by the one-call kernel ("grouped") and by the Python loop
     over experts ("loop"), alternating, each repeat a fresh random batch (so other experts are read),
     medians. 1 and 8 rows are decode steps, 128 a prefill chunk (attention: causal over the rows, no
-    KV cache: its projections and its attention over the chunk)."""
+    KV cache: its projections and its attention over the chunk). `baseline`: (name, library) of
+    another revision's kernels, whose one-call kernel runs too ("baseline"), its output checked equal."""
     import torch
 
     from dashchat.engine.quantization.int8 import _causal_attention
@@ -172,13 +188,19 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
     if any(g is None for g in grouped):
         raise SystemExit("the experts did not get the one-call kernel (no C compiler?)")
 
-    def run(name: str, x: torch.Tensor, rope) -> None:
+    this_lib = grouped[0]._lib
+    names = ("grouped", "loop", "attention") + (("baseline",) if baseline else ())
+
+    def run(name: str, x: torch.Tensor, rope) -> list[torch.Tensor]:
+        outs = []
         for layer, runner in zip(layers, grouped):  # every layer in turn: weights come from memory, as in a step
             if name == "attention":
                 layer.self_attn(rope, layer.input_layernorm(x), _causal_attention)
             else:
-                layer.mlp.expert_runner = runner if name == "grouped" else None
-                layer.mlp(x)
+                runner._lib = baseline[1] if name == "baseline" else this_lib
+                layer.mlp.expert_runner = None if name == "loop" else runner
+                outs.append(layer.mlp(x))
+        return outs
 
     gen = torch.Generator().manual_seed(0)
     results = []
@@ -186,16 +208,19 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
         n = max(3, repeats if rows <= 8 else repeats // 4)
         xs = [torch.randn(rows, cfg.hidden_size, generator=gen) for _ in range(n + 2)]
         rope = model.rotary(torch.arange(rows), torch.float32)
-        times: dict[str, list[float]] = {"attention": [], "grouped": [], "loop": []}
+        times: dict[str, list[float]] = {name: [] for name in names}
         with torch.inference_mode():
             for i, x in enumerate(xs):
-                for name in ("grouped", "loop", "attention"):
+                outs = {}
+                for name in names if i % 2 else reversed(names):  # alternating which runs first
                     t0 = time.perf_counter()
-                    run(name, x, rope)
+                    outs[name] = run(name, x, rope)
                     if i >= 2:  # two warm-up batches
                         times[name].append((time.perf_counter() - t0) / len(layers))
+                if baseline and not all(map(torch.equal, outs["grouped"], outs["baseline"])):
+                    raise SystemExit(f"the {baseline[0]} expert kernel's output differs at {rows} rows")
         for layer, runner in zip(layers, grouped):
-            layer.mlp.expert_runner = runner
+            layer.mlp.expert_runner, runner._lib = runner, this_lib
         ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         experts = len(layers[0].mlp.route(xs[0])[1].unique())
         row = {"rows": rows, "experts_read": experts, **{f"{k}_ms": round(v, 3) for k, v in ms.items()}}
@@ -205,14 +230,19 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
               f"{ms['loop'] / ms['grouped']:.2f}x), attention block {ms['attention']:.2f} ms; "
               f"x {cfg.num_layers} layers: MoE {ms['grouped'] * cfg.num_layers:.0f} ms, "
               f"attention {ms['attention'] * cfg.num_layers:.0f} ms a step", flush=True)
+        if baseline:
+            print(f"      {baseline[0]}'s one-call kernel: MoE block {ms['baseline']:.2f} ms a layer "
+                  f"(its time / this tree's: {ms['baseline'] / ms['grouped']:.2f}x)", flush=True)
     return results
 
 
-def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...], context: int = 100) -> list[dict]:
+def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...], context: int = 100,
+                     baseline=None) -> list[dict]:
     """A whole decode step (embedding, every layer, final norm, head) of `rows` sequences `context`
     tokens long, as the engine runs it: the fused C step (decode_step.c, one call for every layer)
     against the module path (a Python call per layer, attention and routing through torch ops), on
-    the same runner and cache, alternating, medians. Checks the two give equal logits."""
+    the same runner and cache, alternating, medians. Checks the two give equal logits. `baseline`:
+    (name, library) of another revision's kernels, whose fused step runs too ("baseline")."""
     import torch
 
     from dashchat.engine.native.model_runner import ModelRunner
@@ -228,6 +258,7 @@ def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[in
     fused = runner.fused_decode
     if fused is None:
         raise SystemExit("the fused decode step declined this model")
+    this_lib = fused._lib
     gen = torch.Generator().manual_seed(0)
     results = []
     for rows in rows_list:
@@ -235,25 +266,30 @@ def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[in
         lens = torch.full((rows,), context)
         positions = lens - 1
         slots = tables[torch.arange(rows), positions // block] * block + positions % block
-        times: dict[str, list[float]] = {"fused": [], "modules": []}
+        names = ("fused", "modules") + (("baseline",) if baseline else ())
+        times: dict[str, list[float]] = {name: [] for name in names}
         with torch.inference_mode():
             for i in range(repeats + 2):
                 ids = torch.randint(0, runner.cfg.vocab_size, (rows,), generator=gen)
                 logits = {}
-                for name in ("fused", "modules"):
-                    runner.fused_decode = fused if name == "fused" else None
+                for name in names if i % 2 else reversed(names):  # alternating which runs first
+                    runner.fused_decode = None if name == "modules" else fused
+                    fused._lib = baseline[1] if name == "baseline" else this_lib
                     t0 = time.perf_counter()
                     logits[name] = runner._decode_eager(ids, positions, slots, tables, lens)
                     if i >= 2:
                         times[name].append(time.perf_counter() - t0)
-                if not torch.equal(logits["fused"], logits["modules"]):
-                    raise SystemExit(f"fused and module decode steps differ at {rows} rows")
-        runner.fused_decode = fused
+                if not all(torch.equal(logits["fused"], logits[name]) for name in names):
+                    raise SystemExit(f"the decode steps' logits differ at {rows} rows")
+        runner.fused_decode, fused._lib = fused, this_lib
         ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         results.append({"rows": rows, **{f"{k}_ms": round(v, 2) for k, v in ms.items()}})
         print(f"{rows:4d} row(s): decode step fused {ms['fused']:.1f} ms ({rows * 1e3 / ms['fused']:.1f} tok/s), "
               f"modules {ms['modules']:.1f} ms ({rows * 1e3 / ms['modules']:.1f} tok/s): "
               f"{ms['modules'] / ms['fused']:.2f}x", flush=True)
+        if baseline:
+            print(f"      {baseline[0]}'s fused step {ms['baseline']:.1f} ms ({rows * 1e3 / ms['baseline']:.1f} tok/s): "
+                  f"its time / this tree's: {ms['baseline'] / ms['fused']:.2f}x", flush=True)
     return results
 
 
@@ -286,6 +322,9 @@ def main() -> int:
     ap.add_argument("--skip-step-time", action="store_true",
                     help="skip timing whole decode steps, fused C step against the module path")
     ap.add_argument("--step-rows", default="1,8", help="batch sizes of the decode-step timing")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also time git revision REV's kernels (the one-call expert kernel, the fused step), "
+                         "alternating with this tree's, outputs checked equal")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--llama-server", type=Path, help="the llama-server binary (passed to bench/peers.py)")
     ap.add_argument("--peers-args", default="--requests 3 --max-tokens 64 --concurrency 8 --rounds 2 --skip-llamacpp",
@@ -309,18 +348,24 @@ def main() -> int:
             partial.replace(path)
             print(f"wrote {path} ({path.stat().st_size / 2**30:.1f} GiB) in {time.perf_counter() - t0:.0f} s",
                   flush=True)
+    baseline = None
+    if args.baseline:
+        import tempfile
+
+        build_dir = tempfile.TemporaryDirectory()
+        baseline = (args.baseline, baseline_library(args.baseline, Path(build_dir.name)))
     try:
         print(f"load average {os.getloadavg()}, {threads} threads", flush=True)
         if not args.skip_layer_time:
             rows = tuple(int(r) for r in args.rows.split(",") if r)
-            results = layer_time(path, threads, args.repeats, rows)
+            results = layer_time(path, threads, args.repeats, rows, baseline)
             gc.collect()
             if args.json:
                 args.json.write_text(json.dumps({"gguf": str(path), "threads": threads, "load": os.getloadavg(),
                                                  "layer_time": results}, indent=2))
         if not args.skip_step_time:
             rows = tuple(int(r) for r in args.step_rows.split(",") if r)
-            steps = decode_step_time(path, threads, args.repeats, rows)
+            steps = decode_step_time(path, threads, args.repeats, rows, baseline=baseline)
             gc.collect()  # the runner's ~9 GB must be gone before the servers start
             if args.json:
                 done = json.loads(args.json.read_text()) if args.json.is_file() else {}

@@ -341,6 +341,50 @@ def test_grouped_gguf_experts_equal_the_per_expert_loop(family, gguf_files):
         torch.testing.assert_close(partial[0] + partial[1], moe(x), atol=1e-5, rtol=1e-4)
 
 
+def test_grouped_q4k_experts_in_chunks_equal_the_per_expert_loop():
+    """K-quant experts (one activation scale a super-block) wide enough that the kernel splits each
+    expert's products into several row chunks on its work list, at 1 and 2 threads: the tokens' rows
+    quantized once and gathered (or read in place where an expert's tokens are consecutive), batches
+    whose expert row counts leave 1-4 rows past whole blocks of 8 (a call of their own) -- all equal to
+    the per-expert loop bit for bit."""
+    from types import SimpleNamespace
+
+    from dashchat.engine.cpu.ops import kernel_silu_and_mul
+    from dashchat.engine.quantization.gguf import GGUFPart
+    from dashchat.engine.quantization.gguf_moe import grouped_gguf_experts, kernel_softmax_top_k
+    from dashchat.models.layers import GatedMLP
+    from engine.test_gguf_kernels import random_blocks
+
+    hidden, width, count, top_k = 256, 512, 6, 2
+
+    def linear(rows: int, cols: int, seeds: list[int]) -> GGUFLinear:
+        parts = [GGUFPart("Q4_K", torch.from_numpy(random_blocks("Q4_K", rows, cols, s)), cols) for s in seeds]
+        return GGUFLinear(cols, rows * len(seeds), parts)
+
+    experts = torch.nn.ModuleList()
+    for e in range(count):
+        mlp = GatedMLP(hidden, width)
+        mlp.gate_up_proj, mlp.down_proj = linear(width, hidden, [3 * e, 3 * e + 1]), linear(hidden, width, [3 * e + 2])
+        mlp.act_and_mul = kernel_silu_and_mul
+        experts.append(mlp)
+    runner = grouped_gguf_experts(experts)
+    assert runner is not None
+    loop = SimpleNamespace(experts=experts, top_k=top_k)
+    gen = torch.Generator().manual_seed(8)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                for rows in (1, 3, 9, 14, 30):
+                    x = torch.randn(rows, hidden, generator=gen)
+                    weights, chosen = kernel_softmax_top_k(torch.randn(rows, count, generator=gen), top_k, True)
+                    want = SparseMoE.run_experts(loop, x, weights, chosen)
+                    torch.testing.assert_close(runner(x, weights, chosen), want, atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("grouped", [True, False])
 def test_stacked_experts_equal_the_per_expert_loop(grouped, tmp_path):
     """The CUDA runner's arithmetic (engine/cuda/moe.py), run here on the CPU: tokens sorted by expert,
