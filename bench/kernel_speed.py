@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dashchat.engine.cpu import kernels  # noqa: E402
-from dashchat.engine.quantization.gguf import BLOCK_TYPES  # noqa: E402
+from dashchat.engine.quantization.gguf import BLOCK_TYPES, INTERLEAVED_TYPES, ROWS8_LAYOUT  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import gguf_blocks  # noqa: E402
@@ -65,6 +65,8 @@ def build_revision(rev: str, out_dir: Path) -> ctypes.CDLL:
     lib.dc_gguf_matmul_parts.argtypes = [i, p, p, p, p, p, p, p, p, p, p, i, i, i] + [i] * spans
     if spans:
         lib.dc_gguf_activation_span.argtypes = [i, p, p, i]
+    if hasattr(lib, "dc_gguf_interleave"):
+        lib.dc_gguf_interleave.argtypes = [i, p, i, i]
     return lib
 
 
@@ -86,7 +88,8 @@ class Product:
     larger than the last-level cache makes every call read its blocks from memory, as a decode step
     reading a whole model does)."""
 
-    def __init__(self, lib: ctypes.CDLL, type_name: str, copies: list[torch.Tensor], n: int, k: int, m: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, type_name: str, copies: list[torch.Tensor], n: int, k: int, m: int,
+                 type_id: int) -> None:
         self.lib, self.n, self.k, self.m = lib, n, k, m
         self.copies, self.turn = copies, 0
         self.x = torch.randn(m, k)
@@ -96,7 +99,7 @@ class Product:
         self.xq, self.xd = base, base + m * k
         self.xs = self.xd + 4 * (m * k // 32)
         self.weights = [(ctypes.c_void_p * 1)(c.data_ptr()) for c in copies]
-        self.args = [1, (ctypes.c_int * 1)(BLOCK_TYPES[type_name][0]), self.weights[0],
+        self.args = [1, (ctypes.c_int * 1)(type_id), self.weights[0],
                      None, None, (ctypes.c_int * 1)(n), None]
         self.span = (lib.dc_gguf_activation_span(1, self.args[1], None, k),) if hasattr(
             lib, "dc_gguf_activation_span") else ()
@@ -108,6 +111,20 @@ class Product:
         if self.lib.dc_gguf_matmul_parts(*self.args, self.xq, self.xd, self.xs, self.y.data_ptr(), self.m, self.k,
                                          self.n, *self.span):
             raise RuntimeError("kernel refused the product")
+
+
+def layout(lib: ctypes.CDLL, type_name: str, copies: list[torch.Tensor], n: int, k: int
+           ) -> tuple[list[torch.Tensor], int]:
+    """The copies as a build's engine holds them, and the type id that says how: interleaved in groups of
+    8 rows where the build has that layout for the type (its own copies, rearranged), else the file's."""
+    type_id = BLOCK_TYPES[type_name][0]
+    if not hasattr(lib, "dc_gguf_interleave") or type_name not in INTERLEAVED_TYPES:
+        return copies, type_id
+    own = [c.clone() for c in copies]
+    for c in own:
+        if lib.dc_gguf_interleave(type_id, c.data_ptr(), n, k):
+            raise RuntimeError("interleaving failed")
+    return own, type_id | ROWS8_LAYOUT
 
 
 def timed(fn, repeats: int, clock=time.perf_counter, best: bool = False) -> float:
@@ -151,8 +168,9 @@ def main() -> None:
             n, k = map(int, shape.split("x"))
             data = torch.from_numpy(random_blocks(type_name, n, k))
             copies = [data] + [data.clone() for _ in range(1, max(1, math.ceil(args.working_set * 1e6 / data.numel())))]
+            held = {b: layout(lib, type_name, copies, n, k) for b, lib in builds.items()}
             for m in args.rows:
-                products = {b: Product(lib, type_name, copies, n, k, m) for b, lib in builds.items()}
+                products = {b: Product(lib, type_name, held[b][0], n, k, m, held[b][1]) for b, lib in builds.items()}
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     seen: dict[str, list[float]] = {b: [] for b in builds}

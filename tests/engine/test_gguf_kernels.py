@@ -24,7 +24,15 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from dashchat.engine.cpu.kernels import kernel_library
-from dashchat.engine.quantization.gguf import BLOCK_TYPES, FLOAT16_TYPES, GGUFLinear, GGUFPart, dequantize_blocks
+from dashchat.engine.quantization.gguf import (
+    BLOCK_TYPES,
+    FLOAT16_TYPES,
+    INTERLEAVED_TYPES,
+    ROWS8_LAYOUT,
+    GGUFLinear,
+    GGUFPart,
+    dequantize_blocks,
+)
 
 pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler: kernels unavailable")
 
@@ -191,6 +199,55 @@ def test_input_window_of_whole_rows(type_name: str, k0: int, k: int) -> None:
         assert ((layer(x) - x @ w_ref.T).abs() <= bound).all()
 
 
+def interleaved_part(type_name: str, data: torch.Tensor, cols: int, **window) -> GGUFPart:
+    """A part of a copy of `data` with its rows interleaved in groups of 8 (ROWS8_LAYOUT)."""
+    part = GGUFPart(type_name, data.clone(), cols, interleave=True, **window)
+    assert part.interleaved and part.type_id & ROWS8_LAYOUT
+    return part
+
+
+def layout_invariance(type_name: str, seed: int, counts=(1, 2, 3, 4, 5, 8, 9, 17)) -> None:
+    """Rows interleaved in groups of 8 give every output the bits of the file's row-major layout, at
+    every batch size (one row: an interleaved group as one stream; 2-4: the per-row tiles; 5 and up:
+    the 8-row blocks), for whole rows and for a rank's input window (on super-block boundaries and
+    not), in a fused layer with a part in the file's layout; 21 rows: two whole groups and 5 more."""
+    cols, rows, other_type = 768, 21, "Q5_K"
+    data = torch.from_numpy(random_blocks(type_name, rows, cols, seed))
+    other = torch.from_numpy(random_blocks(other_type, 6, cols, seed + 1))
+    bias = torch.randn(rows + 6, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(17, cols, generator=torch.Generator().manual_seed(seed))
+    for k0, k in ((0, cols), (256, 512), (32, 256)):
+        window = {"k_full": cols, "k0": k0}
+        file = GGUFLinear(k, rows + 6, [GGUFPart(type_name, data, k, **window), GGUFPart(other_type, other, k, **window)],
+                          bias)
+        inter = GGUFLinear(k, rows + 6, [interleaved_part(type_name, data, k, **window),
+                                         GGUFPart(other_type, other, k, **window)], bias)
+        assert torch.equal(inter.dequantize(), file.dequantize()), (type_name, k0)
+        for m in counts:
+            xs = x[:m, k0 : k0 + k].contiguous()
+            assert torch.equal(inter(xs), file(xs)), f"{type_name} k0={k0} m={m}"
+
+
+@pytest.mark.parametrize("type_name", sorted(INTERLEAVED_TYPES))
+def test_interleaved_rows_give_the_same_bits(type_name: str) -> None:
+    layout_invariance(type_name, seed=7)
+
+
+def test_engine_interleaves_in_place() -> None:
+    """GGUFPart(interleave=True) rearranges the types the decode kernels prefer so in place (no second
+    copy) and marks them; other types keep the file's layout."""
+    for type_name in ("Q4_K", "Q6_K", "Q8_0"):
+        data = torch.from_numpy(random_blocks(type_name, 19, 512, 4))
+        plain = GGUFLinear(512, 19, [GGUFPart(type_name, data.clone(), 512)])
+        copy = data.clone()
+        part = GGUFPart(type_name, copy, 512, interleave=True)
+        assert part.interleaved == (type_name in INTERLEAVED_TYPES)
+        assert part.data.data_ptr() == copy.data_ptr()
+        assert torch.equal(copy, data) != part.interleaved
+        x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(GGUFLinear(512, 19, [part])(x[:1]), plain(x[:1])), type_name
+
+
 def check_activation_quantization() -> None:
     """dc_gguf_quantize_x against its definition in numpy, bit for bit: per span of 32 or 256 values
     d = amax / 127, q = rint(x / d) (x times 1/d in float32, ties to even), and each 16 values' sum."""
@@ -239,12 +296,15 @@ sys.path.insert(0, {tests!r})
 from engine.test_gguf_kernels import check_type, TYPES
 from dashchat.engine.cpu.kernels import kernel_library
 assert kernel_library() is not None
-from engine.test_gguf_kernels import batch_invariance, check_activation_quantization
+from engine.test_gguf_kernels import batch_invariance, check_activation_quantization, layout_invariance
+from dashchat.engine.quantization.gguf import INTERLEAVED_TYPES
 check_activation_quantization()
 for t in TYPES:
     for batch in (1, 5, 20):
         check_type(t, rows=19, cols=256, batch=batch, seed=batch)
     batch_invariance(t, seed=1, counts=(1, 2, 3, 5, 8, 9, 17))
+    if t in INTERLEAVED_TYPES:
+        layout_invariance(t, seed=2, counts=(1, 2, 3, 4, 9))
 print("ok", len(TYPES))
 """
 

@@ -39,6 +39,19 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
+// A type id with this bit (Q4_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
+// byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
+// last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
+// dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS activation rows
+// read each group as one sequential stream, 8 output rows at once, 1, 2 or 4 activation rows at a time
+// (x8_tile_*); the other readers (bigger batches: the 8-row blocks, a rank's window off super-block
+// boundaries, dequantization, the portable build) unpack a group to the file's layout first
+// (unit_rows).
+#define ROWS8_LAYOUT 0x100
+#define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
+#define Q6K_X8_BYTES (8 * 210)
+static inline int base_type(int type) { return type & 0xff; }
+
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
 static inline int super_block(int type) {
   return type == T_Q2_K || type == T_Q3_K || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K || type == T_IQ4_XS;
@@ -915,6 +928,191 @@ static inline __m256i dpbusd_acc(__m256i acc, __m256i u, __m256i s) {
 // into saturating int16 (255 * 127 * 2 would overflow): the signs move onto x instead (|w| <= 128).
 #define ROWS8_BIAS (HAVE_VNNI ? 128 : 0)
 
+// Bytes ahead of the super-block being read that the x8 tiles prefetch (0: none, the hardware's own).
+#ifndef X8_PREFETCH
+#define X8_PREFETCH 0
+#endif
+static inline void x8_prefetch(const uint8_t *sb, size_t bytes) {
+#if X8_PREFETCH
+  for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(sb + X8_PREFETCH + o), _MM_HINT_T0);
+#else
+  (void)sb, (void)bytes;
+#endif
+}
+
+// Q4_K in groups of 8 rows byte by byte (x8_copy): MR activation rows against one group's
+// super-blocks [sb0, sb0 + sbs) (the window; xq, xd, hs: the first activation row's, window-relative).
+// Lane r = weight row r throughout: each 4 values of 8 rows are one vector, met by one multiply-add
+// with the activation row's 4 values broadcast, so a group of 32 values leaves row r's exact dot
+// product in lane r with no horizontal sum; its integer scale (lane r) multiplies it. Row r's
+// integers I and N are tile_super's, and its float steps (group_term, A[b % 8], tree8) the same: so
+// the same bits as every other path.
+INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16;
+  const __m256i m4 = _mm256_set1_epi8(15), m6 = _mm256_set1_epi8(63), m2 = _mm256_set1_epi8(3);
+  __m256 A[MAX_TILE][8];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q4K_X8_BYTES;
+    x8_prefetch(sb, Q4K_X8_BYTES);
+    // the 8 rows' scales and minimums, lane = row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j
+    __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
+            u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
+    __m256i sc03 = _mm256_and_si256(u0, m6), mn03 = _mm256_and_si256(u1, m6);
+    __m256i sc47 = _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
+    __m256i mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
+                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
+    __m256i I[MAX_TILE], N[MAX_TILE];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) I[r] = N[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {  // groups 2i (low nibbles) and 2i + 1 (high nibbles)
+      __m256i lo[MAX_TILE], hi[MAX_TILE];
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; c++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + 128 + 256 * i + 32 * c));
+        __m256i wl = _mm256_and_si256(w, m4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+          const int8_t *x = xq + (size_t)r * k + 256 * (size_t)b + 64 * i + 4 * c;
+          int32_t xa, xb;
+          memcpy(&xa, x, 4), memcpy(&xb, x + 32, 4);
+          lo[r] = dpbusd_acc(lo[r], wl, _mm256_set1_epi32(xa));
+          hi[r] = dpbusd_acc(hi[r], wh, _mm256_set1_epi32(xb));
+        }
+      }
+      const __m256i byte = _mm256_set1_epi32(0xff);
+      __m256i sa = _mm256_and_si256(_mm256_srli_epi32(i < 2 ? sc03 : sc47, 16 * (i % 2)), byte);
+      __m256i sbv = _mm256_and_si256(_mm256_srli_epi32(i < 2 ? sc03 : sc47, 16 * (i % 2) + 8), byte);
+      __m256i ma = _mm256_and_si256(_mm256_srli_epi32(i < 2 ? mn03 : mn47, 16 * (i % 2)), byte);
+      __m256i mb = _mm256_and_si256(_mm256_srli_epi32(i < 2 ? mn03 : mn47, 16 * (i % 2) + 8), byte);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) {
+        const int16_t *h = hs + (size_t)r * H + 16 * (size_t)b + 4 * i;  // halves of groups 2i, 2i + 1
+        I[r] = _mm256_add_epi32(I[r], _mm256_add_epi32(_mm256_mullo_epi32(lo[r], sa), _mm256_mullo_epi32(hi[r], sbv)));
+        N[r] = _mm256_sub_epi32(N[r], _mm256_add_epi32(_mm256_mullo_epi32(ma, _mm256_set1_epi32(h[0] + h[1])),
+                                                       _mm256_mullo_epi32(mb, _mm256_set1_epi32(h[2] + h[3]))));
+      }
+    }
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
+    __m256 dminv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + 16)));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++)
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(1, I[r], N[r], dv, dminv, _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) {
+    __m256 *a = A[r];
+    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
+  }
+}
+
+// Q6_K's byte layout (x8_copy), as q4k_x8_tile: MR activation rows against one group's super-blocks,
+// lane = weight row; each half (16 values) of a group leaves its exact dot product in lane r, less 32
+// times the activations' half sum (the values' offset), times its int8 scale. The integers and float
+// steps of tile_super, so the same bits.
+INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16;
+  const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+  __m256 A[MAX_TILE][8];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q6K_X8_BYTES;
+    x8_prefetch(sb, Q6K_X8_BYTES);
+    __m256i I[MAX_TILE];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; half++) {    // groups 4 half .. 4 half + 3
+#pragma GCC unroll 2
+      for (int vh = 0; vh < 2; vh++) {        // their first or second 16 values
+        __m256i acc[4][MAX_TILE];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++)
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; r++) acc[q][r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 4 * vh; c < 4 * vh + 4; c++) {
+          const uint8_t *step = sb + 144 + 96 * (8 * half + c);  // high bits, then the two runs of low bits
+          __m256i h = _mm256_loadu_si256((const __m256i *)step);
+          __m256i l0 = _mm256_loadu_si256((const __m256i *)(step + 32));
+          __m256i l1 = _mm256_loadu_si256((const __m256i *)(step + 64));
+          __m256i v[4] = {
+              _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30)),
+              _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30)),
+              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30)),
+              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m30))};
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; q++)
+#pragma GCC unroll 4
+            for (int r = 0; r < MR; r++) {
+              int32_t xv;
+              memcpy(&xv, xq + (size_t)r * k + 256 * (size_t)b + 32 * (4 * half + q) + 4 * c, 4);
+              acc[q][r] = dpbusd_acc(acc[q][r], v[q], _mm256_set1_epi32(xv));
+            }
+        }
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+          int si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4, lane = row
+          __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * (si / 4)));
+          __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(words, 24 - 8 * (si % 4)), 24);
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; r++) {
+            int S = hs[(size_t)r * H + 16 * (size_t)b + si];
+            I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(_mm256_sub_epi32(acc[q][r], _mm256_set1_epi32(32 * S)), sc));
+          }
+        }
+      }
+    }
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++)
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], _mm256_setzero_si256(), dv, _mm256_setzero_ps(), _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) {
+    __m256 *a = A[r];
+    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
+  }
+}
+
+// The byte layouts' tiles per type and height (out[8 r + e]: activation row r, weight row e).
+#define X8_TILE_FN(MR)                                                                                      \
+  static void x8_tile_##MR(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,           \
+                           const float *xd, const int16_t *hs, float *out) {                                 \
+    if (type == T_Q4_K) q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                  \
+    else q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                                 \
+  }
+X8_TILE_FN(1)
+X8_TILE_FN(2)
+X8_TILE_FN(4)
+
+// Activation rows [r0, r0 + mr) (mr 1, 2 or 4) against an interleaved group (gw) of `type` whose
+// window is on super-block boundaries: out[8 r + e], activation row r0 + r, weight row e.
+static void x8_tiles(int type, const uint8_t *gw, int g0, int groups, const int8_t *xq, const float *xd,
+                     const int16_t *hs, int k, int span, int r0, int mr, float *out) {
+  const int8_t *xr = xq + (size_t)r0 * k;
+  const float *dr = xd + (size_t)r0 * (k / span);
+  const int16_t *hr = hs + (size_t)r0 * (k / 16);
+  switch (mr) {
+    case 4: x8_tile_4(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
+    case 2: x8_tile_2(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
+    default: x8_tile_1(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
+  }
+}
+
 INLINE __m256i rows8_values(int type, const uint8_t *blk, int j) {
   __m256i wv = group_values_avx2(type, blk, j);
   if (signed_values(type) && HAVE_VNNI) wv = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
@@ -1173,19 +1371,118 @@ static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, in
 #define ROW_PASS 64
 // Weight rows that take each block of activation rows in turn (see dc_gguf_matmul_parts).
 #define ROWS8_WEIGHTS 8
+// Batches below this many rows meet an interleaved group (ROWS8_LAYOUT) through its own tiles, 4 rows
+// at a time; from it, the group is unpacked for the 8-row blocks (a real prefill of 118-1,490 tokens
+// took 2.4-3.5x longer through the group's tiles; the same results either way).
+#ifndef X8_MAX_ROWS
+#define X8_MAX_ROWS 16
+#endif
 // Batches from this many rows take the interleaved blocks of 8 (the same results as the per-row
 // tiles: only the speed differs).
 #ifndef ROWS8_MIN
 #define ROWS8_MIN 5
 #endif
 
+// One weight tensor as the kernels address it: `rows` rows of row_bytes, blocks of bb bytes, in the
+// file's row-major layout or interleaved (ROWS8_LAYOUT).
+typedef struct {
+  const uint8_t *w;
+  size_t row_bytes, bb;
+  int rows, type, interleaved;
+} wtensor;
+
+static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, int k_full) {
+  wtensor t = {w, 0, 0, rows, base_type(type_flags), (type_flags & ROWS8_LAYOUT) != 0};
+  t.bb = block_bytes(t.type);
+  t.row_bytes = t.bb ? (size_t)(k_full / block_values(t.type)) * t.bb : 0;
+  return t;
+}
+
+// The byte layouts (x8) of a super-block of a group of 8 rows (Q4K_X8_BYTES, Q6K_X8_BYTES: 8 blocks'
+// worth): a block's bytes in pieces of 2 or 4 bytes, piece p of row r at x8 + (its offset) + size * r,
+// so the 8 rows' copies of a piece lie side by side. Q4_K: d (8 x 2 bytes), dmin, the three words of
+// packed scales, then the values' 32 4-byte chunks in order (chunk 8i + c: values 4c..4c+3 of groups 2i
+// and 2i + 1 as low and high nibbles). Q6_K: d, its 16 int8 scales as 4 words, then 16 steps of 96
+// bytes in the order q6k_x8_tile reads them: step 8h + c holds chunk c of the high 2 bits of groups
+// 4h..4h+3, then chunk c of the two 32-byte runs of low 4 bits that go with them (a sequential read:
+// three interleaved runs read side by side measured 2x slower from memory).
+// Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
+static int x8_piece(int type, int p, int *at, int *x8_at) {
+  if (type == T_Q4_K) {
+    if (p < 2) return *at = 2 * p, *x8_at = 16 * p, 2;
+    if (p < 5) return *at = 4 + 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
+    if (p < 37) return *at = 16 + 4 * (p - 5), *x8_at = 128 + 32 * (p - 5), 4;
+    return 0;
+  }
+  if (p == 0) return *at = 208, *x8_at = 0, 2;
+  if (p < 5) return *at = 192 + 4 * (p - 1), *x8_at = 16 + 32 * (p - 1), 4;
+  if (p < 37) {  // low bits: run `span` (32 bytes), chunk c
+    int i = p - 5, span = i / 8, c = i % 8;
+    return *at = 4 * i, *x8_at = 144 + 96 * (8 * (span / 2) + c) + 32 + 32 * (span % 2), 4;
+  }
+  if (p < 53) {  // high bits: run `half`, chunk c
+    int i = p - 37, half = i / 8, c = i % 8;
+    return *at = 128 + 4 * i, *x8_at = 144 + 96 * (8 * half + c), 4;
+  }
+  return 0;
+}
+
+// The types with a ROWS8_LAYOUT.
+static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K; }
+
+// One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
+// the byte layout, either way (pack: file to x8).
+static void x8_copy(int type, uint8_t *rows, size_t row_bytes, size_t blocks, uint8_t *x8, int pack) {
+  size_t bb = block_bytes(type);
+  int at, x8_at, size;
+  for (int p = 0; (size = x8_piece(type, p, &at, &x8_at)); p++)
+    for (size_t b = 0; b < blocks; b++)
+      for (int r = 0; r < 8; r++) {
+        uint8_t *blk = rows + r * row_bytes + b * bb + at, *there = x8 + b * 8 * bb + x8_at + size * r;
+        uint8_t *from = pack ? blk : there, *to = pack ? there : blk;
+        if (size == 4) memcpy(to, from, 4);  // (constant sizes: moves, not calls)
+        else memcpy(to, from, 2);
+      }
+}
+
+// Unit g (rows 8g.. of at most 8) of a tensor in the file's layout, as the per-row kernels read it
+// (its rows row_bytes apart): an interleaved group is first unpacked into *scratch (8 rows, allocated
+// on first use; NULL result: no memory).
+static const uint8_t *unit_rows(const wtensor *t, int g, uint8_t **scratch) {
+  const uint8_t *base = t->w + (size_t)g * 8 * t->row_bytes;
+  if (!t->interleaved || t->rows - 8 * g < 8) return base;  // (rows after the last whole group too)
+  if (!*scratch) *scratch = malloc(8 * t->row_bytes);
+  if (!*scratch) return NULL;
+  x8_copy(t->type, *scratch, t->row_bytes, t->row_bytes / t->bb, (uint8_t *)base, 0);
+  return *scratch;
+}
+
+// Rearranges a tensor of `rows` rows of k values of `type` (Q4_K or Q6_K, no layout bit) in place into
+// ROWS8_LAYOUT, one group of 8 rows at a time (scratch: one group). Returns 0, -1 for a type or width it
+// does not take, -2 without memory.
+int dc_gguf_interleave(int type, uint8_t *w, int rows, int k) {
+  if (!x8_type(type) || k % 256 != 0 || rows < 0) return -1;
+  size_t bb = block_bytes(type), blocks = (size_t)(k / 256), row_bytes = blocks * bb;
+  uint8_t *scratch = malloc(8 * row_bytes);
+  if (!scratch) return -2;
+  for (int g = 0; 8 * g + 8 <= rows; g++) {  // whole groups; the rows after them keep the file's layout
+    uint8_t *group = w + (size_t)g * 8 * row_bytes;
+    memcpy(scratch, group, 8 * row_bytes);
+    x8_copy(type, scratch, row_bytes, blocks, group, 1);
+  }
+  free(scratch);
+  return 0;
+}
+
 // The values a scale of the activations spans for a product with these parts: 256 where every part
 // is a 256-value super-block type read from a super-block boundary (k0 NULL: whole rows) and k is
 // whole super-blocks, so the super-block kernels sum each super-block in integers; else 32.
 int dc_gguf_activation_span(int parts, const int *types, const int *k0, int k) {
   if (k % 256 != 0) return 32;
-  for (int p = 0; p < parts; p++)
-    if (block_values(types[p]) != 256 || block_bytes(types[p]) == 0 || (k0 && k0[p] % 256 != 0)) return 32;
+  for (int p = 0; p < parts; p++) {
+    int type = base_type(types[p]);
+    if (block_values(type) != 256 || block_bytes(type) == 0 || (k0 && k0[p] % 256 != 0)) return 32;
+  }
   return 256;
 }
 
@@ -1209,19 +1506,22 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
                          const float *xs, float *y, int m, int k, int ldy, int span) {
   span = span == 256 && k % 256 == 0 ? 256 : 32;  // as dc_gguf_quantize_x took it
   enum { MAX_PARTS = 8 };
-  size_t row_bytes[MAX_PARTS];
+  wtensor wt[MAX_PARTS];
   int first_group[MAX_PARTS], n = 0;
   const int16_t *hs = (const int16_t *)xs;
   if (parts < 1 || parts > MAX_PARTS || k % 32 != 0) return -1;
   for (int p = 0; p < parts; p++) {
-    int qk = block_values(types[p]), full = k_full ? k_full[p] : k, start = k0 ? k0[p] : 0;
-    size_t bb = block_bytes(types[p]);
-    if (bb == 0 || float16_type(types[p]) || full % qk != 0 || start % 32 != 0 || start + k > full || rows[p] < 0) return -1;
-    row_bytes[p] = (size_t)(full / qk) * bb;
+    int full = k_full ? k_full[p] : k, start = k0 ? k0[p] : 0;
+    wt[p] = weight_tensor(types[p], w[p], rows[p], full);
+    int type = wt[p].type;
+    if (wt[p].bb == 0 || float16_type(type) || full % block_values(type) != 0 || start % 32 != 0 || start + k > full ||
+        rows[p] < 0)
+      return -1;
     first_group[p] = start / 32;
     n += rows[p];
   }
-  int groups = k / 32;
+  int groups = k / 32, units = 0;
+  for (int p = 0; p < parts; p++) units += (rows[p] + 7) / 8;
 #if defined(__AVX2__)
   int8_t *xi = NULL;  // ROWS8_MIN rows or more: blocks of 8, interleaved for rows8_dot
   if (m >= ROWS8_MIN) {
@@ -1229,64 +1529,114 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     if (xi) interleave8(xq, xd, hs, m, k, span, xi);
   }
   if (xi) {
-    // Weight rows in chunks of ROWS8_WEIGHTS, each 16-row block of activations met by the whole chunk
+    // Units of up to 8 weight rows of one part, each 16-row block of activations met by the whole unit
     // in turn: a block (k/32 groups x 352 bytes each: 10 KB at k = 896) is then read from L1 by every
-    // row of the chunk, not from L2 once a weight row.
+    // row of the unit, not from L2 once a weight row.
     size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
+    int failed = 0;
 #pragma omp parallel for schedule(static)
-    for (int i0 = 0; i0 < n; i0 += ROWS8_WEIGHTS) {
-      int i1 = n - i0 < ROWS8_WEIGHTS ? n : i0 + ROWS8_WEIGHTS;
+    for (int u = 0; u < units; u++) {
+      int p = 0, unit = u, i = 0;
+      while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
+      int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
+      if (m < X8_MAX_ROWS && wt[p].interleaved && count == 8 && super_form(wt[p].type, span, g0, groups)) {
+        // an interleaved group: its tiles over the activation rows 4 at a time (the group stays in
+        // L1/L2 meanwhile; faster than unpacking it for the 8-row blocks at a few rows)
+        const uint8_t *gw = wt[p].w + (size_t)row0 * wt[p].row_bytes;
+        for (int r0 = 0; r0 < m;) {
+          int mr = m - r0 >= 4 ? 4 : m - r0 >= 2 ? 2 : 1;
+          float out[8 * MAX_TILE];
+          x8_tiles(wt[p].type, gw, g0, groups, xq, xd, hs, k, span, r0, mr, out);
+          for (int r = 0; r < mr; r++)
+            for (int e = 0; e < 8; e++)
+              y[(size_t)(r0 + r) * ldy + i + row0 + e] = out[8 * r + e] + (bias && bias[p] ? bias[p][row0 + e] : 0.f);
+          r0 += mr;
+        }
+        continue;
+      }
+      uint8_t *scratch = NULL;
+      const uint8_t *first = unit_rows(&wt[p], unit, &scratch);
+      if (!first) {
+        failed = 1;
+        continue;
+      }
       for (int r0 = 0; r0 < m; r0 += 16) {
         int left = m - r0, blocks = left > 8 ? 2 : 1, rows_here = left < 8 * blocks ? left : 8 * blocks;
-        for (int i = i0; i < i1;) {
-          int p = 0, row = i;
-          while (row >= rows[p]) row -= rows[p++];
-          // WTILE weight rows of one part at once where there are that many, else one
-          int wn = i + WTILE <= i1 && row + WTILE <= rows[p] ? WTILE : 1;
+        for (int e0 = 0; e0 < count;) {
+          int wn = e0 + WTILE <= count ? WTILE : 1;  // WTILE weight rows at once where there are that many
           const uint8_t *wrows[WTILE];
           float outw[8 * WTILE];
-          for (int e = 0; e < wn; e++) wrows[e] = w[p] + (size_t)(row + e) * row_bytes[p];
+          for (int e = 0; e < wn; e++) wrows[e] = first + (size_t)(e0 + e) * wt[p].row_bytes;
           for (int nb = 0; nb < blocks; nb++) {
-            rows8_dot_w_any(types[p], wrows, wn, first_group[p], groups, xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
+            rows8_dot_w_any(wt[p].type, wrows, wn, first_group[p], groups,
+                            xi + (size_t)(r0 / 8 + nb) * block_stride, span, outw);
             for (int e = 0; e < wn; e++) {
-              float b = bias && bias[p] ? bias[p][row + e] : 0.f;
-              for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + e] = outw[8 * e + r] + b;
+              int row = row0 + e0 + e;
+              float b = bias && bias[p] ? bias[p][row] : 0.f;
+              for (int r = 0; r < 8 && 8 * nb + r < rows_here; r++) y[(size_t)(r0 + 8 * nb + r) * ldy + i + row] = outw[8 * e + r] + b;
             }
           }
-          i += wn;
+          e0 += wn;
         }
       }
+      free(scratch);
     }
     free(xi);
-    return 0;
+    return failed ? -2 : 0;
   }
 #endif
+  int failed = 0;
   for (int p0 = 0; p0 < m; p0 += ROW_PASS) {
     int p1 = m - p0 < ROW_PASS ? m : p0 + ROW_PASS;
+    // units of up to 8 weight rows of one part: an interleaved group read as one stream where a kernel
+    // takes it (x8_tile_*), any other unit row by row
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-      int p = 0, row = i;
-      while (row >= rows[p]) row -= rows[p++];
-      int type = types[p], g0 = first_group[p];
-      const uint8_t *wrow = w[p] + (size_t)row * row_bytes[p];
-      float b = bias && bias[p] ? bias[p][row] : 0.f;
-      float out[MAX_TILE];
+    for (int u = 0; u < units; u++) {
+      int p = 0, unit = u, i = 0;
+      while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
+      const wtensor *t = &wt[p];
+      int type = t->type, row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
+      int whole = t->interleaved && count == 8 && super_form(type, span, g0, groups);
+      const uint8_t *gw = t->w + (size_t)row0 * t->row_bytes;
+      float out[8 * MAX_TILE];
       for (int r0 = p0; r0 < p1;) {
         int left = p1 - r0, mr = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const int8_t *xr = xq + (size_t)r0 * k;
         const float *dr = xd + (size_t)r0 * (k / span);
         const int16_t *hr = hs + (size_t)r0 * (k / 16);
-        switch (mr) {
-          case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, hr, span, out); break;
-          case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, hr, span, out); break;
-          default: tile_dot_1(type, wrow, g0, groups, xr, k, dr, hr, span, out);
+#if defined(__AVX2__)
+        if (whole) x8_tiles(type, gw, g0, groups, xq, xd, hs, k, span, r0, mr, out);
+        else
+#else
+        (void)whole, (void)gw;
+#endif
+        {
+          uint8_t *scratch = NULL;
+          const uint8_t *first = unit_rows(t, unit, &scratch);
+          if (!first) {
+            failed = 1;
+            break;
+          }
+          for (int e = 0; e < count; e++) {
+            float o[MAX_TILE];
+            const uint8_t *wrow = first + (size_t)e * t->row_bytes;
+            switch (mr) {
+              case 4: tile_dot_4(type, wrow, g0, groups, xr, k, dr, hr, span, o); break;
+              case 2: tile_dot_2(type, wrow, g0, groups, xr, k, dr, hr, span, o); break;
+              default: tile_dot_1(type, wrow, g0, groups, xr, k, dr, hr, span, o);
+            }
+            for (int r = 0; r < mr; r++) out[8 * r + e] = o[r];
+          }
+          free(scratch);
         }
-        for (int r = 0; r < mr; r++) y[(size_t)(r0 + r) * ldy + i] = out[r] + b;
+        for (int r = 0; r < mr; r++)
+          for (int e = 0; e < count; e++)
+            y[(size_t)(r0 + r) * ldy + i + row0 + e] = out[8 * r + e] + (bias && bias[p] ? bias[p][row0 + e] : 0.f);
         r0 += mr;
       }
     }
   }
-  return 0;
+  return failed ? -2 : 0;
 }
 
 // ---------------------------------------------------------------- 16-bit float weights (F16, BF16)
@@ -1516,15 +1866,27 @@ static void dequantize_row(int type, const uint8_t *wrow, int k, float *out) {
   }
 }
 
-// Weight rows [row0, row0 + rows) as float32 into out [rows, k] (float fallbacks, tests).
-int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int k, float *out) {
-  int qk = block_values(type);
-  size_t bb = block_bytes(type);
-  if (bb == 0 || k % qk != 0) return -1;
-  size_t row_bytes = (size_t)(k / qk) * bb;
+// Weight rows [row0, row0 + rows) of a tensor of `total` rows as float32 into out [rows, k] (float
+// fallbacks, tests; type may carry ROWS8_LAYOUT).
+int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int total, int k, float *out) {
+  wtensor t = weight_tensor(type, w, total, k);
+  if (t.bb == 0 || k % block_values(t.type) != 0 || row0 < 0 || rows < 0 || row0 + rows > total) return -1;
+  int failed = 0, u0 = row0 / 8, u1 = (row0 + rows + 7) / 8;
 #pragma omp parallel for schedule(static)
-  for (int i = 0; i < rows; i++) dequantize_row(type, w + (size_t)(row0 + i) * row_bytes, k, out + (size_t)i * k);
-  return 0;
+  for (int u = u0; u < u1; u++) {  // units of 8 rows (an interleaved group read through unit_rows)
+    uint8_t *scratch = NULL;
+    const uint8_t *first = unit_rows(&t, u, &scratch);
+    if (!first) {
+      failed = 1;
+      continue;
+    }
+    for (int e = 0; e < 8; e++) {
+      int row = 8 * u + e;
+      if (row >= row0 && row < row0 + rows) dequantize_row(t.type, first + (size_t)e * t.row_bytes, k, out + (size_t)(row - row0) * k);
+    }
+    free(scratch);
+  }
+  return failed ? -2 : 0;
 }
 
 // Rows ids[0..n) of a GGUF weight [*, k] as float32 out [n, k]: an embedding lookup that dequantizes

@@ -120,8 +120,10 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gguf_matmul_parts.restype = i
     lib.dc_gguf_matmul16_parts.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i]
     lib.dc_gguf_matmul16_parts.restype = i
-    lib.dc_gguf_dequantize.argtypes = [i, p, i, i, i, p]
+    lib.dc_gguf_dequantize.argtypes = [i, p, i, i, i, i, p]
     lib.dc_gguf_dequantize.restype = i
+    lib.dc_gguf_interleave.argtypes = [i, p, i, i]
+    lib.dc_gguf_interleave.restype = i
     lib.dc_gguf_decode_layers.argtypes = [p, p, p, i, p, p, p, p, p, i]
     lib.dc_gguf_decode_layers.restype = i
     lib.dc_gguf_dequantize_rows.argtypes = [i, p, p, i, i, p]

@@ -43,13 +43,25 @@ BLOCK_TYPES = {
 TYPE_IDS = {name: ids[0] for name, ids in BLOCK_TYPES.items()}
 # Kept as 16-bit floats and multiplied in floats (the others: integer products of int8 activations).
 FLOAT16_TYPES = frozenset({"F16", "BF16"})
+# Types whose rows a GGUFPart interleaves in groups of 8 (gguf_kernels.c's ROWS8_LAYOUT): a decode
+# step's one-row product then reads each group's blocks as one stream, 8 outputs at once.
+INTERLEAVED_TYPES = frozenset({"Q4_K", "Q6_K"})
+ROWS8_LAYOUT = 0x100  # the type id's bit that says so
+
+
 class GGUFPart:
     """One source tensor's rows of a layer: raw blocks [rows, row_bytes] of one type. A rank's slice
     of a row-split weight keeps whole rows `k_full` values wide and reads inputs [k0, k0 + in_features)
-    of them (multiples of 32: K-quant super-blocks split along their 32-value groups)."""
+    of them (multiples of 32: K-quant super-blocks split along their 32-value groups).
+
+    interleave=True (for a type in INTERLEAVED_TYPES): `data` is rearranged in place into groups of 8
+    rows, block by block, and `type_id` carries ROWS8_LAYOUT, which every kernel reading the part
+    honours; the bytes are the same count, so memory does not grow. Callers that address the rows
+    themselves (the MoE kernels' experts, the embedding table a tied head shares) keep the file's
+    layout."""
 
     def __init__(self, type_name: str, data: torch.Tensor, in_features: int, k_full: int | None = None,
-                 k0: int = 0) -> None:
+                 k0: int = 0, interleave: bool = False) -> None:
         type_id, per_block, block_bytes = BLOCK_TYPES[type_name]
         k_full = in_features if k_full is None else k_full
         if (k_full % per_block or data.shape[1] != k_full // per_block * block_bytes or k0 % 32
@@ -60,6 +72,16 @@ class GGUFPart:
         self.data = data.contiguous()
         self.rows = data.shape[0]
         self.k_full, self.k0 = k_full, k0
+        if interleave and type_name in INTERLEAVED_TYPES:
+            lib = kernel_library()
+            if lib is not None and self.data.is_cpu:
+                if lib.dc_gguf_interleave(type_id, self.data.data_ptr(), self.rows, k_full):
+                    raise MemoryError(f"no memory to interleave {type_name} rows")
+                self.type_id = type_id | ROWS8_LAYOUT
+
+    @property
+    def interleaved(self) -> bool:
+        return bool(self.type_id & ROWS8_LAYOUT)
 
 
 _layers: weakref.WeakValueDictionary[int, "GGUFLinear"] = weakref.WeakValueDictionary()
@@ -170,10 +192,11 @@ class GGUFLinear(nn.Module):
         row = 0
         for part in self.parts:
             if part.k_full == k:
-                self._lib.dc_gguf_dequantize(part.type_id, part.data.data_ptr(), 0, part.rows, k, w[row:].data_ptr())
+                self._lib.dc_gguf_dequantize(part.type_id, part.data.data_ptr(), 0, part.rows, part.rows, k,
+                                             w[row:].data_ptr())
             else:  # a rank's input window of whole rows
                 full = torch.empty(part.rows, part.k_full)
-                self._lib.dc_gguf_dequantize(part.type_id, part.data.data_ptr(), 0, part.rows, part.k_full,
+                self._lib.dc_gguf_dequantize(part.type_id, part.data.data_ptr(), 0, part.rows, part.rows, part.k_full,
                                              full.data_ptr())
                 w[row : row + part.rows] = full[:, part.k0 : part.k0 + k]
             row += part.rows

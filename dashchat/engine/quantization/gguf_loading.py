@@ -120,8 +120,10 @@ class _Blocks:
         return _bf16_rows(self.view, self.file_type, self.k_full)
 
     def part(self, shared: torch.Tensor | None = None) -> GGUFPart:
+        # rows interleaved for the decode kernels, except where other code addresses them in the
+        # file's layout: the embedding table a tied head shares, an expert's rows (the MoE kernels)
         return GGUFPart(self.type_name, shared if shared is not None else self.data(), self.width, self.k_full,
-                        self.k0)
+                        self.k0, interleave=shared is None and self.copy is None)
 
 
 def _bf16_rows(view: np.ndarray, type_name: str, width: int, chunk_values: int = 1 << 22) -> torch.Tensor:
