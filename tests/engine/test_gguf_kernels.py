@@ -206,16 +206,16 @@ def interleaved_part(type_name: str, data: torch.Tensor, cols: int, **window) ->
     return part
 
 
-def layout_invariance(type_name: str, seed: int, counts=(1, 2, 3, 4, 5, 8, 9, 17)) -> None:
+def layout_invariance(type_name: str, seed: int, counts=(1, 2, 3, 4, 5, 8, 9, 17, 70)) -> None:
     """Rows interleaved in groups of 8 give every output the bits of the file's row-major layout, at
-    every batch size (one row: an interleaved group as one stream; 2-4: the per-row tiles; 5 and up:
-    the 8-row blocks), for whole rows and for a rank's input window (on super-block boundaries and
+    every batch size (1-64 rows: the groups' own tiles, 1, 2 or 4 rows at a time; 65 and up: a group
+    unpacked for the 8-row blocks), for whole rows and for a rank's input window (on super-block boundaries and
     not), in a fused layer with a part in the file's layout; 21 rows: two whole groups and 5 more."""
     cols, rows, other_type = 768, 21, "Q5_K"
     data = torch.from_numpy(random_blocks(type_name, rows, cols, seed))
     other = torch.from_numpy(random_blocks(other_type, 6, cols, seed + 1))
     bias = torch.randn(rows + 6, generator=torch.Generator().manual_seed(seed))
-    x = torch.randn(17, cols, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(70, cols, generator=torch.Generator().manual_seed(seed))
     for k0, k in ((0, cols), (256, 512), (32, 256)):
         window = {"k_full": cols, "k0": k0}
         file = GGUFLinear(k, rows + 6, [GGUFPart(type_name, data, k, **window), GGUFPart(other_type, other, k, **window)],
@@ -304,7 +304,7 @@ for t in TYPES:
         check_type(t, rows=19, cols=256, batch=batch, seed=batch)
     batch_invariance(t, seed=1, counts=(1, 2, 3, 5, 8, 9, 17))
     if t in INTERLEAVED_TYPES:
-        layout_invariance(t, seed=2, counts=(1, 2, 3, 4, 9))
+        layout_invariance(t, seed=2, counts=(1, 2, 3, 9, 70))
 print("ok", len(TYPES))
 """
 

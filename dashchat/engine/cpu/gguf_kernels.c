@@ -1372,10 +1372,11 @@ static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, in
 // Weight rows that take each block of activation rows in turn (see dc_gguf_matmul_parts).
 #define ROWS8_WEIGHTS 8
 // Batches below this many rows meet an interleaved group (ROWS8_LAYOUT) through its own tiles, 4 rows
-// at a time; from it, the group is unpacked for the 8-row blocks (a real prefill of 118-1,490 tokens
-// took 2.4-3.5x longer through the group's tiles; the same results either way).
+// at a time; from it, the group is unpacked for the 8-row blocks. Measured (bench/README.md): at 16-64
+// rows the tiles beat unpacking (which cost 30-40% at 16 rows), while a real prefill of 118-1,490
+// tokens took 2.4-2.8x llama-server's time through them. The same results either way.
 #ifndef X8_MAX_ROWS
-#define X8_MAX_ROWS 16
+#define X8_MAX_ROWS 65
 #endif
 // Batches from this many rows take the interleaved blocks of 8 (the same results as the per-row
 // tiles: only the speed differs).
