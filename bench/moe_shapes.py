@@ -217,7 +217,8 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
         raise SystemExit("the experts did not get the one-call kernel (no C compiler?)")
 
     this_lib = grouped[0]._lib
-    names = ("grouped", "loop", "attention") + (("baseline",) if baseline else ()) + ((FILE_LAYOUT,) if file_layout else ())
+    names = ("grouped", "loop", "attention") + (("baseline",) if baseline else ())
+    names += (FILE_LAYOUT,) if file_layout else ()
     if file_layout:
         with _experts_in_file_layout():
             plain, _ = _load(path, threads)

@@ -430,7 +430,8 @@ def test_interleaved_q4k_q6k_experts_equal_the_file_layout():
         blocks = [random_blocks(type_name, rows, cols, seed + e) for e in range(count)]
         return np.stack(blocks), type_name, cols
 
-    tensors = [stacked("Q4_K", width, hidden, 0), stacked("Q4_K", width, hidden, 100), stacked("Q6_K", hidden, width, 200)]
+    tensors = [stacked("Q4_K", width, hidden, 0), stacked("Q4_K", width, hidden, 100),
+               stacked("Q6_K", hidden, width, 200)]
 
     def experts(loaded: bool) -> torch.nn.ModuleList:
         parts = []
