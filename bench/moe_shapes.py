@@ -30,6 +30,7 @@ beside them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -170,14 +171,41 @@ def baseline_library(rev: str, out_dir: Path):
     return lib
 
 
-def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...], baseline=None) -> list[dict]:
+@contextlib.contextmanager
+def _experts_in_file_layout():
+    """Models loaded inside keep their experts' rows in the file's layout (no 8-row groups; the other
+    tensors as the loader holds them): what --experts-file-layout times this tree's kernels on."""
+    from dashchat.engine.quantization.gguf import GGUFPart
+    from dashchat.engine.quantization.gguf_loading import _Blocks
+
+    part = _Blocks.part
+
+    def file_layout(blocks: _Blocks, shared=None) -> GGUFPart:
+        if blocks.copy is None:  # not an expert
+            return part(blocks, shared)
+        return GGUFPart(blocks.type_name, blocks.data(), blocks.width, blocks.k_full, blocks.k0)
+
+    _Blocks.part = file_layout
+    try:
+        yield
+    finally:
+        _Blocks.part = part
+
+
+FILE_LAYOUT = "file layout"  # the timings' name for the experts in the file's layout
+
+
+def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...], baseline=None,
+               file_layout: bool = False) -> list[dict]:
     """Per-layer time of the MoE blocks (router + experts) and of the attention blocks, on dashchat's
     module path, every layer in turn (so weights come from memory as in a real step, not from a cache
     that one layer fits): the experts run by the one-call kernel ("grouped") and by the Python loop
     over experts ("loop"), alternating, each repeat a fresh random batch (so other experts are read),
     medians. 1 and 8 rows are decode steps, 128 a prefill chunk (attention: causal over the rows, no
     KV cache: its projections and its attention over the chunk). `baseline`: (name, library) of
-    another revision's kernels, whose one-call kernel runs too ("baseline"), its output checked equal."""
+    another revision's kernels, whose one-call kernel runs too ("baseline"), its output checked equal.
+    `file_layout`: a second copy of the experts, held in the file's layout, run by this tree's one-call
+    kernel too (FILE_LAYOUT), its output checked equal."""
     import torch
 
     from dashchat.engine.quantization.int8 import _causal_attention
@@ -190,6 +218,11 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
 
     this_lib = grouped[0]._lib
     names = ("grouped", "loop", "attention") + (("baseline",) if baseline else ())
+    names += (FILE_LAYOUT,) if file_layout else ()
+    if file_layout:
+        with _experts_in_file_layout():
+            plain, _ = _load(path, threads)
+        plain_runners = [layer.mlp.expert_runner for layer in plain.layers]
 
     def run(name: str, x: torch.Tensor, rope) -> list[torch.Tensor]:
         outs = []
@@ -199,6 +232,8 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
             else:
                 runner._lib = baseline[1] if name == "baseline" else this_lib
                 layer.mlp.expert_runner = None if name == "loop" else runner
+                if name == FILE_LAYOUT:
+                    layer.mlp.expert_runner = plain_runners[layers.index(layer)]
                 outs.append(layer.mlp(x))
         return outs
 
@@ -219,6 +254,8 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
                         times[name].append((time.perf_counter() - t0) / len(layers))
                 if baseline and not all(map(torch.equal, outs["grouped"], outs["baseline"])):
                     raise SystemExit(f"the {baseline[0]} expert kernel's output differs at {rows} rows")
+                if file_layout and not all(map(torch.equal, outs["grouped"], outs[FILE_LAYOUT])):
+                    raise SystemExit(f"the experts in the file's layout give another output at {rows} rows")
         for layer, runner in zip(layers, grouped):
             layer.mlp.expert_runner, runner._lib = runner, this_lib
         ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
@@ -233,16 +270,21 @@ def layer_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...
         if baseline:
             print(f"      {baseline[0]}'s one-call kernel: MoE block {ms['baseline']:.2f} ms a layer "
                   f"(its time / this tree's: {ms['baseline'] / ms['grouped']:.2f}x)", flush=True)
+        if file_layout:
+            print(f"      experts in the file's layout: MoE block {ms[FILE_LAYOUT]:.2f} ms a layer "
+                  f"(its time / interleaved: {ms[FILE_LAYOUT] / ms['grouped']:.2f}x)", flush=True)
     return results
 
 
 def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[int, ...], context: int = 100,
-                     baseline=None) -> list[dict]:
+                     baseline=None, file_layout: bool = False) -> list[dict]:
     """A whole decode step (embedding, every layer, final norm, head) of `rows` sequences `context`
     tokens long, as the engine runs it: the fused C step (decode_step.c, one call for every layer)
     against the module path (a Python call per layer, attention and routing through torch ops), on
     the same runner and cache, alternating, medians. Checks the two give equal logits. `baseline`:
-    (name, library) of another revision's kernels, whose fused step runs too ("baseline")."""
+    (name, library) of another revision's kernels, whose fused step runs too ("baseline").
+    `file_layout`: a second runner over the model loaded with its experts in the file's layout, its
+    fused step run too (FILE_LAYOUT), its logits checked equal."""
     import torch
 
     from dashchat.engine.native.model_runner import ModelRunner
@@ -253,8 +295,14 @@ def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[in
     folder = convert_gguf(path)
     block = 16
     width = -(-context // block) + 1
-    runner = ModelRunner(str(folder), ModelConfig.from_dir(folder), torch.device("cpu"), torch.float32,
-                         max(rows_list) * width + 1, block, "gguf")
+    def new_runner() -> ModelRunner:
+        return ModelRunner(str(folder), ModelConfig.from_dir(folder), torch.device("cpu"), torch.float32,
+                           max(rows_list) * width + 1, block, "gguf")
+
+    runner = new_runner()
+    if file_layout:
+        with _experts_in_file_layout():
+            plain = new_runner()
     fused = runner.fused_decode
     if fused is None:
         raise SystemExit("the fused decode step declined this model")
@@ -266,7 +314,7 @@ def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[in
         lens = torch.full((rows,), context)
         positions = lens - 1
         slots = tables[torch.arange(rows), positions // block] * block + positions % block
-        names = ("fused", "modules") + (("baseline",) if baseline else ())
+        names = ("fused", "modules") + (("baseline",) if baseline else ()) + ((FILE_LAYOUT,) if file_layout else ())
         times: dict[str, list[float]] = {name: [] for name in names}
         with torch.inference_mode():
             for i in range(repeats + 2):
@@ -275,8 +323,9 @@ def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[in
                 for name in names if i % 2 else reversed(names):  # alternating which runs first
                     runner.fused_decode = None if name == "modules" else fused
                     fused._lib = baseline[1] if name == "baseline" else this_lib
+                    step = plain if name == FILE_LAYOUT else runner
                     t0 = time.perf_counter()
-                    logits[name] = runner._decode_eager(ids, positions, slots, tables, lens)
+                    logits[name] = step._decode_eager(ids, positions, slots, tables, lens)
                     if i >= 2:
                         times[name].append(time.perf_counter() - t0)
                 if not all(torch.equal(logits["fused"], logits[name]) for name in names):
@@ -290,6 +339,9 @@ def decode_step_time(path: Path, threads: int, repeats: int, rows_list: tuple[in
         if baseline:
             print(f"      {baseline[0]}'s fused step {ms['baseline']:.1f} ms ({rows * 1e3 / ms['baseline']:.1f} tok/s): "
                   f"its time / this tree's: {ms['baseline'] / ms['fused']:.2f}x", flush=True)
+        if file_layout:
+            print(f"      fused step, experts in the file's layout {ms[FILE_LAYOUT]:.1f} ms: "
+                  f"its time / interleaved: {ms[FILE_LAYOUT] / ms['fused']:.2f}x", flush=True)
     return results
 
 
@@ -325,6 +377,9 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="REV",
                     help="also time git revision REV's kernels (the one-call expert kernel, the fused step), "
                          "alternating with this tree's, outputs checked equal")
+    ap.add_argument("--experts-file-layout", action="store_true",
+                    help="also time this tree's kernels on a second copy of the model whose experts keep the "
+                         "file's layout (no interleaved 8-row groups), alternating, outputs checked equal")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--llama-server", type=Path, help="the llama-server binary (passed to bench/peers.py)")
     ap.add_argument("--peers-args", default="--requests 3 --max-tokens 64 --concurrency 8 --rounds 2 --skip-llamacpp",
@@ -358,14 +413,15 @@ def main() -> int:
         print(f"load average {os.getloadavg()}, {threads} threads", flush=True)
         if not args.skip_layer_time:
             rows = tuple(int(r) for r in args.rows.split(",") if r)
-            results = layer_time(path, threads, args.repeats, rows, baseline)
+            results = layer_time(path, threads, args.repeats, rows, baseline, args.experts_file_layout)
             gc.collect()
             if args.json:
                 args.json.write_text(json.dumps({"gguf": str(path), "threads": threads, "load": os.getloadavg(),
                                                  "layer_time": results}, indent=2))
         if not args.skip_step_time:
             rows = tuple(int(r) for r in args.step_rows.split(",") if r)
-            steps = decode_step_time(path, threads, args.repeats, rows, baseline=baseline)
+            steps = decode_step_time(path, threads, args.repeats, rows, baseline=baseline,
+                                     file_layout=args.experts_file_layout)
             gc.collect()  # the runner's ~9 GB must be gone before the servers start
             if args.json:
                 done = json.loads(args.json.read_text()) if args.json.is_file() else {}

@@ -407,3 +407,68 @@ def test_stacked_experts_equal_the_per_expert_loop(grouped, tmp_path):
             want = moe.run_experts(x, weights, chosen)
             tol = {"atol": 2e-2, "rtol": 2e-2} if grouped else {"atol": 1e-6, "rtol": 1e-5}
             torch.testing.assert_close(runner(x, weights, chosen), want, **tol)
+
+
+def test_interleaved_q4k_q6k_experts_equal_the_file_layout():
+    """Experts loaded as the GGUF loader holds them (`_Blocks.part` over one copy of all experts):
+    Q4_K gate/up and Q6_K down rows, whole groups of 8, are interleaved in place expert by expert
+    (the type id's ROWS8_LAYOUT bit), and the one-call expert kernel gives the file layout's output
+    bit for bit at decode and prefill batches, 1 and 2 threads (row chunks start on groups); an
+    expert tensor whose rows are not whole groups keeps the file's layout."""
+    import numpy as np
+
+    from dashchat.engine.cpu.ops import kernel_silu_and_mul
+    from dashchat.engine.quantization.gguf import ROWS8_LAYOUT, GGUFPart
+    from dashchat.engine.quantization.gguf_loading import _Blocks, _ExpertCopy
+    from dashchat.engine.quantization.gguf_moe import grouped_gguf_experts, kernel_softmax_top_k
+    from dashchat.models.layers import GatedMLP
+    from engine.test_gguf_kernels import random_blocks
+
+    hidden, width, count, top_k = 256, 512, 6, 2
+
+    def stacked(type_name: str, rows: int, cols: int, seed: int):
+        blocks = [random_blocks(type_name, rows, cols, seed + e) for e in range(count)]
+        return np.stack(blocks), type_name, cols
+
+    tensors = [stacked("Q4_K", width, hidden, 0), stacked("Q4_K", width, hidden, 100),
+               stacked("Q6_K", hidden, width, 200)]
+
+    def experts(loaded: bool) -> torch.nn.ModuleList:
+        parts = []
+        for view, type_name, cols in tensors:
+            copy = _ExpertCopy(view, type_name, cols)
+            parts.append([_Blocks(type_name, view[e], cols, cols, 0, "blk", lambda e=e: copy.expert(e)).part()
+                          if loaded else GGUFPart(type_name, torch.from_numpy(view[e].copy()), cols)
+                          for e in range(count)])
+        out = torch.nn.ModuleList()
+        for e in range(count):
+            mlp = GatedMLP(hidden, width)
+            mlp.gate_up_proj = GGUFLinear(hidden, 2 * width, [parts[0][e], parts[1][e]])
+            mlp.down_proj = GGUFLinear(width, hidden, [parts[2][e]])
+            mlp.act_and_mul = kernel_silu_and_mul
+            out.append(mlp)
+        return out
+
+    interleaved, file_layout = experts(True), experts(False)
+    for mlp in interleaved:
+        assert all(p.type_id & ROWS8_LAYOUT for p in (*mlp.gate_up_proj.parts, *mlp.down_proj.parts))
+    assert not any(p.type_id & ROWS8_LAYOUT for mlp in file_layout for p in mlp.gate_up_proj.parts)
+    runners = grouped_gguf_experts(interleaved), grouped_gguf_experts(file_layout)
+    assert None not in runners
+    gen = torch.Generator().manual_seed(9)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                for rows in (1, 5, 16):
+                    x = torch.randn(rows, hidden, generator=gen)
+                    weights, chosen = kernel_softmax_top_k(torch.randn(rows, count, generator=gen), top_k, True)
+                    want = runners[1](x, weights, chosen)
+                    torch.testing.assert_close(runners[0](x, weights, chosen), want, atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
+    view = np.stack([random_blocks("Q4_K", 12, hidden, e) for e in range(2)])
+    copy = _ExpertCopy(view, "Q4_K", hidden)
+    part = _Blocks("Q4_K", view[1], hidden, hidden, 0, "blk", lambda: copy.expert(1)).part()
+    assert not part.interleaved and torch.equal(part.data, torch.from_numpy(view[1]))

@@ -156,7 +156,9 @@ void dc_sigmoid(const float *x, float *out, int count) {
 static int round_up(int v, int to) { return (v + to - 1) / to * to; }
 
 // Rows per task of a projection with `rows` output rows so that `used` experts give each thread about
-// eight tasks (whole rows of 16, at least 64 rows a task).
+// eight tasks (whole rows of 16, at least 64 rows a task). Every chunk so starts on a multiple of 8
+// rows: an expert's rows interleaved in groups of 8 (ROWS8_LAYOUT) are then whole groups in each
+// chunk, at the byte offset the same rows have in the file's layout (a group is 8 rows' bytes).
 static int chunk_rows(int rows, int used, int threads) {
   int chunks = threads < 2 || used >= 8 * threads ? 1 : (8 * threads + used - 1) / used;
   int n = round_up((rows + chunks - 1) / chunks, 16);

@@ -56,9 +56,9 @@ class GGUFPart:
 
     interleave=True (for a type in INTERLEAVED_TYPES): `data` is rearranged in place into groups of 8
     rows, block by block, and `type_id` carries ROWS8_LAYOUT, which every kernel reading the part
-    honours; the bytes are the same count, so memory does not grow. Callers that address the rows
-    themselves (the MoE kernels' experts, the embedding table a tied head shares) keep the file's
-    layout."""
+    honours; the bytes are the same count, so memory does not grow (a row offset that is a multiple
+    of 8 is the same byte offset in both layouts: the MoE kernel's chunks of an expert's rows start on
+    one). The embedding table a tied head shares keeps the file's layout (the lookup reads rows)."""
 
     def __init__(self, type_name: str, data: torch.Tensor, in_features: int, k_full: int | None = None,
                  k0: int = 0, interleave: bool = False) -> None:

@@ -120,10 +120,13 @@ class _Blocks:
         return _bf16_rows(self.view, self.file_type, self.k_full)
 
     def part(self, shared: torch.Tensor | None = None) -> GGUFPart:
-        # rows interleaved for the decode kernels, except where other code addresses them in the
-        # file's layout: the embedding table a tied head shares, an expert's rows (the MoE kernels)
+        # rows interleaved for the decode kernels, except the embedding table a tied head shares (the
+        # lookup reads its rows in the file's layout) and an expert whose rows are not whole groups
+        # of 8: the MoE kernel hands its products chunks of an expert's rows starting on multiples of
+        # 16, so each expert's groups stay whole (and within that expert's rows of the copy)
+        interleave = shared is None and (self.copy is None or self.view.shape[0] % 8 == 0)
         return GGUFPart(self.type_name, shared if shared is not None else self.data(), self.width, self.k_full,
-                        self.k0, interleave=shared is None and self.copy is None)
+                        self.k0, interleave=interleave)
 
 
 def _bf16_rows(view: np.ndarray, type_name: str, width: int, chunk_values: int = 1 << 22) -> torch.Tensor:
