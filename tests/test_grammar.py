@@ -328,14 +328,13 @@ def test_compiled_once_per_distinct_schema(model: tuple[Any, GrammarBackend]) ->
     b = {"properties": {"y": {"type": "string"}, "x": {"type": "integer"}}, "type": "object"}
     backend.json_schema(a)
     n = len(backend.compiles)
-    t0 = time.perf_counter()
-    backend.json_schema(b)  # same schema, other key order: a cache hit
+    backend.json_schema(b)  # same schema, other key order: a cache hit (no compile added)
     assert len(backend.compiles) == n
-    assert time.perf_counter() - t0 < 0.01
 
 
-def test_mask_cost_per_token() -> None:
-    """The per-token overhead must stay a small fraction of a decode step (151k vocab)."""
+def test_mask_allows_every_token_of_a_long_call() -> None:
+    """Every prefix of a long, nested, non-ASCII tool call on the 151k vocab keeps its next token
+    allowed (the mask's per-token cost is bench/grammar_overhead.py's to measure, not a test's)."""
     tok, backend = load_backend("qwen2.5")
     proc = backend.tool_calls(TOOLS, parallel=True)()
     text = (
@@ -344,17 +343,10 @@ def test_mask_cost_per_token() -> None:
     )
     ids = tok.encode(text)
     logits = torch.randn(151936)
-    times = []
     for n in range(len(ids)):
         row = logits.clone()
-        t0 = time.perf_counter()
         proc(ids[:n], row)
-        times.append(time.perf_counter() - t0)
         assert torch.isfinite(row[ids[n]])
-    times.sort()
-    median_ms = times[len(times) // 2] * 1e3
-    print(f"grammar mask+apply on 151k vocab: median {median_ms:.3f} ms, max {times[-1] * 1e3:.3f} ms")
-    assert median_ms < 2.0
 
 
 def test_validate_tools_errors_name_the_parameter() -> None:
