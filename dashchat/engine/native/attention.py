@@ -9,6 +9,7 @@ cache like the others; masks (and the C decode kernel's first key) limit them to
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,12 +74,15 @@ class PagedAttention:
                               and kv_cache[0][0].dtype == torch.float32 and kernel_library() is not None)
         # CPU float32 prefill: a tile seeing _BF16_MIN_KEYS keys or more takes softmax(scores) . V with
         # both rounded to bf16 (float32 sums; the scores stay float32, as does everything before the
-        # softmax): ~25% off a long prompt's attention where the CPU multiplies bf16 natively. Its
-        # output moves by about 2^-9 relative (~0.3% of its norm measured), less than the int8
-        # quantization of the output projection's input that follows it.
+        # softmax): ~25% off a long prompt's attention at one thread where the CPU multiplies bf16
+        # natively. Its output moves by about 2^-9 relative (~0.3% of its norm measured). Opt-in
+        # (DASHCHAT_PREFILL_BF16=1) until measured in a server: the one real-shapes run with it on
+        # took 2x llama-server's time for a 1,490-token prompt (cause not found; two-thread bf16
+        # products on a loaded machine were slower than float32's).
         if prefill_bf16 is None:
-            prefill_bf16 = (bool(kv_cache) and kv_cache[0][0].device.type == "cpu"
-                            and kv_cache[0][0].dtype == torch.float32 and _cpu_has_bf16())
+            prefill_bf16 = (os.environ.get("DASHCHAT_PREFILL_BF16") == "1" and bool(kv_cache)
+                            and kv_cache[0][0].device.type == "cpu" and kv_cache[0][0].dtype == torch.float32
+                            and _cpu_has_bf16())
         self.prefill_bf16 = prefill_bf16
         self.meta: StepAttentionMetadata | None = None
         self._decode_masks: dict[int | None, torch.Tensor] = {}  # per window
