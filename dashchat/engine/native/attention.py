@@ -76,9 +76,9 @@ class PagedAttention:
         # both rounded to bf16 (float32 sums; the scores stay float32, as does everything before the
         # softmax): ~25% off a long prompt's attention at one thread where the CPU multiplies bf16
         # natively. Its output moves by about 2^-9 relative (~0.3% of its norm measured). Opt-in
-        # (DASHCHAT_PREFILL_BF16=1) until measured in a server: the one real-shapes run with it on
-        # took 2x llama-server's time for a 1,490-token prompt (cause not found; two-thread bf16
-        # products on a loaded machine were slower than float32's).
+        # (DASHCHAT_PREFILL_BF16=1) and not advised: in a server it made a 1,490-token 3B prompt 2.6x
+        # slower (75 against 29 s; cause not found; two-thread bf16 products on a loaded machine
+        # were slower than float32's).
         if prefill_bf16 is None:
             prefill_bf16 = (os.environ.get("DASHCHAT_PREFILL_BF16") == "1" and bool(kv_cache)
                             and kv_cache[0][0].device.type == "cpu" and kv_cache[0][0].dtype == torch.float32
