@@ -234,14 +234,14 @@ def test_interleaved_rows_give_the_same_bits(type_name: str) -> None:
     layout_invariance(type_name, seed=7)
 
 
-# The 32-value types' tiles take any window of whole groups: rows of 13 groups (no multiple of 8 or
+# The 32-value types' tiles take any window of whole groups: rows of 45 groups (no multiple of 8 or
 # 256), windows starting on odd groups, a last unit of fewer than 8 groups.
-BLOCKS32_WINDOWS = ((0, 416), (96, 256), (32, 352))
+BLOCKS32_COLS, BLOCKS32_WINDOWS = 1440, ((0, 1440), (96, 1120), (32, 352))
 
 
 @pytest.mark.parametrize("type_name", sorted(t for t in INTERLEAVED_TYPES if BLOCK_TYPES[t][1] == 32))
 def test_interleaved_32_value_blocks_at_any_width(type_name: str) -> None:
-    layout_invariance(type_name, seed=11, counts=(1, 2, 4, 7, 66), cols=416, windows=BLOCKS32_WINDOWS)
+    layout_invariance(type_name, seed=11, counts=(1, 3, 4, 7, 66), cols=BLOCKS32_COLS, windows=BLOCKS32_WINDOWS)
 
 
 def test_engine_interleaves_in_place() -> None:
@@ -307,7 +307,8 @@ sys.path.insert(0, {tests!r})
 from engine.test_gguf_kernels import check_type, TYPES
 from dashchat.engine.cpu.kernels import kernel_library
 assert kernel_library() is not None
-from engine.test_gguf_kernels import batch_invariance, check_activation_quantization, layout_invariance, BLOCKS32_WINDOWS
+from engine.test_gguf_kernels import batch_invariance, check_activation_quantization, layout_invariance
+from engine.test_gguf_kernels import BLOCKS32_COLS, BLOCKS32_WINDOWS
 from dashchat.engine.quantization.gguf import BLOCK_TYPES, INTERLEAVED_TYPES
 check_activation_quantization()
 for t in TYPES:
@@ -317,7 +318,7 @@ for t in TYPES:
     if t in INTERLEAVED_TYPES:
         layout_invariance(t, seed=2, counts=(1, 2, 3, 9, 70))
     if t in INTERLEAVED_TYPES and BLOCK_TYPES[t][1] == 32:
-        layout_invariance(t, seed=3, counts=(1, 4, 7), cols=416, windows=BLOCKS32_WINDOWS)
+        layout_invariance(t, seed=3, counts=(1, 4, 7), cols=BLOCKS32_COLS, windows=BLOCKS32_WINDOWS)
 print("ok", len(TYPES))
 """
 
