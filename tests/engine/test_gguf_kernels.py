@@ -234,6 +234,29 @@ def test_interleaved_rows_give_the_same_bits(type_name: str) -> None:
     layout_invariance(type_name, seed=7)
 
 
+def prefill_tiles_invariance(seed: int, counts=(9, 64, 65, 77)) -> None:
+    """A prompt-sized batch against a layer whose parts are all interleaved whole groups (no blocks of 8
+    are built: every group meets the activations through its own tiles, 8 rows at a time where the
+    build has the prefill tile, then 4, 2, 1) gives the bits of the file's layout; so does a row of it
+    alone. Q4_K and Q6_K fused as a q/k/v layer is (Q6_K still unpacked for the blocks from 65 rows)."""
+    cols = 512
+    gen = torch.Generator().manual_seed(seed)
+    for types in (("Q4_K", "Q4_K"), ("Q4_K", "Q6_K")):
+        data = [torch.from_numpy(random_blocks(t, rows, cols, seed + i)) for i, (t, rows) in enumerate(zip(types, (16, 8)))]
+        bias = torch.randn(24, generator=gen)
+        file = GGUFLinear(cols, 24, [GGUFPart(t, d, cols) for t, d in zip(types, data)], bias)
+        inter = GGUFLinear(cols, 24, [interleaved_part(t, d, cols) for t, d in zip(types, data)], bias)
+        x = torch.randn(max(counts), cols, generator=gen)
+        for m in counts:
+            y = inter(x[:m])
+            assert torch.equal(y, file(x[:m])), (types, m)
+            assert torch.equal(y[m - 1 :], inter(x[m - 1 : m])), (types, m)
+
+
+def test_prefill_tiles_give_the_same_bits() -> None:
+    prefill_tiles_invariance(seed=11)
+
+
 # The 32-value types' tiles take any window of whole groups: rows of 45 groups (no multiple of 8 or
 # 256), windows starting on odd groups, a last unit of fewer than 8 groups.
 BLOCKS32_COLS, BLOCKS32_WINDOWS = 1440, ((0, 1440), (96, 1120), (32, 352))
@@ -308,6 +331,7 @@ from engine.test_gguf_kernels import check_type, TYPES
 from dashchat.engine.cpu.kernels import kernel_library
 assert kernel_library() is not None
 from engine.test_gguf_kernels import batch_invariance, check_activation_quantization, layout_invariance
+from engine.test_gguf_kernels import prefill_tiles_invariance
 from engine.test_gguf_kernels import BLOCKS32_COLS, BLOCKS32_WINDOWS
 from dashchat.engine.quantization.gguf import BLOCK_TYPES, INTERLEAVED_TYPES
 check_activation_quantization()
@@ -319,6 +343,7 @@ for t in TYPES:
         layout_invariance(t, seed=2, counts=(1, 2, 3, 9, 70))
     if t in INTERLEAVED_TYPES and BLOCK_TYPES[t][1] == 32:
         layout_invariance(t, seed=3, counts=(1, 4, 7), cols=BLOCKS32_COLS, windows=BLOCKS32_WINDOWS)
+prefill_tiles_invariance(seed=3, counts=(9, 65))
 print("ok", len(TYPES))
 """
 

@@ -1498,13 +1498,113 @@ static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, in
 }
 #endif
 
+// ---------------------------------------------------------------- prefill tiles on interleaved groups
+//
+// Big batches (a prompt's chunk) meet an interleaved Q4_K group 8 activation rows at a time: each
+// vector of 4 values of the 8 weight rows is unpacked once for the 8 rows, and 16 independent
+// multiply-add chains (two a row) keep VNNI's pipes full; 3 vectors a row stay in registers, which
+// takes AVX-512VL's 32 (other builds keep the 4-row tiles and the 8-row blocks). The minimums' sums
+// go two groups at a time through one int16 multiply-add (m <= 63, |S| <= 4064: exact). Row r's
+// integers I and N are q4k_x8_tile's (integer adds in another order: the same numbers) and its float
+// steps the same, so the same bits as every other path.
+#if defined(__AVX2__) && defined(__AVX512VL__)
+#define PF_ROWS 8
+static inline int pf_type(int type) { return type == T_Q4_K; }
+
+// acc += u . s by 4-byte groups (vpdpbusd), accumulating in place: with the intrinsic, GCC copied each
+// of the 16 accumulators to a fresh register around every multiply-add (a third of the loop's instructions).
+static inline __m256i pf_dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__)
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+#else
+  return dpbusd_acc(acc, u, s);
+#endif
+}
+
+static void q4k_x8_prefill(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                           const int16_t *hs, float *out) {
+  const int sbs_row = k / 256, H = k / 16;
+  const __m256i m4 = _mm256_set1_epi8(15), m6 = _mm256_set1_epi8(63), m2 = _mm256_set1_epi8(3);
+  const __m256i byte = _mm256_set1_epi32(0xff), low16 = _mm256_set1_epi32(0x00ff00ff);
+  __m256 A[PF_ROWS][8];
+  for (int r = 0; r < PF_ROWS; r++)
+    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q4K_X8_BYTES;
+    // lane = weight row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j; minimums likewise
+    __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
+            u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
+    __m256i sc03 = _mm256_and_si256(u0, m6), mn03 = _mm256_and_si256(u1, m6);
+    __m256i sc47 = _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
+    __m256i mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
+                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
+    const int8_t *x0 = xq + 256 * (size_t)b;
+    __m256i I[PF_ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < PF_ROWS; r++) I[r] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+    for (int i = 0; i < 4; i++) {  // groups 2i (low nibbles) and 2i + 1 (high nibbles)
+      __m256i lo[PF_ROWS], hi[PF_ROWS];
+#pragma GCC unroll 8
+      for (int r = 0; r < PF_ROWS; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; c++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + 128 + 256 * i + 32 * c));
+        __m256i wl = _mm256_and_si256(w, m4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+#pragma GCC unroll 8
+        for (int r = 0; r < PF_ROWS; r++) {
+          const int8_t *x = x0 + (size_t)r * k + 64 * i + 4 * c;
+          int32_t xa, xb;
+          memcpy(&xa, x, 4), memcpy(&xb, x + 32, 4);
+          lo[r] = pf_dpbusd(lo[r], wl, _mm256_set1_epi32(xa));
+          hi[r] = pf_dpbusd(hi[r], wh, _mm256_set1_epi32(xb));
+        }
+      }
+      __m256i s4 = i < 2 ? sc03 : sc47;
+      __m256i sa = _mm256_and_si256(_mm256_srli_epi32(s4, 16 * (i % 2)), byte);
+      __m256i sbv = _mm256_and_si256(_mm256_srli_epi32(s4, 16 * (i % 2) + 8), byte);
+#pragma GCC unroll 8
+      for (int r = 0; r < PF_ROWS; r++)
+        I[r] = _mm256_add_epi32(I[r], _mm256_add_epi32(_mm256_mullo_epi32(lo[r], sa), _mm256_mullo_epi32(hi[r], sbv)));
+    }
+    // N = -sum_j m_j S_j: int16 pairs (m_j, m_j+2) and (m_j+1, m_j+3) of each word of minimums
+    __m256i mp[4] = {_mm256_and_si256(mn03, low16), _mm256_and_si256(_mm256_srli_epi16(mn03, 8), low16),
+                     _mm256_and_si256(mn47, low16), _mm256_and_si256(_mm256_srli_epi16(mn47, 8), low16)};
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
+    __m256 dminv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + 16)));
+#pragma GCC unroll 8
+    for (int r = 0; r < PF_ROWS; r++) {
+      const int16_t *h = hs + (size_t)r * H + 16 * (size_t)b;
+      uint32_t S[8];
+      for (int j = 0; j < 8; j++) S[j] = (uint16_t)(int16_t)(h[2 * j] + h[2 * j + 1]);
+      __m256i P = _mm256_setzero_si256();
+      P = dpwssd_acc(P, mp[0], _mm256_set1_epi32((int)(S[0] | S[2] << 16)));
+      P = dpwssd_acc(P, mp[1], _mm256_set1_epi32((int)(S[1] | S[3] << 16)));
+      P = dpwssd_acc(P, mp[2], _mm256_set1_epi32((int)(S[4] | S[6] << 16)));
+      P = dpwssd_acc(P, mp[3], _mm256_set1_epi32((int)(S[5] | S[7] << 16)));
+      __m256i N = _mm256_sub_epi32(_mm256_setzero_si256(), P);
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(1, I[r], N, dv, dminv, _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+    }
+  }
+  for (int r = 0; r < PF_ROWS; r++) {
+    __m256 *a = A[r];
+    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
+  }
+}
+#else
+#define PF_ROWS 4
+static inline int pf_type(int type) { (void)type; return 0; }
+#endif
+
 // Activation rows a pass takes: their int8 values (64 x k bytes) stay in the core's L2 cache while
 // every weight row streams past them once.
 #define ROW_PASS 64
 // Weight rows that take each block of activation rows in turn (see dc_gguf_matmul_parts).
 #define ROWS8_WEIGHTS 8
 // Batches below this many rows meet an interleaved group (ROWS8_LAYOUT) through its own tiles, 4 rows
-// at a time; from it, the group is unpacked for the 8-row blocks. Measured (bench/README.md): at 16-64
+// at a time; from it, the group is unpacked for the 8-row blocks (a pf_type's group: its prefill tile). Measured (bench/README.md): at 16-64
 // rows the tiles beat unpacking (which cost 30-40% at 16 rows), while a real prefill of 118-1,490
 // tokens took 2.4-2.8x llama-server's time through them. The same results either way.
 #ifndef X8_MAX_ROWS
@@ -1644,6 +1744,14 @@ void dc_gguf_quantize_x(const float *x, int m, int k, int8_t *xq, float *xd, flo
   quantize_rows(x, m, k, span == 256 && k % 256 == 0 ? 256 : 32, xq, xd, (int16_t *)xs);
 }
 
+#if defined(__AVX2__)
+// Whether a batch of m rows meets this part's interleaved groups through their own tiles (x8_tiles,
+// q4k_x8_prefill): below X8_MAX_ROWS rows, or at any size for a pf_type.
+static int x8_direct(const wtensor *t, int span, int g0, int groups, int m) {
+  return t->interleaved && x8_window(t->type, span, g0, groups) && (m < X8_MAX_ROWS || pf_type(t->type));
+}
+#endif
+
 // y[:, 0:n] = x . W^T (+ bias) with x [m, k] quantized by dc_gguf_quantize_x with `span` and W the rows
 // of `parts` source tensors in turn (a fused q/k/v or gate/up layer: each tensor of its own type; n is
 // their rows' sum; all parts in one thread team). Part p: type types[p], rows[p] rows of k_full[p]
@@ -1675,11 +1783,15 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
   for (int p = 0; p < parts; p++) units += (rows[p] + 7) / 8;
 #if defined(__AVX2__)
   int8_t *xi = NULL;  // ROWS8_MIN rows or more: blocks of 8, interleaved for rows8_dot
-  if (m >= ROWS8_MIN) {
+  int blocks8 = m >= ROWS8_MIN, direct = 1;
+  for (int p = 0; p < parts; p++)  // (rows after a part's last whole group keep the file's layout)
+    direct &= x8_direct(&wt[p], span, first_group[p], groups, m) && rows[p] % 8 == 0;
+  if (blocks8 && !direct) {  // (where every unit takes its group's own tiles, no unit reads the blocks)
     xi = malloc((size_t)((m + 7) / 8) * groups * ROWS8_GROUP_BYTES);
     if (xi) interleave8(xq, xd, hs, m, k, span, xi);
+    else blocks8 = 0;
   }
-  if (xi) {
+  if (blocks8) {
     // Units of up to 8 weight rows of one part, each 16-row block of activations met by the whole unit
     // in turn: a block (k/32 groups x 352 bytes each: 10 KB at k = 896) is then read from L1 by every
     // row of the unit, not from L2 once a weight row.
@@ -1690,13 +1802,19 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       int p = 0, unit = u, i = 0;
       while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
       int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
-      if (m < X8_MAX_ROWS && wt[p].interleaved && count == 8 && x8_window(wt[p].type, span, g0, groups)) {
-        // an interleaved group: its tiles over the activation rows 4 at a time (the group stays in
-        // L1/L2 meanwhile; faster than unpacking it for the 8-row blocks at a few rows)
+      if (count == 8 && x8_direct(&wt[p], span, g0, groups, m)) {
+        // an interleaved group: its tiles over the activation rows 4 at a time, or 8 (pf_type) (the
+        // group stays in L1/L2 meanwhile; faster than unpacking it for the 8-row blocks)
         const uint8_t *gw = wt[p].w + (size_t)row0 * wt[p].row_bytes;
         for (int r0 = 0; r0 < m;) {
-          int mr = m - r0 >= 4 ? 4 : m - r0 >= 2 ? 2 : 1;
-          float out[8 * MAX_TILE];
+          int mr = m - r0 >= PF_ROWS && pf_type(wt[p].type) ? PF_ROWS : m - r0 >= 4 ? 4 : m - r0 >= 2 ? 2 : 1;
+          float out[8 * PF_ROWS];
+#if PF_ROWS > MAX_TILE
+          if (mr == PF_ROWS)
+            q4k_x8_prefill(gw, g0 / 8, groups / 8, xq + (size_t)r0 * k, k, xd + (size_t)r0 * (k / span),
+                           hs + (size_t)r0 * (k / 16), out);
+          else
+#endif
           x8_tiles(wt[p].type, gw, g0, groups, xq, xd, hs, k, span, r0, mr, out);
           for (int r = 0; r < mr; r++)
             for (int e = 0; e < 8; e++)
