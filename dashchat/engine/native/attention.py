@@ -9,28 +9,17 @@ cache like the others; masks (and the C decode kernel's first key) limit them to
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..cpu.kernels import _cpu_flags, kernel_library, paged_decode_attention, paged_decode_attention_op
+from ..cpu.kernels import kernel_library, paged_decode_attention, paged_decode_attention_op
 
 _PREFILL_TILE = 64  # query positions per tile on CPU (measured best of 64/128/256 at 128-1024 tokens)
 # Largest score matrix (query heads per KV head x queries x keys) that one batched prefill call may
 # build with its mask; bigger steps (long cached contexts) take one call per chunk.
 _MAX_BATCHED_SCORES = 1 << 26
-# A CPU prefill tile whose queries see at least this many keys multiplies its probabilities by the
-# values in bf16 (see PagedAttention.prefill_bf16); below it attention costs little and stays float32.
-_BF16_MIN_KEYS = 512
-
-
-def _cpu_has_bf16() -> bool:
-    """AVX-512 BF16 (or AMX): bf16 matrix products at about twice float32's rate (oneDNN); elsewhere
-    torch's bf16 products are slower than float32's."""
-    flags = _cpu_flags().split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass
@@ -56,7 +45,6 @@ class PagedAttention:
     def __init__(
         self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, scale: float,
         batch_prefills: bool | None = None, windows: list[int | None] | None = None,
-        prefill_bf16: bool | None = None,
     ) -> None:
         self.kv_cache = kv_cache  # per layer: (k, v), each [num_blocks * block_size, Hkv, D]
         self.block_size = block_size
@@ -72,18 +60,6 @@ class PagedAttention:
         # float32 on CPU: decode attention in C, straight from the paged cache
         self.decode_kernel = (bool(kv_cache) and kv_cache[0][0].device.type == "cpu"
                               and kv_cache[0][0].dtype == torch.float32 and kernel_library() is not None)
-        # CPU float32 prefill: a tile seeing _BF16_MIN_KEYS keys or more takes softmax(scores) . V with
-        # both rounded to bf16 (float32 sums; the scores stay float32, as does everything before the
-        # softmax): ~25% off a long prompt's attention at one thread where the CPU multiplies bf16
-        # natively. Its output moves by about 2^-9 relative (~0.3% of its norm measured). Opt-in
-        # (DASHCHAT_PREFILL_BF16=1) and not advised: in a server it made a 1,490-token 3B prompt 2.6x
-        # slower (75 against 29 s; cause not found; two-thread bf16 products on a loaded machine
-        # were slower than float32's).
-        if prefill_bf16 is None:
-            prefill_bf16 = (os.environ.get("DASHCHAT_PREFILL_BF16") == "1" and bool(kv_cache)
-                            and kv_cache[0][0].device.type == "cpu" and kv_cache[0][0].dtype == torch.float32
-                            and _cpu_has_bf16())
-        self.prefill_bf16 = prefill_bf16
         self.meta: StepAttentionMetadata | None = None
         self._decode_masks: dict[int | None, torch.Tensor] = {}  # per window
         # this step's batched prefill per window: (key slots or None, mask), False for one call per chunk
@@ -261,8 +237,6 @@ class PagedAttention:
         out = torch.empty(t, hkv, group, dim, dtype=q.dtype, device=q.device)
         # contiguous [Hkv, L, dim] (the cache's rows interleave the heads): the products' faster path
         keys, values = keys.contiguous(), values.contiguous()
-        bf16 = self.prefill_bf16 and q.dtype == torch.float32 and past + t >= _BF16_MIN_KEYS
-        values16 = values.to(torch.bfloat16) if bf16 else None
         for start in range(0, t, _PREFILL_TILE):
             end = min(t, start + _PREFILL_TILE)
             seen = past + end  # keys visible to the tile's last query
@@ -280,10 +254,7 @@ class PagedAttention:
                 q_pos = torch.arange(past + start, past + end, device=q.device)
                 hidden = ~_visible(q_pos, torch.arange(first, seen, device=q.device), window)
                 scores.view(hkv, n, group, seen - first).masked_fill_(hidden[:, None, :], float("-inf"))
-            if bf16 and seen - first >= _BF16_MIN_KEYS:
-                o = torch.bmm(torch.softmax(scores, dim=-1).to(torch.bfloat16), values16[:, first:seen]).float()
-            else:
-                o = torch.bmm(torch.softmax(scores, dim=-1), values[:, first:seen])
+            o = torch.bmm(torch.softmax(scores, dim=-1), values[:, first:seen])
             out[start:end] = o.view(hkv, end - start, group, dim).transpose(0, 1)
         return out.reshape(t, hq * dim)
 
