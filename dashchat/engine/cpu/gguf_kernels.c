@@ -1014,73 +1014,91 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
   }
 }
 
-// Q6_K's byte layout (x8_copy), as q4k_x8_tile: MR activation rows against one group's super-blocks,
-// lane = weight row; each half (16 values) of a group leaves its exact dot product in lane r, less 32
-// times the activations' half sum (the values' offset), times its int8 scale. The integers and float
-// steps of tile_super, so the same bits.
+// Activation rows a Q6_K x8 tile takes at once: 8 where the CPU has 32 vector registers (each row's
+// accumulators stay in registers; the group's values, unpacked once, then serve 8 rows), else 4.
+#if defined(__AVX512VL__)
+#define Q6K_X8_ROWS 8
+#else
+#define Q6K_X8_ROWS MAX_TILE
+#endif
+
+// Q6_K's value q (0-3) of a chunk: its low 4 bits from run q % 2's nibbles, its high 2 from the
+// chunk's high bits (bits 2q..2q+1 of each byte), as a byte 0-63.
+INLINE __m256i q6k_x8_values(const uint8_t *step, int q) {
+  const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+  __m256i h = _mm256_loadu_si256((const __m256i *)step), l = _mm256_loadu_si256((const __m256i *)(step + 32 + 32 * (q & 1)));
+  __m256i low = _mm256_and_si256(q & 2 ? _mm256_srli_epi16(l, 4) : l, m4);
+  __m256i high = q == 0 ? _mm256_slli_epi16(h, 4) : q == 1 ? _mm256_slli_epi16(h, 2) : q == 2 ? h : _mm256_srli_epi16(h, 2);
+  return _mm256_or_si256(low, _mm256_and_si256(high, m30));
+}
+
+// Q6_K's byte layout (x8_copy), as q4k_x8_tile: MR activation rows (up to Q6K_X8_ROWS) against one
+// group's super-blocks, lane = weight row; each half (16 values) of a group leaves its exact dot product
+// in lane r, times its int8 scale. The values' offset (32 times the activations' half sum, times the
+// scale) is taken off once a super-block: sum_h sc_h S_h from the scales as int16 pairs, two halves a
+// multiply-add. The integers of tile_super (in another order: exact) and its float steps, so the same bits.
 INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                         const int16_t *hs, const int MR, float *out) {
   const int sbs_row = k / 256, H = k / 16;
-  const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
-  __m256 A[MAX_TILE][8];
-#pragma GCC unroll 4
+  __m256 A[Q6K_X8_ROWS][8];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; r++)
 #pragma GCC unroll 8
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
     const uint8_t *sb = gw + (size_t)(sb0 + b) * Q6K_X8_BYTES;
+    const int8_t *xb = xq + 256 * (size_t)b;
     x8_prefetch(sb, Q6K_X8_BYTES);
-    __m256i I[MAX_TILE];
-#pragma GCC unroll 4
+    __m256i I[Q6K_X8_ROWS];  // first sum_h sc_h S_h, then I = sum_h sc_h dot_h - 32 of it
+#pragma GCC unroll 8
     for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
-#pragma GCC unroll 2
-    for (int half = 0; half < 2; half++) {    // groups 4 half .. 4 half + 3
-#pragma GCC unroll 2
-      for (int vh = 0; vh < 2; vh++) {        // their first or second 16 values
-        __m256i acc[4][MAX_TILE];
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; q++)
+    for (int w = 0; w < 4; w++) {  // scales 4w..4w+3 (bytes of a word, lane = row) as int16 pairs
+      __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * w));
+      __m256i lo = _mm256_srai_epi16(_mm256_slli_epi16(words, 8), 8), hi = _mm256_srai_epi16(words, 8);
+      __m256i p01 = _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xAA);
+      __m256i p23 = _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xAA);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; r++) {
+        int32_t s01, s23;  // the half sums 4w, 4w + 1 and 4w + 2, 4w + 3 as int16 pairs
+        memcpy(&s01, hs + (size_t)r * H + 16 * (size_t)b + 4 * w, 4);
+        memcpy(&s23, hs + (size_t)r * H + 16 * (size_t)b + 4 * w + 2, 4);
+        I[r] = dpwssd_acc(dpwssd_acc(I[r], p01, _mm256_set1_epi32(s01)), p23, _mm256_set1_epi32(s23));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) I[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(I[r], 5));
+#pragma GCC unroll 1
+    for (int hv = 0; hv < 4; hv++) {  // groups 4 half .. 4 half + 3 (half = hv / 2), their values 16 vh.. (vh = hv % 2)
+      const int half = hv / 2, vh = hv % 2;
 #pragma GCC unroll 4
-          for (int r = 0; r < MR; r++) acc[q][r] = _mm256_setzero_si256();
+      for (int q = 0; q < 4; q++) {  // group 4 half + q
+        __m256i acc[Q6K_X8_ROWS];
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 4 * vh; c < 4 * vh + 4; c++) {
-          const uint8_t *step = sb + 144 + 96 * (8 * half + c);  // high bits, then the two runs of low bits
-          __m256i h = _mm256_loadu_si256((const __m256i *)step);
-          __m256i l0 = _mm256_loadu_si256((const __m256i *)(step + 32));
-          __m256i l1 = _mm256_loadu_si256((const __m256i *)(step + 64));
-          __m256i v[4] = {
-              _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30)),
-              _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30)),
-              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30)),
-              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m30))};
-#pragma GCC unroll 4
-          for (int q = 0; q < 4; q++)
-#pragma GCC unroll 4
-            for (int r = 0; r < MR; r++) {
-              int32_t xv;
-              memcpy(&xv, xq + (size_t)r * k + 256 * (size_t)b + 32 * (4 * half + q) + 4 * c, 4);
-              acc[q][r] = dpbusd_acc(acc[q][r], v[q], _mm256_set1_epi32(xv));
-            }
-        }
-#pragma GCC unroll 4
-        for (int q = 0; q < 4; q++) {
-          int si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4, lane = row
-          __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * (si / 4)));
-          __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(words, 24 - 8 * (si % 4)), 24);
-#pragma GCC unroll 4
+          __m256i v = q6k_x8_values(sb + 144 + 96 * (8 * half + c), q);  // (step 8 half + c: see x8_piece)
+#pragma GCC unroll 8
           for (int r = 0; r < MR; r++) {
-            int S = hs[(size_t)r * H + 16 * (size_t)b + si];
-            I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(_mm256_sub_epi32(acc[q][r], _mm256_set1_epi32(32 * S)), sc));
+            int32_t xv;
+            memcpy(&xv, xb + (size_t)r * k + 32 * (4 * half + q) + 4 * c, 4);
+            acc[r] = dpbusd_acc(acc[r], v, _mm256_set1_epi32(xv));
           }
         }
+        int si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4, lane = row
+        __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * (si / 4)));
+        __m256i sc = _mm256_srai_epi32(_mm256_sllv_epi32(words, _mm256_set1_epi32(24 - 8 * (si % 4))), 24);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(acc[r], sc));
       }
     }
     __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < MR; r++)
       A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], _mm256_setzero_si256(), dv, _mm256_setzero_ps(), _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < MR; r++) {
     __m256 *a = A[r];
     _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
@@ -1098,8 +1116,19 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
 X8_TILE_FN(1)
 X8_TILE_FN(2)
 X8_TILE_FN(4)
+// Q6_K's 8-row tile (Q6K_X8_ROWS): x8_height picks it.
+static void x8_tile_8(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                      const int16_t *hs, float *out) {
+  (void)type;
+  q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
+}
+// The height of the x8 tile for `left` activation rows of `type` (out: up to 8 * X8_TILE_ROWS floats).
+#define X8_TILE_ROWS 8
+static inline int x8_height(int type, int left) {
+  return type == T_Q6_K && Q6K_X8_ROWS == 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
 
-// Activation rows [r0, r0 + mr) (mr 1, 2 or 4) against an interleaved group (gw) of `type` whose
+// Activation rows [r0, r0 + mr) (mr 1, 2, 4 or x8_height's 8) against an interleaved group (gw) of `type` whose
 // window is on super-block boundaries: out[8 r + e], activation row r0 + r, weight row e.
 static void x8_tiles(int type, const uint8_t *gw, int g0, int groups, const int8_t *xq, const float *xd,
                      const int16_t *hs, int k, int span, int r0, int mr, float *out) {
@@ -1107,6 +1136,7 @@ static void x8_tiles(int type, const uint8_t *gw, int g0, int groups, const int8
   const float *dr = xd + (size_t)r0 * (k / span);
   const int16_t *hr = hs + (size_t)r0 * (k / 16);
   switch (mr) {
+    case 8: x8_tile_8(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
     case 4: x8_tile_4(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
     case 2: x8_tile_2(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
     default: x8_tile_1(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
@@ -1545,8 +1575,8 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         // L1/L2 meanwhile; faster than unpacking it for the 8-row blocks at a few rows)
         const uint8_t *gw = wt[p].w + (size_t)row0 * wt[p].row_bytes;
         for (int r0 = 0; r0 < m;) {
-          int mr = m - r0 >= 4 ? 4 : m - r0 >= 2 ? 2 : 1;
-          float out[8 * MAX_TILE];
+          int mr = x8_height(wt[p].type, m - r0);
+          float out[8 * X8_TILE_ROWS];
           x8_tiles(wt[p].type, gw, g0, groups, xq, xd, hs, k, span, r0, mr, out);
           for (int r = 0; r < mr; r++)
             for (int e = 0; e < 8; e++)
