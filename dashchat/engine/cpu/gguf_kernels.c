@@ -1068,29 +1068,42 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) I[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(I[r], 5));
-#pragma GCC unroll 1
+    // 4 values a chunk (q 0-3: q6k_x8_values) and MR rows: 4 MR accumulators where 4 rows or fewer,
+    // else 2 MR (two passes over the chunks: the two runs of low bits in turn), so they fit the registers
+    const int QW = MR > MAX_TILE ? 2 : 4, passes = 4 / QW;
+#pragma GCC unroll 4
     for (int hv = 0; hv < 4; hv++) {  // groups 4 half .. 4 half + 3 (half = hv / 2), their values 16 vh.. (vh = hv % 2)
       const int half = hv / 2, vh = hv % 2;
+#pragma GCC unroll 2
+      for (int pass = 0; pass < passes; pass++) {
+        __m256i acc[4][Q6K_X8_ROWS];  // value q = pass + passes * i in acc[i]
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; q++) {  // group 4 half + q
-        __m256i acc[Q6K_X8_ROWS];
+        for (int i = 0; i < QW; i++)
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_si256();
+          for (int r = 0; r < MR; r++) acc[i][r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 4 * vh; c < 4 * vh + 4; c++) {
-          __m256i v = q6k_x8_values(sb + 144 + 96 * (8 * half + c), q);  // (step 8 half + c: see x8_piece)
+          const uint8_t *step = sb + 144 + 96 * (8 * half + c);  // (step 8 half + c: see x8_piece)
+#pragma GCC unroll 4
+          for (int i = 0; i < QW; i++) {
+            const int q = pass + passes * i;
+            __m256i v = q6k_x8_values(step, q);
 #pragma GCC unroll 8
-          for (int r = 0; r < MR; r++) {
-            int32_t xv;
-            memcpy(&xv, xb + (size_t)r * k + 32 * (4 * half + q) + 4 * c, 4);
-            acc[r] = dpbusd_acc(acc[r], v, _mm256_set1_epi32(xv));
+            for (int r = 0; r < MR; r++) {
+              int32_t xv;
+              memcpy(&xv, xb + (size_t)r * k + 32 * (4 * half + q) + 4 * c, 4);
+              acc[i][r] = dpbusd_acc(acc[i][r], v, _mm256_set1_epi32(xv));
+            }
           }
         }
-        int si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4, lane = row
-        __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * (si / 4)));
-        __m256i sc = _mm256_srai_epi32(_mm256_sllv_epi32(words, _mm256_set1_epi32(24 - 8 * (si % 4))), 24);
+#pragma GCC unroll 4
+        for (int i = 0; i < QW; i++) {
+          const int q = pass + passes * i, si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4
+          __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * (si / 4)));
+          __m256i sc = _mm256_srai_epi32(_mm256_sllv_epi32(words, _mm256_set1_epi32(24 - 8 * (si % 4))), 24);
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(acc[r], sc));
+          for (int r = 0; r < MR; r++) I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(acc[i][r], sc));
+        }
       }
     }
     __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
