@@ -39,7 +39,7 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit (Q4_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
+// A type id with this bit (Q4_K, Q5_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
 // byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
 // last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
 // dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS activation rows
@@ -50,6 +50,7 @@ enum {
 #define ROWS8_LAYOUT 0x100
 #define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
 #define Q6K_X8_BYTES (8 * 210)
+#define Q5K_X8_BYTES (8 * 176)
 static inline int base_type(int type) { return type & 0xff; }
 
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
@@ -947,9 +948,11 @@ static inline void x8_prefetch(const uint8_t *sb, size_t bytes) {
 // product in lane r with no horizontal sum; its integer scale (lane r) multiplies it. Row r's
 // integers I and N are tile_super's, and its float steps (group_term, A[b % 8], tree8) the same: so
 // the same bits as every other path.
-INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                        const int16_t *hs, const int MR, float *out) {
-  const int sbs_row = k / 256, H = k / 16;
+// Q5_K's byte layout (five: 1) is Q4_K's with the 8 chunks of the values' 5th bits between the scales
+// and the low bits: chunk c's bit j (the bit of values 4c..4c+3 of group j) joins them as 0x10.
+INLINE void q45k_x8_tile(const int five, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                         const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16, x8_bytes = five ? Q5K_X8_BYTES : Q4K_X8_BYTES, low_at = five ? 384 : 128;
   const __m256i m4 = _mm256_set1_epi8(15), m6 = _mm256_set1_epi8(63), m2 = _mm256_set1_epi8(3);
   __m256 A[MAX_TILE][8];
 #pragma GCC unroll 4
@@ -957,8 +960,8 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
 #pragma GCC unroll 8
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
-    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q4K_X8_BYTES;
-    x8_prefetch(sb, Q4K_X8_BYTES);
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * x8_bytes;
+    x8_prefetch(sb, x8_bytes);
     // the 8 rows' scales and minimums, lane = row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j
     __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
             u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
@@ -976,8 +979,15 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
       for (int r = 0; r < MR; r++) lo[r] = hi[r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int c = 0; c < 8; c++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + 128 + 256 * i + 32 * c));
+        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + low_at + 256 * i + 32 * c));
         __m256i wl = _mm256_and_si256(w, m4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+        if (five) {  // bits 2i and 2i + 1 of chunk c's 5th bits, moved to bit 4 (shifts within a byte's bits)
+          const __m256i m10 = _mm256_set1_epi8(0x10);
+          __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * c));
+          __m256i bl = i < 2 ? _mm256_slli_epi16(qh, 4 - 2 * i) : _mm256_srli_epi16(qh, 2 * i - 4);
+          __m256i bh = i < 2 ? _mm256_slli_epi16(qh, 3 - 2 * i) : _mm256_srli_epi16(qh, 2 * i - 3);
+          wl = _mm256_or_si256(wl, _mm256_and_si256(bl, m10)), wh = _mm256_or_si256(wh, _mm256_and_si256(bh, m10));
+        }
 #pragma GCC unroll 4
         for (int r = 0; r < MR; r++) {
           const int8_t *x = xq + (size_t)r * k + 256 * (size_t)b + 64 * i + 4 * c;
@@ -1012,6 +1022,15 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
     _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
                                                 _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
   }
+}
+
+INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  q45k_x8_tile(0, gw, sb0, sbs, xq, k, xd, hs, MR, out);
+}
+INLINE void q5k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  q45k_x8_tile(1, gw, sb0, sbs, xq, k, xd, hs, MR, out);
 }
 
 // Activation rows a Q6_K x8 tile takes at once: 8 where the CPU has 32 vector registers (each row's
@@ -1124,6 +1143,7 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
   static void x8_tile_##MR(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,           \
                            const float *xd, const int16_t *hs, float *out) {                                 \
     if (type == T_Q4_K) q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                  \
+    else if (type == T_Q5_K) q5k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
     else q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                                 \
   }
 X8_TILE_FN(1)
@@ -1442,7 +1462,7 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
   return t;
 }
 
-// The byte layouts (x8) of a super-block of a group of 8 rows (Q4K_X8_BYTES, Q6K_X8_BYTES: 8 blocks'
+// The byte layouts (x8) of a super-block of a group of 8 rows (Q4K_X8_BYTES, Q5K_X8_BYTES, Q6K_X8_BYTES: 8 blocks'
 // worth): a block's bytes in pieces of 2 or 4 bytes, piece p of row r at x8 + (its offset) + size * r,
 // so the 8 rows' copies of a piece lie side by side. Q4_K: d (8 x 2 bytes), dmin, the three words of
 // packed scales, then the values' 32 4-byte chunks in order (chunk 8i + c: values 4c..4c+3 of groups 2i
@@ -1452,6 +1472,12 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
 // three interleaved runs read side by side measured 2x slower from memory).
 // Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
 static int x8_piece(int type, int p, int *at, int *x8_at) {
+  if (type == T_Q5_K) {  // Q4_K's pieces with the 5th bits' 8 chunks (x8 128..383) before the low bits
+    if (p < 5) return x8_piece(T_Q4_K, p, at, x8_at);
+    if (p < 13) return *at = 16 + 4 * (p - 5), *x8_at = 128 + 32 * (p - 5), 4;
+    if (p < 45) return *at = 48 + 4 * (p - 13), *x8_at = 384 + 32 * (p - 13), 4;
+    return 0;
+  }
   if (type == T_Q4_K) {
     if (p < 2) return *at = 2 * p, *x8_at = 16 * p, 2;
     if (p < 5) return *at = 4 + 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
@@ -1472,7 +1498,7 @@ static int x8_piece(int type, int p, int *at, int *x8_at) {
 }
 
 // The types with a ROWS8_LAYOUT.
-static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K; }
+static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K; }
 
 // One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
 // the byte layout, either way (pack: file to x8).
@@ -1501,7 +1527,7 @@ static const uint8_t *unit_rows(const wtensor *t, int g, uint8_t **scratch) {
   return *scratch;
 }
 
-// Rearranges a tensor of `rows` rows of k values of `type` (Q4_K or Q6_K, no layout bit) in place into
+// Rearranges a tensor of `rows` rows of k values of `type` (Q4_K, Q5_K or Q6_K, no layout bit) in place into
 // ROWS8_LAYOUT, one group of 8 rows at a time (scratch: one group). Returns 0, -1 for a type or width it
 // does not take, -2 without memory.
 int dc_gguf_interleave(int type, uint8_t *w, int rows, int k) {
