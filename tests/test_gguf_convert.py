@@ -435,13 +435,14 @@ def test_folder_with_float_weights_is_left_alone(cache: Path, tmp_path: Path) ->
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_cache_hit_is_fast_and_keyed_on_file_identity(cache: Path, tmp_path: Path) -> None:
+def test_cache_hit_converts_nothing_and_is_keyed_on_file_identity(cache: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "t.gguf"
     write_tiny_gguf(src, "qwen3", "gpt2", "qwen2")
     first = convert_gguf(src)
-    t0 = time.perf_counter()
-    assert convert_gguf(src) == first
-    assert time.perf_counter() - t0 < 0.1
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_convert, "_convert_into", lambda *a: pytest.fail("a cache hit converted again"))
+        assert convert_gguf(src) == first
     os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed: a new folder
     assert convert_gguf(src) != first
     assert len(_leftovers(cache)) == 2

@@ -66,7 +66,8 @@ def blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
     return data
 
 
-def write_gguf(path: Path) -> None:
+def write_gguf(path: Path, tied_type: str | None = None) -> None:
+    """tied_type: the embedding's type, shared by the head (no output.weight in the file)."""
     tokens, types, merges = byte_level_vocab()
     w = gguf.GGUFWriter(str(path), "qwen2")
     w.add_name("tiny-types")
@@ -96,7 +97,7 @@ def write_gguf(path: Path) -> None:
     def floats(name: str, *shape: int, base: float = 0.0) -> None:
         w.add_tensor(name, (base + 0.1 * rng.standard_normal(shape)).astype(np.float32))
 
-    weight("token_embd.weight", EMBEDDING_TYPE, len(tokens), HIDDEN)
+    weight("token_embd.weight", tied_type or EMBEDDING_TYPE, len(tokens), HIDDEN)
     q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     for i, kinds in enumerate(LAYER_TYPES):
         p = f"blk.{i}."
@@ -109,7 +110,8 @@ def write_gguf(path: Path) -> None:
         for name, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
             floats(f"{p}{name}.bias", n)
     floats("output_norm.weight", HIDDEN, base=1.0)
-    weight("output.weight", HEAD_TYPE, len(tokens), HIDDEN)
+    if tied_type is None:
+        weight("output.weight", HEAD_TYPE, len(tokens), HIDDEN)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -177,6 +179,34 @@ def test_a_model_that_cannot_fit_is_refused_with_the_numbers(model_dir: str, mon
     with pytest.raises(MemoryError, match=r"needs 0\.\d\d GB of memory \(.* held as bf16 .*\) but only 0\.00 GB is "
                                           r"available \(MemAvailable\)"):
         gguf_model(model_dir)
+
+
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q4_K"])
+def test_a_tied_table_is_interleaved_for_its_head(tmp_path: Path, type_name: str) -> None:
+    """A tied embedding table of a type with an 8-row layout is interleaved once, for the head's
+    products; the lookup still reads every row as gguf-py dequantizes it (the rows of whole groups
+    and the few after them), and the logits are those of the float model with GGUF layers swapped
+    in (its head a copy of its own)."""
+    write_gguf(tmp_path / "tied.gguf", tied_type=type_name)
+    model_dir = str(convert_gguf(tmp_path / "tied.gguf", cache_root=tmp_path / "cache"))
+    ours, counts = gguf_model(model_dir)
+    assert counts["embedding"] == 1
+    embedding, head = ours.embed_tokens, ours.lm_head.parts[0]
+    assert embedding.interleaved and head.interleaved and embedding.num_rows % 8  # a partial group at the end
+    assert head.data.data_ptr() == embedding.blocks.data_ptr()  # still one copy
+    ref = float_model(model_dir)
+    torch.testing.assert_close(embedding.rows(torch.arange(embedding.num_rows)), ref.embed_tokens.weight,
+                               rtol=1e-6, atol=1e-6)
+    ids = torch.tensor([5, 77, 200, 31, 9, 140, 66, 250, 3, 18, 101, 42])
+
+    @torch.inference_mode()
+    def logits(model: nn.Module, n: int) -> torch.Tensor:
+        return model.compute_logits(model(ids[:n], torch.arange(n), _causal_attention))
+
+    cfg = ModelConfig.from_dir(model_dir)
+    load_gguf_linears(ref, gguf_source(model_dir), cfg, ShardPlan(cfg, 0, 1))
+    for n in (1, len(ids)):
+        torch.testing.assert_close(logits(ours, n), logits(ref, n), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("type_name", ["F16", "BF16", "IQ4_NL", "IQ4_XS", "Q2_K"])

@@ -1959,14 +1959,24 @@ int dc_gguf_dequantize(int type, const uint8_t *w, int row0, int rows, int total
   return failed ? -2 : 0;
 }
 
-// Rows ids[0..n) of a GGUF weight [*, k] as float32 out [n, k]: an embedding lookup that dequantizes
-// only the rows it reads. Returns -1 for a type or width the kernels lack.
-int dc_gguf_dequantize_rows(int type, const uint8_t *w, const int64_t *ids, int n, int k, float *out) {
-  int qk = block_values(type);
-  size_t bb = block_bytes(type);
-  if (bb == 0 || k % qk != 0) return -1;
-  size_t row_bytes = (size_t)(k / qk) * bb;
+// Rows ids[0..n) of a GGUF weight [total, k] as float32 out [n, k]: an embedding lookup that
+// dequantizes only the rows it reads (type may carry ROWS8_LAYOUT: the table a tied head shares is
+// interleaved for the head's products; a row of a whole group is then read by unpacking its group).
+// Returns -1 for a type or width the kernels lack or an id outside [0, total), -2 without memory.
+int dc_gguf_dequantize_rows(int type, const uint8_t *w, int total, const int64_t *ids, int n, int k, float *out) {
+  wtensor t = weight_tensor(type, w, total, k);
+  if (t.bb == 0 || k % block_values(t.type) != 0) return -1;
+  for (int i = 0; i < n; i++)
+    if (ids[i] < 0 || ids[i] >= total) return -1;
+  int failed = 0;
 #pragma omp parallel for schedule(static) if (n >= 64)
-  for (int i = 0; i < n; i++) dequantize_row(type, w + (size_t)ids[i] * row_bytes, k, out + (size_t)i * k);
-  return 0;
+  for (int i = 0; i < n; i++) {
+    int row = (int)ids[i];
+    uint8_t *scratch = NULL;  // one group's rows, unpacked (8 times a row's bytes: far below the dequantization's cost)
+    const uint8_t *first = unit_rows(&t, row / 8, &scratch);
+    if (!first) failed = 1;
+    else dequantize_row(t.type, first + (size_t)(row % 8) * t.row_bytes, k, out + (size_t)i * k);
+    free(scratch);
+  }
+  return failed ? -2 : 0;
 }

@@ -126,7 +126,7 @@ def kernel_library() -> ctypes.CDLL | None:
     lib.dc_gguf_interleave.restype = i
     lib.dc_gguf_decode_layers.argtypes = [p, p, p, i, p, p, p, p, p, i]
     lib.dc_gguf_decode_layers.restype = i
-    lib.dc_gguf_dequantize_rows.argtypes = [i, p, p, i, i, p]
+    lib.dc_gguf_dequantize_rows.argtypes = [i, p, i, p, i, i, p]
     lib.dc_gguf_dequantize_rows.restype = i
     lib.dc_moe_gguf_routed.argtypes = [i, i, i, p, p, p, i, i, p, p, p, p, p, p, p, p]
     lib.dc_moe_gguf_routed.restype = i

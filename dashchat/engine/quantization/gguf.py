@@ -58,10 +58,11 @@ class GGUFPart:
     rows, block by block, and `type_id` carries ROWS8_LAYOUT, which every kernel reading the part
     honours; the bytes are the same count, so memory does not grow (a row offset that is a multiple
     of 8 is the same byte offset in both layouts: the MoE kernel's chunks of an expert's rows start on
-    one). The embedding table a tied head shares keeps the file's layout (the lookup reads rows)."""
+    one). interleaved=True: `data` is in that layout already (the embedding table a tied head shares,
+    which GGUFEmbedding interleaved)."""
 
     def __init__(self, type_name: str, data: torch.Tensor, in_features: int, k_full: int | None = None,
-                 k0: int = 0, interleave: bool = False) -> None:
+                 k0: int = 0, interleave: bool = False, interleaved: bool = False) -> None:
         type_id, per_block, block_bytes = BLOCK_TYPES[type_name]
         k_full = in_features if k_full is None else k_full
         if (k_full % per_block or data.shape[1] != k_full // per_block * block_bytes or k0 % 32
@@ -78,6 +79,8 @@ class GGUFPart:
                 if lib.dc_gguf_interleave(type_id, self.data.data_ptr(), self.rows, k_full):
                     raise MemoryError(f"no memory to interleave {type_name} rows")
                 self.type_id = type_id | ROWS8_LAYOUT
+        elif interleaved:
+            self.type_id = type_id | ROWS8_LAYOUT
 
     @property
     def interleaved(self) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ...models.parallel import SINGLE, TensorParallel
 from ..cpu.kernels import kernel_library
-from .gguf import BLOCK_TYPES
+from .gguf import BLOCK_TYPES, INTERLEAVED_TYPES, ROWS8_LAYOUT
 
 _embeddings: weakref.WeakValueDictionary[int, "GGUFEmbedding"] = weakref.WeakValueDictionary()
 _handles = itertools.count()
@@ -32,10 +32,14 @@ def _gguf_embedding_shape(ids: torch.Tensor, handle: int, hidden: int) -> torch.
 
 
 class GGUFEmbedding(nn.Module):
-    """Embedding rows [vocab_start, vocab_start + rows) held as raw GGUF blocks [rows, row_bytes]."""
+    """Embedding rows [vocab_start, vocab_start + rows) held as raw GGUF blocks [rows, row_bytes].
+
+    interleave=True (a table a tied head shares, of a type in INTERLEAVED_TYPES): the rows are
+    rearranged in groups of 8 like a GGUFPart's, so the head's products (a whole vocabulary of rows
+    every step) read them as a decode kernel streams them; a lookup unpacks the few groups it reads."""
 
     def __init__(self, type_name: str, blocks: torch.Tensor, hidden: int, tp: TensorParallel = SINGLE,
-                 vocab_start: int = 0) -> None:
+                 vocab_start: int = 0, interleave: bool = False) -> None:
         super().__init__()
         type_id, per_block, block_bytes = BLOCK_TYPES[type_name]
         if hidden % per_block or blocks.dtype != torch.uint8 or blocks.shape[1] != hidden // per_block * block_bytes:
@@ -47,12 +51,20 @@ class GGUFEmbedding(nn.Module):
         self._lib = kernel_library()
         if self._lib is None:
             raise RuntimeError("GGUF embeddings need dashchat's C kernels (a C compiler); use --quantization none")
+        if interleave and type_name in INTERLEAVED_TYPES:
+            if self._lib.dc_gguf_interleave(type_id, self.blocks.data_ptr(), self.num_rows, hidden):
+                raise MemoryError(f"no memory to interleave {type_name} rows")
+            self.type_id = type_id | ROWS8_LAYOUT
         self.handle = next(_handles)
         _embeddings[self.handle] = self
 
     @property
     def num_rows(self) -> int:
         return self.blocks.shape[0]
+
+    @property
+    def interleaved(self) -> bool:
+        return bool(self.type_id & ROWS8_LAYOUT)
 
     @property
     def nbytes(self) -> int:
@@ -67,8 +79,8 @@ class GGUFEmbedding(nn.Module):
         out = torch.empty(ids.shape[0], self.hidden)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_rows):
             raise IndexError(f"embedding row out of range 0..{self.num_rows - 1}")
-        if self._lib.dc_gguf_dequantize_rows(self.type_id, self.blocks.data_ptr(), ids.data_ptr(), ids.shape[0],
-                                             self.hidden, out.data_ptr()):
+        if self._lib.dc_gguf_dequantize_rows(self.type_id, self.blocks.data_ptr(), self.num_rows, ids.data_ptr(),
+                                             ids.shape[0], self.hidden, out.data_ptr()):
             raise ValueError(f"GGUF kernel rejected a type-{self.type_id} embedding of width {self.hidden}")
         return out
 

@@ -119,14 +119,16 @@ class _Blocks:
             return torch.from_numpy(np.array(self.view, order="C"))
         return _bf16_rows(self.view, self.file_type, self.k_full)
 
-    def part(self, shared: torch.Tensor | None = None) -> GGUFPart:
-        # rows interleaved for the decode kernels, except the embedding table a tied head shares (the
-        # lookup reads its rows in the file's layout) and an expert whose rows are not whole groups
+    def part(self, shared: GGUFEmbedding | None = None) -> GGUFPart:
+        # rows interleaved for the decode kernels (the embedding table a tied head shares is already
+        # laid out as its GGUFEmbedding made it), except an expert whose rows are not whole groups
         # of 8: the MoE kernel hands its products chunks of an expert's rows starting on multiples of
         # 16, so each expert's groups stay whole (and within that expert's rows of the copy)
-        interleave = shared is None and (self.copy is None or self.view.shape[0] % 8 == 0)
-        return GGUFPart(self.type_name, shared if shared is not None else self.data(), self.width, self.k_full,
-                        self.k0, interleave=interleave)
+        if shared is not None:
+            return GGUFPart(self.type_name, shared.blocks, self.width, self.k_full, self.k0,
+                            interleaved=shared.interleaved)
+        interleave = self.copy is None or self.view.shape[0] % 8 == 0
+        return GGUFPart(self.type_name, self.data(), self.width, self.k_full, self.k0, interleave=interleave)
 
 
 def _bf16_rows(view: np.ndarray, type_name: str, width: int, chunk_values: int = 1 << 22) -> torch.Tensor:
@@ -327,8 +329,9 @@ def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, p
     embedding = None
     if embedding_rows is not None:
         current = model.embed_tokens
+        # a tied head's products read the table every step: interleaved for them like any linear
         embedding = GGUFEmbedding(embedding_rows.type_name, embedding_rows.data(), embedding_rows.width, current.tp,
-                                  current.vocab_start)
+                                  current.vocab_start, interleave=tied)
         _replace(model, "embed_tokens", embedding)
     counts = {"gguf": 0, "float": 0, "embedding": int(embedding is not None)}
     as_blocks: set[str] = {"model.embed_tokens.weight"} if embedding is not None else set()
@@ -340,7 +343,7 @@ def load_gguf_model(model: nn.Module, gguf_path: str | Path, cfg: ModelConfig, p
         if entries is None:
             counts["float"] += 1
             continue
-        shared = embedding.blocks if tied and path == "lm_head" else None  # one copy for both
+        shared = embedding if tied and path == "lm_head" else None  # one copy for both
         bias = None if linear.bias is None else torch.zeros(linear.out_features)  # filled below, in place
         _replace(model, path, GGUFLinear(linear.in_features, linear.out_features,
                                          [e.part(shared) for e in entries], bias))
