@@ -39,7 +39,7 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit (Q4_K, Q5_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
+// A type id with this bit (Q3_K, Q4_K, Q5_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
 // byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
 // last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
 // dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS activation rows
@@ -51,6 +51,7 @@ enum {
 #define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
 #define Q6K_X8_BYTES (8 * 210)
 #define Q5K_X8_BYTES (8 * 176)
+#define Q3K_X8_BYTES (8 * 110)
 static inline int base_type(int type) { return type & 0xff; }
 
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
@@ -1051,30 +1052,59 @@ INLINE __m256i q6k_x8_values(const uint8_t *step, int q) {
   return _mm256_or_si256(low, _mm256_and_si256(high, m30));
 }
 
-// Q6_K's byte layout (x8_copy), as q4k_x8_tile: MR activation rows (up to Q6K_X8_ROWS) against one
-// group's super-blocks, lane = weight row; each half (16 values) of a group leaves its exact dot product
-// in lane r, times its int8 scale. The values' offset (32 times the activations' half sum, times the
-// scale) is taken off once a super-block: sum_h sc_h S_h from the scales as int16 pairs, two halves a
-// multiply-add. The integers of tile_super (in another order: exact) and its float steps, so the same bits.
-INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                        const int16_t *hs, const int MR, float *out) {
-  const int sbs_row = k / 256, H = k / 16;
+// Q3_K's value q (0-3) of group 4 half + q in a chunk: 2 bits of run `half`'s byte (bits 2q..2q+1)
+// and the 3rd from the chunk's high bits (bit 4 half + q of each byte), as a byte 0-7.
+INLINE __m256i q3k_x8_values(const uint8_t *step, int half, int q) {
+  __m256i h = _mm256_loadu_si256((const __m256i *)step), l = _mm256_loadu_si256((const __m256i *)(step + 32 + 32 * half));
+  const int s = 4 * half + q - 2;  // the high bit to bit 2 (shifts that stay within a byte's kept bits)
+  __m256i high = s < 0 ? _mm256_slli_epi16(h, -s) : _mm256_srli_epi16(h, s);
+  return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 2 * q), _mm256_set1_epi8(3)),
+                         _mm256_and_si256(high, _mm256_set1_epi8(4)));
+}
+
+// The 16 int8 half scales of a Q6_K or Q3_K super-block of 8 rows as 4 words (lane = row, byte n % 4
+// of word n / 4: scale n): Q6_K stores them so; Q3_K's 6-bit packing (super_ints) is undone lane by lane.
+INLINE void half_scale_words(int type, const uint8_t *sb, __m256i *sw) {
+  if (type == T_Q6_K) {
+    for (int w = 0; w < 4; w++) sw[w] = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * w));
+    return;
+  }
+  const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3), m32 = _mm256_set1_epi8(32);
+  __m256i a0 = _mm256_loadu_si256((const __m256i *)(sb + 16)), a1 = _mm256_loadu_si256((const __m256i *)(sb + 48)),
+          a2 = _mm256_loadu_si256((const __m256i *)(sb + 80));
+  for (int w = 0; w < 4; w++) {
+    __m256i low = _mm256_and_si256(w < 2 ? (w ? a1 : a0) : _mm256_srli_epi32(w == 2 ? a0 : a1, 4), m4);
+    __m256i top = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(a2, 2 * w), m2), 4);
+    sw[w] = _mm256_sub_epi8(_mm256_or_si256(low, top), m32);
+  }
+}
+
+// Q6_K's and Q3_K's byte layouts (x8_copy), as q4k_x8_tile: MR activation rows (up to Q6K_X8_ROWS)
+// against one group's super-blocks, lane = weight row; each half (16 values) of a group leaves its
+// exact dot product in lane r, times its int8 scale. The values' offset (32 or 4 times the activations'
+// half sum, times the scale) is taken off once a super-block: sum_h sc_h S_h from the scales as int16
+// pairs, two halves a multiply-add. The integers of tile_super (in another order: exact) and its float
+// steps, so the same bits.
+INLINE void half_scaled_x8_tile(const int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,
+                                const float *xd, const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16, x8_bytes = type == T_Q6_K ? Q6K_X8_BYTES : Q3K_X8_BYTES;
   __m256 A[Q6K_X8_ROWS][8];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++)
 #pragma GCC unroll 8
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
-    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q6K_X8_BYTES;
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * x8_bytes;
     const int8_t *xb = xq + 256 * (size_t)b;
-    x8_prefetch(sb, Q6K_X8_BYTES);
-    __m256i I[Q6K_X8_ROWS];  // first sum_h sc_h S_h, then I = sum_h sc_h dot_h - 32 of it
+    x8_prefetch(sb, x8_bytes);
+    __m256i sw[4];
+    half_scale_words(type, sb, sw);
+    __m256i I[Q6K_X8_ROWS];  // first sum_h sc_h S_h, then I = sum_h sc_h dot_h - offset times it
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
     for (int w = 0; w < 4; w++) {  // scales 4w..4w+3 (bytes of a word, lane = row) as int16 pairs
-      __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * w));
-      __m256i lo = _mm256_srai_epi16(_mm256_slli_epi16(words, 8), 8), hi = _mm256_srai_epi16(words, 8);
+      __m256i lo = _mm256_srai_epi16(_mm256_slli_epi16(sw[w], 8), 8), hi = _mm256_srai_epi16(sw[w], 8);
       __m256i p01 = _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xAA);
       __m256i p23 = _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xAA);
 #pragma GCC unroll 8
@@ -1086,7 +1116,8 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
       }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) I[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(I[r], 5));
+    for (int r = 0; r < MR; r++)
+      I[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(I[r], offset_shift(value_offset(type))));
     // 4 values a chunk (q 0-3: q6k_x8_values) and MR rows: 4 MR accumulators where 4 rows or fewer,
     // else 2 MR (two passes over the chunks: the two runs of low bits in turn), so they fit the registers
     const int QW = MR > MAX_TILE ? 2 : 4, passes = 4 / QW;
@@ -1102,11 +1133,12 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
           for (int r = 0; r < MR; r++) acc[i][r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 4 * vh; c < 4 * vh + 4; c++) {
-          const uint8_t *step = sb + 144 + 96 * (8 * half + c);  // (step 8 half + c: see x8_piece)
+          // (steps: see x8_piece)
+          const uint8_t *step = type == T_Q6_K ? sb + 144 + 96 * (8 * half + c) : sb + 112 + 96 * c;
 #pragma GCC unroll 4
           for (int i = 0; i < QW; i++) {
             const int q = pass + passes * i;
-            __m256i v = q6k_x8_values(step, q);
+            __m256i v = type == T_Q6_K ? q6k_x8_values(step, q) : q3k_x8_values(step, half, q);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
               int32_t xv;
@@ -1118,8 +1150,7 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
 #pragma GCC unroll 4
         for (int i = 0; i < QW; i++) {
           const int q = pass + passes * i, si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4
-          __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * (si / 4)));
-          __m256i sc = _mm256_srai_epi32(_mm256_sllv_epi32(words, _mm256_set1_epi32(24 - 8 * (si % 4))), 24);
+          __m256i sc = _mm256_srai_epi32(_mm256_sllv_epi32(sw[si / 4], _mm256_set1_epi32(24 - 8 * (si % 4))), 24);
 #pragma GCC unroll 8
           for (int r = 0; r < MR; r++) I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(acc[i][r], sc));
         }
@@ -1138,27 +1169,37 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
   }
 }
 
+INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  half_scaled_x8_tile(T_Q6_K, gw, sb0, sbs, xq, k, xd, hs, MR, out);
+}
+INLINE void q3k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  half_scaled_x8_tile(T_Q3_K, gw, sb0, sbs, xq, k, xd, hs, MR, out);
+}
+
 // The byte layouts' tiles per type and height (out[8 r + e]: activation row r, weight row e).
 #define X8_TILE_FN(MR)                                                                                      \
   static void x8_tile_##MR(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,           \
                            const float *xd, const int16_t *hs, float *out) {                                 \
     if (type == T_Q4_K) q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                  \
     else if (type == T_Q5_K) q5k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
+    else if (type == T_Q3_K) q3k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
     else q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                                 \
   }
 X8_TILE_FN(1)
 X8_TILE_FN(2)
 X8_TILE_FN(4)
-// Q6_K's 8-row tile (Q6K_X8_ROWS): x8_height picks it.
+// Q6_K's and Q3_K's 8-row tile (Q6K_X8_ROWS): x8_height picks it.
 static void x8_tile_8(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                       const int16_t *hs, float *out) {
-  (void)type;
-  q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
+  if (type == T_Q6_K) q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
+  else q3k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
 }
 // The height of the x8 tile for `left` activation rows of `type` (out: up to 8 * X8_TILE_ROWS floats).
 #define X8_TILE_ROWS 8
 static inline int x8_height(int type, int left) {
-  return type == T_Q6_K && Q6K_X8_ROWS == 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+  return (type == T_Q6_K || type == T_Q3_K) && Q6K_X8_ROWS == 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 }
 
 // Activation rows [r0, r0 + mr) (mr 1, 2, 4 or x8_height's 8) against an interleaved group (gw) of `type` whose
@@ -1462,7 +1503,7 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
   return t;
 }
 
-// The byte layouts (x8) of a super-block of a group of 8 rows (Q4K_X8_BYTES, Q5K_X8_BYTES, Q6K_X8_BYTES: 8 blocks'
+// The byte layouts (x8) of a super-block of a group of 8 rows (Q3K_X8_BYTES..Q6K_X8_BYTES: 8 blocks'
 // worth): a block's bytes in pieces of 2 or 4 bytes, piece p of row r at x8 + (its offset) + size * r,
 // so the 8 rows' copies of a piece lie side by side. Q4_K: d (8 x 2 bytes), dmin, the three words of
 // packed scales, then the values' 32 4-byte chunks in order (chunk 8i + c: values 4c..4c+3 of groups 2i
@@ -1472,6 +1513,17 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
 // three interleaved runs read side by side measured 2x slower from memory).
 // Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
 static int x8_piece(int type, int p, int *at, int *x8_at) {
+  if (type == T_Q3_K) {  // d, the 3 words of packed scales, then 8 steps of 96 bytes (as Q6_K's): step c
+    // holds chunk c of the high bits (all 8 groups), then chunk c of the two runs of 2 bits (groups 0-3, 4-7)
+    if (p == 0) return *at = 108, *x8_at = 0, 2;
+    if (p < 4) return *at = 96 + 4 * (p - 1), *x8_at = 16 + 32 * (p - 1), 4;
+    if (p < 12) return *at = 4 * (p - 4), *x8_at = 112 + 96 * (p - 4), 4;
+    if (p < 28) {
+      int i = p - 12, run = i / 8, c = i % 8;
+      return *at = 32 + 32 * run + 4 * c, *x8_at = 112 + 96 * c + 32 + 32 * run, 4;
+    }
+    return 0;
+  }
   if (type == T_Q5_K) {  // Q4_K's pieces with the 5th bits' 8 chunks (x8 128..383) before the low bits
     if (p < 5) return x8_piece(T_Q4_K, p, at, x8_at);
     if (p < 13) return *at = 16 + 4 * (p - 5), *x8_at = 128 + 32 * (p - 5), 4;
@@ -1498,7 +1550,7 @@ static int x8_piece(int type, int p, int *at, int *x8_at) {
 }
 
 // The types with a ROWS8_LAYOUT.
-static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K; }
+static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K || type == T_Q3_K; }
 
 // One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
 // the byte layout, either way (pack: file to x8).
@@ -1527,7 +1579,7 @@ static const uint8_t *unit_rows(const wtensor *t, int g, uint8_t **scratch) {
   return *scratch;
 }
 
-// Rearranges a tensor of `rows` rows of k values of `type` (Q4_K, Q5_K or Q6_K, no layout bit) in place into
+// Rearranges a tensor of `rows` rows of k values of `type` (x8_type: Q3_K-Q6_K, no layout bit) in place into
 // ROWS8_LAYOUT, one group of 8 rows at a time (scratch: one group). Returns 0, -1 for a type or width it
 // does not take, -2 without memory.
 int dc_gguf_interleave(int type, uint8_t *w, int rows, int k) {
