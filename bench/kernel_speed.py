@@ -3,6 +3,7 @@
     python bench/kernel_speed.py                       # Q4_K and Q6_K, 2048x11008 and 11008x2048
     python bench/kernel_speed.py --baseline HEAD~3     # also the kernels of another git revision
     python bench/kernel_speed.py --types Q4_0 --shape 3584x18944 --rows 1 4 --threads 1 2
+    python bench/kernel_speed.py --types Q8_0 Q4_0 Q5_0 --shape 1536x1536 1536x8960 --rows 1 8 --working-set 256 --baseline main
     python bench/kernel_speed.py --baseline main --threads 1 --best --rows 1 2 4 8 32 512   # prefill too
 
 Random blocks (finite fp16 scales), activations x [m, k]; each measurement is the median of
@@ -116,13 +117,17 @@ class Product:
 def layout(lib: ctypes.CDLL, type_name: str, copies: list[torch.Tensor], n: int, k: int
            ) -> tuple[list[torch.Tensor], int]:
     """The copies as a build's engine holds them, and the type id that says how: interleaved in groups of
-    8 rows where the build has that layout for the type (its own copies, rearranged), else the file's."""
+    8 rows where the build has that layout for the type (its own copies, rearranged), else the file's
+    (an older build's dc_gguf_interleave refuses a type it has no layout for: -1)."""
     type_id = BLOCK_TYPES[type_name][0]
     if not hasattr(lib, "dc_gguf_interleave") or type_name not in INTERLEAVED_TYPES:
         return copies, type_id
     own = [c.clone() for c in copies]
-    for c in own:
-        if lib.dc_gguf_interleave(type_id, c.data_ptr(), n, k):
+    for i, c in enumerate(own):
+        status = lib.dc_gguf_interleave(type_id, c.data_ptr(), n, k)
+        if status == -1 and i == 0:
+            return copies, type_id
+        if status:
             raise RuntimeError("interleaving failed")
     return own, type_id | ROWS8_LAYOUT
 

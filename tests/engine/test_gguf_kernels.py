@@ -206,17 +206,18 @@ def interleaved_part(type_name: str, data: torch.Tensor, cols: int, **window) ->
     return part
 
 
-def layout_invariance(type_name: str, seed: int, counts=(1, 2, 3, 4, 5, 8, 9, 17, 70)) -> None:
+def layout_invariance(type_name: str, seed: int, counts=(1, 2, 3, 4, 5, 8, 9, 17, 70), cols: int = 768,
+                      windows=((0, 768), (256, 512), (32, 256))) -> None:
     """Rows interleaved in groups of 8 give every output the bits of the file's row-major layout, at
     every batch size (1-64 rows: the groups' own tiles, 1, 2 or 4 rows at a time; 65 and up: a group
     unpacked for the 8-row blocks), for whole rows and for a rank's input window (on super-block boundaries and
     not), in a fused layer with a part in the file's layout; 21 rows: two whole groups and 5 more."""
-    cols, rows, other_type = 768, 21, "Q5_K"
+    rows, other_type = 21, "Q5_K" if cols % 256 == 0 else "Q8_0"
     data = torch.from_numpy(random_blocks(type_name, rows, cols, seed))
     other = torch.from_numpy(random_blocks(other_type, 6, cols, seed + 1))
     bias = torch.randn(rows + 6, generator=torch.Generator().manual_seed(seed))
     x = torch.randn(70, cols, generator=torch.Generator().manual_seed(seed))
-    for k0, k in ((0, cols), (256, 512), (32, 256)):
+    for k0, k in windows:
         window = {"k_full": cols, "k0": k0}
         file = GGUFLinear(k, rows + 6, [GGUFPart(type_name, data, k, **window), GGUFPart(other_type, other, k, **window)],
                           bias)
@@ -233,10 +234,20 @@ def test_interleaved_rows_give_the_same_bits(type_name: str) -> None:
     layout_invariance(type_name, seed=7)
 
 
+# The 32-value types' tiles take any window of whole groups: rows of 45 groups (no multiple of 8 or
+# 256), windows starting on odd groups, a last unit of fewer than 8 groups.
+BLOCKS32_COLS, BLOCKS32_WINDOWS = 1440, ((0, 1440), (96, 1120), (32, 352))
+
+
+@pytest.mark.parametrize("type_name", sorted(t for t in INTERLEAVED_TYPES if BLOCK_TYPES[t][1] == 32))
+def test_interleaved_32_value_blocks_at_any_width(type_name: str) -> None:
+    layout_invariance(type_name, seed=11, counts=(1, 3, 4, 7, 66), cols=BLOCKS32_COLS, windows=BLOCKS32_WINDOWS)
+
+
 def test_engine_interleaves_in_place() -> None:
     """GGUFPart(interleave=True) rearranges the types the decode kernels prefer so in place (no second
     copy) and marks them; other types keep the file's layout."""
-    for type_name in ("Q4_K", "Q6_K", "Q8_0"):
+    for type_name in ("Q4_K", "Q6_K", "Q8_0", "Q2_K"):
         data = torch.from_numpy(random_blocks(type_name, 19, 512, 4))
         plain = GGUFLinear(512, 19, [GGUFPart(type_name, data.clone(), 512)])
         copy = data.clone()
@@ -297,7 +308,8 @@ from engine.test_gguf_kernels import check_type, TYPES
 from dashchat.engine.cpu.kernels import kernel_library
 assert kernel_library() is not None
 from engine.test_gguf_kernels import batch_invariance, check_activation_quantization, layout_invariance
-from dashchat.engine.quantization.gguf import INTERLEAVED_TYPES
+from engine.test_gguf_kernels import BLOCKS32_COLS, BLOCKS32_WINDOWS
+from dashchat.engine.quantization.gguf import BLOCK_TYPES, INTERLEAVED_TYPES
 check_activation_quantization()
 for t in TYPES:
     for batch in (1, 5, 20):
@@ -305,6 +317,8 @@ for t in TYPES:
     batch_invariance(t, seed=1, counts=(1, 2, 3, 5, 8, 9, 17))
     if t in INTERLEAVED_TYPES:
         layout_invariance(t, seed=2, counts=(1, 2, 3, 9, 70))
+    if t in INTERLEAVED_TYPES and BLOCK_TYPES[t][1] == 32:
+        layout_invariance(t, seed=3, counts=(1, 4, 7), cols=BLOCKS32_COLS, windows=BLOCKS32_WINDOWS)
 print("ok", len(TYPES))
 """
 

@@ -409,9 +409,10 @@ def test_stacked_experts_equal_the_per_expert_loop(grouped, tmp_path):
             torch.testing.assert_close(runner(x, weights, chosen), want, **tol)
 
 
-def test_interleaved_q4k_q6k_experts_equal_the_file_layout():
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q4_0", "Q5_0")])
+def test_interleaved_q4k_q6k_experts_equal_the_file_layout(types):
     """Experts loaded as the GGUF loader holds them (`_Blocks.part` over one copy of all experts):
-    Q4_K gate/up and Q6_K down rows, whole groups of 8, are interleaved in place expert by expert
+    Q4_K gate/up and Q6_K down rows (or 32-value types), whole groups of 8, are interleaved in place expert by expert
     (the type id's ROWS8_LAYOUT bit), and the one-call expert kernel gives the file layout's output
     bit for bit at decode and prefill batches, 1 and 2 threads (row chunks start on groups); an
     expert tensor whose rows are not whole groups keeps the file's layout."""
@@ -430,8 +431,8 @@ def test_interleaved_q4k_q6k_experts_equal_the_file_layout():
         blocks = [random_blocks(type_name, rows, cols, seed + e) for e in range(count)]
         return np.stack(blocks), type_name, cols
 
-    tensors = [stacked("Q4_K", width, hidden, 0), stacked("Q4_K", width, hidden, 100),
-               stacked("Q6_K", hidden, width, 200)]
+    tensors = [stacked(types[0], width, hidden, 0), stacked(types[1], width, hidden, 100),
+               stacked(types[2], hidden, width, 200)]
 
     def experts(loaded: bool) -> torch.nn.ModuleList:
         parts = []

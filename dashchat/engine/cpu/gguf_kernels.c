@@ -39,7 +39,7 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit (Q3_K, Q4_K, Q5_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
+// A type id with this bit (x8_type: Q3_K-Q6_K, the 32-value types): the tensor's rows are interleaved in groups of 8, byte by
 // byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
 // last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
 // dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS activation rows
@@ -553,6 +553,12 @@ static inline float tree8(const float *p) { return ((p[0] + p[1]) + (p[2] + p[3]
 // holds whole super-blocks.
 static inline int super_form(int type, int span, int g0, int groups) {
   return span == 256 && super_block(type) && g0 % 8 == 0 && groups % 8 == 0;
+}
+
+// Whether an interleaved group's own tiles (x8_tiles) take a window: the 32-value types any, the
+// super-block types one on super-block boundaries.
+static inline int x8_window(int type, int span, int g0, int groups) {
+  return block_values(type) == 32 || super_form(type, span, g0, groups);
 }
 
 // Rows per tile of the per-row paths (1, 2 or 4).
@@ -1178,6 +1184,124 @@ INLINE void q3k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
   half_scaled_x8_tile(T_Q3_K, gw, sb0, sbs, xq, k, xd, hs, MR, out);
 }
 
+// Q5_0's and Q5_1's 5th bits of 4-value chunk c (the low nibbles' values 4c..4c+3 with hi = 0, the
+// high nibbles' 16+4c..16+4c+3 with hi = 1) of 8 rows as 0x10 in each value's byte, from the rows'
+// 32-bit high-bit words qh (lane = row): each lane's byte holding the 4 bits spread over its 4 bytes,
+// one bit tested in each.
+INLINE __m256i q5_x8_high(__m256i qh, int c, int hi, __m256i v) {
+  const char b = (char)(2 * hi + c / 2), n = (char)(4 * (c % 2));
+  const __m256i spread = _mm256_setr_epi8(b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b, 8 + b, 8 + b, 8 + b, 8 + b, 12 + b, 12 + b, 12 + b, 12 + b,
+                                          b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b, 8 + b, 8 + b, 8 + b, 8 + b, 12 + b, 12 + b, 12 + b, 12 + b);
+  const __m256i bit = _mm256_set1_epi32((int)(0x08040201u << n));
+  __m256i bytes = _mm256_shuffle_epi8(qh, spread);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return _mm256_mask_add_epi8(v, _mm256_test_epi8_mask(bytes, bit), v, _mm256_set1_epi8(0x10));
+#else
+  return _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(0x10)));
+#endif
+}
+
+// The 32-value types' byte layout (blocks32_piece): MR activation rows against one group's blocks
+// [g0, g0 + groups) (the window; xq, xd, hs: the first activation row's, window-relative). Lane r =
+// weight row r: each 4-value chunk of 8 rows meets the activation row's 4 values broadcast in one
+// multiply-add, so a block leaves row r's exact dot product in lane r. The signed values (Q8_0,
+// IQ4_NL) are made unsigned as ROWS8_BIAS says (w + 128 with VNNI, the 128 * sum(x) taken off with
+// the types' offsets; else the signs moved onto x). Row r's integers are tile_groups' and its float
+// steps (group_term, group g of the window into A[g % 8], tree8) the same: so the same bits.
+INLINE void blocks32_x8_tile(int type, const uint8_t *gw, int g0, int groups, const int8_t *xq, int k,
+                             const float *xd, const int16_t *hs, const int MR, float *out) {
+  const int G = k / 32, H = k / 16, mins = has_mins(type), sgn = signed_values(type);
+  const int off = value_offset(type) + (sgn ? ROWS8_BIAS : 0);
+  const size_t bb8 = 8 * block_bytes(type);
+  const int qh_at = type == T_Q5_0 ? 16 : 32;  // (Q5_0, Q5_1)
+  const int qs_at = type == T_Q8_0 || type == T_Q4_0 || type == T_IQ4_NL ? 16 : type == T_Q4_1 ? 32 : type == T_Q5_0 ? 48 : 64;
+  const int five = type == T_Q5_0 || type == T_Q5_1, chunks = type == T_Q8_0 ? 8 : 4;
+  const __m256i m4 = _mm256_set1_epi8(15), flip = _mm256_set1_epi8((char)0x80);
+  // IQ4_NL's 16 values, + 128 where the CPU has VNNI (unsigned bytes)
+  const __m256i table = _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)iq4_values)),
+                                         HAVE_VNNI ? flip : _mm256_setzero_si256());
+  __m256 A[MAX_TILE][8];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  for (int u0 = 0; u0 < groups; u0 += 8) {
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++) {
+      const int g = u0 + e;
+      if (g >= groups) break;
+      const uint8_t *blk = gw + (size_t)(g0 + g) * bb8;
+      x8_prefetch(blk, bb8);
+      __m256i lo[MAX_TILE], hi[MAX_TILE];  // two chains a row (Q8_0: even and odd chunks)
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+      const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + qh_at)) : _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int c = 0; c < chunks; c++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + qs_at + 32 * c)), v0, v1;
+        int x0 = 32 * g + 4 * c, x1 = x0 + 16;  // the activations' offsets that meet v0 and v1
+        if (type == T_Q8_0) {
+          v0 = v1 = HAVE_VNNI ? _mm256_xor_si256(w, flip) : w;
+        } else {
+          v0 = _mm256_and_si256(w, m4), v1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+          if (five) v0 = q5_x8_high(qh, c, 0, v0), v1 = q5_x8_high(qh, c, 1, v1);
+          if (type == T_IQ4_NL) v0 = _mm256_shuffle_epi8(table, v0), v1 = _mm256_shuffle_epi8(table, v1);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+          const int8_t *xr = xq + (size_t)r * k;
+          int32_t a, b;
+          memcpy(&a, xr + x0, 4);
+          __m256i xa = _mm256_set1_epi32(a), u0v = v0;
+          if (sgn && !HAVE_VNNI) xa = _mm256_sign_epi8(xa, v0), u0v = _mm256_sign_epi8(v0, v0);
+          if (type == T_Q8_0) {  // one vector a chunk: the chains take alternate chunks
+            if (c % 2) hi[r] = dpbusd_acc(hi[r], u0v, xa);
+            else lo[r] = dpbusd_acc(lo[r], u0v, xa);
+            continue;
+          }
+          memcpy(&b, xr + x1, 4);
+          __m256i xb = _mm256_set1_epi32(b), u1v = v1;
+          if (sgn && !HAVE_VNNI) xb = _mm256_sign_epi8(xb, v1), u1v = _mm256_sign_epi8(v1, v1);
+          lo[r] = dpbusd_acc(lo[r], u0v, xa);
+          hi[r] = dpbusd_acc(hi[r], u1v, xb);
+        }
+      }
+      __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+      __m256 bw = mins ? _mm256_xor_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))), _mm256_set1_ps(-0.f))
+                       : _mm256_setzero_ps();
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; r++) {
+        int S = hs[(size_t)r * H + 2 * g] + hs[(size_t)r * H + 2 * g + 1];
+        __m256i I = _mm256_add_epi32(lo[r], hi[r]);
+        if (off) I = _mm256_sub_epi32(I, _mm256_set1_epi32(off * S));
+        __m256i N = mins ? _mm256_set1_epi32(-S) : _mm256_setzero_si256();
+        A[r][e] = _mm256_add_ps(A[r][e], group_term_ps(mins, I, N, dw, bw, _mm256_set1_ps(xd[(size_t)r * G + g])));
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; r++) {
+    __m256 *a = A[r];
+    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
+  }
+}
+
+// blocks32_x8_tile per type and height.
+#define B32_X8_CASE(T, MR) \
+  case T: blocks32_x8_tile(T, gw, g0, groups, xq, k, xd, hs, MR, out); break;
+#define B32_X8_FN(MR)                                                                                          \
+  static void blocks32_x8_tile_##MR(int type, const uint8_t *gw, int g0, int groups, const int8_t *xq, int k,   \
+                                    const float *xd, const int16_t *hs, float *out) {                           \
+    switch (type) {                                                                                             \
+      B32_X8_CASE(T_Q8_0, MR) B32_X8_CASE(T_Q4_0, MR) B32_X8_CASE(T_Q5_0, MR) B32_X8_CASE(T_Q4_1, MR)          \
+      B32_X8_CASE(T_Q5_1, MR) B32_X8_CASE(T_IQ4_NL, MR)                                                         \
+    }                                                                                                           \
+  }
+B32_X8_FN(1)
+B32_X8_FN(2)
+B32_X8_FN(4)
+
 // The byte layouts' tiles per type and height (out[8 r + e]: activation row r, weight row e).
 #define X8_TILE_FN(MR)                                                                                      \
   static void x8_tile_##MR(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,           \
@@ -1209,6 +1333,14 @@ static void x8_tiles(int type, const uint8_t *gw, int g0, int groups, const int8
   const int8_t *xr = xq + (size_t)r0 * k;
   const float *dr = xd + (size_t)r0 * (k / span);
   const int16_t *hr = hs + (size_t)r0 * (k / 16);
+  if (block_values(type) == 32) {  // (the window in groups, not super-blocks)
+    switch (mr) {
+      case 4: blocks32_x8_tile_4(type, gw, g0, groups, xr, k, dr, hr, out); break;
+      case 2: blocks32_x8_tile_2(type, gw, g0, groups, xr, k, dr, hr, out); break;
+      default: blocks32_x8_tile_1(type, gw, g0, groups, xr, k, dr, hr, out);
+    }
+    return;
+  }
   switch (mr) {
     case 8: x8_tile_8(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
     case 4: x8_tile_4(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
@@ -1503,6 +1635,20 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
   return t;
 }
 
+// The 32-value types' byte layout (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL): a block of a group of 8
+// rows (8 blocks' worth) holds each field of the file's block with the 8 rows' copies side by side,
+// in the file's order, so a field at byte `at` of a block lies at 8 * at: the 8 fp16 scales (16
+// bytes: one _mm256_cvtph_ps), Q4_1's/Q5_1's 8 minimums, Q5's 8 words of high bits (lane = row), then
+// the values in 4-byte chunks (one vector each, lane = row: Q8_0 values 4c..4c+3; the 4-bit types
+// values 4c..4c+3 in the low nibbles and 16+4c..16+4c+3 in the high ones). The groups' blocks follow
+// each other, so a group is one sequential stream (blocks32_x8_tile).
+static int blocks32_piece(int type, int p, int *at, int *x8_at) {
+  int halves = type == T_Q4_1 || type == T_Q5_1 ? 2 : 1;  // 2-byte fields before the 4-byte ones
+  int start = p < halves ? 2 * p : 2 * halves + 4 * (p - halves);
+  if (start >= (int)block_bytes(type)) return 0;
+  return *at = start, *x8_at = 8 * start, p < halves ? 2 : 4;
+}
+
 // The byte layouts (x8) of a super-block of a group of 8 rows (Q3K_X8_BYTES..Q6K_X8_BYTES: 8 blocks'
 // worth): a block's bytes in pieces of 2 or 4 bytes, piece p of row r at x8 + (its offset) + size * r,
 // so the 8 rows' copies of a piece lie side by side. Q4_K: d (8 x 2 bytes), dmin, the three words of
@@ -1513,6 +1659,7 @@ static inline wtensor weight_tensor(int type_flags, const uint8_t *w, int rows, 
 // three interleaved runs read side by side measured 2x slower from memory).
 // Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
 static int x8_piece(int type, int p, int *at, int *x8_at) {
+  if (block_values(type) == 32) return blocks32_piece(type, p, at, x8_at);
   if (type == T_Q3_K) {  // d, the 3 words of packed scales, then 8 steps of 96 bytes (as Q6_K's): step c
     // holds chunk c of the high bits (all 8 groups), then chunk c of the two runs of 2 bits (groups 0-3, 4-7)
     if (p == 0) return *at = 108, *x8_at = 0, 2;
@@ -1550,7 +1697,10 @@ static int x8_piece(int type, int p, int *at, int *x8_at) {
 }
 
 // The types with a ROWS8_LAYOUT.
-static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K || type == T_Q3_K; }
+static inline int blocks32_x8_type(int type) {
+  return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q4_1 || type == T_Q5_1 || type == T_IQ4_NL;
+}
+static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K || type == T_Q3_K || blocks32_x8_type(type); }
 
 // One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
 // the byte layout, either way (pack: file to x8).
@@ -1579,12 +1729,12 @@ static const uint8_t *unit_rows(const wtensor *t, int g, uint8_t **scratch) {
   return *scratch;
 }
 
-// Rearranges a tensor of `rows` rows of k values of `type` (x8_type: Q3_K-Q6_K, no layout bit) in place into
+// Rearranges a tensor of `rows` rows of k values of `type` (an x8_type, no layout bit) in place into
 // ROWS8_LAYOUT, one group of 8 rows at a time (scratch: one group). Returns 0, -1 for a type or width it
 // does not take, -2 without memory.
 int dc_gguf_interleave(int type, uint8_t *w, int rows, int k) {
-  if (!x8_type(type) || k % 256 != 0 || rows < 0) return -1;
-  size_t bb = block_bytes(type), blocks = (size_t)(k / 256), row_bytes = blocks * bb;
+  if (!x8_type(type) || k % block_values(type) != 0 || rows < 0) return -1;
+  size_t bb = block_bytes(type), blocks = (size_t)(k / block_values(type)), row_bytes = blocks * bb;
   uint8_t *scratch = malloc(8 * row_bytes);
   if (!scratch) return -2;
   for (int g = 0; 8 * g + 8 <= rows; g++) {  // whole groups; the rows after them keep the file's layout
@@ -1661,7 +1811,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       int p = 0, unit = u, i = 0;
       while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
       int row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
-      if (m < X8_MAX_ROWS && wt[p].interleaved && count == 8 && super_form(wt[p].type, span, g0, groups)) {
+      if (m < X8_MAX_ROWS && wt[p].interleaved && count == 8 && x8_window(wt[p].type, span, g0, groups)) {
         // an interleaved group: its tiles over the activation rows 4 at a time (the group stays in
         // L1/L2 meanwhile; faster than unpacking it for the 8-row blocks at a few rows)
         const uint8_t *gw = wt[p].w + (size_t)row0 * wt[p].row_bytes;
@@ -1718,7 +1868,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
       while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
       const wtensor *t = &wt[p];
       int type = t->type, row0 = 8 * unit, count = rows[p] - row0 < 8 ? rows[p] - row0 : 8, g0 = first_group[p];
-      int whole = t->interleaved && count == 8 && super_form(type, span, g0, groups);
+      int whole = t->interleaved && count == 8 && x8_window(type, span, g0, groups);
       const uint8_t *gw = t->w + (size_t)row0 * t->row_bytes;
       float out[8 * MAX_TILE];
       for (int r0 = p0; r0 < p1;) {
