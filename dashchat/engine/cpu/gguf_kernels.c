@@ -1672,7 +1672,8 @@ static int x8_piece(int type, int p, int *at, int *x8_at) {
     return 0;
   }
   if (type == T_Q5_K) {  // Q4_K's pieces with the 5th bits' 8 chunks (x8 128..383) before the low bits
-    if (p < 5) return x8_piece(T_Q4_K, p, at, x8_at);
+    if (p < 2) return *at = 2 * p, *x8_at = 16 * p, 2;
+    if (p < 5) return *at = 4 + 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
     if (p < 13) return *at = 16 + 4 * (p - 5), *x8_at = 128 + 32 * (p - 5), 4;
     if (p < 45) return *at = 48 + 4 * (p - 13), *x8_at = 384 + 32 * (p - 13), 4;
     return 0;
