@@ -39,7 +39,7 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit (Q4_K, Q6_K): the tensor's rows are interleaved in groups of 8, byte by
+// A type id with this bit (x8_type: Q3_K-Q6_K, the 32-value types): the tensor's rows are interleaved in groups of 8, byte by
 // byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
 // last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
 // dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS activation rows
@@ -50,6 +50,8 @@ enum {
 #define ROWS8_LAYOUT 0x100
 #define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
 #define Q6K_X8_BYTES (8 * 210)
+#define Q5K_X8_BYTES (8 * 176)
+#define Q3K_X8_BYTES (8 * 110)
 static inline int base_type(int type) { return type & 0xff; }
 
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
@@ -953,9 +955,11 @@ static inline void x8_prefetch(const uint8_t *sb, size_t bytes) {
 // product in lane r with no horizontal sum; its integer scale (lane r) multiplies it. Row r's
 // integers I and N are tile_super's, and its float steps (group_term, A[b % 8], tree8) the same: so
 // the same bits as every other path.
-INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                        const int16_t *hs, const int MR, float *out) {
-  const int sbs_row = k / 256, H = k / 16;
+// Q5_K's byte layout (five: 1) is Q4_K's with the 8 chunks of the values' 5th bits between the scales
+// and the low bits: chunk c's bit j (the bit of values 4c..4c+3 of group j) joins them as 0x10.
+INLINE void q45k_x8_tile(const int five, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                         const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16, x8_bytes = five ? Q5K_X8_BYTES : Q4K_X8_BYTES, low_at = five ? 384 : 128;
   const __m256i m4 = _mm256_set1_epi8(15), m6 = _mm256_set1_epi8(63), m2 = _mm256_set1_epi8(3);
   __m256 A[MAX_TILE][8];
 #pragma GCC unroll 4
@@ -963,8 +967,8 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
 #pragma GCC unroll 8
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
-    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q4K_X8_BYTES;
-    x8_prefetch(sb, Q4K_X8_BYTES);
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * x8_bytes;
+    x8_prefetch(sb, x8_bytes);
     // the 8 rows' scales and minimums, lane = row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j
     __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
             u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
@@ -982,8 +986,15 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
       for (int r = 0; r < MR; r++) lo[r] = hi[r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int c = 0; c < 8; c++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + 128 + 256 * i + 32 * c));
+        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + low_at + 256 * i + 32 * c));
         __m256i wl = _mm256_and_si256(w, m4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+        if (five) {  // bits 2i and 2i + 1 of chunk c's 5th bits, moved to bit 4 (shifts within a byte's bits)
+          const __m256i m10 = _mm256_set1_epi8(0x10);
+          __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * c));
+          __m256i bl = i < 2 ? _mm256_slli_epi16(qh, 4 - 2 * i) : _mm256_srli_epi16(qh, 2 * i - 4);
+          __m256i bh = i < 2 ? _mm256_slli_epi16(qh, 3 - 2 * i) : _mm256_srli_epi16(qh, 2 * i - 3);
+          wl = _mm256_or_si256(wl, _mm256_and_si256(bl, m10)), wh = _mm256_or_si256(wh, _mm256_and_si256(bh, m10));
+        }
 #pragma GCC unroll 4
         for (int r = 0; r < MR; r++) {
           const int8_t *x = xq + (size_t)r * k + 256 * (size_t)b + 64 * i + 4 * c;
@@ -1020,78 +1031,157 @@ INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
   }
 }
 
-// Q6_K's byte layout (x8_copy), as q4k_x8_tile: MR activation rows against one group's super-blocks,
-// lane = weight row; each half (16 values) of a group leaves its exact dot product in lane r, less 32
-// times the activations' half sum (the values' offset), times its int8 scale. The integers and float
-// steps of tile_super, so the same bits.
-INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                         const int16_t *hs, const int MR, float *out) {
-  const int sbs_row = k / 256, H = k / 16;
+  q45k_x8_tile(0, gw, sb0, sbs, xq, k, xd, hs, MR, out);
+}
+INLINE void q5k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  q45k_x8_tile(1, gw, sb0, sbs, xq, k, xd, hs, MR, out);
+}
+
+// Activation rows a Q6_K x8 tile takes at once: 8 where the CPU has 32 vector registers (each row's
+// accumulators stay in registers; the group's values, unpacked once, then serve 8 rows), else 4.
+#if defined(__AVX512VL__)
+#define Q6K_X8_ROWS 8
+#else
+#define Q6K_X8_ROWS MAX_TILE
+#endif
+
+// Q6_K's value q (0-3) of a chunk: its low 4 bits from run q % 2's nibbles, its high 2 from the
+// chunk's high bits (bits 2q..2q+1 of each byte), as a byte 0-63.
+INLINE __m256i q6k_x8_values(const uint8_t *step, int q) {
   const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
-  __m256 A[MAX_TILE][8];
-#pragma GCC unroll 4
+  __m256i h = _mm256_loadu_si256((const __m256i *)step), l = _mm256_loadu_si256((const __m256i *)(step + 32 + 32 * (q & 1)));
+  __m256i low = _mm256_and_si256(q & 2 ? _mm256_srli_epi16(l, 4) : l, m4);
+  __m256i high = q == 0 ? _mm256_slli_epi16(h, 4) : q == 1 ? _mm256_slli_epi16(h, 2) : q == 2 ? h : _mm256_srli_epi16(h, 2);
+  return _mm256_or_si256(low, _mm256_and_si256(high, m30));
+}
+
+// Q3_K's value q (0-3) of group 4 half + q in a chunk: 2 bits of run `half`'s byte (bits 2q..2q+1)
+// and the 3rd from the chunk's high bits (bit 4 half + q of each byte), as a byte 0-7.
+INLINE __m256i q3k_x8_values(const uint8_t *step, int half, int q) {
+  __m256i h = _mm256_loadu_si256((const __m256i *)step), l = _mm256_loadu_si256((const __m256i *)(step + 32 + 32 * half));
+  const int s = 4 * half + q - 2;  // the high bit to bit 2 (shifts that stay within a byte's kept bits)
+  __m256i high = s < 0 ? _mm256_slli_epi16(h, -s) : _mm256_srli_epi16(h, s);
+  return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 2 * q), _mm256_set1_epi8(3)),
+                         _mm256_and_si256(high, _mm256_set1_epi8(4)));
+}
+
+// The 16 int8 half scales of a Q6_K or Q3_K super-block of 8 rows as 4 words (lane = row, byte n % 4
+// of word n / 4: scale n): Q6_K stores them so; Q3_K's 6-bit packing (super_ints) is undone lane by lane.
+INLINE void half_scale_words(int type, const uint8_t *sb, __m256i *sw) {
+  if (type == T_Q6_K) {
+    for (int w = 0; w < 4; w++) sw[w] = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * w));
+    return;
+  }
+  const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3), m32 = _mm256_set1_epi8(32);
+  __m256i a0 = _mm256_loadu_si256((const __m256i *)(sb + 16)), a1 = _mm256_loadu_si256((const __m256i *)(sb + 48)),
+          a2 = _mm256_loadu_si256((const __m256i *)(sb + 80));
+  for (int w = 0; w < 4; w++) {
+    __m256i low = _mm256_and_si256(w < 2 ? (w ? a1 : a0) : _mm256_srli_epi32(w == 2 ? a0 : a1, 4), m4);
+    __m256i top = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(a2, 2 * w), m2), 4);
+    sw[w] = _mm256_sub_epi8(_mm256_or_si256(low, top), m32);
+  }
+}
+
+// Q6_K's and Q3_K's byte layouts (x8_copy), as q4k_x8_tile: MR activation rows (up to Q6K_X8_ROWS)
+// against one group's super-blocks, lane = weight row; each half (16 values) of a group leaves its
+// exact dot product in lane r, times its int8 scale. The values' offset (32 or 4 times the activations'
+// half sum, times the scale) is taken off once a super-block: sum_h sc_h S_h from the scales as int16
+// pairs, two halves a multiply-add. The integers of tile_super (in another order: exact) and its float
+// steps, so the same bits.
+INLINE void half_scaled_x8_tile(const int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,
+                                const float *xd, const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16, x8_bytes = type == T_Q6_K ? Q6K_X8_BYTES : Q3K_X8_BYTES;
+  __m256 A[Q6K_X8_ROWS][8];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; r++)
 #pragma GCC unroll 8
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
-    const uint8_t *sb = gw + (size_t)(sb0 + b) * Q6K_X8_BYTES;
-    x8_prefetch(sb, Q6K_X8_BYTES);
-    __m256i I[MAX_TILE];
-#pragma GCC unroll 4
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * x8_bytes;
+    const int8_t *xb = xq + 256 * (size_t)b;
+    x8_prefetch(sb, x8_bytes);
+    __m256i sw[4];
+    half_scale_words(type, sb, sw);
+    __m256i I[Q6K_X8_ROWS];  // first sum_h sc_h S_h, then I = sum_h sc_h dot_h - offset times it
+#pragma GCC unroll 8
     for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
-#pragma GCC unroll 2
-    for (int half = 0; half < 2; half++) {    // groups 4 half .. 4 half + 3
-#pragma GCC unroll 2
-      for (int vh = 0; vh < 2; vh++) {        // their first or second 16 values
-        __m256i acc[4][MAX_TILE];
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; q++)
+    for (int w = 0; w < 4; w++) {  // scales 4w..4w+3 (bytes of a word, lane = row) as int16 pairs
+      __m256i lo = _mm256_srai_epi16(_mm256_slli_epi16(sw[w], 8), 8), hi = _mm256_srai_epi16(sw[w], 8);
+      __m256i p01 = _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xAA);
+      __m256i p23 = _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xAA);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; r++) {
+        int32_t s01, s23;  // the half sums 4w, 4w + 1 and 4w + 2, 4w + 3 as int16 pairs
+        memcpy(&s01, hs + (size_t)r * H + 16 * (size_t)b + 4 * w, 4);
+        memcpy(&s23, hs + (size_t)r * H + 16 * (size_t)b + 4 * w + 2, 4);
+        I[r] = dpwssd_acc(dpwssd_acc(I[r], p01, _mm256_set1_epi32(s01)), p23, _mm256_set1_epi32(s23));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+      I[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(I[r], offset_shift(value_offset(type))));
+    // 4 values a chunk (q 0-3: q6k_x8_values) and MR rows: 4 MR accumulators where 4 rows or fewer,
+    // else 2 MR (two passes over the chunks: the two runs of low bits in turn), so they fit the registers
+    const int QW = MR > MAX_TILE ? 2 : 4, passes = 4 / QW;
 #pragma GCC unroll 4
-          for (int r = 0; r < MR; r++) acc[q][r] = _mm256_setzero_si256();
+    for (int hv = 0; hv < 4; hv++) {  // groups 4 half .. 4 half + 3 (half = hv / 2), their values 16 vh.. (vh = hv % 2)
+      const int half = hv / 2, vh = hv % 2;
+#pragma GCC unroll 2
+      for (int pass = 0; pass < passes; pass++) {
+        __m256i acc[4][Q6K_X8_ROWS];  // value q = pass + passes * i in acc[i]
+#pragma GCC unroll 4
+        for (int i = 0; i < QW; i++)
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; r++) acc[i][r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 4 * vh; c < 4 * vh + 4; c++) {
-          const uint8_t *step = sb + 144 + 96 * (8 * half + c);  // high bits, then the two runs of low bits
-          __m256i h = _mm256_loadu_si256((const __m256i *)step);
-          __m256i l0 = _mm256_loadu_si256((const __m256i *)(step + 32));
-          __m256i l1 = _mm256_loadu_si256((const __m256i *)(step + 64));
-          __m256i v[4] = {
-              _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30)),
-              _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30)),
-              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30)),
-              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m30))};
+          // (steps: see x8_piece)
+          const uint8_t *step = type == T_Q6_K ? sb + 144 + 96 * (8 * half + c) : sb + 112 + 96 * c;
 #pragma GCC unroll 4
-          for (int q = 0; q < 4; q++)
-#pragma GCC unroll 4
+          for (int i = 0; i < QW; i++) {
+            const int q = pass + passes * i;
+            __m256i v = type == T_Q6_K ? q6k_x8_values(step, q) : q3k_x8_values(step, half, q);
+#pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
               int32_t xv;
-              memcpy(&xv, xq + (size_t)r * k + 256 * (size_t)b + 32 * (4 * half + q) + 4 * c, 4);
-              acc[q][r] = dpbusd_acc(acc[q][r], v[q], _mm256_set1_epi32(xv));
+              memcpy(&xv, xb + (size_t)r * k + 32 * (4 * half + q) + 4 * c, 4);
+              acc[i][r] = dpbusd_acc(acc[i][r], v, _mm256_set1_epi32(xv));
             }
+          }
         }
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; q++) {
-          int si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4, lane = row
-          __m256i words = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * (si / 4)));
-          __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(words, 24 - 8 * (si % 4)), 24);
-#pragma GCC unroll 4
-          for (int r = 0; r < MR; r++) {
-            int S = hs[(size_t)r * H + 16 * (size_t)b + si];
-            I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(_mm256_sub_epi32(acc[q][r], _mm256_set1_epi32(32 * S)), sc));
-          }
+        for (int i = 0; i < QW; i++) {
+          const int q = pass + passes * i, si = 2 * (4 * half + q) + vh;  // the half's scale: byte si % 4 of word si / 4
+          __m256i sc = _mm256_srai_epi32(_mm256_sllv_epi32(sw[si / 4], _mm256_set1_epi32(24 - 8 * (si % 4))), 24);
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; r++) I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(acc[i][r], sc));
         }
       }
     }
     __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < MR; r++)
       A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], _mm256_setzero_si256(), dv, _mm256_setzero_ps(), _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < MR; r++) {
     __m256 *a = A[r];
     _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
                                                 _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
   }
+}
+
+INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  half_scaled_x8_tile(T_Q6_K, gw, sb0, sbs, xq, k, xd, hs, MR, out);
+}
+INLINE void q3k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  half_scaled_x8_tile(T_Q3_K, gw, sb0, sbs, xq, k, xd, hs, MR, out);
 }
 
 // Q5_0's and Q5_1's 5th bits of 4-value chunk c (the low nibbles' values 4c..4c+3 with hi = 0, the
@@ -1217,13 +1307,26 @@ B32_X8_FN(4)
   static void x8_tile_##MR(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,           \
                            const float *xd, const int16_t *hs, float *out) {                                 \
     if (type == T_Q4_K) q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                  \
+    else if (type == T_Q5_K) q5k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
+    else if (type == T_Q3_K) q3k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
     else q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                                 \
   }
 X8_TILE_FN(1)
 X8_TILE_FN(2)
 X8_TILE_FN(4)
+// Q6_K's and Q3_K's 8-row tile (Q6K_X8_ROWS): x8_height picks it.
+static void x8_tile_8(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                      const int16_t *hs, float *out) {
+  if (type == T_Q6_K) q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
+  else q3k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
+}
+// The height of the x8 tile for `left` activation rows of `type` (out: up to 8 * X8_TILE_ROWS floats).
+#define X8_TILE_ROWS 8
+static inline int x8_height(int type, int left) {
+  return (type == T_Q6_K || type == T_Q3_K) && Q6K_X8_ROWS == 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
 
-// Activation rows [r0, r0 + mr) (mr 1, 2 or 4) against an interleaved group (gw) of `type` whose
+// Activation rows [r0, r0 + mr) (mr 1, 2, 4 or x8_height's 8) against an interleaved group (gw) of `type` whose
 // window is on super-block boundaries: out[8 r + e], activation row r0 + r, weight row e.
 static void x8_tiles(int type, const uint8_t *gw, int g0, int groups, const int8_t *xq, const float *xd,
                      const int16_t *hs, int k, int span, int r0, int mr, float *out) {
@@ -1239,6 +1342,7 @@ static void x8_tiles(int type, const uint8_t *gw, int g0, int groups, const int8
     return;
   }
   switch (mr) {
+    case 8: x8_tile_8(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
     case 4: x8_tile_4(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
     case 2: x8_tile_2(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out); break;
     default: x8_tile_1(type, gw, g0 / 8, groups / 8, xr, k, dr, hr, out);
@@ -1645,7 +1749,7 @@ static int blocks32_piece(int type, int p, int *at, int *x8_at) {
   return *at = start, *x8_at = 8 * start, p < halves ? 2 : 4;
 }
 
-// The byte layouts (x8) of a super-block of a group of 8 rows (Q4K_X8_BYTES, Q6K_X8_BYTES: 8 blocks'
+// The byte layouts (x8) of a super-block of a group of 8 rows (Q3K_X8_BYTES..Q6K_X8_BYTES: 8 blocks'
 // worth): a block's bytes in pieces of 2 or 4 bytes, piece p of row r at x8 + (its offset) + size * r,
 // so the 8 rows' copies of a piece lie side by side. Q4_K: d (8 x 2 bytes), dmin, the three words of
 // packed scales, then the values' 32 4-byte chunks in order (chunk 8i + c: values 4c..4c+3 of groups 2i
@@ -1656,6 +1760,24 @@ static int blocks32_piece(int type, int p, int *at, int *x8_at) {
 // Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
 static int x8_piece(int type, int p, int *at, int *x8_at) {
   if (block_values(type) == 32) return blocks32_piece(type, p, at, x8_at);
+  if (type == T_Q3_K) {  // d, the 3 words of packed scales, then 8 steps of 96 bytes (as Q6_K's): step c
+    // holds chunk c of the high bits (all 8 groups), then chunk c of the two runs of 2 bits (groups 0-3, 4-7)
+    if (p == 0) return *at = 108, *x8_at = 0, 2;
+    if (p < 4) return *at = 96 + 4 * (p - 1), *x8_at = 16 + 32 * (p - 1), 4;
+    if (p < 12) return *at = 4 * (p - 4), *x8_at = 112 + 96 * (p - 4), 4;
+    if (p < 28) {
+      int i = p - 12, run = i / 8, c = i % 8;
+      return *at = 32 + 32 * run + 4 * c, *x8_at = 112 + 96 * c + 32 + 32 * run, 4;
+    }
+    return 0;
+  }
+  if (type == T_Q5_K) {  // Q4_K's pieces with the 5th bits' 8 chunks (x8 128..383) before the low bits
+    if (p < 2) return *at = 2 * p, *x8_at = 16 * p, 2;
+    if (p < 5) return *at = 4 + 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
+    if (p < 13) return *at = 16 + 4 * (p - 5), *x8_at = 128 + 32 * (p - 5), 4;
+    if (p < 45) return *at = 48 + 4 * (p - 13), *x8_at = 384 + 32 * (p - 13), 4;
+    return 0;
+  }
   if (type == T_Q4_K) {
     if (p < 2) return *at = 2 * p, *x8_at = 16 * p, 2;
     if (p < 5) return *at = 4 + 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
@@ -1679,7 +1801,7 @@ static int x8_piece(int type, int p, int *at, int *x8_at) {
 static inline int blocks32_x8_type(int type) {
   return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q4_1 || type == T_Q5_1 || type == T_IQ4_NL;
 }
-static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || blocks32_x8_type(type); }
+static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K || type == T_Q3_K || blocks32_x8_type(type); }
 
 // One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
 // the byte layout, either way (pack: file to x8).
@@ -1807,10 +1929,12 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
         // group stays in L1/L2 meanwhile; faster than unpacking it for the 8-row blocks)
         const uint8_t *gw = wt[p].w + (size_t)row0 * wt[p].row_bytes;
         for (int r0 = 0; r0 < m;) {
-          int mr = m - r0 >= PF_ROWS && pf_type(wt[p].type) ? PF_ROWS : m - r0 >= 4 ? 4 : m - r0 >= 2 ? 2 : 1;
-          float out[8 * PF_ROWS];
+          // Q4_K: its prefill tile 8 rows at a time (PF_ROWS, where the build has it); the others
+          // x8_height's 8 (Q6_K, Q3_K on AVX-512VL), 4, 2 or 1
+          int pf = pf_type(wt[p].type) && m - r0 >= PF_ROWS, mr = pf ? PF_ROWS : x8_height(wt[p].type, m - r0);
+          float out[8 * (PF_ROWS > X8_TILE_ROWS ? PF_ROWS : X8_TILE_ROWS)];
 #if PF_ROWS > MAX_TILE
-          if (mr == PF_ROWS)
+          if (pf)
             q4k_x8_prefill(gw, g0 / 8, groups / 8, xq + (size_t)r0 * k, k, xd + (size_t)r0 * (k / span),
                            hs + (size_t)r0 * (k / 16), out);
           else
