@@ -234,8 +234,9 @@ def test_messages_raw_event_order(claude: anthropic.Anthropic, model_name: str) 
 
 def test_messages_forced_tool_round_trip(claude: anthropic.Anthropic, model_name: str) -> None:
     ask = {"role": "user", "content": "What is the weather in Paris?"}
-    m = claude.messages.create(model=model_name, max_tokens=40, tools=[WEATHER_TOOL], messages=[ask],
-                               tool_choice={"type": "tool", "name": "get_weather"})
+    # greedy, with room for the arguments (as below)
+    m = claude.messages.create(model=model_name, max_tokens=64, extra_body={"temperature": 0.0},
+                               tools=[WEATHER_TOOL], messages=[ask], tool_choice={"type": "tool", "name": "get_weather"})
     assert m.stop_reason == "tool_use"
     uses = [b for b in m.content if b.type == "tool_use"]
     assert len(uses) == 1 and uses[0].name == "get_weather" and isinstance(uses[0].input["city"], str)
@@ -250,8 +251,9 @@ def test_messages_forced_tool_round_trip(claude: anthropic.Anthropic, model_name
 
 
 def test_messages_forced_tool_stream(claude: anthropic.Anthropic, model_name: str) -> None:
-    with claude.messages.stream(model=model_name, max_tokens=40, tools=[WEATHER_TOOL],
-                                tool_choice={"type": "any"},
+    # greedy, with room for the arguments: a sampled argument can run past a short budget
+    with claude.messages.stream(model=model_name, max_tokens=64, extra_body={"temperature": 0.0},
+                                tools=[WEATHER_TOOL], tool_choice={"type": "any"},
                                 messages=[{"role": "user", "content": "Weather in Oslo?"}]) as stream:
         events = list(stream)
         final = stream.get_final_message()

@@ -626,6 +626,13 @@ static inline float tree8_ps(__m256 p) {
   return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
 }
 
+// An x8 tile's 8 accumulators of one activation row (a[b % 8], lane = weight row) summed in tree8's
+// order, lane by lane, into out[0..8).
+static inline void store_tree8_lanes(const __m256 a[8], float *out) {
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                      _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
+}
+
 // group_term on 8 lanes.
 static inline __m256 group_term_ps(int mins, __m256i I, __m256i N, __m256 dw, __m256 bw, __m256 dx) {
   __m256 p = _mm256_cvtepi32_ps(I);
@@ -1024,11 +1031,7 @@ INLINE void q45k_x8_tile(const int five, const uint8_t *gw, int sb0, int sbs, co
       A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(1, I[r], N[r], dv, dminv, _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) {
-    __m256 *a = A[r];
-    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
-                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
-  }
+  for (int r = 0; r < MR; r++) store_tree8_lanes(A[r], out + 8 * r);
 }
 
 INLINE void q4k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
@@ -1168,11 +1171,7 @@ INLINE void half_scaled_x8_tile(const int type, const uint8_t *gw, int sb0, int 
       A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], _mm256_setzero_si256(), dv, _mm256_setzero_ps(), _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; r++) {
-    __m256 *a = A[r];
-    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
-                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
-  }
+  for (int r = 0; r < MR; r++) store_tree8_lanes(A[r], out + 8 * r);
 }
 
 INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
@@ -1280,11 +1279,7 @@ INLINE void blocks32_x8_tile(int type, const uint8_t *gw, int g0, int groups, co
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; r++) {
-    __m256 *a = A[r];
-    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
-                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
-  }
+  for (int r = 0; r < MR; r++) store_tree8_lanes(A[r], out + 8 * r);
 }
 
 // blocks32_x8_tile per type and height.
@@ -1691,11 +1686,7 @@ static void q4k_x8_prefill(const uint8_t *gw, int sb0, int sbs, const int8_t *xq
       A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(1, I[r], N, dv, dminv, _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
     }
   }
-  for (int r = 0; r < PF_ROWS; r++) {
-    __m256 *a = A[r];
-    _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
-                                                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))));
-  }
+  for (int r = 0; r < PF_ROWS; r++) store_tree8_lanes(A[r], out + 8 * r);
 }
 #else
 #define PF_ROWS 4
