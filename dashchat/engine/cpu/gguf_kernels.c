@@ -626,6 +626,18 @@ static inline float tree8_ps(__m256 p) {
   return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
 }
 
+// A Q4_K/Q5_K x8 super-block's 6-bit scales and minimums of 8 rows (lane = row) from its three words of
+// packed scales at sb + 32: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j; mn03/mn47 likewise.
+static inline void q4k_x8_scales(const uint8_t *sb, __m256i *sc03, __m256i *mn03, __m256i *sc47, __m256i *mn47) {
+  const __m256i m4 = _mm256_set1_epi8(15), m6 = _mm256_set1_epi8(63), m2 = _mm256_set1_epi8(3);
+  __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
+          u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
+  *sc03 = _mm256_and_si256(u0, m6), *mn03 = _mm256_and_si256(u1, m6);
+  *sc47 = _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
+  *mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
+                          _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
+}
+
 // An x8 tile's 8 accumulators of one activation row (a[b % 8], lane = weight row) summed in tree8's
 // order, lane by lane, into out[0..8).
 static inline void store_tree8_lanes(const __m256 a[8], float *out) {
@@ -967,7 +979,7 @@ static inline void x8_prefetch(const uint8_t *sb, size_t bytes) {
 INLINE void q45k_x8_tile(const int five, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                          const int16_t *hs, const int MR, float *out) {
   const int sbs_row = k / 256, H = k / 16, x8_bytes = five ? Q5K_X8_BYTES : Q4K_X8_BYTES, low_at = five ? 384 : 128;
-  const __m256i m4 = _mm256_set1_epi8(15), m6 = _mm256_set1_epi8(63), m2 = _mm256_set1_epi8(3);
+  const __m256i m4 = _mm256_set1_epi8(15);
   __m256 A[MAX_TILE][8];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; r++)
@@ -977,12 +989,8 @@ INLINE void q45k_x8_tile(const int five, const uint8_t *gw, int sb0, int sbs, co
     const uint8_t *sb = gw + (size_t)(sb0 + b) * x8_bytes;
     x8_prefetch(sb, x8_bytes);
     // the 8 rows' scales and minimums, lane = row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j
-    __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
-            u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
-    __m256i sc03 = _mm256_and_si256(u0, m6), mn03 = _mm256_and_si256(u1, m6);
-    __m256i sc47 = _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
-    __m256i mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
-                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
+    __m256i sc03, mn03, sc47, mn47;
+    q4k_x8_scales(sb, &sc03, &mn03, &sc47, &mn47);
     __m256i I[MAX_TILE], N[MAX_TILE];
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++) I[r] = N[r] = _mm256_setzero_si256();
@@ -1624,7 +1632,7 @@ static inline __m256i pf_dpbusd(__m256i acc, __m256i u, __m256i s) {
 static void q4k_x8_prefill(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                            const int16_t *hs, float *out) {
   const int sbs_row = k / 256, H = k / 16;
-  const __m256i m4 = _mm256_set1_epi8(15), m6 = _mm256_set1_epi8(63), m2 = _mm256_set1_epi8(3);
+  const __m256i m4 = _mm256_set1_epi8(15);
   const __m256i byte = _mm256_set1_epi32(0xff), low16 = _mm256_set1_epi32(0x00ff00ff);
   __m256 A[PF_ROWS][8];
   for (int r = 0; r < PF_ROWS; r++)
@@ -1632,12 +1640,8 @@ static void q4k_x8_prefill(const uint8_t *gw, int sb0, int sbs, const int8_t *xq
   for (int b = 0; b < sbs; b++) {
     const uint8_t *sb = gw + (size_t)(sb0 + b) * Q4K_X8_BYTES;
     // lane = weight row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j; minimums likewise
-    __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32)), u1 = _mm256_loadu_si256((const __m256i *)(sb + 64)),
-            u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
-    __m256i sc03 = _mm256_and_si256(u0, m6), mn03 = _mm256_and_si256(u1, m6);
-    __m256i sc47 = _mm256_or_si256(_mm256_and_si256(u2, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
-    __m256i mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
-                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
+    __m256i sc03, mn03, sc47, mn47;
+    q4k_x8_scales(sb, &sc03, &mn03, &sc47, &mn47);
     const int8_t *x0 = xq + 256 * (size_t)b;
     __m256i I[PF_ROWS];
 #pragma GCC unroll 8
