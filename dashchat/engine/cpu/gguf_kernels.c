@@ -39,13 +39,14 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit (x8_type: Q3_K-Q6_K, the 32-value types): the tensor's rows are interleaved in groups of 8, byte by
-// byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them, lane = row); rows past the
-// last whole group keep the file's layout. A group occupies the bytes its 8 rows did, so
-// dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS activation rows
-// read each group as one sequential stream, 8 output rows at once, 1, 2 or 4 activation rows at a time
-// (x8_tile_*); the other readers (bigger batches: the 8-row blocks, a rank's window off super-block
-// boundaries, dequantization, the portable build) unpack a group to the file's layout first
+// A type id with this bit (x8_type: Q3_K-Q6_K, the 32-value types): the tensor's rows are interleaved
+// in groups of 8, byte by byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them,
+// lane = row); rows past the last whole group keep the file's layout. A group occupies the bytes its 8
+// rows did, so dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS
+// activation rows (and Q4_K's at any size, where the build has its prefill tile) read each group as one
+// sequential stream, 8 output rows at once, 1-8 activation rows at a time (x8_tile_*, q4k_x8_prefill);
+// the other readers (bigger batches of the other types: the 8-row blocks, a rank's window off
+// super-block boundaries, dequantization, the portable build) unpack a group to the file's layout first
 // (unit_rows).
 #define ROWS8_LAYOUT 0x100
 #define Q4K_X8_BYTES (8 * 144)  // a super-block of a Q4_K group of 8 rows
@@ -1703,9 +1704,10 @@ static inline int pf_type(int type) { (void)type; return 0; }
 // Weight rows that take each block of activation rows in turn (see dc_gguf_matmul_parts).
 #define ROWS8_WEIGHTS 8
 // Batches below this many rows meet an interleaved group (ROWS8_LAYOUT) through its own tiles, 4 rows
-// at a time; from it, the group is unpacked for the 8-row blocks (a pf_type's group: its prefill tile). Measured (bench/README.md): at 16-64
-// rows the tiles beat unpacking (which cost 30-40% at 16 rows), while a real prefill of 118-1,490
-// tokens took 2.4-2.8x llama-server's time through them. The same results either way.
+// at a time (8 where x8_height says); from it, the group is unpacked for the 8-row blocks (a pf_type's
+// group: its prefill tile instead). Measured (bench/README.md): at 16-64 rows the tiles beat unpacking
+// (which cost 30-40% at 16 rows), while a real prefill of 118-1,490 tokens took 2.4-2.8x llama-server's
+// time through them. The same results either way.
 #ifndef X8_MAX_ROWS
 #define X8_MAX_ROWS 65
 #endif

@@ -49,6 +49,19 @@ INTERLEAVED_TYPES = frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "
 ROWS8_LAYOUT = 0x100  # the type id's bit that says so
 
 
+def interleave_rows(type_name: str, data: torch.Tensor, k: int) -> int:
+    """Rearranges `data` (contiguous rows of k values of `type_name` as blocks) in place into
+    ROWS8_LAYOUT where the type has it and the C kernels read the tensor (on CPU), and returns the type
+    id the kernels are then to get: with ROWS8_LAYOUT, or the plain id where nothing was done."""
+    type_id = BLOCK_TYPES[type_name][0]
+    lib = kernel_library()
+    if type_name not in INTERLEAVED_TYPES or lib is None or not data.is_cpu:
+        return type_id
+    if lib.dc_gguf_interleave(type_id, data.data_ptr(), data.shape[0], k):
+        raise MemoryError(f"no memory to interleave {type_name} rows")
+    return type_id | ROWS8_LAYOUT
+
+
 class GGUFPart:
     """One source tensor's rows of a layer: raw blocks [rows, row_bytes] of one type. A rank's slice
     of a row-split weight keeps whole rows `k_full` values wide and reads inputs [k0, k0 + in_features)
@@ -73,12 +86,8 @@ class GGUFPart:
         self.data = data.contiguous()
         self.rows = data.shape[0]
         self.k_full, self.k0 = k_full, k0
-        if interleave and type_name in INTERLEAVED_TYPES:
-            lib = kernel_library()
-            if lib is not None and self.data.is_cpu:
-                if lib.dc_gguf_interleave(type_id, self.data.data_ptr(), self.rows, k_full):
-                    raise MemoryError(f"no memory to interleave {type_name} rows")
-                self.type_id = type_id | ROWS8_LAYOUT
+        if interleave:
+            self.type_id = interleave_rows(type_name, self.data, k_full)
         elif interleaved:
             self.type_id = type_id | ROWS8_LAYOUT
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ...models.parallel import SINGLE, TensorParallel
 from ..cpu.kernels import kernel_library
-from .gguf import BLOCK_TYPES, INTERLEAVED_TYPES, ROWS8_LAYOUT
+from .gguf import BLOCK_TYPES, ROWS8_LAYOUT, interleave_rows
 
 _embeddings: weakref.WeakValueDictionary[int, "GGUFEmbedding"] = weakref.WeakValueDictionary()
 _handles = itertools.count()
@@ -51,10 +51,8 @@ class GGUFEmbedding(nn.Module):
         self._lib = kernel_library()
         if self._lib is None:
             raise RuntimeError("GGUF embeddings need dashchat's C kernels (a C compiler); use --quantization none")
-        if interleave and type_name in INTERLEAVED_TYPES:
-            if self._lib.dc_gguf_interleave(type_id, self.blocks.data_ptr(), self.num_rows, hidden):
-                raise MemoryError(f"no memory to interleave {type_name} rows")
-            self.type_id = type_id | ROWS8_LAYOUT
+        if interleave:
+            self.type_id = interleave_rows(type_name, self.blocks, hidden)
         self.handle = next(_handles)
         _embeddings[self.handle] = self
 
