@@ -48,6 +48,23 @@ def test_sample_never_edits_the_callers_logits():
     assert [r.token_id for r in again] == [r.token_id for r in first]
 
 
+
+def test_plain_greedy_rows_take_the_masked_argmax():
+    """Greedy rows without edits skip the masked copy: their tokens stay those of the masked logits,
+    ties (first maximum) and an eos maximum under ignore_eos included."""
+    eos = [3, 7]
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        logits = torch.randint(0, 4, (4, 10), generator=gen).float()  # many ties
+        ignore = [bool((trial + i) % 2) for i in range(4)]
+        seqs = [_seq(SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=flag), 0) for flag in ignore]
+        masked = logits.clone()
+        for i, flag in enumerate(ignore):
+            if flag:
+                masked[i, eos] = float("-inf")
+        tokens = [r.token_id for r in Sampler(set(eos)).sample(seqs, logits)]
+        assert tokens == masked.argmax(dim=-1).tolist()
+
 # ---- the arithmetic against a plain reference (float64, one token at a time) ---------------------
 
 import math  # noqa: E402

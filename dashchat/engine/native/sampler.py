@@ -73,6 +73,10 @@ class Sampler:
         # ignore_eos and min_tokens ban eos: one indexed write for all such rows (ignore_eos is common
         # in benchmarks, and a write per row cost a kernel launch and a copy each on a GPU)
         no_eos = [i for i, s in enumerate(seqs) if s.params.ignore_eos or s.num_output_tokens < s.params.min_tokens]
+        if not edited:
+            fast = self._plain_greedy(seqs, logits, no_eos)
+            if fast is not None:
+                return fast
         if (edited or no_eos) and logits.dtype == torch.float32:
             logits = logits.clone()  # only batches that edit pay for the copy
         else:
@@ -107,6 +111,19 @@ class Sampler:
             lp = None if seq.params.logprobs is None else _token_logprob(logprobs[i], tok, seq.params.logprobs)
             results.append(SampleResult(tok, lp))
         return results
+
+    def _plain_greedy(self, seqs: list[Sequence], logits: torch.Tensor, no_eos: list[int]
+                      ) -> list[SampleResult | None] | None:  # fmt: skip
+        """Greedy rows without logprobs or edits: the argmax of the logits as they are, or None
+        where the full path must run. A row that bans eos takes it unless its argmax is an eos id:
+        masking values other than the first maximum leaves that maximum first (a one-stream decode
+        step then skips the copy of a vocabulary-wide row and the indexed write)."""
+        if any(not s.params.greedy or s.params.logprobs is not None for s in seqs):
+            return None
+        tokens = logits.argmax(dim=-1).tolist()
+        if any(tokens[i] in self.eos_token_ids for i in no_eos):
+            return None
+        return [SampleResult(tok, None) for tok in tokens]
 
     def verify(self, seq: Sequence, logits: torch.Tensor, proposal: list[int],
                draft_probs: torch.Tensor | None = None) -> tuple[list[SampleResult], int]:
