@@ -39,7 +39,7 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit (x8_type: Q3_K-Q6_K, the 32-value types): the tensor's rows are interleaved
+// A type id with this bit (x8_type: Q3_K-Q6_K, IQ4_XS, the 32-value types): the tensor's rows are interleaved
 // in groups of 8, byte by byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them,
 // lane = row); rows past the last whole group keep the file's layout. A group occupies the bytes its 8
 // rows did, so dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS
@@ -53,6 +53,7 @@ enum {
 #define Q6K_X8_BYTES (8 * 210)
 #define Q5K_X8_BYTES (8 * 176)
 #define Q3K_X8_BYTES (8 * 110)
+#define IQ4XS_X8_BYTES (8 * 136)
 static inline int base_type(int type) { return type & 0xff; }
 
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
@@ -1192,6 +1193,78 @@ INLINE void q3k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
   half_scaled_x8_tile(T_Q3_K, gw, sb0, sbs, xq, k, xd, hs, MR, out);
 }
 
+// IQ4_XS's byte layout (x8_piece), as q4k_x8_tile: MR activation rows (up to Q6K_X8_ROWS) against one
+// group's super-blocks, lane = weight row. Each 4-value chunk of 8 rows is looked up in the 16 values
+// (one byte shuffle) and meets the activation row's 4 values broadcast in one multiply-add, so a group
+// of 32 values leaves row r's exact dot product in lane r; its 6-bit scale less 32 (lane r) multiplies
+// it. The signed values as ROWS8_BIAS says: + 128 with VNNI (a group's chain starts at -128 times its
+// activations' sum), else their signs moved onto x. Row r's integers are tile_super's and its float
+// steps the same: so the same bits.
+INLINE void iq4xs_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                          const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16, chains = MR > MAX_TILE ? 1 : 2;  // (8 rows: one chain a row fits the registers)
+  const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi32(3);
+  const __m256i table = _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)iq4_values)),
+                                         _mm256_set1_epi8(HAVE_VNNI ? (char)0x80 : 0));
+  __m256 A[Q6K_X8_ROWS][8];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * IQ4XS_X8_BYTES;
+    const int8_t *xb = xq + 256 * (size_t)b;
+    x8_prefetch(sb, IQ4XS_X8_BYTES);
+    // the 8 rows' scale words (lane = row): 4 low bits of scale j at bit 4j of sl, 2 high ones at 2j of sh
+    const __m256i sl = _mm256_loadu_si256((const __m256i *)(sb + 32));
+    const __m256i sh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sb + 16)));
+    __m256i I[Q6K_X8_ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+      __m256i lo[Q6K_X8_ROWS], hi[Q6K_X8_ROWS];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; r++) {
+        const int16_t *h = hs + (size_t)r * H + 16 * (size_t)b + 2 * j;
+        lo[r] = HAVE_VNNI ? _mm256_set1_epi32(-128 * (h[0] + h[1])) : _mm256_setzero_si256();
+        hi[r] = _mm256_setzero_si256();
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; c++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + 64 + 128 * j + 32 * c));
+        __m256i v0 = _mm256_shuffle_epi8(table, _mm256_and_si256(w, m4));
+        __m256i v1 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(w, 4), m4));
+        __m256i u0 = HAVE_VNNI ? v0 : _mm256_sign_epi8(v0, v0), u1 = HAVE_VNNI ? v1 : _mm256_sign_epi8(v1, v1);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+          const int8_t *x = xb + (size_t)r * k + 32 * j + 4 * c;
+          int32_t xa, xc;
+          memcpy(&xa, x, 4), memcpy(&xc, x + 16, 4);
+          __m256i sa = _mm256_set1_epi32(xa), sc = _mm256_set1_epi32(xc);
+          if (!HAVE_VNNI) sa = _mm256_sign_epi8(sa, v0), sc = _mm256_sign_epi8(sc, v1);
+          lo[r] = dpbusd_acc(lo[r], u0, sa);
+          if (chains == 2) hi[r] = dpbusd_acc(hi[r], u1, sc);
+          else lo[r] = dpbusd_acc(lo[r], u1, sc);
+        }
+      }
+      __m256i scale = _mm256_sub_epi32(
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(sl, 4 * j), _mm256_set1_epi32(15)),
+                          _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(sh, 2 * j), m2), 4)),
+          _mm256_set1_epi32(32));
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; r++) I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(_mm256_add_epi32(lo[r], hi[r]), scale));
+    }
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], _mm256_setzero_si256(), dv, _mm256_setzero_ps(),
+                                                             _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) store_tree8_lanes(A[r], out + 8 * r);
+}
+
 // Q5_0's and Q5_1's 5th bits of 4-value chunk c (the low nibbles' values 4c..4c+3 with hi = 0, the
 // high nibbles' 16+4c..16+4c+3 with hi = 1) of 8 rows as 0x10 in each value's byte, from the rows'
 // 32-bit high-bit words qh (lane = row): each lane's byte holding the 4 bits spread over its 4 bytes,
@@ -1313,21 +1386,23 @@ B32_X8_FN(4)
     if (type == T_Q4_K) q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                  \
     else if (type == T_Q5_K) q5k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
     else if (type == T_Q3_K) q3k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
+    else if (type == T_IQ4_XS) iq4xs_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                         \
     else q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                                 \
   }
 X8_TILE_FN(1)
 X8_TILE_FN(2)
 X8_TILE_FN(4)
-// Q6_K's and Q3_K's 8-row tile (Q6K_X8_ROWS): x8_height picks it.
+// Q6_K's, Q3_K's and IQ4_XS's 8-row tile (Q6K_X8_ROWS): x8_height picks it.
 static void x8_tile_8(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                       const int16_t *hs, float *out) {
   if (type == T_Q6_K) q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
+  else if (type == T_IQ4_XS) iq4xs_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
   else q3k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
 }
 // The height of the x8 tile for `left` activation rows of `type` (out: up to 8 * X8_TILE_ROWS floats).
 #define X8_TILE_ROWS 8
 static inline int x8_height(int type, int left) {
-  return (type == T_Q6_K || type == T_Q3_K) && Q6K_X8_ROWS == 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+  return (type == T_Q6_K || type == T_Q3_K || type == T_IQ4_XS) && Q6K_X8_ROWS == 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 }
 
 // Activation rows [r0, r0 + mr) (mr 1, 2, 4 or x8_height's 8) against an interleaved group (gw) of `type` whose
@@ -1757,6 +1832,12 @@ static int blocks32_piece(int type, int p, int *at, int *x8_at) {
 // Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
 static int x8_piece(int type, int p, int *at, int *x8_at) {
   if (block_values(type) == 32) return blocks32_piece(type, p, at, x8_at);
+  if (type == T_IQ4_XS) {  // d, the high and the low bits of the scales, then the values' 32 chunks in order
+    // (chunk 4j + c: values 4c..4c+3 of group j in the low nibbles, 16+4c..16+4c+3 in the high ones)
+    if (p < 2) return *at = 2 * p, *x8_at = 16 * p, 2;
+    if (p < 35) return *at = 4 + 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
+    return 0;
+  }
   if (type == T_Q3_K) {  // d, the 3 words of packed scales, then 8 steps of 96 bytes (as Q6_K's): step c
     // holds chunk c of the high bits (all 8 groups), then chunk c of the two runs of 2 bits (groups 0-3, 4-7)
     if (p == 0) return *at = 108, *x8_at = 0, 2;
@@ -1798,7 +1879,9 @@ static int x8_piece(int type, int p, int *at, int *x8_at) {
 static inline int blocks32_x8_type(int type) {
   return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q4_1 || type == T_Q5_1 || type == T_IQ4_NL;
 }
-static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K || type == T_Q3_K || blocks32_x8_type(type); }
+static inline int x8_type(int type) {
+  return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K || type == T_Q3_K || type == T_IQ4_XS || blocks32_x8_type(type);
+}
 
 // One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
 // the byte layout, either way (pack: file to x8).
