@@ -1875,7 +1875,8 @@ static int blocks32_piece(int type, int p, int *at, int *x8_at) {
 // and 2i + 1 as low and high nibbles). Q6_K: d, its 16 int8 scales as 4 words, then 16 steps of 96
 // bytes in the order q6k_x8_tile reads them: step 8h + c holds chunk c of the high 2 bits of groups
 // 4h..4h+3, then chunk c of the two 32-byte runs of low 4 bits that go with them (a sequential read:
-// three interleaved runs read side by side measured 2x slower from memory).
+// three interleaved runs read side by side measured 2x slower from memory). Q3_K, Q2_K and IQ4_XS: see
+// their cases below.
 // Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
 static int x8_piece(int type, int p, int *at, int *x8_at) {
   if (block_values(type) == 32) return blocks32_piece(type, p, at, x8_at);
