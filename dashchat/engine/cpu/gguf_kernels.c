@@ -1110,6 +1110,14 @@ INLINE void half_scale_words(int type, const uint8_t *sb, __m256i *sw) {
   }
 }
 
+// MR activation rows' 8 float accumulators (A[r][b % 8], lane = weight row) of an 8-row tile, zeroed.
+INLINE void zero_tree8(__m256 (*A)[8], const int MR) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+}
+
 // Q2_K's 16 minimums of a super-block of 8 rows as half_scale_words' scales.
 INLINE void min_words(const uint8_t *sb, __m256i *mw) {
   for (int w = 0; w < 4; w++)
@@ -1145,10 +1153,7 @@ INLINE void half_scaled_x8_tile(const int type, const uint8_t *gw, int sb0, int 
   const int sbs_row = k / 256, H = k / 16, mins = type == T_Q2_K;
   const int x8_bytes = type == T_Q6_K ? Q6K_X8_BYTES : type == T_Q3_K ? Q3K_X8_BYTES : Q2K_X8_BYTES;
   __m256 A[Q6K_X8_ROWS][8];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++)
-#pragma GCC unroll 8
-    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  zero_tree8(A, MR);
   for (int b = 0; b < sbs; b++) {
     const uint8_t *sb = gw + (size_t)(sb0 + b) * x8_bytes;
     const int8_t *xb = xq + 256 * (size_t)b;
@@ -1252,10 +1257,7 @@ INLINE void iq4xs_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq,
   const __m256i table = _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)iq4_values)),
                                          _mm256_set1_epi8(HAVE_VNNI ? (char)0x80 : 0));
   __m256 A[Q6K_X8_ROWS][8];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++)
-#pragma GCC unroll 8
-    for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+  zero_tree8(A, MR);
   for (int b = 0; b < sbs; b++) {
     const uint8_t *sb = gw + (size_t)(sb0 + b) * IQ4XS_X8_BYTES;
     const int8_t *xb = xq + 256 * (size_t)b;
