@@ -15,7 +15,8 @@ from dashchat.engine.quantization.gguf import BLOCK_TYPES  # noqa: E402
 
 # byte offsets of each block's float16 fields (scale d, and dmin/min where the type has one)
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # fmt: skip
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,),
+               "IQ4_XS": (0,)}  # fmt: skip
 
 
 def block_layout(type_name: str) -> tuple[int, int]:

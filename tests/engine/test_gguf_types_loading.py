@@ -181,7 +181,7 @@ def test_a_model_that_cannot_fit_is_refused_with_the_numbers(model_dir: str, mon
         gguf_model(model_dir)
 
 
-@pytest.mark.parametrize("type_name", ["Q6_K", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q4_K", "Q8_0", "IQ4_XS", "Q2_K"])
 def test_a_tied_table_is_interleaved_for_its_head(tmp_path: Path, type_name: str) -> None:
     """A tied embedding table of a type with an 8-row layout is interleaved once, for the head's
     products; the lookup still reads every row as gguf-py dequantizes it (the rows of whole groups

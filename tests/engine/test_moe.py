@@ -409,7 +409,7 @@ def test_stacked_experts_equal_the_per_expert_loop(grouped, tmp_path):
             torch.testing.assert_close(runner(x, weights, chosen), want, **tol)
 
 
-@pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q4_0", "Q5_0")])
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q4_0", "Q5_0"), ("IQ4_XS", "IQ4_XS", "Q2_K")])
 def test_interleaved_q4k_q6k_experts_equal_the_file_layout(types):
     """Experts loaded as the GGUF loader holds them (`_Blocks.part` over one copy of all experts):
     Q4_K gate/up and Q6_K down rows (or 32-value types), whole groups of 8, are interleaved in place expert by expert

@@ -26,6 +26,7 @@
 // 4-bit indices looked up in their 16 non-linear values by one byte shuffle), the others unsigned.
 #pragma GCC diagnostic ignored "-Wpsabi" // static helpers only: no ABI crosses the library boundary
 #include <math.h>
+#include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,7 +40,7 @@ enum {
   T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30
 };
 
-// A type id with this bit (x8_type: Q3_K-Q6_K, the 32-value types): the tensor's rows are interleaved
+// A type id with this bit (x8_type: Q2_K-Q6_K, IQ4_XS, the 32-value types): the tensor's rows are interleaved
 // in groups of 8, byte by byte (x8_copy: 4 values of 8 rows side by side, so one vector holds them,
 // lane = row); rows past the last whole group keep the file's layout. A group occupies the bytes its 8
 // rows did, so dc_gguf_interleave rearranges a tensor in place. Products of fewer than X8_MAX_ROWS
@@ -53,6 +54,8 @@ enum {
 #define Q6K_X8_BYTES (8 * 210)
 #define Q5K_X8_BYTES (8 * 176)
 #define Q3K_X8_BYTES (8 * 110)
+#define IQ4XS_X8_BYTES (8 * 136)
+#define Q2K_X8_BYTES (8 * 84)
 static inline int base_type(int type) { return type & 0xff; }
 
 // 256 values a block, in 8 groups of 32 (the K-quants and IQ4_XS); the others: 32 values a block.
@@ -1080,11 +1083,22 @@ INLINE __m256i q3k_x8_values(const uint8_t *step, int half, int q) {
                          _mm256_and_si256(high, _mm256_set1_epi8(4)));
 }
 
-// The 16 int8 half scales of a Q6_K or Q3_K super-block of 8 rows as 4 words (lane = row, byte n % 4
-// of word n / 4: scale n): Q6_K stores them so; Q3_K's 6-bit packing (super_ints) is undone lane by lane.
+// Q2_K's value q (0-3) of group 4 half + q in a step: bits 2q..2q+1 of run `half`'s byte.
+INLINE __m256i q2k_x8_values(const uint8_t *step, int half, int q) {
+  __m256i l = _mm256_loadu_si256((const __m256i *)(step + 32 * half));
+  return _mm256_and_si256(_mm256_srli_epi16(l, 2 * q), _mm256_set1_epi8(3));
+}
+
+// The 16 int8 half scales of a Q6_K, Q3_K or Q2_K super-block of 8 rows as 4 words (lane = row, byte
+// n % 4 of word n / 4: scale n): Q6_K stores them so; Q3_K's 6-bit packing (super_ints) is undone lane
+// by lane; Q2_K's are the low nibbles of its scale bytes (minimums: the high ones, in min_words).
 INLINE void half_scale_words(int type, const uint8_t *sb, __m256i *sw) {
   if (type == T_Q6_K) {
     for (int w = 0; w < 4; w++) sw[w] = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * w));
+    return;
+  }
+  if (type == T_Q2_K) {
+    for (int w = 0; w < 4; w++) sw[w] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(sb + 32 + 32 * w)), _mm256_set1_epi8(15));
     return;
   }
   const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3), m32 = _mm256_set1_epi8(32);
@@ -1097,45 +1111,65 @@ INLINE void half_scale_words(int type, const uint8_t *sb, __m256i *sw) {
   }
 }
 
-// Q6_K's and Q3_K's byte layouts (x8_copy), as q4k_x8_tile: MR activation rows (up to Q6K_X8_ROWS)
-// against one group's super-blocks, lane = weight row; each half (16 values) of a group leaves its
-// exact dot product in lane r, times its int8 scale. The values' offset (32 or 4 times the activations'
-// half sum, times the scale) is taken off once a super-block: sum_h sc_h S_h from the scales as int16
-// pairs, two halves a multiply-add. The integers of tile_super (in another order: exact) and its float
-// steps, so the same bits.
-INLINE void half_scaled_x8_tile(const int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,
-                                const float *xd, const int16_t *hs, const int MR, float *out) {
-  const int sbs_row = k / 256, H = k / 16, x8_bytes = type == T_Q6_K ? Q6K_X8_BYTES : Q3K_X8_BYTES;
-  __m256 A[Q6K_X8_ROWS][8];
+// MR activation rows' 8 float accumulators (A[r][b % 8], lane = weight row) of an 8-row tile, zeroed.
+INLINE void zero_tree8(__m256 (*A)[8], const int MR) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++)
 #pragma GCC unroll 8
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
+}
+
+// Q2_K's 16 minimums of a super-block of 8 rows as half_scale_words' scales.
+INLINE void min_words(const uint8_t *sb, __m256i *mw) {
+  for (int w = 0; w < 4; w++)
+    mw[w] = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(sb + 32 + 32 * w)), 4), _mm256_set1_epi8(15));
+}
+
+// acc[r] += sum_h c_h S_h (lane = weight row) for MR activation rows: the 16 per-half int8 factors c_h
+// as half_scale_words' 4 words, S_h row r's half sums of super-block b, two halves a multiply-add.
+INLINE void half_sums_dot(const __m256i *words, const int16_t *hs, int H, int b, const int MR, __m256i *acc) {
+#pragma GCC unroll 4
+  for (int w = 0; w < 4; w++) {  // factors 4w..4w+3 (bytes of a word, lane = row) as int16 pairs
+    __m256i lo = _mm256_srai_epi16(_mm256_slli_epi16(words[w], 8), 8), hi = _mm256_srai_epi16(words[w], 8);
+    __m256i p01 = _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xAA);
+    __m256i p23 = _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xAA);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+      int32_t s01, s23;  // the half sums 4w, 4w + 1 and 4w + 2, 4w + 3 as int16 pairs
+      memcpy(&s01, hs + (size_t)r * H + 16 * (size_t)b + 4 * w, 4);
+      memcpy(&s23, hs + (size_t)r * H + 16 * (size_t)b + 4 * w + 2, 4);
+      acc[r] = dpwssd_acc(dpwssd_acc(acc[r], p01, _mm256_set1_epi32(s01)), p23, _mm256_set1_epi32(s23));
+    }
+  }
+}
+
+// Q6_K's, Q3_K's and Q2_K's byte layouts (x8_copy), as q4k_x8_tile: MR activation rows (up to
+// Q6K_X8_ROWS) against one group's super-blocks, lane = weight row; each half (16 values) of a group
+// leaves its exact dot product in lane r, times its int8 scale. The values' offset (32 or 4 times the
+// activations' half sum, times the scale) is taken off once a super-block: sum_h sc_h S_h from the
+// scales as int16 pairs, two halves a multiply-add; Q2_K's minimums' term N = -sum_h m_h S_h likewise
+// (no offset). The integers of tile_super (in another order: exact) and its float steps, so the same bits.
+INLINE void half_scaled_x8_tile(const int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k,
+                                const float *xd, const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16, mins = type == T_Q2_K;
+  const int x8_bytes = type == T_Q6_K ? Q6K_X8_BYTES : type == T_Q3_K ? Q3K_X8_BYTES : Q2K_X8_BYTES;
+  __m256 A[Q6K_X8_ROWS][8];
+  zero_tree8(A, MR);
   for (int b = 0; b < sbs; b++) {
     const uint8_t *sb = gw + (size_t)(sb0 + b) * x8_bytes;
     const int8_t *xb = xq + 256 * (size_t)b;
     x8_prefetch(sb, x8_bytes);
     __m256i sw[4];
     half_scale_words(type, sb, sw);
-    __m256i I[Q6K_X8_ROWS];  // first sum_h sc_h S_h, then I = sum_h sc_h dot_h - offset times it
+    __m256i I[Q6K_X8_ROWS];  // first sum_h sc_h S_h, then I = sum_h sc_h dot_h - offset times it (Q2_K: none)
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-    for (int w = 0; w < 4; w++) {  // scales 4w..4w+3 (bytes of a word, lane = row) as int16 pairs
-      __m256i lo = _mm256_srai_epi16(_mm256_slli_epi16(sw[w], 8), 8), hi = _mm256_srai_epi16(sw[w], 8);
-      __m256i p01 = _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xAA);
-      __m256i p23 = _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xAA);
+    if (!mins) {
+      half_sums_dot(sw, hs, H, b, MR, I);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; r++) {
-        int32_t s01, s23;  // the half sums 4w, 4w + 1 and 4w + 2, 4w + 3 as int16 pairs
-        memcpy(&s01, hs + (size_t)r * H + 16 * (size_t)b + 4 * w, 4);
-        memcpy(&s23, hs + (size_t)r * H + 16 * (size_t)b + 4 * w + 2, 4);
-        I[r] = dpwssd_acc(dpwssd_acc(I[r], p01, _mm256_set1_epi32(s01)), p23, _mm256_set1_epi32(s23));
-      }
+      for (int r = 0; r < MR; r++)
+        I[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(I[r], offset_shift(value_offset(type))));
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++)
-      I[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(I[r], offset_shift(value_offset(type))));
     // 4 values a chunk (q 0-3: q6k_x8_values) and MR rows: 4 MR accumulators where 4 rows or fewer,
     // else 2 MR (two passes over the chunks: the two runs of low bits in turn), so they fit the registers
     const int QW = MR > MAX_TILE ? 2 : 4, passes = 4 / QW;
@@ -1152,11 +1186,14 @@ INLINE void half_scaled_x8_tile(const int type, const uint8_t *gw, int sb0, int 
 #pragma GCC unroll 4
         for (int c = 4 * vh; c < 4 * vh + 4; c++) {
           // (steps: see x8_piece)
-          const uint8_t *step = type == T_Q6_K ? sb + 144 + 96 * (8 * half + c) : sb + 112 + 96 * c;
+          const uint8_t *step = type == T_Q6_K ? sb + 144 + 96 * (8 * half + c) : type == T_Q3_K ? sb + 112 + 96 * c
+                                                                                                 : sb + 160 + 64 * c;
 #pragma GCC unroll 4
           for (int i = 0; i < QW; i++) {
             const int q = pass + passes * i;
-            __m256i v = type == T_Q6_K ? q6k_x8_values(step, q) : q3k_x8_values(step, half, q);
+            __m256i v = type == T_Q6_K   ? q6k_x8_values(step, q)
+                        : type == T_Q3_K ? q3k_x8_values(step, half, q)
+                                         : q2k_x8_values(step, half, q);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
               int32_t xv;
@@ -1174,10 +1211,21 @@ INLINE void half_scaled_x8_tile(const int type, const uint8_t *gw, int sb0, int 
         }
       }
     }
+    __m256i N[Q6K_X8_ROWS];  // Q2_K: -sum_h m_h S_h (after the values: fewer registers held through them)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) N[r] = _mm256_setzero_si256();
+    if (mins) {
+      __m256i mw[4];
+      min_words(sb, mw);
+      half_sums_dot(mw, hs, H, b, MR, N);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; r++) N[r] = _mm256_sub_epi32(_mm256_setzero_si256(), N[r]);
+    }
     __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
+    __m256 dminv = mins ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + 16))) : _mm256_setzero_ps();
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++)
-      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], _mm256_setzero_si256(), dv, _mm256_setzero_ps(), _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(mins, I[r], N[r], dv, dminv, _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++) store_tree8_lanes(A[r], out + 8 * r);
@@ -1190,6 +1238,79 @@ INLINE void q6k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, i
 INLINE void q3k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                         const int16_t *hs, const int MR, float *out) {
   half_scaled_x8_tile(T_Q3_K, gw, sb0, sbs, xq, k, xd, hs, MR, out);
+}
+INLINE void q2k_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                        const int16_t *hs, const int MR, float *out) {
+  half_scaled_x8_tile(T_Q2_K, gw, sb0, sbs, xq, k, xd, hs, MR, out);
+}
+
+// IQ4_XS's byte layout (x8_piece), as q4k_x8_tile: MR activation rows (up to Q6K_X8_ROWS) against one
+// group's super-blocks, lane = weight row. Each 4-value chunk of 8 rows is looked up in the 16 values
+// (one byte shuffle) and meets the activation row's 4 values broadcast in one multiply-add, so a group
+// of 32 values leaves row r's exact dot product in lane r; its 6-bit scale less 32 (lane r) multiplies
+// it. The signed values as ROWS8_BIAS says: + 128 with VNNI (a group's chain starts at -128 times its
+// activations' sum), else their signs moved onto x. Row r's integers are tile_super's and its float
+// steps the same: so the same bits.
+INLINE void iq4xs_x8_tile(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                          const int16_t *hs, const int MR, float *out) {
+  const int sbs_row = k / 256, H = k / 16, chains = MR > MAX_TILE ? 1 : 2;  // (8 rows: one chain a row fits the registers)
+  const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi32(3);
+  const __m256i table = _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)iq4_values)),
+                                         _mm256_set1_epi8(HAVE_VNNI ? (char)0x80 : 0));
+  __m256 A[Q6K_X8_ROWS][8];
+  zero_tree8(A, MR);
+  for (int b = 0; b < sbs; b++) {
+    const uint8_t *sb = gw + (size_t)(sb0 + b) * IQ4XS_X8_BYTES;
+    const int8_t *xb = xq + 256 * (size_t)b;
+    x8_prefetch(sb, IQ4XS_X8_BYTES);
+    // the 8 rows' scale words (lane = row): 4 low bits of scale j at bit 4j of sl, 2 high ones at 2j of sh
+    const __m256i sl = _mm256_loadu_si256((const __m256i *)(sb + 32));
+    const __m256i sh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sb + 16)));
+    __m256i I[Q6K_X8_ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) I[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+      __m256i lo[Q6K_X8_ROWS], hi[Q6K_X8_ROWS];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; r++) {
+        const int16_t *h = hs + (size_t)r * H + 16 * (size_t)b + 2 * j;
+        lo[r] = HAVE_VNNI ? _mm256_set1_epi32(-128 * (h[0] + h[1])) : _mm256_setzero_si256();
+        hi[r] = _mm256_setzero_si256();
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; c++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(sb + 64 + 128 * j + 32 * c));
+        __m256i v0 = _mm256_shuffle_epi8(table, _mm256_and_si256(w, m4));
+        __m256i v1 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(w, 4), m4));
+        __m256i u0 = HAVE_VNNI ? v0 : _mm256_sign_epi8(v0, v0), u1 = HAVE_VNNI ? v1 : _mm256_sign_epi8(v1, v1);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+          const int8_t *x = xb + (size_t)r * k + 32 * j + 4 * c;
+          int32_t xa, xc;
+          memcpy(&xa, x, 4), memcpy(&xc, x + 16, 4);
+          __m256i sa = _mm256_set1_epi32(xa), sc = _mm256_set1_epi32(xc);
+          if (!HAVE_VNNI) sa = _mm256_sign_epi8(sa, v0), sc = _mm256_sign_epi8(sc, v1);
+          lo[r] = dpbusd_acc(lo[r], u0, sa);
+          if (chains == 2) hi[r] = dpbusd_acc(hi[r], u1, sc);
+          else lo[r] = dpbusd_acc(lo[r], u1, sc);
+        }
+      }
+      __m256i scale = _mm256_sub_epi32(
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(sl, 4 * j), _mm256_set1_epi32(15)),
+                          _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(sh, 2 * j), m2), 4)),
+          _mm256_set1_epi32(32));
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; r++) I[r] = _mm256_add_epi32(I[r], _mm256_mullo_epi32(_mm256_add_epi32(lo[r], hi[r]), scale));
+    }
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sb));
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+      A[r][b % 8] = _mm256_add_ps(A[r][b % 8], group_term_ps(0, I[r], _mm256_setzero_si256(), dv, _mm256_setzero_ps(),
+                                                             _mm256_set1_ps(xd[(size_t)r * sbs_row + b])));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) store_tree8_lanes(A[r], out + 8 * r);
 }
 
 // Q5_0's and Q5_1's 5th bits of 4-value chunk c (the low nibbles' values 4c..4c+3 with hi = 0, the
@@ -1313,21 +1434,25 @@ B32_X8_FN(4)
     if (type == T_Q4_K) q4k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                  \
     else if (type == T_Q5_K) q5k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
     else if (type == T_Q3_K) q3k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
+    else if (type == T_IQ4_XS) iq4xs_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                         \
+    else if (type == T_Q2_K) q2k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                             \
     else q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, MR, out);                                                 \
   }
 X8_TILE_FN(1)
 X8_TILE_FN(2)
 X8_TILE_FN(4)
-// Q6_K's and Q3_K's 8-row tile (Q6K_X8_ROWS): x8_height picks it.
+// Q6_K's, Q3_K's, Q2_K's and IQ4_XS's 8-row tile (Q6K_X8_ROWS): x8_height picks it.
 static void x8_tile_8(int type, const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
                       const int16_t *hs, float *out) {
   if (type == T_Q6_K) q6k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
+  else if (type == T_IQ4_XS) iq4xs_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
+  else if (type == T_Q2_K) q2k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
   else q3k_x8_tile(gw, sb0, sbs, xq, k, xd, hs, Q6K_X8_ROWS, out);
 }
 // The height of the x8 tile for `left` activation rows of `type` (out: up to 8 * X8_TILE_ROWS floats).
 #define X8_TILE_ROWS 8
 static inline int x8_height(int type, int left) {
-  return (type == T_Q6_K || type == T_Q3_K) && Q6K_X8_ROWS == 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+  return (type == T_Q6_K || type == T_Q3_K || type == T_Q2_K || type == T_IQ4_XS) && Q6K_X8_ROWS == 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 }
 
 // Activation rows [r0, r0 + mr) (mr 1, 2, 4 or x8_height's 8) against an interleaved group (gw) of `type` whose
@@ -1617,6 +1742,13 @@ static void interleave8(const int8_t *xq, const float *xd, const int16_t *hs, in
 // steps the same, so the same bits as every other path.
 #if defined(__AVX2__) && defined(__AVX512VL__)
 #define PF_ROWS 8
+// Bytes ahead of its super-block that a group's first tile prefetches: at 8-16 activation rows (a
+// decode step of 8+ streams) the group comes from memory while the tile's multiply-adds run, and the
+// hardware prefetcher alone left them waiting (7B shapes, 8 rows, 2 threads: 1.2-1.3x with it; no
+// change at 108 rows, where the later tiles find the group in cache and prefetch nothing).
+#ifndef PF_PREFETCH
+#define PF_PREFETCH 4096
+#endif
 static inline int pf_type(int type) { return type == T_Q4_K; }
 
 // acc += u . s by 4-byte groups (vpdpbusd), accumulating in place: with the intrinsic, GCC copied each
@@ -1630,8 +1762,8 @@ static inline __m256i pf_dpbusd(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-static void q4k_x8_prefill(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
-                           const int16_t *hs, float *out) {
+INLINE void q4k_x8_prefill_body(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                                const int16_t *hs, const int prefetch, float *out) {
   const int sbs_row = k / 256, H = k / 16;
   const __m256i m4 = _mm256_set1_epi8(15);
   const __m256i byte = _mm256_set1_epi32(0xff), low16 = _mm256_set1_epi32(0x00ff00ff);
@@ -1640,6 +1772,8 @@ static void q4k_x8_prefill(const uint8_t *gw, int sb0, int sbs, const int8_t *xq
     for (int e = 0; e < 8; e++) A[r][e] = _mm256_setzero_ps();
   for (int b = 0; b < sbs; b++) {
     const uint8_t *sb = gw + (size_t)(sb0 + b) * Q4K_X8_BYTES;
+    if (prefetch)
+      for (int o = 0; o < Q4K_X8_BYTES; o += 64) _mm_prefetch((const char *)(sb + PF_PREFETCH + o), _MM_HINT_T0);
     // lane = weight row: byte j of sc03 = scale j (j < 4), of sc47 = scale 4 + j; minimums likewise
     __m256i sc03, mn03, sc47, mn47;
     q4k_x8_scales(sb, &sc03, &mn03, &sc47, &mn47);
@@ -1692,6 +1826,13 @@ static void q4k_x8_prefill(const uint8_t *gw, int sb0, int sbs, const int8_t *xq
     }
   }
   for (int r = 0; r < PF_ROWS; r++) store_tree8_lanes(A[r], out + 8 * r);
+}
+
+// The group's first tile streams it from memory (prefetching ahead); the next ones find it in cache.
+static void q4k_x8_prefill(const uint8_t *gw, int sb0, int sbs, const int8_t *xq, int k, const float *xd,
+                           const int16_t *hs, int first, float *out) {
+  if (first) q4k_x8_prefill_body(gw, sb0, sbs, xq, k, xd, hs, 1, out);
+  else q4k_x8_prefill_body(gw, sb0, sbs, xq, k, xd, hs, 0, out);
 }
 #else
 #define PF_ROWS 4
@@ -1753,10 +1894,27 @@ static int blocks32_piece(int type, int p, int *at, int *x8_at) {
 // and 2i + 1 as low and high nibbles). Q6_K: d, its 16 int8 scales as 4 words, then 16 steps of 96
 // bytes in the order q6k_x8_tile reads them: step 8h + c holds chunk c of the high 2 bits of groups
 // 4h..4h+3, then chunk c of the two 32-byte runs of low 4 bits that go with them (a sequential read:
-// three interleaved runs read side by side measured 2x slower from memory).
+// three interleaved runs read side by side measured 2x slower from memory). Q3_K, Q2_K and IQ4_XS: see
+// their cases below.
 // Piece p of a block: returns its size (0 past the last), its offset in the block and in x8.
 static int x8_piece(int type, int p, int *at, int *x8_at) {
   if (block_values(type) == 32) return blocks32_piece(type, p, at, x8_at);
+  if (type == T_Q2_K) {  // d, dmin, the scales as 4 words, then 8 steps of 64 bytes: step c holds chunk c
+    // of the two runs of 2 bits (groups 0-3, 4-7)
+    if (p < 2) return *at = 80 + 2 * p, *x8_at = 16 * p, 2;
+    if (p < 6) return *at = 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
+    if (p < 22) {
+      int i = p - 6, run = i / 8, c = i % 8;
+      return *at = 16 + 32 * run + 4 * c, *x8_at = 160 + 64 * c + 32 * run, 4;
+    }
+    return 0;
+  }
+  if (type == T_IQ4_XS) {  // d, the high and the low bits of the scales, then the values' 32 chunks in order
+    // (chunk 4j + c: values 4c..4c+3 of group j in the low nibbles, 16+4c..16+4c+3 in the high ones)
+    if (p < 2) return *at = 2 * p, *x8_at = 16 * p, 2;
+    if (p < 35) return *at = 4 + 4 * (p - 2), *x8_at = 32 + 32 * (p - 2), 4;
+    return 0;
+  }
   if (type == T_Q3_K) {  // d, the 3 words of packed scales, then 8 steps of 96 bytes (as Q6_K's): step c
     // holds chunk c of the high bits (all 8 groups), then chunk c of the two runs of 2 bits (groups 0-3, 4-7)
     if (p == 0) return *at = 108, *x8_at = 0, 2;
@@ -1798,7 +1956,10 @@ static int x8_piece(int type, int p, int *at, int *x8_at) {
 static inline int blocks32_x8_type(int type) {
   return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q4_1 || type == T_Q5_1 || type == T_IQ4_NL;
 }
-static inline int x8_type(int type) { return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K || type == T_Q3_K || blocks32_x8_type(type); }
+static inline int x8_type(int type) {
+  return type == T_Q4_K || type == T_Q6_K || type == T_Q5_K || type == T_Q3_K || type == T_Q2_K || type == T_IQ4_XS ||
+         blocks32_x8_type(type);
+}
 
 // One group of 8 rows between the file's layout (row r's block b at rows + r * row_bytes + b * bb) and
 // the byte layout, either way (pack: file to x8).
@@ -1916,7 +2077,12 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
     // row of the unit, not from L2 once a weight row.
     size_t block_stride = (size_t)groups * ROWS8_GROUP_BYTES;
     int failed = 0;
-#pragma omp parallel for schedule(static)
+    // Handed out in chunks as threads come free (about 32 a thread: the last one's wait is then ~1%
+    // of the product), not split in equal shares up front: a unit of a slower type (Q6_K beside Q4_K
+    // in a fused q/k/v) or a thread the OS takes away for a while would otherwise leave the others
+    // spinning at the end. Which thread computes a unit never changes its bits.
+    int chunk = units / (32 * omp_get_max_threads());
+#pragma omp parallel for schedule(dynamic, chunk > 0 ? chunk : 1)
     for (int u = 0; u < units; u++) {
       int p = 0, unit = u, i = 0;
       while (unit >= (rows[p] + 7) / 8) unit -= (rows[p] + 7) / 8, i += rows[p++];
@@ -1933,7 +2099,7 @@ int dc_gguf_matmul_parts(int parts, const int *types, const uint8_t *const *w, c
 #if PF_ROWS > MAX_TILE
           if (pf)
             q4k_x8_prefill(gw, g0 / 8, groups / 8, xq + (size_t)r0 * k, k, xd + (size_t)r0 * (k / span),
-                           hs + (size_t)r0 * (k / 16), out);
+                           hs + (size_t)r0 * (k / 16), r0 == 0, out);
           else
 #endif
           x8_tiles(wt[p].type, gw, g0, groups, xq, xd, hs, k, span, r0, mr, out);

@@ -45,7 +45,8 @@ TYPE_IDS = {name: ids[0] for name, ids in BLOCK_TYPES.items()}
 FLOAT16_TYPES = frozenset({"F16", "BF16"})
 # Types whose rows a GGUFPart interleaves in groups of 8 (gguf_kernels.c's ROWS8_LAYOUT): a decode
 # step's one-row product then reads each group's blocks as one stream, 8 outputs at once.
-INTERLEAVED_TYPES = frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "IQ4_NL"})
+INTERLEAVED_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1",
+                               "IQ4_NL"})
 ROWS8_LAYOUT = 0x100  # the type id's bit that says so
 
 
