@@ -48,6 +48,31 @@ def test_sample_never_edits_the_callers_logits():
     assert [r.token_id for r in again] == [r.token_id for r in first]
 
 
+
+def test_plain_greedy_rows_take_the_masked_argmax():
+    """Greedy rows without edits but a logit_bias skip the masked copy: their tokens stay those of
+    the masked and biased logits, ties (first maximum), an eos maximum under ignore_eos and a bias
+    on or past the maximum included."""
+    eos = [3, 7]
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        logits = torch.randint(0, 4, (4, 10), generator=gen).float()  # many ties
+        ignore = [bool((trial + i) % 2) for i in range(4)]
+        biases = [None if (trial + i) % 3 == 0 or trial % 4 == 0 else
+                  {int(t): float(b) for t, b in zip(torch.randint(0, 10, (2,), generator=gen),
+                                                    torch.randint(-2, 3, (2,), generator=gen))}
+                  for i in range(4)]  # fmt: skip
+        seqs = [_seq(SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=flag, logit_bias=bias), 0)
+                for flag, bias in zip(ignore, biases)]  # fmt: skip
+        expected = logits.clone()
+        for i, (flag, bias) in enumerate(zip(ignore, biases)):
+            for t, b in (bias or {}).items():
+                expected[i, t] += b
+            if flag:
+                expected[i, eos] = float("-inf")
+        tokens = [r.token_id for r in Sampler(set(eos)).sample(seqs, logits)]
+        assert tokens == expected.argmax(dim=-1).tolist()
+
 # ---- the arithmetic against a plain reference (float64, one token at a time) ---------------------
 
 import math  # noqa: E402

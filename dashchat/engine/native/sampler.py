@@ -27,16 +27,28 @@ class SampleResult:
     logprob: TokenLogprob | None
 
 
-def _is_plain(seq: Sequence) -> bool:
+def _is_plain(seq: Sequence, bias_allowed: bool = False) -> bool:
+    """No edit of its logits row (`bias_allowed`: none but a logit_bias)."""
     p = seq.params
     return (
         not seq.logits_processors
-        and not p.logit_bias
+        and (bias_allowed or not p.logit_bias)
         and p.presence_penalty == 0.0
         and p.frequency_penalty == 0.0
         and p.repetition_penalty == 1.0
         and not p.min_tokens
     )
+
+
+def _bias_keeps(row: torch.Tensor, token: int, bias: dict[int, float]) -> bool:
+    """Whether `token`, the row's first maximum, stays its first maximum once `bias` is added as
+    Sampler._process_row adds it (the same float32 sums)."""
+    if token in bias:
+        return False
+    ids = torch.tensor(list(bias.keys()), dtype=torch.long, device=row.device)
+    biased = row[ids] + torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device)
+    top = row[token]
+    return bool(((biased < top) | ((biased == top) & (ids > token))).all())
 
 
 class Sampler:
@@ -73,6 +85,10 @@ class Sampler:
         # ignore_eos and min_tokens ban eos: one indexed write for all such rows (ignore_eos is common
         # in benchmarks, and a write per row cost a kernel launch and a copy each on a GPU)
         no_eos = [i for i, s in enumerate(seqs) if s.params.ignore_eos or s.num_output_tokens < s.params.min_tokens]
+        if all(_is_plain(seq, bias_allowed=True) for seq in seqs):
+            fast = self._plain_greedy(seqs, logits, no_eos)
+            if fast is not None:
+                return fast
         if (edited or no_eos) and logits.dtype == torch.float32:
             logits = logits.clone()  # only batches that edit pay for the copy
         else:
@@ -107,6 +123,25 @@ class Sampler:
             lp = None if seq.params.logprobs is None else _token_logprob(logprobs[i], tok, seq.params.logprobs)
             results.append(SampleResult(tok, lp))
         return results
+
+    def _plain_greedy(self, seqs: list[Sequence], logits: torch.Tensor, no_eos: list[int]
+                      ) -> list[SampleResult | None] | None:  # fmt: skip
+        """Greedy rows without logprobs or edits but a logit_bias: the argmax of the logits as they
+        are, or None where the full path must run. A row that bans eos takes it unless its argmax is
+        an eos id, one with a bias unless the bias moves its first maximum: masking or biasing
+        values other than the first maximum, none reaching it, leaves it first (a one-stream decode
+        step then skips the copy of a vocabulary-wide row and the indexed writes)."""
+        if any(not s.params.greedy or s.params.logprobs is not None for s in seqs):
+            return None
+        if logits.dtype != torch.float32 and any(s.params.logit_bias for s in seqs):
+            return None  # the full path adds the bias in float32
+        tokens = logits.argmax(dim=-1).tolist()
+        if any(tokens[i] in self.eos_token_ids for i in no_eos):
+            return None
+        for i, seq in enumerate(seqs):
+            if seq.params.logit_bias and not _bias_keeps(logits[i], tokens[i], seq.params.logit_bias):
+                return None
+        return [SampleResult(tok, None) for tok in tokens]
 
     def verify(self, seq: Sequence, logits: torch.Tensor, proposal: list[int],
                draft_probs: torch.Tensor | None = None) -> tuple[list[SampleResult], int]:
