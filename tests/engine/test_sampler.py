@@ -48,7 +48,6 @@ def test_sample_never_edits_the_callers_logits():
     assert [r.token_id for r in again] == [r.token_id for r in first]
 
 
-
 def test_plain_greedy_rows_take_the_masked_argmax():
     """Greedy rows without edits but a logit_bias skip the masked copy: their tokens stay those of
     the masked and biased logits, ties (first maximum), an eos maximum under ignore_eos and a bias
