@@ -40,13 +40,19 @@ def _is_plain(seq: Sequence, bias_allowed: bool = False) -> bool:
     )
 
 
+def _bias_tensors(bias: dict[int, float], row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A logit_bias as the ids it names and the values added to `row` there (row's dtype)."""
+    ids = torch.tensor(list(bias.keys()), dtype=torch.long, device=row.device)
+    return ids, torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device)
+
+
 def _bias_keeps(row: torch.Tensor, token: int, bias: dict[int, float]) -> bool:
     """Whether `token`, the row's first maximum, stays its first maximum once `bias` is added as
     Sampler._process_row adds it (the same float32 sums)."""
     if token in bias:
         return False
-    ids = torch.tensor(list(bias.keys()), dtype=torch.long, device=row.device)
-    biased = row[ids] + torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device)
+    ids, values = _bias_tensors(bias, row)
+    biased = row[ids] + values
     top = row[token]
     return bool(((biased < top) | ((biased == top) & (ids > token))).all())
 
@@ -64,8 +70,8 @@ class Sampler:
         for processor in seq.logits_processors:
             row = processor(output, row)
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=dev)
-            row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=dev)
+            ids, values = _bias_tensors(p.logit_bias, row)
+            row[ids] += values
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=dev)
             vals = row[seen]
@@ -81,7 +87,6 @@ class Sampler:
         """logits: [len(seqs), vocab] on any device; never modified. Processors, logit_bias and
         penalties edit a copy, so a caller that samples again from the same logits (the engine's
         row-by-row retry when one request's processor raises) applies every edit exactly once."""
-        edited = [i for i, seq in enumerate(seqs) if not _is_plain(seq)]
         # ignore_eos and min_tokens ban eos: one indexed write for all such rows (ignore_eos is common
         # in benchmarks, and a write per row cost a kernel launch and a copy each on a GPU)
         no_eos = [i for i, s in enumerate(seqs) if s.params.ignore_eos or s.num_output_tokens < s.params.min_tokens]
@@ -89,6 +94,7 @@ class Sampler:
             fast = self._plain_greedy(seqs, logits, no_eos)
             if fast is not None:
                 return fast
+        edited = [i for i, seq in enumerate(seqs) if not _is_plain(seq)]
         if (edited or no_eos) and logits.dtype == torch.float32:
             logits = logits.clone()  # only batches that edit pay for the copy
         else:
